@@ -1,0 +1,83 @@
+"""The error taxonomy every service shares.
+
+Three kinds, because each calls for a different reaction:
+
+- ``InvalidInput``: the input itself is wrong (a malformed event, a bad address, header injection).
+  Retrying cannot help: dead-letter it at once with the reason.
+- ``TransientError``: the world is briefly wrong (a timeout, a refused connection, an SMTP 4xx).
+  Retry with capped exponential back-off and jitter, until a deadline.
+- ``PermanentError``: the outcome is final (an SMTP 5xx, a wrong password). Record it, do not retry.
+
+Every error carries a short machine-readable ``reason`` code (used in status events, alerts and
+``conduit message why``) and a human sentence.  Messages must never contain a credential.
+"""
+from __future__ import annotations
+
+
+class ConduitError(Exception):
+    """Base of every error Conduit raises on purpose."""
+
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.reason
+
+
+class InvalidInput(ConduitError):
+    """The input is wrong; dead-letter it, never retry."""
+
+    reason = "invalid"
+
+
+class TransientError(ConduitError):
+    """Worth retrying later with back-off."""
+
+    reason = "transient"
+
+
+class PermanentError(ConduitError):
+    """Final; record the outcome and do not retry."""
+
+    reason = "permanent"
+
+
+class NotFound(InvalidInput):
+    """A named record (profile, mailbox, user, ...) does not exist."""
+
+    reason = "not_found"
+
+
+class Conflict(InvalidInput):
+    """The request contradicts what is stored (a second mailbox for a user, a duplicate name)."""
+
+    reason = "conflict"
+
+
+class AuthenticationFailed(PermanentError):
+    """The server refused the credentials.  Permanent for this attempt; the mailbox backs off."""
+
+    reason = "authentication_failed"
+
+
+class ConnectionFailed(TransientError):
+    """The server could not be reached or dropped the connection."""
+
+    reason = "connection_failed"
+
+
+class TlsFailed(PermanentError):
+    """TLS negotiation or certificate verification failed; not retried until the profile changes."""
+
+    reason = "tls_failed"
+
+
+class ProtocolTimeout(TransientError):
+    """The server did not answer in time."""
+
+    reason = "timeout"
