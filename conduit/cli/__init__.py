@@ -1,0 +1,82 @@
+"""The `conduit` command: run the system, run one service, and manage the registry."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from conduit.cli import registry_cmds
+from conduit.cli.output import fail
+from conduit.cli.runner import load_settings, run
+
+app = typer.Typer(help="Conduit: server-side synchronization of email, appointments, contacts and tasks.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+schemas_app = typer.Typer(help="Event JSON Schemas.", no_args_is_help=True)
+
+app.add_typer(db_app, name="db")
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(registry_cmds.org_app, name="org")
+app.add_typer(registry_cmds.profile_app, name="profile")
+app.add_typer(registry_cmds.user_app, name="user")
+app.add_typer(registry_cmds.queue_app, name="queue")
+app.add_typer(registry_cmds.mailbox_app, name="mailbox")
+app.add_typer(registry_cmds.record_app, name="record")
+app.add_typer(registry_cmds.activity_app, name="activity")
+app.add_typer(registry_cmds.message_app, name="message")
+
+
+@app.command()
+def up() -> None:
+    """Run the whole system: embedded PostgreSQL and broker unless configured, migrations, all four services."""
+    from conduit.stack import run_up
+
+    run(lambda: run_up(load_settings()))
+
+
+@app.command("run")
+def run_one(service: str = typer.Argument(..., help="ingest, evaluate, dispatch or exchange_sync"),
+            burst: bool = typer.Option(False, help="Return once there is no more work (tests).")) -> None:
+    """Run one service (what a Kubernetes pod runs)."""
+    from conduit.services import SERVICE_FACTORIES, build_service
+    from shared.lifecycle import run_service
+    from shared.logs import configure_logging
+
+    if service not in SERVICE_FACTORIES:
+        raise fail(f"unknown service {service!r}: choose from {', '.join(SERVICE_FACTORIES)}")
+    settings = load_settings()
+    configure_logging(settings, service)
+    run(lambda: run_service(build_service(service, settings), health_port=settings.health_port, burst=burst))
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations (idempotent; safe to run from several places at once)."""
+    from shared.db.migrate import migrate
+    from shared.db.pool import create_pool
+
+    async def go() -> None:
+        pool = await create_pool(load_settings(), max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrate(conn)
+        finally:
+            await pool.close()
+        typer.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
+    run(go)
+
+
+@schemas_app.command("export")
+def schemas_export(directory: Path = typer.Option(Path("schemas"), help="Where to write the JSON Schema files.")) -> None:
+    """Write one JSON Schema file per topic (checked in; a test keeps them equal to the models)."""
+    from shared.events.schemas import export_schemas
+
+    for path in export_schemas(directory):
+        typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,455 @@
+"""Registry commands: profiles, users, queues, mailboxes, CRM records, activities, decisions.
+
+Thin: each parses its arguments, calls ``shared.registry.service.Registry`` and prints.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from datetime import datetime
+from typing import Optional
+
+import typer
+from pydantic import SecretStr
+
+from conduit.cli.output import emit_json, fail, fields, table
+from conduit.cli.runner import load_settings, org_option, run
+from conduit.context import command_context
+from shared.registry import models
+from shared.registry.service import ProfileInput
+
+profile_app = typer.Typer(help="Email server profiles.", no_args_is_help=True)
+user_app = typer.Typer(help="Users.", no_args_is_help=True)
+queue_app = typer.Typer(help="Queues.", no_args_is_help=True)
+mailbox_app = typer.Typer(help="Mailboxes: credentials, approval, Test & Enable.", no_args_is_help=True)
+record_app = typer.Typer(help="CRM records that correlation resolves: contacts, accounts, leads.", no_args_is_help=True)
+activity_app = typer.Typer(help="Email activities.", no_args_is_help=True)
+message_app = typer.Typer(help="Why a message was or was not tracked.", no_args_is_help=True)
+org_app = typer.Typer(help="Organizations and their correlation settings.", no_args_is_help=True)
+
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+# --- organizations ------------------------------------------------------------------------------
+
+@org_app.command("add")
+def org_add(name: str, json_: bool = JSON) -> None:
+    """Create an organization."""
+    async def go() -> None:
+        async with command_context(load_settings(), "default") as ctx:
+            org = await ctx.registry.add_organization(name)
+            emit_json(org) if json_ else typer.echo(f"organization {org.name} created ({org.id})")
+    run(go)
+
+
+@org_app.command("show")
+def org_show(org: str = org_option(), json_: bool = JSON) -> None:
+    """Show an organization's correlation settings."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            o = ctx.org
+            emit_json(o) if json_ else fields([
+                ("name", o.name), ("id", o.id), ("correlation order", ", ".join(o.correlation_order)),
+                ("tracking token", f"{o.tracking_token_prefix}{'0' * o.tracking_token_digits}" if o.tracking_token_enabled else "off"),
+                ("smart matching", "on" if o.smart_matching else "off"),
+            ])
+    run(go)
+
+
+@org_app.command("set-correlation")
+def org_set_correlation(
+    org: str = org_option(),
+    order: Optional[str] = typer.Option(None, help="Comma-separated: in_reply_to,tracking_token,thread_index,smart_matching"),
+    tracking_token: Optional[bool] = typer.Option(None, "--tracking-token/--no-tracking-token"),
+    token_prefix: Optional[str] = typer.Option(None),
+    token_digits: Optional[int] = typer.Option(None),
+    smart_matching: Optional[bool] = typer.Option(None, "--smart-matching/--no-smart-matching"),
+) -> None:
+    """Change how replies are correlated to tracked email."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            o = await ctx.registry.configure_correlation(
+                ctx.org, correlation_order=[p.strip() for p in order.split(",")] if order else None,
+                tracking_token_enabled=tracking_token, tracking_token_prefix=token_prefix,
+                tracking_token_digits=token_digits, smart_matching=smart_matching)
+            typer.echo(f"correlation order: {', '.join(o.correlation_order)}")
+    run(go)
+
+
+# --- profiles -------------------------------------------------------------------------------------
+
+@profile_app.command("add")
+def profile_add(
+    name: str,
+    server_type: models.ServerType = typer.Option(..., "--type", help="imap, pop3, exchange_server, exchange_online or smtp"),
+    incoming_host: Optional[str] = typer.Option(None), incoming_port: Optional[int] = typer.Option(None),
+    incoming_tls: models.TlsMode = typer.Option("implicit"),
+    outgoing_host: Optional[str] = typer.Option(None), outgoing_port: Optional[int] = typer.Option(None),
+    outgoing_tls: models.TlsMode = typer.Option("starttls"),
+    same_outgoing: bool = typer.Option(True, "--same-outgoing-settings/--separate-outgoing-settings",
+                                       help="Use the incoming credentials for outgoing too."),
+    service_url: Optional[str] = typer.Option(None, help="EWS URL, or the Graph base URL."),
+    auth: models.AuthMethod = typer.Option("mailbox_credentials", help="mailbox_credentials, profile_impersonation or oauth2"),
+    profile_user: Optional[str] = typer.Option(None, help="Profile user for impersonation."),
+    oauth_token_url: Optional[str] = typer.Option(None), oauth_client_id: Optional[str] = typer.Option(None),
+    oauth_scope: Optional[str] = typer.Option(None),
+    tls_ca_file: Optional[str] = typer.Option(None, help="Extra CA certificate file to trust (verification stays on)."),
+    max_connections: int = typer.Option(10, help="Maximum concurrent connections per server."),
+    polling_interval: int = typer.Option(60, help="Minimum polling interval, seconds."),
+    received_after: Optional[datetime] = typer.Option(None, help="Process only email received after this date."),
+    move_failed: bool = typer.Option(False, help="Move failed email to an Undeliverable folder."),
+    default: bool = typer.Option(False, "--default", help="Make it the organization's default profile."),
+    org: str = org_option(), json_: bool = JSON,
+) -> None:
+    """Add an email server profile.  Secrets are read from CONDUIT_PROFILE_SECRET / CONDUIT_OAUTH_CLIENT_SECRET or a prompt."""
+    profile_secret = _secret_from("CONDUIT_PROFILE_SECRET", "profile password") if auth == "profile_impersonation" else None
+    client_secret = _secret_from("CONDUIT_OAUTH_CLIENT_SECRET", "OAuth client secret") if auth == "oauth2" else None
+    spec = ProfileInput(
+        name=name, server_type=server_type, incoming_host=incoming_host, incoming_port=incoming_port,
+        incoming_tls=incoming_tls, outgoing_host=outgoing_host or (incoming_host if same_outgoing else None),
+        outgoing_port=outgoing_port, outgoing_tls=outgoing_tls, use_same_settings_for_outgoing=same_outgoing,
+        service_url=service_url, auth_method=auth, profile_username=profile_user, profile_secret=profile_secret,
+        oauth_token_url=oauth_token_url, oauth_client_id=oauth_client_id, oauth_client_secret=client_secret,
+        oauth_scope=oauth_scope, tls_ca_file=tls_ca_file, max_concurrent_connections=max_connections,
+        min_polling_interval_seconds=polling_interval,
+        process_email_received_after=received_after.astimezone() if received_after else None,
+        move_failed_to_undeliverable=move_failed,
+    )
+
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            p = await ctx.registry.add_profile(ctx.org, spec, make_default=default)
+            emit_json(p) if json_ else typer.echo(f"profile {p.name} added ({p.id}){' [default]' if p.is_default else ''}")
+    run(go)
+
+
+@profile_app.command("list")
+def profile_list(org: str = org_option(), json_: bool = JSON) -> None:
+    """List email server profiles."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            ps = await ctx.registry.profiles(ctx.org)
+            if json_:
+                return emit_json(ps)
+            table([(p.name, p.server_type, _endpoint(p.incoming_host, p.incoming_port, p.incoming_tls),
+                    _endpoint(p.outgoing_host, p.outgoing_port, p.outgoing_tls), p.auth_method,
+                    "yes" if p.is_default else "") for p in ps],
+                  ["name", "type", "incoming", "outgoing", "auth", "default"])
+    run(go)
+
+
+@profile_app.command("show")
+def profile_show(ref: str = typer.Argument(..., help="Profile name or id."), org: str = org_option(), json_: bool = JSON) -> None:
+    """Show one profile."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            p = await ctx.registry.profile(ctx.org, ref)
+            emit_json(p) if json_ else fields([(k.replace("_", " "), v) for k, v in p.model_dump().items()])
+    run(go)
+
+
+@profile_app.command("set-default")
+def profile_set_default(ref: str, org: str = org_option()) -> None:
+    """Make a profile the organization's default (mailboxes without a profile are linked to it)."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            p = await ctx.registry.set_default_profile(ctx.org, ref)
+            typer.echo(f"profile {p.name} is now the default")
+    run(go)
+
+
+# --- users and queues -------------------------------------------------------------------------------
+
+@user_app.command("add")
+def user_add(
+    email: str, name: str = typer.Option(..., "--name", help="Full name."),
+    incoming: models.IncomingMethod = typer.Option("server_side_sync"),
+    outgoing: models.OutgoingMethod = typer.Option("server_side_sync"),
+    act: models.ActMethod = typer.Option("none", help="Appointments, contacts and tasks."),
+    org: str = org_option(), json_: bool = JSON,
+) -> None:
+    """Add a user; with server-side sync, its mailbox is created on the default profile."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            u = await ctx.registry.add_user(ctx.org, name, email, incoming=incoming, outgoing=outgoing, act=act)
+            emit_json(u) if json_ else typer.echo(
+                f"user {u.email} added ({u.id})" + (f"; mailbox {u.mailbox_id}" if u.mailbox_id else ""))
+    run(go)
+
+
+@user_app.command("list")
+def user_list(org: str = org_option(), json_: bool = JSON) -> None:
+    """List users."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            us = await ctx.registry.users(ctx.org)
+            if json_:
+                return emit_json(us)
+            table([(u.email, u.full_name, u.incoming_method, u.outgoing_method, u.act_method,
+                    "yes" if u.active else "no", u.mailbox_id) for u in us],
+                  ["email", "name", "incoming", "outgoing", "act", "active", "mailbox"])
+    run(go)
+
+
+@queue_app.command("add")
+def queue_add(
+    email: str, name: str = typer.Option(..., "--name"),
+    incoming: models.IncomingMethod = typer.Option("server_side_sync"),
+    outgoing: models.OutgoingMethod = typer.Option("server_side_sync"),
+    org: str = org_option(), json_: bool = JSON,
+) -> None:
+    """Add a queue; with server-side sync, its mailbox is created on the default profile."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            q = await ctx.registry.add_queue(ctx.org, name, email, incoming=incoming, outgoing=outgoing)
+            emit_json(q) if json_ else typer.echo(
+                f"queue {q.name} added ({q.id})" + (f"; mailbox {q.mailbox_id}" if q.mailbox_id else ""))
+    run(go)
+
+
+@queue_app.command("list")
+def queue_list(org: str = org_option(), json_: bool = JSON) -> None:
+    """List queues."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            qs = await ctx.registry.queues(ctx.org)
+            if json_:
+                return emit_json(qs)
+            table([(q.name, q.email, q.incoming_method, q.outgoing_method, q.mailbox_id) for q in qs],
+                  ["name", "email", "incoming", "outgoing", "mailbox"])
+    run(go)
+
+
+# --- mailboxes ----------------------------------------------------------------------------------------
+
+@mailbox_app.command("list")
+def mailbox_list(org: str = org_option(), json_: bool = JSON) -> None:
+    """List mailboxes with their state per direction."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            ms = await ctx.registry.mailboxes(ctx.org)
+            if json_:
+                return emit_json(ms)
+            table([(m.email, m.owner_kind or "forward", m.profile_name or "-", "yes" if m.active else "no",
+                    "yes" if m.email_approved else "no", m.incoming.status, m.outgoing.status, m.act.status,
+                    m.incoming.error_count + m.outgoing.error_count) for m in ms],
+                  ["email", "owner", "profile", "active", "approved", "incoming", "outgoing", "act", "errors"])
+    run(go)
+
+
+@mailbox_app.command("show")
+def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or its owner's address."),
+                 org: str = org_option(), json_: bool = JSON) -> None:
+    """Show a mailbox: settings, Test & Enable results, errors, back-off and recent alerts."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            m = await ctx.registry.mailbox(ctx.org, ref)
+            if json_:
+                return emit_json(m)
+            pairs: list[tuple[str, object]] = [
+                ("email", m.email), ("id", m.id), ("owner", f"{m.owner_kind} {m.owner_id}" if m.owner_kind else "forward mailbox"),
+                ("profile", m.profile_name or "none"), ("credentials", "set" if m.has_credentials else "not set"),
+                ("active", m.active), ("email approved", m.email_approved), ("tracking", m.tracking),
+                ("tracked folders", ", ".join(m.tracked_folders)),
+            ]
+            if m.owner_kind == "queue":
+                pairs += [("convert to activities", m.convert_to_activities), ("delete after processing", m.delete_after_processing)]
+            for d in ("incoming", "outgoing", "act"):
+                s = getattr(m, d)
+                pairs.append((d, f"{s.status}; errors {s.error_count}"
+                              + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S}" if s.backoff_until else "")
+                              + (f"; {s.test_message}" if s.test_message else "")))
+            fields(pairs)
+            if m.alerts:
+                typer.echo("alerts:")
+                for a in m.alerts:
+                    typer.echo(f"  {a.created_at:%Y-%m-%d %H:%M:%S} {a.severity:<11} {a.direction or '-':<8} {a.code}: {a.message}")
+    run(go)
+
+
+@mailbox_app.command("add-forward")
+def mailbox_add_forward(email: str, name: str = typer.Option("Forward mailbox"), profile: Optional[str] = None,
+                        org: str = org_option(), json_: bool = JSON) -> None:
+    """Add a forward mailbox (belongs to no user or queue)."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            m = await ctx.registry.add_forward_mailbox(ctx.org, name, email, profile)
+            emit_json(m) if json_ else typer.echo(f"forward mailbox {m.email} added ({m.id})")
+    run(go)
+
+
+@mailbox_app.command("set-credentials")
+def mailbox_set_credentials(
+    ref: str, username: Optional[str] = typer.Option(None, help="Login name (default: the mailbox address)."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password or token from standard input."),
+    org: str = org_option(),
+) -> None:
+    """Store a mailbox's password or token, encrypted.  Never pass it as an argument: prompt, stdin or CONDUIT_MAILBOX_SECRET."""
+    secret = SecretStr(sys.stdin.readline().rstrip("\r\n")) if password_stdin else _secret_from("CONDUIT_MAILBOX_SECRET", "password")
+
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            m = await ctx.registry.set_credentials(ctx.org, ref, username, secret)
+            typer.echo(f"credentials stored for {m.email} (encrypted)")
+    run(go)
+
+
+def _mailbox_flag(ref: str, org: str, done: str, **change: object) -> None:
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            m = await ctx.registry.update_mailbox(ctx.org, ref, **change)
+            typer.echo(f"{m.email}: {done}")
+    run(go)
+
+
+@mailbox_app.command("approve")
+def mailbox_approve(ref: str, org: str = org_option()) -> None:
+    """Approve the mailbox's email address (required before it is processed)."""
+    _mailbox_flag(ref, org, "email address approved", email_approved=True)
+
+
+@mailbox_app.command("activate")
+def mailbox_activate(ref: str, org: str = org_option()) -> None:
+    """Activate a mailbox."""
+    _mailbox_flag(ref, org, "active", active=True)
+
+
+@mailbox_app.command("deactivate")
+def mailbox_deactivate(ref: str, org: str = org_option()) -> None:
+    """Deactivate a mailbox: it is never processed while inactive."""
+    _mailbox_flag(ref, org, "inactive", active=False)
+
+
+@mailbox_app.command("configure")
+def mailbox_configure(
+    ref: str,
+    profile: Optional[str] = typer.Option(None, help="Link to this profile."),
+    tracking: Optional[models.Tracking] = typer.Option(None, help="all, responses, known_records or email_enabled_records"),
+    folders: Optional[str] = typer.Option(None, help="Comma-separated folders to track (default INBOX)."),
+    convert: Optional[bool] = typer.Option(None, "--convert/--no-convert", help="Queues: convert incoming email to activities."),
+    delete_after: Optional[bool] = typer.Option(None, "--delete-after-processing/--keep-on-server", help="Queues only."),
+    org: str = org_option(),
+) -> None:
+    """Change a mailbox's profile, tracking option, tracked folders and queue options."""
+    _mailbox_flag(ref, org, "updated", profile=profile, tracking=tracking,
+                  tracked_folders=[f.strip() for f in folders.split(",") if f.strip()] if folders is not None else None,
+                  convert_to_activities=convert, delete_after_processing=delete_after)
+
+
+@mailbox_app.command("test-enable")
+def mailbox_test_enable(
+    ref: str,
+    direction: list[str] = typer.Option(["incoming", "outgoing"], "--direction", help="incoming, outgoing, act (repeatable)."),
+    org: str = org_option(),
+) -> None:
+    """Test & Enable: connect with the mailbox's settings, record each direction's result, enable on success."""
+    from conduit.test_enable import test_enable
+
+    bad = set(direction) - {"incoming", "outgoing", "act"}
+    if bad:
+        raise fail(f"unknown direction: {', '.join(sorted(bad))}")
+
+    async def go() -> int:
+        async with command_context(load_settings(), org) as ctx:
+            results = await test_enable(ctx.registry, ctx.org, ref, direction)
+            for d, (ok, message) in results.items():
+                typer.echo(f"{d:<9} {'success' if ok else 'failure'}: {message}")
+            return 0 if all(ok for ok, _ in results.values()) else 1
+    code = run(go)
+    if code:
+        raise typer.Exit(code)
+
+
+# --- records, activities, decisions ---------------------------------------------------------------------
+
+@record_app.command("add")
+def record_add(kind: models.RecordKind, email: str, name: str = typer.Option(..., "--name"),
+               email_enabled: bool = typer.Option(True, "--email-enabled/--email-disabled"),
+               org: str = org_option(), json_: bool = JSON) -> None:
+    """Add a contact, account or lead."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            r = await ctx.registry.add_record(ctx.org, kind, name, email, email_enabled=email_enabled)
+            emit_json(r) if json_ else typer.echo(f"{r.kind} {r.email} added ({r.id})")
+    run(go)
+
+
+@record_app.command("list")
+def record_list(kind: Optional[models.RecordKind] = typer.Option(None), org: str = org_option(), json_: bool = JSON) -> None:
+    """List contacts, accounts and leads."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            rs = await ctx.registry.records(ctx.org, kind)
+            emit_json(rs) if json_ else table([(r.kind, r.email, r.name, r.email_enabled, r.id) for r in rs],
+                                              ["kind", "email", "name", "email enabled", "id"])
+    run(go)
+
+
+@activity_app.command("list")
+def activity_list(limit: int = typer.Option(50), org: str = org_option(), json_: bool = JSON) -> None:
+    """List recent email activities."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            acts = await ctx.registry.activities(ctx.org, limit)
+            if json_:
+                return emit_json(acts)
+            table([(f"{a.created_at:%Y-%m-%d %H:%M:%S}", a.direction, a.status, a.from_address, _clip(a.subject, 50),
+                    f"{a.regarding_kind}:{a.regarding_id}" if a.regarding_kind else "", a.id) for a in acts],
+                  ["created", "direction", "status", "from", "subject", "regarding", "id"])
+    run(go)
+
+
+@activity_app.command("show")
+def activity_show(ref: str = typer.Argument(..., help="Activity id or Message-ID."), org: str = org_option(), json_: bool = JSON) -> None:
+    """Show an email activity and the decisions that made it."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            a = await ctx.registry.activity(ctx.org, ref)
+            decisions = await ctx.registry.decisions(ctx.org, a.message_id)
+            if json_:
+                return emit_json({"activity": a.model_dump(mode="json"), "decisions": [d.model_dump(mode="json") for d in decisions]})
+            fields([(k.replace("_", " "), v) for k, v in a.model_dump().items() if k != "parties"])
+            _print_decisions(decisions)
+    run(go)
+
+
+@message_app.command("why")
+def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) -> None:
+    """Why was this email (not) tracked?  One answer per mailbox it reached."""
+    async def go() -> int:
+        async with command_context(load_settings(), org) as ctx:
+            decisions = await ctx.registry.decisions(ctx.org, message_id)
+            if json_:
+                emit_json(decisions)
+            elif not decisions:
+                typer.echo(f"no decision recorded for {message_id}: the message has not reached a processed mailbox "
+                           "(check `conduit mailbox show` for the mailbox's state and alerts)")
+            else:
+                _print_decisions(decisions)
+            return 0 if decisions else 1
+    if run(go):
+        raise typer.Exit(1)
+
+
+def _print_decisions(decisions: list[models.Decision]) -> None:
+    for d in decisions:
+        verdict = "tracked" if d.tracked else "not tracked"
+        typer.echo(f"{d.mailbox_email}: {verdict} [{d.reason}, rule {d.rule}] {d.explanation}")
+
+
+def _secret_from(env: str, what: str) -> SecretStr:
+    value = os.environ.get(env)
+    if value is None:
+        if not sys.stdin.isatty():
+            raise fail(f"no {what}: set {env} or run in a terminal to be prompted")
+        value = getpass.getpass(f"{what}: ")
+    return SecretStr(value)
+
+
+def _endpoint(host: str | None, port: int | None, tls: str) -> str:
+    return f"{host}:{port} ({tls})" if host else "-"
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

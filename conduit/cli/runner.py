@@ -1,0 +1,43 @@
+"""Runs a command's coroutine and turns every expected failure into a one-line error and exit code."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Awaitable, Callable, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from conduit.cli.output import fail
+from shared.errors import ConduitError
+from shared.settings import Settings
+
+T = TypeVar("T")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise fail(f"bad setting {where}: {first['msg']}") from None
+
+
+def run(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run the coroutine; ConduitError and connection failures print one line and exit 2."""
+    logging.basicConfig(level=os.environ.get("CONDUIT_LOG_LEVEL", "WARNING").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(factory())
+    except ConduitError as exc:
+        raise fail(exc.message) from None
+    except (ConnectionError, OSError) as exc:
+        raise fail(f"cannot reach a server: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def org_option() -> Any:
+    return typer.Option("default", "--org", help="Organization name.", envvar="CONDUIT_ORG")

@@ -1,0 +1,46 @@
+"""Opening the registry for a command: settings, database (embedded or not), migrations, organization."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import asyncpg
+
+from shared.crypto import load_cipher
+from shared.db.migrate import migrate, pending_migrations
+from shared.db.pool import create_pool
+from shared.errors import InvalidInput
+from shared.registry.models import Organization
+from shared.registry.service import Registry
+from shared.settings import Settings
+
+
+@dataclass
+class CommandContext:
+    settings: Settings
+    pool: asyncpg.Pool
+    registry: Registry
+    org: Organization
+
+
+async def prepare_database(settings: Settings, pool: asyncpg.Pool) -> list[str]:
+    """Embedded database: migrate as needed.  A real server: refuse to run on an old schema."""
+    async with pool.acquire() as conn:
+        if settings.embedded_database:
+            return await migrate(conn)
+        pending = await pending_migrations(conn)
+        if pending:
+            raise InvalidInput(f"the database needs migrations {', '.join(pending)}: run `conduit db migrate`")
+        return []
+
+
+@asynccontextmanager
+async def command_context(settings: Settings, org_name: str) -> AsyncIterator[CommandContext]:
+    pool = await create_pool(settings, max_size=4)
+    try:
+        await prepare_database(settings, pool)
+        registry = Registry(pool, load_cipher(settings), producer="conduit-cli")
+        yield CommandContext(settings, pool, registry, await registry.organization(org_name))
+    finally:
+        await pool.close()

@@ -1,0 +1,524 @@
+"""A private Dovecot IMAP/POP3 server for tests, benchmarks and `conduit demo`.
+
+Each `Dovecot` is its own instance: its own config file (started with `dovecot -F -c FILE`),
+loopback listeners on free ports, a passwd-file and a maildir per user. Nothing of
+the system's Dovecot (config, state, service) is touched. Recipe: shared/real-peers.md.
+
+    async with Dovecot(tmp_path) as dovecot:
+        dovecot.add_user("alice@example.com", "secret")
+        dovecot.deliver("alice@example.com", raw_message)     # straight into the maildir
+        uid = await dovecot.append("alice@example.com", "secret", raw_message)   # real APPEND
+
+Where things live: the config file and dovecot.log are in `base_dir`. Mail, the passwd-file
+and Dovecot's run directory (unix sockets, master.pid) must be reachable by Dovecot's
+unprivileged users and socket paths must stay short, so they go in `base_dir` only when its
+path is short and world-traversable; otherwise (pytest's tmp_path is neither) in a private
+directory under /tmp, removed by `__aexit__`. `data_dir` tells which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import imaplib
+import itertools
+import os
+import pwd
+import re
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from conduit.peers.ports import LOOPBACK, free_ports
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+# Dovecot builds socket paths like <run>/login/imap-master (sun_path holds 108 bytes).
+_MAX_DATA_DIR_LEN = 60
+_DH_PARAMS = Path("/usr/share/dovecot/dh.pem")
+
+
+class DovecotError(RuntimeError):
+    """Dovecot did not start or stop as asked; the message carries the log tail."""
+
+
+class Dovecot:
+    """A private Dovecot instance on loopback (see the module docstring)."""
+
+    def __init__(
+        self, base_dir: Path, *, tls_cert: Path | None = None, tls_key: Path | None = None
+    ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        self.base_dir = Path(base_dir).absolute()
+        self.tls_cert = Path(tls_cert).absolute() if tls_cert else None
+        self.tls_key = Path(tls_key).absolute() if tls_key else None
+        self.host = LOOPBACK
+        self.imap_port = 0
+        self.pop3_port = 0
+        self.imaps_port: int | None = None
+        self.pop3s_port: int | None = None
+        self.data_dir: Path | None = None  # chosen at first start, kept across restarts
+        self._private_data_dir = False
+        self._process: subprocess.Popen | None = None
+        self._mail_uid = 0
+        self._mail_gid = 0
+        # Maildir file names must be unique; this token separates instances and processes.
+        self._token = secrets.token_hex(4)
+        self._seq = itertools.count()
+
+    # -- paths -----------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.base_dir / "dovecot.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base_dir / "dovecot.log"
+
+    @property
+    def _stderr_path(self) -> Path:
+        return self.base_dir / "dovecot.stderr"
+
+    @property
+    def _data(self) -> Path:
+        if self.data_dir is None:
+            raise DovecotError("Dovecot has not been started yet (no data directory)")
+        return self.data_dir
+
+    @property
+    def _run_dir(self) -> Path:
+        return self._data / "run"
+
+    def maildir(self, address: str, folder: str = "INBOX") -> Path:
+        """The maildir of `folder` for `address` (maildir++: subfolder `Name` is `.Name`)."""
+        root = self._data / "mail" / address.lower()
+        if folder.upper() == "INBOX":
+            return root
+        return root / ("." + folder.replace("/", "."))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Dovecot:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+        if self._private_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    async def start(self) -> None:
+        """Write the config, start Dovecot, and wait until IMAP and POP3 greet."""
+        if self._process is not None:
+            raise DovecotError("this Dovecot is already running")
+        self._prepare_dirs()
+        # The ports were free when chosen; if another process takes one before Dovecot
+        # binds it, Dovecot exits and we try again with new ports.
+        for attempt in range(3):
+            self._choose_ports()
+            self._write_config()
+            self._spawn()
+            try:
+                await self._wait_until_serving()
+                return
+            except DovecotError:
+                lost_race = "Address already in use" in self.log_tail(20)
+                await self.stop()
+                if not lost_race or attempt == 2:
+                    raise
+
+    async def stop(self) -> None:
+        """Stop the master (it stops its children) and wait until master.pid is gone."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                break
+            await asyncio.sleep(0.02)
+        pid_file = self._run_dir / "master.pid"
+        while pid_file.exists():
+            if time.monotonic() > deadline:
+                pid_file.unlink(missing_ok=True)  # the master is dead: the file is stale
+                break
+            await asyncio.sleep(0.02)
+
+    def _prepare_dirs(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        mail = pwd.getpwnam("mail")
+        self._mail_uid, self._mail_gid = mail.pw_uid, mail.pw_gid
+        if self.data_dir is None:
+            if len(str(self.base_dir)) <= _MAX_DATA_DIR_LEN and _world_traversable(self.base_dir):
+                self.data_dir = self.base_dir
+            else:
+                self.data_dir = Path(tempfile.mkdtemp(prefix="conduit-dovecot-"))
+                self._private_data_dir = True
+        data = self._data
+        data.chmod(0o755)
+        self._run_dir.mkdir(exist_ok=True)
+        self._run_dir.chmod(0o755)
+        (data / "mail").mkdir(exist_ok=True)
+        os.chown(data / "mail", self._mail_uid, self._mail_gid)
+        pid_file = self._run_dir / "master.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text().strip() or 0)
+            if pid and _alive(pid):
+                raise DovecotError(f"another Dovecot (pid {pid}) runs on {self._run_dir}")
+            pid_file.unlink()
+
+    def _choose_ports(self) -> None:
+        tls = self.tls_cert is not None
+        ports = free_ports(4 if tls else 2)
+        self.imap_port, self.pop3_port = ports[0], ports[1]
+        self.imaps_port, self.pop3s_port = (ports[2], ports[3]) if tls else (None, None)
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(
+            _render_config(
+                data=self._data,
+                log_path=self.log_path,
+                mail_uid=self._mail_uid,
+                imap_port=self.imap_port,
+                pop3_port=self.pop3_port,
+                imaps_port=self.imaps_port or 0,
+                pop3s_port=self.pop3s_port or 0,
+                tls_cert=self.tls_cert,
+                tls_key=self.tls_key,
+            )
+        )
+
+    def _spawn(self) -> None:
+        with open(self._stderr_path, "ab") as stderr:
+            # -F keeps the master in the foreground: our child, so we know when it dies.
+            self._process = subprocess.Popen(
+                ["dovecot", "-F", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                preexec_fn=_raise_fd_limit,
+                start_new_session=True,  # a Ctrl-C meant for the tests does not hit Dovecot
+            )
+
+    async def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        pending = [(self.imap_port, b"* OK"), (self.pop3_port, b"+OK")]
+        while pending:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise DovecotError(
+                    f"dovecot exited with status {self._process.returncode} while starting;"
+                    f" log tail:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise DovecotError(
+                    f"dovecot did not greet on {self.host}:{pending[0][0]} within"
+                    f" {START_TIMEOUT:.0f} s; log tail:\n{self.log_tail()}"
+                )
+            port, greeting = pending[0]
+            if await _greets(self.host, port, greeting):
+                pending.pop(0)
+            else:
+                await asyncio.sleep(0.02)
+
+    # -- users -----------------------------------------------------------------------------
+
+    def add_user(self, address: str, password: str) -> None:
+        """Add a login; effective at once, also while Dovecot runs."""
+        path = self._passwd_file(address)
+        if path.exists():
+            raise ValueError(f"user {address} exists already")
+        self._write_passwd_file(path, address, password)
+
+    def set_password(self, address: str, password: str) -> None:
+        """Change a user's password; effective for every login after this returns.
+
+        Dovecot rereads a passwd-file at most once per second (on its clock's whole seconds):
+        a login in the same second as this change could still see the old password, so while
+        Dovecot runs this waits, at most a second, until that second is over.
+        """
+        path = self._passwd_file(address)
+        if not path.exists():
+            raise KeyError(address)
+        self._write_passwd_file(path, address, password)
+        if self._process is not None:
+            changed_at = time.time()
+            ready_at = int(changed_at) + 1.02  # a little past the boundary: clocks read apart
+            while (now := time.time()) < ready_at:
+                time.sleep(ready_at - now)
+
+    def _passwd_file(self, address: str) -> Path:
+        name = address.lower()
+        if not name or any(c in name for c in ":/\n") or name.startswith("."):
+            raise ValueError(f"not usable as a login: {address!r}")
+        return self._data / "passwd" / name
+
+    def _write_passwd_file(self, path: Path, address: str, password: str) -> None:
+        if ":" in password or "\n" in password:
+            raise ValueError("passwords must not contain ':' or newlines")
+        path.parent.mkdir(mode=0o750, exist_ok=True)
+        dovecot_gid = grp.getgrnam("dovecot").gr_gid
+        os.chown(path.parent, 0, dovecot_gid)  # only the auth process (user dovecot) reads
+        tmp = path.parent / f".{path.name}.tmp"
+        tmp.write_text(f"{address.lower()}:{{PLAIN}}{password}\n")
+        os.chown(tmp, 0, dovecot_gid)
+        tmp.chmod(0o640)
+        # Dovecot reloads a passwd-file when its mtime (whole seconds) or size changes; a
+        # same-length password written in the same second must still change the mtime.
+        try:
+            previous = int(path.stat().st_mtime)
+        except FileNotFoundError:
+            previous = 0
+        mtime = max(int(time.time()), previous + 1)
+        os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, path)
+
+    # -- mail ------------------------------------------------------------------------------
+
+    def deliver(self, address: str, raw: bytes, folder: str = "INBOX") -> None:
+        """Put one message straight into the user's maildir, as a delivery agent would."""
+        self.deliver_many(address, [raw], folder)
+
+    def deliver_many(self, address: str, raws: Iterable[bytes], folder: str = "INBOX") -> int:
+        """Deliver many messages fast (no fsync: test data, not mail to keep). Returns the count."""
+        box = self._ensure_maildir(address, folder)
+        tmp_dir, new_dir = box / "tmp", box / "new"
+        uid, gid = self._mail_uid, self._mail_gid
+        now = time.time()
+        secs, usecs = int(now), int((now % 1) * 1_000_000)
+        prefix = f"{secs}.M{usecs}P{os.getpid()}R{self._token}Q"
+        count = 0
+        for raw in raws:
+            # maildir name: unique, and ",S=" lets Dovecot know the size without a stat
+            name = f"{prefix}{next(self._seq)}.conduit,S={len(raw)}"
+            fd = os.open(tmp_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, raw)
+                os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
+            # rename into new/ is what makes the message appear, whole, to Dovecot
+            os.rename(tmp_dir / name, new_dir / name)
+            count += 1
+        return count
+
+    def _ensure_maildir(self, address: str, folder: str) -> Path:
+        root = self.maildir(address)
+        box = self.maildir(address, folder)
+        for path in (root.parent, root, box, box / "cur", box / "new", box / "tmp"):
+            if not path.is_dir():
+                path.mkdir(mode=0o700, exist_ok=True)
+                os.chown(path, self._mail_uid, self._mail_gid)
+        if box != root and not (box / "maildirfolder").exists():
+            (box / "maildirfolder").touch(0o600)
+            os.chown(box / "maildirfolder", self._mail_uid, self._mail_gid)
+        return box
+
+    async def append(
+        self, address: str, password: str, raw: bytes, folder: str = "INBOX"
+    ) -> int:
+        """Store a message with a real IMAP APPEND; returns its UID (UIDPLUS APPENDUID)."""
+        return await asyncio.to_thread(self._append, address, password, raw, folder)
+
+    def _append(self, address: str, password: str, raw: bytes, folder: str) -> int:
+        with imaplib.IMAP4(self.host, self.imap_port, timeout=30) as imap:
+            imap.login(address, password)
+            mailbox = _quote_mailbox(folder)
+            typ, data = imap.append(mailbox, None, None, raw)
+            if typ != "OK" and b"TRYCREATE" in b" ".join(d for d in data if d):
+                imap.create(mailbox)
+                typ, data = imap.append(mailbox, None, None, raw)
+            if typ != "OK":
+                raise DovecotError(f"APPEND to {folder} failed: {data!r}")
+            match = re.search(rb"\[APPENDUID \d+ (\d+)\]", data[0] or b"")
+            if not match:
+                raise DovecotError(f"APPEND answered without APPENDUID: {data!r}")
+            imap.logout()
+            return int(match.group(1))
+
+    def message_count(self, address: str, folder: str = "INBOX") -> int:
+        """Messages in the maildir now (cur/ + new/): what is left after deletes and expunges."""
+        box = self.maildir(address, folder)
+        return sum(
+            len(os.listdir(box / sub)) for sub in ("cur", "new") if (box / sub).is_dir()
+        )
+
+    def log_tail(self, n: int = 50) -> str:
+        """The last `n` lines of dovecot.log and of the master's own stderr."""
+        parts = []
+        for path in (self._stderr_path, self.log_path):
+            try:
+                lines = path.read_text(errors="replace").splitlines()
+            except FileNotFoundError:
+                continue
+            if lines:
+                parts.append(f"--- {path.name}\n" + "\n".join(lines[-n:]))
+        return "\n".join(parts)
+
+
+def _render_config(
+    *,
+    data: Path,
+    log_path: Path,
+    mail_uid: int,
+    imap_port: int,
+    pop3_port: int,
+    imaps_port: int,
+    pop3s_port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> str:
+    if tls_cert and tls_key:
+        tls = f"ssl = yes\nssl_cert = <{tls_cert}\nssl_key = <{tls_key}\n"
+        if _DH_PARAMS.exists():
+            tls += f"ssl_dh = <{_DH_PARAMS}\n"
+    else:
+        tls = "ssl = no\n"
+    return f"""\
+# Written by conduit.peers.dovecot: a private instance on loopback for tests and benchmarks.
+base_dir = {data}/run
+state_dir = {data}/run
+log_path = {log_path}
+protocols = imap pop3
+listen = {LOOPBACK}
+{tls}disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_verbose = yes
+# tests check that a wrong password fails; the default 2 s penalty would only slow them down
+auth_failure_delay = 0 secs
+# Every client is 127.0.0.1: without this, one test's failed logins would make anvil's
+# per-IP auth penalty delay every later login for seconds.
+login_trusted_networks = 127.0.0.0/8
+mail_location = maildir:{data}/mail/%u
+# test data, not mail to keep: no fsync makes bulk APPEND and flag changes much faster
+mail_fsync = never
+default_internal_user = dovecot
+default_internal_group = dovecot
+# login processes refuse to run as root
+default_login_user = dovenull
+# the mail processes run as `mail` (they refuse uid 0)
+first_valid_uid = {mail_uid}
+# benchmarks hold hundreds of connections (IDLE: one per mailbox), all from 127.0.0.1;
+# the sum of the process limits below stays under default_client_limit (auth connections)
+default_process_limit = 1000
+default_client_limit = 10000
+# IDLE pushes should arrive within a second
+imap_idle_notify_interval = 1 secs
+mailbox_idle_check_interval = 1 secs
+
+# One passwd-file per user: Dovecot rereads a passwd-file at most once per second, but opens
+# a file it has not seen at once, so a user added while running can log in immediately.
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {data}/passwd/%u
+}}
+userdb {{
+  driver = static
+  args = uid=mail gid=mail home={data}/mail/%u
+}}
+
+protocol imap {{
+  mail_max_userip_connections = 10000
+}}
+protocol pop3 {{
+  mail_max_userip_connections = 10000
+}}
+
+# Login processes in "high-performance" mode (service_count = 0): a few long-lived processes
+# serve many clients each, instead of one fork per connection.
+service imap-login {{
+  chroot =
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 100
+  client_limit = 1000
+  inet_listener imap {{
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = {imaps_port}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  chroot =
+  service_count = 0
+  process_min_avail = 1
+  process_limit = 100
+  client_limit = 1000
+  inet_listener pop3 {{
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = {pop3s_port}
+    ssl = yes
+  }}
+}}
+# One mail process per session; all users share uid `mail`, so a process may be reused for
+# later sessions (service_count) and a few wait ready (process_min_avail): no fork per login.
+service imap {{
+  process_limit = 5000
+  client_limit = 1
+  service_count = 100
+  process_min_avail = 2
+}}
+service pop3 {{
+  process_limit = 1000
+  client_limit = 1
+}}
+service anvil {{
+  chroot =
+}}
+"""
+
+
+def _quote_mailbox(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def _greets(host: str, port: int, greeting: bytes) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+        return line.startswith(greeting)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def _world_traversable(path: Path) -> bool:
+    """True when every directory from / to `path` lets other users pass (o+x)."""
+    return all(os.stat(d).st_mode & 0o001 for d in (path, *path.parents))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _raise_fd_limit() -> None:
+    # Thousands of client connections: Dovecot warns and refuses clients past `ulimit -n`.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

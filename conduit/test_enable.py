@@ -1,0 +1,100 @@
+"""Test & Enable: connect to the mailbox's servers with its settings and record each direction.
+
+Each check uses the same client the services use, so a success here means the service will get
+in.  The result (success or failure with a one-line reason) is stored per direction; success
+enables the direction and clears errors and back-off.
+"""
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID
+
+from shared.errors import ConduitError
+from shared.registry import models
+from shared.registry.service import MailboxWork, Registry
+from shared.tls import client_context
+
+CHECK_TIMEOUT = 20.0
+
+
+async def test_enable(registry: Registry, org: models.Organization, ref: str, directions: list[str]) -> dict[str, tuple[bool, str]]:
+    mailbox = await registry.mailbox(org, ref)
+    results: dict[str, tuple[bool, str]] = {}
+    for direction in directions:
+        ok, message = await _check(registry, mailbox, direction)
+        await registry.record_test(mailbox.id, direction, ok, message)
+        results[direction] = (ok, message)
+    return results
+
+
+async def _check(registry: Registry, mailbox: models.Mailbox, direction: str) -> tuple[bool, str]:
+    if not mailbox.active:
+        return False, "the mailbox is inactive"
+    if mailbox.profile_id is None:
+        return False, "the mailbox has no email server profile"
+    if not mailbox.email_approved:
+        return False, "the mailbox's email address is not approved (`conduit mailbox approve`)"
+    work = await _work_item(registry, mailbox.id)
+    if direction == "act":
+        return False, "appointments, contacts and tasks synchronization is not available yet for this profile type"
+    try:
+        await asyncio.wait_for(_connect(work, direction), CHECK_TIMEOUT)
+    except ConduitError as exc:
+        return False, exc.message
+    except asyncio.TimeoutError:
+        return False, f"the server did not answer within {CHECK_TIMEOUT:.0f} s"
+    return True, f"{direction} connection and sign-in succeeded"
+
+
+async def _work_item(registry: Registry, mailbox_id: UUID) -> MailboxWork:
+    # mailboxes_to_process() filters on the very statuses being tested, so read the row directly.
+    async with registry.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT m.*, to_jsonb(p.*) AS profile FROM mailbox m JOIN email_server_profile p ON p.id = m.profile_id WHERE m.id = $1",
+            mailbox_id,
+        )
+    return MailboxWork(row, row["profile"], registry.cipher)
+
+
+async def _connect(work: MailboxWork, direction: str) -> None:
+    profile = work.profile
+    user, secret = work.login()
+    context = client_context(profile.get("tls_ca_file"))
+    if direction == "incoming":
+        if profile["server_type"] == "imap":
+            from services.ingest.imap_client import ImapClient
+
+            client = await ImapClient.connect(profile["incoming_host"], profile["incoming_port"],
+                                              tls=profile["incoming_tls"], ssl_context=context, timeout=CHECK_TIMEOUT)
+            try:
+                await client.login(user, secret.get_secret_value())
+                await client.select("INBOX")
+                await client.logout()
+            finally:
+                await client.close()
+            return
+        if profile["server_type"] == "pop3":
+            from services.ingest.pop3_client import Pop3Client
+
+            pop = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
+                                           tls=profile["incoming_tls"], ssl_context=context, timeout=CHECK_TIMEOUT)
+            try:
+                await pop.login(user, secret.get_secret_value())
+                await pop.stat()
+                await pop.quit()
+            finally:
+                await pop.close()
+            return
+        raise ConduitError(f"incoming email over {profile['server_type']} is not available yet", reason="unsupported")
+    if profile["server_type"] in ("imap", "pop3", "smtp"):
+        from services.dispatch.smtp_transport import SmtpCredentials, SmtpPool, SmtpServer
+
+        server = SmtpServer(profile["outgoing_host"] or profile["incoming_host"], profile["outgoing_port"],
+                            profile["outgoing_tls"], context)
+        pool = SmtpPool(server, SmtpCredentials(user, secret.get_secret_value()), max_connections=1, timeout=CHECK_TIMEOUT)
+        try:
+            await pool.check()
+        finally:
+            await pool.close()
+        return
+    raise ConduitError(f"outgoing email over {profile['server_type']} is not available yet", reason="unsupported")

@@ -1,0 +1,742 @@
+"""One SMTP client session: the lean send path of the dispatch service.
+
+Why not aiosmtplib for sending: it waits for a reply after every command (MAIL, each RCPT, DATA,
+the content: four round trips and four wake-ups per message), parses every address with
+``email.utils`` and wraps every read in ``asyncio.wait_for``.  ``bench/smtp_send.py`` keeps the
+numbers.  This module speaks just the part of SMTP that dispatch needs, over an
+``asyncio.Protocol``: with RFC 2920 PIPELINING, MAIL FROM, every RCPT TO and DATA leave in one
+write and their replies are read in order, then the dot-stuffed content leaves in a second write.
+
+The failure classes here are precise because the caller's send ledger acts on them:
+
+- ``SmtpTemporaryFailure`` (4xx) and ``SmtpPermanentFailure`` (5xx) carry the server's reply;
+- ``SmtpOutcomeUnknown``: the final dot was handed to the connection but no reply came back (the
+  server may have accepted the message), so nobody may resend it blindly;
+- ``ConnectionFailed``, ``ProtocolTimeout``, ``AuthenticationFailed``, ``TlsFailed`` from
+  ``shared.errors``.
+
+Nothing here ever logs or puts into an exception a password, a token or a message body.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import logging
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    InvalidInput,
+    PermanentError,
+    ProtocolTimeout,
+    TlsFailed,
+    TransientError,
+)
+
+log = logging.getLogger(__name__)
+
+TlsMode = Literal["implicit", "starttls", "none"]
+AuthMechanism = Literal["plain", "login", "xoauth2"]
+
+# A reply line longer than this means the peer is not an SMTP server (RFC 5321 4.5.3.1.5: 512).
+_MAX_LINE = 16 * 1024
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SmtpServer:
+    """Where to deliver.  ``ssl_context=None`` with TLS means a verifying default context."""
+
+    host: str
+    port: int
+    tls: TlsMode
+    ssl_context: ssl.SSLContext | None = None
+
+    def tls_context(self) -> ssl.SSLContext:
+        return self.ssl_context if self.ssl_context is not None else ssl.create_default_context()
+
+
+@dataclass(frozen=True)
+class SmtpCredentials:
+    """A login.  ``secret`` is a password (plain, login) or an OAuth 2.0 access token (xoauth2)."""
+
+    username: str
+    secret: str = field(repr=False)
+    mechanism: AuthMechanism = "plain"
+
+
+@dataclass(frozen=True)
+class SmtpAccepted:
+    """The server took responsibility for the message (its reply to the final dot)."""
+
+    code: int
+    text: str
+    refused_recipients: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class _SmtpReplyError:
+    """Mixin: the server's reply (code, enhanced status code, text) and per-recipient refusals."""
+
+    def _init_reply(
+        self,
+        code: int,
+        text: str,
+        enhanced: str | None,
+        refused_recipients: dict[str, tuple[int, str]] | None,
+    ) -> None:
+        self.code = code
+        self.text = text
+        self.enhanced = enhanced if enhanced is not None else _enhanced_code(text)
+        self.refused_recipients = dict(refused_recipients or {})
+
+
+class SmtpTemporaryFailure(TransientError, _SmtpReplyError):
+    """The server answered 4xx: try again later."""
+
+    reason = "smtp_temporary"
+
+    def __init__(
+        self,
+        code: int,
+        text: str,
+        *,
+        enhanced: str | None = None,
+        refused_recipients: dict[str, tuple[int, str]] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(f"SMTP {code} {text}", reason=reason)
+        self._init_reply(code, text, enhanced, refused_recipients)
+
+
+class SmtpPermanentFailure(PermanentError, _SmtpReplyError):
+    """The server answered 5xx, or the message cannot be sent to this server as it stands."""
+
+    reason = "smtp_permanent"
+
+    def __init__(
+        self,
+        code: int,
+        text: str,
+        *,
+        enhanced: str | None = None,
+        refused_recipients: dict[str, tuple[int, str]] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(f"SMTP {code} {text}", reason=reason)
+        self._init_reply(code, text, enhanced, refused_recipients)
+
+
+class SmtpOutcomeUnknown(TransientError):
+    """The content and its final dot were sent but no reply arrived: the server may have accepted.
+
+    Never retried inside the transport; the caller's send ledger decides.
+    """
+
+    reason = "smtp_outcome_unknown"
+
+
+class StaleConnection(ConnectionFailed):
+    """The connection was already dead when a transaction began: nothing of it reached the server.
+
+    The pool retries such a send once on a fresh connection; see ``SmtpPool.send``.
+    """
+
+    reason = "connection_failed"
+
+
+def _enhanced_code(text: str) -> str | None:
+    match = _ENHANCED.match(text)
+    return match.group(1) if match else None
+
+
+def reply_failure(reply: SmtpReply, **extra) -> SmtpTemporaryFailure | SmtpPermanentFailure:
+    """The failure class a non-success reply calls for: 4xx temporary, anything else permanent."""
+    cls = SmtpTemporaryFailure if 400 <= reply.code < 500 else SmtpPermanentFailure
+    return cls(reply.code, reply.text, **extra)
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpReply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+
+def encode_content(message: bytes) -> bytes:
+    """The DATA payload: CRLF line endings, dot-stuffed (RFC 5321 4.5.2), ending in CRLF.CRLF.
+
+    bytes.replace runs in C, which is why this is a chain of replaces and not a regex.
+    Bare CR and bare LF both become CRLF: RFC 5321 2.3.8 forbids them on the wire.
+    """
+    data = message.replace(b"\r\n", b"\n")
+    if b"\r" in data:
+        data = data.replace(b"\r", b"\n")
+    data = data.replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+def _check_address(address: str, role: str) -> None:
+    # A CR, LF or angle bracket would let an address inject SMTP commands.
+    if any(ch in address for ch in "\r\n<>") or (role == "recipient" and not address):
+        raise InvalidInput(f"invalid {role} address", reason="invalid_address")
+
+
+def _needs_utf8(sender: str, recipients: Sequence[str]) -> bool:
+    return not sender.isascii() or not all(r.isascii() for r in recipients)
+
+
+def _has_8bit(data: bytes) -> bool:
+    return not data.isascii()
+
+
+def _header_section(message: bytes) -> bytes:
+    return _BLANK_LINE.split(message, 1)[0]
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Splits the server's bytes into replies and hands them out in order.
+
+    A reader awaiting ``n`` replies is woken once, when all ``n`` are in: one wake-up per
+    pipelined group instead of one per command.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buffer = bytearray()
+        self._lines: list[str] = []
+        self.replies: collections.deque[SmtpReply] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 0
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.close_reason: str = "connection closed by the server"
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(buf[start:end]).rstrip(b"\r")
+            start = end + 1
+            self._line_received(line)
+        if start:
+            del buf[:start]
+        if len(buf) > _MAX_LINE:
+            self._fail("the server sent an over-long reply line")
+            return
+        self._wake_if_ready()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if exc is not None:
+            self.close_reason = f"connection lost: {exc.__class__.__name__}"
+        self._wake(ConnectionFailed(self.close_reason))
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionFailed(self.close_reason))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # parsing
+
+    def _line_received(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        if len(line) < 3 or not line[:3].isdigit():
+            self._fail("the server sent a malformed reply")
+            return
+        self._lines.append(line[4:])
+        if line[3:4] != "-":
+            self.replies.append(SmtpReply(int(line[:3]), tuple(self._lines)))
+            self._lines = []
+
+    def _fail(self, why: str) -> None:
+        self.close_reason = why
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake(ConnectionFailed(why))
+
+    # waiting
+
+    def _wake_if_ready(self) -> None:
+        if self._waiter is not None and len(self.replies) >= self._wanted:
+            self._wake(None)
+
+    def _wake(self, exc: Exception | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            return
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+
+    async def read(self, count: int, timeout: float) -> list[SmtpReply]:
+        """The next ``count`` replies, in order."""
+        if len(self.replies) < count:
+            if self.closed:
+                raise ConnectionFailed(self.close_reason)
+            waiter = self._loop.create_future()
+            self._waiter, self._wanted = waiter, count
+            timer = self._loop.call_later(timeout, self._expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+        return [self.replies.popleft() for _ in range(count)]
+
+    def _expire(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(ProtocolTimeout("the SMTP server did not reply in time"))
+        if self._waiter is waiter:
+            self._waiter = None
+
+    async def drain(self) -> None:
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            await drain
+
+
+# --------------------------------------------------------------------------- session
+
+
+class SmtpConnection:
+    """A logged-in SMTP session that sends messages one after another.
+
+    Not safe for concurrent use: the pool hands each connection to one sender at a time.
+    """
+
+    def __init__(self, server: SmtpServer, *, helo_name: str, timeout: float) -> None:
+        self.server = server
+        self.helo_name = helo_name
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self.messages_sent = 0
+        self._reader: _ReplyReader | None = None
+        self._broken = False
+
+    # -- lifecycle
+
+    @property
+    def usable(self) -> bool:
+        """False once the server closed, spoke out of turn (a 421 while idle) or a send broke it."""
+        reader = self._reader
+        return (
+            reader is not None and not reader.closed and not reader.replies and not self._broken
+        )
+
+    async def open(self, credentials: SmtpCredentials | None) -> None:
+        """Connect, read the greeting, EHLO (HELO fallback), STARTTLS, AUTH."""
+        try:
+            await self._connect()
+            greeting = await self._read_one()
+            if greeting.code != 220:
+                raise reply_failure(greeting, reason="smtp_greeting_refused")
+            await self._hello()
+            if self.server.tls == "starttls":
+                await self._starttls()
+            if credentials is not None:
+                await self._authenticate(credentials)
+        except BaseException:
+            self.abort()
+            raise
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = self.server
+        tls = server.tls_context() if server.tls == "implicit" else None
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, reader = await loop.create_connection(
+                    lambda: _ReplyReader(loop),
+                    server.host,
+                    server.port,
+                    ssl=tls,
+                    server_hostname=server.host if tls else None,
+                    ssl_handshake_timeout=self.timeout if tls else None,
+                )
+        except TimeoutError:
+            raise ProtocolTimeout(f"connecting to {server.host}:{server.port} timed out") from None
+        except ssl.SSLError as exc:
+            raise TlsFailed(f"TLS with {server.host}:{server.port} failed: {_tls_reason(exc)}") from None
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"cannot connect to {server.host}:{server.port}: {exc.strerror or exc}"
+            ) from None
+        self._reader = reader
+
+    async def _hello(self) -> None:
+        reply = await self.command(f"EHLO {self.helo_name}")
+        if reply.code == 250:
+            self.extensions = _parse_ehlo(reply)
+            return
+        if reply.code == 421:
+            raise reply_failure(reply)
+        reply = await self.command(f"HELO {self.helo_name}")  # pre-ESMTP server (RFC 5321 3.2)
+        if reply.code != 250:
+            raise reply_failure(reply, reason="smtp_helo_refused")
+        self.extensions = {}
+
+    async def _starttls(self) -> None:
+        if "STARTTLS" not in self.extensions:
+            raise TlsFailed(f"{self.server.host} does not offer STARTTLS", reason="starttls_unavailable")
+        reply = await self.command("STARTTLS")
+        if reply.code != 220:
+            raise TlsFailed(f"STARTTLS refused: {reply.code} {reply.text}")
+        loop = asyncio.get_running_loop()
+        reader = self._require_reader()
+        try:
+            transport = await loop.start_tls(
+                reader.transport,
+                reader,
+                self.server.tls_context(),
+                server_hostname=self.server.host,
+                ssl_handshake_timeout=self.timeout,
+            )
+        except ssl.SSLError as exc:
+            raise TlsFailed(f"TLS with {self.server.host} failed: {_tls_reason(exc)}") from None
+        except (OSError, ConnectionError) as exc:
+            raise ConnectionFailed(f"connection lost during STARTTLS: {exc}") from None
+        except TimeoutError:
+            raise ProtocolTimeout("the TLS handshake timed out") from None
+        reader.transport = transport  # type: ignore[assignment]
+        # RFC 3207 4.2: forget everything learnt before TLS and say EHLO again.
+        await self._hello()
+
+    async def _authenticate(self, credentials: SmtpCredentials) -> None:
+        offered = self.extensions.get("AUTH", "").upper().split()
+        mechanism = credentials.mechanism.upper()
+        if mechanism not in offered:
+            raise AuthenticationFailed(
+                f"the server does not offer AUTH {mechanism} (offers: {' '.join(offered) or 'none'})",
+                reason="auth_mechanism_unavailable",
+            )
+        if mechanism == "PLAIN":
+            token = f"\0{credentials.username}\0{credentials.secret}"
+            reply = await self.command(f"AUTH PLAIN {_b64(token)}")
+        elif mechanism == "LOGIN":
+            reply = await self.command("AUTH LOGIN")
+            if reply.code == 334:
+                reply = await self.command(_b64(credentials.username))
+            if reply.code == 334:
+                reply = await self.command(_b64(credentials.secret))
+        else:
+            token = f"user={credentials.username}\x01auth=Bearer {credentials.secret}\x01\x01"
+            reply = await self.command(f"AUTH XOAUTH2 {_b64(token)}")
+            if reply.code == 334:
+                # The challenge is a base64 JSON error; an empty line asks for the final reply.
+                detail = _decode_challenge(reply.text)
+                reply = await self.command("")
+                if detail:
+                    reply = SmtpReply(reply.code, (*reply.lines, detail))
+        _check_auth_reply(reply)
+
+    def abort(self) -> None:
+        reader = self._reader
+        if reader is not None and reader.transport is not None:
+            reader.transport.abort()
+        self._broken = True
+
+    async def quit(self) -> None:
+        """Say goodbye politely when the connection is healthy; never raise."""
+        reader = self._reader
+        if reader is None or reader.transport is None:
+            return
+        try:
+            if self.usable:
+                reader.transport.write(b"QUIT\r\n")
+                await reader.read(1, min(self.timeout, 5.0))
+        except Exception:  # noqa: BLE001 - the session is ending anyway
+            pass
+        finally:
+            reader.transport.close()
+            self._broken = True
+
+    # -- primitives
+
+    def _require_reader(self) -> _ReplyReader:
+        if self._reader is None or self._reader.transport is None:
+            raise ConnectionFailed("not connected")
+        return self._reader
+
+    def _write(self, data: bytes) -> None:
+        reader = self._require_reader()
+        if reader.closed or reader.transport.is_closing():
+            raise ConnectionFailed(reader.close_reason)
+        reader.transport.write(data)
+
+    async def _read_one(self) -> SmtpReply:
+        return (await self._require_reader().read(1, self.timeout))[0]
+
+    async def command(self, line: str) -> SmtpReply:
+        self._write(line.encode("utf-8") + b"\r\n")
+        return await self._read_one()
+
+    # -- sending
+
+    async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SmtpAccepted:
+        """One mail transaction.  Raises StaleConnection when nothing reached the server."""
+        try:
+            return await self._transaction(sender, recipients, message)
+        except (SmtpTemporaryFailure, SmtpPermanentFailure, InvalidInput):
+            raise  # the session was reset (or marked broken) on the way
+        except BaseException:
+            # Timeouts, lost connections, cancellation: the session state is unknown.
+            self.abort()
+            raise
+
+    async def _transaction(
+        self, sender: str, recipients: Sequence[str], message: bytes
+    ) -> SmtpAccepted:
+        content = encode_content(message)
+        envelope = self._envelope_commands(sender, recipients, message, len(content))
+        if "PIPELINING" in self.extensions:
+            replies = await self._pipelined(envelope)
+        else:
+            replies = await self._lockstep(envelope)
+        refused, failure = self._check_envelope(recipients, replies)
+        if failure is not None:
+            if any(r.code == 421 for r in replies):
+                self._broken = True  # 421: the server is closing the session
+            else:
+                data = replies[-1] if len(replies) == len(envelope) else None
+                try:
+                    await self._reset(data)
+                except (ConnectionFailed, ProtocolTimeout):
+                    self.abort()  # the refusal is the news; the pool replaces the session
+            raise failure
+        return await self._send_content(content, refused)
+
+    def _envelope_commands(
+        self, sender: str, recipients: Sequence[str], message: bytes, size: int
+    ) -> list[bytes]:
+        _check_address(sender, "sender")
+        if not recipients:
+            raise InvalidInput("a message needs at least one recipient", reason="no_recipients")
+        for recipient in recipients:
+            _check_address(recipient, "recipient")
+        params = self._mail_parameters(sender, recipients, message, size)
+        mail = f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8")
+        return [mail, *(f"RCPT TO:<{r}>\r\n".encode("utf-8") for r in recipients), b"DATA\r\n"]
+
+    def _mail_parameters(
+        self, sender: str, recipients: Sequence[str], message: bytes, size: int
+    ) -> str:
+        ext = self.extensions
+        params = []
+        if "SIZE" in ext:
+            limit = int(ext["SIZE"]) if ext["SIZE"].isdigit() else 0
+            if limit and size > limit:
+                raise SmtpPermanentFailure(
+                    552,
+                    f"message size {size} exceeds the server's limit of {limit} bytes",
+                    enhanced="5.3.4",
+                    reason="message_too_large",
+                )
+            params.append(f"SIZE={size}")
+        if _has_8bit(message) and "8BITMIME" in ext:
+            # Without 8BITMIME we still send: rewriting MIME is the composer's job, and most
+            # servers take 8-bit data anyway (Postfix does the same by default).
+            params.append("BODY=8BITMIME")
+        if _needs_utf8(sender, recipients):
+            if "SMTPUTF8" not in ext:
+                raise SmtpPermanentFailure(
+                    553,
+                    "the server does not support SMTPUTF8, needed for an internationalised address",
+                    enhanced="5.6.7",
+                    reason="smtputf8_unsupported",
+                )
+            params.append("SMTPUTF8")
+        elif "SMTPUTF8" in ext and _has_8bit(message) and _has_8bit(_header_section(message)):
+            params.append("SMTPUTF8")  # raw UTF-8 in the header section (RFC 6532)
+        return "".join(" " + p for p in params)
+
+    async def _pipelined(self, commands: list[bytes]) -> list[SmtpReply]:
+        """RFC 2920: the whole envelope in one write, the replies read in order."""
+        self._write(b"".join(commands))
+        reader = self._require_reader()
+        try:
+            return await reader.read(len(commands), self.timeout)
+        except ConnectionFailed as exc:
+            if not reader.replies:
+                # Not one reply: the server had closed before it read the group (an idle timeout
+                # racing our first write).  No content was sent, so a fresh connection may retry.
+                self._broken = True
+                raise StaleConnection(str(exc)) from None
+            raise
+
+    async def _lockstep(self, commands: list[bytes]) -> list[SmtpReply]:
+        """Without PIPELINING: one command, one reply; stop as soon as DATA would be pointless."""
+        replies: list[SmtpReply] = []
+        mail, *rcpts, data = commands
+        for command in (mail, *rcpts):
+            self._write(command)
+            try:
+                replies.append(await self._read_one())
+            except ConnectionFailed as exc:
+                if not replies:
+                    self._broken = True
+                    raise StaleConnection(str(exc)) from None
+                raise
+            if replies[0].code != 250:
+                return replies
+        if all(r.code not in (250, 251) for r in replies[1:]):
+            return replies
+        self._write(data)
+        replies.append(await self._read_one())
+        return replies
+
+    def _check_envelope(
+        self, recipients: Sequence[str], replies: list[SmtpReply]
+    ) -> tuple[dict[str, tuple[int, str]], Exception | None]:
+        """The refused recipients, and the failure to raise if the envelope was refused."""
+        mail = replies[0]
+        rcpt_replies = replies[1 : 1 + len(recipients)]
+        data = replies[1 + len(recipients)] if len(replies) > 1 + len(recipients) else None
+        refused = {
+            r: (reply.code, reply.text)
+            for r, reply in zip(recipients, rcpt_replies)
+            if reply.code not in (250, 251)
+        }
+        if mail.code != 250:
+            return refused, reply_failure(mail)
+        if len(refused) == len(recipients):
+            return refused, _all_refused(refused)
+        if data is not None and data.code != 354:
+            return refused, reply_failure(data, refused_recipients=refused)
+        return refused, None
+
+    async def _reset(self, data_reply: SmtpReply | None) -> None:
+        """Leave the session ready for the next message after a refused envelope.
+
+        RFC 2920 3.1: if DATA was accepted anyway, send a lone dot (an empty message to no
+        accepted recipient delivers nothing), then RSET.
+        """
+        lines = [b".\r\n"] if data_reply is not None and data_reply.code == 354 else []
+        lines.append(b"RSET\r\n")
+        self._write(b"".join(lines))
+        replies = await self._require_reader().read(len(lines), self.timeout)
+        if replies[-1].code != 250:
+            self._broken = True
+
+    async def _send_content(
+        self, content: bytes, refused: dict[str, tuple[int, str]]
+    ) -> SmtpAccepted:
+        reader = self._require_reader()
+        self._write(content)  # raises ConnectionFailed if closed: then nothing of it was sent
+        try:
+            await reader.drain()
+        except ConnectionFailed as exc:
+            # Handed to the transport: the final dot may have reached the server.
+            raise SmtpOutcomeUnknown(f"connection lost while sending the message: {exc}") from None
+        try:
+            (reply,) = await reader.read(1, self.timeout)
+        except (ConnectionFailed, ProtocolTimeout) as exc:
+            raise SmtpOutcomeUnknown(
+                f"no reply after the end of the message ({exc}); the server may have accepted it"
+            ) from None
+        self.messages_sent += 1
+        if reply.code != 250:
+            if reply.code == 421:
+                self._broken = True
+            raise reply_failure(reply, refused_recipients=refused)
+        return SmtpAccepted(reply.code, reply.text, refused)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parse_ehlo(reply: SmtpReply) -> dict[str, str]:
+    extensions: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = params
+    # Some old servers announce AUTH as "AUTH=LOGIN PLAIN".
+    for key in [k for k in extensions if k.startswith("AUTH=")]:
+        extensions.setdefault("AUTH", key[5:] + " " + extensions[key])
+    return extensions
+
+
+def _all_refused(refused: dict[str, tuple[int, str]]) -> Exception:
+    codes = [code for code, _ in refused.values()]
+    first_code, first_text = next(iter(refused.values()))
+    if all(400 <= code < 500 for code in codes):
+        return SmtpTemporaryFailure(
+            first_code, first_text, refused_recipients=refused, reason="all_recipients_refused"
+        )
+    permanent = next((v for v in refused.values() if v[0] >= 500), (first_code, first_text))
+    return SmtpPermanentFailure(
+        permanent[0], permanent[1], refused_recipients=refused, reason="all_recipients_refused"
+    )
+
+
+def _check_auth_reply(reply: SmtpReply) -> None:
+    if reply.code == 235:
+        return
+    if 400 <= reply.code < 500:
+        # 454 "temporary authentication failure": the server's problem, worth a retry.
+        raise SmtpTemporaryFailure(reply.code, reply.text, reason="auth_temporary")
+    raise AuthenticationFailed(f"the server refused the login: {reply.code} {reply.text}")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _decode_challenge(text: str) -> str:
+    try:
+        return base64.b64decode(text.strip(), validate=True).decode("utf-8", "replace")
+    except ValueError:
+        return ""
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed ({exc.verify_message})"
+    return exc.reason or exc.__class__.__name__

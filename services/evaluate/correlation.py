@@ -1,0 +1,213 @@
+"""Correlation: link a message to an email already tracked, so a reply lands on the same thread
+and regards the same record.
+
+The methods, in the reference's documented default order (configurable per organization):
+
+1. ``in_reply_to``: the In-Reply-To id, then the References ids newest first, against the
+   Message-IDs of tracked email (incoming and outgoing).  Reported as ``in_reply_to`` or
+   ``references``.
+2. ``tracking_token``: a token such as ``CRM:0001234`` that outgoing mail carries in its subject.
+3. ``thread_index``: Outlook's conversation index; its first 22 bytes name the conversation.
+4. ``smart_matching``: normalised subject equal and at least N shared participants.  Off by
+   default, as the reference recommends: it links unrelated mail that happens to share a subject.
+
+Pure functions over the batch's in-memory ``Lookups``; no I/O.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lookups import Lookups, TrackedRef
+    from .parsing import ParsedEmail
+
+__all__ = [
+    "CORRELATION_METHODS",
+    "CorrelationSettings",
+    "Correlation",
+    "correlate",
+    "find_tracking_token",
+    "make_tracking_token",
+    "normalize_subject",
+]
+
+CORRELATION_METHODS = ("in_reply_to", "tracking_token", "thread_index", "smart_matching")
+
+
+@dataclass(frozen=True, slots=True)
+class CorrelationSettings:
+    """An organization's correlation settings (the reference's System Settings > Email)."""
+
+    order: tuple[str, ...] = CORRELATION_METHODS
+    tracking_token_enabled: bool = True
+    tracking_token_prefix: str = "CRM:"
+    tracking_token_digits: int = 7
+    smart_matching: bool = False
+    smart_matching_min_shared_recipients: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.order if m not in CORRELATION_METHODS]
+        if unknown:
+            raise ValueError(f"unknown correlation method(s) {unknown}; known: {CORRELATION_METHODS}")
+        if len(set(self.order)) != len(self.order):
+            raise ValueError("correlation order names a method twice")
+        if not 1 <= self.tracking_token_digits <= 20:
+            raise ValueError("tracking_token_digits must be between 1 and 20")
+        if self.smart_matching_min_shared_recipients < 1:
+            raise ValueError("smart_matching_min_shared_recipients must be at least 1")
+
+    def uses(self, method: str) -> bool:
+        """Whether ``method`` takes part in correlation under these settings."""
+        if method not in self.order:
+            return False
+        if method == "tracking_token":
+            return self.tracking_token_enabled and bool(self.tracking_token_prefix)
+        if method == "smart_matching":
+            return self.smart_matching
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Correlation:
+    """How a message was linked to a tracked email: ``method`` is one of ``in_reply_to``,
+    ``references``, ``tracking_token``, ``thread_index``, ``smart_matching``."""
+
+    method: str
+    ref: TrackedRef
+
+
+# --------------------------------------------------------------------------------------------
+# Tracking token
+
+
+@lru_cache(maxsize=64)
+def _token_pattern(prefix: str, digits: int) -> re.Pattern[str]:
+    # The prefix must not be glued to a preceding word ("XCRM:..."), the number must be whole.
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(prefix)}\s?(\d{{{digits},}})(?!\d)", re.I)
+
+
+def make_tracking_token(number: int, settings: CorrelationSettings) -> str:
+    """The token an outgoing email carries in its subject, e.g. ``CRM:0001234``."""
+    if number < 0:
+        raise ValueError("tracking token numbers are not negative")
+    return f"{settings.tracking_token_prefix}{number:0{settings.tracking_token_digits}d}"
+
+
+def find_tracking_token(subject: str, settings: CorrelationSettings) -> str | None:
+    """The tracking token in ``subject`` in canonical form (the configured prefix), or None."""
+    if not settings.tracking_token_enabled or not settings.tracking_token_prefix:
+        return None
+    match = _token_pattern(settings.tracking_token_prefix, settings.tracking_token_digits).search(subject)
+    if match is None:
+        return None
+    return settings.tracking_token_prefix + match.group(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Subject normalisation (smart matching key)
+
+# Reply and forward markers of the common mail clients and languages, with optional counters
+# ("Re[2]:", "AW(3):"), plus bracketed tags that gateways and lists prepend ("[EXTERNAL]").
+_SUBJECT_PREFIX = re.compile(
+    r"^\s*(?:"
+    r"(?:re|fw|fwd|aw|wg|sv|vs|vb|antw|antwort|tr|rif|r|ref|res|enc|odp|pd|vl|ynt|ilt|ats|atb|"
+    r"bls|yan|doorst|rv|"
+    r"回复|答复|转发|回覆|轉寄|返信|転送)"
+    r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]"
+    r"|\[[^\[\]]{0,64}\]"
+    r")\s*",
+    re.I,
+)
+_SUBJECT_SUFFIX = re.compile(r"\s*\((?:fwd|fw)\)\s*$", re.I)
+_GENERIC_TOKEN = re.compile(r"(?<![A-Za-z0-9])CRM:\s?\d{4,}(?!\d)", re.I)
+
+
+def normalize_subject(subject: str, settings: CorrelationSettings | None = None) -> str:
+    """The subject with reply/forward markers, tags and the tracking token removed, whitespace
+    collapsed and case folded: ``"RE: [EXTERNAL] Fw: Offer  CRM:0001234"`` -> ``"offer"``."""
+    if settings is not None and settings.tracking_token_prefix:
+        token = _token_pattern(settings.tracking_token_prefix, settings.tracking_token_digits)
+        subject = token.sub(" ", subject)
+    else:
+        subject = _GENERIC_TOKEN.sub(" ", subject)
+    while True:
+        stripped = _SUBJECT_PREFIX.sub("", subject, count=1)
+        if stripped == subject:
+            break
+        subject = stripped
+    subject = _SUBJECT_SUFFIX.sub("", subject)
+    return " ".join(subject.split()).casefold()
+
+
+# --------------------------------------------------------------------------------------------
+# Correlate
+
+
+def correlate(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings) -> Correlation | None:
+    """The first match of the configured methods, in the configured order, or None."""
+    for method in settings.order:
+        if not settings.uses(method):
+            continue
+        if method == "in_reply_to":
+            found = _by_message_ids(parsed, lookups)
+        elif method == "tracking_token":
+            found = _by_tracking_token(parsed, lookups, settings)
+        elif method == "thread_index":
+            found = _by_thread_root(parsed, lookups)
+        else:
+            found = _by_smart_matching(parsed, lookups, settings)
+        if found is not None:
+            return found
+    return None
+
+
+def _by_message_ids(parsed: ParsedEmail, lookups: Lookups) -> Correlation | None:
+    tracked = lookups.tracked_by_message_id
+    if not tracked:
+        return None
+    for message_id in parsed.in_reply_to:
+        ref = tracked.get(message_id)
+        if ref is not None:
+            return Correlation("in_reply_to", ref)
+    for message_id in reversed(parsed.references):  # the last reference is the direct parent
+        ref = tracked.get(message_id)
+        if ref is not None:
+            return Correlation("references", ref)
+    return None
+
+
+def _by_tracking_token(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings) -> Correlation | None:
+    if not lookups.tracked_by_token:
+        return None
+    token = find_tracking_token(parsed.subject, settings)
+    if token is None:
+        return None
+    ref = lookups.tracked_by_token.get(token)
+    return Correlation("tracking_token", ref) if ref is not None else None
+
+
+def _by_thread_root(parsed: ParsedEmail, lookups: Lookups) -> Correlation | None:
+    if parsed.thread_root is None:
+        return None
+    ref = lookups.tracked_by_thread_root.get(parsed.thread_root)
+    return Correlation("thread_index", ref) if ref is not None else None
+
+
+def _by_smart_matching(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings) -> Correlation | None:
+    if not lookups.tracked_by_subject:
+        return None
+    subject = normalize_subject(parsed.subject, settings)
+    if not subject:
+        return None  # every blank-subject message would "match": never correlate on nothing
+    candidates = lookups.tracked_by_subject.get(subject)
+    if not candidates:
+        return None
+    participants = parsed.participants
+    needed = settings.smart_matching_min_shared_recipients
+    for ref in candidates:  # newest first, by the Lookups contract
+        if len(ref.participants & participants) >= needed:
+            return Correlation("smart_matching", ref)
+    return None

@@ -1,0 +1,877 @@
+"""Turn the raw bytes of one message into the facts evaluate decides on.
+
+Evaluate sees every message that ingest pulls from every mailbox, so this parser is built for
+throughput and for never failing:
+
+- Only the header block is parsed (our own line splitter; no ``email.message.Message`` tree), and
+  only the headers evaluate needs are kept.  The body is walked with ``bytes.find`` over MIME
+  boundaries just far enough to say whether it carries attachments or a forwarded message and to
+  cut a short plain-text preview out of its first text part.  That is ~20x cheaper than
+  ``email.message_from_bytes(raw, policy=email.policy.default)``.
+- ``parse_email`` never raises.  Whatever is wrong with the input (broken MIME, unknown charsets,
+  NUL bytes, 8-bit header bytes, malformed addresses, RFC 2047 garbage, huge headers) is recorded
+  as a stable code in ``ParsedEmail.defects`` and the best reading of the rest is returned.
+- Every string handed out is safe for PostgreSQL ``text`` (no NUL, no lone surrogates).
+
+Defect codes (stable; used in logs and ``conduit message why``):
+``no_header_block``, ``header_block_truncated``, ``nul_bytes``, ``non_utf8_header``,
+``malformed_header_line``, ``continuation_without_header``, ``duplicate_header:<name>``,
+``missing_message_id``, ``message_id_without_brackets``, ``invalid_message_id``,
+``missing_from``, ``invalid_address:<header>``, ``missing_date``, ``invalid_date``,
+``invalid_encoded_word``, ``unknown_charset``, ``invalid_thread_index``,
+``multipart_without_boundary``, ``mime_parts_truncated``, ``invalid_body_encoding``,
+``internal_error:<ExceptionType>`` (a bug of ours, caught so the message still flows).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import html
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import getaddresses, parsedate_to_datetime
+from functools import lru_cache
+from urllib.parse import unquote
+
+__all__ = [
+    "Address",
+    "ParsedEmail",
+    "parse_email",
+    "forwarded_message",
+    "generated_message_id",
+    "normalize_email_address",
+    "decode_header_value",
+]
+
+PREVIEW_CHARS = 500
+# How much of a text part is decoded to build the preview: enough for 500 characters of prose
+# after whitespace is collapsed, small enough that a 10 MB text body costs nothing.
+_PREVIEW_SOURCE_BYTES = 8 * 1024
+_HTML_SOURCE_BYTES = 32 * 1024
+_MAX_MIME_PARTS = 64
+_MAX_MIME_DEPTH = 8
+_MAX_PART_HEADER_BYTES = 16 * 1024
+# A thread can carry hundreds of References; the newest ones are the useful correlation keys.
+_MAX_REFERENCES = 50
+_MAX_MESSAGE_ID_CHARS = 998
+THREAD_ROOT_BYTES = 22  # Outlook Thread-Index: 6 bytes FILETIME + 16 bytes conversation GUID
+
+# Headers evaluate reads.  Everything else in the block is skipped while splitting.
+_SINGLE = frozenset(
+    {
+        "message-id", "subject", "from", "sender", "date", "in-reply-to", "references",
+        "thread-index", "thread-topic", "auto-submitted", "precedence", "list-id",
+        "importance", "x-priority", "content-type", "content-transfer-encoding",
+    }
+)
+_MULTI = frozenset({"to", "cc", "bcc", "reply-to"})
+_WANTED = _SINGLE | _MULTI
+_PART_WANTED = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """One mailbox of an address header: display name and normalised address.
+
+    ``email`` is lower-cased with an ASCII (IDNA A-label) domain, so it compares equal to the
+    registry's addresses normalised with ``normalize_email_address``.
+    """
+
+    name: str
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedEmail:
+    """What evaluate knows about one message.  Built only by ``parse_email``."""
+
+    message_id: str | None
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    subject: str
+    from_: Address | None
+    sender: Address | None
+    reply_to: tuple[Address, ...]
+    to: tuple[Address, ...]
+    cc: tuple[Address, ...]
+    bcc: tuple[Address, ...]
+    date: datetime | None
+    thread_index: str | None
+    thread_root: str | None
+    thread_topic: str | None
+    auto_submitted: str | None
+    precedence: str | None
+    list_id: str | None
+    importance: str | None
+    content_type: str
+    preview: str
+    has_attachments: bool
+    has_forwarded_message: bool
+    size: int
+    defects: tuple[str, ...]
+
+    @property
+    def participants(self) -> frozenset[str]:
+        """Addresses of sender and visible recipients (smart matching compares these)."""
+        found = {a.email for a in self.to}
+        found.update(a.email for a in self.cc)
+        if self.from_ is not None:
+            found.add(self.from_.email)
+        return frozenset(found)
+
+    @property
+    def all_addresses(self) -> tuple[Address, ...]:
+        head = (self.from_,) if self.from_ is not None else ()
+        sender = (self.sender,) if self.sender is not None else ()
+        return head + sender + self.reply_to + self.to + self.cc + self.bcc
+
+    @property
+    def is_automated(self) -> bool:
+        """Sent by a machine (RFC 3834 Auto-Submitted, or a bulk/junk/auto-reply Precedence)."""
+        if self.auto_submitted is not None and self.auto_submitted != "no":
+            return True
+        return self.precedence in ("bulk", "junk", "auto_reply")
+
+
+# --------------------------------------------------------------------------------------------
+# Header block
+
+
+def _find_header_end(raw: bytes, limit: int) -> tuple[int, int]:
+    """(end of header block, start of body); ``(-1, -1)`` when no blank line within ``limit``."""
+    if raw[:1] == b"\n":
+        return 0, 1
+    if raw[:2] == b"\r\n":
+        return 0, 2
+    lf = raw.find(b"\n\n", 0, limit)
+    crlf = raw.find(b"\n\r\n", 0, limit)
+    if lf < 0 and crlf < 0:
+        return -1, -1
+    if crlf < 0 or (0 <= lf < crlf):
+        return lf + 1, lf + 2
+    return crlf + 1, crlf + 3
+
+
+def _decode_header_bytes(head: bytes, defects: list[str]) -> str:
+    if b"\x00" in head:
+        head = head.replace(b"\x00", b"")
+        defects.append("nul_bytes")
+    try:
+        return head.decode("utf-8")  # ASCII and RFC 6532 UTF-8 headers
+    except UnicodeDecodeError:
+        defects.append("non_utf8_header")
+    # Legacy clients put raw 8-bit (mostly windows-1252) into headers; decode line by line so
+    # that valid UTF-8 lines are not turned into mojibake by their neighbours.
+    out = []
+    for line in head.split(b"\n"):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(line.decode("cp1252", "replace"))
+    return "\n".join(out)
+
+
+def _split_headers(
+    text: str, wanted: frozenset[str], defects: list[str] | None
+) -> dict[str, list[str]]:
+    """Unfold and split a header block, keeping only ``wanted`` names (lower-cased)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    headers: dict[str, list[str]] = {}
+    name: str | None = None
+    parts: list[str] = []
+    for line in text.split("\n"):
+        if not line:
+            continue
+        first = line[0]
+        if first == " " or first == "\t":
+            if name is None:
+                if defects is not None and not parts:
+                    defects.append("continuation_without_header")
+                continue
+            parts.append(line)
+            continue
+        if name is not None:
+            headers.setdefault(name, []).append("".join(parts).strip())
+            name = None
+        parts = [""]  # a non-empty list marks "inside some header", wanted or not
+        colon = line.find(":")
+        if colon <= 0:
+            if defects is not None and not line.startswith("From "):  # mbox envelope line
+                defects.append("malformed_header_line")
+            continue
+        key = line[:colon].rstrip().lower()
+        if key in wanted:
+            name = key
+            parts = [line[colon + 1 :]]
+    if name is not None:
+        headers.setdefault(name, []).append("".join(parts).strip())
+    return headers
+
+
+# --------------------------------------------------------------------------------------------
+# RFC 2047 encoded words
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?\s]*)\?=")
+# Codecs that are "text encodings" to Python but are no charset a mailer may name: they can
+# produce surrogates or execute escape sequences chosen by the sender.
+_REFUSED_CODECS = frozenset(
+    {"unicode_escape", "raw_unicode_escape", "punycode", "idna", "undefined", "mbcs", "oem"}
+)
+_CHARSET_ALIASES = {"unknown-8bit": "", "x-unknown": "", "ansi_x3.4-1968": "ascii", "us-ascii": "ascii"}
+
+
+@lru_cache(maxsize=256)
+def _codec_for(charset: str) -> str | None:
+    charset = charset.strip().strip('"').lower()
+    charset = _CHARSET_ALIASES.get(charset, charset)
+    if not charset:
+        return None
+    try:
+        info = codecs.lookup(charset)
+    except (LookupError, ValueError):
+        return None
+    if info.name in _REFUSED_CODECS or not getattr(info, "_is_text_encoding", True):
+        return None
+    return info.name
+
+
+def _decode_bytes(data: bytes, charset: str | None, defects: list[str] | None) -> str:
+    codec = _codec_for(charset) if charset else None
+    if codec is not None:
+        try:
+            return data.decode(codec, "replace")
+        except Exception:  # a codec's own bug must not stop the message
+            pass
+    elif charset and defects is not None:
+        defects.append("unknown_charset")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+def _safe_text(text: str) -> str:
+    """No NUL, no line breaks, no lone surrogates: fit for a PostgreSQL text column."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if "\r" in text or "\n" in text:
+        text = text.replace("\r", " ").replace("\n", " ")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def decode_header_value(value: str, defects: list[str] | None = None) -> str:
+    """Decode RFC 2047 encoded words in an unstructured header value; never raises.
+
+    Adjacent words of one charset are joined before decoding, because mailers split multibyte
+    characters across words; whitespace between two encoded words is dropped (RFC 2047, 6.2).
+    """
+    if "=?" not in value:
+        return _safe_text(value)
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset: str | None = None
+    pos = 0
+    for match in _ENCODED_WORD.finditer(value):
+        gap = value[pos : match.start()]
+        pos = match.end()
+        if pending_charset is not None and (not gap or gap.isspace()):
+            gap = ""
+        charset, kind, text = match.group(1).lower(), match.group(2), match.group(3)
+        try:
+            if kind in "Bb":
+                text = text.rstrip("=")
+                text += "=" * (-len(text) % 4)
+                data = binascii.a2b_base64(text.encode("ascii"))
+            else:
+                data = binascii.a2b_qp(text.encode("utf-8"), header=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            if defects is not None:
+                defects.append("invalid_encoded_word")
+            data = None
+        if data is None or gap or charset != pending_charset:
+            if pending_charset is not None:
+                out.append(_decode_bytes(bytes(pending), pending_charset, defects))
+                pending.clear()
+                pending_charset = None
+            if gap:
+                out.append(gap)
+        if data is None:
+            out.append(match.group(0))
+            continue
+        pending += data
+        pending_charset = charset
+    if pending_charset is not None:
+        out.append(_decode_bytes(bytes(pending), pending_charset, defects))
+    out.append(value[pos:])
+    return _safe_text("".join(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses
+
+_DOMAIN = re.compile(
+    r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+_LITERAL_DOMAIN = re.compile(r"\[[0-9a-f:.]{2,45}\]|\[ipv6:[0-9a-f:.]{2,45}\]")
+_LOCAL_FORBIDDEN = re.compile(r'[\s<>(),;:\\"\[\]@\x00-\x1f\x7f]')
+
+
+@lru_cache(maxsize=65536)
+def normalize_email_address(address: str) -> str | None:
+    """``local@domain`` lower-cased with an IDNA (A-label) domain, or None if implausible.
+
+    The registry must store addresses normalised with this function so lookups match.
+    (Cached: the same few thousand addresses recur across every batch.)
+    """
+    address = address.strip()
+    if not address or len(address) > 320:
+        return None
+    at = address.rfind("@")
+    if at <= 0 or at == len(address) - 1:
+        return None
+    local, domain = address[:at], address[at + 1 :].rstrip(".").lower()
+    if len(local) > 64 or _LOCAL_FORBIDDEN.search(local) or local.startswith(".") or local.endswith("."):
+        return None
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except (UnicodeError, ValueError):
+            return None
+    if len(domain) > 253:
+        return None
+    if not (_DOMAIN.fullmatch(domain) or _LITERAL_DOMAIN.fullmatch(domain)):
+        return None
+    return f"{local.lower()}@{domain}"
+
+
+_ADDR_SPEC = r"[^<>\s\"(),;:\\@\[\]]+@[^<>\s\"(),;:\\@]+"
+_SIMPLE_ADDRESS = re.compile(
+    rf'(?:"((?:[^"\\]|\\.)*)"|([^"<>,;:()\\]*?))\s*<\s*({_ADDR_SPEC})\s*>|({_ADDR_SPEC})'
+)
+_COMMA_OUTSIDE_QUOTES = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^,"])+')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _pairs_fast(value: str) -> list[tuple[str, str]] | None:
+    """Split the common shapes (``a@b``, ``Name <a@b>``, ``"Last, First" <a@b>``) quickly."""
+    if "(" in value or ":" in value:  # comments and groups: leave them to the stdlib
+        return None
+    pairs = []
+    for item in _COMMA_OUTSIDE_QUOTES.findall(value):
+        item = item.strip()
+        if not item:
+            continue
+        m = _SIMPLE_ADDRESS.fullmatch(item)
+        if m is None:
+            return None
+        quoted, plain, bracketed, bare = m.groups()
+        if bare is not None:
+            pairs.append(("", bare))
+        elif quoted is not None:
+            pairs.append((_QUOTED_PAIR.sub(r"\1", quoted), bracketed))
+        else:
+            pairs.append((plain.strip(), bracketed))
+    return pairs
+
+
+@lru_cache(maxsize=8192)
+def _parse_address_value(value: str) -> tuple[tuple[Address, ...], bool]:
+    """(valid addresses, any invalid one seen).  Cached: To: the mailbox recurs in every message."""
+    pairs = _pairs_fast(value)
+    if pairs is None:
+        try:
+            pairs = getaddresses([value])
+        except Exception:
+            return (), True
+    found: list[Address] = []
+    invalid = False
+    seen: set[str] = set()
+    for name, addr in pairs:
+        if not addr:
+            if name and "@" in name:
+                invalid = True
+            continue
+        email = normalize_email_address(addr)
+        if email is None:
+            invalid = True
+            continue
+        if email in seen:
+            continue
+        seen.add(email)
+        name = decode_header_value(name) if "=?" in name else _safe_text(name)
+        found.append(Address(name=name.strip(), email=email))
+    return tuple(found), invalid
+
+
+def _addresses(values: list[str] | None, header: str, defects: list[str]) -> tuple[Address, ...]:
+    if not values:
+        return ()
+    value = values[0] if len(values) == 1 else ", ".join(values)
+    if len(value) > 64 * 1024:  # a pathological list; the head of it is what matters
+        value = value[: 64 * 1024]
+    found, invalid = _parse_address_value(value)
+    if invalid:
+        defects.append(f"invalid_address:{header}")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Identifiers, dates, Outlook conversation index
+
+_ANGLE_ID = re.compile(r"<\s*([^<>]*?)\s*>")
+_WS = re.compile(r"\s+")
+
+
+def _message_ids(value: str) -> list[str]:
+    ids = []
+    for found in _ANGLE_ID.findall(value):
+        if not found:
+            continue
+        if " " in found or "\t" in found:
+            found = _WS.sub("", found)  # folded inside the brackets
+        if found and len(found) <= _MAX_MESSAGE_ID_CHARS:
+            ids.append(_safe_text(found))
+    return ids
+
+
+def _single_message_id(value: str, defects: list[str]) -> str | None:
+    ids = _message_ids(value)
+    if ids:
+        return ids[0]
+    token = value.strip()
+    if token and not any(c.isspace() for c in token) and len(token) <= _MAX_MESSAGE_ID_CHARS:
+        defects.append("message_id_without_brackets")
+        return _safe_text(token)
+    defects.append("invalid_message_id")
+    return None
+
+
+def _reference_ids(value: str) -> list[str]:
+    ids = _message_ids(value)
+    if not ids:
+        # Some mailers omit the brackets; accept bare tokens that look like ids.
+        ids = [t for t in value.split() if "@" in t and len(t) <= _MAX_MESSAGE_ID_CHARS]
+        ids = [_safe_text(t) for t in ids]
+    return ids
+
+
+def _parse_date(value: str, defects: list[str]) -> datetime | None:
+    try:
+        parsed = parsedate_to_datetime(value)
+        if parsed.tzinfo is None:  # "-0000": zone unknown; UTC is the only honest reading
+            return parsed.replace(tzinfo=timezone.utc)
+        return parsed.astimezone(timezone.utc)
+    except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
+        defects.append("invalid_date")
+        return None
+
+
+def _thread_root(value: str, defects: list[str]) -> str | None:
+    text = "".join(value.split())
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=False)
+    except (binascii.Error, ValueError):
+        data = b""
+    if len(data) < THREAD_ROOT_BYTES:
+        defects.append("invalid_thread_index")
+        return None
+    return base64.b64encode(data[:THREAD_ROOT_BYTES]).decode("ascii")
+
+
+_PRIORITY = {"1": "high", "2": "high", "3": "normal", "4": "low", "5": "low"}
+
+
+def _importance(headers: dict[str, list[str]]) -> str | None:
+    if "importance" in headers:
+        value = headers["importance"][0].strip().lower()
+        if value in ("low", "normal", "high"):
+            return value
+    if "x-priority" in headers:
+        value = headers["x-priority"][0].strip()[:1]
+        return _PRIORITY.get(value)
+    return None
+
+
+def _first_token(value: str) -> str:
+    return value.split(";", 1)[0].strip().lower()
+
+
+# --------------------------------------------------------------------------------------------
+# MIME body walk
+
+_PARAM = re.compile(r';\s*([A-Za-z0-9_.*\-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
+
+
+def _content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    if not value:
+        return "text/plain", {}
+    head, _, rest = value.partition(";")
+    ctype = head.strip().lower()
+    if "/" not in ctype:
+        ctype = "text/plain"  # RFC 2045 5.2: an invalid type is treated as text/plain
+    params: dict[str, str] = {}
+    if rest:
+        for key, val in _PARAM.findall(";" + rest):
+            if val[:1] == '"':
+                val = _QUOTED_PAIR.sub(r"\1", val[1:-1])
+            key = key.lower()
+            if key.endswith("*") and "'" in val:  # RFC 2231: charset'language'percent-encoded
+                key = key[:-1]
+                val = unquote(val.split("'", 2)[-1], errors="replace")
+            params.setdefault(key, val)
+    return ctype, params
+
+
+@dataclass(slots=True)
+class _BodyScan:
+    """Mutable state of one walk over a body."""
+
+    want_preview: bool
+    plain: tuple[bytes, str | None, str] | None = None  # (source bytes, charset, cte)
+    html: tuple[bytes, str | None, str] | None = None
+    attachments: bool = False
+    forwarded: tuple[int, int, str] | None = None  # (start, end, cte) of a message/rfc822 part
+    parts: int = 0
+
+
+def _iter_parts(body: bytes, start: int, end: int, boundary: bytes):
+    """Yield (start, end) of each body part between ``start`` and ``end``."""
+    delim = b"--" + boundary
+    if body.startswith(delim, start):
+        pos = start
+    else:
+        pos = body.find(b"\n" + delim, start, end)
+        if pos < 0:
+            return
+        pos += 1
+    step = len(delim)
+    while True:
+        after = pos + step
+        if body.startswith(b"--", after):
+            return  # close delimiter
+        eol = body.find(b"\n", after, end)
+        if eol < 0:
+            return
+        part_start = eol + 1
+        nxt = body.find(b"\n" + delim, part_start, end)
+        part_end = nxt if nxt >= 0 else end
+        if part_end > part_start and body[part_end - 1 : part_end] == b"\r":
+            part_end -= 1
+        yield part_start, part_end
+        if nxt < 0:
+            return
+        pos = nxt + 1
+
+
+def _scan_entity(
+    body: bytes,
+    start: int,
+    end: int,
+    ctype: str,
+    params: dict[str, str],
+    cte: str,
+    disposition: str,
+    scan: _BodyScan,
+    depth: int,
+    defects: list[str],
+) -> None:
+    if ctype.startswith("multipart/"):
+        boundary = params.get("boundary", "")
+        if not boundary:
+            defects.append("multipart_without_boundary")
+            return
+        if depth >= _MAX_MIME_DEPTH:
+            defects.append("mime_parts_truncated")
+            return
+        boundary_bytes = boundary.encode("utf-8", "replace")
+        for part_start, part_end in _iter_parts(body, start, end, boundary_bytes):
+            scan.parts += 1
+            if scan.parts > _MAX_MIME_PARTS:
+                defects.append("mime_parts_truncated")
+                return
+            head_end, body_start = _find_header_end_in(body, part_start, part_end)
+            head = body[part_start:head_end]
+            headers = _split_headers(head.decode("utf-8", "replace"), _PART_WANTED, None) if head else {}
+            part_type, part_params = _content_type(_first(headers, "content-type"))
+            if ctype == "multipart/digest" and "content-type" not in headers:
+                part_type = "message/rfc822"
+            _scan_entity(
+                body,
+                body_start,
+                part_end,
+                part_type,
+                part_params,
+                _first_token(_first(headers, "content-transfer-encoding") or "7bit"),
+                _first(headers, "content-disposition") or "",
+                scan,
+                depth + 1,
+                defects,
+            )
+        return
+    named = "filename" in disposition.lower() or any(k.startswith("name") for k in params)
+    if ctype == "message/rfc822":
+        scan.attachments = True
+        if scan.forwarded is None:
+            scan.forwarded = (start, end, cte)
+        return
+    if _first_token(disposition) == "attachment" or named:
+        scan.attachments = True
+        return
+    if ctype == "text/plain":
+        if scan.want_preview and scan.plain is None:
+            source = body[start : min(end, start + _PREVIEW_SOURCE_BYTES)]
+            if source.strip():  # an empty first part says nothing; try the next one
+                scan.plain = (source, params.get("charset"), cte)
+        return
+    if ctype == "text/html":
+        if scan.want_preview and scan.html is None:
+            source = body[start : min(end, start + _HTML_SOURCE_BYTES)]
+            if source.strip():
+                scan.html = (source, params.get("charset"), cte)
+        return
+    if not ctype.startswith("text/"):
+        scan.attachments = True  # images, PDFs, calendars, ...: content a user would call attached
+
+
+def _find_header_end_in(body: bytes, start: int, end: int) -> tuple[int, int]:
+    """Header/body split of a body part; a part that starts with a blank line has no headers."""
+    if body.startswith(b"\n", start):
+        return start, start + 1
+    if body.startswith(b"\r\n", start):
+        return start, start + 2
+    limit = min(end, start + _MAX_PART_HEADER_BYTES)
+    lf = body.find(b"\n\n", start, limit)
+    crlf = body.find(b"\n\r\n", start, limit)
+    if lf < 0 and crlf < 0:
+        return start, start  # no headers we can trust; treat the part as body
+    if crlf < 0 or (0 <= lf < crlf):
+        return lf + 1, lf + 2
+    return crlf + 1, crlf + 3
+
+
+def _first(headers: dict[str, list[str]], name: str) -> str | None:
+    values = headers.get(name)
+    return values[0] if values else None
+
+
+def _decode_transfer(data: bytes, cte: str, defects: list[str]) -> bytes:
+    if cte == "base64":
+        compact = b"".join(data.split())
+        compact = compact[: len(compact) - len(compact) % 4]
+        try:
+            return binascii.a2b_base64(compact)
+        except (binascii.Error, ValueError):
+            defects.append("invalid_body_encoding")
+            return b""
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(data)
+    return data
+
+
+_HTML_DROP = re.compile(r"<(script|style|head|title)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.S | re.I)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def _preview(scan: _BodyScan, limit: int, defects: list[str]) -> str:
+    source = scan.plain or scan.html
+    if source is None:
+        return ""
+    data, charset, cte = source
+    text = _decode_bytes(_decode_transfer(data, cte, defects), charset or "utf-8", None)
+    if source is scan.html and scan.plain is None:
+        text = html.unescape(_HTML_TAG.sub(" ", _HTML_DROP.sub(" ", text)))
+    text = " ".join(text.replace("\x00", "").split())
+    return _safe_text(text[:limit])
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse_email(
+    raw: bytes, *, max_header_bytes: int = 256 * 1024, preview_chars: int = PREVIEW_CHARS
+) -> ParsedEmail:
+    """Parse one raw RFC 5322 message; never raises (problems land in ``defects``)."""
+    defects: list[str] = []
+    fields: dict = {}
+    try:
+        _parse_into(bytes(raw), max_header_bytes, preview_chars, fields, defects)
+    except Exception as exc:  # noqa: BLE001 - the contract is "never raises"; keep what we have
+        defects.append(f"internal_error:{type(exc).__name__}")
+    return ParsedEmail(
+        message_id=fields.get("message_id"),
+        in_reply_to=fields.get("in_reply_to", ()),
+        references=fields.get("references", ()),
+        subject=fields.get("subject", ""),
+        from_=fields.get("from_"),
+        sender=fields.get("sender"),
+        reply_to=fields.get("reply_to", ()),
+        to=fields.get("to", ()),
+        cc=fields.get("cc", ()),
+        bcc=fields.get("bcc", ()),
+        date=fields.get("date"),
+        thread_index=fields.get("thread_index"),
+        thread_root=fields.get("thread_root"),
+        thread_topic=fields.get("thread_topic"),
+        auto_submitted=fields.get("auto_submitted"),
+        precedence=fields.get("precedence"),
+        list_id=fields.get("list_id"),
+        importance=fields.get("importance"),
+        content_type=fields.get("content_type", "text/plain"),
+        preview=fields.get("preview", ""),
+        has_attachments=fields.get("has_attachments", False),
+        has_forwarded_message=fields.get("has_forwarded_message", False),
+        size=len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else 0,
+        defects=tuple(dict.fromkeys(defects)),  # de-duplicated, first-seen order
+    )
+
+
+def _parse_into(raw: bytes, max_header_bytes: int, preview_chars: int, f: dict, defects: list[str]) -> None:
+    head_end, body_start = _find_header_end(raw, max_header_bytes)
+    if head_end < 0:
+        if len(raw) <= max_header_bytes:
+            head_end = body_start = len(raw)  # headers only, no body
+        else:
+            # A header block beyond the limit is an attack or a broken mailer: keep what fits.
+            defects.append("header_block_truncated")
+            cut = raw.rfind(b"\n", 0, max_header_bytes)
+            head_end = cut + 1 if cut > 0 else max_header_bytes
+            body_start = len(raw)
+    if head_end == 0:
+        defects.append("no_header_block")
+    headers = _split_headers(_decode_header_bytes(raw[:head_end], defects), _WANTED, defects)
+
+    for name in _SINGLE:
+        values = headers.get(name)
+        if values is not None and len(values) > 1:
+            defects.append(f"duplicate_header:{name}")
+
+    value = _first(headers, "message-id")
+    f["message_id"] = _single_message_id(value, defects) if value is not None else None
+    if value is None:
+        defects.append("missing_message_id")
+    value = _first(headers, "in-reply-to")
+    if value:
+        f["in_reply_to"] = tuple(_reference_ids(value))
+    value = _first(headers, "references")
+    if value:
+        refs = _reference_ids(value)
+        f["references"] = tuple(refs[-_MAX_REFERENCES:])
+
+    value = _first(headers, "subject")
+    f["subject"] = decode_header_value(value, defects) if value else ""
+
+    value = _first(headers, "from")
+    if value is None:
+        defects.append("missing_from")
+    else:
+        found = _addresses([value], "from", defects)
+        f["from_"] = found[0] if found else None
+    value = _first(headers, "sender")
+    if value is not None:
+        found = _addresses([value], "sender", defects)
+        f["sender"] = found[0] if found else None
+    f["reply_to"] = _addresses(headers.get("reply-to"), "reply-to", defects)
+    f["to"] = _addresses(headers.get("to"), "to", defects)
+    f["cc"] = _addresses(headers.get("cc"), "cc", defects)
+    f["bcc"] = _addresses(headers.get("bcc"), "bcc", defects)
+
+    value = _first(headers, "date")
+    if value is None:
+        defects.append("missing_date")
+    else:
+        f["date"] = _parse_date(value, defects)
+
+    value = _first(headers, "thread-index")
+    if value:
+        f["thread_index"] = _safe_text(value.strip())
+        f["thread_root"] = _thread_root(value, defects)
+    value = _first(headers, "thread-topic")
+    if value:
+        f["thread_topic"] = decode_header_value(value, defects)
+    value = _first(headers, "auto-submitted")
+    if value:
+        f["auto_submitted"] = _safe_text(_first_token(value))
+    value = _first(headers, "precedence")
+    if value:
+        f["precedence"] = _safe_text(_first_token(value))
+    value = _first(headers, "list-id")
+    if value:
+        ids = _message_ids(value)
+        f["list_id"] = ids[0].lower() if ids else _safe_text(value.strip().lower())
+    f["importance"] = _importance(headers)
+
+    ctype, params = _content_type(_first(headers, "content-type"))
+    f["content_type"] = _safe_text(ctype)
+    scan = _BodyScan(want_preview=preview_chars > 0)
+    cte = _first_token(_first(headers, "content-transfer-encoding") or "7bit")
+    _scan_entity(raw, body_start, len(raw), ctype, params, cte, "", scan, 0, defects)
+    f["has_attachments"] = scan.attachments
+    f["has_forwarded_message"] = scan.forwarded is not None
+    if preview_chars > 0:
+        f["preview"] = _preview(scan, preview_chars, defects)
+
+
+def forwarded_message(raw: bytes) -> bytes | None:
+    """The raw bytes of the first attached ``message/rfc822`` part, or None.
+
+    Forward mailboxes receive mail that users forward *as an attachment*: the outer From is the
+    forwarding user, the inner message is the one to track.  Never raises.
+    """
+    try:
+        raw = bytes(raw)
+        head_end, body_start = _find_header_end(raw, 256 * 1024)
+        if head_end < 0:
+            return None
+        headers = _split_headers(raw[:head_end].decode("utf-8", "replace"), _WANTED, None)
+        ctype, params = _content_type(_first(headers, "content-type"))
+        scan = _BodyScan(want_preview=False)
+        cte = _first_token(_first(headers, "content-transfer-encoding") or "7bit")
+        _scan_entity(raw, body_start, len(raw), ctype, params, cte, "", scan, 0, [])
+        if scan.forwarded is None:
+            return None
+        start, end, part_cte = scan.forwarded
+        inner = raw[start:end]
+        if part_cte == "base64":  # not allowed by RFC 2046, produced by some clients anyway
+            inner = binascii.a2b_base64(b"".join(inner.split()))
+        elif part_cte == "quoted-printable":
+            inner = binascii.a2b_qp(inner)
+        return inner or None
+    except Exception:  # noqa: BLE001 - malformed input means "no forwarded message"
+        return None
+
+
+_IDENTITY_HEADERS = frozenset({"from", "to", "cc", "date", "subject"})
+
+
+def generated_message_id(raw: bytes) -> str:
+    """A stable Message-ID for a message that has none, so idempotency still holds.
+
+    The hash covers From, To, Cc, Date, Subject and the body, not the whole raw message: the
+    copies of one message delivered to several mailboxes differ in trace headers (Received,
+    Delivered-To) and must still map to one email activity.
+    """
+    digest = hashlib.sha256()
+    try:
+        raw = bytes(raw)
+        head_end, body_start = _find_header_end(raw, 256 * 1024)
+        if head_end < 0:
+            head_end = body_start = min(len(raw), 256 * 1024)
+        headers = _split_headers(raw[:head_end].decode("utf-8", "replace"), _IDENTITY_HEADERS, None)
+        for name in ("from", "to", "cc", "date", "subject"):
+            for value in headers.get(name, ()):
+                digest.update(name.encode() + b":" + " ".join(value.split()).encode("utf-8", "replace") + b"\n")
+        digest.update(b"\n")
+        digest.update(raw[body_start:].replace(b"\r\n", b"\n"))
+    except Exception:  # noqa: BLE001 - fall back to the whole input
+        digest = hashlib.sha256(bytes(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else b"")
+    return f"conduit-{digest.hexdigest()[:32]}@generated.invalid"

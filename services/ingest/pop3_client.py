@@ -1,0 +1,228 @@
+"""The ingest service's asyncio POP3 client (RFC 1939, STLS RFC 2595, CAPA/response codes RFC 2449,
+AUTH RFC 5034 with XOAUTH2).
+
+No maintained asyncio POP3 library exists, and the protocol is small.  Multi-line replies are read by
+searching the buffer for the CRLF.CRLF terminator and un-stuffing leading dots in one pass, so a
+retrieved message costs a few byte operations.  ``retr_many`` pipelines RETR commands when the
+server advertises PIPELINING (RFC 2449), which removes one round trip per message.
+
+Errors map onto ``shared.errors``; no message ever carries the password or token.
+"""
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+from services.ingest.imap_client import MailConnection
+from services.ingest.xoauth2 import xoauth2_initial_response
+from shared.errors import AuthenticationFailed, ConnectionFailed, PermanentError, TlsFailed, TransientError
+
+TlsMode = Literal["implicit", "starttls", "none"]
+
+# RETR commands sent ahead of the replies being read, when the server allows pipelining.
+_PIPELINE_DEPTH = 32
+# RFC 2449 response codes that mean "try again later" rather than "wrong credentials".
+_TRANSIENT_CODES = (b"[IN-USE]", b"[LOGIN-DELAY]", b"[SYS/TEMP]")
+
+
+class Pop3CommandFailed(PermanentError):
+    """The server answered -ERR to a command (not a login)."""
+
+    reason = "pop3_command_failed"
+
+
+def unstuff(data: bytes) -> bytes:
+    """Undo POP3 byte-stuffing of a multi-line body (CRLF kept): a line's leading ".." becomes "."."""
+    if data.startswith(b".."):
+        data = data[1:]
+    return data.replace(b"\r\n..", b"\r\n.")
+
+
+class Pop3Client:
+    """One POP3 session.  Create with ``await Pop3Client.connect(...)``; one command at a time."""
+
+    def __init__(self, conn: MailConnection, host: str) -> None:
+        self._conn = conn
+        self._host = host
+        self.capabilities: frozenset[str] = frozenset()
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, tls: TlsMode, ssl_context: ssl.SSLContext | None = None,
+                      timeout: float = 30.0) -> Pop3Client:
+        """Connect and read the greeting; with ``tls="starttls"`` upgrade with STLS first.
+
+        TLS is verified by default: without ``ssl_context`` the system trust store is used.
+        """
+        if tls not in ("implicit", "starttls", "none"):
+            raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
+        if tls != "none" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        conn = await MailConnection.open(host, port, ssl_context=ssl_context if tls == "implicit" else None,
+                                         protocol="POP3", timeout=timeout)
+        client = cls(conn, host)
+        try:
+            greeting = await conn.read_line()
+            if not greeting.startswith(b"+OK"):
+                raise ConnectionFailed(f"The POP3 server {host} refused the session: {_text(greeting)}.")
+            await client._capa()
+            if tls == "starttls":
+                if "STLS" not in client.capabilities:
+                    raise TlsFailed(f"The POP3 server {host} does not offer STLS.")
+                await client._command(b"STLS")
+                await conn.start_tls(ssl_context)
+                await client._capa()   # RFC 2595: capabilities may change after STLS
+        except BaseException:
+            await conn.close()
+            raise
+        return client
+
+    async def _capa(self) -> None:
+        self._conn.write(b"CAPA\r\n")
+        await self._conn.drain()
+        status = await self._conn.read_line()
+        if not status.startswith(b"+OK"):
+            self.capabilities = frozenset()      # CAPA is optional (RFC 2449)
+            return
+        body = await self._read_multiline()
+        self.capabilities = frozenset(
+            line.decode("ascii", "replace").upper() for line in body.split(b"\r\n") if line)
+        self.capabilities |= {c.split()[0] for c in self.capabilities if " " in c}
+
+    # ---- authentication ----------------------------------------------------------------------------
+
+    async def login(self, user: str, password: str) -> None:
+        """USER/PASS; ``AuthenticationFailed`` when refused."""
+        for value in (user, password):
+            if "\r" in value or "\n" in value:
+                raise AuthenticationFailed("A POP3 user name or password cannot contain a line break.")
+        ok, text = await self._exchange(b"USER " + user.encode())
+        if ok:
+            ok, text = await self._exchange(b"PASS " + password.encode())
+        if not ok:
+            self._raise_login_error(user, text)
+
+    async def authenticate_xoauth2(self, user: str, access_token: str) -> None:
+        """AUTH XOAUTH2 with the initial response on the command line (RFC 5034 allows it)."""
+        initial = xoauth2_initial_response(user, access_token)
+        self._conn.write(b"AUTH XOAUTH2 " + initial + b"\r\n")
+        await self._conn.drain()
+        line = await self._conn.read_line()
+        if line.startswith(b"+ ") or line == b"+":
+            # A challenge here carries the error details; an empty reply lets the server say -ERR.
+            self._conn.write(b"\r\n")
+            await self._conn.drain()
+            line = await self._conn.read_line()
+        if not line.startswith(b"+OK"):
+            self._raise_login_error(user, line[4:] if line.startswith(b"-ERR") else line)
+
+    def _raise_login_error(self, user: str, text: bytes) -> None:
+        reason = _text(text)
+        if text.lstrip().upper().startswith(_TRANSIENT_CODES):
+            raise TransientError(f"The POP3 server {self._host} cannot log in {user} right now: {reason}.",
+                                 reason="mailbox_busy")
+        raise AuthenticationFailed(f"The POP3 server {self._host} rejected the credentials of {user}: {reason}.")
+
+    # ---- the maildrop ------------------------------------------------------------------------------
+
+    async def stat(self) -> tuple[int, int]:
+        """(message count, total octets) of the maildrop."""
+        text = await self._command(b"STAT")
+        count, size = text.split()[:2]
+        return int(count), int(size)
+
+    async def uidl(self) -> dict[int, str]:
+        """Message number -> unique id for every message (UIDL)."""
+        await self._command(b"UIDL")
+        body = await self._read_multiline()
+        ids: dict[int, str] = {}
+        for line in body.split(b"\r\n"):
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                ids[int(parts[0])] = parts[1].decode("ascii", "replace").strip()
+        return ids
+
+    async def retr(self, number: int) -> bytes:
+        """The message ``number`` exactly as stored: byte-stuffing removed, CRLF line ends kept."""
+        await self._command(b"RETR %d" % number)
+        return unstuff(await self._read_multiline())
+
+    async def retr_many(self, numbers: Sequence[int]) -> AsyncIterator[tuple[int, bytes]]:
+        """(number, message) for each of ``numbers``, in order; pipelined when PIPELINING is offered."""
+        depth = _PIPELINE_DEPTH if "PIPELINING" in self.capabilities else 1
+        waiting: deque[int] = deque()
+        queue = deque(numbers)
+        while queue or waiting:
+            while queue and len(waiting) < depth:
+                number = queue.popleft()
+                self._conn.write(b"RETR %d\r\n" % number)
+                waiting.append(number)
+            await self._conn.drain()
+            number = waiting.popleft()
+            status = await self._conn.read_line()
+            if not status.startswith(b"+OK"):
+                # The replies of the RETRs already sent still arrive: read them before failing.
+                await self._discard_replies(waiting)
+                raise Pop3CommandFailed(f"The POP3 server {self._host} refused RETR {number}: {_text(status[4:])}.")
+            yield number, unstuff(await self._read_multiline())
+
+    async def _discard_replies(self, waiting: deque[int]) -> None:
+        while waiting:
+            waiting.popleft()
+            if (await self._conn.read_line()).startswith(b"+OK"):
+                await self._read_multiline()
+
+    async def dele(self, number: int) -> None:
+        """Mark message ``number`` deleted; the server removes it at QUIT."""
+        await self._command(b"DELE %d" % number)
+
+    async def noop(self) -> None:
+        await self._command(b"NOOP")
+
+    async def quit(self) -> None:
+        """QUIT: commits deletions (UPDATE state), then closes."""
+        try:
+            await self._command(b"QUIT")
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close without QUIT (deletions are discarded); never raises."""
+        await self._conn.close()
+
+    # ---- machinery ---------------------------------------------------------------------------------
+
+    async def _exchange(self, command: bytes) -> tuple[bool, bytes]:
+        """Send one command; (whether it answered +OK, the rest of the status line)."""
+        self._conn.write(command + b"\r\n")
+        await self._conn.drain()
+        line = await self._conn.read_line()
+        if line.startswith(b"+OK"):
+            return True, line[4:]
+        return False, line[5:] if line.startswith(b"-ERR ") else line
+
+    async def _command(self, command: bytes) -> bytes:
+        """Send one command and return the status text; ``Pop3CommandFailed`` on -ERR."""
+        ok, text = await self._exchange(command)
+        if not ok:
+            verb = command.split(b" ", 1)[0].decode()
+            raise Pop3CommandFailed(f"The POP3 server {self._host} refused {verb}: {_text(text)}.")
+        return text
+
+    async def _read_multiline(self) -> bytes:
+        """The body of a multi-line reply (still byte-stuffed), CRLF kept, terminator dropped.
+
+        The status line's CRLF was consumed already, so an empty body is just ".\\r\\n"; otherwise
+        the body ends at the first CRLF "." CRLF.
+        """
+        conn = self._conn
+        if await conn.next_bytes_are(b".\r\n"):
+            await conn.read_exact(3)
+            return b""
+        data, end = await conn.read_until(b"\r\n.\r\n")
+        return data[:end + 2]
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").strip()[:200] or "no reason given"

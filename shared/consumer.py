@@ -1,0 +1,199 @@
+"""The one way Conduit consumes a topic: decode, handle, dead-letter, then commit.
+
+Committing the offset is the last step, by construction: a batch's offsets are committed only
+after the handler returned (its effect is durable: database transaction committed, produced events
+acknowledged) and every rejected event is acknowledged on the dead-letter topic.  A crash anywhere
+before that replays the batch, which is why every handler is idempotent.
+
+Two failure kinds, as in Sentry's Arroyo:
+- ``InvalidInput`` for one event (undecodable, or the handler rejects it): dead-lettered with the
+  original topic, partition, offset and reason in headers; a per-minute limit stops a bad deploy
+  from draining a whole topic into the dead-letter topic.
+- ``TransientError`` (or an unexpected exception): the batch is retried with capped exponential
+  back-off and jitter, without committing; the consumer holds its position meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from shared.errors import InvalidInput
+from shared.events.envelope import Envelope, decode_event
+from shared.events.topics import Topic, dead_letter
+from shared.kafka import Publisher, client_options, topic_name
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One decoded event and where it came from."""
+
+    event: Envelope[Any]
+    record: ConsumerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A delivery the handler refuses as invalid input; it goes to the dead-letter topic."""
+
+    delivery: Delivery
+    error: InvalidInput
+
+
+Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Rejection]]]
+
+
+class DeadLetterLimitExceeded(RuntimeError):
+    """More events were dead-lettered in a minute than allowed: stop rather than drain the topic."""
+
+
+class EventConsumer:
+    """Consumes one topic in a consumer group and hands batches to a handler."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: Topic,
+        *,
+        group_id: str,
+        handler: Handler,
+        publisher: Publisher,
+        max_batch: int = 500,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self._settings = settings
+        self._topic = topic
+        self._group_id = group_id
+        self._handler = handler
+        self._publisher = publisher
+        self._max_batch = max_batch
+        self._max_backoff = max_backoff
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dlq_window: list[float] = []
+        self.processed = 0
+        self.dead_lettered = 0
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            topic_name(self._settings, self._topic.name),
+            **client_options(self._settings),
+            group_id=self._group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=16 * 1024 * 1024,
+            # Short group timings: Tansu waits for the rebalance timeout on the first join.
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            rebalance_timeout_ms=5_000,
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("consumer not started")
+        return self._consumer
+
+    async def run(self, stopping: asyncio.Event, *, burst: bool = False) -> None:
+        """Consume until ``stopping`` is set; in burst mode, also return once caught up."""
+        while not stopping.is_set():
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
+            if not batches:
+                if burst and await self._caught_up():
+                    return
+                continue
+            for tp, records in batches.items():
+                if stopping.is_set():
+                    break  # uncommitted: the partition's next owner replays it
+                await self._process(tp, records, stopping)
+
+    async def _caught_up(self) -> bool:
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False
+        ends = await self.consumer.end_offsets(list(assignment))
+        for tp in assignment:
+            if await self.consumer.position(tp) < ends[tp]:
+                return False
+        return True
+
+    async def _process(self, tp: TopicPartition, records: list[ConsumerRecord], stopping: asyncio.Event) -> None:
+        deliveries: list[Delivery] = []
+        rejections: list[Rejection] = []
+        for record in records:
+            try:
+                deliveries.append(Delivery(decode_event(record.value, self._topic.envelope), record))
+            except InvalidInput as exc:
+                rejections.append(Rejection(Delivery(None, record), exc))  # type: ignore[arg-type]
+        attempt = 0
+        while True:
+            try:
+                rejections += list(await self._handler(deliveries)) if deliveries else []
+                break
+            except InvalidInput:
+                # The handler could not say which event was wrong: handle them one by one.
+                rejections += await self._handle_one_by_one(deliveries)
+                break
+            except Exception as exc:  # noqa: BLE001 - transient or unexpected: retry, never skip
+                if stopping.is_set():
+                    log.warning("stopping with a failed batch left uncommitted on %s: %s", tp, exc)
+                    return
+                attempt += 1
+                delay = min(self._max_backoff, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+                log.warning("batch on %s failed (attempt %d), retrying in %.1fs: %s", tp, attempt, delay, exc)
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=delay)
+                except asyncio.TimeoutError:
+                    pass
+        for rejection in rejections:
+            await self._dead_letter(rejection)
+        await self.consumer.commit({tp: records[-1].offset + 1})
+        self.processed += len(records)
+
+    async def _handle_one_by_one(self, deliveries: list[Delivery]) -> list[Rejection]:
+        rejected: list[Rejection] = []
+        for delivery in deliveries:
+            try:
+                rejected += list(await self._handler([delivery]))
+            except InvalidInput as exc:
+                rejected.append(Rejection(delivery, exc))
+        return rejected
+
+    async def _dead_letter(self, rejection: Rejection) -> None:
+        now = time.monotonic()
+        self._dlq_window = [t for t in self._dlq_window if now - t < 60] + [now]
+        if len(self._dlq_window) > self._settings.dlq_limit_per_minute:
+            raise DeadLetterLimitExceeded(
+                f"more than {self._settings.dlq_limit_per_minute} events dead-lettered in a minute on "
+                f"{self._topic.name}; stopping so a bad deploy cannot drain the topic"
+            )
+        record = rejection.delivery.record
+        headers = [
+            ("original_topic", record.topic.encode()),
+            ("original_partition", str(record.partition).encode()),
+            ("original_offset", str(record.offset).encode()),
+            ("reason", rejection.error.reason.encode()),
+            ("error", rejection.error.message[:1000].encode()),
+            ("consumer_group", self._group_id.encode()),
+        ]
+        log.warning(
+            "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, rejection.error.message
+        )
+        await self._publisher.publish_raw(
+            dead_letter(self._topic.name), record.value or b"", (record.key or b"").decode(errors="replace"), headers
+        )
+        self.dead_lettered += 1

@@ -1,0 +1,162 @@
+"""Payload models, one per topic and schema version.
+
+Additive changes stay within a version; a breaking change gets a new model (``...V2``) and both are
+published side by side until consumers move.  JSON Schema is exported from these models to
+``schemas/`` (``conduit schemas export``) and a test keeps the checked-in files equal to the models.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from shared.events.fields import EmailAddress, HeaderText
+
+Direction = Literal["incoming", "outgoing", "act"]
+
+
+class EmailReceivedV1(BaseModel):
+    """A message pulled from a mailbox; the raw MIME is stored before this is published."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mailbox_id: UUID
+    source: Literal["imap", "pop3", "ews", "graph"]
+    folder: str = Field("INBOX", max_length=1000)
+    uid: int | None = Field(None, ge=1, description="IMAP UID in the folder, when IMAP.")
+    uidl: str | None = Field(None, max_length=200, description="POP3 unique id, when POP3.")
+    raw_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Reference to the stored raw MIME.")
+    size: int = Field(ge=0)
+    message_id: str | None = Field(None, max_length=1000, description="The Message-ID header, when present.")
+    received_at: AwareDatetime | None = Field(None, description="Server's arrival time (IMAP INTERNALDATE).")
+    forwarded_by: EmailAddress | None = Field(
+        None, description="Forward mailbox: the address of the user or queue that forwarded the message."
+    )
+
+
+class PartyRef(BaseModel):
+    kind: Literal["user", "queue", "contact", "account", "lead"]
+    id: UUID
+    email: str
+
+
+class RegardingRef(BaseModel):
+    kind: str = Field(max_length=100)
+    id: UUID
+
+
+class ActivityCreatedV1(BaseModel):
+    """An email activity was recorded (incoming tracked email, or outgoing email sent)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    activity_id: UUID
+    message_id: str
+    direction: Literal["incoming", "outgoing"]
+    status: Literal["received", "sent"]
+    subject: str
+    from_address: str | None
+    to_addresses: list[str]
+    cc_addresses: list[str] = []
+    mailbox_ids: list[UUID]
+    regarding: RegardingRef | None = None
+    correlated_by: str | None = None
+    raw_sha256: str | None = None
+
+
+class Attachment(BaseModel):
+    """Small attachments travel inline (base64); large ones by a reference to the raw store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: HeaderText = Field(min_length=1, max_length=255)
+    content_type: HeaderText = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content_base64: str | None = Field(None, description="Inline content, base64.")
+    content_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Reference to stored content.")
+    inline: bool = Field(False, description="Inline part (for example an image an HTML body shows).")
+    content_id: HeaderText | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_content(self) -> "Attachment":
+        if (self.content_base64 is None) == (self.content_sha256 is None):
+            raise ValueError("exactly one of content_base64 and content_sha256 is required")
+        return self
+
+
+class EmailOutboundV1(BaseModel):
+    """A request from any system to send an email through a mailbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idempotency_key: HeaderText = Field(min_length=1, max_length=200, description="Chosen by the client; one send per key.")
+    mailbox_id: UUID | None = Field(None, description="The sending mailbox; or give sender_email.")
+    sender_email: EmailAddress | None = Field(None, description="Address of the sending user, queue or mailbox.")
+    to: list[EmailAddress] = Field(default_factory=list, max_length=500)
+    cc: list[EmailAddress] = Field(default_factory=list, max_length=500)
+    bcc: list[EmailAddress] = Field(default_factory=list, max_length=500)
+    subject: HeaderText = Field("", max_length=998)
+    text: str | None = Field(None, max_length=10_000_000)
+    html: str | None = Field(None, max_length=10_000_000)
+    attachments: list[Attachment] = Field(default_factory=list, max_length=100)
+    headers: dict[HeaderText, HeaderText] = Field(
+        default_factory=dict, description="Extra headers; only names on the allow-list are accepted."
+    )
+    regarding: RegardingRef | None = None
+    track: bool = Field(True, description="Record an outgoing email activity (with tracking token when enabled).")
+    deadline: AwareDatetime | None = Field(None, description="Give up retrying temporary failures after this time.")
+
+    @model_validator(mode="after")
+    def _sender_and_recipients(self) -> "EmailOutboundV1":
+        if self.mailbox_id is None and self.sender_email is None:
+            raise ValueError("one of mailbox_id and sender_email is required")
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("at least one recipient (to, cc or bcc) is required")
+        return self
+
+
+OutboundStatus = Literal["pending_send", "sending", "sent", "failed", "rejected"]
+
+
+class EmailStatusV1(BaseModel):
+    """Where an outbound request stands; the last one for a key is final when sent/failed/rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    idempotency_key: str
+    status: OutboundStatus
+    request_id: UUID | None = None
+    mailbox_id: UUID | None = None
+    reason: str | None = Field(None, description="Machine-readable reason code when failed or rejected.")
+    detail: str | None = Field(None, description="One human sentence.")
+    smtp_code: int | None = None
+    smtp_reply: str | None = None
+    message_id: str | None = None
+    activity_id: UUID | None = None
+    attempt: int = 0
+
+
+class MailboxEventV1(BaseModel):
+    """Something happened to a mailbox: created, changed, tested, an alert, a back-off."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mailbox_id: UUID
+    kind: Literal["created", "updated", "tested", "alert", "backoff", "recovered"]
+    direction: Direction | None = None
+    severity: Literal["information", "warning", "error"] | None = None
+    code: str | None = None
+    message: str | None = None
+    occurred_at: datetime | None = None
+
+
+class RegistryChangeV1(BaseModel):
+    """A registry or CRM-side record changed; an external CRM subscribes to mirror it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    entity: Literal["organization", "profile", "user", "queue", "mailbox", "contact", "account", "lead", "activity"]
+    entity_id: UUID
+    change: Literal["created", "updated", "deleted"]
+    fields: dict[str, object] = Field(default_factory=dict, description="Changed fields; never a secret.")

@@ -1,0 +1,132 @@
+"""Kafka clients: where the broker is, topic creation, and the event publisher.
+
+Producers use ``acks="all"`` without idempotence: the embedded Tansu broker cannot do idempotent
+producers (see real-peers), and every consumer is idempotent anyway, so at-least-once publishing
+with deduplication downstream gives an exactly-once effect on both Tansu and Kafka.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.events.envelope import Envelope, encode_event
+from shared.events.topics import TOPICS, dead_letter
+from shared.errors import ConnectionFailed
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap_servers(settings: Settings) -> str:
+    """The configured servers, or the embedded broker that ``conduit up`` recorded in the state folder."""
+    if settings.kafka_bootstrap_servers:
+        return settings.kafka_bootstrap_servers
+    stack_file = settings.state_dir / "stack.json"
+    if stack_file.exists():
+        return json.loads(stack_file.read_text())["kafka_bootstrap_servers"]
+    raise ConnectionFailed(
+        "no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS, or start the embedded stack with `conduit up`",
+        reason="no_broker",
+    )
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers(settings),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = (
+            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+        )
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        import ssl
+
+        options["ssl_context"] = ssl.create_default_context()
+    return options
+
+
+def topic_name(settings: Settings, name: str) -> str:
+    """The physical topic: a prefix lets tests and tenants share one broker without collisions."""
+    return f"{settings.topic_prefix}{name}"
+
+
+def all_topic_names(settings: Settings) -> list[str]:
+    names = []
+    for name in TOPICS:
+        names += [topic_name(settings, name), topic_name(settings, dead_letter(name))]
+    return names
+
+
+async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> None:
+    """Create topics with an explicit partition count (never rely on auto-creation's default)."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [n for n in (names or all_topic_names(settings)) if n not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(
+                    [NewTopic(n, num_partitions=settings.topic_partitions, replication_factor=1) for n in wanted]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another process created it first
+    finally:
+        await admin.close()
+
+
+class Publisher:
+    """Publishes enveloped events and waits for the broker's acknowledgement."""
+
+    def __init__(self, settings: Settings, *, client_id: str) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            **client_options(self._settings),
+            client_id=self._client_id,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=2,
+            max_batch_size=1024 * 1024,
+            max_request_size=8 * 1024 * 1024,
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("publisher not started")
+        return self._producer
+
+    async def publish(self, topic: str, event: Envelope[Any], key: str, headers: list[tuple[str, bytes]] | None = None) -> None:
+        await self.publish_raw(topic, encode_event(event), key, headers)
+
+    async def publish_raw(self, topic: str, value: bytes, key: str, headers: list[tuple[str, bytes]] | None = None) -> None:
+        await self.producer.send_and_wait(
+            topic_name(self._settings, topic), value, key=key.encode(), headers=headers
+        )
+
+    async def publish_many(self, items: Iterable[tuple[str, bytes, str]]) -> None:
+        """Send a batch and wait until every message is acknowledged (fails if any fails)."""
+        futures = [
+            await self.producer.send(topic_name(self._settings, topic), value, key=key.encode())
+            for topic, value, key in items
+        ]
+        for future in futures:
+            await future

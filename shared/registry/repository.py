@@ -1,0 +1,288 @@
+"""All registry SQL.  Functions take a connection so callers choose the transaction."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+DIRECTIONS = ("incoming", "outgoing", "act")
+
+_MAILBOX_SELECT = """
+SELECT m.*, p.name AS profile_name,
+       CASE WHEN m.owner_user_id IS NOT NULL THEN 'user'
+            WHEN m.owner_queue_id IS NOT NULL THEN 'queue' END AS owner_kind,
+       coalesce(m.owner_user_id, m.owner_queue_id) AS owner_id
+FROM mailbox m LEFT JOIN email_server_profile p ON p.id = m.profile_id
+"""
+
+
+async def organization_by_name(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM organization WHERE name = $1", name)
+
+
+async def organization_by_id(conn: asyncpg.Connection, org_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM organization WHERE id = $1", org_id)
+
+
+async def insert_organization(conn: asyncpg.Connection, name: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "INSERT INTO organization (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING *",
+        name,
+    )
+
+
+async def update_organization(conn: asyncpg.Connection, org_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
+    return await _update(conn, "organization", org_id, fields)
+
+
+# --- profiles -------------------------------------------------------------------------------------
+
+async def insert_profile(conn: asyncpg.Connection, fields: dict[str, Any]) -> asyncpg.Record:
+    columns = ", ".join(fields)
+    params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
+    return await conn.fetchrow(
+        f"INSERT INTO email_server_profile ({columns}) VALUES ({params}) RETURNING *", *fields.values()
+    )
+
+
+async def profiles(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM email_server_profile WHERE organization_id = $1 ORDER BY name", org_id)
+
+
+async def profile_by_name_or_id(conn: asyncpg.Connection, org_id: UUID, ref: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM email_server_profile WHERE organization_id = $1 AND (name = $2 OR id::text = $2)", org_id, ref
+    )
+
+
+async def profile_by_id(conn: asyncpg.Connection, profile_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM email_server_profile WHERE id = $1", profile_id)
+
+
+async def default_profile(conn: asyncpg.Connection, org_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM email_server_profile WHERE organization_id = $1 AND is_default", org_id
+    )
+
+
+async def set_default_profile(conn: asyncpg.Connection, org_id: UUID, profile_id: UUID) -> None:
+    # Clear first: the partial unique index allows one default at a time.
+    await conn.execute(
+        "UPDATE email_server_profile SET is_default = false, updated_at = now() WHERE organization_id = $1 AND is_default AND id <> $2",
+        org_id, profile_id,
+    )
+    await conn.execute("UPDATE email_server_profile SET is_default = true, updated_at = now() WHERE id = $1", profile_id)
+
+
+async def link_profileless_mailboxes(conn: asyncpg.Connection, org_id: UUID, profile_id: UUID) -> list[UUID]:
+    """Mailboxes created while there was no default profile get it once there is one."""
+    rows = await conn.fetch(
+        "UPDATE mailbox SET profile_id = $2, updated_at = now() WHERE organization_id = $1 AND profile_id IS NULL RETURNING id",
+        org_id, profile_id,
+    )
+    return [r["id"] for r in rows]
+
+
+# --- users, queues, records ------------------------------------------------------------------------
+
+async def insert_user(conn: asyncpg.Connection, org_id: UUID, full_name: str, email: str,
+                      incoming: str, outgoing: str, act: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """INSERT INTO crm_user (organization_id, full_name, email, incoming_method, outgoing_method, act_method)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
+        org_id, full_name, email, incoming, outgoing, act,
+    )
+
+
+async def users(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT u.*, m.id AS mailbox_id FROM crm_user u LEFT JOIN mailbox m ON m.owner_user_id = u.id
+           WHERE u.organization_id = $1 ORDER BY u.email""",
+        org_id,
+    )
+
+
+async def insert_queue(conn: asyncpg.Connection, org_id: UUID, name: str, email: str,
+                       incoming: str, outgoing: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """INSERT INTO queue (organization_id, name, email, incoming_method, outgoing_method)
+           VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+        org_id, name, email, incoming, outgoing,
+    )
+
+
+async def queues(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT q.*, m.id AS mailbox_id FROM queue q LEFT JOIN mailbox m ON m.owner_queue_id = q.id
+           WHERE q.organization_id = $1 ORDER BY q.name""",
+        org_id,
+    )
+
+
+async def insert_record(conn: asyncpg.Connection, org_id: UUID, kind: str, name: str, email: str,
+                        email_enabled: bool) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """INSERT INTO crm_record (organization_id, kind, name, email, email_enabled)
+           VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+        org_id, kind, name, email, email_enabled,
+    )
+
+
+async def records(conn: asyncpg.Connection, org_id: UUID, kind: str | None = None) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM crm_record WHERE organization_id = $1 AND ($2::text IS NULL OR kind = $2) ORDER BY kind, email",
+        org_id, kind,
+    )
+
+
+# --- mailboxes ---------------------------------------------------------------------------------------
+
+async def insert_mailbox(conn: asyncpg.Connection, fields: dict[str, Any]) -> asyncpg.Record:
+    columns = ", ".join(fields)
+    params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
+    row = await conn.fetchrow(f"INSERT INTO mailbox ({columns}) VALUES ({params}) RETURNING id", *fields.values())
+    return await mailbox_by_id(conn, row["id"])
+
+
+async def mailbox_by_id(conn: asyncpg.Connection, mailbox_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(_MAILBOX_SELECT + " WHERE m.id = $1", mailbox_id)
+
+
+async def mailbox_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: str) -> asyncpg.Record | None:
+    """A mailbox by id, by its email address, or by its owner's email address."""
+    return await conn.fetchrow(
+        _MAILBOX_SELECT
+        + """ WHERE m.organization_id = $1 AND (m.id::text = $2 OR lower(m.email) = lower($2)
+              OR m.owner_user_id = (SELECT id FROM crm_user WHERE organization_id = $1 AND lower(email) = lower($2))
+              OR m.owner_queue_id = (SELECT id FROM queue WHERE organization_id = $1 AND lower(email) = lower($2)))
+              LIMIT 1""",
+        org_id, ref,
+    )
+
+
+async def mailboxes(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(_MAILBOX_SELECT + " WHERE m.organization_id = $1 ORDER BY m.email", org_id)
+
+
+async def update_mailbox(conn: asyncpg.Connection, mailbox_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
+    await _update(conn, "mailbox", mailbox_id, {**fields, "updated_at": datetime.now().astimezone()})
+    return await mailbox_by_id(conn, mailbox_id)
+
+
+async def mailbox_alerts(conn: asyncpg.Connection, mailbox_id: UUID, limit: int = 20) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT * FROM mailbox_alert WHERE mailbox_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2", mailbox_id, limit
+    )
+
+
+async def insert_alert(conn: asyncpg.Connection, mailbox_id: UUID, severity: str, direction: str | None,
+                       code: str, message: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """INSERT INTO mailbox_alert (mailbox_id, severity, direction, code, message)
+           VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+        mailbox_id, severity, direction, code, message,
+    )
+
+
+async def record_direction_failure(conn: asyncpg.Connection, mailbox_id: UUID, direction: str,
+                                   base_seconds: float, cap_seconds: float) -> asyncpg.Record:
+    """Count a failure and push the back-off out exponentially: base * 2^(errors-1), capped."""
+    _check_direction(direction)
+    return await conn.fetchrow(
+        f"""UPDATE mailbox SET {direction}_error_count = {direction}_error_count + 1,
+                   {direction}_backoff_until = now() + make_interval(secs => least($3::float8,
+                        $2::float8 * power(2, least({direction}_error_count, 30)))),
+                   updated_at = now()
+            WHERE id = $1 RETURNING {direction}_error_count AS error_count, {direction}_backoff_until AS backoff_until""",
+        mailbox_id, base_seconds, cap_seconds,
+    )
+
+
+async def record_direction_success(conn: asyncpg.Connection, mailbox_id: UUID, direction: str) -> bool:
+    """Clear errors and back-off; True when the mailbox was failing before (it has recovered)."""
+    _check_direction(direction)
+    row = await conn.fetchrow(
+        f"""UPDATE mailbox m SET {direction}_error_count = 0, {direction}_backoff_until = NULL, updated_at = now()
+            FROM (SELECT {direction}_error_count AS before FROM mailbox WHERE id = $1 FOR UPDATE) old
+            WHERE m.id = $1 AND m.{direction}_error_count > 0 RETURNING old.before""",
+        mailbox_id,
+    )
+    return row is not None
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}")
+
+
+# The one query every service uses to decide what to touch.  A mailbox is processed for a
+# direction only when: it is active, it has a profile, its address is approved, its owner (if any)
+# is active and uses server-side sync for that direction (or forward mailbox, for a forward
+# mailbox's incoming mail), Test & Enable succeeded for that direction, and it is not backing off.
+_OWNER_METHOD = {
+    "incoming": "coalesce(u.incoming_method, q.incoming_method)",
+    "outgoing": "coalesce(u.outgoing_method, q.outgoing_method)",
+    "act": "u.act_method",
+}
+
+
+async def mailboxes_to_process(conn: asyncpg.Connection, direction: str, *, organization_id: UUID | None = None,
+                               mailbox_ids: list[UUID] | None = None) -> list[asyncpg.Record]:
+    _check_direction(direction)
+    forward_clause = "true" if direction == "incoming" else "false"
+    return await conn.fetch(
+        f"""SELECT m.*, to_jsonb(p.*) AS profile,
+                   CASE WHEN m.owner_user_id IS NOT NULL THEN 'user'
+                        WHEN m.owner_queue_id IS NOT NULL THEN 'queue' END AS owner_kind,
+                   coalesce(m.owner_user_id, m.owner_queue_id) AS owner_id
+            FROM mailbox m
+            JOIN email_server_profile p ON p.id = m.profile_id
+            LEFT JOIN crm_user u ON u.id = m.owner_user_id
+            LEFT JOIN queue q ON q.id = m.owner_queue_id
+            WHERE m.active AND m.email_approved
+              AND m.{direction}_status = 'success'
+              AND (m.{direction}_backoff_until IS NULL OR m.{direction}_backoff_until <= now())
+              AND CASE WHEN m.owner_user_id IS NULL AND m.owner_queue_id IS NULL THEN {forward_clause}
+                       ELSE coalesce(u.active, q.active) AND {_OWNER_METHOD[direction]} = 'server_side_sync' END
+              AND ($1::uuid IS NULL OR m.organization_id = $1)
+              AND ($2::uuid[] IS NULL OR m.id = ANY($2))
+            ORDER BY m.id""",
+        organization_id, mailbox_ids,
+    )
+
+
+# --- activities and decisions ----------------------------------------------------------------------
+
+async def activities(conn: asyncpg.Connection, org_id: UUID, limit: int = 50) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT a.*, coalesce(array_agg(am.mailbox_id) FILTER (WHERE am.mailbox_id IS NOT NULL), '{}') AS mailbox_ids
+           FROM email_activity a LEFT JOIN email_activity_mailbox am ON am.activity_id = a.id
+           WHERE a.organization_id = $1 GROUP BY a.id ORDER BY a.created_at DESC LIMIT $2""",
+        org_id, limit,
+    )
+
+
+async def activity_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT a.*, coalesce(array_agg(am.mailbox_id) FILTER (WHERE am.mailbox_id IS NOT NULL), '{}') AS mailbox_ids
+           FROM email_activity a LEFT JOIN email_activity_mailbox am ON am.activity_id = a.id
+           WHERE a.organization_id = $1 AND (a.id::text = $2 OR a.message_id = $2 OR a.message_id = trim(both '<>' from $2))
+           GROUP BY a.id""",
+        org_id, ref,
+    )
+
+
+async def decisions_for_message(conn: asyncpg.Connection, org_id: UUID, message_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT d.*, m.email AS mailbox_email FROM email_decision d JOIN mailbox m ON m.id = d.mailbox_id
+           WHERE d.organization_id = $1 AND (d.message_id = $2 OR d.message_id = trim(both '<>' from $2))
+           ORDER BY m.email""",
+        org_id, message_id,
+    )
+
+
+async def _update(conn: asyncpg.Connection, table: str, row_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
+    return await conn.fetchrow(f"UPDATE {table} SET {assignments} WHERE id = $1 RETURNING *", row_id, *fields.values())

@@ -1,0 +1,501 @@
+"""The registry's service layer: every change to profiles, users, queues, mailboxes and records.
+
+The CLI calls it today and the admin API will tomorrow, so all rules live here: validation with
+clear errors, one default profile per organization, the automatic mailbox for a user or queue that
+uses server-side synchronization (linked to the default profile, or flagged with an error alert when
+there is none), encrypted credentials, and an event in the outbox for every change.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, AsyncIterator
+from uuid import UUID
+
+import asyncpg
+from pydantic import SecretStr
+
+from shared.crypto import CredentialCipher
+from shared.errors import Conflict, InvalidInput, NotFound
+from shared.events.envelope import Envelope
+from shared.events.fields import is_email_address
+from shared.events.payloads import MailboxEventV1, RegistryChangeV1
+from shared.events.topics import MAILBOX_EVENTS, REGISTRY_CHANGES
+from shared.outbox import enqueue
+from shared.registry import models, repository as repo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ORGANIZATION = "default"
+# Back-off after a mailbox-level failure: 30 s, 60 s, 120 s ... capped at one hour.
+BACKOFF_BASE_SECONDS = 30.0
+BACKOFF_CAP_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class ProfileInput:
+    name: str
+    server_type: models.ServerType
+    incoming_host: str | None = None
+    incoming_port: int | None = None
+    incoming_tls: models.TlsMode = "implicit"
+    outgoing_host: str | None = None
+    outgoing_port: int | None = None
+    outgoing_tls: models.TlsMode = "starttls"
+    use_same_settings_for_outgoing: bool = True
+    service_url: str | None = None
+    auth_method: models.AuthMethod = "mailbox_credentials"
+    profile_username: str | None = None
+    profile_secret: SecretStr | None = None
+    oauth_token_url: str | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    oauth_scope: str | None = None
+    tls_ca_file: str | None = None
+    max_concurrent_connections: int = 10
+    min_polling_interval_seconds: int = 60
+    process_email_received_after: datetime | None = None
+    move_failed_to_undeliverable: bool = False
+
+
+@dataclass(frozen=True)
+class MailboxWork:
+    """A mailbox that may be processed now, with its profile; secrets decrypted only on demand."""
+
+    row: asyncpg.Record
+    profile: dict[str, Any]
+    cipher: CredentialCipher
+
+    @property
+    def id(self) -> UUID:
+        return self.row["id"]
+
+    @property
+    def organization_id(self) -> UUID:
+        return self.row["organization_id"]
+
+    @property
+    def email(self) -> str:
+        return self.row["email"]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.row[key]
+
+    def login(self) -> tuple[str, SecretStr]:
+        """The user name and secret to sign in with, per the profile's authentication method."""
+        if self.profile["auth_method"] == "profile_impersonation":
+            secret = self.profile.get("profile_secret")
+            if not secret:
+                raise InvalidInput("the profile uses impersonation but has no profile credentials", reason="missing_credentials")
+            return self.profile["profile_username"], self.cipher.decrypt(_bytes(secret))
+        if self.row["secret"] is None:
+            raise InvalidInput("the mailbox has no credentials: run `conduit mailbox set-credentials`", reason="missing_credentials")
+        return self.row["username"] or self.row["email"], self.cipher.decrypt(self.row["secret"])
+
+
+def _bytes(value: Any) -> bytes:
+    # to_jsonb renders bytea as a "\\x..." hex string.
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return bytes.fromhex(value[2:]) if value.startswith("\\x") else value.encode()
+
+
+class Registry:
+    """Registry operations scoped by organization; ``producer`` names who made the change."""
+
+    def __init__(self, pool: asyncpg.Pool, cipher: CredentialCipher, *, producer: str = "registry") -> None:
+        self._pool = pool
+        self._cipher = cipher
+        self._producer = producer
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    @property
+    def cipher(self) -> CredentialCipher:
+        return self._cipher
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(_constraint_message(exc)) from exc
+            except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError, asyncpg.ForeignKeyViolationError) as exc:
+                raise InvalidInput(_constraint_message(exc)) from exc
+
+    # --- organizations -------------------------------------------------------------------------
+
+    async def organization(self, name: str = DEFAULT_ORGANIZATION) -> models.Organization:
+        """The named organization; the default one is created on first use."""
+        async with self._tx() as conn:
+            row = await repo.organization_by_name(conn, name)
+            if row is None:
+                if name != DEFAULT_ORGANIZATION:
+                    raise NotFound(f"no organization named {name!r}: create it with `conduit org add {name}`")
+                row = await repo.insert_organization(conn, name)
+            return models.Organization(**dict(row))
+
+    async def add_organization(self, name: str) -> models.Organization:
+        if not name.strip():
+            raise InvalidInput("an organization needs a name")
+        async with self._tx() as conn:
+            if await repo.organization_by_name(conn, name) is not None:
+                raise Conflict(f"an organization named {name!r} already exists")
+            row = await repo.insert_organization(conn, name)
+            await self._changed(conn, row["id"], "organization", row["id"], "created", {"name": name})
+            return models.Organization(**dict(row))
+
+    async def configure_correlation(self, org: models.Organization, **fields: Any) -> models.Organization:
+        allowed = {"correlation_order", "tracking_token_enabled", "tracking_token_prefix", "tracking_token_digits", "smart_matching"}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidInput(f"unknown correlation settings: {', '.join(sorted(unknown))}")
+        order = fields.get("correlation_order")
+        valid = {"in_reply_to", "tracking_token", "thread_index", "smart_matching"}
+        if order is not None and (not order or set(order) - valid or len(set(order)) != len(order)):
+            raise InvalidInput(f"correlation order must list distinct methods from: {', '.join(sorted(valid))}")
+        async with self._tx() as conn:
+            row = await repo.update_organization(conn, org.id, fields)
+            await self._changed(conn, org.id, "organization", org.id, "updated", fields)
+            return models.Organization(**dict(row))
+
+    # --- profiles ------------------------------------------------------------------------------
+
+    async def add_profile(self, org: models.Organization, spec: ProfileInput, *, make_default: bool = False) -> models.Profile:
+        fields = self._profile_fields(spec)
+        async with self._tx() as conn:
+            if await repo.profile_by_name_or_id(conn, org.id, spec.name) is not None:
+                raise Conflict(f"a profile named {spec.name!r} already exists")
+            row = await repo.insert_profile(conn, {"organization_id": org.id, **fields})
+            # Exactly one default per organization: the first profile becomes it.
+            if make_default or await repo.default_profile(conn, org.id) is None:
+                await self._make_default(conn, org.id, row["id"])
+                row = await repo.profile_by_id(conn, row["id"])
+            await self._changed(conn, org.id, "profile", row["id"], "created", {"name": spec.name, "server_type": spec.server_type})
+            return _profile(row)
+
+    def _profile_fields(self, spec: ProfileInput) -> dict[str, Any]:
+        if not spec.name.strip():
+            raise InvalidInput("a profile needs a name")
+        if spec.server_type in ("imap", "pop3") and not (spec.incoming_host and spec.incoming_port):
+            raise InvalidInput(f"an {spec.server_type.upper()} profile needs --incoming-host and --incoming-port")
+        if spec.server_type in ("imap", "pop3", "smtp") and not spec.use_same_settings_for_outgoing and not (spec.outgoing_host and spec.outgoing_port):
+            raise InvalidInput("outgoing settings differ from incoming: give --outgoing-host and --outgoing-port")
+        if spec.server_type == "smtp" and not (spec.outgoing_host and spec.outgoing_port):
+            raise InvalidInput("an SMTP profile needs --outgoing-host and --outgoing-port")
+        if spec.server_type in ("exchange_server", "exchange_online") and not spec.service_url:
+            raise InvalidInput("an Exchange profile needs --service-url (the EWS URL, or the Graph base URL)")
+        if spec.auth_method == "profile_impersonation" and not (spec.profile_username and spec.profile_secret):
+            raise InvalidInput("impersonation needs the profile's user name and password")
+        if spec.auth_method == "oauth2" and not (spec.oauth_token_url and spec.oauth_client_id and spec.oauth_client_secret):
+            raise InvalidInput("OAuth 2.0 needs --oauth-token-url, --oauth-client-id and the client secret")
+        if spec.tls_ca_file is not None:
+            from pathlib import Path
+
+            if not Path(spec.tls_ca_file).is_file():
+                raise InvalidInput(f"TLS CA file not found: {spec.tls_ca_file}")
+        fields = {k: v for k, v in spec.__dict__.items() if k not in ("profile_secret", "oauth_client_secret")}
+        fields["profile_secret"] = self._cipher.encrypt(spec.profile_secret) if spec.profile_secret else None
+        fields["oauth_client_secret"] = self._cipher.encrypt(spec.oauth_client_secret) if spec.oauth_client_secret else None
+        return fields
+
+    async def _make_default(self, conn: asyncpg.Connection, org_id: UUID, profile_id: UUID) -> None:
+        await repo.set_default_profile(conn, org_id, profile_id)
+        for mailbox_id in await repo.link_profileless_mailboxes(conn, org_id, profile_id):
+            await self._mailbox_event(conn, org_id, mailbox_id, "updated", code="profile_linked",
+                                      message="linked to the default email server profile")
+
+    async def profiles(self, org: models.Organization) -> list[models.Profile]:
+        async with self._pool.acquire() as conn:
+            return [_profile(r) for r in await repo.profiles(conn, org.id)]
+
+    async def profile(self, org: models.Organization, ref: str) -> models.Profile:
+        async with self._pool.acquire() as conn:
+            return _profile(await self._profile_row(conn, org, ref))
+
+    async def _profile_row(self, conn: asyncpg.Connection, org: models.Organization, ref: str) -> asyncpg.Record:
+        row = await repo.profile_by_name_or_id(conn, org.id, ref)
+        if row is None:
+            raise NotFound(f"no email server profile {ref!r} (see `conduit profile list`)")
+        return row
+
+    async def set_default_profile(self, org: models.Organization, ref: str) -> models.Profile:
+        async with self._tx() as conn:
+            row = await self._profile_row(conn, org, ref)
+            await self._make_default(conn, org.id, row["id"])
+            await self._changed(conn, org.id, "profile", row["id"], "updated", {"is_default": True})
+            return _profile(await repo.profile_by_id(conn, row["id"]))
+
+    # --- users and queues ------------------------------------------------------------------------
+
+    async def add_user(self, org: models.Organization, full_name: str, email: str, *,
+                       incoming: models.IncomingMethod = "server_side_sync", outgoing: models.OutgoingMethod = "server_side_sync",
+                       act: models.ActMethod = "none") -> models.User:
+        _require_address(email)
+        if not full_name.strip():
+            raise InvalidInput("a user needs a name")
+        async with self._tx() as conn:
+            if any(r["email"].lower() == email.lower() for r in await repo.users(conn, org.id)):
+                raise Conflict(f"a user with the address {email} already exists")
+            row = await repo.insert_user(conn, org.id, full_name, email, incoming, outgoing, act)
+            await self._changed(conn, org.id, "user", row["id"], "created", {"email": email, "full_name": full_name})
+            mailbox_id = None
+            if "server_side_sync" in (incoming, outgoing, act):
+                mailbox_id = await self._auto_mailbox(conn, org, name=full_name, email=email, owner_user_id=row["id"])
+            return models.User(**dict(row), mailbox_id=mailbox_id)
+
+    async def add_queue(self, org: models.Organization, name: str, email: str, *,
+                        incoming: models.IncomingMethod = "server_side_sync",
+                        outgoing: models.OutgoingMethod = "server_side_sync") -> models.Queue:
+        _require_address(email)
+        if not name.strip():
+            raise InvalidInput("a queue needs a name")
+        async with self._tx() as conn:
+            if any(r["email"].lower() == email.lower() or r["name"] == name for r in await repo.queues(conn, org.id)):
+                raise Conflict(f"a queue named {name!r} or with the address {email} already exists")
+            row = await repo.insert_queue(conn, org.id, name, email, incoming, outgoing)
+            await self._changed(conn, org.id, "queue", row["id"], "created", {"email": email, "name": name})
+            mailbox_id = None
+            if "server_side_sync" in (incoming, outgoing):
+                mailbox_id = await self._auto_mailbox(conn, org, name=name, email=email, owner_queue_id=row["id"])
+            return models.Queue(**dict(row), mailbox_id=mailbox_id)
+
+    async def _auto_mailbox(self, conn: asyncpg.Connection, org: models.Organization, **fields: Any) -> UUID:
+        """The reference's rule: a user or queue on server-side sync gets a mailbox on the default profile."""
+        default = await repo.default_profile(conn, org.id)
+        row = await repo.insert_mailbox(conn, {"organization_id": org.id, "profile_id": default["id"] if default else None, **fields})
+        await self._mailbox_event(conn, org.id, row["id"], "created")
+        if default is None:
+            await self._alert(conn, org.id, row["id"], "error", None, "no_default_profile",
+                              "the mailbox has no email server profile because the organization has no default "
+                              "profile; add one with `conduit profile add` and it will be linked")
+        return row["id"]
+
+    async def users(self, org: models.Organization) -> list[models.User]:
+        async with self._pool.acquire() as conn:
+            return [models.User(**dict(r)) for r in await repo.users(conn, org.id)]
+
+    async def queues(self, org: models.Organization) -> list[models.Queue]:
+        async with self._pool.acquire() as conn:
+            return [models.Queue(**dict(r)) for r in await repo.queues(conn, org.id)]
+
+    # --- mailboxes -------------------------------------------------------------------------------
+
+    async def add_forward_mailbox(self, org: models.Organization, name: str, email: str,
+                                  profile: str | None = None) -> models.Mailbox:
+        """A mailbox that belongs to no user or queue and receives mail forwarded by many."""
+        _require_address(email)
+        async with self._tx() as conn:
+            profile_row = await self._profile_row(conn, org, profile) if profile else await repo.default_profile(conn, org.id)
+            row = await repo.insert_mailbox(conn, {
+                "organization_id": org.id, "name": name, "email": email,
+                "profile_id": profile_row["id"] if profile_row else None,
+            })
+            await self._mailbox_event(conn, org.id, row["id"], "created")
+            if profile_row is None:
+                await self._alert(conn, org.id, row["id"], "error", None, "no_default_profile",
+                                  "the forward mailbox has no email server profile; add a default profile")
+            return await self._mailbox_model(conn, row)
+
+    async def mailboxes(self, org: models.Organization) -> list[models.Mailbox]:
+        async with self._pool.acquire() as conn:
+            return [await self._mailbox_model(conn, r, alerts=False) for r in await repo.mailboxes(conn, org.id)]
+
+    async def mailbox(self, org: models.Organization, ref: str) -> models.Mailbox:
+        async with self._pool.acquire() as conn:
+            return await self._mailbox_model(conn, await self._mailbox_row(conn, org, ref))
+
+    async def _mailbox_row(self, conn: asyncpg.Connection, org: models.Organization, ref: str) -> asyncpg.Record:
+        row = await repo.mailbox_by_ref(conn, org.id, ref)
+        if row is None:
+            raise NotFound(f"no mailbox {ref!r} (see `conduit mailbox list`)")
+        return row
+
+    async def _mailbox_model(self, conn: asyncpg.Connection, row: asyncpg.Record, *, alerts: bool = True) -> models.Mailbox:
+        return _mailbox(row, [dict(a) for a in await repo.mailbox_alerts(conn, row["id"])] if alerts else [])
+
+    async def update_mailbox(self, org: models.Organization, ref: str, **fields: Any) -> models.Mailbox:
+        """Change mailbox settings: profile, tracking, folders, queue options, active, approval."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        allowed = {"profile", "tracking", "tracked_folders", "convert_to_activities", "delete_after_processing",
+                   "active", "email_approved", "name"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidInput(f"unknown mailbox settings: {', '.join(sorted(unknown))}")
+        async with self._tx() as conn:
+            row = await self._mailbox_row(conn, org, ref)
+            if "profile" in fields:
+                fields["profile_id"] = (await self._profile_row(conn, org, fields.pop("profile")))["id"]
+            if "tracked_folders" in fields and not fields["tracked_folders"]:
+                raise InvalidInput("a mailbox tracks at least one folder")
+            if "delete_after_processing" in fields and fields["delete_after_processing"] and row["owner_kind"] != "queue":
+                raise InvalidInput("only a queue's mailbox can delete email from the server after processing")
+            row = await repo.update_mailbox(conn, row["id"], fields)
+            await self._mailbox_event(conn, org.id, row["id"], "updated", message=", ".join(sorted(fields)))
+            return await self._mailbox_model(conn, row)
+
+    async def set_credentials(self, org: models.Organization, ref: str, username: str | None, secret: SecretStr) -> models.Mailbox:
+        if not secret.get_secret_value():
+            raise InvalidInput("the password or token is empty")
+        async with self._tx() as conn:
+            row = await self._mailbox_row(conn, org, ref)
+            row = await repo.update_mailbox(conn, row["id"], {"username": username or row["email"], "secret": self._cipher.encrypt(secret)})
+            await self._mailbox_event(conn, org.id, row["id"], "updated", message="credentials changed")
+            return await self._mailbox_model(conn, row)
+
+    async def record_test(self, mailbox_id: UUID, direction: str, ok: bool, message: str) -> None:
+        """Test & Enable's result for one direction; success enables the direction."""
+        async with self._tx() as conn:
+            row = await repo.mailbox_by_id(conn, mailbox_id)
+            fields: dict[str, Any] = {
+                f"{direction}_status": "success" if ok else "failure",
+                f"{direction}_tested_at": datetime.now().astimezone(),
+                f"{direction}_test_message": message,
+            }
+            if ok:
+                fields.update({f"{direction}_error_count": 0, f"{direction}_backoff_until": None})
+            await repo.update_mailbox(conn, mailbox_id, fields)
+            await self._mailbox_event(conn, row["organization_id"], mailbox_id, "tested", direction=direction,
+                                      severity="information" if ok else "error",
+                                      code="test_succeeded" if ok else "test_failed", message=message)
+            if not ok:
+                await self._alert(conn, row["organization_id"], mailbox_id, "error", direction, "test_failed", message)
+
+    async def record_failure(self, mailbox_id: UUID, direction: str, reason: str, message: str) -> datetime:
+        """A mailbox-level failure: count it, back off exponentially, raise an alert. Returns back-off end."""
+        async with self._tx() as conn:
+            row = await repo.mailbox_by_id(conn, mailbox_id)
+            state = await repo.record_direction_failure(conn, mailbox_id, direction, BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS)
+            severity = "warning" if state["error_count"] < 3 else "error"
+            text = f"{message} (failure {state['error_count']}; retrying after {state['backoff_until']:%H:%M:%S} UTC)"
+            await self._alert(conn, row["organization_id"], mailbox_id, severity, direction, reason, text)
+            return state["backoff_until"]
+
+    async def record_success(self, mailbox_id: UUID, direction: str) -> None:
+        """Clear a failing mailbox's errors; an information alert says it recovered."""
+        async with self._pool.acquire() as conn:
+            # Cheap check first: this runs after every successful poll.
+            failing = await conn.fetchval(f"SELECT {direction}_error_count > 0 FROM mailbox WHERE id = $1", mailbox_id) \
+                if direction in repo.DIRECTIONS else False
+        if not failing:
+            return
+        async with self._tx() as conn:
+            if await repo.record_direction_success(conn, mailbox_id, direction):
+                row = await repo.mailbox_by_id(conn, mailbox_id)
+                await self._alert(conn, row["organization_id"], mailbox_id, "information", direction, "recovered",
+                                  f"{direction} synchronization works again")
+
+    async def mailboxes_to_process(self, direction: str, *, organization_id: UUID | None = None,
+                                   mailbox_ids: list[UUID] | None = None) -> list[MailboxWork]:
+        async with self._pool.acquire() as conn:
+            rows = await repo.mailboxes_to_process(conn, direction, organization_id=organization_id, mailbox_ids=mailbox_ids)
+        return [MailboxWork(r, r["profile"], self._cipher) for r in rows]
+
+    # --- CRM records, activities, decisions -----------------------------------------------------------
+
+    async def add_record(self, org: models.Organization, kind: models.RecordKind, name: str, email: str,
+                         *, email_enabled: bool = True) -> models.Record:
+        _require_address(email)
+        async with self._tx() as conn:
+            row = await repo.insert_record(conn, org.id, kind, name, email, email_enabled)
+            await self._changed(conn, org.id, kind, row["id"], "created", {"email": email, "name": name})
+            return models.Record(**dict(row))
+
+    async def records(self, org: models.Organization, kind: str | None = None) -> list[models.Record]:
+        async with self._pool.acquire() as conn:
+            return [models.Record(**dict(r)) for r in await repo.records(conn, org.id, kind)]
+
+    async def activities(self, org: models.Organization, limit: int = 50) -> list[models.Activity]:
+        async with self._pool.acquire() as conn:
+            return [models.Activity(**_activity(r)) for r in await repo.activities(conn, org.id, limit)]
+
+    async def activity(self, org: models.Organization, ref: str) -> models.Activity:
+        async with self._pool.acquire() as conn:
+            row = await repo.activity_by_ref(conn, org.id, ref)
+        if row is None:
+            raise NotFound(f"no email activity {ref!r} (give its id or Message-ID)")
+        return models.Activity(**_activity(row))
+
+    async def decisions(self, org: models.Organization, message_id: str) -> list[models.Decision]:
+        async with self._pool.acquire() as conn:
+            return [models.Decision(**dict(r)) for r in await repo.decisions_for_message(conn, org.id, message_id.strip())]
+
+    # --- events ------------------------------------------------------------------------------------
+
+    async def _alert(self, conn: asyncpg.Connection, org_id: UUID, mailbox_id: UUID, severity: str,
+                     direction: str | None, code: str, message: str) -> None:
+        await repo.insert_alert(conn, mailbox_id, severity, direction, code, message)
+        await self._mailbox_event(conn, org_id, mailbox_id, "alert", direction=direction, severity=severity,
+                                  code=code, message=message)
+        log.log(logging.WARNING if severity != "information" else logging.INFO,
+                "mailbox %s %s: %s", mailbox_id, code, message)
+
+    async def _mailbox_event(self, conn: asyncpg.Connection, org_id: UUID, mailbox_id: UUID, kind: str, **fields: Any) -> None:
+        event = Envelope[MailboxEventV1](
+            type=MAILBOX_EVENTS.name, schema_version=1, producer=self._producer, organization_id=org_id,
+            data=MailboxEventV1(mailbox_id=mailbox_id, kind=kind, **fields),
+        )
+        await enqueue(conn, MAILBOX_EVENTS.name, str(mailbox_id), event)
+
+    async def _changed(self, conn: asyncpg.Connection, org_id: UUID, entity: str, entity_id: UUID, change: str,
+                       fields: dict[str, Any]) -> None:
+        event = Envelope[RegistryChangeV1](
+            type=REGISTRY_CHANGES.name, schema_version=1, producer=self._producer, organization_id=org_id,
+            data=RegistryChangeV1(entity=entity, entity_id=entity_id, change=change, fields=fields),
+        )
+        await enqueue(conn, REGISTRY_CHANGES.name, str(entity_id), event)
+
+
+def _require_address(email: str) -> None:
+    if not is_email_address(email):
+        raise InvalidInput(f"not a valid email address: {email!r}", reason="bad_address")
+
+
+def _constraint_message(exc: asyncpg.PostgresError) -> str:
+    constraint = getattr(exc, "constraint_name", None) or ""
+    known = {
+        "mailbox_owner_user_id_key": "this user already has a mailbox (a user has at most one)",
+        "mailbox_owner_queue_id_key": "this queue already has a mailbox (a queue has at most one)",
+        "mailbox_email": "a mailbox with this address already exists",
+        "email_server_profile_one_default": "the organization already has a default profile",
+    }
+    return known.get(constraint, f"rejected by the database ({constraint or type(exc).__name__})")
+
+
+def _profile(row: asyncpg.Record) -> models.Profile:
+    data = dict(row)
+    data["has_profile_secret"] = data.pop("profile_secret") is not None
+    data["has_oauth_client_secret"] = data.pop("oauth_client_secret") is not None
+    return models.Profile(**data)
+
+
+def _direction(row: asyncpg.Record, d: str) -> models.DirectionState:
+    return models.DirectionState(
+        status=row[f"{d}_status"], tested_at=row[f"{d}_tested_at"], test_message=row[f"{d}_test_message"],
+        error_count=row[f"{d}_error_count"], backoff_until=row[f"{d}_backoff_until"],
+    )
+
+
+def _mailbox(row: asyncpg.Record, alerts: list[dict[str, Any]]) -> models.Mailbox:
+    return models.Mailbox(
+        id=row["id"], organization_id=row["organization_id"], name=row["name"], email=row["email"],
+        owner_kind=row["owner_kind"], owner_id=row["owner_id"], is_forward_mailbox=row["owner_kind"] is None,
+        profile_id=row["profile_id"], profile_name=row["profile_name"], username=row["username"],
+        has_credentials=row["secret"] is not None, active=row["active"], email_approved=row["email_approved"],
+        incoming=_direction(row, "incoming"), outgoing=_direction(row, "outgoing"), act=_direction(row, "act"),
+        tracking=row["tracking"], convert_to_activities=row["convert_to_activities"],
+        delete_after_processing=row["delete_after_processing"], tracked_folders=list(row["tracked_folders"]),
+        alerts=[models.Alert(**{k: a[k] for k in ("severity", "direction", "code", "message", "created_at")}) for a in alerts],
+    )
+
+
+def _activity(row: asyncpg.Record) -> dict[str, Any]:
+    data = dict(row)
+    return {k: data[k] for k in models.Activity.model_fields if k in data}

@@ -1,0 +1,408 @@
+"""Conduit's IMAP client against a real Dovecot (conduit.peers.dovecot) and a few scripted servers.
+
+The scripted servers (asyncio, in this file) cover what Dovecot will not do on demand: a greeting
+that never comes, a BYE, and responses dribbled out a few bytes at a time with untagged responses
+between tagged ones.  Pure syntax helpers (XOAUTH2, modified UTF-7, sequence sets) are tested with
+plain data at the top.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import imaplib
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trustme
+
+from conduit.peers import Dovecot, free_port
+from services.ingest.imap_client import (
+    ImapClient,
+    decode_mailbox_name,
+    encode_mailbox_name,
+    parse_internaldate,
+    parse_tokens,
+    sequence_set,
+)
+from services.ingest.xoauth2 import xoauth2_initial_response
+from shared.errors import AuthenticationFailed, ConnectionFailed, InvalidInput, ProtocolTimeout, TlsFailed
+
+PASSWORD = "secret-pw-1"
+
+
+# -- plain-data tests ----------------------------------------------------------------------------
+
+
+def test_xoauth2_initial_response_has_googles_format():
+    raw = base64.b64decode(xoauth2_initial_response("alice@example.com", "ya29.token"))
+    assert raw == b"user=alice@example.com\x01auth=Bearer ya29.token\x01\x01"
+
+
+@pytest.mark.parametrize("user,token", [("a\x01b", "tok-123"), ("a", "tok-123\r\nx"), ("", "tok-123"), ("a", "")])
+def test_xoauth2_refuses_values_that_would_forge_fields(user, token):
+    with pytest.raises(InvalidInput) as caught:
+        xoauth2_initial_response(user, token)
+    assert "tok-123" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name,encoded", [
+    ("INBOX", "INBOX"), ("Café Paris", "Caf&AOk- Paris"), ("A&B", "A&-B"),
+    ("日本語", "&ZeVnLIqe-"), ("~peter/mail/台北/日本語", "~peter/mail/&U,BTFw-/&ZeVnLIqe-"),
+])
+def test_modified_utf7_round_trip(name, encoded):
+    assert encode_mailbox_name(name) == encoded
+    assert decode_mailbox_name(encoded) == name
+
+
+def test_sequence_set_compresses_runs():
+    assert sequence_set([1, 2, 3, 7, 9, 10, 11]) == b"1:3,7,9:11"
+    assert sequence_set([5]) == b"5"
+
+
+def test_tokens_keep_literals_and_quoted_strings_apart_from_atoms():
+    tokens = parse_tokens(b'(UID 7 FLAGS (\\Seen $Label) INTERNALDATE " 7-Jul-1996 02:44:25 -0700" '
+                          b'BODY[HEADER.FIELDS (FROM)] {3} X "a\\"b")', [b"abc"])
+    assert tokens == [["UID", "7", "FLAGS", ["\\Seen", "$Label"], "INTERNALDATE",
+                       b" 7-Jul-1996 02:44:25 -0700", "BODY[HEADER.FIELDS (FROM)]", b"abc", "X", b'a"b']]
+    assert parse_internaldate(b" 7-Jul-1996 02:44:25 -0700").isoformat() == "1996-07-07T02:44:25-07:00"
+
+
+# -- a real Dovecot ------------------------------------------------------------------------------
+
+
+def unique_address() -> str:
+    return f"i{uuid.uuid4().hex[:10]}@example.com"
+
+
+def tricky_message(i: int) -> bytes:
+    """A message whose body looks like IMAP protocol and carries 8-bit bytes."""
+    return (
+        f"From: sender@example.org\r\nTo: rcpt@example.com\r\nSubject: tricky {i}\r\n"
+        f"Message-ID: <tricky-{i}-{uuid.uuid4().hex}@example.org>\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        f"* {i} FETCH (UID {i} BODY[] {{12}}\r\n"
+        "C1 OK UID FETCH completed\r\n"
+        ")\r\n"
+        "{5}\r\n"
+        ".\r\n"
+        "..two dots\r\n"
+        "* BYE not really\r\n"
+        "+ idling\r\n"
+        "Grüße aus Köln – 8-bit data ✓\r\n"
+    ).encode("utf-8") + bytes(range(0x80, 0x100)) + b"\r\n" + b"x" * (i * 37 % 3000) + b"\r\n"
+
+
+def plain_message(i: int, size: int = 1500) -> bytes:
+    head = f"From: a@example.org\r\nSubject: m{i}\r\nMessage-ID: <m{i}-{uuid.uuid4().hex}@x>\r\n\r\n".encode()
+    return head + (b"line of text %d\r\n" % i) * (size // 20)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> dict:
+    """A trustme CA, a server certificate for 127.0.0.1, and a verifying client context."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    directory = tmp_path_factory.mktemp("imap-tls")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert.private_key_pem.write_to_path(key_path)
+    cert.cert_chain_pems[0].write_to_path(cert_path)
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(cert_path, append=True)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return {"cert": cert_path, "key": key_path, "client": client}
+
+
+@pytest.fixture(scope="module")
+async def dovecot(tmp_path_factory, tls):
+    async with Dovecot(tmp_path_factory.mktemp("imap-dovecot"), tls_cert=tls["cert"], tls_key=tls["key"]) as server:
+        yield server
+
+
+@pytest.fixture
+async def mailbox(dovecot):
+    """A fresh user; yields its address."""
+    address = unique_address()
+    dovecot.add_user(address, PASSWORD)
+    return address
+
+
+async def connected(dovecot, address: str, **kwargs) -> ImapClient:
+    client = await ImapClient.connect(dovecot.host, dovecot.imap_port, tls="none", ssl_context=None, **kwargs)
+    await client.login(address, PASSWORD)
+    return client
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+pytestmark = pytest.mark.peers
+
+
+async def test_login_ok_reports_capabilities(dovecot, mailbox):
+    client = await connected(dovecot, mailbox)
+    try:
+        assert {"IMAP4REV1", "IDLE", "UIDPLUS", "CONDSTORE"} <= client.capabilities
+        assert "INBOX" in await client.list_folders()
+    finally:
+        await client.logout()
+
+
+async def test_wrong_password_is_authentication_failed_without_the_password(dovecot, mailbox):
+    client = await ImapClient.connect(dovecot.host, dovecot.imap_port, tls="none", ssl_context=None)
+    try:
+        with pytest.raises(AuthenticationFailed) as caught:
+            await client.login(mailbox, "Wrong-Pass-XYZ")
+        assert "Wrong-Pass-XYZ" not in str(caught.value)
+        assert mailbox in str(caught.value)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("password", ['p a"s\\s{3}', "pässwörd-ünïcode", "}{\\\"*%"])
+async def test_passwords_needing_quoting_or_literals(dovecot, password):
+    address = unique_address()
+    dovecot.add_user(address, password)
+    client = await ImapClient.connect(dovecot.host, dovecot.imap_port, tls="none", ssl_context=None)
+    try:
+        await client.login(address, password)
+        state = await client.select("INBOX")
+        assert state.exists == 0
+    finally:
+        await client.logout()
+
+
+async def test_fetch_returns_the_delivered_bytes(dovecot, mailbox):
+    delivered = [tricky_message(i) for i in range(60)]
+    dovecot.deliver_many(mailbox, delivered)
+    client = await connected(dovecot, mailbox)
+    try:
+        state = await client.select("INBOX")
+        assert state.exists == 60 and state.uidvalidity > 0 and state.uidnext == 61
+        assert state.highestmodseq is None        # CONDSTORE not enabled
+        uids = await client.uids_since(0)
+        assert uids == list(range(1, 61))
+        fetched = [m async for m in client.fetch(uids, chunk=7)]
+        assert sorted(m.raw for m in fetched) == sorted(delivered)
+        assert [m.uid for m in fetched] == uids
+        assert all(m.internaldate is not None and m.internaldate.tzinfo for m in fetched)
+        assert all(isinstance(m.flags, tuple) and m.modseq is None for m in fetched)
+        headers = [m async for m in client.fetch_headers(uids[:3])]
+        assert [h.raw for h in headers] == [f.raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for f in fetched[:3]]
+    finally:
+        await client.logout()
+
+
+async def test_uids_since_filters_the_star_quirk(dovecot, mailbox):
+    dovecot.deliver_many(mailbox, [plain_message(i) for i in range(5)])
+    client = await connected(dovecot, mailbox)
+    try:
+        await client.select("INBOX")
+        assert await client.uids_since(5) == []      # "6:*" matches UID 5: filtered out
+        assert await client.uids_since(3) == [4, 5]
+    finally:
+        await client.logout()
+
+
+async def test_chunked_fetch_of_many_messages(dovecot, mailbox):
+    delivered = [plain_message(i, 2000) for i in range(2500)]
+    dovecot.deliver_many(mailbox, delivered)
+    client = await connected(dovecot, mailbox)
+    try:
+        await client.select("INBOX")
+        uids = await client.uids_since(0)
+        assert len(uids) == 2500
+        fetched = {m.uid: m.raw async for m in client.fetch(uids, chunk=300)}
+        assert sorted(fetched.values()) == sorted(delivered)
+        # a scattered UID list goes out as compressed ranges and comes back exactly
+        scattered = uids[::3] + uids[1:40]
+        again = [m.uid async for m in client.fetch(scattered, chunk=200)]
+        assert again == sorted(set(scattered))
+    finally:
+        await client.logout()
+
+
+async def test_leaving_a_fetch_early_keeps_the_session_usable(dovecot, mailbox):
+    dovecot.deliver_many(mailbox, [plain_message(i) for i in range(1200)])
+    client = await connected(dovecot, mailbox)
+    try:
+        await client.select("INBOX")
+        async with contextlib.aclosing(client.fetch(range(1, 1201), chunk=100)) as messages:
+            async for message in messages:
+                if message.uid == 150:
+                    break
+        assert await client.uids_since(1198) == [1199, 1200]
+    finally:
+        await client.logout()
+
+
+async def test_condstore_modseq_and_changed_uids(dovecot, mailbox):
+    dovecot.deliver_many(mailbox, [plain_message(i) for i in range(4)])
+    client = await connected(dovecot, mailbox)
+    try:
+        assert await client.enable_condstore() is True
+        state = await client.select("INBOX", readonly=False)
+        assert isinstance(state.highestmodseq, int) and state.highestmodseq > 0
+        messages = [m async for m in client.fetch([1, 2, 3, 4])]
+        assert all(isinstance(m.modseq, int) for m in messages)
+        await client.add_flags([3], ["\\Flagged"])
+        assert await client.uids_changed_since(state.highestmodseq) == [3]
+        assert (await client.select("INBOX")).highestmodseq > state.highestmodseq
+    finally:
+        await client.logout()
+
+
+async def test_idle_wakes_on_append_and_times_out(dovecot, mailbox):
+    client = await connected(dovecot, mailbox)
+    try:
+        await client.select("INBOX")
+        started = time.monotonic()
+        assert await client.idle(0.6) is False
+        assert time.monotonic() - started >= 0.55
+        await client.noop()                               # still in step after DONE
+
+        waiting = asyncio.create_task(client.idle(20))
+        await wait_for(lambda: client.idling)             # the APPEND must come after "+ idling"
+        appended_at = time.monotonic()
+        uid = await dovecot.append(mailbox, PASSWORD, plain_message(1))
+        assert await asyncio.wait_for(waiting, 10) is True
+        assert time.monotonic() - appended_at < 2.0       # Dovecot notifies within ~1 s here
+        assert await client.uids_since(0) == [uid]
+    finally:
+        await client.logout()
+
+
+async def test_mark_deleted_and_uid_expunge_remove_only_those(dovecot, mailbox):
+    dovecot.deliver_many(mailbox, [plain_message(i) for i in range(5)])
+    client = await connected(dovecot, mailbox)
+    try:
+        await client.select("INBOX", readonly=False)
+        await client.mark_deleted([2, 4])
+        await client.expunge([2])                         # UIDPLUS: 4 stays, flagged
+        assert await client.uids_since(0) == [1, 3, 4, 5]
+        flags = {m.uid: m.flags async for m in client.fetch([4])}
+        assert "\\Deleted" in flags[4]
+        await wait_for(lambda: dovecot.message_count(mailbox) == 4)
+    finally:
+        await client.logout()
+
+
+async def test_folder_names_in_modified_utf7_and_quotes(dovecot, mailbox):
+    def create_folders() -> None:
+        with imaplib.IMAP4(dovecot.host, dovecot.imap_port) as imap:
+            imap.login(mailbox, PASSWORD)
+            for name in ('"Caf&AOk- Paris"', '"Say \\"hi\\""', "&ZeVnLIqe-"):
+                typ, data = imap.create(name)
+                assert typ == "OK", data
+            imap.logout()
+
+    await asyncio.to_thread(create_folders)
+    client = await connected(dovecot, mailbox)
+    try:
+        folders = await client.list_folders()
+        assert {"INBOX", "Café Paris", 'Say "hi"', "日本語"} <= set(folders)
+        for name in ("Café Paris", 'Say "hi"', "日本語"):
+            assert (await client.select(name)).exists == 0
+    finally:
+        await client.logout()
+
+
+async def test_implicit_tls_and_starttls_verify_with_the_ca(dovecot, mailbox, tls):
+    for mode, port in (("implicit", dovecot.imaps_port), ("starttls", dovecot.imap_port)):
+        client = await ImapClient.connect(dovecot.host, port, tls=mode, ssl_context=tls["client"])
+        try:
+            assert "STARTTLS" not in client.capabilities
+            await client.login(mailbox, PASSWORD)
+            await client.select("INBOX")
+        finally:
+            await client.logout()
+
+
+async def test_tls_without_the_ca_is_tls_failed(dovecot):
+    for mode, port in (("implicit", dovecot.imaps_port), ("starttls", dovecot.imap_port)):
+        with pytest.raises(TlsFailed) as caught:
+            await ImapClient.connect(dovecot.host, port, tls=mode, ssl_context=None, timeout=10)
+        assert "certificate" in str(caught.value)
+
+
+async def test_connection_refused_is_connection_failed():
+    with pytest.raises(ConnectionFailed):
+        await ImapClient.connect("127.0.0.1", free_port(), tls="none", ssl_context=None, timeout=5)
+
+
+# -- scripted servers ----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_silent_server_is_protocol_timeout():
+    hold = asyncio.Event()
+
+    async def silent(reader, writer):
+        await hold.wait()
+        writer.close()
+
+    async with scripted_server(silent) as port:
+        with pytest.raises(ProtocolTimeout):
+            await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=0.3)
+        hold.set()
+
+
+async def test_bye_greeting_is_connection_failed():
+    async def bye(reader, writer):
+        writer.write(b"* BYE Too many connections\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with scripted_server(bye) as port:
+        with pytest.raises(ConnectionFailed, match="Too many connections"):
+            await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
+
+
+async def test_responses_split_into_tiny_reads_with_untagged_between():
+    body = b"Subject: x\r\n\r\nA001 OK fake\r\n* 9 EXISTS\r\n"
+
+    async def dribble(writer, data: bytes) -> None:
+        for i in range(0, len(data), 3):      # three bytes per TCP write, each drained
+            writer.write(data[i:i + 3])
+            await writer.drain()
+
+    async def server(reader, writer):
+        await dribble(writer, b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n")
+        while line := await reader.readline():
+            tag, command = line.split(b" ", 1)
+            if command.startswith(b"LOGIN"):
+                await dribble(writer, tag + b" OK logged in\r\n")
+            elif command.startswith(b"UID FETCH"):
+                await dribble(writer, b"* 1 FETCH (UID 10 FLAGS (\\Seen) BODY[] {%d}\r\n" % len(body) + body
+                              + b" INTERNALDATE \"01-Feb-2024 10:00:00 +0000\")\r\n* 2 EXISTS\r\n"
+                              + b"* 2 FETCH (FLAGS (\\Seen))\r\n"
+                              + b"* 2 FETCH (BODY[] {0}\r\n UID 11)\r\n" + tag + b" OK done\r\n")
+            elif command.startswith(b"LOGOUT"):
+                await dribble(writer, b"* BYE bye\r\n" + tag + b" OK\r\n")
+                break
+        writer.close()
+
+    async with scripted_server(server) as port:
+        client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
+        await client.login("u", "p")
+        messages = [m async for m in client.fetch([10, 11])]
+        assert [(m.uid, m.raw, m.flags) for m in messages] == [(10, body, ("\\Seen",)), (11, b"", ())]
+        assert messages[0].internaldate.isoformat() == "2024-02-01T10:00:00+00:00"
+        assert await client.idle(5) is True       # the EXISTS during the fetch is not lost
+        await client.logout()
