@@ -198,6 +198,7 @@ def main() -> None:
     finally:
         sink.terminate()
         sink.wait(5)
+        sink.stderr.close()
 
     median = {label: statistics.median(rates) for label, rates in results.items()}
     ours, theirs, postfix = (median["(b) SmtpPool, 10 connections"],

@@ -283,11 +283,11 @@ class _CaptureHandler:
         return f"250 2.0.0 OK queued as {name}"
 
     def _store(self, server, session, envelope) -> str:
-        login = session.login_data
+        auth = session.auth_data  # a LoginPassword for every mechanism offered here
         meta = {
             "mail_from": envelope.mail_from,
             "rcpt_tos": list(envelope.rcpt_tos),
-            "login": login.decode() if isinstance(login, bytes) else login,
+            "login": auth.login.decode(errors="replace") if session.authenticated else None,
             "tls": server.transport.get_extra_info("ssl_object") is not None,
             "received_at": time.time(),
         }

@@ -357,6 +357,7 @@ class SmtpConnection:
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
         self.messages_sent = 0
+        self._may_be_stale = False
         self._reader: _ReplyReader | None = None
         self._broken = False
 
@@ -519,8 +520,22 @@ class SmtpConnection:
 
     # -- sending
 
-    async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SmtpAccepted:
-        """One mail transaction.  Raises StaleConnection when nothing reached the server."""
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        may_be_stale: bool = False,
+    ) -> SmtpAccepted:
+        """One mail transaction.
+
+        With ``may_be_stale`` (a session that sat idle), a session found dead before the server
+        processed any of the transaction raises ``StaleConnection`` instead of failing it: the
+        connection was lost before any reply, or the first reply was 421 (the server closing it,
+        typically on an idle timeout that raced our write).
+        """
+        self._may_be_stale = may_be_stale
         try:
             return await self._transaction(sender, recipients, message)
         except (SmtpTemporaryFailure, SmtpPermanentFailure, InvalidInput):
@@ -539,6 +554,9 @@ class SmtpConnection:
             replies = await self._pipelined(envelope)
         else:
             replies = await self._lockstep(envelope)
+        if replies[0].code == 421 and self._may_be_stale:
+            self._broken = True
+            raise StaleConnection(f"the server is closing the session: {replies[0].text}")
         refused, failure = self._check_envelope(recipients, replies)
         if failure is not None:
             if any(r.code == 421 for r in replies):
@@ -598,31 +616,23 @@ class SmtpConnection:
 
     async def _pipelined(self, commands: list[bytes]) -> list[SmtpReply]:
         """RFC 2920: the whole envelope in one write, the replies read in order."""
-        self._write(b"".join(commands))
         reader = self._require_reader()
         try:
+            self._write(b"".join(commands))
             return await reader.read(len(commands), self.timeout)
         except ConnectionFailed as exc:
-            if not reader.replies:
-                # Not one reply: the server had closed before it read the group (an idle timeout
-                # racing our first write).  No content was sent, so a fresh connection may retry.
-                self._broken = True
-                raise StaleConnection(str(exc)) from None
-            raise
+            raise self._envelope_lost(exc, reader.replies[0] if reader.replies else None) from None
 
     async def _lockstep(self, commands: list[bytes]) -> list[SmtpReply]:
         """Without PIPELINING: one command, one reply; stop as soon as DATA would be pointless."""
         replies: list[SmtpReply] = []
         mail, *rcpts, data = commands
         for command in (mail, *rcpts):
-            self._write(command)
             try:
+                self._write(command)
                 replies.append(await self._read_one())
             except ConnectionFailed as exc:
-                if not replies:
-                    self._broken = True
-                    raise StaleConnection(str(exc)) from None
-                raise
+                raise self._envelope_lost(exc, replies[0] if replies else None) from None
             if replies[0].code != 250:
                 return replies
         if all(r.code not in (250, 251) for r in replies[1:]):
@@ -630,6 +640,13 @@ class SmtpConnection:
         self._write(data)
         replies.append(await self._read_one())
         return replies
+
+    def _envelope_lost(self, exc: ConnectionFailed, first: SmtpReply | None) -> ConnectionFailed:
+        """The failure for a session lost during the envelope (no content was sent yet)."""
+        self._broken = True
+        if self._may_be_stale and (first is None or first.code == 421):
+            return StaleConnection(str(exc))
+        return exc
 
     def _check_envelope(
         self, recipients: Sequence[str], replies: list[SmtpReply]

@@ -97,20 +97,28 @@ class SmtpPool:
         self._in_flight += 1
         try:
             async with self._slots:
+                conn, reused = await self._take()
                 try:
-                    return await self._send_once(await self._take(), sender, recipients, message)
+                    return await self._send_once(conn, sender, recipients, message, reused)
                 except StaleConnection:
                     log.info("smtp session to %s was dead; retrying on a new one", self.server.host)
-                return await self._send_once(await self._connect(), sender, recipients, message)
+                conn = await self._connect()
+                return await self._send_once(conn, sender, recipients, message, False)
         finally:
             self._in_flight -= 1
             self.last_used = time.monotonic()
 
     async def _send_once(
-        self, conn: SmtpConnection, sender: str, recipients: Sequence[str], message: bytes
+        self,
+        conn: SmtpConnection,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        reused: bool,
     ) -> SmtpAccepted:
         try:
-            return await conn.send(sender, recipients, message)
+            # Only a reused session can have died unnoticed; a fresh one's failures are real.
+            return await conn.send(sender, recipients, message, may_be_stale=reused)
         finally:
             self._give_back(conn)
 
@@ -135,14 +143,15 @@ class SmtpPool:
 
     # -- sessions
 
-    async def _take(self) -> SmtpConnection:
+    async def _take(self) -> tuple[SmtpConnection, bool]:
+        """A session for one send, and whether it is a reused (idle) one."""
         now = time.monotonic()
         while self._idle:
             conn, since = self._idle.pop()
             if conn.usable and now - since < IDLE_SESSION_LIMIT:
-                return conn
+                return conn, True
             self._retire(conn)
-        return await self._connect()
+        return await self._connect(), False
 
     async def _connect(self) -> SmtpConnection:
         conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)

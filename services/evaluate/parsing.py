@@ -174,41 +174,41 @@ def _decode_header_bytes(head: bytes, defects: list[str]) -> str:
     return "\n".join(out)
 
 
+@lru_cache(maxsize=16)
+def _header_pattern(wanted: frozenset[str]) -> re.Pattern[str]:
+    names = "|".join(re.escape(n) for n in sorted(wanted, key=len, reverse=True))
+    # A wanted header at the start of a line and its continuation lines.  One C-level pass over
+    # the block instead of a Python loop over its lines: the block is mostly trace and DKIM
+    # headers that evaluate never reads.
+    return re.compile(rf"^({names})[ \t]*:(.*(?:\n[ \t].*)*)", re.M | re.I)
+
+
+# A line that is neither a continuation, nor "name:", nor an mbox "From " line, nor blank.
+_MALFORMED_LINE = re.compile(r"^(?![ \t]|[^\s:]+[ \t]*:|From |\r?$)", re.M)
+
+
 def _split_headers(
     text: str, wanted: frozenset[str], defects: list[str] | None
 ) -> dict[str, list[str]]:
     """Unfold and split a header block, keeping only ``wanted`` names (lower-cased)."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\r" in text and "\n" not in text:
+        text = text.replace("\r", "\n")  # classic Mac line ends
     headers: dict[str, list[str]] = {}
-    name: str | None = None
-    parts: list[str] = []
-    for line in text.split("\n"):
-        if not line:
-            continue
-        first = line[0]
-        if first == " " or first == "\t":
-            if name is None:
-                if defects is not None and not parts:
-                    defects.append("continuation_without_header")
-                continue
-            parts.append(line)
-            continue
-        if name is not None:
-            headers.setdefault(name, []).append("".join(parts).strip())
-            name = None
-        parts = [""]  # a non-empty list marks "inside some header", wanted or not
-        colon = line.find(":")
-        if colon <= 0:
-            if defects is not None and not line.startswith("From "):  # mbox envelope line
-                defects.append("malformed_header_line")
-            continue
-        key = line[:colon].rstrip().lower()
-        if key in wanted:
-            name = key
-            parts = [line[colon + 1 :]]
-    if name is not None:
-        headers.setdefault(name, []).append("".join(parts).strip())
+    for match in _header_pattern(wanted).finditer(text):
+        value = match.group(2)
+        if "\n" in value:  # unfold: drop the line breaks, keep the folding whitespace
+            value = value.replace("\r\n", "").replace("\n", "")
+        name = match.group(1).lower()
+        found = headers.get(name)
+        if found is None:
+            headers[name] = [value.strip()]
+        else:
+            found.append(value.strip())
+    if defects is not None:
+        if text[:1] in (" ", "\t"):
+            defects.append("continuation_without_header")
+        if _MALFORMED_LINE.search(text):
+            defects.append("malformed_header_line")
     return headers
 
 
@@ -698,15 +698,26 @@ def _preview(scan: _BodyScan, limit: int, defects: list[str]) -> str:
 
 
 def parse_email(
-    raw: bytes, *, max_header_bytes: int = 256 * 1024, preview_chars: int = PREVIEW_CHARS
+    raw: bytes,
+    *,
+    max_header_bytes: int = 256 * 1024,
+    preview_chars: int = PREVIEW_CHARS,
+    generate_missing_id: bool = False,
 ) -> ParsedEmail:
-    """Parse one raw RFC 5322 message; never raises (problems land in ``defects``)."""
+    """Parse one raw RFC 5322 message; never raises (problems land in ``defects``).
+
+    With ``generate_missing_id`` a message without a usable Message-ID gets
+    ``generated_message_id(raw)`` (the ``missing_message_id`` defect still says so), which keeps
+    deduplication and same-batch correlation working for it.
+    """
     defects: list[str] = []
     fields: dict = {}
     try:
         _parse_into(bytes(raw), max_header_bytes, preview_chars, fields, defects)
     except Exception as exc:  # noqa: BLE001 - the contract is "never raises"; keep what we have
         defects.append(f"internal_error:{type(exc).__name__}")
+    if generate_missing_id and fields.get("message_id") is None:
+        fields["message_id"] = generated_message_id(raw)
     return ParsedEmail(
         message_id=fields.get("message_id"),
         in_reply_to=fields.get("in_reply_to", ()),

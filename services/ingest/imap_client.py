@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import re
 import ssl
@@ -64,8 +63,10 @@ class ImapCommandFailed(PermanentError):
 def _tls_error(protocol: str, host: str, exc: BaseException) -> TlsFailed:
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or str(exc)
-        return TlsFailed(f"The {protocol} server {host} presented a TLS certificate that failed verification ({detail}).")
-    return TlsFailed(f"The TLS handshake with the {protocol} server {host} failed ({exc.__class__.__name__}: {exc}).")
+        return TlsFailed(f"The {protocol} server {host} presented a TLS certificate that failed "
+                         f"verification ({detail}).")
+    return TlsFailed(f"The TLS handshake with the {protocol} server {host} failed "
+                     f"({exc.__class__.__name__}: {exc}).")
 
 
 class MailConnection:
@@ -81,6 +82,7 @@ class MailConnection:
         self._writer = writer
         self._protocol = protocol
         self._host = host
+        self._peer = f"{protocol} server {host}"     # for error messages
         self.timeout = timeout
         self._buf = bytearray()
         self._pos = 0
@@ -95,11 +97,13 @@ class MailConnection:
                     host, port, ssl=ssl_context, server_hostname=host if ssl_context else None,
                     limit=4 * _READ_SIZE)
         except TimeoutError:
-            raise ProtocolTimeout(f"Connecting to the {protocol} server {host}:{port} took longer than {timeout:g} s.") from None
+            raise ProtocolTimeout(
+                f"Connecting to the {protocol} server {host}:{port} took longer than {timeout:g} s.") from None
         except ssl.SSLError as exc:
             raise _tls_error(protocol, host, exc) from None
         except OSError as exc:
-            raise ConnectionFailed(f"Could not connect to the {protocol} server {host}:{port} ({exc.strerror or exc}).") from None
+            raise ConnectionFailed(
+                f"Could not connect to the {protocol} server {host}:{port} ({exc.strerror or exc}).") from None
         return cls(reader, writer, protocol=protocol, host=host, timeout=timeout)
 
     async def start_tls(self, ssl_context: ssl.SSLContext) -> None:
@@ -111,11 +115,13 @@ class MailConnection:
             async with asyncio.timeout(self.timeout):
                 await self._writer.start_tls(ssl_context, server_hostname=self._host)
         except TimeoutError:
-            raise ProtocolTimeout(f"The TLS handshake with the {self._protocol} server {self._host} took longer than {self.timeout:g} s.") from None
+            raise ProtocolTimeout(
+                f"The TLS handshake with the {self._peer} took longer than {self.timeout:g} s.") from None
         except ssl.SSLError as exc:
             raise _tls_error(self._protocol, self._host, exc) from None
         except OSError as exc:
-            raise ConnectionFailed(f"The {self._protocol} server {self._host} dropped the connection during the TLS handshake ({exc}).") from None
+            raise ConnectionFailed(
+                f"The {self._peer} dropped the connection during the TLS handshake ({exc}).") from None
 
     async def _fill(self, timeout: float | None = None) -> None:
         """Append at least one more byte from the socket to the buffer, compacting it first."""
@@ -127,13 +133,13 @@ class MailConnection:
             async with asyncio.timeout(wait):
                 data = await self._reader.read(_READ_SIZE)
         except TimeoutError:
-            raise ProtocolTimeout(f"The {self._protocol} server {self._host} did not answer within {wait:g} s.") from None
+            raise ProtocolTimeout(f"The {self._peer} did not answer within {wait:g} s.") from None
         except ssl.SSLError as exc:
             raise _tls_error(self._protocol, self._host, exc) from None
         except OSError as exc:
-            raise ConnectionFailed(f"The connection to the {self._protocol} server {self._host} failed ({exc}).") from None
+            raise ConnectionFailed(f"The connection to the {self._peer} failed ({exc}).") from None
         if not data:
-            raise ConnectionFailed(f"The {self._protocol} server {self._host} closed the connection.")
+            raise ConnectionFailed(f"The {self._peer} closed the connection.")
         self._buf += data
 
     async def read_line(self, timeout: float | None = None) -> bytes:
@@ -148,7 +154,7 @@ class MailConnection:
                 self._pos = end + 2
                 return line
             if len(buf) - self._pos > _MAX_LINE:
-                raise ConnectionFailed(f"The {self._protocol} server {self._host} sent a line longer than {_MAX_LINE} bytes.")
+                raise ConnectionFailed(f"The {self._peer} sent a line longer than {_MAX_LINE} bytes.")
             offset = max(len(buf) - 1 - self._pos, 0)   # a CR may end this read, its LF start the next
             await self._fill(timeout if len(buf) == self._pos else None)
             search_from = self._pos + offset
@@ -195,9 +201,9 @@ class MailConnection:
             async with asyncio.timeout(self.timeout):
                 await self._writer.drain()
         except TimeoutError:
-            raise ProtocolTimeout(f"The {self._protocol} server {self._host} did not accept data within {self.timeout:g} s.") from None
+            raise ProtocolTimeout(f"The {self._peer} did not accept data within {self.timeout:g} s.") from None
         except OSError as exc:
-            raise ConnectionFailed(f"The connection to the {self._protocol} server {self._host} failed ({exc}).") from None
+            raise ConnectionFailed(f"The connection to the {self._peer} failed ({exc}).") from None
 
     async def close(self) -> None:
         """Close the socket; never raises."""
@@ -465,6 +471,7 @@ class ImapClient:
             raise AuthenticationFailed(f"The IMAP server {self._host} refuses LOGIN on this connection; use TLS.")
         reply = await self._command([b"LOGIN", _astring(user), _astring(password)])
         self._check_login(reply, user)
+        await self._after_auth()
 
     async def authenticate_xoauth2(self, user: str, access_token: str) -> None:
         """AUTHENTICATE XOAUTH2 (initial response inline when SASL-IR is advertised)."""
@@ -476,9 +483,11 @@ class ImapClient:
         else:
             reply = await self._command([b"AUTHENTICATE XOAUTH2"], sasl_response=initial)
         self._check_login(reply, user)
+        await self._after_auth()
 
     def _check_login(self, reply: _Reply, user: str) -> None:
         if reply.status == "OK":
+            # Capabilities change with authentication; empty means "ask again" (_after_auth).
             self.capabilities = frozenset()
             self._note_capabilities(reply.text)
             return
@@ -489,6 +498,7 @@ class ImapClient:
         raise AuthenticationFailed(f"The IMAP server {self._host} rejected the credentials of {user}: {text}.")
 
     async def _after_auth(self) -> None:
+        """Ask for CAPABILITY when the login reply did not announce the new set."""
         if not self.capabilities:
             await self._capability()
 
@@ -536,7 +546,8 @@ class ImapClient:
         verb = b"EXAMINE" if readonly else b"SELECT"
         reply = await self._command([verb, _astring(encode_mailbox_name(folder))])
         if reply.status != "OK":
-            raise ImapCommandFailed(f"The IMAP server {self._host} could not open the folder {folder!r}: {_text(reply.text)}.")
+            raise ImapCommandFailed(
+                f"The IMAP server {self._host} could not open the folder {folder!r}: {_text(reply.text)}.")
         self._changed = False
         values: dict[str, int] = {}
         exists = 0
@@ -629,7 +640,7 @@ class ImapClient:
         read_response = self._read_response
         while True:
             text, literals = await read_response()
-            if literals and text[:2] == b"* ":
+            if text[:2] == b"* " and (literals or b"BODY[" in text):
                 message = _fetched_message(text, literals)
                 if message is not None:
                     yield message
@@ -641,7 +652,8 @@ class ImapClient:
             if status is None:
                 continue
             if status != "OK":
-                raise ImapCommandFailed(f"The IMAP server {self._host} refused UID FETCH: {_text(text[len(tag) + 4:])}.")
+                raise ImapCommandFailed(
+                    f"The IMAP server {self._host} refused UID FETCH: {_text(text[len(tag) + 4:])}.")
             return
 
     async def _drain_tags(self, tags: deque[bytes]) -> None:
@@ -736,7 +748,8 @@ class ImapClient:
             await self._conn.drain()
             reply = await self._collect(tag, None)
             if reply.status != "OK":
-                raise ImapCommandFailed(f"The IMAP server {self._host} ended IDLE with {reply.status}: {_text(reply.text)}.")
+                raise ImapCommandFailed(
+                    f"The IMAP server {self._host} ended IDLE with {reply.status}: {_text(reply.text)}.")
             return woke or self._changed
         except BaseException:
             self.idling = False
@@ -756,6 +769,8 @@ class ImapClient:
         self._logging_out = True
         try:
             await self._simple(b"LOGOUT", what="LOGOUT")
+        except ConnectionFailed:
+            pass        # the server may close right after its BYE, before the tagged OK
         finally:
             await self.close()
 
@@ -825,7 +840,8 @@ class ImapClient:
             self._conn.write(bytes(line) + b"\r\n")
             await self._conn.drain()
             return await self._collect(tag, sasl_response)
-        except (ConnectionFailed, ProtocolTimeout, TlsFailed):
+        except BaseException:
+            # Only I/O failures and cancellation get here: the stream is out of step for good.
             self._broken = self._broken or "the connection failed during a command"
             raise
         finally:
@@ -877,7 +893,10 @@ class ImapClient:
         if sink is not None:
             sink.append((text, literals))
         words = text.split(b" ", 3)
-        kind = words[2].upper() if len(words) > 2 and words[1].isdigit() else words[1].upper() if len(words) > 1 else b""
+        if len(words) > 2 and words[1].isdigit():
+            kind = words[2].upper()                 # "* 5 EXISTS"
+        else:
+            kind = words[1].upper() if len(words) > 1 else b""
         if kind in _CHANGE_KINDS:
             self._changed = True
         elif kind == b"BYE":
@@ -933,7 +952,7 @@ def _fetch_items(text: bytes, literals: list[bytes]) -> dict:
 
 def _fetched_message(text: bytes, literals: list[bytes]) -> FetchedMessage | None:
     """Turn one FETCH response into a FetchedMessage; None when it carries no body (a flag update)."""
-    if text.split(b" ", 3)[2:3] != [b"FETCH"] and text.split(b" ", 3)[2:3] != [b"fetch"]:
+    if text.split(b" ", 3)[2:3] not in ([b"FETCH"], [b"fetch"]):
         return None
     items = _fetch_items(text, literals)
     raw = items.get("BODY[]")

@@ -388,6 +388,8 @@ async def test_responses_split_into_tiny_reads_with_untagged_between():
             tag, command = line.split(b" ", 1)
             if command.startswith(b"LOGIN"):
                 await dribble(writer, tag + b" OK logged in\r\n")
+            elif command.startswith(b"CAPABILITY"):    # the LOGIN reply did not announce them
+                await dribble(writer, b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK\r\n")
             elif command.startswith(b"UID FETCH"):
                 await dribble(writer, b"* 1 FETCH (UID 10 FLAGS (\\Seen) BODY[] {%d}\r\n" % len(body) + body
                               + b" INTERNALDATE \"01-Feb-2024 10:00:00 +0000\")\r\n* 2 EXISTS\r\n"

@@ -105,8 +105,9 @@ class ServerState:
         self.max_sessions = 0
         self.total_sessions = 0
         self.pipelining = False
+        self.refuse_ehlo = False
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.drop_at_mail_once = False
+        self.drop_at_mail_once: str | None = None  # "abort" or "421"
 
     def opened(self, smtp: SMTP) -> None:
         with self.lock:
@@ -135,16 +136,22 @@ class CaptureHandler:
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
+        if self.state.refuse_ehlo:
+            return ["502 5.5.1 EHLO not implemented"]
         if self.state.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
-        if self.state.drop_at_mail_once:
+        mode, self.state.drop_at_mail_once = self.state.drop_at_mail_once, None
+        if mode == "abort":
             # The server went away before reading the transaction (an idle session racing us).
-            self.state.drop_at_mail_once = False
             server.transport.abort()
             return "421 4.4.2 gone"
+        if mode == "421":
+            # Postfix on an idle timeout: "421 ... timeout exceeded", then close.
+            server.loop.call_soon(server.transport.close)
+            return "421 4.4.2 Error: timeout exceeded"
         if address.startswith("busy"):
             return "421 4.3.2 closing"
         envelope.mail_from = address
@@ -316,6 +323,17 @@ async def test_eight_bit_and_utf8_parameters(capture):
     assert "SMTPUTF8" in second.mail_options and second.mail_from == "jösé@example.com"
 
 
+async def test_helo_fallback_when_ehlo_is_refused(capture):
+    controller, state = capture
+    state.refuse_ehlo = True
+    pool = SmtpPool(plain_server(controller), None)
+    try:
+        await send_ok(pool, 1)
+    finally:
+        await pool.close()
+    assert len(state.messages) == 1
+
+
 async def test_invalid_addresses_never_reach_the_server(capture):
     controller, state = capture
     pool = SmtpPool(plain_server(controller), None)
@@ -389,12 +407,16 @@ async def test_all_recipients_refused_is_permanent_then_session_is_reused(captur
 
 
 async def test_421_at_mail_is_temporary(capture):
-    controller, _ = capture
+    controller, state = capture
     pool = SmtpPool(plain_server(controller), None, max_connections=1)
     try:
-        with pytest.raises(SmtpTemporaryFailure) as info:
+        with pytest.raises(SmtpTemporaryFailure) as info:  # fresh session: no retry
             await pool.send("busy@example.com", ["r@example.net"], message(1))
-        assert info.value.code == 421
+        assert info.value.code == 421 and state.total_sessions == 1
+        await send_ok(pool, 2)
+        with pytest.raises(SmtpTemporaryFailure) as info:  # reused session: one retry
+            await pool.send("busy@example.com", ["r@example.net"], message(3))
+        assert info.value.code == 421 and state.total_sessions == 3
     finally:
         await pool.close()
 
@@ -425,12 +447,13 @@ async def test_idle_sessions_dropped_by_server_are_replaced(capture):
     assert len(state.messages) == 4
 
 
-async def test_session_dead_before_any_reply_is_retried_once(capture):
+@pytest.mark.parametrize("how", ["abort", "421"])
+async def test_reused_session_found_dead_at_mail_is_retried_once(capture, how):
     controller, state = capture
     pool = SmtpPool(plain_server(controller), None, max_connections=1)
     try:
         await send_ok(pool, 1)
-        state.drop_at_mail_once = True
+        state.drop_at_mail_once = how
         await send_ok(pool, 2)
     finally:
         await pool.close()
@@ -615,6 +638,7 @@ def smtp_sink():
     finally:
         proc.terminate()
         proc.wait(5)
+        proc.stderr.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,0 +1,71 @@
+"""The rule chains: which rules run, in which order, for each tracking option.
+
+Chains are data, as in GNU Mailman 3's ``chains/builtin.py``: a tuple of rule instances tried in
+order until one decides.  Every chain starts with the same guards (may this mailbox process email at
+all?), then the facts that decide whatever the option (already tracked, folder-level tracking rule),
+then the option's own rules, and ends with a rule that always decides, so every message gets a
+reason.
+
+The options follow the reference: a response to tracked email is tracked under every option
+(the correlation rule comes first in each option's rules); "known records" adds email from leads,
+contacts and accounts; "email enabled records" adds email from any record enabled for email.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import rules
+from .context import TRACKING_OPTIONS, MailboxContext
+
+__all__ = ["Chain", "GUARDS", "PRELUDE", "CHAINS", "chain_for", "list_rules"]
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    name: str
+    description: str
+    rules: tuple[rules.Rule, ...]
+
+
+GUARDS: tuple[rules.Rule, ...] = (
+    rules.MailboxInactive(),
+    rules.MailboxNoProfile(),
+    rules.MailboxNotApproved(),
+    rules.IncomingDisabled(),
+    rules.QueueConversionOff(),
+    rules.ReceivedBeforeCutoff(),
+)
+PRELUDE: tuple[rules.Rule, ...] = (rules.AlreadyTracked(), rules.FolderTracking())
+
+CHAINS: dict[str, Chain] = {
+    "all": Chain("all", TRACKING_OPTIONS["all"], GUARDS + PRELUDE + (rules.TrackAll(),)),
+    "responses": Chain(
+        "responses",
+        TRACKING_OPTIONS["responses"],
+        GUARDS + PRELUDE + (rules.Correlated(), rules.NoCorrelationMatch()),
+    ),
+    "known_records": Chain(
+        "known_records",
+        TRACKING_OPTIONS["known_records"],
+        GUARDS + PRELUDE + (rules.Correlated(), rules.FromKnownRecord(), rules.NotFromKnownRecord()),
+    ),
+    "email_enabled_records": Chain(
+        "email_enabled_records",
+        TRACKING_OPTIONS["email_enabled_records"],
+        GUARDS + PRELUDE + (rules.Correlated(), rules.FromEmailEnabledRecord(), rules.NotFromEmailEnabledRecord()),
+    ),
+}
+
+
+def chain_for(mailbox: MailboxContext) -> Chain:
+    """The chain of the mailbox's tracking option (a queue's 'convert' option uses the same chains)."""
+    return CHAINS[mailbox.tracking]
+
+
+def list_rules() -> list[tuple[str, str]]:
+    """(name, description) of every rule used by any chain, in first-use order: ``conduit rules list``."""
+    seen: dict[str, str] = {}
+    for chain in CHAINS.values():
+        for rule in chain.rules:
+            seen.setdefault(rule.name, rule.description)
+    return list(seen.items())

@@ -1,0 +1,89 @@
+"""The `conduit` command as a user runs it: one-line errors, --json, and secrets never shown."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "Pa55-w0rd-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def cli(base_settings: Settings):
+    org = f"cli-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CONDUIT_STATE_DIR": str(base_settings.state_dir), "CONDUIT_LOG_LEVEL": "DEBUG",
+           "KAFKA_BOOTSTRAP_SERVERS": base_settings.kafka_bootstrap_servers or ""}
+    env.pop("DATABASE_URL", None)
+
+    def run(*args: str, stdin: str | None = None, org_scoped: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "conduit", *args] + (["--org", org] if org_scoped else [])
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, env={**env, **(extra_env or {})}, cwd=ROOT, timeout=60)
+
+    assert run("org", "add", org, org_scoped=False).returncode == 0
+    return run
+
+
+def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
+    outputs = []
+
+    def ok(*args: str, **kw) -> str:
+        result = cli(*args, **kw)
+        outputs.append(result.stdout + result.stderr)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    ok("profile", "add", "corp", "--type", "imap", "--incoming-host", "127.0.0.1", "--incoming-port", "10143",
+       "--incoming-tls", "none", "--outgoing-port", "10025", "--outgoing-tls", "none",
+       "--auth", "profile_impersonation", "--profile-user", "svc@example.com", extra_env={"CONDUIT_PROFILE_SECRET": SECRET})
+    ok("user", "add", "ann@example.com", "--name", "Ann")
+    ok("queue", "add", "support@example.com", "--name", "Support")
+    ok("mailbox", "set-credentials", "ann@example.com", "--password-stdin", stdin=SECRET + "\n")
+    ok("mailbox", "approve", "ann@example.com")
+    ok("record", "add", "contact", "bea@customer.example", "--name", "Bea")
+    mailboxes = json.loads(ok("mailbox", "list", "--json"))
+    assert {m["email"] for m in mailboxes} == {"ann@example.com", "support@example.com"}
+    shown = json.loads(ok("mailbox", "show", "ann@example.com", "--json"))
+    assert shown["has_credentials"] and shown["email_approved"] and shown["profile_name"] == "corp"
+    profile = json.loads(ok("profile", "show", "corp", "--json"))
+    assert profile["is_default"] and profile["has_profile_secret"]
+    for verb in (("profile", "list"), ("user", "list"), ("queue", "list"), ("record", "list"), ("activity", "list")):
+        ok(*verb)
+        ok(*verb, "--json")
+    # Test & Enable reaches for a server that is not there: a clear failure, still no secret.
+    failed = cli("mailbox", "test-enable", "ann@example.com")
+    outputs.append(failed.stdout + failed.stderr)
+    assert failed.returncode == 1 and "failure" in failed.stdout
+    for text in outputs:
+        assert SECRET not in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (("user", "add", "not-an-address", "--name", "X"), "not a valid email address"),
+    (("profile", "show", "missing"), "no email server profile"),
+    (("mailbox", "show", "nobody@example.com"), "no mailbox"),
+    (("mailbox", "approve", "nobody@example.com"), "no mailbox"),
+    (("profile", "add", "p", "--type", "imap"), "incoming-host"),
+    (("mailbox", "configure", "nobody@example.com", "--tracking", "all"), "no mailbox"),
+])
+def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:
+    result = cli(*args, extra_env={"CONDUIT_LOG_LEVEL": "WARNING"})
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_second_user_with_same_address_and_missing_credentials(cli) -> None:
+    assert cli("user", "add", "dup@example.com", "--name", "A").returncode == 0
+    dup = cli("user", "add", "DUP@example.com", "--name", "B")
+    assert dup.returncode == 2 and "already exists" in dup.stderr
+    no_secret = cli("mailbox", "set-credentials", "dup@example.com", stdin="")
+    assert no_secret.returncode == 2 and "CONDUIT_MAILBOX_SECRET" in no_secret.stderr

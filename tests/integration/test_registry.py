@@ -1,0 +1,189 @@
+"""The registry against the real embedded PostgreSQL: constraints, auto-linking, and every
+exclusion of mailboxes_to_process()."""
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from shared.errors import Conflict, InvalidInput, NotFound
+from shared.registry import repository as repo
+from shared.registry.service import ProfileInput, Registry
+
+IMAP = ProfileInput(name="imap", server_type="imap", incoming_host="127.0.0.1", incoming_port=143, incoming_tls="none",
+                    outgoing_port=25, outgoing_tls="none")
+
+
+def _addr(tag: str = "u") -> str:
+    return f"{tag}-{uuid.uuid4().hex[:8]}@example.com"
+
+
+async def test_first_profile_becomes_the_only_default(registry: Registry, org) -> None:
+    first = await registry.add_profile(org, IMAP)
+    second = await registry.add_profile(org, ProfileInput(**{**IMAP.__dict__, "name": "second"}))
+    assert first.is_default and not second.is_default
+    await registry.set_default_profile(org, "second")
+    defaults = [p.name for p in await registry.profiles(org) if p.is_default]
+    assert defaults == ["second"]
+
+
+async def test_user_on_server_side_sync_gets_a_mailbox_on_the_default_profile(registry: Registry, org) -> None:
+    profile = await registry.add_profile(org, IMAP)
+    user = await registry.add_user(org, "Ann", _addr())
+    mailbox = await registry.mailbox(org, user.email)
+    assert mailbox.profile_id == profile.id and mailbox.owner_kind == "user" and mailbox.owner_id == user.id
+    queue = await registry.add_queue(org, "Support", _addr("q"))
+    assert (await registry.mailbox(org, queue.email)).profile_id == profile.id
+
+
+async def test_user_without_server_side_sync_gets_no_mailbox(registry: Registry, org) -> None:
+    await registry.add_profile(org, IMAP)
+    user = await registry.add_user(org, "Ann", _addr(), incoming="none", outgoing="none", act="none")
+    assert user.mailbox_id is None
+
+
+async def test_without_default_profile_the_mailbox_gets_an_error_alert_and_is_linked_later(registry: Registry, org) -> None:
+    user = await registry.add_user(org, "Ann", _addr())
+    mailbox = await registry.mailbox(org, user.email)
+    assert mailbox.profile_id is None
+    assert [(a.severity, a.code) for a in mailbox.alerts] == [("error", "no_default_profile")]
+    profile = await registry.add_profile(org, IMAP)
+    assert (await registry.mailbox(org, user.email)).profile_id == profile.id
+
+
+async def test_a_user_has_at_most_one_mailbox(registry: Registry, org, pool: asyncpg.Pool) -> None:
+    await registry.add_profile(org, IMAP)
+    user = await registry.add_user(org, "Ann", _addr())
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await repo.insert_mailbox(conn, {"organization_id": org.id, "name": "x", "email": _addr(), "owner_user_id": user.id})
+    queue = await registry.add_queue(org, "Q", _addr("q"))
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await repo.insert_mailbox(conn, {"organization_id": org.id, "name": "x", "email": _addr(), "owner_queue_id": queue.id})
+        with pytest.raises(asyncpg.CheckViolationError):  # never both owners
+            await repo.insert_mailbox(conn, {"organization_id": org.id, "name": "x", "email": _addr(),
+                                             "owner_user_id": uuid.uuid4(), "owner_queue_id": queue.id})
+
+
+async def test_clear_errors_for_bad_input(registry: Registry, org) -> None:
+    with pytest.raises(InvalidInput, match="not a valid email address"):
+        await registry.add_user(org, "Ann", "not-an-address")
+    email = _addr()
+    await registry.add_user(org, "Ann", email)
+    with pytest.raises(Conflict):
+        await registry.add_user(org, "Ann again", email.upper())
+    with pytest.raises(NotFound):
+        await registry.mailbox(org, "nobody@example.com")
+    with pytest.raises(InvalidInput, match="incoming-host"):
+        await registry.add_profile(org, ProfileInput(name="p", server_type="imap"))
+    with pytest.raises(InvalidInput, match="only a queue"):
+        await registry.update_mailbox(org, email, delete_after_processing=True)
+
+
+async def test_credentials_are_encrypted_at_rest(registry: Registry, org, pool: asyncpg.Pool) -> None:
+    await registry.add_profile(org, IMAP)
+    user = await registry.add_user(org, "Ann", _addr())
+    await registry.set_credentials(org, user.email, None, SecretStr("hunter2-very-secret"))
+    async with pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT secret FROM mailbox WHERE owner_user_id = $1", user.id)
+    assert b"hunter2" not in stored
+    assert registry.cipher.decrypt(stored).get_secret_value() == "hunter2-very-secret"
+    shown = (await registry.mailbox(org, user.email)).model_dump_json()
+    assert "hunter2" not in shown and '"has_credentials":true' in shown
+
+
+# --- mailboxes_to_process: every exclusion ---------------------------------------------------------
+
+async def _ready_mailbox(registry: Registry, org, *, owner: str = "user") -> uuid.UUID:
+    """A mailbox that qualifies for incoming and outgoing processing."""
+    if owner == "user":
+        email = (await registry.add_user(org, "Ann", _addr())).email
+    elif owner == "queue":
+        email = (await registry.add_queue(org, f"Q{uuid.uuid4().hex[:6]}", _addr("q"))).email
+    else:
+        email = (await registry.add_forward_mailbox(org, "Forward", _addr("fwd"))).email
+    await registry.update_mailbox(org, email, email_approved=True)
+    mailbox = await registry.mailbox(org, email)
+    for direction in ("incoming", "outgoing"):
+        await registry.record_test(mailbox.id, direction, True, "ok")
+    return mailbox.id
+
+
+async def _processed(registry: Registry, org, direction: str) -> set[uuid.UUID]:
+    return {w.id for w in await registry.mailboxes_to_process(direction, organization_id=org.id)}
+
+
+@pytest.mark.parametrize("owner", ["user", "queue", "forward"])
+async def test_a_ready_mailbox_is_processed(registry: Registry, org, owner: str) -> None:
+    await registry.add_profile(org, IMAP)
+    mailbox_id = await _ready_mailbox(registry, org, owner=owner)
+    assert mailbox_id in await _processed(registry, org, "incoming")
+    # A forward mailbox only receives; it never sends.
+    assert (mailbox_id in await _processed(registry, org, "outgoing")) == (owner != "forward")
+
+
+EXCLUSIONS = ["inactive", "no_profile", "not_approved", "not_enabled", "test_failed", "backing_off",
+              "owner_inactive", "owner_method_none"]
+
+
+async def _apply(registry: Registry, org, pool: asyncpg.Pool, mailbox_id: uuid.UUID, exclusion: str, direction: str) -> None:
+    async with pool.acquire() as conn:
+        if exclusion == "inactive":
+            await conn.execute("UPDATE mailbox SET active = false WHERE id = $1", mailbox_id)
+        elif exclusion == "no_profile":
+            await conn.execute("UPDATE mailbox SET profile_id = NULL WHERE id = $1", mailbox_id)
+        elif exclusion == "not_approved":
+            await conn.execute("UPDATE mailbox SET email_approved = false WHERE id = $1", mailbox_id)
+        elif exclusion == "not_enabled":
+            await conn.execute(f"UPDATE mailbox SET {direction}_status = 'not_run' WHERE id = $1", mailbox_id)
+        elif exclusion == "test_failed":
+            await conn.execute(f"UPDATE mailbox SET {direction}_status = 'failure' WHERE id = $1", mailbox_id)
+        elif exclusion == "backing_off":
+            await registry.record_failure(mailbox_id, direction, "connection_failed", "refused")
+        elif exclusion == "owner_inactive":
+            await conn.execute("UPDATE crm_user SET active = false WHERE id = (SELECT owner_user_id FROM mailbox WHERE id = $1)", mailbox_id)
+        elif exclusion == "owner_method_none":
+            await conn.execute(f"UPDATE crm_user SET {direction}_method = 'none' WHERE id = (SELECT owner_user_id FROM mailbox WHERE id = $1)", mailbox_id)
+
+
+@pytest.mark.parametrize("direction", ["incoming", "outgoing"])
+@pytest.mark.parametrize("exclusion", EXCLUSIONS)
+async def test_each_exclusion_keeps_a_mailbox_out(registry: Registry, org, pool: asyncpg.Pool, exclusion: str, direction: str) -> None:
+    await registry.add_profile(org, IMAP)
+    excluded = await _ready_mailbox(registry, org)
+    control = await _ready_mailbox(registry, org)
+    await _apply(registry, org, pool, excluded, exclusion, direction)
+    processed = await _processed(registry, org, direction)
+    assert excluded not in processed and control in processed
+    if exclusion in ("backing_off", "not_enabled", "test_failed", "owner_method_none"):
+        # Direction-specific: the other direction is untouched.
+        other = "outgoing" if direction == "incoming" else "incoming"
+        assert excluded in await _processed(registry, org, other)
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(EXCLUSIONS, 2)))
+async def test_every_pair_of_exclusions_keeps_a_mailbox_out(registry: Registry, org, pool: asyncpg.Pool, pair) -> None:
+    await registry.add_profile(org, IMAP)
+    excluded = await _ready_mailbox(registry, org)
+    for exclusion in pair:
+        await _apply(registry, org, pool, excluded, exclusion, "incoming")
+    assert excluded not in await _processed(registry, org, "incoming")
+
+
+async def test_back_off_grows_and_recovery_clears_it(registry: Registry, org, pool: asyncpg.Pool) -> None:
+    await registry.add_profile(org, IMAP)
+    mailbox_id = await _ready_mailbox(registry, org)
+    first = await registry.record_failure(mailbox_id, "incoming", "authentication_failed", "wrong password")
+    second = await registry.record_failure(mailbox_id, "incoming", "authentication_failed", "wrong password")
+    assert second > first
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE mailbox SET incoming_backoff_until = now() - interval '1 second' WHERE id = $1", mailbox_id)
+    assert mailbox_id in await _processed(registry, org, "incoming")  # back-off over: tried again
+    await registry.record_success(mailbox_id, "incoming")
+    mailbox = await registry.mailbox(org, str(mailbox_id))
+    assert mailbox.incoming.error_count == 0 and mailbox.incoming.backoff_until is None
+    assert [a.code for a in mailbox.alerts][:3] == ["recovered", "authentication_failed", "authentication_failed"]
