@@ -21,22 +21,18 @@ import os
 import random
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from services.evaluate.context import MailboxContext  # noqa: E402
-from services.evaluate.correlation import CorrelationSettings, make_tracking_token  # noqa: E402
-from services.evaluate.decision import evaluate  # noqa: E402
-from services.evaluate.lookups import Lookups, Party, TrackedRef, keys_for  # noqa: E402
-from services.evaluate.parsing import parse_email  # noqa: E402
+from services.evaluate.context import MailboxContext
+from services.evaluate.correlation import CorrelationSettings, make_tracking_token
+from services.evaluate.decision import evaluate
+from services.evaluate.lookups import Lookups, Party, TrackedRef, keys_for
+from services.evaluate.parsing import parse_email
 
-WORDS = (
-    "offer contract renewal meeting invoice quote proposal delivery schedule pricing discount "
-    "project update review support ticket account order shipment question answer thanks regards "
-    "please kindly attached document signed agreement next steps call tomorrow week"
-).split()
+WORDS = ["offer", "contract", "renewal", "meeting", "invoice", "quote", "proposal", "delivery", "schedule", "pricing", "discount", "project", "update", "review", "support", "ticket", "account", "order", "shipment", "question", "answer", "thanks", "regards", "please", "kindly", "attached", "document", "signed", "agreement", "next", "steps", "call", "tomorrow", "week"]
 FIRST = ["Anna", "Jörg", "Zoë", "Liam", "Mei", "Olu", "Sofía", "Priya", "Lars", "Chloé"]
 LAST = ["Müller", "Smith", "García", "Nakamura", "Okafor", "Dubois", "Rossi", "Kowalski"]
 
@@ -61,7 +57,7 @@ def make_messages(count: int, seed: int = 7) -> tuple[list[bytes], list[str]]:
     owners = [f"owner{i}@conduit.example" for i in range(20)]
     message_ids: list[str] = []
     out = []
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
     for i in range(count):
         name, addr = rng.choice(people)
         owner = rng.choice(owners)
@@ -75,14 +71,19 @@ def make_messages(count: int, seed: int = 7) -> tuple[list[bytes], list[str]]:
         if rng.random() < 0.15:
             subject = "=?utf-8?Q?" + subject.replace(" ", "_") + "_=C3=BCber?="
         date = start + timedelta(seconds=i * 37)
+        domain = addr.split("@")[1]
         headers = [
-            f"Received: from mx{rng.randint(1, 9)}.{addr.split('@')[1]} (mx.{addr.split('@')[1]} [203.0.113.{rng.randint(1, 254)}])\r\n"
-            f"\tby mail.conduit.example (Postfix) with ESMTPS id {rng.getrandbits(40):010X}\r\n"
-            f"\tfor <{owner}>; {format_datetime(date)}",
-            f"Received: from [10.0.0.{rng.randint(1, 254)}] by smtp.{addr.split('@')[1]} with ESMTPSA; {format_datetime(date)}",
-            "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=" + addr.split("@")[1] + "; s=sel;\r\n"
-            "\th=from:to:subject:date:message-id; bh=" + base64.b64encode(os.urandom(32)).decode() + ";\r\n"
-            "\tb=" + base64.b64encode(os.urandom(180)).decode(),
+            (
+                f"Received: from mx{rng.randint(1, 9)}.{domain} (mx.{domain} [203.0.113.{rng.randint(1, 254)}])\r\n"
+                f"\tby mail.conduit.example (Postfix) with ESMTPS id {rng.getrandbits(40):010X}\r\n"
+                f"\tfor <{owner}>; {format_datetime(date)}"
+            ),
+            f"Received: from [10.0.0.{rng.randint(1, 254)}] by smtp.{domain} with ESMTPSA; {format_datetime(date)}",
+            (
+                f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d={domain}; s=sel;\r\n"
+                f"\th=from:to:subject:date:message-id; bh={base64.b64encode(os.urandom(32)).decode()};\r\n"
+                f"\tb={base64.b64encode(os.urandom(180)).decode()}"
+            ),
             f"From: {_name_header(rng, name, addr)}",
             f"To: {owner}" + ("".join(f", {_name_header(rng, *rng.choice(people))}" for _ in range(rng.randint(0, 2)))),
         ]
@@ -101,9 +102,9 @@ def make_messages(count: int, seed: int = 7) -> tuple[list[bytes], list[str]]:
         if rng.random() < 0.5:
             headers.append("Thread-Topic: " + subject[:60])
             headers.append("Thread-Index: " + base64.b64encode(os.urandom(22 + 5 * rng.randint(0, 3))).decode())
-        text = "\r\n".join(_words(rng, 12) for _ in range(rng.randint(15, 25)))
+        text = "\r\n".join(_words(rng, 12) for _ in range(rng.randint(20, 36)))
         html = "<html><head><style>p{margin:0}</style></head><body>" + "".join(
-            f"<p>{_words(rng, 12)}</p>" for _ in range(rng.randint(15, 25))
+            f"<p>{_words(rng, 12)}</p>" for _ in range(rng.randint(20, 36))
         ) + "</body></html>"
         alt = (
             "--alt\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
@@ -152,14 +153,15 @@ def bench_conduit(messages: list[bytes], owners: list[str], batch: int) -> tuple
         parsed = [parse_email(raw) for raw in chunk]
         parse_time += time.perf_counter() - t0
         keys = keys_for(parsed, settings)
+        own_ids = {p.message_id for p in parsed}
         # Stand-in for the bulk queries: a third of the addresses are contacts, a few are users,
-        # half of the referenced ids are tracked.
+        # half of the ids a reply refers to are tracked.
         lookups = Lookups(
             parties_by_address={
                 a: (Party("contact" if hash(a) % 5 else "user", f"p-{a}", a),) for a in keys.addresses if hash(a) % 3 == 0
             },
             tracked_by_message_id={
-                m: TrackedRef(f"act-{m}", "opportunity", "opp-1") for m in keys.message_ids if rng.random() < 0.5
+                m: TrackedRef(f"act-{m}", "opportunity", "opp-1") for m in keys.message_ids if m not in own_ids and rng.random() < 0.5
             },
             tracked_by_token={t: TrackedRef(f"act-{t}", "account", "acc-1") for t in keys.tracking_tokens},
         )

@@ -98,3 +98,14 @@ def fail_on_internal_errors(caplog: pytest.LogCaptureFixture) -> None:
            if r.levelno >= logging.ERROR and r.name.split(".")[0] in ("shared", "services", "conduit")
            and not getattr(r, "expected", False)]
     assert not bad, "internal errors logged: " + "; ".join(r.getMessage() for r in bad)
+
+
+@pytest.fixture(scope="session")
+async def dovecot(state_dir: Path):
+    """One private Dovecot (IMAP and POP3, plaintext on loopback) for the session; tests add their own users."""
+    from conduit.peers.dovecot import Dovecot
+
+    server = Dovecot(state_dir / "dovecot")
+    await server.start()
+    yield server
+    await server.stop()

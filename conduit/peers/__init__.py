@@ -30,7 +30,17 @@ _EXPORTS = {
     "listening_ports": "conduit.peers.ports",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CaptureSmtpServer",
+    "CapturedMessage",
+    "Dovecot",
+    "DovecotError",
+    "PeerError",
+    "SmtpSink",
+    "free_port",
+    "free_ports",
+    "listening_ports",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -47,8 +47,8 @@ import pwd
 import secrets
 import select
 import signal
-import ssl
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -119,8 +119,11 @@ class SmtpSink:
         if self._process is not None:
             raise PeerError("this smtp-sink is already running")
         args = ["smtp-sink"]
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            # smtp-sink refuses to keep root privileges; it writes dumps as this user.
+            # smtp-sink run as root insists on -u: the user it becomes once it listens, and
+            # writes the dumps as.
             args += ["-u", self._run_as()]
         if self.dump_dir is not None:
             # -d: one file per transaction; "%" would be a strftime directive in the template
@@ -162,7 +165,6 @@ class SmtpSink:
     def _run_as(self) -> str:
         if self.dump_dir is None:
             return "nobody"
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
         if _world_traversable(self.dump_dir.parent):
             os.chown(self.dump_dir, pwd.getpwnam("nobody").pw_uid, -1)
             return "nobody"
@@ -330,7 +332,9 @@ class _CaptureHandler:
             if not isinstance(blob, bytes):
                 return AuthResult(success=False, handled=True)
         fields = dict(
-            part.split("=", 1) for part in blob.decode(errors="replace").split("\x01") if "=" in part
+            part.split("=", 1)
+            for part in blob.decode(errors="replace").split("\x01")
+            if "=" in part
         )
         user = fields.get("user", "")
         token = fields.get("auth", "").removeprefix("Bearer ")
@@ -363,7 +367,15 @@ class _CaptureConfig:
     require_auth: bool = False
 
     def argv(self) -> list[str]:
-        args = ["capture", "--store", str(self.store), "--host", self.host, "--port", str(self.port)]
+        args = [
+            "capture",
+            "--store",
+            str(self.store),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         if self.tls_cert and self.tls_key:
             args += ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
         if self.implicit_tls:
@@ -623,8 +635,11 @@ async def _run_capture(config: _CaptureConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m conduit.peers.smtp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m conduit.peers.smtp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     capture = commands.add_parser("capture", help="run a capture SMTP server")
     capture.add_argument("--store", type=Path, required=True)

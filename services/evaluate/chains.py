@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import rules
 from .context import TRACKING_OPTIONS, MailboxContext
 
-__all__ = ["Chain", "GUARDS", "PRELUDE", "CHAINS", "chain_for", "list_rules"]
+__all__ = ["CHAINS", "GUARDS", "PRELUDE", "Chain", "chain_for", "list_rules"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,12 +11,12 @@ from .lookups import Lookups, Party
 from .parsing import Address, ParsedEmail, normalize_email_address
 
 __all__ = [
-    "TrackingOption",
     "TRACKING_OPTIONS",
+    "EvaluationContext",
     "MailboxContext",
     "PartyMatch",
     "ResolvedParties",
-    "EvaluationContext",
+    "TrackingOption",
     "resolve_parties",
 ]
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CORRELATION_METHODS",
-    "CorrelationSettings",
     "Correlation",
+    "CorrelationSettings",
     "correlate",
     "find_tracking_token",
     "make_tracking_token",
@@ -86,7 +86,7 @@ class Correlation:
 @lru_cache(maxsize=64)
 def _token_pattern(prefix: str, digits: int) -> re.Pattern[str]:
     # The prefix must not be glued to a preceding word ("XCRM:..."), the number must be whole.
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(prefix)}\s?(\d{{{digits},}})(?!\d)", re.I)
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(prefix)}\s?(\d{{{digits},}})(?!\d)", re.IGNORECASE)
 
 
 def make_tracking_token(number: int, settings: CorrelationSettings) -> str:
@@ -119,10 +119,10 @@ _SUBJECT_PREFIX = re.compile(
     r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]"
     r"|\[[^\[\]]{0,64}\]"
     r")\s*",
-    re.I,
+    re.IGNORECASE,
 )
-_SUBJECT_SUFFIX = re.compile(r"\s*\((?:fwd|fw)\)\s*$", re.I)
-_GENERIC_TOKEN = re.compile(r"(?<![A-Za-z0-9])CRM:\s?\d{4,}(?!\d)", re.I)
+_SUBJECT_SUFFIX = re.compile(r"\s*\((?:fwd|fw)\)\s*$", re.IGNORECASE)
+_GENERIC_TOKEN = re.compile(r"(?<![A-Za-z0-9])CRM:\s?\d{4,}(?!\d)", re.IGNORECASE)
 
 
 def normalize_subject(subject: str, settings: CorrelationSettings | None = None) -> str:

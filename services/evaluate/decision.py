@@ -7,9 +7,10 @@ to the same activity instead of creating a second one.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 from .chains import chain_for
 from .context import EvaluationContext, MailboxContext, ResolvedParties
@@ -17,7 +18,7 @@ from .correlation import Correlation, CorrelationSettings
 from .lookups import Lookups, TrackedRef
 from .parsing import ParsedEmail
 
-__all__ = ["Decision", "evaluate", "evaluate_batch", "BatchItem"]
+__all__ = ["BatchItem", "Decision", "evaluate", "evaluate_batch"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,13 +13,14 @@ Contract for the fillers:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 from .correlation import CorrelationSettings, find_tracking_token, normalize_subject
 from .parsing import ParsedEmail
 
-__all__ = ["PartyKind", "Party", "TrackedRef", "LookupKeys", "Lookups", "keys_for"]
+__all__ = ["LookupKeys", "Lookups", "Party", "PartyKind", "TrackedRef", "keys_for"]
 
 PartyKind = Literal["user", "queue", "contact", "account", "lead"]
 KNOWN_RECORD_KINDS: frozenset[str] = frozenset({"contact", "account", "lead"})

@@ -31,7 +31,7 @@ import hashlib
 import html
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import getaddresses, parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import unquote
@@ -39,17 +39,17 @@ from urllib.parse import unquote
 __all__ = [
     "Address",
     "ParsedEmail",
-    "parse_email",
+    "decode_header_value",
     "forwarded_message",
     "generated_message_id",
     "normalize_email_address",
-    "decode_header_value",
+    "parse_email",
 ]
 
 PREVIEW_CHARS = 500
 # How much of a text part is decoded to build the preview: enough for 500 characters of prose
-# after whitespace is collapsed, small enough that a 10 MB text body costs nothing.
-_PREVIEW_SOURCE_BYTES = 8 * 1024
+# even quoted-printable encoded, small enough that a 10 MB text body costs nothing.
+_PREVIEW_SOURCE_BYTES = 4 * 1024
 _HTML_SOURCE_BYTES = 32 * 1024
 _MAX_MIME_PARTS = 64
 _MAX_MIME_DEPTH = 8
@@ -68,8 +68,10 @@ _SINGLE = frozenset(
     }
 )
 _MULTI = frozenset({"to", "cc", "bcc", "reply-to"})
-_WANTED = _SINGLE | _MULTI
-_PART_WANTED = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+_WANTED = tuple(sorted(_SINGLE | _MULTI))
+_PART_WANTED = ("content-type", "content-transfer-encoding", "content-disposition")
+_IDENTITY_HEADERS = ("from", "to", "cc", "date", "subject")
+_NAMES = {name.encode("ascii"): name for name in _WANTED + _PART_WANTED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +148,10 @@ def _find_header_end(raw: bytes, limit: int) -> tuple[int, int]:
         return 0, 1
     if raw[:2] == b"\r\n":
         return 0, 2
-    lf = raw.find(b"\n\n", 0, limit)
+    # CRLF first, then LF only up to where CRLF was found: a CRLF message has no "\n\n" at all and
+    # searching for it would scan the whole body.
     crlf = raw.find(b"\n\r\n", 0, limit)
+    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else limit)
     if lf < 0 and crlf < 0:
         return -1, -1
     if crlf < 0 or (0 <= lf < crlf):
@@ -155,59 +159,61 @@ def _find_header_end(raw: bytes, limit: int) -> tuple[int, int]:
     return crlf + 1, crlf + 3
 
 
-def _decode_header_bytes(head: bytes, defects: list[str]) -> str:
-    if b"\x00" in head:
-        head = head.replace(b"\x00", b"")
-        defects.append("nul_bytes")
+def _decode_value(data: bytes, defects: list[str] | None) -> str:
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"")
+        if defects is not None:
+            defects.append("nul_bytes")
     try:
-        return head.decode("utf-8")  # ASCII and RFC 6532 UTF-8 headers
+        return data.decode("utf-8")  # ASCII, and RFC 6532 UTF-8 headers
     except UnicodeDecodeError:
-        defects.append("non_utf8_header")
-    # Legacy clients put raw 8-bit (mostly windows-1252) into headers; decode line by line so
-    # that valid UTF-8 lines are not turned into mojibake by their neighbours.
-    out = []
-    for line in head.split(b"\n"):
-        try:
-            out.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            out.append(line.decode("cp1252", "replace"))
-    return "\n".join(out)
+        # Legacy clients put raw 8-bit, mostly windows-1252, into headers.
+        if defects is not None:
+            defects.append("non_utf8_header")
+        return data.decode("cp1252", "replace")
 
 
-@lru_cache(maxsize=16)
-def _header_pattern(wanted: frozenset[str]) -> re.Pattern[str]:
-    names = "|".join(re.escape(n) for n in sorted(wanted, key=len, reverse=True))
-    # A wanted header at the start of a line and its continuation lines.  One C-level pass over
-    # the block instead of a Python loop over its lines: the block is mostly trace and DKIM
-    # headers that evaluate never reads.
-    return re.compile(rf"^({names})[ \t]*:(.*(?:\n[ \t].*)*)", re.M | re.I)
+# A line that is neither a continuation, nor "name:", nor an mbox "From " line, nor blank.  The
+# pattern starts with a literal newline so the regex engine can skip ahead with a fast search.
+_MALFORMED_LINE = re.compile(rb"\n(?![ \t]|[^\s:]+[ \t]*:|from |\r?\n|\r?$)")
 
 
-# A line that is neither a continuation, nor "name:", nor an mbox "From " line, nor blank.
-_MALFORMED_LINE = re.compile(r"^(?![ \t]|[^\s:]+[ \t]*:|From |\r?$)", re.M)
+@lru_cache(maxsize=8)
+def _header_pattern(wanted: tuple[str, ...]) -> re.Pattern[bytes]:
+    # Starts with a literal newline, so the engine skips from line to line with a fast search and
+    # tries the names only at line starts; continuation lines are part of the value.
+    names = b"|".join(re.escape(n.encode("ascii")) for n in sorted(wanted, key=len, reverse=True))
+    return re.compile(rb"\n(" + names + rb")[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
 
 
 def _split_headers(
-    text: str, wanted: frozenset[str], defects: list[str] | None
+    head: bytes, wanted: tuple[str, ...], defects: list[str] | None
 ) -> dict[str, list[str]]:
-    """Unfold and split a header block, keeping only ``wanted`` names (lower-cased)."""
-    if "\r" in text and "\n" not in text:
-        text = text.replace("\r", "\n")  # classic Mac line ends
+    """Find the ``wanted`` headers (lower-case names) in a header block; unfold and decode them.
+
+    Works on bytes with one regex pass over a lower-cased copy: the block is mostly trace and DKIM
+    headers that evaluate never reads, and neither decoding nor splitting them is worth the time.
+    """
+    if b"\r" in head and b"\n" not in head:
+        head = head.replace(b"\r", b"\n")  # classic Mac line ends
+    low = b"\n" + head.lower()  # lower() only touches ASCII, so offsets stay aligned (+1)
     headers: dict[str, list[str]] = {}
-    for match in _header_pattern(wanted).finditer(text):
-        value = match.group(2)
-        if "\n" in value:  # unfold: drop the line breaks, keep the folding whitespace
-            value = value.replace("\r\n", "").replace("\n", "")
-        name = match.group(1).lower()
+    for match in _header_pattern(wanted).finditer(low):
+        start, end = match.span(2)
+        data = head[start - 1 : end - 1]
+        if b"\n" in data:  # unfold: drop the line breaks, keep the folding whitespace
+            data = data.replace(b"\r\n", b"").replace(b"\n", b"")
+        name = _NAMES[match.group(1)]
+        value = _decode_value(data.strip(), defects)
         found = headers.get(name)
         if found is None:
-            headers[name] = [value.strip()]
+            headers[name] = [value]
         else:
-            found.append(value.strip())
+            found.append(value)
     if defects is not None:
-        if text[:1] in (" ", "\t"):
+        if head[:1] in (b" ", b"\t"):
             defects.append("continuation_without_header")
-        if _MALFORMED_LINE.search(text):
+        if _MALFORMED_LINE.search(low):
             defects.append("malformed_header_line")
     return headers
 
@@ -244,7 +250,7 @@ def _decode_bytes(data: bytes, charset: str | None, defects: list[str] | None) -
     if codec is not None:
         try:
             return data.decode(codec, "replace")
-        except Exception:  # a codec's own bug must not stop the message
+        except Exception:  # noqa: BLE001, S110 - a codec's own bug must not stop the message
             pass
     elif charset and defects is not None:
         defects.append("unknown_charset")
@@ -390,7 +396,7 @@ def _parse_address_value(value: str) -> tuple[tuple[Address, ...], bool]:
     if pairs is None:
         try:
             pairs = getaddresses([value])
-        except Exception:
+        except Exception:  # noqa: BLE001 - stdlib parser bugs on hostile input mean "invalid"
             return (), True
     found: list[Address] = []
     invalid = False
@@ -468,8 +474,8 @@ def _parse_date(value: str, defects: list[str]) -> datetime | None:
     try:
         parsed = parsedate_to_datetime(value)
         if parsed.tzinfo is None:  # "-0000": zone unknown; UTC is the only honest reading
-            return parsed.replace(tzinfo=timezone.utc)
-        return parsed.astimezone(timezone.utc)
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
     except (TypeError, ValueError, IndexError, OverflowError, AttributeError):
         defects.append("invalid_date")
         return None
@@ -599,22 +605,12 @@ def _scan_entity(
                 defects.append("mime_parts_truncated")
                 return
             head_end, body_start = _find_header_end_in(body, part_start, part_end)
-            head = body[part_start:head_end]
-            headers = _split_headers(head.decode("utf-8", "replace"), _PART_WANTED, None) if head else {}
-            part_type, part_params = _content_type(_first(headers, "content-type"))
-            if ctype == "multipart/digest" and "content-type" not in headers:
+            content_type, cte, disposition = _part_headers(body[part_start:head_end])
+            part_type, part_params = _content_type(content_type)
+            if content_type is None and ctype == "multipart/digest":
                 part_type = "message/rfc822"
             _scan_entity(
-                body,
-                body_start,
-                part_end,
-                part_type,
-                part_params,
-                _first_token(_first(headers, "content-transfer-encoding") or "7bit"),
-                _first(headers, "content-disposition") or "",
-                scan,
-                depth + 1,
-                defects,
+                body, body_start, part_end, part_type, part_params, cte, disposition, scan, depth + 1, defects
             )
         return
     named = "filename" in disposition.lower() or any(k.startswith("name") for k in params)
@@ -642,6 +638,36 @@ def _scan_entity(
         scan.attachments = True  # images, PDFs, calendars, ...: content a user would call attached
 
 
+def _header_at(head: bytes, low: bytes, needle: bytes) -> str | None:
+    start = low.find(needle)
+    if start < 0:
+        return None
+    start += len(needle)
+    end = start
+    while True:
+        end = low.find(b"\n", end)
+        if end < 0:
+            end = len(low)
+            break
+        if low[end + 1 : end + 2] in (b" ", b"\t"):
+            end += 1
+            continue
+        break
+    data = head[start - 1 : end - 1].replace(b"\r", b"").replace(b"\n", b"")
+    return data.strip().decode("utf-8", "replace")
+
+
+def _part_headers(head: bytes) -> tuple[str | None, str, str]:
+    """(Content-Type, transfer encoding, Content-Disposition) of a body part's small header block."""
+    if not head:
+        return None, "7bit", ""
+    low = b"\n" + head.lower()
+    content_type = _header_at(head, low, b"\ncontent-type:") if b"\ncontent-type:" in low else None
+    cte = _header_at(head, low, b"\ncontent-transfer-encoding:") if b"encoding:" in low else None
+    disposition = _header_at(head, low, b"\ncontent-disposition:") if b"disposition:" in low else None
+    return content_type, _first_token(cte) if cte else "7bit", disposition or ""
+
+
 def _find_header_end_in(body: bytes, start: int, end: int) -> tuple[int, int]:
     """Header/body split of a body part; a part that starts with a blank line has no headers."""
     if body.startswith(b"\n", start):
@@ -649,8 +675,8 @@ def _find_header_end_in(body: bytes, start: int, end: int) -> tuple[int, int]:
     if body.startswith(b"\r\n", start):
         return start, start + 2
     limit = min(end, start + _MAX_PART_HEADER_BYTES)
-    lf = body.find(b"\n\n", start, limit)
     crlf = body.find(b"\n\r\n", start, limit)
+    lf = body.find(b"\n\n", start, crlf + 2 if crlf >= 0 else limit)
     if lf < 0 and crlf < 0:
         return start, start  # no headers we can trust; treat the part as body
     if crlf < 0 or (0 <= lf < crlf):
@@ -677,7 +703,7 @@ def _decode_transfer(data: bytes, cte: str, defects: list[str]) -> bytes:
     return data
 
 
-_HTML_DROP = re.compile(r"<(script|style|head|title)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.S | re.I)
+_HTML_DROP = re.compile(r"<(script|style|head|title)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.DOTALL | re.IGNORECASE)
 _HTML_TAG = re.compile(r"<[^>]*>")
 
 
@@ -759,7 +785,7 @@ def _parse_into(raw: bytes, max_header_bytes: int, preview_chars: int, f: dict, 
             body_start = len(raw)
     if head_end == 0:
         defects.append("no_header_block")
-    headers = _split_headers(_decode_header_bytes(raw[:head_end], defects), _WANTED, defects)
+    headers = _split_headers(raw[:head_end], _WANTED, defects)
 
     for name in _SINGLE:
         values = headers.get(name)
@@ -843,7 +869,7 @@ def forwarded_message(raw: bytes) -> bytes | None:
         head_end, body_start = _find_header_end(raw, 256 * 1024)
         if head_end < 0:
             return None
-        headers = _split_headers(raw[:head_end].decode("utf-8", "replace"), _WANTED, None)
+        headers = _split_headers(raw[:head_end], _WANTED, None)
         ctype, params = _content_type(_first(headers, "content-type"))
         scan = _BodyScan(want_preview=False)
         cte = _first_token(_first(headers, "content-transfer-encoding") or "7bit")
@@ -861,9 +887,6 @@ def forwarded_message(raw: bytes) -> bytes | None:
         return None
 
 
-_IDENTITY_HEADERS = frozenset({"from", "to", "cc", "date", "subject"})
-
-
 def generated_message_id(raw: bytes) -> str:
     """A stable Message-ID for a message that has none, so idempotency still holds.
 
@@ -877,7 +900,7 @@ def generated_message_id(raw: bytes) -> str:
         head_end, body_start = _find_header_end(raw, 256 * 1024)
         if head_end < 0:
             head_end = body_start = min(len(raw), 256 * 1024)
-        headers = _split_headers(raw[:head_end].decode("utf-8", "replace"), _IDENTITY_HEADERS, None)
+        headers = _split_headers(raw[:head_end], _IDENTITY_HEADERS, None)
         for name in ("from", "to", "cc", "date", "subject"):
             for value in headers.get(name, ()):
                 digest.update(name.encode() + b":" + " ".join(value.split()).encode("utf-8", "replace") + b"\n")

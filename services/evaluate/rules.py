@@ -14,31 +14,31 @@ known, email-enabled record and would otherwise make every such message relevant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import ClassVar
 
 from .context import EvaluationContext, PartyMatch
 from .lookups import KNOWN_RECORD_KINDS
 
 __all__ = [
-    "RuleResult",
-    "Rule",
+    "REASONS",
+    "AlreadyTracked",
+    "Correlated",
+    "FolderTracking",
+    "FromEmailEnabledRecord",
+    "FromKnownRecord",
+    "IncomingDisabled",
     "MailboxInactive",
     "MailboxNoProfile",
     "MailboxNotApproved",
-    "IncomingDisabled",
+    "NoCorrelationMatch",
+    "NotFromEmailEnabledRecord",
+    "NotFromKnownRecord",
     "QueueConversionOff",
     "ReceivedBeforeCutoff",
-    "AlreadyTracked",
-    "FolderTracking",
+    "Rule",
+    "RuleResult",
     "TrackAll",
-    "Correlated",
-    "NoCorrelationMatch",
-    "FromKnownRecord",
-    "NotFromKnownRecord",
-    "FromEmailEnabledRecord",
-    "NotFromEmailEnabledRecord",
-    "REASONS",
 ]
 
 
@@ -142,7 +142,7 @@ class QueueConversionOff(Rule):
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class ReceivedBeforeCutoff(Rule):

@@ -1,14 +1,151 @@
-"""ingest: pulls email from IMAP, POP3 and Exchange mailboxes into raw storage and `email.received`."""
+"""ingest: pulls email from IMAP and POP3 mailboxes into raw storage and `email.received`.
+
+The scheduler keeps one runner per mailbox this replica holds a lease on.  Every few seconds it
+asks the registry which mailboxes may be processed (`mailboxes_to_process("incoming")`), renews and
+claims leases (its fair share), starts runners for new mailboxes, and stops runners for mailboxes
+that were deactivated, lost their profile, went into back-off or changed settings.  In burst mode
+it syncs every mailbox it can claim once and returns (tests, one-shot runs).
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from uuid import UUID
 
+from services.ingest.leases import Leases
+from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
+from shared.metrics import MAILBOXES_LEASED
+from shared.oauth import TokenProvider
+from shared.registry.service import MailboxWork
 from shared.runtime import ServiceBase
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INGEST_PROTOCOLS = ("imap", "pop3")
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+    version: object
 
 
 class IngestService(ServiceBase):
     name = "ingest"
+    pool_size = 20
+
+    def __init__(self, settings: Settings, *, refresh_seconds: float = 5.0) -> None:
+        super().__init__(settings)
+        self.refresh_seconds = refresh_seconds
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.runners: dict[UUID, _Running] = {}
+        self._slots = ServerSlots()
+        self._tokens = TokenProvider()
+
+    def _context(self) -> RunnerContext:
+        assert self.pool is not None and self.registry is not None
+        return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens)
+
+    async def _claimed(self, leases: Leases) -> dict[UUID, MailboxWork]:
+        assert self.registry is not None
+        works = [w for w in await self.registry.mailboxes_to_process("incoming")
+                 if w.profile["server_type"] in INGEST_PROTOCOLS]
+        held = await leases.claim([w.id for w in works])
+        MAILBOXES_LEASED.set(len(held))
+        return {w.id: w for w in works if w.id in held}
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
-        if not burst:
-            await stopping.wait()
+        assert self.pool is not None
+        leases = Leases(self.pool, self.holder)
+        try:
+            if burst:
+                await self._sync_all_once(await self._claimed(leases))
+                return
+            while not stopping.is_set():
+                self._reconcile(await self._claimed(leases), stopping)
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=self.refresh_seconds)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self._stop_runners(list(self.runners))
+            await leases.release_all()
+
+    async def _sync_all_once(self, claimed: dict[UUID, MailboxWork]) -> None:
+        ctx = self._context()
+        await asyncio.gather(*(MailboxRunner(ctx, w, idle_allowed=False).sync_once() for w in claimed.values()))
+
+    def _reconcile(self, claimed: dict[UUID, MailboxWork], stopping: asyncio.Event) -> None:
+        idle_allowed = self._idle_allowance(claimed)
+        for mailbox_id, running in list(self.runners.items()):
+            work = claimed.get(mailbox_id)
+            if running.task.done() or work is None or _version(work) != running.version:
+                running.stop.set()
+                if running.task.done() or work is None:
+                    del self.runners[mailbox_id]
+        for mailbox_id, work in claimed.items():
+            running = self.runners.get(mailbox_id)
+            if running is not None and not running.stop.is_set():
+                continue
+            if running is not None and not running.task.done():
+                continue  # still finishing its previous session; started on the next pass
+            stop = asyncio.Event()
+            runner = MailboxRunner(self._context(), work, idle_allowed=idle_allowed.get(mailbox_id, False))
+            task = asyncio.create_task(runner.run(_either(stop, stopping)), name=f"mailbox-{mailbox_id}")
+            self.runners[mailbox_id] = _Running(task, stop, _version(work))
+
+    @staticmethod
+    def _idle_allowance(claimed: dict[UUID, MailboxWork]) -> dict[UUID, bool]:
+        """IDLE holds a connection for good: allow it while the server's connection budget lasts,
+        keeping one connection free for polling when there are more mailboxes than connections."""
+        by_server: dict[tuple[str, int], list[MailboxWork]] = {}
+        for w in claimed.values():
+            if w.profile["server_type"] == "imap":
+                by_server.setdefault((w.profile["incoming_host"], w.profile["incoming_port"]), []).append(w)
+        allowed: dict[UUID, bool] = {}
+        for works in by_server.values():
+            limit = works[0].profile["max_concurrent_connections"]
+            budget = limit if len(works) <= limit else limit - 1
+            for i, w in enumerate(sorted(works, key=lambda w: w.id)):
+                allowed[w.id] = i < budget
+        return allowed
+
+    async def _stop_runners(self, ids: list[UUID]) -> None:
+        running = [self.runners.pop(i) for i in ids if i in self.runners]
+        for r in running:
+            r.stop.set()
+        if running:
+            await asyncio.gather(*(r.task for r in running), return_exceptions=True)
+
+    async def readiness(self) -> dict[str, str]:
+        checks = await super().readiness()
+        checks["mailboxes"] = "ok"
+        return checks
+
+
+def _version(work: MailboxWork) -> object:
+    """What, when it changes, needs a new session: settings, credentials, profile."""
+    return (work["updated_at"], work.profile.get("updated_at"))
+
+
+
+
+def _either(a: asyncio.Event, b: asyncio.Event) -> asyncio.Event:
+    """An event set when either is set (a runner stops for its own reason or the service's)."""
+    both = asyncio.Event()
+
+    async def watch() -> None:
+        waiters = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        both.set()
+
+    both._watcher = asyncio.ensure_future(watch())  # type: ignore[attr-defined]
+    return both

@@ -89,13 +89,13 @@ class MailboxWork:
             secret = self.profile.get("profile_secret")
             if not secret:
                 raise InvalidInput("the profile uses impersonation but has no profile credentials", reason="missing_credentials")
-            return self.profile["profile_username"], self.cipher.decrypt(_bytes(secret))
+            return self.profile["profile_username"], self.cipher.decrypt(decode_bytea(secret))
         if self.row["secret"] is None:
             raise InvalidInput("the mailbox has no credentials: run `conduit mailbox set-credentials`", reason="missing_credentials")
         return self.row["username"] or self.row["email"], self.cipher.decrypt(self.row["secret"])
 
 
-def _bytes(value: Any) -> bytes:
+def decode_bytea(value: Any) -> bytes:
     # to_jsonb renders bytea as a "\\x..." hex string.
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
@@ -377,6 +377,16 @@ class Registry:
             text = f"{message} (failure {state['error_count']}; retrying after {state['backoff_until']:%H:%M:%S} UTC)"
             await self._alert(conn, row["organization_id"], mailbox_id, severity, direction, reason, text)
             return state["backoff_until"]
+
+    async def raise_alert(self, mailbox_id: UUID, severity: str, direction: str | None, code: str, message: str) -> None:
+        """An alert, unless the mailbox's latest alert already says exactly this (no repeats at every poll)."""
+        async with self._tx() as conn:
+            latest = await conn.fetchrow(
+                "SELECT code, message FROM mailbox_alert WHERE mailbox_id = $1 ORDER BY id DESC LIMIT 1", mailbox_id)
+            if latest is not None and (latest["code"], latest["message"]) == (code, message):
+                return
+            org_id = await conn.fetchval("SELECT organization_id FROM mailbox WHERE id = $1", mailbox_id)
+            await self._alert(conn, org_id, mailbox_id, severity, direction, code, message)
 
     async def record_success(self, mailbox_id: UUID, direction: str) -> None:
         """Clear a failing mailbox's errors; an information alert says it recovered."""

@@ -164,7 +164,9 @@ async def test_tls_implicit_and_starttls_verify_the_certificate(dovecot, user, t
     pop.quit()
     # A client that does not trust the test CA refuses the certificate.
     with pytest.raises(ssl.SSLCertVerificationError):
-        imaplib.IMAP4_SSL(dovecot.host, dovecot.imaps_port, ssl_context=ssl.create_default_context())
+        imaplib.IMAP4_SSL(
+            dovecot.host, dovecot.imaps_port, ssl_context=ssl.create_default_context()
+        )
 
 
 async def test_idle_push_arrives_after_append(dovecot, user):
@@ -265,6 +267,7 @@ def test_capture_auth_plain_login_xoauth2_after_starttls(tmp_path, tls):
         require_auth=True,
     )
     with server:
+
         def connect() -> smtplib.SMTP:
             client = smtplib.SMTP(server.host, server.port, timeout=10)
             client.ehlo()
@@ -297,16 +300,23 @@ def test_capture_auth_plain_login_xoauth2_after_starttls(tmp_path, tls):
             client.sendmail("carol@example.org", ["x@example.com"], make_message("oauth"))
         stored = server.messages()
         assert [(m.login, m.tls) for m in stored] == [
-            ("alice", True), ("alice", True), ("carol", True)
+            ("alice", True),
+            ("alice", True),
+            ("carol", True),
         ]
 
 
 def test_capture_implicit_tls(tmp_path, tls):
     with CaptureSmtpServer(
-        tmp_path / "store", tls_cert=tls["cert"], tls_key=tls["key"], implicit_tls=True,
+        tmp_path / "store",
+        tls_cert=tls["cert"],
+        tls_key=tls["key"],
+        implicit_tls=True,
         users={"alice": "secret"},
     ) as server:
-        with smtplib.SMTP_SSL(server.host, server.port, context=tls["client"], timeout=10) as client:
+        with smtplib.SMTP_SSL(
+            server.host, server.port, context=tls["client"], timeout=10
+        ) as client:
             client.ehlo()
             assert not client.has_extn("starttls")
             client.login("alice", "secret")
@@ -331,8 +341,18 @@ def test_capture_scripted_faults_in_a_separate_process(tmp_path):
             assert failure.value.smtp_code == 451
         # the command-line form of the control, as a test in another process would use it
         subprocess.run(
-            [sys.executable, "-m", "conduit.peers.smtp", "fault", "--store", str(store),
-             "--reply", "550", "--at", "rcpt"],
+            [
+                sys.executable,
+                "-m",
+                "conduit.peers.smtp",
+                "fault",
+                "--store",
+                str(store),
+                "--reply",
+                "550",
+                "--at",
+                "rcpt",
+            ],
             check=True,
             cwd=Path(__file__).resolve().parents[2],
         )

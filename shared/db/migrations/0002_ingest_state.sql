@@ -23,6 +23,10 @@ CREATE TABLE ingested_message (
     mailbox_id      uuid NOT NULL REFERENCES mailbox(id) ON DELETE CASCADE,
     message_key     text NOT NULL,              -- Message-ID, or the raw hash when there is none
     raw_sha256      text NOT NULL,
+    folder          text,                       -- IMAP: where it was found (for delete after processing)
+    uid             bigint,
+    uidl            text,                       -- POP3 unique id
+    removed_from_server boolean NOT NULL DEFAULT false,
     ingested_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (mailbox_id, message_key)
 );

@@ -1,0 +1,66 @@
+"""Synchronise one POP3 mailbox: UIDL bookkeeping says what is new; queues that delete after
+processing remove (DELE, committed by QUIT) what evaluate has durably decided on."""
+from __future__ import annotations
+
+import asyncpg
+
+from services.ingest import state
+from services.ingest.pop3_client import Pop3Client
+from services.ingest.publishing import Mailbox, Pulled, publish_pulled
+from shared.kafka import Publisher
+
+BATCH = 200
+
+
+class Pop3Sync:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, *, delete_after_processing: bool = False) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self._mailbox = mailbox
+        self._delete = delete_after_processing
+        self._awaiting_quit: list[str] = []
+
+    async def sync(self, client: Pop3Client) -> int:
+        listing = await client.uidl()
+        async with self._pool.acquire() as conn:
+            seen = await state.pop3_seen(conn, self._mailbox.id)
+        new = [(n, u) for n, u in sorted(listing.items()) if u not in seen]
+        published = 0
+        uidl_of = dict(new)
+        batch: list[Pulled] = []
+        async for number, raw in client.retr_many([n for n, _ in new]):
+            batch.append(Pulled(raw, None, None, uidl_of[number]))
+            if len(batch) >= BATCH:
+                published += await self._flush(batch)
+                batch = []
+        published += await self._flush(batch)
+        if self._delete:
+            await self._remove_processed(client, listing)
+        async with self._pool.acquire() as conn:
+            await state.forget_pop3_uidls(conn, self._mailbox.id, list(listing.values()))
+        return published
+
+    async def _flush(self, batch: list[Pulled]) -> int:
+        if not batch:
+            return 0
+        ingested = await publish_pulled(self._pool, self._publisher, self._mailbox, "pop3", batch)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await state.record_ingested(conn, self._mailbox.id, ingested)
+            await state.mark_pop3_seen(conn, self._mailbox.id, [p.uidl for p in batch if p.uidl])
+        return len(ingested)
+
+    async def _remove_processed(self, client: Pop3Client, listing: dict[int, str]) -> None:
+        async with self._pool.acquire() as conn:
+            done = await state.deletable(conn, self._mailbox.id)
+        number_of = {u: n for n, u in listing.items()}
+        doomed = [item for item in done if item.uidl in number_of]
+        for item in doomed:
+            await client.dele(number_of[item.uidl])
+        self._awaiting_quit = [i.message_key for i in doomed]
+
+    async def confirm_removed(self) -> None:
+        """After QUIT succeeded: DELE takes effect only then, so only then is it recorded."""
+        if self._awaiting_quit:
+            async with self._pool.acquire() as conn:
+                await state.mark_removed(conn, self._mailbox.id, self._awaiting_quit)
+            self._awaiting_quit = []

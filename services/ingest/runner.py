@@ -1,0 +1,199 @@
+"""One mailbox's life in an ingest replica: connect with its profile's settings, sync, then wait
+for news (IMAP IDLE, when a connection slot can be spared) or for the next poll.
+
+Failures become mailbox state, not crashes: a wrong password, a refused connection, a TLS error or
+a timeout records an alert, counts the error and backs the mailbox off (exponentially); the runner
+ends and the scheduler starts a new one once the back-off is over.  The first success afterwards
+records the recovery.  One mailbox's trouble never holds up another's.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.ingest.imap_client import ImapClient
+from services.ingest.imap_sync import ImapFolderSync
+from services.ingest.pop3_client import Pop3Client
+from services.ingest.pop3_sync import Pop3Sync
+from services.ingest.publishing import Mailbox
+from shared.errors import ConduitError, InvalidInput
+from shared.kafka import Publisher
+from shared.metrics import MAILBOX_FAILURES
+from shared.oauth import TokenProvider
+from shared.registry.service import MailboxWork, Registry, decode_bytea
+from shared.tls import client_context
+
+log = logging.getLogger(__name__)
+
+# RFC 2177: re-issue IDLE at least every 29 minutes; we also re-check other folders this often.
+MAX_IDLE_SECONDS = 25 * 60
+
+
+class ServerSlots:
+    """At most the profile's max concurrent connections per server, per replica."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+
+    def for_server(self, host: str, port: int, limit: int) -> asyncio.Semaphore:
+        return self._slots.setdefault((host, port), asyncio.Semaphore(limit))
+
+
+@dataclass
+class RunnerContext:
+    pool: object
+    publisher: Publisher
+    registry: Registry
+    slots: ServerSlots
+    tokens: TokenProvider
+
+
+class MailboxRunner:
+    def __init__(self, ctx: RunnerContext, work: MailboxWork, *, idle_allowed: bool) -> None:
+        self._ctx = ctx
+        self._work = work
+        self._profile = work.profile
+        self._idle_allowed = idle_allowed
+        self._mailbox = Mailbox(work.id, work.organization_id, work["owner_kind"] is None)
+        self.last_sync: datetime | None = None
+        self.failed = False
+
+    @property
+    def protocol(self) -> str:
+        return self._profile["server_type"]
+
+    @property
+    def interval(self) -> float:
+        return float(self._profile["min_polling_interval_seconds"])
+
+    def _slot(self) -> asyncio.Semaphore:
+        return self._ctx.slots.for_server(self._profile["incoming_host"], self._profile["incoming_port"],
+                                          self._profile["max_concurrent_connections"])
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Sync until stopped or until a failure puts the mailbox into back-off."""
+        while not stopping.is_set():
+            if not await self.sync_once(stopping, keep_open=self._idle_allowed):
+                return
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def sync_once(self, stopping: asyncio.Event | None = None, *, keep_open: bool = False) -> bool:
+        """One session; with ``keep_open`` (IMAP IDLE) it lasts until stopped.  False on failure."""
+        try:
+            if self.protocol == "imap":
+                await self._imap_session(stopping, keep_open)
+            elif self.protocol == "pop3":
+                await self._pop3_session()
+            else:
+                raise InvalidInput(f"incoming email over {self.protocol} is handled by exchange_sync, not ingest",
+                                   reason="unsupported_profile")
+        except ConduitError as exc:
+            await self._failed(exc.reason, exc.message)
+            return False
+        except OSError as exc:
+            await self._failed("connection_failed", f"connection error: {exc.strerror or exc}")
+            return False
+        if self.failed or self._work["incoming_error_count"]:
+            await self._ctx.registry.record_success(self._work.id, "incoming")
+            self.failed = False
+        return True
+
+    async def _failed(self, reason: str, message: str) -> None:
+        self.failed = True
+        MAILBOX_FAILURES.labels("incoming", reason).inc()
+        log.warning("mailbox %s incoming failed: %s", self._work.id, message)
+        await self._ctx.registry.record_failure(self._work.id, "incoming", reason, message)
+
+    async def _credentials(self) -> tuple[str, str, bool]:
+        """(user, secret, is_oauth_token)."""
+        profile = self._profile
+        if profile["auth_method"] == "oauth2":
+            secret = self._ctx.registry.cipher.decrypt(decode_bytea(profile["oauth_client_secret"])).get_secret_value()
+            token = await self._ctx.tokens.token(profile["oauth_token_url"], profile["oauth_client_id"], secret,
+                                                 profile.get("oauth_scope"))
+            return self._work["username"] or self._work.email, token, True
+        user, secret = self._work.login()
+        return user, secret.get_secret_value(), False
+
+    async def _imap_session(self, stopping: asyncio.Event | None, keep_open: bool) -> None:
+        profile = self._profile
+        user, secret, oauth = await self._credentials()
+        sync = ImapFolderSync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
+                              received_after=profile.get("process_email_received_after") and
+                              datetime.fromisoformat(profile["process_email_received_after"]),
+                              delete_after_processing=bool(self._work["delete_after_processing"]))
+        folders = list(self._work["tracked_folders"]) or ["INBOX"]
+        # INBOX last, so that the folder IDLE watches is the one selected when we start idling.
+        folders.sort(key=lambda f: f.upper() == "INBOX")
+        async with self._slot():
+            client = await ImapClient.connect(profile["incoming_host"], profile["incoming_port"],
+                                              tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
+            try:
+                if oauth:
+                    await client.authenticate_xoauth2(user, secret)
+                else:
+                    await client.login(user, secret)
+                await sync.sync(client, folders)
+                await self._report_missing(sync.missing_folders)
+                self.last_sync = datetime.now().astimezone()
+                if keep_open and stopping is not None and "IDLE" in client.capabilities and "INBOX" in (f.upper() for f in folders):
+                    await self._idle_loop(client, sync, folders, stopping)
+                await client.logout()
+            finally:
+                await client.close()
+
+    async def _report_missing(self, missing: set[str]) -> None:
+        for folder in sorted(missing):
+            await self._ctx.registry.raise_alert(self._work.id, "warning", "incoming", "folder_missing",
+                                                 f"the tracked folder {folder!r} does not exist on the server; it is skipped")
+
+    async def _idle_loop(self, client: ImapClient, sync: ImapFolderSync, folders: list[str], stopping: asyncio.Event) -> None:
+        inbox = next(f for f in folders if f.upper() == "INBOX")
+        others = [f for f in folders if f.upper() != "INBOX"]
+        since_full = 0.0
+        while not stopping.is_set():
+            period = min(self.interval if others else MAX_IDLE_SECONDS, MAX_IDLE_SECONDS)
+            idle = asyncio.ensure_future(client.idle(period))
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait([idle, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not idle.done():
+                idle.cancel()  # stopping: the session is closed right after
+                try:
+                    await idle
+                except (asyncio.CancelledError, ConduitError):
+                    pass
+                return
+            idle.result()  # re-raise a failure of the session
+            since_full += period
+            if others and since_full >= self.interval:
+                await sync.sync(client, others + [inbox])
+                since_full = 0.0
+            else:
+                await sync.sync_folder(client, inbox)
+            self.last_sync = datetime.now().astimezone()
+
+    async def _pop3_session(self) -> None:
+        profile = self._profile
+        user, secret, oauth = await self._credentials()
+        sync = Pop3Sync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
+                        delete_after_processing=bool(self._work["delete_after_processing"]))
+        async with self._slot():
+            client = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
+                                              tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
+            try:
+                if oauth:
+                    await client.authenticate_xoauth2(user, secret)
+                else:
+                    await client.login(user, secret)
+                await sync.sync(client)
+                await client.quit()
+                await sync.confirm_removed()
+                self.last_sync = datetime.now().astimezone()
+            finally:
+                await client.close()

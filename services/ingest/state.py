@@ -1,0 +1,99 @@
+"""Ingest's SQL: per-folder IMAP state, POP3 UIDL bookkeeping, the messages already ingested, and
+the messages a queue may now delete from the server (their decision is durable)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+from uuid import UUID
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class FolderSyncState:
+    uidvalidity: int
+    last_uid: int
+    highestmodseq: int | None
+
+
+@dataclass(frozen=True)
+class IngestedMessage:
+    message_key: str
+    raw_sha256: str
+    folder: str | None = None
+    uid: int | None = None
+    uidl: str | None = None
+
+
+async def folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: str) -> FolderSyncState | None:
+    row = await conn.fetchrow(
+        "SELECT uidvalidity, last_uid, highestmodseq FROM imap_folder_state WHERE mailbox_id = $1 AND folder = $2",
+        mailbox_id, folder,
+    )
+    return FolderSyncState(row["uidvalidity"], row["last_uid"], row["highestmodseq"]) if row else None
+
+
+async def save_folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, state: FolderSyncState) -> None:
+    await conn.execute(
+        """INSERT INTO imap_folder_state (mailbox_id, folder, uidvalidity, last_uid, highestmodseq)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (mailbox_id, folder) DO UPDATE SET uidvalidity = $3, last_uid = $4, highestmodseq = $5, updated_at = now()""",
+        mailbox_id, folder, state.uidvalidity, state.last_uid, state.highestmodseq,
+    )
+
+
+async def already_ingested(conn: asyncpg.Connection, mailbox_id: UUID, keys: Sequence[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT message_key FROM ingested_message WHERE mailbox_id = $1 AND message_key = ANY($2::text[])",
+        mailbox_id, list(keys),
+    )
+    return {r["message_key"] for r in rows}
+
+
+async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: Sequence[IngestedMessage]) -> None:
+    if not messages:
+        return
+    await conn.execute(
+        """INSERT INTO ingested_message (mailbox_id, message_key, raw_sha256, folder, uid, uidl)
+           SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
+           ON CONFLICT (mailbox_id, message_key) DO UPDATE SET folder = EXCLUDED.folder, uid = EXCLUDED.uid,
+               uidl = EXCLUDED.uidl""",
+        mailbox_id, [m.message_key for m in messages], [m.raw_sha256 for m in messages],
+        [m.folder for m in messages], [m.uid for m in messages], [m.uidl for m in messages],
+    )
+
+
+async def pop3_seen(conn: asyncpg.Connection, mailbox_id: UUID) -> set[str]:
+    rows = await conn.fetch("SELECT uidl FROM pop3_seen WHERE mailbox_id = $1", mailbox_id)
+    return {r["uidl"] for r in rows}
+
+
+async def mark_pop3_seen(conn: asyncpg.Connection, mailbox_id: UUID, uidls: Sequence[str]) -> None:
+    await conn.execute(
+        "INSERT INTO pop3_seen (mailbox_id, uidl) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+        mailbox_id, list(uidls),
+    )
+
+
+async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present: Sequence[str]) -> None:
+    """Drop bookkeeping for messages no longer on the server, so the table does not grow forever."""
+    await conn.execute("DELETE FROM pop3_seen WHERE mailbox_id = $1 AND NOT (uidl = ANY($2::text[]))", mailbox_id, list(present))
+
+
+async def deletable(conn: asyncpg.Connection, mailbox_id: UUID) -> list[IngestedMessage]:
+    """Messages evaluate has decided on (so their activity, if any, is durable), still on the server."""
+    rows = await conn.fetch(
+        """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl
+           FROM ingested_message im
+           JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
+           WHERE im.mailbox_id = $1 AND NOT im.removed_from_server""",
+        mailbox_id,
+    )
+    return [IngestedMessage(**dict(r)) for r in rows]
+
+
+async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, keys: Sequence[str]) -> None:
+    await conn.execute(
+        "UPDATE ingested_message SET removed_from_server = true WHERE mailbox_id = $1 AND message_key = ANY($2::text[])",
+        mailbox_id, list(keys),
+    )

@@ -1,0 +1,156 @@
+"""Ingest against a real Dovecot: what reaches raw storage and `email.received`, resuming, UIDVALIDITY,
+failures and back-off, POP3, and mailboxes that must not be touched."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from services.ingest.service import IngestService
+from shared.kafka import client_options, topic_name
+from shared.lifecycle import run_service
+from shared.registry.service import Registry
+from shared.settings import Settings
+from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
+
+pytestmark = pytest.mark.peers
+
+
+async def ingest_once(settings: Settings) -> None:
+    await run_service(IngestService(settings), burst=True)
+
+
+async def received(settings: Settings, expected: int, timeout: float = 15.0) -> list[dict]:
+    """All `email.received` events of this test's topic, waiting until there are ``expected``."""
+    consumer = AIOKafkaConsumer(topic_name(settings, "email.received"), **client_options(settings),
+                                group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    events: list[dict] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                events += [json.loads(r.value) for r in records]
+            if len(events) >= expected and not batch:
+                break
+    finally:
+        await consumer.stop()
+    return events
+
+
+async def test_imap_messages_are_stored_then_published_once(settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    raws = [message(f"m{i}") for i in range(30)]
+    dovecot.deliver_many(box.email, raws)
+    await ingest_once(settings)
+    events = await received(settings, 30)
+    assert len(events) == 30
+    async with pool.acquire() as conn:
+        stored = await conn.fetch("SELECT data FROM raw_message WHERE sha256 = ANY($1::text[])",
+                                  [e["data"]["raw_sha256"] for e in events])
+    assert sorted(bytes(r["data"]) for r in stored) == sorted(raws)
+    assert {e["data"]["mailbox_id"] for e in events} == {str(box.id)}
+    # A second pass resumes from the stored state: nothing new, nothing again.
+    dovecot.deliver(box.email, message("late"))
+    await ingest_once(settings)
+    events = await received(settings, 31)
+    assert len(events) == 31 and events[-1]["data"]["uid"] == 31
+
+
+async def test_uidvalidity_change_resyncs_without_duplicates(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver_many(box.email, [message(f"m{i}") for i in range(5)])
+    await ingest_once(settings)
+    async with pool.acquire() as conn:  # as if the server had rebuilt the folder
+        await conn.execute("UPDATE imap_folder_state SET uidvalidity = uidvalidity + 1 WHERE mailbox_id = $1", box.id)
+    dovecot.deliver(box.email, message("after"))
+    await ingest_once(settings)
+    events = await received(settings, 6)
+    assert len(events) == 6
+    assert len({e["data"]["message_id"] for e in events}) == 6
+
+
+async def test_message_moved_between_tracked_folders_is_not_ingested_twice(settings, registry: Registry, org, dovecot) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracked_folders=["INBOX", "Projects", "Missing"])
+    raw = message("moving")
+    dovecot.deliver(box.email, raw)
+    dovecot.deliver(box.email, message("first in projects"), folder="Projects")
+    await ingest_once(settings)
+    dovecot.deliver(box.email, raw, folder="Projects")  # the same message now in another tracked folder
+    dovecot.deliver(box.email, message("only in projects"), folder="Projects")
+    await ingest_once(settings)
+    events = await received(settings, 3)
+    assert sorted(e["data"]["folder"] for e in events) == ["INBOX", "Projects", "Projects"]
+    mailbox = await registry.mailbox(org, box.email)
+    assert mailbox.incoming.error_count == 0
+    assert [a.code for a in mailbox.alerts] == ["folder_missing"]  # once, not at every pass
+
+
+async def test_pop3_uidl_bookkeeping(settings, registry: Registry, org, dovecot) -> None:
+    await registry.add_profile(org, pop3_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver_many(box.email, [message(f"p{i}") for i in range(4)])
+    await ingest_once(settings)
+    dovecot.deliver(box.email, message("p-late"))
+    await ingest_once(settings)
+    events = await received(settings, 5)
+    assert len(events) == 5 and all(e["data"]["source"] == "pop3" and e["data"]["uidl"] for e in events)
+
+
+@pytest.mark.parametrize("change", ["inactive", "no_profile", "not_approved"])
+async def test_excluded_mailboxes_are_untouched(settings, registry: Registry, org, dovecot, pool, change: str) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver(box.email, message("never read"))
+    column = {"inactive": "active = false", "no_profile": "profile_id = NULL", "not_approved": "email_approved = false"}[change]
+    async with pool.acquire() as conn:
+        await conn.execute(f"UPDATE mailbox SET {column} WHERE id = $1", box.id)
+    await ingest_once(settings)
+    assert await received(settings, 0, timeout=1.5) == []
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM imap_folder_state WHERE mailbox_id = $1", box.id) == 0
+
+
+async def test_wrong_password_alerts_backs_off_and_recovers(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver(box.email, message("waiting"))
+    dovecot.set_password(box.email, "changed-on-the-server")
+    await ingest_once(settings)
+    mailbox = await registry.mailbox(org, box.email)
+    assert mailbox.incoming.error_count == 1 and mailbox.incoming.backoff_until is not None
+    assert mailbox.alerts[0].code == "authentication_failed"
+    assert "changed-on-the-server" not in mailbox.alerts[0].message and box.password not in mailbox.alerts[0].message
+    await ingest_once(settings)  # backing off: not even tried
+    assert (await registry.mailbox(org, box.email)).incoming.error_count == 1
+    # The server is fixed and the back-off ends: the mailbox recovers by itself.
+    dovecot.set_password(box.email, box.password)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE mailbox SET incoming_backoff_until = now() WHERE id = $1", box.id)
+    await ingest_once(settings)
+    mailbox = await registry.mailbox(org, box.email)
+    assert mailbox.incoming.error_count == 0 and mailbox.alerts[0].code == "recovered"
+    assert len(await received(settings, 1)) == 1
+
+
+async def test_refused_connection_backs_off_one_mailbox_only(settings, registry: Registry, org, dovecot) -> None:
+    from conduit.peers.ports import free_port
+
+    await registry.add_profile(org, imap_profile(dovecot))
+    await registry.add_profile(org, imap_profile(dovecot, name="dead", incoming_port=free_port()))
+    good = await ready_mailbox(registry, org, dovecot)
+    bad = await ready_mailbox(registry, org, dovecot, profile="dead")
+    dovecot.deliver(good.email, message("fine"))
+    await ingest_once(settings)
+    assert len(await received(settings, 1)) == 1
+    bad_state = await registry.mailbox(org, bad.email)
+    assert bad_state.incoming.error_count == 1 and bad_state.alerts[0].code == "connection_failed"
