@@ -9,7 +9,7 @@ subjects and names) and measures, on one core, in the same run:
 - Conduit's evaluate core: ``parse_email`` of every message, ``keys_for`` the batch, lookups filled
   as the bulk queries would, ``evaluate`` of every message.
 
-Run: ``.venv/bin/python bench/evaluate_parse.py [--count 10000] [--batch 500]``
+Run: ``.venv/bin/python bench/evaluate_parse.py [--count 10000] [--batch 500] [--rounds 3]``
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from email.utils import format_datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from services.evaluate import parsing
 from services.evaluate.context import MailboxContext
 from services.evaluate.correlation import CorrelationSettings, make_tracking_token
 from services.evaluate.decision import evaluate
@@ -177,13 +178,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     messages, owners = make_messages(args.count)
     size = sum(map(len, messages)) / len(messages)
-    print(f"{len(messages)} messages, mean size {size / 1024:.1f} KB, batch {args.batch}, one core")
-    conduit, parse_only, reasons = bench_conduit(messages, owners, args.batch)
-    default = bench_stdlib(messages, email.policy.default)
-    compat = bench_stdlib(messages, email.policy.compat32)
+    print(f"{len(messages)} messages, mean size {size / 1024:.1f} KB, batch {args.batch}, one core, best of {args.rounds}")
+    # Best of ``--rounds`` for each, interleaved, so a noisy neighbour on a shared machine does not
+    # decide the ratio.  Conduit's address caches are cleared before each round (cold start).
+    default = compat = conduit = parse_only = 0.0
+    reasons: dict[str, int] = {}
+    for round_ in range(args.rounds):
+        parsing._parse_address_value.cache_clear()
+        parsing.normalize_email_address.cache_clear()
+        total, parsed_only, reasons = bench_conduit(messages, owners, args.batch)
+        conduit, parse_only = max(conduit, total), max(parse_only, parsed_only)
+        compat = max(compat, bench_stdlib(messages, email.policy.compat32))
+        if round_ == 0:  # the slow peer: once is enough for a stable number
+            default = bench_stdlib(messages, email.policy.default)
     print(f"email.message_from_bytes(policy=default):  {default:10,.0f} msg/s")
     print(f"email.message_from_bytes(policy=compat32): {compat:10,.0f} msg/s")
     print(f"conduit parse_email only:                  {parse_only:10,.0f} msg/s")

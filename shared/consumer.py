@@ -80,6 +80,7 @@ class EventConsumer:
         self._dlq_window: list[float] = []
         self.processed = 0
         self.dead_lettered = 0
+        self._burst = False
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -110,6 +111,7 @@ class EventConsumer:
 
     async def run(self, stopping: asyncio.Event, *, burst: bool = False) -> None:
         """Consume until ``stopping`` is set; in burst mode, also return once caught up."""
+        self._burst = burst
         while not stopping.is_set():
             batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
             if not batches:
@@ -153,6 +155,8 @@ class EventConsumer:
                     log.warning("stopping with a failed batch left uncommitted on %s: %s", tp, exc)
                     return
                 attempt += 1
+                if self._burst and attempt > 3:
+                    raise  # a one-shot run reports the failure instead of retrying for ever
                 delay = min(self._max_backoff, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
                 log.warning("batch on %s failed (attempt %d), retrying in %.1fs: %s", tp, attempt, delay, exc)
                 try:

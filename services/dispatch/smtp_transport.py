@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-from shared.errors import ConnectionFailed
+from shared.errors import ConduitError, ConnectionFailed
 
 from .smtp_client import (
     SmtpAccepted,
@@ -155,7 +155,13 @@ class SmtpPool:
 
     async def _connect(self) -> SmtpConnection:
         conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)
-        await conn.open(self.credentials)
+        try:
+            await conn.open(self.credentials)
+        except ConduitError as exc:
+            # The caller tells a server it cannot reach (a mailbox-level failure) from a
+            # transaction that failed (a request-level one) by this mark.
+            exc.opening_session = True  # type: ignore[attr-defined]
+            raise
         self._open.add(conn)
         return conn
 

@@ -708,15 +708,30 @@ _HTML_TAG = re.compile(r"<[^>]*>")
 
 
 def _preview(scan: _BodyScan, limit: int, defects: list[str]) -> str:
-    source = scan.plain or scan.html
+    """Collapse the first text part into at most ``limit`` characters.
+
+    Decodes a small prefix first and widens it only when the text came out short (long HTML
+    heads, whitespace-heavy bodies): most messages need a kilobyte or two, never the whole part.
+    """
+    is_html = scan.plain is None
+    source = scan.html if is_html else scan.plain
     if source is None:
         return ""
     data, charset, cte = source
-    text = _decode_bytes(_decode_transfer(data, cte, defects), charset or "utf-8", None)
-    if source is scan.html and scan.plain is None:
-        text = html.unescape(_HTML_TAG.sub(" ", _HTML_DROP.sub(" ", text)))
-    text = " ".join(text.replace("\x00", "").split())
-    return _safe_text(text[:limit])
+    size = 2048
+    while True:
+        chunk = data[:size]
+        text = _decode_bytes(_decode_transfer(chunk, cte, defects), charset or "utf-8", None)
+        if is_html:
+            text = html.unescape(_HTML_TAG.sub(" ", _HTML_DROP.sub(" ", text)))
+        # Collapse only a window a little larger than the limit: splitting a whole part into
+        # words costs more than everything else in the preview.
+        window = " ".join(text[: limit * 2].replace("\x00", "").split())
+        if len(window) < limit and len(text) > limit * 2:  # whitespace-heavy: use all we decoded
+            window = " ".join(text.replace("\x00", "").split())
+        if len(window) >= limit or len(chunk) == len(data):
+            return _safe_text(window[:limit])
+        size *= 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,32 +759,18 @@ def parse_email(
         defects.append(f"internal_error:{type(exc).__name__}")
     if generate_missing_id and fields.get("message_id") is None:
         fields["message_id"] = generated_message_id(raw)
-    return ParsedEmail(
-        message_id=fields.get("message_id"),
-        in_reply_to=fields.get("in_reply_to", ()),
-        references=fields.get("references", ()),
-        subject=fields.get("subject", ""),
-        from_=fields.get("from_"),
-        sender=fields.get("sender"),
-        reply_to=fields.get("reply_to", ()),
-        to=fields.get("to", ()),
-        cc=fields.get("cc", ()),
-        bcc=fields.get("bcc", ()),
-        date=fields.get("date"),
-        thread_index=fields.get("thread_index"),
-        thread_root=fields.get("thread_root"),
-        thread_topic=fields.get("thread_topic"),
-        auto_submitted=fields.get("auto_submitted"),
-        precedence=fields.get("precedence"),
-        list_id=fields.get("list_id"),
-        importance=fields.get("importance"),
-        content_type=fields.get("content_type", "text/plain"),
-        preview=fields.get("preview", ""),
-        has_attachments=fields.get("has_attachments", False),
-        has_forwarded_message=fields.get("has_forwarded_message", False),
-        size=len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else 0,
-        defects=tuple(dict.fromkeys(defects)),  # de-duplicated, first-seen order
-    )
+    fields["size"] = len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else 0
+    fields["defects"] = tuple(dict.fromkeys(defects))  # de-duplicated, first-seen order
+    return ParsedEmail(**{**_EMPTY, **fields})
+
+
+# What a field is when its header is absent (or parsing stopped before reaching it).
+_EMPTY: dict = {
+    "message_id": None, "in_reply_to": (), "references": (), "subject": "", "from_": None, "sender": None,
+    "reply_to": (), "to": (), "cc": (), "bcc": (), "date": None, "thread_index": None, "thread_root": None,
+    "thread_topic": None, "auto_submitted": None, "precedence": None, "list_id": None, "importance": None,
+    "content_type": "text/plain", "preview": "", "has_attachments": False, "has_forwarded_message": False,
+}
 
 
 def _parse_into(raw: bytes, max_header_bytes: int, preview_chars: int, f: dict, defects: list[str]) -> None:
@@ -787,9 +788,8 @@ def _parse_into(raw: bytes, max_header_bytes: int, preview_chars: int, f: dict, 
         defects.append("no_header_block")
     headers = _split_headers(raw[:head_end], _WANTED, defects)
 
-    for name in _SINGLE:
-        values = headers.get(name)
-        if values is not None and len(values) > 1:
+    for name, values in headers.items():
+        if len(values) > 1 and name in _SINGLE:
             defects.append(f"duplicate_header:{name}")
 
     value = _first(headers, "message-id")

@@ -1,14 +1,258 @@
-"""evaluate: decides which received email matters, correlates it and records email activities."""
+"""evaluate: decides which received email matters, correlates it and records email activities.
+
+One consumer batch of `email.received` is one unit of work: raw bytes loaded in one query, every
+message parsed, the batch's lookup keys resolved with one query per kind, the rule chains run in
+memory, and one transaction records the activities (one per Message-ID per organization), the
+mailboxes they came through, every decision (tracked or not, with its rule and reason) and the
+`activity.created` events (outbox).  Offsets are committed after that transaction, so a crash
+replays the batch, and the natural keys make the replay a no-op.
+"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Sequence
+from uuid import UUID
 
+from services.evaluate import repository as repo
+from services.evaluate.context import MailboxContext
+from services.evaluate.correlation import CorrelationSettings, find_tracking_token, normalize_subject
+from services.evaluate.decision import BatchItem, Decision, evaluate_batch
+from services.evaluate.lookups import keys_for
+from services.evaluate.parsing import ParsedEmail, forwarded_message, parse_email
+from shared.consumer import Delivery, EventConsumer, Rejection
+from shared.errors import InvalidInput
+from shared.events.envelope import Envelope
+from shared.events.payloads import ActivityCreatedV1, RegardingRef
+from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED
+from shared.metrics import ACTIVITIES_CREATED, DECISIONS
+from shared.mime import message_key
+from shared.outbox import enqueue_many
+from shared.rawstore import load_raw
 from shared.runtime import ServiceBase
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GROUP = "conduit-evaluate"
+
+
+@dataclass
+class _Item:
+    """One received message on its way through the batch."""
+
+    delivery: Delivery
+    mailbox_id: UUID          # the mailbox it is evaluated for (the forwarder's, for a forward mailbox)
+    organization_id: UUID
+    message_id: str
+    raw_sha256: str
+    parsed: ParsedEmail | None = None
+    context: MailboxContext | None = None
+    settings: CorrelationSettings | None = None
+    decision: Decision | None = None
+    # A forward mailbox message that could not be attributed: decided without the chains.
+    attribution_failure: tuple[str, str] | None = None
 
 
 class EvaluateService(ServiceBase):
     name = "evaluate"
 
+    def __init__(self, settings: Settings, *, max_batch: int = 500) -> None:
+        super().__init__(settings)
+        self.max_batch = max_batch
+        self.consumer: EventConsumer | None = None
+
+    async def on_start(self) -> None:
+        self.consumer = EventConsumer(self.settings, EMAIL_RECEIVED, group_id=GROUP, handler=self.handle,
+                                      publisher=self.publisher, max_batch=self.max_batch)
+        await self.consumer.start()
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
-        if not burst:
-            await stopping.wait()
+        assert self.consumer is not None
+        await self.consumer.run(stopping, burst=burst)
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
+        assert self.pool is not None
+        rejections: list[Rejection] = []
+        async with self.pool.acquire() as conn:
+            raws = await load_raw(conn, [d.event.data.raw_sha256 for d in deliveries])
+            mailboxes = await repo.mailbox_rows(conn, [d.event.data.mailbox_id for d in deliveries])
+        items: list[_Item] = []
+        for d in deliveries:
+            data = d.event.data
+            raw = raws.get(data.raw_sha256)
+            mailbox = mailboxes.get(data.mailbox_id)
+            if raw is None:
+                rejections.append(Rejection(d, InvalidInput(f"raw message {data.raw_sha256} is not in the raw store", reason="raw_missing")))
+                continue
+            if mailbox is None or mailbox["organization_id"] != d.event.organization_id:
+                rejections.append(Rejection(d, InvalidInput(f"unknown mailbox {data.mailbox_id}", reason="unknown_mailbox")))
+                continue
+            items.append(_Item(d, data.mailbox_id, mailbox["organization_id"], data.message_id or message_key(raw), data.raw_sha256))
+            items[-1].parsed = parse_email(raw)
+        await self._attribute_forwarded(items, mailboxes, raws)
+        by_org: dict[UUID, list[_Item]] = defaultdict(list)
+        for item in items:
+            by_org[item.organization_id].append(item)
+        async with self.pool.acquire() as conn:
+            for org_id, org_items in by_org.items():
+                await self._decide(conn, org_items, mailboxes)
+            async with conn.transaction():
+                await self._record(conn, items)
+        return rejections
+
+    async def _attribute_forwarded(self, items: list[_Item], mailboxes: dict, raws: dict[str, bytes]) -> None:
+        """A forward mailbox's message belongs to the user or queue that forwarded it, if that user or
+        queue uses the forward mailbox as its delivery method and is active; never to anyone else."""
+        assert self.pool is not None
+        forwarded = [i for i in items if mailboxes[i.mailbox_id]["owner_kind"] is None]
+        if not forwarded:
+            return
+        async with self.pool.acquire() as conn:
+            for org_id in {i.organization_id for i in forwarded}:
+                senders = [i.delivery.event.data.forwarded_by for i in forwarded if i.organization_id == org_id and i.delivery.event.data.forwarded_by]
+                found = await repo.forwarders(conn, org_id, senders) if senders else {}
+                extra = [f["mailbox_id"] for f in found.values() if f["mailbox_id"] and f["mailbox_id"] not in mailboxes]
+                if extra:
+                    mailboxes.update(await repo.mailbox_rows(conn, extra))
+                for item in (i for i in forwarded if i.organization_id == org_id):
+                    sender = (item.delivery.event.data.forwarded_by or "").lower()
+                    who = found.get(sender)
+                    if who is None or who["incoming_method"] != "forward_mailbox" or who["mailbox_id"] is None:
+                        item.attribution_failure = ("forwarder_unknown",
+                            f"Not tracked: the forward mailbox received this from {sender or 'an unknown sender'}, "
+                            "which is no user or queue whose incoming email is delivered through a forward mailbox.")
+                        continue
+                    if not who["active"]:
+                        item.attribution_failure = ("forwarder_inactive",
+                            f"Not tracked: {sender} forwarded it, but that user or queue is inactive.")
+                        continue
+                    inner = forwarded_message(raws[item.raw_sha256])
+                    if inner is not None:  # forwarded as an attachment: the inner message is the email
+                        item.parsed = parse_email(inner)
+                        item.message_id = message_key(inner)
+                    item.mailbox_id = who["mailbox_id"]
+
+    async def _decide(self, conn, items: list[_Item], mailboxes: dict) -> None:
+        org_row = mailboxes[items[0].delivery.event.data.mailbox_id]
+        settings = CorrelationSettings(
+            order=tuple(org_row["correlation_order"]), tracking_token_enabled=org_row["tracking_token_enabled"],
+            tracking_token_prefix=org_row["tracking_token_prefix"], tracking_token_digits=org_row["tracking_token_digits"],
+            smart_matching=org_row["smart_matching"],
+        )
+        batch = []
+        for item in items:
+            item.settings = settings
+            if item.attribution_failure:
+                continue
+            assert item.parsed is not None
+            # One identity everywhere: the Message-ID key ingest computed (or a hash when there is none).
+            item.parsed = replace(item.parsed, message_id=item.message_id)
+            item.context = _context(mailboxes[item.mailbox_id], forwarded=item.mailbox_id != item.delivery.event.data.mailbox_id)
+            batch.append(item)
+        lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings))
+        decisions = evaluate_batch(
+            [BatchItem(i.parsed, i.context, i.delivery.event.data.received_at) for i in batch],  # type: ignore[arg-type]
+            lookups, settings, lambda _: str(uuid.uuid4()),
+        )
+        for item, decision in zip(batch, decisions):
+            item.decision = decision
+
+    async def _record(self, conn, items: list[_Item]) -> None:
+        activities: dict[tuple[UUID, str], repo.ActivityRow] = {}
+        for item in items:
+            d = item.decision
+            if d is None or not d.creates_activity or (item.organization_id, item.message_id) in activities:
+                continue
+            p = item.parsed
+            assert p is not None and item.settings is not None
+            regarding_kind, regarding_id = d.regarding or (None, None)
+            activities[(item.organization_id, item.message_id)] = repo.ActivityRow(
+                id=UUID(d.activity_id), organization_id=item.organization_id, message_id=item.message_id,
+                direction=d.direction, subject=p.subject, normalized_subject=normalize_subject(p.subject, item.settings),
+                from_address=p.from_.email if p.from_ else None, to_addresses=[a.email for a in p.to],
+                cc_addresses=[a.email for a in p.cc], parties=_parties(d), regarding_kind=regarding_kind,
+                regarding_id=_uuid(regarding_id), tracking_token=find_tracking_token(p.subject, item.settings),
+                thread_root=p.thread_root, correlated_by=d.correlation.method if d.correlation else None,
+                raw_sha256=item.raw_sha256, preview=p.preview,
+            )
+        ids, created = await repo.insert_activities(conn, list(activities.values()))
+        links, decisions, decision_activities = [], [], []
+        for item in items:
+            d = item.decision
+            activity_id = ids.get((item.organization_id, item.message_id)) if d and d.tracked else None
+            if d is not None and d.tracked and activity_id is None and d.activity_id:
+                activity_id = UUID(d.activity_id)  # already tracked before this batch
+            if activity_id is not None:
+                links.append((activity_id, item.mailbox_id))
+            tracked, rule, reason, explanation = (
+                (d.tracked, d.rule, d.reason, d.explanation) if d is not None
+                else (False, "forward_attribution", *item.attribution_failure)  # type: ignore[misc]
+            )
+            decisions.append(repo.DecisionRow(item.organization_id, item.mailbox_id, item.message_id, tracked, rule, reason,
+                                              explanation, item.parsed.subject if item.parsed else "",
+                                              item.parsed.from_.email if item.parsed and item.parsed.from_ else None))
+            decision_activities.append(activity_id)
+            DECISIONS.labels(str(tracked).lower(), reason).inc()
+        await repo.link_mailboxes(conn, links)
+        await repo.record_decisions(conn, decisions, decision_activities)
+        mailboxes_of: dict[UUID, list[UUID]] = defaultdict(list)
+        for activity_id, mailbox_id in links:
+            mailboxes_of[activity_id].append(mailbox_id)
+        events = []
+        for row in activities.values():
+            if row.id not in created:
+                continue
+            event = Envelope[ActivityCreatedV1](
+                type=ACTIVITY_CREATED.name, schema_version=1, producer="evaluate", organization_id=row.organization_id,
+                data=ActivityCreatedV1(
+                    activity_id=row.id, message_id=row.message_id, direction=row.direction,
+                    status="sent" if row.direction == "outgoing" else "received", subject=row.subject,
+                    from_address=row.from_address, to_addresses=row.to_addresses, cc_addresses=row.cc_addresses,
+                    mailbox_ids=mailboxes_of[row.id],
+                    regarding=RegardingRef(kind=row.regarding_kind, id=row.regarding_id) if row.regarding_kind and row.regarding_id else None,
+                    correlated_by=row.correlated_by, raw_sha256=row.raw_sha256,
+                ),
+            )
+            events.append((ACTIVITY_CREATED.name, str(row.organization_id), event))
+            ACTIVITIES_CREATED.labels(row.direction).inc()
+        await enqueue_many(conn, events)
+
+
+def _context(row, *, forwarded: bool) -> MailboxContext:
+    if forwarded:
+        # Reached through the forward mailbox: the forwarder's own mailbox holds the options; it is
+        # not polled itself, so its incoming status does not apply.
+        incoming_enabled = row["owner_incoming_method"] == "forward_mailbox"
+    else:
+        incoming_enabled = row["incoming_status"] == "success" and (
+            row["owner_kind"] is None or row["owner_incoming_method"] == "server_side_sync")
+    return MailboxContext(
+        mailbox_id=str(row["id"]), owner_kind=row["owner_kind"], owner_id=str(row["owner_id"]) if row["owner_id"] else None,
+        owner_email=row["email"], active=row["active"] and row["owner_active"], has_profile=row["has_profile"] or forwarded,
+        approved=row["email_approved"], incoming_enabled=incoming_enabled, tracking=row["tracking"],
+        convert=row["convert_to_activities"], received_after=row["received_after"],
+    )
+
+
+def _parties(d: Decision) -> list[dict]:
+    out = []
+    for role, matches in (("from", (d.parties.from_,) if d.parties.from_ else ()), ("to", d.parties.to), ("cc", d.parties.cc)):
+        for m in matches:
+            out.append({"role": role, "email": m.address.email,
+                        "records": [{"kind": p.kind, "id": p.id} for p in m.parties]})
+    return out
+
+
+def _uuid(value: str | None) -> UUID | None:
+    try:
+        return UUID(value) if value else None
+    except ValueError:
+        return None

@@ -247,7 +247,9 @@ class Registry:
             row = await repo.insert_user(conn, org.id, full_name, email, incoming, outgoing, act)
             await self._changed(conn, org.id, "user", row["id"], "created", {"email": email, "full_name": full_name})
             mailbox_id = None
-            if "server_side_sync" in (incoming, outgoing, act):
+            # A forward-mailbox user gets a mailbox too: it is never polled, but holds the tracking
+            # options for the mail the forward mailbox receives on the user's behalf.
+            if "server_side_sync" in (incoming, outgoing, act) or incoming == "forward_mailbox":
                 mailbox_id = await self._auto_mailbox(conn, org, name=full_name, email=email, owner_user_id=row["id"])
             return models.User(**dict(row), mailbox_id=mailbox_id)
 
@@ -263,7 +265,7 @@ class Registry:
             row = await repo.insert_queue(conn, org.id, name, email, incoming, outgoing)
             await self._changed(conn, org.id, "queue", row["id"], "created", {"email": email, "name": name})
             mailbox_id = None
-            if "server_side_sync" in (incoming, outgoing):
+            if "server_side_sync" in (incoming, outgoing) or incoming == "forward_mailbox":
                 mailbox_id = await self._auto_mailbox(conn, org, name=name, email=email, owner_queue_id=row["id"])
             return models.Queue(**dict(row), mailbox_id=mailbox_id)
 

@@ -27,11 +27,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime, getaddresses, make_msgid, parsedate_to_datetime
-from datetime import datetime, timezone
 
 # (distinguished id, display name, folder class, parent distinguished id): the folders every mailbox has.
 WELL_KNOWN_FOLDERS = (
@@ -60,7 +60,7 @@ def new_id() -> str:
 
 
 def utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc).replace(microsecond=0)
+    return datetime.fromtimestamp(ts, UTC).replace(microsecond=0)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class Item:
             sender=sender, from_=from_, to=_addresses(msg.get_all("To")), cc=_addresses(msg.get_all("Cc")),
             bcc=_addresses(msg.get_all("Bcc")), reply_to=_addresses(msg.get_all("Reply-To")),
             headers=[(k, str(v)) for k, v in msg.items()], attachments=attachments,
-            date_sent=sent.astimezone(timezone.utc) if sent.tzinfo else sent.replace(tzinfo=timezone.utc),
+            date_sent=sent.astimezone(UTC) if sent.tzinfo else sent.replace(tzinfo=UTC),
             date_received=now, date_created=now,
             in_reply_to=str(msg["In-Reply-To"]) if msg["In-Reply-To"] else None, references=refs,
             conversation_id=_conversation_id(refs, msg["Message-ID"]),

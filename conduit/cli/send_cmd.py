@@ -1,0 +1,177 @@
+"""`conduit send`: request an email through a mailbox, as any system would, on `email.outbound`.
+
+It builds an ``EmailOutboundV1`` event from the options, publishes it and prints the idempotency
+key.  With ``--wait`` it follows ``email.status`` until the request's final status (sent, failed or
+rejected) and prints it; the exit code is 0 only when the email was sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+
+from conduit.cli.output import emit_json, fail, fields
+from conduit.cli.runner import load_settings, org_option, run
+from conduit.context import command_context
+
+FINAL = ("sent", "failed", "rejected")
+
+
+def send(
+    to: list[str] = typer.Option([], "--to", help="Recipient (repeat for several)."),
+    cc: list[str] = typer.Option([], "--cc", help="Cc recipient (repeatable)."),
+    bcc: list[str] = typer.Option([], "--bcc", help="Bcc recipient (repeatable)."),
+    sender: Optional[str] = typer.Option(None, "--from", help="Address of the sending user, queue or mailbox."),
+    mailbox: Optional[str] = typer.Option(None, "--mailbox", help="Id of the sending mailbox (instead of --from)."),
+    subject: str = typer.Option("", "--subject", "-s"),
+    text: Optional[str] = typer.Option(None, "--text", help="Plain-text body."),
+    html: Optional[str] = typer.Option(None, "--html", help="HTML body."),
+    header: list[str] = typer.Option([], "--header", "-H", help="Extra header 'Name: value' (allow-list: docs/dispatch.md)."),
+    key: Optional[str] = typer.Option(None, "--key", help="Idempotency key (default: a new one); one send per key."),
+    regarding: Optional[str] = typer.Option(None, "--regarding", help="The record it regards, as KIND:ID."),
+    no_track: bool = typer.Option(False, "--no-track", help="Do not record an outgoing email activity."),
+    deadline: Optional[datetime] = typer.Option(None, "--deadline", help="Stop retrying after this time (ISO 8601, with zone)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the final status and print it."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds --wait waits."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON."),
+    org: str = org_option(),
+) -> None:
+    """Send an email through a mailbox: publish an email.outbound request (exactly one send per key)."""
+    from shared.events.envelope import Envelope
+    from shared.events.payloads import EmailOutboundV1
+
+    extra: dict[str, str] = {}
+    for item in header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise fail(f"--header needs 'Name: value', got {item!r}")
+        extra[name.strip()] = value.strip()
+    data: dict[str, Any] = {
+        "idempotency_key": key or f"cli-{uuid.uuid4().hex}", "to": to, "cc": cc, "bcc": bcc, "subject": subject,
+        "text": text, "html": html, "headers": extra, "track": not no_track, "deadline": deadline,
+    }
+    if mailbox:
+        data["mailbox_id"] = mailbox
+    if sender:
+        data["sender_email"] = sender
+    if regarding:
+        kind, sep, rid = regarding.partition(":")
+        if not sep:
+            raise fail("--regarding needs KIND:ID, e.g. account:1c2d3e4f-...")
+        data["regarding"] = {"kind": kind, "id": rid}
+    try:
+        payload = EmailOutboundV1.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise fail(f"{'.'.join(str(p) for p in first['loc']) or 'request'}: {first['msg']}") from None
+
+    async def go() -> int:
+        from shared.kafka import Publisher, ensure_topics
+
+        settings = load_settings()
+        async with command_context(settings, org) as ctx:
+            event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer="conduit send",
+                                              organization_id=ctx.org.id, data=payload)
+            await ensure_topics(settings)
+            follower = _StatusFollower(settings) if wait else None
+            if follower is not None:
+                await follower.start()
+            publisher = Publisher(settings, client_id="conduit-send")
+            await publisher.start()
+            try:
+                await publisher.publish("email.outbound", event, payload.idempotency_key)
+            finally:
+                await publisher.stop()
+            if follower is None:
+                emit_json({"idempotency_key": payload.idempotency_key, "event_id": str(event.event_id)}) if json_ \
+                    else typer.echo(payload.idempotency_key)
+                return 0
+            try:
+                status = await follower.final(payload.idempotency_key, timeout)
+            finally:
+                await follower.stop()
+            if status is None:
+                status = await _from_ledger(ctx.pool, ctx.org.id, payload.idempotency_key)
+            if status is None:
+                typer.echo(payload.idempotency_key)
+                raise fail(f"no final status within {timeout:.0f} s (is the dispatch service running?)", code=1)
+            if json_:
+                emit_json(status)
+            else:
+                typer.echo(payload.idempotency_key)
+                fields([(k, v) for k, v in status.items() if v not in (None, "", 0) or k == "status"])
+            return 0 if status["status"] == "sent" else 1
+
+    code = run(go)
+    if code:
+        raise typer.Exit(code)
+
+
+class _StatusFollower:
+    """Reads email.status from the offsets it had before the request was published."""
+
+    def __init__(self, settings: Any) -> None:
+        self._settings = settings
+        self._consumer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from shared.kafka import client_options, topic_name
+
+        name = topic_name(self._settings, "email.status")
+        self._consumer = AIOKafkaConsumer(**client_options(self._settings), enable_auto_commit=False)
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(name)
+        if not partitions:
+            await self._consumer._client.force_metadata_update()  # aiokafka: no public refresh
+            partitions = self._consumer.partitions_for_topic(name) or set()
+        tps = [TopicPartition(name, p) for p in partitions]
+        self._consumer.assign(tps)
+        ends = await self._consumer.end_offsets(tps)
+        for tp in tps:
+            self._consumer.seek(tp, ends[tp])
+
+    async def final(self, key: str, timeout: float) -> dict[str, Any] | None:
+        from shared.events.envelope import Envelope
+        from shared.events.payloads import EmailStatusV1
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    event = Envelope[EmailStatusV1].model_validate_json(record.value)
+                    if event.data.idempotency_key == key and event.data.status in FINAL:
+                        return event.data.model_dump(mode="json")
+        return None
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def _from_ledger(pool: Any, org_id: uuid.UUID, key: str) -> dict[str, Any] | None:
+    """A key used before publishes no new status: its final one is in the send ledger."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT idempotency_key, status, id AS request_id, mailbox_id, reason, detail, smtp_code, smtp_reply,
+                      message_id, activity_id, attempts AS attempt
+               FROM outbound_email WHERE organization_id = $1 AND idempotency_key = $2""", org_id, key)
+    if row is None or row["status"] not in FINAL:
+        return None
+    return {k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in dict(row).items()}
+
+
+def main() -> None:
+    """`python -m conduit.cli.send_cmd`: the command on its own (the same as `conduit send`)."""
+    typer.run(send)
+
+
+if __name__ == "__main__":
+    main()

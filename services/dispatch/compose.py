@@ -1,0 +1,236 @@
+"""From a validated request to the bytes that go on the wire, and every reason to refuse one.
+
+Rules are data (``HEADER_ALLOW_LIST``) and small functions; everything here is pure, so unit tests
+run it on plain values.  The MIME is built by ``email.message.EmailMessage`` under
+``email.policy.SMTP``: the policy refuses CR or LF in any header value, so even a value that got
+past the payload model cannot inject a header.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, getaddresses
+from datetime import datetime, timezone
+from typing import Any
+
+from shared.errors import InvalidInput
+from shared.events.fields import is_email_address
+from shared.events.payloads import EmailOutboundV1
+
+# Headers a requester may set.  Everything else (From, Sender, To, Cc, Bcc, Subject, Date,
+# Message-ID, MIME and Content-* headers, Received, Return-Path, signatures) is ours to write.
+HEADER_ALLOW_LIST: frozenset[str] = frozenset({
+    "reply-to",                 # addresses, validated
+    "in-reply-to", "references",  # thread a reply (correlation reads them back)
+    "list-unsubscribe", "list-unsubscribe-post", "list-id",
+    "auto-submitted", "precedence", "importance", "priority", "sensitivity",
+})
+# Any custom X- header is allowed too, except our own namespace.
+RESERVED_PREFIX = "x-conduit-"
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext, and short enough to fold
+_MSG_ID = re.compile(r"^<[^<>\s@]+@[^<>\s@]+>$")
+
+
+def header_allowed(name: str) -> bool:
+    lower = name.lower()
+    if not _HEADER_NAME.match(name) or lower.startswith(RESERVED_PREFIX):
+        return False
+    return lower in HEADER_ALLOW_LIST or lower.startswith("x-")
+
+
+def check_headers(headers: dict[str, str]) -> None:
+    """Refuse a header outside the allow-list, or a value that cannot be what it claims."""
+    seen: set[str] = set()
+    for name, value in headers.items():
+        lower = name.lower()
+        if not header_allowed(name):
+            raise InvalidInput(f"header {name[:80]!r} is not allowed (see docs/dispatch.md for the allow-list)",
+                               reason="header_not_allowed")
+        if lower in seen:
+            raise InvalidInput(f"header {name!r} given twice", reason="header_not_allowed")
+        seen.add(lower)
+        if len(value) > 998:
+            raise InvalidInput(f"header {name!r} is longer than 998 characters", reason="header_too_long")
+        if lower == "reply-to":
+            addresses = [a for _, a in getaddresses([value])]
+            if not addresses or not all(is_email_address(a) for a in addresses):
+                raise InvalidInput("Reply-To must be a list of email addresses", reason="bad_address")
+        if lower in ("in-reply-to", "references"):
+            ids = value.split()
+            if not ids or not all(_MSG_ID.match(i) for i in ids):
+                raise InvalidInput(f"{name} must be message ids in angle brackets", reason="bad_header")
+
+
+def estimated_size(request: EmailOutboundV1) -> int:
+    """An upper-bound estimate before building: bodies, base64 attachments, headers."""
+    size = 2048 + len(request.subject) * 3 + sum(len(k) + len(v) + 4 for k, v in request.headers.items())
+    for body in (request.text, request.html):
+        if body:
+            size += len(body.encode("utf-8", "surrogatepass")) * 4 // 3 + 200
+    for attachment in request.attachments:
+        size += len(attachment.content_base64 or "") + 400
+    return size
+
+
+def check_size(request: EmailOutboundV1, limit: int) -> None:
+    if estimated_size(request) > limit:
+        raise InvalidInput(f"the message would exceed the size limit of {limit} bytes", reason="too_large")
+
+
+def recipients(request: EmailOutboundV1) -> list[str]:
+    """Envelope recipients: to, cc and bcc, each once (case-insensitively), in order."""
+    seen: dict[str, str] = {}
+    for address in (*request.to, *request.cc, *request.bcc):
+        seen.setdefault(address.lower(), address)
+    return list(seen.values())
+
+
+def message_id_for(request_id: Any, sender: str) -> str:
+    """The Message-ID we generate (without brackets): unique per ledger row, domain of the sender."""
+    domain = sender.rsplit("@", 1)[-1]
+    return f"conduit.{request_id.hex}@{domain}"
+
+
+@dataclass(frozen=True)
+class Composed:
+    raw: bytes
+    envelope_from: str
+    recipients: list[str]
+
+
+def compose(
+    request: EmailOutboundV1,
+    *,
+    sender_email: str,
+    sender_name: str | None,
+    subject: str,
+    message_id: str,
+    attachments: dict[str, bytes] | None = None,
+    date: datetime | None = None,
+    max_bytes: int | None = None,
+    bcc_header: bool = False,
+) -> Composed:
+    """The MIME message for a request, sent as the mailbox owner (From = the mailbox address)."""
+    date = date or datetime.now(timezone.utc)
+    fast = _compose_plain(request, sender_email, sender_name, subject, message_id, date, bcc_header)
+    if fast is not None:
+        raw = fast
+    else:
+        raw = _compose_mime(request, sender_email=sender_email, sender_name=sender_name, subject=subject,
+                            message_id=message_id, attachments=attachments, date=date, bcc_header=bcc_header)
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InvalidInput(f"the message is {len(raw)} bytes, over the limit of {max_bytes}", reason="too_large")
+    return Composed(raw, sender_email, recipients(request))
+
+
+# Printable ASCII only: no CR, LF, NUL or any other control character can pass.
+_PLAIN_VALUE = re.compile(r"^[ -~]{0,900}$")
+_ATEXT_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]{0,200}$")
+
+
+def _compose_plain(request: EmailOutboundV1, sender_email: str, sender_name: str | None, subject: str,
+                   message_id: str, date: datetime, bcc_header: bool = False) -> bytes | None:
+    """The common case without the email package's header parser (about 20x faster).
+
+    Only a text-only (or html-only) 7-bit message whose every header value is printable ASCII
+    short enough not to need folding takes this path; the output is byte for byte what
+    ``_compose_mime`` writes for it (a unit test holds them equal).  Anything else returns None.
+    """
+    if request.attachments or (request.text is not None and request.html is not None):
+        return None
+    body, subtype = (request.text, "plain") if request.text is not None else (request.html or "", "html")
+    if _cte(body) != "7bit":
+        return None
+    name = (sender_name or "").strip()
+    if not _ATEXT_NAME.match(name) or name != " ".join(name.split()):
+        return None
+    headers = [("From", f"{name} <{sender_email}>" if name else sender_email)]
+    if request.to:
+        headers.append(("To", ", ".join(request.to)))
+    if request.cc:
+        headers.append(("Cc", ", ".join(request.cc)))
+    if bcc_header and request.bcc:
+        headers.append(("Bcc", ", ".join(request.bcc)))
+    headers += [("Subject", subject), ("Date", format_datetime(date)), ("Message-ID", f"<{message_id}>")]
+    headers += list(request.headers.items())
+    lines = []
+    for hname, value in headers:
+        line = f"{hname}: {value}"
+        if len(line) > 78 or not _PLAIN_VALUE.match(value) or value != value.strip() or "  " in value:
+            return None  # would need folding or encoding: let the email package do it
+        lines.append(line)
+    lines += [f'Content-Type: text/{subtype}; charset="utf-8"', "Content-Transfer-Encoding: 7bit", "MIME-Version: 1.0"]
+    text = "\r\n".join(body.splitlines()) + "\r\n"
+    return ("\r\n".join(lines) + "\r\n\r\n" + text).encode("ascii")
+
+
+def _compose_mime(request: EmailOutboundV1, *, sender_email: str, sender_name: str | None, subject: str,
+                  message_id: str, attachments: dict[str, bytes] | None, date: datetime,
+                  bcc_header: bool = False) -> bytes:
+    msg = EmailMessage(policy=SMTP)
+    try:
+        msg["From"] = Address(display_name=sender_name or "", addr_spec=sender_email)
+        if request.to:
+            msg["To"] = ", ".join(request.to)
+        if request.cc:
+            msg["Cc"] = ", ".join(request.cc)
+        if bcc_header and request.bcc:
+            # Exchange reads the recipients from the MIME (and drops Bcc when delivering);
+            # over SMTP Bcc recipients are envelope-only.
+            msg["Bcc"] = ", ".join(request.bcc)
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(date)
+        msg["Message-ID"] = f"<{message_id}>"
+        for name, value in request.headers.items():
+            msg[name] = value
+    except (ValueError, TypeError) as exc:  # the policy refuses CR/LF and malformed values
+        raise InvalidInput(f"a header cannot be written safely: {exc}", reason="header_injection") from exc
+    text, html = request.text, request.html
+    if text is None and html is None:
+        text = ""
+    if text is not None:
+        msg.set_content(text, cte=_cte(text))
+        if html is not None:
+            msg.add_alternative(html, subtype="html", cte=_cte(html))
+    else:
+        msg.set_content(html or "", subtype="html", cte=_cte(html or ""))
+    for attachment in request.attachments:
+        data = _attachment_bytes(attachment, attachments or {})
+        maintype, _, subtype = attachment.content_type.partition("/")
+        kwargs: dict[str, Any] = {"maintype": maintype, "subtype": subtype, "filename": attachment.filename}
+        if attachment.inline:
+            kwargs["disposition"] = "inline"
+            if attachment.content_id:
+                kwargs["cid"] = f"<{attachment.content_id.strip('<>')}>"
+        try:
+            if msg.get_content_maintype() == "multipart" and msg.get_content_subtype() == "alternative" or not msg.is_multipart():
+                msg.make_mixed()
+            msg.add_attachment(data, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"attachment {attachment.filename!r} cannot be attached: {exc}", reason="bad_attachment") from exc
+    return msg.as_bytes()
+
+
+def _cte(text: str) -> str:
+    # 7-bit text with short lines goes as is; anything else quoted-printable (readable, safe).
+    if text.isascii() and all(len(line) <= 998 for line in text.splitlines()):
+        return "7bit"
+    return "quoted-printable"
+
+
+def _attachment_bytes(attachment: Any, stored: dict[str, bytes]) -> bytes:
+    if attachment.content_base64 is not None:
+        try:
+            return base64.b64decode(attachment.content_base64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidInput(f"attachment {attachment.filename!r} is not valid base64", reason="bad_attachment") from exc
+    data = stored.get(attachment.content_sha256)
+    if data is None:
+        raise InvalidInput(f"attachment {attachment.filename!r} refers to content that is not stored",
+                           reason="attachment_not_found")
+    return data

@@ -1,0 +1,487 @@
+"""The Exchange transports of the dispatch service: send an already built RFC 5322 message as a mailbox.
+
+- ``EwsTransport``: Exchange Server on-premises through EWS with ``exchangelib``.  The message is
+  uploaded as MIME content (``CreateItem`` with ``MessageDisposition="SendAndSaveCopy"`` and
+  ``SavedItemFolderId`` Sent Items), so Exchange keeps our ``Message-ID`` and every header we built; the
+  recipients come from the MIME ``To``/``Cc``/``Bcc`` headers, as Exchange reads them.  exchangelib is
+  synchronous: every call runs in a thread pool of ``max_connections`` workers, and exchangelib's own
+  session pool has the same size, so at most ``max_connections`` connections reach one server.
+- ``GraphTransport``: Exchange Online through Microsoft Graph, ``POST /users/{id}/sendMail`` in MIME
+  format (``Content-Type: text/plain``, the base64 MIME as body; 202 Accepted), with app-only tokens
+  from the OAuth 2.0 client credentials grant, cached until shortly before they expire.  One
+  ``httpx.AsyncClient`` keeps an HTTP/1.1 keep-alive pool of ``max_connections``.
+
+Errors become the shared taxonomy: a refused login is ``AuthenticationFailed``; throttling and busy
+servers (HTTP 429/503, ``ErrorServerBusy``) are ``ExchangeTransientError`` with the server's back-off
+hint in ``retry_after`` (seconds); a refused message (an EWS error response, a Graph 4xx) is
+``ExchangePermanentError`` with the server's ``code`` and message.  TLS is verified unless a profile
+turns it off; no error or log line carries a password, secret or token.  Note that exchangelib's
+DEBUG logging prints request headers (the Basic ``Authorization`` among them): keep the
+``exchangelib`` logger above DEBUG in production.
+
+Retries are the caller's (the send ledger's): a transport never resends.  A send cancelled while its
+thread is inside exchangelib still completes or fails in that thread; its outcome is then unknown.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.policy
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from shared.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    InvalidInput,
+    PermanentError,
+    ProtocolTimeout,
+    TlsFailed,
+    TransientError,
+)
+from shared.tls import client_context
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Graph refuses sendMail requests over 4 MB; larger messages need an upload session (not done here).
+GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Renew a token this long before it expires, so a request never leaves with a token about to die.
+TOKEN_RENEW_MARGIN = 120.0
+
+
+class ExchangeTransientError(TransientError):
+    """Worth retrying: throttled, busy or briefly unavailable.  ``retry_after``: the server's hint, seconds."""
+
+    def __init__(self, message: str, *, reason: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.code = code
+        self.retry_after = retry_after
+
+
+class ExchangePermanentError(PermanentError):
+    """Exchange refused this message or mailbox; ``code`` is the server's error code."""
+
+    def __init__(self, message: str, *, code: str, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason or "rejected")
+        self.code = code
+
+
+def _message_id(message: bytes) -> str:
+    """The message's ``Message-ID``; a message without headers or without one is refused."""
+    if not isinstance(message, (bytes, bytearray)) or not message.strip():
+        raise InvalidInput("the message is empty", reason="invalid_message")
+    headers = BytesHeaderParser(policy=email.policy.default).parsebytes(bytes(message))
+    mid = headers.get("Message-ID")
+    if not mid or not str(mid).strip():
+        raise InvalidInput("the message has no Message-ID header", reason="invalid_message")
+    return str(mid).strip()
+
+
+def _check_address(address: str) -> None:
+    if not address or "@" not in address or any(c in address for c in "/\\?#\r\n \t"):
+        raise InvalidInput(f"not a mailbox address: {address!r}", reason="invalid_address")
+
+
+# ---------------------------------------------------------------------------------------------- EWS
+
+
+@dataclass(frozen=True)
+class EwsOAuth:
+    """App-only OAuth 2.0 (client credentials) for EWS; the app must hold ``full_access_as_app``.
+
+    App-only EWS always impersonates the mailbox, as Exchange requires for such tokens.
+    """
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    tenant_id: str = "common"
+    token_url: str | None = None  # default: the Microsoft identity platform endpoint of ``tenant_id``
+    scope: str = "https://outlook.office365.com/.default"
+
+
+class EwsTransport:
+    """Sends through EWS as the mailbox owner (delegate access or ApplicationImpersonation)."""
+
+    def __init__(self, *, service_url: str, credentials: tuple[str, str] | EwsOAuth, verify_tls: bool = True,
+                 ca_file: str | None = None, max_connections: int = 10, auth_type: str = "basic",
+                 timeout: float = 60.0) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.service_url = service_url
+        self.max_connections = max_connections
+        self._oauth = isinstance(credentials, EwsOAuth)
+        self._credentials = credentials
+        self._verify: bool | str = (ca_file or True) if verify_tls else False
+        self._auth_type = auth_type
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="ews-transport")
+        self._lock = threading.Lock()
+        self._protocol: Any = None  # built on first use, in a worker thread (exchangelib setup is blocking)
+        self._accounts: dict[tuple[str, bool], Any] = {}
+        self._closed = False
+
+    async def send(self, mailbox_address: str, message: bytes, *, impersonate: bool = False) -> str:
+        """Send ``message`` as ``mailbox_address`` and keep a copy in its Sent Items.
+
+        Returns the EWS ItemId of that copy, found by our Message-ID; if Exchange has not filed it yet
+        when we look, the Message-ID itself (which, unlike an ItemId, starts with ``<``).
+        """
+        _check_address(mailbox_address)
+        message_id = _message_id(message)
+        return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
+
+    async def check(self, mailbox_address: str, *, impersonate: bool = False) -> None:
+        """Test & Enable: log in, negotiate the server version and open Inbox and Sent Items."""
+        _check_address(mailbox_address)
+        await self._run(self._check_blocking, mailbox_address, impersonate)
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown_blocking)
+
+    # -- worker-thread side
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise ConnectionFailed("the EWS transport is closed", reason="transport_closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, _translating(fn), *args)
+
+    def _send_blocking(self, address: str, message: bytes, message_id: str, impersonate: bool) -> str:
+        from exchangelib import Message
+
+        account = self._account(address, impersonate)
+        Message(account=account, folder=account.sent, mime_content=message).send_and_save()
+        found = list(account.sent.filter(message_id=message_id).values_list("id", flat=True)[:1])
+        return found[0] if found else message_id
+
+    def _check_blocking(self, address: str, impersonate: bool) -> None:
+        account = self._account(address, impersonate)
+        account.inbox  # noqa: B018 - GetFolder: proves login, version and access to the mailbox
+        account.sent  # noqa: B018
+
+    def _account(self, address: str, impersonate: bool) -> Any:
+        from exchangelib import DELEGATE, IMPERSONATION, UTC, Account, Identity
+        from exchangelib.protocol import CachingProtocol
+
+        impersonate = impersonate or self._oauth
+        key = (address.lower(), impersonate)
+        with self._lock:
+            account = self._accounts.get(key)
+            if account is not None:
+                return account
+            protocol = self._ensure_protocol()
+            if self._oauth and protocol.credentials.identity is None:
+                # Protocol-level calls (the version probe) impersonate this identity; app tokens need one.
+                protocol.credentials.identity = Identity(primary_smtp_address=address)
+            account = Account(primary_smtp_address=address, config=protocol.config, autodiscover=False,
+                              access_type=IMPERSONATION if impersonate else DELEGATE, default_timezone=UTC)
+            # Account() fetched a shared, process-wide cached Protocol; use ours (our TLS settings, our
+            # pool) and drop the cached one so the cache holds nothing of this transport.
+            if account.protocol is not protocol:
+                with CachingProtocol._protocol_cache_lock:
+                    CachingProtocol._protocol_cache.pop(CachingProtocol._cache_key(protocol.config), None)
+                account.protocol = protocol
+            self._accounts[key] = account
+            return account
+
+    def _ensure_protocol(self) -> Any:
+        if self._protocol is None:
+            from exchangelib import BASIC, NTLM, Configuration, Credentials
+
+            if isinstance(self._credentials, EwsOAuth):
+                creds: Any = _oauth_credentials(self._credentials)
+                auth_type = None  # exchangelib picks OAuth 2.0 for OAuth credentials
+            else:
+                username, password = self._credentials
+                creds = Credentials(username, password)
+                auth_type = {"basic": BASIC, "ntlm": NTLM}[self._auth_type.lower()]
+            config = Configuration(service_endpoint=self.service_url, credentials=creds, auth_type=auth_type,
+                                   max_connections=self.max_connections)
+            protocol_cls = _protocol_class(self._verify)
+            protocol_cls.TIMEOUT = self._timeout
+            # Not protocol_cls(config=...): exchangelib's metaclass would share the instance process-wide.
+            protocol = protocol_cls.__new__(protocol_cls)
+            protocol.__init__(config=config)
+            self._protocol = protocol
+        return self._protocol
+
+    def _shutdown_blocking(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            if self._protocol is not None:
+                self._protocol.close()
+            self._accounts.clear()
+
+
+def _oauth_credentials(oauth: EwsOAuth) -> Any:
+    from exchangelib import OAuth2Credentials
+
+    class _ClientCredentials(OAuth2Credentials):
+        # exchangelib hard-codes login.microsoftonline.com; a profile may name its own authority.
+        @property
+        def token_url(self) -> str:
+            return oauth.token_url or super().token_url
+
+        @property
+        def scope(self) -> list[str]:
+            return [oauth.scope]
+
+    return _ClientCredentials(client_id=oauth.client_id, client_secret=oauth.client_secret,
+                              tenant_id=oauth.tenant_id)
+
+
+def _protocol_class(verify: bool | str) -> type:
+    """An exchangelib Protocol whose HTTP sessions verify TLS with ``verify`` (True, a CA file, or False).
+
+    The setting lives in the adapter, not in ``session.verify``: requests lets ``REQUESTS_CA_BUNDLE``
+    override a session's setting, which would silently drop a profile's private CA.
+    """
+    import requests.adapters
+    from exchangelib.protocol import Protocol
+
+    class _VerifyingAdapter(requests.adapters.HTTPAdapter):
+        def send(self, request, *args, **kwargs):  # type: ignore[no-untyped-def]
+            kwargs["verify"] = verify
+            return super().send(request, *args, **kwargs)
+
+    class _VerifyingProtocol(Protocol):
+        HTTP_ADAPTER_CLS = _VerifyingAdapter
+
+    return _VerifyingProtocol
+
+
+def _translating(fn: Callable[..., T]) -> Callable[..., T]:
+    def run(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except (InvalidInput, TransientError, PermanentError):
+            raise
+        except Exception as e:  # noqa: BLE001 - exchangelib raises its own hierarchy; mapped once, here
+            raise _ews_error(e) from None
+    return run
+
+
+_EWS_TRANSIENT_CODES = {
+    "ErrorServerBusy", "ErrorInternalServerTransientError", "ErrorTimeoutExpired", "ErrorMailboxStoreUnavailable",
+    "ErrorTooManyObjectsOpened", "ErrorMailboxMoveInProgress", "ErrorConnectionFailed", "ErrorExceededConnectionCount",
+    "ErrorInsufficientResources", "ErrorBatchProcessingStopped",
+}
+
+
+def _ews_error(e: Exception) -> Exception:
+    from exchangelib.errors import (
+        CASError,
+        ErrorServerBusy,
+        RateLimitError,
+        RedirectError,
+        ResponseMessageError,
+        TransportError,
+        UnauthorizedError,
+    )
+    from requests.exceptions import SSLError
+
+    code = type(e).__name__
+    text = str(e)
+    chain = [e, e.__cause__, e.__context__]
+    if isinstance(e, UnauthorizedError) or code in ("InvalidClientIdError", "InvalidClientError",
+                                                     "UnauthorizedClientError"):
+        return AuthenticationFailed(f"EWS refused the credentials ({code})")
+    if isinstance(e, ErrorServerBusy):
+        return ExchangeTransientError(f"EWS server busy: {text}", reason="server_busy", code="ErrorServerBusy",
+                                      retry_after=e.back_off)
+    if isinstance(e, RateLimitError):
+        return ExchangeTransientError(f"EWS throttled: {text}", reason="throttled", code=code,
+                                      retry_after=getattr(e, "wait", None))
+    if isinstance(e, ResponseMessageError):
+        if code in _EWS_TRANSIENT_CODES:
+            return ExchangeTransientError(f"EWS {code}: {text}", reason="server_busy", code=code)
+        return ExchangePermanentError(f"EWS {code}: {text}", code=code)
+    if any(isinstance(c, (SSLError, ssl.SSLError)) for c in chain) or "CERTIFICATE_VERIFY_FAILED" in text \
+            or "SSLError" in text:
+        return TlsFailed("TLS with the EWS server failed: certificate not trusted or handshake refused")
+    if isinstance(e, (CASError, RedirectError)):
+        return ExchangePermanentError(f"EWS front end refused the request: {text}", code=code)
+    if isinstance(e, TransportError) or "ConnectionError" in text or "ConnectTimeout" in text:
+        if "ReadTimeout" in text:
+            return ProtocolTimeout("the EWS server did not answer in time")
+        return ConnectionFailed(f"could not reach the EWS server ({code})")
+    if code == "TokenExpiredError":
+        return AuthenticationFailed("the EWS OAuth token could not be renewed")
+    return ExchangeTransientError(f"unexpected EWS failure: {code}: {text}", reason="protocol_error", code=code)
+
+
+# -------------------------------------------------------------------------------------------- Graph
+
+
+class GraphTransport:
+    """Sends through Microsoft Graph ``sendMail`` with app-only tokens (``Mail.Send`` application permission)."""
+
+    def __init__(self, *, graph_url: str = "https://graph.microsoft.com/v1.0", token_url: str, client_id: str,
+                 client_secret: str, verify_tls: bool | str = True, max_connections: int = 10,
+                 timeout: float = 30.0, scope: str = "https://graph.microsoft.com/.default") -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.graph_url = graph_url.rstrip("/")
+        self.token_url = token_url
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self._scope = scope
+        verify: ssl.SSLContext | bool
+        if verify_tls is False:
+            verify = False
+        else:
+            verify = client_context(verify_tls if isinstance(verify_tls, str) else None)
+        self._client = httpx.AsyncClient(
+            verify=verify, timeout=timeout, http2=False,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
+        self._token: str | None = None
+        self._token_expires = 0.0  # time.monotonic() deadline
+        self._token_lock = asyncio.Lock()
+
+    async def send(self, mailbox_address: str, message: bytes) -> None:
+        """Send ``message`` (MIME) as ``mailbox_address``; Graph saves a copy in its Sent Items."""
+        _check_address(mailbox_address)
+        _message_id(message)
+        body = base64.b64encode(bytes(message))
+        if len(body) > GRAPH_MAX_REQUEST_BYTES:
+            raise ExchangePermanentError(
+                f"the message is {len(message)} bytes; Graph sendMail takes at most 4 MB of base64 MIME",
+                code="RequestEntityTooLarge", reason="message_too_large")
+        url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/sendMail"
+        response = await self._call("POST", url, content=body, headers={"Content-Type": "text/plain"})
+        if response.status_code != 202:
+            raise _graph_error(response, "sendMail")
+
+    async def check(self, mailbox_address: str) -> None:
+        """Test & Enable: get a token and read one message id from the mailbox (needs Mail.ReadBasic or more)."""
+        _check_address(mailbox_address)
+        url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/mailFolders/inbox/messages"
+        response = await self._call("GET", url, params={"$top": "1", "$select": "id"})
+        if response.status_code != 200:
+            raise _graph_error(response, "messages")
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # -- HTTP and tokens
+
+    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        token = await self._access_token()
+        response = await self._request(method, url, token, **kwargs)
+        if response.status_code == 401:
+            # A cached token can be revoked or expire early; one fresh token, then the answer is final.
+            self._forget_token(token)
+            response = await self._request(method, url, await self._access_token(), **kwargs)
+        return response
+
+    async def _request(self, method: str, url: str, token: str, **kwargs: Any) -> httpx.Response:
+        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+        return await self._http(self._client.request(method, url, headers=headers, **kwargs), "Graph")
+
+    async def _access_token(self) -> str:
+        async with self._token_lock:
+            if self._token is not None and time.monotonic() < self._token_expires - TOKEN_RENEW_MARGIN:
+                return self._token
+            response = await self._http(self._client.post(self.token_url, data={
+                "grant_type": "client_credentials", "client_id": self.client_id,
+                "client_secret": self._client_secret, "scope": self._scope}), "token endpoint")
+            if response.status_code != 200:
+                raise _token_error(response)
+            try:
+                payload = response.json()
+                token, lifetime = str(payload["access_token"]), float(payload.get("expires_in", 3599))
+            except (ValueError, KeyError, TypeError):
+                raise ExchangeTransientError("the token endpoint answered without an access token",
+                                             reason="protocol_error") from None
+            self._token, self._token_expires = token, time.monotonic() + lifetime
+            return token
+
+    def _forget_token(self, token: str) -> None:
+        if self._token == token:
+            self._token = None
+
+    @staticmethod
+    async def _http(request: Any, peer: str) -> httpx.Response:
+        try:
+            return await request
+        except httpx.ConnectError as e:
+            if _is_tls_failure(e):
+                raise TlsFailed(f"TLS with the {peer} failed: certificate not trusted or handshake refused") from None
+            raise ConnectionFailed(f"could not reach the {peer}") from None
+        except httpx.TimeoutException:
+            raise ProtocolTimeout(f"the {peer} did not answer in time") from None
+        except httpx.TransportError as e:
+            raise ConnectionFailed(f"the connection to the {peer} failed ({type(e).__name__})") from None
+
+
+def _is_tls_failure(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:  # the HTTP-date form
+        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _graph_error(response: httpx.Response, action: str) -> Exception:
+    code, message = f"HTTP{response.status_code}", response.reason_phrase
+    try:
+        err = response.json().get("error") or {}
+        code, message = str(err.get("code") or code), str(err.get("message") or message)
+    except (ValueError, AttributeError):
+        pass
+    status = response.status_code
+    if status == 401:
+        return AuthenticationFailed(f"Graph refused the access token ({code})")
+    if status in (429, 503, 504) or status >= 500:
+        return ExchangeTransientError(f"Graph {action}: {status} {code}: {message}", reason="throttled"
+                                      if status == 429 else "server_busy", code=code,
+                                      retry_after=_retry_after(response))
+    return ExchangePermanentError(f"Graph {action}: {status} {code}: {message}", code=code)
+
+
+def _token_error(response: httpx.Response) -> Exception:
+    code, description = f"HTTP{response.status_code}", response.reason_phrase
+    try:
+        payload = response.json()
+        code = str(payload.get("error") or code)
+        # The first line of an AADSTS description names the problem; it never repeats the secret.
+        description = str(payload.get("error_description") or description).splitlines()[0]
+    except (ValueError, AttributeError):
+        pass
+    if response.status_code == 429 or response.status_code >= 500:
+        return ExchangeTransientError(f"token endpoint: {response.status_code} {code}", reason="throttled",
+                                      code=code, retry_after=_retry_after(response))
+    if code in ("invalid_client", "unauthorized_client", "invalid_grant", "invalid_tenant") or \
+            response.status_code == 401:
+        return AuthenticationFailed(f"the token endpoint refused the app: {code}: {description}")
+    return ExchangePermanentError(f"token endpoint: {response.status_code} {code}: {description}", code=code)

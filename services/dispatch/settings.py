@@ -1,0 +1,28 @@
+"""The dispatch service's own settings (``CONDUIT_DISPATCH_*``), beside the process-wide ones."""
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DispatchSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONDUIT_DISPATCH_", extra="ignore")
+
+    # A request whose MIME would exceed this is rejected (reason too_large).
+    # The consumer group; replicas of one deployment share it.
+    group_id: str = "conduit-dispatch"
+    max_message_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    # Temporary failures are retried until the request's deadline, or this long after it arrived.
+    default_deadline_seconds: float = Field(3600.0, gt=0)
+    # Retry delay: base * 2^(attempt-1), capped, times a jitter in [0.5, 1].
+    retry_base_seconds: float = Field(30.0, gt=0)
+    retry_cap_seconds: float = Field(900.0, gt=0)
+    # Requests claimed (committed as `sending`) at a time: the most a kill -9 can leave ambiguous.
+    wave_size: int = Field(64, ge=1, le=10_000)
+    batch_size: int = Field(500, ge=1, le=10_000)
+    # How often the retry loop looks for due requests and for orphans of dead workers.
+    poll_seconds: float = Field(1.0, gt=0)
+    smtp_timeout_seconds: float = Field(30.0, gt=0)
+    helo_name: str | None = None
+    # Burst mode (tests): also wait for retries due within this many seconds before returning.
+    burst_horizon_seconds: float = Field(0.0, ge=0)

@@ -1,0 +1,154 @@
+"""Which transport sends a mailbox's email, and one interface over all of them.
+
+Routed by the mailbox profile's ``server_type``: ``exchange_server`` -> EWS, ``exchange_online`` ->
+Microsoft Graph ``sendMail``, everything else (``smtp``, and ``imap``/``pop3`` profiles, whose
+outgoing side is SMTP) -> the pipelining SMTP pool.  Every transport is kept per (server, login)
+and sized by the profile's maximum concurrent connections.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import InvalidInput
+from shared.oauth import TokenProvider
+from shared.registry.service import MailboxWork, decode_bytea
+from shared.tls import client_context
+
+from .smtp_transport import SmtpCredentials, SmtpServer, SmtpTransport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUBMISSION_PORT = {"implicit": 465, "starttls": 587, "none": 25}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The server took the message."""
+
+    code: int | None = None
+    reply: str | None = None
+    refused_recipients: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def transport_name(work: MailboxWork) -> str:
+    server_type = work.profile["server_type"]
+    return {"exchange_server": "ews", "exchange_online": "graph"}.get(server_type, "smtp")
+
+
+class Transports:
+    """Every transport of a dispatch worker, created on first use (no I/O in the constructor)."""
+
+    def __init__(self, *, timeout: float = 30.0, helo_name: str | None = None) -> None:
+        self.smtp = SmtpTransport(helo_name=helo_name, timeout=timeout)
+        self._timeout = timeout
+        self._contexts: dict[str | None, ssl.SSLContext] = {}
+        self._exchange: dict[tuple[Any, ...], Any] = {}
+        self._tokens = TokenProvider()
+
+    async def send(self, work: MailboxWork, raw: bytes, recipients: list[str]) -> Accepted:
+        kind = transport_name(work)
+        if kind == "smtp":
+            return await self._send_smtp(work, raw, recipients)
+        if kind == "ews":
+            transport, impersonate = self._ews(work)
+            await transport.send(work.email, raw, impersonate=impersonate)
+            return Accepted()
+        transport = self._graph(work)
+        await transport.send(work.email, raw)
+        return Accepted(code=202, reply="Accepted")
+
+    async def close(self) -> None:
+        await self.smtp.close()
+        for transport in self._exchange.values():
+            try:
+                await transport.close()
+            except Exception as exc:  # noqa: BLE001 - closing: report, go on
+                log.warning("closing an Exchange transport failed: %s", exc)
+        self._exchange.clear()
+
+    # -- SMTP
+
+    async def _send_smtp(self, work: MailboxWork, raw: bytes, recipients: list[str]) -> Accepted:
+        profile = work.profile
+        tls = profile["outgoing_tls"]
+        host = profile.get("outgoing_host") or profile.get("incoming_host")
+        if not host:
+            raise InvalidInput("the profile has no outgoing server", reason="no_outgoing_server")
+        port = profile.get("outgoing_port") or DEFAULT_SUBMISSION_PORT[tls]
+        server = SmtpServer(host, port, tls, self._context(profile.get("tls_ca_file")) if tls != "none" else None)
+        pool = self.smtp.pool(server, await self._smtp_credentials(work), max_connections=profile["max_concurrent_connections"])
+        accepted = await pool.send(work.email, recipients, raw)
+        return Accepted(accepted.code, accepted.text, accepted.refused_recipients)
+
+    async def _smtp_credentials(self, work: MailboxWork) -> SmtpCredentials | None:
+        profile = work.profile
+        if profile["auth_method"] == "oauth2":
+            token = await self._tokens.token(profile["oauth_token_url"], profile["oauth_client_id"],
+                                             _profile_secret(work, "oauth_client_secret"), profile.get("oauth_scope"))
+            return SmtpCredentials(work.email, token, "xoauth2")
+        if profile["auth_method"] == "mailbox_credentials" and work["secret"] is None:
+            return None  # a relay that trusts its network (port 25 inside the organization)
+        username, secret = work.login()
+        return SmtpCredentials(username, secret.get_secret_value(), "plain")
+
+    def _context(self, ca_file: str | None) -> ssl.SSLContext:
+        # One context per CA file: building one costs milliseconds, and pools are keyed by it.
+        if ca_file not in self._contexts:
+            self._contexts[ca_file] = client_context(ca_file)
+        return self._contexts[ca_file]
+
+    # -- Exchange (services/dispatch/exchange_transport.py)
+
+    def _ews(self, work: MailboxWork) -> tuple[Any, bool]:
+        from .exchange_transport import EwsOAuth, EwsTransport
+
+        profile = work.profile
+        if profile["auth_method"] == "oauth2":
+            credentials: Any = EwsOAuth(client_id=profile["oauth_client_id"],
+                                        client_secret=_profile_secret(work, "oauth_client_secret"),
+                                        token_url=profile["oauth_token_url"],
+                                        **({"scope": profile["oauth_scope"]} if profile.get("oauth_scope") else {}))
+            impersonate = True
+        else:
+            username, secret = work.login()
+            credentials = (username, secret.get_secret_value())
+            impersonate = profile["auth_method"] == "profile_impersonation"
+        key = ("ews", profile["id"], profile["service_url"], repr(credentials) if isinstance(credentials, EwsOAuth) else credentials[0],
+               hash(str(credentials)))
+        transport = self._exchange.get(key)
+        if transport is None:
+            transport = EwsTransport(service_url=profile["service_url"], credentials=credentials,
+                                     ca_file=profile.get("tls_ca_file"),
+                                     max_connections=profile["max_concurrent_connections"], timeout=self._timeout * 2)
+            self._exchange[key] = transport
+        return transport, impersonate
+
+    def _graph(self, work: MailboxWork) -> Any:
+        from .exchange_transport import GraphTransport
+
+        profile = work.profile
+        if not (profile.get("oauth_token_url") and profile.get("oauth_client_id") and profile.get("oauth_client_secret")):
+            raise InvalidInput("an Exchange Online profile needs OAuth 2.0 client credentials", reason="missing_credentials")
+        secret = _profile_secret(work, "oauth_client_secret")
+        key = ("graph", profile["id"], profile["service_url"], profile["oauth_client_id"], hash(secret))
+        transport = self._exchange.get(key)
+        if transport is None:
+            kwargs: dict[str, Any] = {}
+            if profile.get("oauth_scope"):
+                kwargs["scope"] = profile["oauth_scope"]
+            transport = GraphTransport(graph_url=profile["service_url"], token_url=profile["oauth_token_url"],
+                                       client_id=profile["oauth_client_id"], client_secret=secret,
+                                       verify_tls=profile.get("tls_ca_file") or True,
+                                       max_connections=profile["max_concurrent_connections"], timeout=self._timeout, **kwargs)
+            self._exchange[key] = transport
+        return transport
+
+
+def _profile_secret(work: MailboxWork, column: str) -> str:
+    value = work.profile.get(column)
+    if not value:
+        raise InvalidInput(f"the profile has no {column.replace('_', ' ')}", reason="missing_credentials")
+    return work.cipher.decrypt(decode_bytea(value)).get_secret_value()

@@ -1,0 +1,199 @@
+"""Evaluate's SQL: the batch's mailbox contexts, one bulk query per lookup kind, and the one
+transaction that records activities, their mailboxes, every decision and the outbox events."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+from uuid import UUID
+
+import asyncpg
+
+from services.evaluate.lookups import LookupKeys, Lookups, Party, TrackedRef
+
+
+async def mailbox_rows(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) -> dict[UUID, asyncpg.Record]:
+    rows = await conn.fetch(
+        """SELECT m.id, m.organization_id, m.email, m.active, m.email_approved, m.incoming_status, m.tracking,
+                  m.convert_to_activities, m.profile_id IS NOT NULL AS has_profile,
+                  p.process_email_received_after AS received_after,
+                  CASE WHEN m.owner_user_id IS NOT NULL THEN 'user' WHEN m.owner_queue_id IS NOT NULL THEN 'queue' END AS owner_kind,
+                  coalesce(m.owner_user_id, m.owner_queue_id) AS owner_id,
+                  coalesce(u.active, q.active, true) AS owner_active,
+                  coalesce(u.incoming_method, q.incoming_method) AS owner_incoming_method,
+                  o.correlation_order, o.tracking_token_enabled, o.tracking_token_prefix, o.tracking_token_digits, o.smart_matching
+           FROM mailbox m
+           JOIN organization o ON o.id = m.organization_id
+           LEFT JOIN email_server_profile p ON p.id = m.profile_id
+           LEFT JOIN crm_user u ON u.id = m.owner_user_id
+           LEFT JOIN queue q ON q.id = m.owner_queue_id
+           WHERE m.id = ANY($1::uuid[])""",
+        list(set(mailbox_ids)),
+    )
+    return {r["id"]: r for r in rows}
+
+
+async def forwarders(conn: asyncpg.Connection, org_id: UUID, addresses: Sequence[str]) -> dict[str, asyncpg.Record]:
+    """Users and queues whose incoming method is forward mailbox, by address, with their mailbox."""
+    rows = await conn.fetch(
+        """SELECT lower(o.email) AS email, o.active, o.incoming_method, m.id AS mailbox_id
+           FROM (SELECT id, email, active, incoming_method, 'user' AS kind FROM crm_user WHERE organization_id = $1
+                 UNION ALL
+                 SELECT id, email, active, incoming_method, 'queue' FROM queue WHERE organization_id = $1) o
+           LEFT JOIN mailbox m ON m.owner_user_id = o.id OR m.owner_queue_id = o.id
+           WHERE lower(o.email) = ANY($2::text[])""",
+        org_id, [a.lower() for a in addresses],
+    )
+    return {r["email"]: r for r in rows}
+
+
+def _ref(row: asyncpg.Record) -> TrackedRef:
+    participants = {a for a in (row["to_addresses"] or [])} | {a for a in (row["cc_addresses"] or [])}
+    if row["from_address"]:
+        participants.add(row["from_address"])
+    return TrackedRef(str(row["id"]), row["regarding_kind"], str(row["regarding_id"]) if row["regarding_id"] else None,
+                      row["subject"], frozenset(participants))
+
+
+_TRACKED_COLUMNS = "id, message_id, regarding_kind, regarding_id, subject, from_address, to_addresses, cc_addresses, tracking_token, thread_root, normalized_subject"
+
+
+async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys) -> Lookups:
+    lookups = Lookups()
+    if keys.addresses:
+        for r in await conn.fetch(
+            """SELECT 'user' AS kind, id, lower(email) AS email, true AS email_enabled FROM crm_user
+                 WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
+               UNION ALL
+               SELECT 'queue', id, lower(email), true FROM queue WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
+               UNION ALL
+               SELECT kind, id, lower(email), email_enabled FROM crm_record WHERE organization_id = $1 AND lower(email) = ANY($2::text[])""",
+            org_id, list(keys.addresses),
+        ):
+            party = Party(r["kind"], str(r["id"]), r["email"], r["email_enabled"])
+            lookups.parties_by_address[r["email"]] = lookups.parties_by_address.get(r["email"], ()) + (party,)
+    if keys.message_ids:
+        for r in await conn.fetch(
+            f"SELECT {_TRACKED_COLUMNS} FROM email_activity WHERE organization_id = $1 AND message_id = ANY($2::text[])",
+            org_id, list(keys.message_ids),
+        ):
+            lookups.tracked_by_message_id[r["message_id"]] = _ref(r)
+    if keys.tracking_tokens:
+        for r in await conn.fetch(
+            f"""SELECT DISTINCT ON (tracking_token) {_TRACKED_COLUMNS} FROM email_activity
+                WHERE organization_id = $1 AND tracking_token = ANY($2::text[]) ORDER BY tracking_token, created_at""",
+            org_id, list(keys.tracking_tokens),
+        ):
+            lookups.tracked_by_token[r["tracking_token"]] = _ref(r)
+    if keys.thread_roots:
+        for r in await conn.fetch(
+            f"""SELECT DISTINCT ON (thread_root) {_TRACKED_COLUMNS} FROM email_activity
+                WHERE organization_id = $1 AND thread_root = ANY($2::text[]) ORDER BY thread_root, created_at DESC""",
+            org_id, list(keys.thread_roots),
+        ):
+            lookups.tracked_by_thread_root[r["thread_root"]] = _ref(r)
+    if keys.normalized_subjects:
+        for r in await conn.fetch(
+            f"""SELECT {_TRACKED_COLUMNS} FROM (SELECT *, row_number() OVER (PARTITION BY normalized_subject ORDER BY created_at DESC) AS n
+                FROM email_activity WHERE organization_id = $1 AND normalized_subject = ANY($2::text[])) s WHERE n <= 20
+                ORDER BY s.created_at DESC""",
+            org_id, list(keys.normalized_subjects),
+        ):
+            subject = r["normalized_subject"]
+            lookups.tracked_by_subject[subject] = lookups.tracked_by_subject.get(subject, ()) + (_ref(r),)
+    return lookups
+
+
+@dataclass
+class ActivityRow:
+    id: UUID
+    organization_id: UUID
+    message_id: str
+    direction: str
+    subject: str
+    normalized_subject: str
+    from_address: str | None
+    to_addresses: list[str]
+    cc_addresses: list[str]
+    parties: list[dict[str, Any]]
+    regarding_kind: str | None
+    regarding_id: UUID | None
+    tracking_token: str | None
+    thread_root: str | None
+    correlated_by: str | None
+    raw_sha256: str
+    preview: str
+
+
+@dataclass
+class DecisionRow:
+    organization_id: UUID
+    mailbox_id: UUID
+    message_id: str
+    tracked: bool
+    rule: str
+    reason: str
+    explanation: str
+    subject: str
+    from_address: str | None
+
+
+async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow]) -> tuple[dict[tuple[UUID, str], UUID], set[UUID]]:
+    """Insert new activities (one per Message-ID per organization); return the id of every
+    (organization, message id) of the batch, new or already there, and the ids inserted now."""
+    if not rows:
+        return {}, set()
+    # Arrays of arrays must be rectangular in PostgreSQL, so each address list travels as one
+    # unit-separator-joined string (addresses never contain \x1f).
+    inserted = await conn.fetch(
+        """INSERT INTO email_activity (id, organization_id, message_id, direction, status, subject, normalized_subject,
+               from_address, to_addresses, cc_addresses, parties, regarding_kind, regarding_id, tracking_token,
+               thread_root, correlated_by, raw_sha256, preview)
+           SELECT t.id, t.org, t.mid, t.dir, CASE WHEN t.dir = 'outgoing' THEN 'sent' ELSE 'received' END, t.subj, t.nsubj,
+                  t.frm, string_to_array(t.tos, E'\\x1f'), string_to_array(t.ccs, E'\\x1f'),
+                  t.parties::jsonb, t.rk, t.rid, t.tok, t.root, t.corr, t.sha, t.preview
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                       $9::text[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])
+                AS t(id, org, mid, dir, subj, nsubj, frm, tos, ccs, parties, rk, rid, tok, root, corr, sha, preview)
+           ON CONFLICT (organization_id, message_id) DO NOTHING
+           RETURNING id, organization_id, message_id""",
+        [r.id for r in rows], [r.organization_id for r in rows], [r.message_id for r in rows], [r.direction for r in rows],
+        [r.subject for r in rows], [r.normalized_subject for r in rows], [r.from_address for r in rows],
+        ["\x1f".join(r.to_addresses) for r in rows], ["\x1f".join(r.cc_addresses) for r in rows], [json.dumps(r.parties) for r in rows],
+        [r.regarding_kind for r in rows], [r.regarding_id for r in rows], [r.tracking_token for r in rows],
+        [r.thread_root for r in rows], [r.correlated_by for r in rows], [r.raw_sha256 for r in rows], [r.preview for r in rows],
+    )
+    ids = {(r["organization_id"], r["message_id"]): r["id"] for r in inserted}
+    missing = [r for r in rows if (r.organization_id, r.message_id) not in ids]
+    if missing:
+        for r in await conn.fetch(
+            """SELECT a.id, a.organization_id, a.message_id FROM email_activity a
+               JOIN unnest($1::uuid[], $2::text[]) AS k(org, mid) ON a.organization_id = k.org AND a.message_id = k.mid""",
+            [r.organization_id for r in missing], [r.message_id for r in missing],
+        ):
+            ids[(r["organization_id"], r["message_id"])] = r["id"]
+    return ids, {r["id"] for r in inserted}
+
+
+async def link_mailboxes(conn: asyncpg.Connection, links: Sequence[tuple[UUID, UUID]]) -> None:
+    if links:
+        await conn.execute(
+            """INSERT INTO email_activity_mailbox (activity_id, mailbox_id)
+               SELECT * FROM unnest($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING""",
+            [a for a, _ in links], [m for _, m in links],
+        )
+
+
+async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow], activity_ids: Sequence[UUID | None]) -> None:
+    """First decision wins: a redelivered message does not rewrite history."""
+    if rows:
+        await conn.execute(
+            """INSERT INTO email_decision (organization_id, mailbox_id, message_id, tracked, rule, reason, explanation,
+                                          activity_id, subject, from_address)
+               SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::text[],
+                                    $8::uuid[], $9::text[], $10::text[])
+               ON CONFLICT (mailbox_id, message_id) DO NOTHING""",
+            [r.organization_id for r in rows], [r.mailbox_id for r in rows], [r.message_id for r in rows],
+            [r.tracked for r in rows], [r.rule for r in rows], [r.reason for r in rows], [r.explanation for r in rows],
+            list(activity_ids), [r.subject[:1000] for r in rows], [r.from_address for r in rows],
+        )

@@ -1,0 +1,174 @@
+"""Mail in, end to end: Dovecot -> ingest -> broker -> evaluate -> activities and decisions in
+PostgreSQL.  Both services run for real, in burst mode, so nothing waits on a clock."""
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from services.evaluate.service import EvaluateService
+from services.ingest.service import IngestService
+from shared.lifecycle import run_service
+from shared.registry.service import Registry
+from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
+
+pytestmark = pytest.mark.peers
+
+
+async def pipeline(settings) -> None:
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)
+
+
+async def activities(pool: asyncpg.Pool, org) -> dict[str, asyncpg.Record]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT a.*, array_agg(am.mailbox_id) AS mailboxes FROM email_activity a
+               JOIN email_activity_mailbox am ON am.activity_id = a.id WHERE a.organization_id = $1 GROUP BY a.id""", org.id)
+    return {r["subject"]: r for r in rows}
+
+
+async def why(registry: Registry, org, message_id: str) -> list[tuple[str, bool, str]]:
+    return [(d.mailbox_email, d.tracked, d.reason) for d in await registry.decisions(org, message_id)]
+
+
+async def test_track_all_creates_one_activity_per_message(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracking="all")
+    for i in range(3):
+        dovecot.deliver(box.email, message(f"hello {i}", to=box.email))
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert set(acts) == {"hello 0", "hello 1", "hello 2"}
+    assert all(a["direction"] == "incoming" and a["status"] == "received" for a in acts.values())
+    await pipeline(settings)  # nothing new, nothing doubled
+    assert len(await activities(pool, org)) == 3
+
+
+async def test_one_activity_when_a_message_reaches_two_tracked_mailboxes(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    ann = await ready_mailbox(registry, org, dovecot, tracking="all")
+    bob = await ready_mailbox(registry, org, dovecot, tracking="all")
+    raw = message("to both", message_id="<both-1@customer.example>", to=f"{ann.email}, {bob.email}")
+    dovecot.deliver(ann.email, raw)
+    dovecot.deliver(bob.email, raw)
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert len(acts) == 1 and set(acts["to both"]["mailboxes"]) == {ann.id, bob.id}
+    decisions = await why(registry, org, "both-1@customer.example")
+    assert sorted(t for _, t, _ in decisions) == [True, True]
+
+
+async def test_responses_option_tracks_only_correlated_mail(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    tracker = await ready_mailbox(registry, org, dovecot, tracking="all")
+    box = await ready_mailbox(registry, org, dovecot, tracking="responses")
+    dovecot.deliver(tracker.email, message("Quote", message_id="<orig-1@example.com>"))
+    await pipeline(settings)
+    dovecot.deliver(box.email, message("Re: Quote", message_id="<reply-1@customer.example>",
+                                       extra="In-Reply-To: <orig-1@example.com>\r\n"))
+    dovecot.deliver(box.email, message("Unrelated", message_id="<other-1@customer.example>"))
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert acts["Re: Quote"]["correlated_by"] == "in_reply_to"
+    assert "Unrelated" not in acts
+    assert await why(registry, org, "other-1@customer.example") == [(box.email, False, "no_correlation_match")]
+
+
+@pytest.mark.parametrize("method", ["references", "tracking_token", "thread_index"])
+async def test_each_correlation_path(settings, registry: Registry, org, dovecot, pool, method: str) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    contact = await registry.add_record(org, "account", "Customer Ltd", "boss@customer.example")
+    tracker = await ready_mailbox(registry, org, dovecot, tracking="all")
+    box = await ready_mailbox(registry, org, dovecot, tracking="responses")
+    thread = "AQHZ1aBcDEFGHIJKLMNOPQRSTUVWXYZ012"
+    first_extra = {"thread_index": f"Thread-Index: {thread}\r\n"}.get(method, "")
+    dovecot.deliver(tracker.email, message("Deal CRM:0004242" if method == "tracking_token" else "Deal",
+                                           message_id="<deal-1@example.com>", extra=first_extra))
+    await pipeline(settings)
+    async with pool.acquire() as conn:  # the thread's email regards the account
+        await conn.execute("UPDATE email_activity SET regarding_kind = 'account', regarding_id = $2 WHERE organization_id = $1",
+                           org.id, contact.id)
+    extra = {
+        "references": "References: <unknown@x.example> <deal-1@example.com>\r\n",
+        "tracking_token": "",
+        "thread_index": f"Thread-Index: {thread}AAAAAAAAAA==\r\n",
+    }[method]
+    subject = "RE: Deal CRM:0004242" if method == "tracking_token" else "Re: something else"
+    dovecot.deliver(box.email, message(subject, extra=extra))
+    await pipeline(settings)
+    reply = (await activities(pool, org))[subject]
+    assert reply["correlated_by"] == method
+    assert (reply["regarding_kind"], reply["regarding_id"]) == ("account", contact.id)
+
+
+async def test_known_records_option(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    await registry.add_record(org, "contact", "Bea", "bea@customer.example")
+    box = await ready_mailbox(registry, org, dovecot, tracking="known_records")
+    dovecot.deliver(box.email, message("from bea", sender="Bea <bea@customer.example>", message_id="<k1@c.example>"))
+    dovecot.deliver(box.email, message("from stranger", sender="stranger@else.example", message_id="<k2@c.example>"))
+    await pipeline(settings)
+    assert set(await activities(pool, org)) == {"from bea"}
+    assert (await why(registry, org, "k2@c.example"))[0][1:] == (False, "sender_unknown")
+
+
+async def test_email_enabled_records_option(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    await registry.add_record(org, "lead", "Lee", "lee@customer.example", email_enabled=False)
+    await registry.add_record(org, "contact", "Cy", "cy@customer.example")
+    box = await ready_mailbox(registry, org, dovecot, tracking="email_enabled_records")
+    dovecot.deliver(box.email, message("from lee", sender="lee@customer.example", message_id="<e1@c.example>"))
+    dovecot.deliver(box.email, message("from cy", sender="cy@customer.example", message_id="<e2@c.example>"))
+    await pipeline(settings)
+    assert set(await activities(pool, org)) == {"from cy"}
+    assert (await why(registry, org, "e1@c.example"))[0][1] is False
+
+
+async def test_forward_mailbox_attributes_to_the_forwarding_user_only(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    forward = await ready_mailbox(registry, org, dovecot, owner="forward")
+    user = await registry.add_user(org, "Fran", "fran@example.com", incoming="forward_mailbox")
+    await registry.update_mailbox(org, user.email, email_approved=True, tracking="all")
+    inner = message("Original from customer", sender="cust@customer.example", message_id="<inner-1@customer.example>")
+    outer = (b"From: Fran <fran@example.com>\r\nTo: " + forward.email.encode() + b"\r\nSubject: Fwd: Original\r\n"
+             b"Message-ID: <outer-1@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+             b"--b1\r\nContent-Type: text/plain\r\n\r\nFYI\r\n--b1\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--b1--\r\n")
+    dovecot.deliver(forward.email, outer)
+    dovecot.deliver(forward.email, message("from a stranger", sender="nobody@else.example", message_id="<fw-2@else.example>"))
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert set(acts) == {"Original from customer"}
+    assert acts["Original from customer"]["mailboxes"] == [user.mailbox_id]
+    assert await why(registry, org, "fw-2@else.example") == [(forward.email, False, "forwarder_unknown")]
+
+
+async def test_queue_deletes_from_server_only_after_processing(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)
+    dovecot.deliver_many(queue.email, [message(f"q{i}") for i in range(3)])
+    await run_service(IngestService(settings), burst=True)
+    assert dovecot.message_count(queue.email) == 3  # not yet decided: still on the server
+    await run_service(EvaluateService(settings), burst=True)
+    await run_service(IngestService(settings), burst=True)
+    assert dovecot.message_count(queue.email) == 0
+    assert len(await activities(pool, org)) == 3
+
+
+async def test_pop3_queue_deletes_after_processing(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, pop3_profile(dovecot))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)
+    dovecot.deliver_many(queue.email, [message(f"p{i}") for i in range(2)])
+    await pipeline(settings)
+    await run_service(IngestService(settings), burst=True)
+    assert dovecot.message_count(queue.email) == 0
+    assert len(await activities(pool, org)) == 2
+
+
+async def test_broken_mime_still_becomes_an_activity(settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracking="all")
+    dovecot.deliver(box.email, b"Subject: =?utf-8?B?broken\r\nFrom: <<<@@@>>>\r\nContent-Type: multipart/mixed\r\n\r\n\xff\xfe garbage")
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert len(acts) == 1

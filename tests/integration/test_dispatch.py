@@ -1,0 +1,302 @@
+"""Dispatch through the real service: events on the broker, DispatchService in burst mode, an aiosmtpd
+capture server (AUTH, STARTTLS with a trustme certificate, scripted 451/550/dropped connections),
+and the outcomes read back from `email.status`, the dead-letter topic, the sink and the database."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+import trustme
+from aiokafka import AIOKafkaConsumer
+from pydantic import SecretStr
+
+from conduit.peers.smtp import CaptureSmtpServer
+from services.dispatch.service import DispatchService
+from services.dispatch.settings import DispatchSettings
+from shared.events.envelope import encode_event
+from shared.kafka import Publisher, client_options, topic_name
+from shared.lifecycle import run_service
+from shared.registry.service import Registry
+from shared.settings import Settings
+from tests.support.dispatch import StatusReader, outbound, publish, publish_raw, sending_mailbox
+from tests.support.waiting import eventually
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": base / "ca.pem", "cert": base / "cert.pem", "key": base / "key.pem"}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    cert.private_key_pem.write_to_path(files["key"])
+    return files
+
+
+@pytest.fixture
+def capture(tmp_path):
+    """A plain capture server; tests that need AUTH and TLS start their own."""
+    with CaptureSmtpServer(tmp_path / "capture") as server:
+        yield server
+
+
+async def dispatch(settings: Settings, **options) -> DispatchService:
+    options.setdefault("retry_base_seconds", 0.05)
+    options.setdefault("poll_seconds", 0.1)
+    service = DispatchService(settings, DispatchSettings(**options), group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
+    await run_service(service, burst=True)
+    return service
+
+
+async def finals(settings: Settings, keys: list[str]) -> StatusReader:
+    reader = StatusReader(settings)
+    async with reader:
+        async def done():
+            await reader.poll()
+            return all(reader.final(k) for k in keys)
+        await eventually(done, timeout=20, what="final statuses")
+    return reader
+
+
+async def test_sent_with_auth_starttls_status_lifecycle_and_tracked_activity(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, tmp_path, tls_files) -> None:
+    password = "s3cret"
+    # The server's login, which the mailbox's credentials name.
+    email = f"alice-{uuid.uuid4().hex[:6]}@example.com"
+    server = CaptureSmtpServer(tmp_path / "tls", tls_cert=tls_files["cert"], tls_key=tls_files["key"],
+                               require_auth=True, users={email: password})
+    with server:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=server.port, tls="starttls",
+                                       ca_file=str(tls_files["ca"]), password=password)
+        await registry.set_credentials(org, sender.email, email, SecretStr(password))
+        regarding = uuid.uuid4()
+        event = outbound(org, mailbox_id=sender.mailbox_id, to=["buyer@customer.example"], cc=["cc@customer.example"],
+                         bcc=["hidden@customer.example"], subject="Your invoice", headers={"X-Campaign": "q4", "Reply-To": "billing@example.com"},
+                         regarding={"kind": "account", "id": str(regarding)})
+        await publish(publisher, event)
+        await dispatch(settings)
+        key = event.data.idempotency_key
+        reader = await finals(settings, [key])
+        assert reader.statuses(key) == ["pending_send", "sending", "sent"]
+        final = reader.final(key)
+        assert final.smtp_code == 250 and final.activity_id and final.message_id
+        (message,) = await server.wait_for_messages(1)
+    assert message.tls and message.login == email
+    assert message.mail_from == sender.email
+    assert sorted(message.rcpt_tos) == ["buyer@customer.example", "cc@customer.example", "hidden@customer.example"]
+    assert message.header("Message-ID") == f"<{final.message_id}>"
+    assert message.header("From").endswith(f"<{sender.email}>")
+    assert message.header("Bcc") is None and message.header("X-Campaign") == "q4"
+    subject = message.header("Subject")
+    assert subject.startswith("Your invoice CRM:") and len(subject.split("CRM:")[1]) == 7
+    async with pool.acquire() as conn:
+        activity = await conn.fetchrow("SELECT * FROM email_activity WHERE id = $1", final.activity_id)
+        linked = await conn.fetchval("SELECT mailbox_id FROM email_activity_mailbox WHERE activity_id = $1", final.activity_id)
+        row = await conn.fetchrow("SELECT * FROM outbound_email WHERE organization_id = $1 AND idempotency_key = $2", org.id, key)
+    assert activity["direction"] == "outgoing" and activity["status"] == "sent"
+    assert activity["message_id"] == final.message_id and activity["subject"] == subject
+    assert activity["tracking_token"] == "CRM:" + subject.split("CRM:")[1]
+    assert activity["regarding_id"] == regarding and linked == sender.mailbox_id
+    assert row["status"] == "sent" and row["smtp_code"] == 250 and row["worker_id"] is None
+    created = await _topic_values(settings, "activity.created")
+    assert any(v["data"]["activity_id"] == str(final.activity_id) and v["data"]["direction"] == "outgoing" for v in created)
+
+
+async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    ok = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    inactive = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, profile=ok.profile)
+    await registry.update_mailbox(org, inactive.email, active=False)
+    unapproved = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, profile=ok.profile, approve=False)
+    untested = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, profile=ok.profile, enable=False)
+    cases = {
+        "header_not_allowed": outbound(org, mailbox_id=ok.mailbox_id, headers={"Bcc": "x@example.com"}),
+        "too_large": outbound(org, mailbox_id=ok.mailbox_id, text="x" * 5000),
+        "unknown_mailbox": outbound(org, sender_email="nobody@example.com"),
+        "mailbox_inactive": outbound(org, mailbox_id=inactive.mailbox_id),
+        "email_not_approved": outbound(org, sender_email=unapproved.email),
+        "outgoing_not_enabled": outbound(org, mailbox_id=untested.mailbox_id),
+    }
+    await publish(publisher, *cases.values())
+    good = outbound(org, mailbox_id=ok.mailbox_id)
+    # Raw events a model would refuse: a schema error and a header injection.
+    schema_key, injection_key = f"schema-{uuid.uuid4().hex}", f"inject-{uuid.uuid4().hex}"
+    raw = []
+    for key, change in ((schema_key, {"to": []}), (injection_key, {"subject": "Hi\r\nBcc: victim@example.com"})):
+        body = json.loads(encode_event(outbound(org, mailbox_id=ok.mailbox_id, idempotency_key=key)))
+        body["data"].update(change)
+        raw.append((json.dumps(body).encode(), key))
+    raw.append((b"not json at all", "garbage"))
+    await publish_raw(publisher, raw)
+    await publish(publisher, good)
+    await dispatch(settings, max_message_bytes=4096)
+    expected = {**{e.data.idempotency_key: reason for reason, e in cases.items()},
+                schema_key: "schema_error", injection_key: "header_injection"}
+    reader = await finals(settings, [*expected, good.data.idempotency_key])
+    for key, reason in expected.items():
+        final = reader.final(key)
+        assert final.status == "rejected" and final.reason == reason, (key, final)
+        assert final.detail
+    assert reader.final(good.data.idempotency_key).status == "sent"
+    dead = await _topic_records(settings, "email.outbound.dlq")
+    reasons = sorted(dict(r.headers)["reason"].decode() for r in dead)
+    assert reasons == sorted([*expected.values(), "schema_error"])  # + the undecodable one
+    assert len(capture.messages()) == 1
+
+
+async def test_same_key_twice_is_sent_once(settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    first = outbound(org, sender_email=sender.email, idempotency_key="order-1")
+    again = outbound(org, sender_email=sender.email, idempotency_key="order-1", subject="a replay")
+    await publish(publisher, first, again)
+    await dispatch(settings)
+    await publish(publisher, first)  # replayed later, after it was sent
+    await dispatch(settings)
+    reader = await finals(settings, ["order-1"])
+    assert reader.statuses("order-1") == ["pending_send", "sending", "sent"]
+    assert len(capture.messages()) == 1
+
+
+async def test_451_is_retried_then_sent(settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "451")
+    event = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=5)
+    key = event.data.idempotency_key
+    reader = await finals(settings, [key])
+    assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"]
+    retry = reader.by_key[key][2]
+    assert retry.smtp_code == 451 and retry.reason == "smtp_temporary" and "try later" in retry.smtp_reply
+    assert reader.final(key).attempt == 2
+    assert len(capture.messages()) == 1
+
+
+async def test_dropped_connection_is_retried_and_sent_once(settings: Settings, registry: Registry, org,
+                                                           publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "drop", at="rcpt")
+    event = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=5)
+    reader = await finals(settings, [event.data.idempotency_key])
+    assert reader.final(event.data.idempotency_key).status == "sent"
+    assert len(capture.messages()) == 1
+
+
+async def test_550_fails_at_once_with_the_reply(settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "550")
+    event = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=5)
+    final = (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key)
+    assert final.status == "failed" and final.smtp_code == 550 and final.reason == "smtp_permanent"
+    assert "no such user" in final.smtp_reply and final.attempt == 1
+
+
+async def test_lost_reply_after_the_data_is_failed_not_resent(settings: Settings, registry: Registry, org,
+                                                             publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "store-drop")
+    event = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=5)
+    final = (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key)
+    assert final.status == "failed" and final.reason == "outcome_unknown"
+    assert len(capture.messages()) == 1  # stored once by the server, never sent again
+
+
+async def test_auth_failure_backs_off_the_mailbox_and_success_clears_it(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, tmp_path) -> None:
+    email = f"bob-{uuid.uuid4().hex[:6]}@example.com"
+    with CaptureSmtpServer(tmp_path / "auth", users={email: "right"}, require_auth=True) as server:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=server.port, password="wrong")
+        await registry.set_credentials(org, sender.email, email, SecretStr("wrong"))
+        event = outbound(org, mailbox_id=sender.mailbox_id)
+        await publish(publisher, event)
+        await dispatch(settings)
+        key = event.data.idempotency_key
+        reader = StatusReader(settings)
+        async with reader:
+            await eventually(lambda: _has(reader, key, 3), what="the retry status")
+        waiting = reader.by_key[key][-1]
+        assert waiting.status == "pending_send" and waiting.reason == "authentication_failed"
+        mailbox = await registry.mailbox(org, sender.email)
+        assert mailbox.outgoing.error_count == 1 and mailbox.outgoing.backoff_until is not None
+        assert any(a.code == "authentication_failed" for a in mailbox.alerts)
+        # The administrator fixes the password and the back-off runs out: the request goes out.
+        await registry.set_credentials(org, sender.email, email, SecretStr("right"))
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE mailbox SET outgoing_backoff_until = now() WHERE id = $1", sender.mailbox_id)
+            await conn.execute("UPDATE outbound_email SET next_attempt_at = now() WHERE organization_id = $1", org.id)
+        await dispatch(settings)
+        reader = await finals(settings, [key])
+        assert reader.final(key).status == "sent"
+        assert len(server.messages()) == 1
+    mailbox = await registry.mailbox(org, sender.email)
+    assert mailbox.outgoing.error_count == 0 and any(a.code == "recovered" for a in mailbox.alerts)
+
+
+async def test_rows_of_a_dead_worker_are_failed_as_outcome_unknown(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    async with pool.acquire() as conn:
+        dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
+        await conn.execute(
+            """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, request, worker_id)
+               VALUES ($1, 'orphan-1', $2, 'sending', 'conduit.x@example.com', '{}', $3)""", org.id, sender.mailbox_id, dead)
+    await dispatch(settings)
+    final = (await finals(settings, ["orphan-1"])).final("orphan-1")
+    assert final.status == "failed" and final.reason == "outcome_unknown" and "conduit.x@example.com" in final.detail
+    assert capture.messages() == []
+
+
+@pytest.mark.peers
+async def test_smtp_sink_receives_every_request(settings: Settings, registry: Registry, org, publisher: Publisher, tmp_path) -> None:
+    from conduit.peers.smtp import SmtpSink
+
+    with SmtpSink(dump_dir=tmp_path / "dump") as sink:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=sink.port)
+        events = [outbound(org, mailbox_id=sender.mailbox_id) for _ in range(300)]
+        await publish(publisher, *events)
+        await dispatch(settings)
+        reader = await finals(settings, [e.data.idempotency_key for e in events])
+        assert {reader.final(e.data.idempotency_key).status for e in events} == {"sent"}
+        dumps = await eventually(lambda: _dumped(sink, 300), what="300 dumps")
+    ids = {reader.final(e.data.idempotency_key).message_id for e in events}
+    seen = [line.split(b"<", 1)[1].split(b">", 1)[0].decode() for d in dumps for line in d.splitlines()
+            if line.lower().startswith(b"message-id:")]
+    assert sorted(seen) == sorted(ids)
+
+
+async def _dumped(sink, n: int):
+    dumps = sink.dumped_messages()
+    return dumps if len(dumps) >= n else None
+
+
+async def _has(reader: StatusReader, key: str, n: int) -> bool:
+    await reader.poll()
+    return len(reader.by_key.get(key, [])) >= n
+
+
+async def _topic_records(settings: Settings, name: str):
+    consumer = AIOKafkaConsumer(topic_name(settings, name), **client_options(settings), group_id=f"r-{uuid.uuid4().hex[:8]}",
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        records = []
+        for _ in range(10):
+            batches = await consumer.getmany(timeout_ms=300)
+            records += [r for rs in batches.values() for r in rs]
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _topic_values(settings: Settings, name: str) -> list[dict]:
+    return [json.loads(r.value) for r in await _topic_records(settings, name)]

@@ -1,0 +1,65 @@
+"""`conduit send` as a user runs it (a subprocess), against a running dispatch service and aiosmtpd."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from conduit.peers.smtp import CaptureSmtpServer
+from services.dispatch.service import DispatchService
+from services.dispatch.settings import DispatchSettings
+from shared.lifecycle import run_service
+from shared.registry.service import Registry
+from shared.settings import Settings
+from tests.support.dispatch import sending_mailbox
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _command() -> list[str]:
+    from conduit.cli import app
+
+    registered = any(c.name == "send" for c in app.registered_commands)
+    return [sys.executable, "-m", "conduit", "send"] if registered else [sys.executable, "-m", "conduit.cli.send_cmd"]
+
+
+async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "CONDUIT_STATE_DIR": str(settings.state_dir), "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+           "CONDUIT_TOPIC_PREFIX": settings.topic_prefix, "PYTHONPATH": str(ROOT)}
+    env.pop("DATABASE_URL", None)
+    proc = await asyncio.create_subprocess_exec(*_command(), *args, env=env, cwd=ROOT,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
+        settings: Settings, registry: Registry, org, tmp_path) -> None:
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        stopping = asyncio.Event()
+        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
+        running = asyncio.create_task(run_service(service, stopping=stopping))
+        try:
+            key = f"cli-{uuid.uuid4().hex[:8]}"
+            args = ["--org", org.name, "--from", sender.email, "--to", "someone@customer.example", "--subject", "From the CLI",
+                    "--text", "Hello from conduit send.", "-H", "X-Source: cli", "--key", key, "--wait", "--json"]
+            code, out, err = await _cli(settings, *args)
+            assert code == 0, err
+            status = json.loads(out)
+            assert status["status"] == "sent" and status["idempotency_key"] == key and status["smtp_code"] == 250
+            code, out, err = await _cli(settings, *args)  # the same key again: no second send
+            assert code == 0, err
+            assert json.loads(out)["message_id"] == status["message_id"]
+            code, out, err = await _cli(settings, "--org", org.name, "--from", "nobody@example.com", "--to", "x@example.com",
+                                        "--wait", "--json")
+            assert code == 1 and json.loads(out)["reason"] == "unknown_mailbox"
+        finally:
+            stopping.set()
+            await running
+        assert len(capture.messages()) == 1
+        (message,) = capture.messages()
+        assert message.header("X-Source") == "cli" and message.header("Subject").startswith("From the CLI CRM:")
