@@ -38,6 +38,14 @@ def up() -> None:
     run(lambda: run_up(load_settings()))
 
 
+@app.command()
+def demo() -> None:
+    """Show Conduit working end to end against local real peers (Dovecot, an SMTP capture server)."""
+    from conduit.demo import run_demo
+
+    run(lambda: run_demo(load_settings()))
+
+
 @app.command("run")
 def run_one(service: str = typer.Argument(..., help="ingest, evaluate, dispatch or exchange_sync"),
             burst: bool = typer.Option(False, help="Return once there is no more work (tests).")) -> None:
