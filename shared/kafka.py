@@ -75,7 +75,7 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) 
         if wanted:
             try:
                 await admin.create_topics(
-                    [NewTopic(n, num_partitions=settings.topic_partitions, replication_factor=1) for n in wanted]
+                    [NewTopic(n, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication_factor) for n in wanted]
                 )
             except TopicAlreadyExistsError:
                 pass  # another process created it first

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = Field(None, validation_alias=_env("KAFKA_SASL_USERNAME"))
     kafka_sasl_password: SecretStr | None = Field(None, validation_alias=_env("KAFKA_SASL_PASSWORD"))
     topic_partitions: int = Field(4, ge=1, validation_alias=_env("CONDUIT_TOPIC_PARTITIONS"))
+    # Copies of each topic Conduit creates; a real cluster wants 3 (the embedded broker has one node).
+    topic_replication_factor: int = Field(1, ge=1, validation_alias=_env("CONDUIT_TOPIC_REPLICATION_FACTOR"))
     topic_prefix: str = Field("", validation_alias=_env("CONDUIT_TOPIC_PREFIX"))
     # The Fernet key that encrypts mailbox and profile credentials at rest.
     secret_key: SecretStr | None = Field(None, validation_alias=_env("CONDUIT_SECRET_KEY"))
