@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
-
 import asyncpg
 
 from shared.crypto import load_cipher
@@ -87,6 +85,3 @@ class ServiceBase:
         except Exception as exc:  # noqa: BLE001
             checks["kafka"] = f"unreachable: {type(exc).__name__}"
         return checks
-
-    def status(self) -> dict[str, Any]:
-        return {"service": self.name}
