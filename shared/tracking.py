@@ -13,7 +13,7 @@ from functools import lru_cache
 
 
 @lru_cache(maxsize=64)
-def _pattern(prefix: str, digits: int) -> re.Pattern[str]:
+def token_pattern(prefix: str, digits: int) -> re.Pattern[str]:
     # The prefix must not be glued to a preceding word ("XCRM:..."); the number must be whole
     # and at least `digits` long (a number that outgrew its padding is still found).
     return re.compile(rf"(?<![A-Za-z0-9]){re.escape(prefix)}\s?(\d{{{digits},}})(?!\d)", re.IGNORECASE)
@@ -32,7 +32,7 @@ def find_tracking_token(subject: str, prefix: str, digits: int) -> str | None:
     """The token in ``subject`` in canonical form (the configured prefix, no space), or None."""
     if not prefix or not subject:
         return None
-    match = _pattern(prefix, digits).search(subject)
+    match = token_pattern(prefix, digits).search(subject)
     return prefix + match.group(1) if match else None
 
 
@@ -43,4 +43,4 @@ def subject_with_token(subject: str, token: str) -> str:
 
 
 def subject_without_token(subject: str, prefix: str, digits: int) -> str:
-    return " ".join(_pattern(prefix, digits).sub(" ", subject).split()) if prefix else " ".join(subject.split())
+    return " ".join(token_pattern(prefix, digits).sub(" ", subject).split()) if prefix else " ".join(subject.split())

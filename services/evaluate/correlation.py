@@ -15,9 +15,10 @@ Pure functions over the batch's in-memory ``Lookups``; no I/O.
 """
 from __future__ import annotations
 
+from shared import tracking
+
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,27 +84,16 @@ class Correlation:
 # Tracking token
 
 
-@lru_cache(maxsize=64)
-def _token_pattern(prefix: str, digits: int) -> re.Pattern[str]:
-    # The prefix must not be glued to a preceding word ("XCRM:..."), the number must be whole.
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(prefix)}\s?(\d{{{digits},}})(?!\d)", re.IGNORECASE)
-
-
 def make_tracking_token(number: int, settings: CorrelationSettings) -> str:
-    """The token an outgoing email carries in its subject, e.g. ``CRM:0001234``."""
-    if number < 0:
-        raise ValueError("tracking token numbers are not negative")
-    return f"{settings.tracking_token_prefix}{number:0{settings.tracking_token_digits}d}"
+    """The token an outgoing email carries in its subject, e.g. ``CRM:0001234`` (shared with dispatch)."""
+    return tracking.make_tracking_token(number, settings.tracking_token_prefix, settings.tracking_token_digits)
 
 
 def find_tracking_token(subject: str, settings: CorrelationSettings) -> str | None:
     """The tracking token in ``subject`` in canonical form (the configured prefix), or None."""
-    if not settings.tracking_token_enabled or not settings.tracking_token_prefix:
+    if not settings.tracking_token_enabled:
         return None
-    match = _token_pattern(settings.tracking_token_prefix, settings.tracking_token_digits).search(subject)
-    if match is None:
-        return None
-    return settings.tracking_token_prefix + match.group(1)
+    return tracking.find_tracking_token(subject, settings.tracking_token_prefix, settings.tracking_token_digits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +119,7 @@ def normalize_subject(subject: str, settings: CorrelationSettings | None = None)
     """The subject with reply/forward markers, tags and the tracking token removed, whitespace
     collapsed and case folded: ``"RE: [EXTERNAL] Fw: Offer  CRM:0001234"`` -> ``"offer"``."""
     if settings is not None and settings.tracking_token_prefix:
-        token = _token_pattern(settings.tracking_token_prefix, settings.tracking_token_digits)
+        token = tracking.token_pattern(settings.tracking_token_prefix, settings.tracking_token_digits)
         subject = token.sub(" ", subject)
     else:
         subject = _GENERIC_TOKEN.sub(" ", subject)
