@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 class ServiceBase:
     name = "service"
     pool_size = 10
+    # A service that never writes to the outbox may opt out of relaying it (tests use this so a
+    # helper service does not publish rows other tests left behind).
+    relays_outbox = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -52,6 +55,9 @@ class ServiceBase:
 
     async def run(self, stopping: asyncio.Event, *, burst: bool = False) -> None:
         assert self.relay is not None
+        if not self.relays_outbox:
+            await self.work(stopping, burst=burst)
+            return
         relay_stop = asyncio.Event()
         relay = asyncio.create_task(self.relay.run(relay_stop), name=f"{self.name}-outbox")
         try:

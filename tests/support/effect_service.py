@@ -17,6 +17,7 @@ from shared.settings import Settings
 
 class EffectService(ServiceBase):
     name = "effect"
+    relays_outbox = False  # it writes no outbox rows; relaying would publish other tests' leftovers
 
     def __init__(self, settings: Settings, table: str, group: str) -> None:
         super().__init__(settings)
