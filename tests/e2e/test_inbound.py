@@ -172,3 +172,25 @@ async def test_broken_mime_still_becomes_an_activity(settings, registry: Registr
     await pipeline(settings)
     acts = await activities(pool, org)
     assert len(acts) == 1
+
+
+@pytest.mark.parametrize("smart_matching", [True, False])
+async def test_smart_matching_links_a_reply_without_thread_headers(settings, registry: Registry, org, dovecot, pool,
+                                                                    smart_matching: bool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    org = await registry.configure_correlation(org, smart_matching=smart_matching)
+    tracker = await ready_mailbox(registry, org, dovecot, tracking="all")
+    box = await ready_mailbox(registry, org, dovecot, tracking="responses")
+    dovecot.deliver(tracker.email, message("Pricing for Q3", sender="boss@customer.example", to=tracker.email,
+                                           message_id="<sm-1@customer.example>"))
+    await pipeline(settings)
+    # The reply's client dropped In-Reply-To and References; only subject and people tie it to the thread.
+    dovecot.deliver(box.email, message("RE: Fwd: Pricing for Q3", sender="boss@customer.example",
+                                       to=f"{box.email}, {tracker.email}", message_id="<sm-2@customer.example>"))
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    if smart_matching:
+        assert acts["RE: Fwd: Pricing for Q3"]["correlated_by"] == "smart_matching"
+    else:  # off by default, as the reference recommends: the reply is not a response to anything tracked
+        assert "RE: Fwd: Pricing for Q3" not in acts
+        assert await why(registry, org, "sm-2@customer.example") == [(box.email, False, "no_correlation_match")]
