@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ClassVar
 
-from .context import EvaluationContext, PartyMatch
+from .context import EvaluationContext, MailboxContext, PartyMatch
 from .lookups import KNOWN_RECORD_KINDS
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "FromEmailEnabledRecord",
     "FromKnownRecord",
     "IncomingDisabled",
+    "MailboxGuard",
     "MailboxInactive",
     "MailboxNoProfile",
     "MailboxNotApproved",
@@ -74,71 +75,56 @@ def _not_tracked(reason: str, explanation: str) -> RuleResult:
 # Guards: the mailbox may not process email at all.  First in every chain.
 
 
-class MailboxInactive(Rule):
+class MailboxGuard(Rule):
+    """A guard decides "not tracked" when the mailbox fails ``allows``; its reason code is its name."""
+
+    explanation: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.reasons = (cls.name,)
+
+    @staticmethod
+    def allows(mailbox: MailboxContext) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check(self, ctx: EvaluationContext) -> RuleResult | None:
+        return None if self.allows(ctx.mailbox) else _not_tracked(self.name, self.explanation)
+
+
+class MailboxInactive(MailboxGuard):
     name = "mailbox_inactive"
     description = "An inactive mailbox never processes email (the reference's rule)."
-    reasons = ("mailbox_inactive",)
-
-    def check(self, ctx: EvaluationContext) -> RuleResult | None:
-        if ctx.mailbox.active:
-            return None
-        return _not_tracked(
-            "mailbox_inactive", "Not tracked: the mailbox is inactive, and an inactive mailbox never processes email."
-        )
+    explanation = "Not tracked: the mailbox is inactive, and an inactive mailbox never processes email."
+    allows = staticmethod(lambda mailbox: mailbox.active)
 
 
-class MailboxNoProfile(Rule):
+class MailboxNoProfile(MailboxGuard):
     name = "mailbox_no_profile"
     description = "A mailbox without an email server profile never processes email (the reference's rule)."
-    reasons = ("mailbox_no_profile",)
-
-    def check(self, ctx: EvaluationContext) -> RuleResult | None:
-        if ctx.mailbox.has_profile:
-            return None
-        return _not_tracked(
-            "mailbox_no_profile",
-            "Not tracked: the mailbox has no email server profile, and such a mailbox never processes email.",
-        )
+    explanation = "Not tracked: the mailbox has no email server profile, and such a mailbox never processes email."
+    allows = staticmethod(lambda mailbox: mailbox.has_profile)
 
 
-class MailboxNotApproved(Rule):
+class MailboxNotApproved(MailboxGuard):
     name = "mailbox_not_approved"
     description = "The mailbox's email address must be approved before its email is processed."
-    reasons = ("mailbox_not_approved",)
-
-    def check(self, ctx: EvaluationContext) -> RuleResult | None:
-        if ctx.mailbox.approved:
-            return None
-        return _not_tracked(
-            "mailbox_not_approved", "Not tracked: the mailbox's email address has not been approved yet."
-        )
+    explanation = "Not tracked: the mailbox's email address has not been approved yet."
+    allows = staticmethod(lambda mailbox: mailbox.approved)
 
 
-class IncomingDisabled(Rule):
+class IncomingDisabled(MailboxGuard):
     name = "incoming_disabled"
     description = "Incoming email is processed only when the mailbox's incoming delivery method is enabled."
-    reasons = ("incoming_disabled",)
-
-    def check(self, ctx: EvaluationContext) -> RuleResult | None:
-        if ctx.mailbox.incoming_enabled:
-            return None
-        return _not_tracked(
-            "incoming_disabled", "Not tracked: incoming email synchronization is disabled for this mailbox."
-        )
+    explanation = "Not tracked: incoming email synchronization is disabled for this mailbox."
+    allows = staticmethod(lambda mailbox: mailbox.incoming_enabled)
 
 
-class QueueConversionOff(Rule):
+class QueueConversionOff(MailboxGuard):
     name = "queue_conversion_off"
     description = "A queue mailbox whose 'convert incoming email to activities' setting is off tracks nothing."
-    reasons = ("queue_conversion_off",)
-
-    def check(self, ctx: EvaluationContext) -> RuleResult | None:
-        if ctx.mailbox.owner_kind != "queue" or ctx.mailbox.convert:
-            return None
-        return _not_tracked(
-            "queue_conversion_off",
-            "Not tracked: the queue does not convert incoming email to activities.",
-        )
+    explanation = "Not tracked: the queue does not convert incoming email to activities."
+    allows = staticmethod(lambda mailbox: mailbox.owner_kind != "queue" or mailbox.convert)
 
 
 def _aware(moment: datetime) -> datetime:
