@@ -19,6 +19,13 @@ SERVICE_FACTORIES = {
 }
 
 
+def rule_chains() -> dict[str, list[tuple[str, str, tuple[str, ...]]]]:
+    """Each tracking option's rule chain, in order: (rule name, description, reason codes)."""
+    from services.evaluate.chains import CHAINS
+
+    return {option: [(r.name, r.description, r.reasons) for r in chain.rules] for option, chain in CHAINS.items()}
+
+
 def build_service(name: str, settings: Settings) -> Service:
     module_name, _, attr = SERVICE_FACTORIES[name].partition(":")
     factory: Callable[[Settings], Service] = getattr(import_module(module_name), attr)

@@ -16,9 +16,11 @@ app = typer.Typer(help="Conduit: server-side synchronization of email, appointme
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Event JSON Schemas.", no_args_is_help=True)
+rules_app = typer.Typer(help="The relevance rules evaluate applies, per tracking option.", no_args_is_help=True)
 
 app.add_typer(db_app, name="db")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(rules_app, name="rules")
 app.add_typer(registry_cmds.org_app, name="org")
 app.add_typer(registry_cmds.profile_app, name="profile")
 app.add_typer(registry_cmds.user_app, name="user")
@@ -28,6 +30,27 @@ app.add_typer(registry_cmds.record_app, name="record")
 app.add_typer(registry_cmds.activity_app, name="activity")
 app.add_typer(registry_cmds.message_app, name="message")
 app.command("send")(send_cmd.send)
+
+
+@rules_app.command("list")
+def rules_list(option: Optional[str] = typer.Option(None, "--option", help="Only this tracking option's chain."),
+               json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The rule chain of each tracking option, in the order rules are tried; the first to decide wins."""
+    from conduit.services import rule_chains
+
+    chains = rule_chains()
+    if option is not None:
+        if option not in chains:
+            raise fail(f"unknown tracking option {option!r}: choose from {', '.join(chains)}")
+        chains = {option: chains[option]}
+    if json_:
+        typer.echo(json.dumps({o: [{"rule": n, "description": d, "reasons": list(r)} for n, d, r in rules]
+                               for o, rules in chains.items()}, indent=2))
+        return
+    for o, rules in chains.items():
+        typer.echo(f"tracking option {o}:")
+        for i, (name, description, reasons) in enumerate(rules, 1):
+            typer.echo(f"  {i:2}. {name} [{', '.join(reasons)}]\n      {description}")
 
 
 @app.command()

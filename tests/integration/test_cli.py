@@ -87,3 +87,14 @@ def test_second_user_with_same_address_and_missing_credentials(cli) -> None:
     assert dup.returncode == 2 and "already exists" in dup.stderr
     no_secret = cli("mailbox", "set-credentials", "dup@example.com", stdin="")
     assert no_secret.returncode == 2 and "CONDUIT_MAILBOX_SECRET" in no_secret.stderr
+
+
+def test_rules_list_shows_each_tracking_options_chain(cli) -> None:
+    chains = json.loads(cli("rules", "list", "--json", org_scoped=False).stdout)
+    assert set(chains) == {"all", "responses", "known_records", "email_enabled_records"}
+    responses = [r["rule"] for r in chains["responses"]]
+    assert responses[0] == "mailbox_inactive" and responses[-1] == "no_correlation_match"
+    # Every reason `conduit message why` can print is explained by some rule here.
+    assert "sender_unknown" in {reason for rules in chains.values() for r in rules for reason in r["reasons"]}
+    bad = cli("rules", "list", "--option", "nope", org_scoped=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown tracking option")
