@@ -9,6 +9,11 @@ the system's Dovecot (config, state, service) is touched. Recipe: shared/real-pe
         dovecot.deliver("alice@example.com", raw_message)     # straight into the maildir
         uid = await dovecot.append("alice@example.com", "secret", raw_message)   # real APPEND
 
+With `oauth2=OAuth2Passdb(introspection_url)` the instance also takes OAuth 2.0 bearer tokens
+(SASL XOAUTH2 and OAUTHBEARER, IMAP and POP3): Dovecot's `oauth2` passdb asks that URL about
+every token (RFC 7662 token introspection) and lets the login in when the token is active and
+its user attribute names the login user. Passwords (PLAIN, LOGIN) keep working beside it.
+
 Where things live: the config file and dovecot.log are in `base_dir`. Mail, the passwd-file
 and Dovecot's run directory (unix sockets, master.pid) must be reachable by Dovecot's
 unprivileged users and socket paths must stay short, so they go in `base_dir` only when its
@@ -36,6 +41,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from conduit.peers.ports import LOOPBACK, free_ports
@@ -51,17 +57,52 @@ class DovecotError(RuntimeError):
     """Dovecot did not start or stop as asked; the message carries the log tail."""
 
 
+@dataclass(frozen=True)
+class OAuth2Passdb:
+    """How Dovecot's `oauth2` passdb validates bearer tokens (Dovecot 2.3, dovecot-core).
+
+    Dovecot sends each token to `introspection_url` (`introspection_mode` "post": a form
+    `token=...`, as RFC 7662 says; "get": the token appended to the URL; "auth": a GET with
+    `Authorization: Bearer`) and reads the JSON object it answers. The login succeeds when
+    `active_attribute` (if set) has `active_value` and `username_attribute` equals the login
+    user (both lower-cased: Dovecot's default `username_format = %Lu`); anything else, such as RFC 7662's `{"active": false}`, fails the login. Basic
+    credentials of the resource server, if the endpoint wants them, go in the URL
+    (`http://id:secret@host/introspect`).
+    """
+
+    introspection_url: str
+    introspection_mode: str = "post"
+    username_attribute: str = "username"
+    active_attribute: str | None = "active"
+    active_value: str = "true"
+    timeout_msecs: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.introspection_mode not in ("post", "get", "auth"):
+            raise ValueError(f"introspection_mode must be post, get or auth, not {self.introspection_mode!r}")
+        values = (self.introspection_url, self.username_attribute, self.active_attribute or "",
+                  self.active_value)
+        if any(c in value for value in values for c in "\n\r"):
+            raise ValueError("OAuth2Passdb values must be single lines")
+
+
 class Dovecot:
     """A private Dovecot instance on loopback (see the module docstring)."""
 
     def __init__(
-        self, base_dir: Path, *, tls_cert: Path | None = None, tls_key: Path | None = None
+        self,
+        base_dir: Path,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        oauth2: OAuth2Passdb | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("give both tls_cert and tls_key, or neither")
         self.base_dir = Path(base_dir).absolute()
         self.tls_cert = Path(tls_cert).absolute() if tls_cert else None
         self.tls_key = Path(tls_key).absolute() if tls_key else None
+        self.oauth2 = oauth2
         self.host = LOOPBACK
         self.imap_port = 0
         self.pop3_port = 0
@@ -99,6 +140,11 @@ class Dovecot:
     @property
     def _run_dir(self) -> Path:
         return self._data / "run"
+
+    @property
+    def _oauth2_config_path(self) -> Path:
+        # Read by the auth process (an unprivileged user): beside the passwd-files, not in base_dir.
+        return self._data / "oauth2.conf.ext"
 
     def maildir(self, address: str, folder: str = "INBOX") -> Path:
         """The maildir of `folder` for `address` (maildir++: subfolder `Name` is `.Name`)."""
@@ -200,6 +246,8 @@ class Dovecot:
         self.imaps_port, self.pop3s_port = (ports[2], ports[3]) if tls else (None, None)
 
     def _write_config(self) -> None:
+        if self.oauth2 is not None:
+            _write_private(self._oauth2_config_path, _render_oauth2_config(self.oauth2))
         self.config_path.write_text(
             _render_config(
                 data=self._data,
@@ -211,6 +259,7 @@ class Dovecot:
                 pop3s_port=self.pop3s_port or 0,
                 tls_cert=self.tls_cert,
                 tls_key=self.tls_key,
+                oauth2_config=self._oauth2_config_path if self.oauth2 is not None else None,
             )
         )
 
@@ -406,6 +455,7 @@ def _render_config(
     pop3s_port: int,
     tls_cert: Path | None,
     tls_key: Path | None,
+    oauth2_config: Path | None = None,
 ) -> str:
     if tls_cert and tls_key:
         tls = f"ssl = yes\nssl_cert = <{tls_cert}\nssl_key = <{tls_key}\n"
@@ -413,6 +463,20 @@ def _render_config(
             tls += f"ssl_dh = <{_DH_PARAMS}\n"
     else:
         tls = "ssl = no\n"
+    mechanisms = "plain login"
+    password_mechanisms = oauth2_passdb = ""
+    if oauth2_config is not None:
+        mechanisms += " xoauth2 oauthbearer"
+        # Passwords go only to the passwd-files and tokens only to the token check: a token is
+        # never compared with a password, nor a password sent to the introspection endpoint.
+        password_mechanisms = "  mechanisms = plain login\n"
+        oauth2_passdb = f"""\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {oauth2_config}
+}}
+"""
     return f"""\
 # Written by conduit.peers.dovecot: a private instance on loopback for tests and benchmarks.
 base_dir = {data}/run
@@ -421,7 +485,7 @@ log_path = {log_path}
 protocols = imap pop3
 listen = {LOOPBACK}
 {tls}disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_verbose = yes
 # tests check that a wrong password fails; the default 2 s penalty would only slow them down
 auth_failure_delay = 0 secs
@@ -446,9 +510,9 @@ mailbox_idle_check_interval = 1 secs
 # a file it has not seen at once, so a user added while running can log in immediately.
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN {data}/passwd/%u
+{password_mechanisms}  args = scheme=PLAIN {data}/passwd/%u
 }}
-userdb {{
+{oauth2_passdb}userdb {{
   driver = static
   args = uid=mail gid=mail home={data}/mail/%u
 }}
@@ -512,6 +576,30 @@ service anvil {{
   }}
 }}
 """
+
+
+def _render_oauth2_config(oauth2: OAuth2Passdb) -> str:
+    active = ""
+    if oauth2.active_attribute:
+        active = f"active_attribute = {oauth2.active_attribute}\nactive_value = {oauth2.active_value}\n"
+    return f"""\
+# Written by conduit.peers.dovecot: the oauth2 passdb of a private instance (RFC 7662 introspection).
+introspection_url = {oauth2.introspection_url}
+introspection_mode = {oauth2.introspection_mode}
+username_attribute = {oauth2.username_attribute}
+{active}timeout_msecs = {oauth2.timeout_msecs}
+"""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only root and Dovecot's auth process (group dovecot) may read."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    os.fchown(fd, 0, grp.getgrnam("dovecot").gr_gid)
+    with open(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _quote_mailbox(name: str) -> str:

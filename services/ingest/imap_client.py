@@ -494,8 +494,8 @@ class ImapClient:
         text = _text(reply.text)
         # RFC 5530: UNAVAILABLE is a passing server problem, worth a retry; the rest are final.
         if text.upper().startswith("[UNAVAILABLE]"):
-            raise ConnectionFailed(f"The IMAP server {self._host} could not log in {user} for now: {text}.")
-        raise AuthenticationFailed(f"The IMAP server {self._host} rejected the credentials of {user}: {text}.")
+            raise ConnectionFailed(f"The IMAP server {self._host} could not log in {user} for now: {text.rstrip('.')}.")
+        raise AuthenticationFailed(f"The IMAP server {self._host} rejected the credentials of {user}: {text.rstrip('.')}.")
 
     async def _after_auth(self) -> None:
         """Ask for CAPABILITY when the login reply did not announce the new set."""

@@ -120,9 +120,9 @@ class Pop3Client:
     def _raise_login_error(self, user: str, text: bytes) -> None:
         reason = _text(text)
         if text.lstrip().upper().startswith(_TRANSIENT_CODES):
-            raise TransientError(f"The POP3 server {self._host} cannot log in {user} right now: {reason}.",
-                                 reason="mailbox_busy")
-        raise AuthenticationFailed(f"The POP3 server {self._host} rejected the credentials of {user}: {reason}.")
+            raise TransientError(f"The POP3 server {self._host} cannot log in {user} right now: {reason.rstrip('.')}.",
+                                 reason="server_unavailable")
+        raise AuthenticationFailed(f"The POP3 server {self._host} rejected the credentials of {user}: {reason.rstrip('.')}.")
 
     # ---- the maildrop ------------------------------------------------------------------------------
 

@@ -11,15 +11,13 @@ import asyncio
 import base64
 import contextlib
 import imaplib
-import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-import trustme
 
-from conduit.peers import Dovecot, free_port
+from conduit.peers import free_port
 from services.ingest.imap_client import (
     ImapClient,
     decode_mailbox_name,
@@ -101,26 +99,10 @@ def plain_message(i: int, size: int = 1500) -> bytes:
     return head + (b"line of text %d\r\n" % i) * (size // 20)
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> dict:
-    """A trustme CA, a server certificate for 127.0.0.1, and a verifying client context."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    directory = tmp_path_factory.mktemp("imap-tls")
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert.private_key_pem.write_to_path(key_path)
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(cert_path, append=True)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return {"cert": cert_path, "key": key_path, "client": client}
-
-
-@pytest.fixture(scope="module")
-async def dovecot(tmp_path_factory, tls):
-    async with Dovecot(tmp_path_factory.mktemp("imap-dovecot"), tls_cert=tls["cert"], tls_key=tls["key"]) as server:
-        yield server
+@pytest.fixture
+def dovecot(tls_dovecot):
+    """The session's TLS Dovecot (tests/integration/conftest.py); tests add their own users."""
+    return tls_dovecot
 
 
 @pytest.fixture

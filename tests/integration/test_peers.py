@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import trustme
 
 from conduit.peers import CaptureSmtpServer, Dovecot, SmtpSink
 from conduit.peers.dovecot import DovecotError
@@ -40,28 +39,10 @@ def unique_address() -> str:
     return f"u{uuid.uuid4().hex[:10]}@example.com"
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> dict:
-    """A trustme CA, a server certificate for 127.0.0.1, and a verifying client context."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    directory = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert.private_key_pem.write_to_path(key_path)
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(cert_path, append=True)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return {"cert": cert_path, "key": key_path, "client": client}
-
-
-@pytest.fixture(scope="module")
-async def dovecot(tmp_path_factory, tls):
-    async with Dovecot(
-        tmp_path_factory.mktemp("dovecot"), tls_cert=tls["cert"], tls_key=tls["key"]
-    ) as server:
-        yield server
+@pytest.fixture
+def dovecot(tls_dovecot):
+    """The session's TLS Dovecot (tests/integration/conftest.py); tests add their own users."""
+    return tls_dovecot
 
 
 @pytest.fixture

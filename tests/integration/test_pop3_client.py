@@ -1,13 +1,11 @@
 """Conduit's POP3 client against a real Dovecot (conduit.peers.dovecot)."""
 from __future__ import annotations
 
-import ssl
 import uuid
 
 import pytest
-import trustme
 
-from conduit.peers import Dovecot, free_port
+from conduit.peers import free_port
 from services.ingest.pop3_client import Pop3Client, unstuff
 from shared.errors import AuthenticationFailed, ConnectionFailed, TlsFailed
 
@@ -25,25 +23,10 @@ def message(i: int) -> bytes:
             f"Grüße {i}\r\n").encode() + b"x" * (i * 131 % 5000) + b"\r\n.\r\n"
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> dict:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    directory = tmp_path_factory.mktemp("pop3-tls")
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert.private_key_pem.write_to_path(key_path)
-    cert.cert_chain_pems[0].write_to_path(cert_path)
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(cert_path, append=True)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return {"cert": cert_path, "key": key_path, "client": client}
-
-
-@pytest.fixture(scope="module")
-async def dovecot(tmp_path_factory, tls):
-    async with Dovecot(tmp_path_factory.mktemp("pop3-dovecot"), tls_cert=tls["cert"], tls_key=tls["key"]) as server:
-        yield server
+@pytest.fixture
+def dovecot(tls_dovecot):
+    """The session's TLS Dovecot (tests/integration/conftest.py); tests add their own users."""
+    return tls_dovecot
 
 
 @pytest.fixture
