@@ -160,3 +160,33 @@ class RegistryChangeV1(BaseModel):
     entity_id: UUID
     change: Literal["created", "updated", "deleted"]
     fields: dict[str, object] = Field(default_factory=dict, description="Changed fields; never a secret.")
+
+
+HealthState = Literal["healthy", "degraded", "failing", "backing_off"]
+
+
+class MailboxHealthV1(BaseModel):
+    """A mailbox's health as the health aggregate sees it; the latest event per key is the current view."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mailbox_id: UUID
+    state: HealthState = Field(description="The worst of the directions' states.")
+    direction_states: dict[Literal["incoming", "outgoing", "act", "mailbox"], HealthState] = Field(
+        default_factory=dict, description="State per direction that reported one; 'mailbox' for mailbox-wide events."
+    )
+    failure_count: int = Field(0, ge=0, description="Failures since the last recovery or successful test, all directions.")
+    last_success_at: AwareDatetime | None = Field(
+        None, description="Last successful test, recovery or received message."
+    )
+    last_alert_code: str | None = None
+    last_alert_message: str | None = None
+    last_alert_severity: Literal["information", "warning", "error"] | None = None
+    last_alert_at: AwareDatetime | None = None
+    messages_received: int = Field(0, ge=0, description="Messages received since the aggregate began.")
+    activities_created: int = Field(0, ge=0, description="Email activities recorded through this mailbox.")
+    window_seconds: int = Field(ge=1, description="Length of the tumbling window the rates are counted in.")
+    window_start: AwareDatetime | None = Field(None, description="Start of the current (still open) window.")
+    messages_received_per_minute: float = Field(0.0, ge=0, description="Rate over the last complete window.")
+    activities_created_per_minute: float = Field(0.0, ge=0, description="Rate over the last complete window.")
+    updated_at: AwareDatetime = Field(description="Time of the last event that changed this view.")

@@ -17,6 +17,7 @@ from shared.events.payloads import (
     EmailReceivedV1,
     EmailStatusV1,
     MailboxEventV1,
+    MailboxHealthV1,
     RegistryChangeV1,
 )
 
@@ -65,6 +66,11 @@ MAILBOX_EVENTS = Topic(
     ("registry", "ingest", "dispatch", "exchange_sync"), ("monitoring", "external CRM"),
     "Mailbox lifecycle: created, tested, alerts, back-off and recovery.",
 )
+MAILBOX_HEALTH = Topic(
+    "mailbox.health", MailboxHealthV1, 1, "mailbox id",
+    ("evaluate",), ("monitoring",),
+    "A mailbox's health after each change; the latest event per key is the current view (compacted).",
+)
 REGISTRY_CHANGES = Topic(
     "registry.changes", RegistryChangeV1, 1, "entity id",
     ("registry",), ("external CRM", "exchange_sync"),
@@ -72,7 +78,8 @@ REGISTRY_CHANGES = Topic(
 )
 
 TOPICS: dict[str, Topic] = {
-    t.name: t for t in (EMAIL_RECEIVED, ACTIVITY_CREATED, EMAIL_OUTBOUND, EMAIL_STATUS, MAILBOX_EVENTS, REGISTRY_CHANGES)
+    t.name: t for t in (EMAIL_RECEIVED, ACTIVITY_CREATED, EMAIL_OUTBOUND, EMAIL_STATUS, MAILBOX_EVENTS,
+                        MAILBOX_HEALTH, REGISTRY_CHANGES)
 }
 
 
