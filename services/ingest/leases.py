@@ -1,16 +1,34 @@
 """Mailbox leases in PostgreSQL: several ingest replicas share the mailboxes, each mailbox worked by
 exactly one replica; a dead replica's leases expire and the others take them over.
 
-A replica claims at most its fair share (mailboxes / live replicas, rounded up) so a replica that
-starts first does not keep everything; leases are renewed well within their time to live.
+Every replica renews a heartbeat row (`ingest_replica`) with its leases, so a replica that has just
+started and holds nothing yet still counts as live.  A replica's fair share is the mailboxes divided
+by the live replicas, rounded up: it claims free or expired leases up to that share, and one holding
+more than its share (because others joined) hands the surplus over.  The hand-over is two steps so
+a mailbox is never worked by two replicas at once: ``claim`` names the surplus (still leased, still
+renewed, but no longer to be worked); the caller stops the surplus mailboxes' sessions and only
+then calls ``release``, after which the lease is free for the others.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from uuid import UUID
 
 import asyncpg
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a replica holds after a claim: ``work`` to keep working, ``surplus`` to stop then release."""
+
+    work: set[UUID] = field(default_factory=set)
+    surplus: set[UUID] = field(default_factory=set)
+
+    @property
+    def held(self) -> set[UUID]:
+        return self.work | self.surplus
 
 
 class Leases:
@@ -19,9 +37,17 @@ class Leases:
         self.holder = holder
         self.ttl = ttl_seconds
 
-    async def claim(self, candidates: Sequence[UUID]) -> set[UUID]:
-        """Renew what we hold, take free or expired leases up to our fair share; return what we hold."""
+    async def claim(self, candidates: Sequence[UUID]) -> Claim:
+        """Heartbeat, renew what we hold, take free or expired leases up to our fair share, and name
+        what we hold beyond it."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO ingest_replica (holder, expires_at) VALUES ($1, now() + make_interval(secs => $2))
+                   ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at""",
+                self.holder, self.ttl,
+            )
+            # Dead replicas' rows go (their leases expire on their own and are taken over).
+            await conn.execute("DELETE FROM ingest_replica WHERE expires_at < now() - interval '1 minute'")
             await conn.execute(
                 "UPDATE mailbox_lease SET expires_at = now() + make_interval(secs => $2) WHERE holder = $1",
                 self.holder, self.ttl,
@@ -31,10 +57,8 @@ class Leases:
                 "DELETE FROM mailbox_lease WHERE holder = $1 AND NOT (mailbox_id = ANY($2::uuid[]))",
                 self.holder, list(candidates),
             )
-            live = await conn.fetchval(
-                "SELECT count(DISTINCT holder) FROM mailbox_lease WHERE expires_at > now() AND holder <> $1", self.holder
-            )
-            share = math.ceil(len(candidates) / (live + 1)) if candidates else 0
+            live = await conn.fetchval("SELECT count(*) FROM ingest_replica WHERE expires_at > now()")
+            share = math.ceil(len(candidates) / max(live, 1)) if candidates else 0
             held = await conn.fetchval("SELECT count(*) FROM mailbox_lease WHERE holder = $1", self.holder)
             if held < share:
                 await conn.execute(
@@ -48,16 +72,23 @@ class Leases:
                        WHERE mailbox_lease.expires_at < now()""",
                     self.holder, list(candidates), self.ttl, share - held,
                 )
-            elif held > share:
-                # Others joined: give back the surplus so they get their share.
-                await conn.execute(
-                    """DELETE FROM mailbox_lease WHERE mailbox_id IN (
-                         SELECT mailbox_id FROM mailbox_lease WHERE holder = $1 ORDER BY mailbox_id DESC LIMIT $2)""",
-                    self.holder, held - share,
-                )
-            rows = await conn.fetch("SELECT mailbox_id FROM mailbox_lease WHERE holder = $1", self.holder)
-        return {r["mailbox_id"] for r in rows}
+            rows = await conn.fetch("SELECT mailbox_id FROM mailbox_lease WHERE holder = $1 ORDER BY mailbox_id", self.holder)
+        held_ids = [r["mailbox_id"] for r in rows]
+        # Others joined: the highest ids beyond our share are handed over (the same ones every time,
+        # so a surplus mailbox stays surplus until released).
+        keep = max(share, 0)
+        return Claim(work=set(held_ids[:keep]), surplus=set(held_ids[keep:]))
+
+    async def release(self, mailbox_ids: Iterable[UUID]) -> None:
+        """Give leases back (their sessions have stopped): free at once for the other replicas."""
+        ids = list(mailbox_ids)
+        if ids:
+            async with self._pool.acquire() as conn:
+                await conn.execute("DELETE FROM mailbox_lease WHERE holder = $1 AND mailbox_id = ANY($2::uuid[])",
+                                   self.holder, ids)
 
     async def release_all(self) -> None:
-        async with self._pool.acquire() as conn:
+        """Stopping: every lease goes back and the replica no longer counts as live."""
+        async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM mailbox_lease WHERE holder = $1", self.holder)
+            await conn.execute("DELETE FROM ingest_replica WHERE holder = $1", self.holder)

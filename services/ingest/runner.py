@@ -59,6 +59,12 @@ class MailboxRunner:
         self._mailbox = Mailbox(work.id, work.organization_id, work["owner_kind"] is None)
         self.last_sync: datetime | None = None
         self.failed = False
+        self._client: ImapClient | None = None  # the open IMAP session, if any
+
+    @property
+    def idling(self) -> bool:
+        """True while the session waits in IMAP IDLE for the server to announce new mail."""
+        return self._client is not None and self._client.idling
 
     @property
     def protocol(self) -> str:
@@ -133,6 +139,7 @@ class MailboxRunner:
         async with self._slot():
             client = await ImapClient.connect(profile["incoming_host"], profile["incoming_port"],
                                               tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
+            self._client = client
             try:
                 if oauth:
                     await client.authenticate_xoauth2(user, secret)
@@ -145,6 +152,7 @@ class MailboxRunner:
                     await self._idle_loop(client, sync, folders, stopping)
                 await client.logout()
             finally:
+                self._client = None
                 await client.close()
 
     async def _report_missing(self, missing: set[str]) -> None:

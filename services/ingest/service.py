@@ -1,10 +1,11 @@
 """ingest: pulls email from IMAP and POP3 mailboxes into raw storage and `email.received`.
 
 The scheduler keeps one runner per mailbox this replica holds a lease on.  Every few seconds it
-asks the registry which mailboxes may be processed (`mailboxes_to_process("incoming")`), renews and
-claims leases (its fair share), starts runners for new mailboxes, and stops runners for mailboxes
-that were deactivated, lost their profile, went into back-off or changed settings.  In burst mode
-it syncs every mailbox it can claim once and returns (tests, one-shot runs).
+asks the registry which mailboxes may be processed (`mailboxes_to_process("incoming")`), heartbeats,
+renews and claims leases (its fair share), starts runners for new mailboxes, and stops runners for
+mailboxes that were deactivated, lost their profile, went into back-off, changed settings or are to
+be handed over to a replica that joined (their lease is released once the runner has stopped).  In
+burst mode it syncs every mailbox it can claim once and returns (tests, one-shot runs).
 """
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from uuid import UUID
+
+import asyncpg
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.ingest.leases import Leases
 from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
@@ -29,20 +35,41 @@ log = logging.getLogger(__name__)
 INGEST_PROTOCOLS = ("imap", "pop3")
 
 
+class IngestSettings(BaseSettings):
+    """The ingest service's own settings (``CONDUIT_INGEST_*``), beside the process-wide ones."""
+
+    model_config = SettingsConfigDict(env_prefix="CONDUIT_INGEST_", extra="ignore")
+
+    # How often the scheduler heartbeats, renews and claims leases and looks for mailbox changes.
+    refresh_seconds: float = Field(5.0, gt=0)
+    # Leases and the replica heartbeat last this long unrenewed: a dead replica's mailboxes are
+    # taken over, and it stops counting towards the fair share, after at most this long.
+    lease_ttl_seconds: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> IngestSettings:
+        if self.lease_ttl_seconds < 2 * self.refresh_seconds:
+            raise ValueError("CONDUIT_INGEST_LEASE_TTL_SECONDS must be at least twice CONDUIT_INGEST_REFRESH_SECONDS")
+        return self
+
+
 @dataclass
 class _Running:
     task: asyncio.Task[None]
     stop: asyncio.Event
     version: object
+    runner: MailboxRunner
 
 
 class IngestService(ServiceBase):
     name = "ingest"
     pool_size = 20
 
-    def __init__(self, settings: Settings, *, refresh_seconds: float = 5.0) -> None:
+    def __init__(self, settings: Settings, ingest: IngestSettings | None = None, *,
+                 refresh_seconds: float | None = None) -> None:
         super().__init__(settings)
-        self.refresh_seconds = refresh_seconds
+        self.options = ingest or IngestSettings()
+        self.refresh_seconds = refresh_seconds or self.options.refresh_seconds
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.runners: dict[UUID, _Running] = {}
         self._slots = ServerSlots()
@@ -52,26 +79,43 @@ class IngestService(ServiceBase):
         assert self.pool is not None and self.registry is not None
         return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens)
 
-    async def _claimed(self, leases: Leases) -> dict[UUID, MailboxWork]:
+    async def _claimed(self, leases: Leases) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
+        """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""
         assert self.registry is not None
         works = [w for w in await self.registry.mailboxes_to_process("incoming")
                  if w.profile["server_type"] in INGEST_PROTOCOLS]
-        held = await leases.claim([w.id for w in works])
-        MAILBOXES_LEASED.set(len(held))
-        return {w.id: w for w in works if w.id in held}
+        claim = await leases.claim([w.id for w in works])
+        MAILBOXES_LEASED.set(len(claim.work))
+        return {w.id: w for w in works if w.id in claim.work}, claim.surplus
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
         assert self.pool is not None
-        leases = Leases(self.pool, self.holder)
+        leases = Leases(self.pool, self.holder, ttl_seconds=self.options.lease_ttl_seconds)
         try:
             if burst:
-                await self._sync_all_once(await self._claimed(leases))
+                claimed, surplus = await self._claimed(leases)
+                await leases.release(surplus)
+                await self._sync_all_once(claimed)
                 return
+            renewed = time.monotonic()
             while not stopping.is_set():
-                self._reconcile(await self._claimed(leases), stopping)
+                try:
+                    claimed, surplus = await self._claimed(leases)
+                    renewed = time.monotonic()
+                    self._reconcile(claimed, stopping)
+                    # A surplus lease goes back only once its runner has stopped: never two
+                    # replicas in one mailbox.
+                    await leases.release(m for m in surplus if m not in self.runners)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                    # The database is briefly away: runners keep working on the leases they have
+                    # while those are valid; the next pass renews them.  Past half their time to
+                    # live, the runners stop, before another replica may take the mailboxes over.
+                    log.warning("ingest %s could not renew its leases: %s", self.holder, exc)
+                    if time.monotonic() - renewed > leases.ttl / 2:
+                        self._reconcile({}, stopping)
                 try:
                     await asyncio.wait_for(stopping.wait(), timeout=self.refresh_seconds)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             await self._stop_runners(list(self.runners))
@@ -87,18 +131,18 @@ class IngestService(ServiceBase):
             work = claimed.get(mailbox_id)
             if running.task.done() or work is None or _version(work) != running.version:
                 running.stop.set()
-                if running.task.done() or work is None:
-                    del self.runners[mailbox_id]
+            if running.task.done():
+                # Kept until now so a stopping runner still counts as working its mailbox.
+                del self.runners[mailbox_id]
+                if not running.task.cancelled() and running.task.exception() is not None:
+                    log.error("mailbox %s: runner failed", mailbox_id, exc_info=running.task.exception())
         for mailbox_id, work in claimed.items():
-            running = self.runners.get(mailbox_id)
-            if running is not None and not running.stop.is_set():
-                continue
-            if running is not None and not running.task.done():
-                continue  # still finishing its previous session; started on the next pass
+            if mailbox_id in self.runners:
+                continue  # running, or still finishing its previous session: started on a later pass
             stop = asyncio.Event()
             runner = MailboxRunner(self._context(), work, idle_allowed=idle_allowed.get(mailbox_id, False))
             task = asyncio.create_task(runner.run(_either(stop, stopping)), name=f"mailbox-{mailbox_id}")
-            self.runners[mailbox_id] = _Running(task, stop, _version(work))
+            self.runners[mailbox_id] = _Running(task, stop, _version(work), runner)
 
     @staticmethod
     def _idle_allowance(claimed: dict[UUID, MailboxWork]) -> dict[UUID, bool]:

@@ -1,0 +1,80 @@
+"""IMAP IDLE, end to end: with ingest and evaluate running as long-lived services and a polling
+interval of ten minutes, a message delivered to an idling mailbox becomes an activity in seconds.
+
+Only IDLE can explain that: the next poll is 600 s away, and the Dovecot log shows no new login
+for the mailbox between the moment IDLE was entered and the moment the activity appeared (the same
+session that was idling fetched the message).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+
+from services.evaluate.service import EvaluateService
+from services.ingest.service import IngestService, IngestSettings
+from shared.lifecycle import run_service
+from shared.registry.service import Registry
+from shared.settings import Settings
+from tests.support.mailboxes import imap_profile, message, ready_mailbox
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.peers
+
+POLL_SECONDS = 600
+WITHIN_SECONDS = 15
+
+
+async def _activity(pool: asyncpg.Pool, org, message_id: str) -> asyncpg.Record | None:
+    async with pool.acquire() as conn:
+        return await conn.fetchrow("SELECT id, created_at FROM email_activity WHERE organization_id = $1 AND message_id = $2",
+                                   org.id, message_id)
+
+
+def _logins(dovecot, email: str) -> int:
+    text = dovecot.log_path.read_text(errors="replace") if dovecot.log_path.exists() else ""
+    return text.count(f"Login: user=<{email}>")
+
+
+async def test_idle_delivers_a_new_message_long_before_the_next_poll(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    # "localhost" rather than 127.0.0.1: the same Dovecot, but a server of its own for ingest's
+    # per-server connection budget, so mailboxes other tests left on 127.0.0.1 cannot use up the
+    # IDLE allowance of this one.
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost",
+                                                 min_polling_interval_seconds=POLL_SECONDS))
+    box = await ready_mailbox(registry, org, dovecot, tracking="all")
+    dovecot.deliver(box.email, message("before", to=box.email, message_id="<idle-before@customer.example>"))
+
+    stopping = asyncio.Event()
+    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0))
+    evaluate = EvaluateService(settings)
+    tasks = [asyncio.create_task(run_service(evaluate, stopping=stopping), name="evaluate"),
+             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
+    try:
+        # The first session syncs what is there (and evaluate has joined its group once it is decided).
+        await eventually(lambda: _activity(pool, org, "idle-before@customer.example"), timeout=90,
+                         what="the activity of the message already there")
+
+        async def idling():
+            running = ingest.runners.get(box.id)
+            return running is not None and running.runner.idling and running
+        running = await eventually(idling, timeout=30, what="the mailbox's session to enter IDLE")
+        logins = _logins(dovecot, box.email)
+        assert logins >= 1, "Dovecot logs logins (the check below relies on it)"
+
+        started = time.monotonic()
+        dovecot.deliver(box.email, message("pushed", to=box.email, message_id="<idle-pushed@customer.example>"))
+        await eventually(lambda: _activity(pool, org, "idle-pushed@customer.example"), timeout=WITHIN_SECONDS,
+                         interval=0.02, what=f"the activity within {WITHIN_SECONDS} s (the next poll is {POLL_SECONDS} s away)")
+        latency = time.monotonic() - started
+        print(f"\nIDLE: delivered -> activity in {latency * 1000:.0f} ms")
+
+        assert ingest.runners.get(box.id) is running and not running.task.done(), "the same runner, never restarted"
+        assert _logins(dovecot, box.email) == logins, "no new session: the idling one fetched the message"
+        assert all(not t.done() for t in tasks), "both services still run"
+    finally:
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
