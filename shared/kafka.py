@@ -13,6 +13,7 @@ from typing import Any, Iterable
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.events.envelope import Envelope, encode_event
 from shared.events.topics import TOPICS, dead_letter
@@ -123,10 +124,41 @@ class Publisher:
         )
 
     async def publish_many(self, items: Iterable[tuple[str, bytes, str]]) -> None:
-        """Send a batch and wait until every message is acknowledged (fails if any fails)."""
-        futures = [
-            await self.producer.send(topic_name(self._settings, topic), value, key=key.encode())
-            for topic, value, key in items
-        ]
+        """Send a batch and wait until every message is acknowledged (fails if any fails).
+
+        Messages go into one record batch per partition (the producer's batch API) instead of one
+        ``send`` each: ingest publishes 500 events per call, and per-message ``send`` (metadata
+        wait, size estimate, murmur2 of the key, accumulator bookkeeping) was a quarter of its CPU.
+        The partition is the default partitioner's choice for the key, so per-key order and
+        placement are exactly what ``send`` gives; order within a partition is the items' order.
+        """
+        producer = self.producer
+        partitioner = DefaultPartitioner()
+        partitions: dict[str, list[int]] = {}
+        placed: dict[tuple[str, bytes], int] = {}
+        batches: dict[tuple[str, int], Any] = {}
+        futures = []
+        for topic, value, key in items:
+            physical = topic_name(self._settings, topic)
+            key_bytes = key.encode()
+            partition = placed.get((physical, key_bytes))
+            if partition is None:
+                if physical not in partitions:
+                    partitions[physical] = sorted(await producer.partitions_for(physical))
+                known = partitions[physical]
+                partition = placed[(physical, key_bytes)] = partitioner(key_bytes, known, known)
+            batch = batches.get((physical, partition))
+            if batch is None:
+                batch = batches[(physical, partition)] = producer.create_batch()
+            if batch.append(key=key_bytes, value=value, timestamp=None) is None:
+                # Full: send what it holds, in order, and start the next one.
+                futures.append(await producer.send_batch(batch, physical, partition=partition))
+                batch = batches[(physical, partition)] = producer.create_batch()
+                if batch.append(key=key_bytes, value=value, timestamp=None) is None:
+                    # Larger than a whole batch: the per-message path checks the size limit.
+                    futures.append(await producer.send(physical, value, key=key_bytes, partition=partition))
+                    del batches[(physical, partition)]
+        for (physical, partition), batch in batches.items():
+            futures.append(await producer.send_batch(batch, physical, partition=partition))
         for future in futures:
             await future

@@ -17,14 +17,15 @@ def raw_sha256(raw: bytes) -> str:
 
 
 async def store_raw(conn: asyncpg.Connection, raws: Sequence[bytes]) -> list[str]:
-    """Store messages (one statement for the batch); return their hashes in order."""
+    """Store messages (one pipelined, atomic round trip for the batch); return their hashes in order."""
     hashes = [raw_sha256(r) for r in raws]
     if raws:
-        await conn.execute(
-            """INSERT INTO raw_message (sha256, size, data)
-               SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[])
-               ON CONFLICT (sha256) DO NOTHING""",
-            hashes, [len(r) for r in raws], list(raws),
+        # executemany of one prepared INSERT rather than unnest() of a bytea[]: the server need not
+        # build and then unpack a multi-megabyte array (bench/ingest_pipeline.py: ~25% less time
+        # for 500 messages of 7 KB).  asyncpg runs it as one transaction.
+        await conn.executemany(
+            "INSERT INTO raw_message (sha256, size, data) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
+            [(h, len(r), r) for h, r in zip(hashes, raws)],
         )
     return hashes
 

@@ -24,6 +24,10 @@ from services.ingest import state
 from shared.events.fields import is_email_address
 
 
+# Parametrised once: ``Envelope[...]`` looks its class up in pydantic's generic cache at every use.
+EmailReceivedEvent = Envelope[EmailReceivedV1]
+
+
 @dataclass(frozen=True)
 class Pulled:
     """One message as it came off the server."""
@@ -58,7 +62,7 @@ async def publish_pulled(pool: asyncpg.Pool, publisher: Publisher, mailbox: Mail
     ingested = []
     for (key, item), sha in zip(new.items(), hashes):
         forwarded_by = from_address(item.raw) if mailbox.is_forward_mailbox else None
-        event = Envelope[EmailReceivedV1](
+        event = EmailReceivedEvent(
             type=EMAIL_RECEIVED.name, schema_version=1, producer="ingest", organization_id=mailbox.organization_id,
             data=EmailReceivedV1(
                 mailbox_id=mailbox.id, source=source, folder=item.folder or "INBOX", uid=item.uid, uidl=item.uidl,
