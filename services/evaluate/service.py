@@ -21,8 +21,10 @@ from services.evaluate import repository as repo
 from services.evaluate.context import MailboxContext
 from services.evaluate.correlation import CorrelationSettings, find_tracking_token, normalize_subject
 from services.evaluate.decision import BatchItem, Decision, evaluate_batch
+from services.evaluate.health import start_health
 from services.evaluate.lookups import keys_for
 from services.evaluate.parsing import ParsedEmail, forwarded_message, parse_email
+from services.evaluate.settings import EvaluateSettings
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope
@@ -36,7 +38,8 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-GROUP = "conduit-evaluate"
+GROUP = EvaluateSettings.model_fields["group_id"].default  # the default group, for tools and benches
+
 # Parametrised once: ``Envelope[...]`` looks its class up in pydantic's generic cache at every use.
 ActivityCreatedEvent = Envelope[ActivityCreatedV1]
 
@@ -61,9 +64,11 @@ class _Item:
 class EvaluateService(ServiceBase):
     name = "evaluate"
 
-    def __init__(self, settings: Settings, *, max_batch: int = 500) -> None:
+    def __init__(self, settings: Settings, *, max_batch: int | None = None,
+                 evaluate_settings: EvaluateSettings | None = None) -> None:
         super().__init__(settings)
-        self.max_batch = max_batch
+        self.own = evaluate_settings or EvaluateSettings()
+        self.max_batch = max_batch or self.own.max_batch
         self.consumer: EventConsumer | None = None
 
     async def on_start(self) -> None:
@@ -71,7 +76,7 @@ class EvaluateService(ServiceBase):
         # transaction, the offset commit) is shared, and the handler groups by organization anyway.
         # fetch_max_wait_ms: the broker answers a fetch at once when a message arrives, instead of
         # holding it up to aiokafka's default 500 ms (bench/idle_latency.py: p50 384 -> 310 ms).
-        self.consumer = EventConsumer(self.settings, EMAIL_RECEIVED, group_id=GROUP, handler=self.handle,
+        self.consumer = EventConsumer(self.settings, EMAIL_RECEIVED, group_id=self.own.group_id, handler=self.handle,
                                       publisher=self.publisher, max_batch=self.max_batch,
                                       across_partitions=True, batch_window_ms=10, fetch_max_wait_ms=20)
         await self.consumer.start()
@@ -82,7 +87,14 @@ class EvaluateService(ServiceBase):
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
         assert self.consumer is not None
-        await self.consumer.run(stopping, burst=burst)
+        if burst or not self.own.health_aggregate:
+            await self.consumer.run(stopping, burst=burst)
+            return
+        health = await start_health(self.settings)
+        try:
+            await self.consumer.run(stopping, burst=False)
+        finally:
+            await health.stop()
 
     async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
         assert self.pool is not None

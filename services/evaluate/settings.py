@@ -1,0 +1,17 @@
+"""The evaluate service's own settings (``CONDUIT_EVALUATE_*``), beside the process-wide ones."""
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EvaluateSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONDUIT_EVALUATE_", extra="ignore")
+
+    # The consumer group; replicas of one deployment share it.
+    group_id: str = "conduit-evaluate"
+    # `email.received` events per batch: one raw load, one look-up per key kind, one transaction.
+    max_batch: int = Field(500, ge=1, le=10_000)
+    # Keep the mailbox health aggregate (faust, `mailbox.health`) in this process.  Not in burst
+    # runs, which end when the backlog does.  Off when ops run it elsewhere or do not want it.
+    health_aggregate: bool = True
