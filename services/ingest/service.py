@@ -167,17 +167,10 @@ class IngestService(ServiceBase):
         if running:
             await asyncio.gather(*(r.task for r in running), return_exceptions=True)
 
-    async def readiness(self) -> dict[str, str]:
-        checks = await super().readiness()
-        checks["mailboxes"] = "ok"
-        return checks
-
 
 def _version(work: MailboxWork) -> object:
     """What, when it changes, needs a new session: settings, credentials, profile."""
     return (work["updated_at"], work.profile.get("updated_at"))
-
-
 
 
 def _either(a: asyncio.Event, b: asyncio.Event) -> asyncio.Event:
