@@ -7,11 +7,17 @@ back, nor lost for one that committed.  Every service runs a relay; replicas sha
 batch (milliseconds), which is what makes two relays never publish the same row concurrently; a
 crash after the acknowledgement and before the delete republishes the batch, and consumers
 deduplicate on the event id.
+
+A row is one event, or (``enqueue_batch``) many: a producer that announces hundreds of changes per
+transaction writes them as one row whose topic is empty and whose payload is the array of
+``{"topic", "key", "event"}``; the relay expands it in the database, in order.  Same guarantee,
+one row to insert, lock and delete instead of hundreds.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from json import dumps
 from typing import Any
 
@@ -23,6 +29,8 @@ from shared.kafka import Publisher
 log = logging.getLogger(__name__)
 
 CHANNEL = "event_outbox"
+# The topic of a row that holds a batch of events.
+BATCH = ""
 
 
 async def enqueue(conn: asyncpg.Connection, topic: str, key: str, event: Envelope[Any]) -> None:
@@ -44,6 +52,19 @@ async def enqueue_many(conn: asyncpg.Connection, rows: list[tuple[str, str, Enve
     await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
 
 
+async def enqueue_batch(conn: asyncpg.Connection, events: Sequence[tuple[str, str, str]]) -> None:
+    """Write (topic, key, envelope JSON) events as one outbox row inside the caller's transaction,
+    and wake the relay, in one statement.  The JSON texts must be what ``model_dump_json`` gives."""
+    if not events:
+        return
+    payload = "[" + ",".join(f'{{"topic":{dumps(t)},"key":{dumps(k)},"event":{e}}}' for t, k, e in events) + "]"
+    await conn.execute(
+        """WITH written AS (INSERT INTO event_outbox (topic, key, payload) VALUES ($1, '', $2::text::jsonb))
+           SELECT pg_notify($3, '')""",
+        BATCH, payload, CHANNEL,
+    )
+
+
 class OutboxRelay:
     """Publishes outbox rows in id order and deletes them once the broker has them."""
 
@@ -53,6 +74,7 @@ class OutboxRelay:
         self._batch = batch
         self._idle_poll = idle_poll
         self._wakeup = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None  # held while running: no pool reset per batch
         self.published = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -71,22 +93,42 @@ class OutboxRelay:
         finally:
             await listener.remove_listener(CHANNEL, self._on_notify)
             await self._pool.release(listener)
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                await self._pool.release(conn)
 
     def _on_notify(self, *_: object) -> None:
         self._wakeup.set()
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows went out."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        conn = self._conn
+        try:
+            count = await self._relay_batch(conn)
+        except BaseException:
+            self._conn = None
+            await self._pool.release(conn)  # the pool resets or replaces it
+            raise
+        self.published += count
+        return count
+
+    async def _relay_batch(self, conn: asyncpg.Connection) -> int:
+        async with conn.transaction():
+            # The payload as text, straight from the database: no decoding and re-encoding here.
             rows = await conn.fetch(
-                "SELECT id, topic, key, payload FROM event_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                self._batch,
+                """SELECT o.id, coalesce(e.value->>'topic', o.topic) AS topic, coalesce(e.value->>'key', o.key) AS key,
+                          coalesce((e.value->'event')::text, o.payload::text) AS payload
+                   FROM (SELECT id, topic, key, payload FROM event_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) o
+                   LEFT JOIN LATERAL jsonb_array_elements(CASE WHEN o.topic = $2 THEN o.payload END)
+                        WITH ORDINALITY AS e(value, n) ON true
+                   ORDER BY o.id, e.n""",
+                self._batch, BATCH,
             )
             if not rows:
                 return 0
-            await self._publisher.publish_many(
-                (r["topic"], dumps(r["payload"], separators=(",", ":")).encode(), r["key"]) for r in rows
-            )
-            await conn.execute("DELETE FROM event_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-        self.published += len(rows)
+            # (A batch row with no events comes back as one row without a topic: deleted, not published.)
+            await self._publisher.publish_many((r["topic"], r["payload"].encode(), r["key"]) for r in rows if r["topic"])
+            await conn.execute("DELETE FROM event_outbox WHERE id = ANY($1::bigint[])", list({r["id"] for r in rows}))
         return len(rows)

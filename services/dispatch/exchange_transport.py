@@ -144,6 +144,13 @@ class EwsTransport:
         message_id = _message_id(message)
         return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
 
+    async def find_sent(self, mailbox_address: str, message_id: str, *, impersonate: bool = False) -> bool:
+        """Whether the mailbox's Sent Items holds a message with this ``Message-ID`` (with its angle
+        brackets): FindItem restricted on ``message:InternetMessageId``.  Resolves a send whose outcome
+        was lost: ``SendAndSaveCopy`` files the copy as it sends."""
+        _check_address(mailbox_address)
+        return await self._run(self._find_sent_blocking, mailbox_address, message_id, impersonate)
+
     async def check(self, mailbox_address: str, *, impersonate: bool = False) -> None:
         """Test & Enable: log in, negotiate the server version and open Inbox and Sent Items."""
         _check_address(mailbox_address)
@@ -164,10 +171,26 @@ class EwsTransport:
     def _send_blocking(self, address: str, message: bytes, message_id: str, impersonate: bool) -> str:
         from exchangelib import Message
 
-        account = self._account(address, impersonate)
-        Message(account=account, folder=account.sent, mime_content=message).send_and_save()
-        found = list(account.sent.filter(message_id=message_id).values_list("id", flat=True)[:1])
+        account = self._account(address, impersonate)  # a failure up to here: nothing was sent
+        try:
+            Message(account=account, folder=account.sent, mime_content=message).send_and_save()
+        except Exception as e:  # noqa: BLE001 - mapped once, marked: the request may have reached Exchange
+            error = e if isinstance(e, (InvalidInput, TransientError, PermanentError)) else _ews_error(e)
+            # A timeout (ours, or exchangelib's ErrorTimeoutExpired for a read timeout): the request
+            # went out and no answer came, so whether it was sent is unknown.
+            error.request_sent = isinstance(error, ProtocolTimeout) or \
+                getattr(error, "code", None) == "ErrorTimeoutExpired"  # type: ignore[attr-defined]
+            raise error from None
+        try:
+            found = list(account.sent.filter(message_id=message_id).values_list("id", flat=True)[:1])
+        except Exception as e:  # noqa: BLE001 - sent already: a failed look-up must not fail the send
+            log.info("sent; finding the Sent Items copy failed (%s)", type(e).__name__)
+            return message_id
         return found[0] if found else message_id
+
+    def _find_sent_blocking(self, address: str, message_id: str, impersonate: bool) -> bool:
+        account = self._account(address, impersonate)
+        return bool(list(account.sent.filter(message_id=message_id).values_list("id", flat=True)[:1]))
 
     def _check_blocking(self, address: str, impersonate: bool) -> None:
         account = self._account(address, impersonate)
@@ -367,6 +390,23 @@ class GraphTransport:
         if response.status_code != 202:
             raise _graph_error(response, "sendMail")
 
+    async def find_sent(self, mailbox_address: str, message_id: str) -> bool:
+        """Whether the mailbox's Sent Items holds a message with this ``Message-ID`` (with its angle
+        brackets): ``GET .../mailFolders/sentitems/messages?$filter=internetMessageId eq '<id>'``
+        (needs Mail.ReadBasic or more).  Resolves a send whose outcome was lost."""
+        _check_address(mailbox_address)
+        url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/mailFolders/sentitems/messages"
+        literal = message_id.replace("'", "''")
+        response = await self._call("GET", url, params={"$filter": f"internetMessageId eq '{literal}'",
+                                                        "$select": "id", "$top": "1"})
+        if response.status_code != 200:
+            raise _graph_error(response, "messages")
+        try:
+            return bool(response.json().get("value"))
+        except (ValueError, AttributeError):
+            raise ExchangeTransientError("Graph answered the Sent Items look-up without JSON",
+                                         reason="protocol_error") from None
+
     async def check(self, mailbox_address: str) -> None:
         """Test & Enable: get a token and read one message id from the mailbox (needs Mail.ReadBasic or more)."""
         _check_address(mailbox_address)
@@ -391,7 +431,12 @@ class GraphTransport:
 
     async def _request(self, method: str, url: str, token: str, **kwargs: Any) -> httpx.Response:
         headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
-        return await self._http(self._client.request(method, url, headers=headers, **kwargs), "Graph")
+        try:
+            return await self._http(self._client.request(method, url, headers=headers, **kwargs), "Graph")
+        except ProtocolTimeout as exc:
+            # Written but unanswered: a POST may have been acted on (its outcome is unknown).
+            exc.request_sent = method == "POST" and getattr(exc, "after_write", False)  # type: ignore[attr-defined]
+            raise
 
     async def _access_token(self) -> str:
         async with self._token_lock:
@@ -423,8 +468,10 @@ class GraphTransport:
             if _is_tls_failure(e):
                 raise TlsFailed(f"TLS with the {peer} failed: certificate not trusted or handshake refused") from None
             raise ConnectionFailed(f"could not reach the {peer}") from None
-        except httpx.TimeoutException:
-            raise ProtocolTimeout(f"the {peer} did not answer in time") from None
+        except httpx.TimeoutException as e:
+            error = ProtocolTimeout(f"the {peer} did not answer in time")
+            error.after_write = isinstance(e, (httpx.ReadTimeout, httpx.WriteTimeout))  # type: ignore[attr-defined]
+            raise error from None
         except httpx.TransportError as e:
             raise ConnectionFailed(f"the connection to the {peer} failed ({type(e).__name__})") from None
 

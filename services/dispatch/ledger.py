@@ -7,6 +7,7 @@ Each state change writes its ``email.status`` event to the outbox in the same tr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
@@ -17,7 +18,7 @@ import asyncpg
 from shared.events.envelope import Envelope
 from shared.events.payloads import ActivityCreatedV1, EmailStatusV1
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_STATUS
-from shared.outbox import CHANNEL
+from shared.outbox import enqueue_batch
 
 PRODUCER = "dispatch"
 # Namespace of the advisory locks dispatch workers hold on their numbers ("DSPC").
@@ -27,28 +28,44 @@ WORKER_LOCK_NAMESPACE = 0x44535043
 # --------------------------------------------------------------------------- outbox, batched
 
 
+class _RandomIds:
+    """Version 4 UUIDs from the system's CSPRNG, read 256 at a time: ``uuid4()`` makes one system call
+    per id, which a send (a ledger row, an activity, four events) would pay six times."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> UUID:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(16 * 256), 0
+        raw = self._pool[self._at:self._at + 16]
+        self._at += 16
+        return UUID(bytes=raw, version=4)
+
+
+new_id = _RandomIds()
+
+# The parametrised envelope classes, looked up once (each ``Envelope[X]`` costs a cache look-up).
+_STATUS_ENVELOPE = Envelope[EmailStatusV1]
+_ACTIVITY_ENVELOPE = Envelope[ActivityCreatedV1]
+
+
 def status_event(org_id: UUID, status: EmailStatusV1, correlation_id: str | None = None) -> tuple[str, str, Envelope[Any]]:
-    return EMAIL_STATUS.name, status.idempotency_key, Envelope[EmailStatusV1](
-        type=EMAIL_STATUS.name, schema_version=1, producer=PRODUCER, organization_id=org_id,
+    return EMAIL_STATUS.name, status.idempotency_key, _STATUS_ENVELOPE(
+        event_id=new_id(), type=EMAIL_STATUS.name, schema_version=1, producer=PRODUCER, organization_id=org_id,
         correlation_id=correlation_id, data=status)
 
 
 def activity_event(org_id: UUID, activity: ActivityCreatedV1, correlation_id: str | None = None) -> tuple[str, str, Envelope[Any]]:
-    return ACTIVITY_CREATED.name, str(org_id), Envelope[ActivityCreatedV1](
-        type=ACTIVITY_CREATED.name, schema_version=1, producer=PRODUCER, organization_id=org_id,
+    return ACTIVITY_CREATED.name, str(org_id), _ACTIVITY_ENVELOPE(
+        event_id=new_id(), type=ACTIVITY_CREATED.name, schema_version=1, producer=PRODUCER, organization_id=org_id,
         correlation_id=correlation_id, data=activity)
 
 
 async def enqueue_events(conn: asyncpg.Connection, events: Sequence[tuple[str, str, Envelope[Any]]]) -> None:
-    """``shared.outbox.enqueue_many`` in one statement instead of one per event."""
-    if not events:
-        return
-    await conn.execute(
-        """INSERT INTO event_outbox (topic, key, payload)
-           SELECT t, k, p::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, k, p)""",
-        [e[0] for e in events], [e[1] for e in events], [e[2].model_dump_json() for e in events],
-    )
-    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    """A transaction's events, in order, as one outbox row (``shared.outbox.enqueue_batch``)."""
+    await enqueue_batch(conn, [(topic, key, event.model_dump_json()) for topic, key, event in events])
 
 
 # --------------------------------------------------------------------------- senders
@@ -130,44 +147,51 @@ class NewRequest:
     tracking_token: str | None
     next_attempt_at: datetime | None  # None: now
     deadline: datetime
-    request: dict[str, Any]
+    request: str  # the request as JSON
     event_id: UUID
     correlation_id: str | None
     requested_at: datetime
 
 
-async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest]) -> set[UUID]:
-    """Insert new requests as pending_send; returns the ids actually written.
+async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], claim: set[UUID] = frozenset(),
+                          worker_id: int | None = None) -> list[asyncpg.Record]:
+    """Insert new requests as pending_send, or, for the ids in ``claim``, as claimed (``sending`` for
+    ``worker_id``, attempt 1: what ``claim`` would make of them, without a second write); returns the
+    rows actually written, with the claimed columns (``request`` left out: the caller has it) and ``status``.
 
     A key already in the ledger is a no-op (a redelivery or a replay), except a key whose earlier
     request was rejected: nothing was sent for it, so the new request takes its place.
     """
     if not rows:
-        return set()
-    result = await conn.fetch(
-        """INSERT INTO outbound_email AS o (id, organization_id, idempotency_key, mailbox_id, status, message_id,
-                  subject, tracking_token, next_attempt_at, deadline, request, event_id, correlation_id, requested_at)
-           SELECT u.id, u.org, u.key, u.mailbox, 'pending_send', u.mid, u.subject, u.token, coalesce(u.next_at, now()),
-                  u.deadline, u.request::jsonb, u.event_id, u.corr, u.requested_at
+        return []
+    return await conn.fetch(
+        f"""INSERT INTO outbound_email AS o (id, organization_id, idempotency_key, mailbox_id, status, message_id,
+                  subject, tracking_token, next_attempt_at, deadline, request, event_id, correlation_id, requested_at,
+                  worker_id, attempts)
+           SELECT u.id, u.org, u.key, u.mailbox, CASE WHEN u.claimed THEN 'sending' ELSE 'pending_send' END, u.mid,
+                  u.subject, u.token, CASE WHEN u.claimed THEN NULL ELSE coalesce(u.next_at, now()) END,
+                  u.deadline, u.request::jsonb, u.event_id, u.corr, u.requested_at,
+                  CASE WHEN u.claimed THEN $15::bigint END, CASE WHEN u.claimed THEN 1 ELSE 0 END
            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[],
-                       $8::timestamptz[], $9::timestamptz[], $10::text[], $11::uuid[], $12::text[], $13::timestamptz[])
-                AS u(id, org, key, mailbox, mid, subject, token, next_at, deadline, request, event_id, corr, requested_at)
+                       $8::timestamptz[], $9::timestamptz[], $10::text[], $11::uuid[], $12::text[], $13::timestamptz[],
+                       $14::bool[])
+                AS u(id, org, key, mailbox, mid, subject, token, next_at, deadline, request, event_id, corr, requested_at,
+                     claimed)
            ON CONFLICT (organization_id, idempotency_key) DO UPDATE SET
-                id = EXCLUDED.id, mailbox_id = EXCLUDED.mailbox_id, status = 'pending_send', reason = NULL,
+                id = EXCLUDED.id, mailbox_id = EXCLUDED.mailbox_id, status = EXCLUDED.status, reason = NULL,
                 detail = NULL, message_id = EXCLUDED.message_id, subject = EXCLUDED.subject,
                 tracking_token = EXCLUDED.tracking_token, next_attempt_at = EXCLUDED.next_attempt_at,
                 deadline = EXCLUDED.deadline, request = EXCLUDED.request, event_id = EXCLUDED.event_id,
                 correlation_id = EXCLUDED.correlation_id, requested_at = EXCLUDED.requested_at,
-                attempts = 0, created_at = now(), updated_at = now()
+                worker_id = EXCLUDED.worker_id, attempts = EXCLUDED.attempts, created_at = now(), updated_at = now()
            WHERE o.status = 'rejected'
-           RETURNING o.id""",
+           RETURNING {_CLAIMED_COLUMNS.replace("o.request,", "NULL::jsonb AS request,")}, o.status""",
         [r.id for r in rows], [r.organization_id for r in rows], [r.idempotency_key for r in rows],
         [r.mailbox_id for r in rows], [r.message_id for r in rows], [r.subject for r in rows],
         [r.tracking_token for r in rows], [r.next_attempt_at for r in rows], [r.deadline for r in rows],
-        [json.dumps(r.request) for r in rows], [r.event_id for r in rows], [r.correlation_id for r in rows],
-        [r.requested_at for r in rows],
+        [r.request for r in rows], [r.event_id for r in rows], [r.correlation_id for r in rows],
+        [r.requested_at for r in rows], [r.id in claim for r in rows], worker_id,
     )
-    return {r["id"] for r in result}
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +254,23 @@ async def claim(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int) -
     )
 
 
+async def claim_due(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID], limit: int, worker_id: int) -> list[asyncpg.Record]:
+    """Claim (as ``claim`` does) up to ``limit`` due requests of mailboxes known to be able to send,
+    before their deadline, oldest first, skipping rows other workers hold: the common case in one statement."""
+    if not mailbox_ids or limit <= 0:
+        return []
+    return await conn.fetch(
+        f"""UPDATE outbound_email o SET status = 'sending', attempts = attempts + 1, worker_id = $3,
+                   next_attempt_at = NULL, updated_at = now()
+            WHERE o.id IN (SELECT d.id FROM outbound_email d
+                           WHERE d.status = 'pending_send' AND d.next_attempt_at <= now()
+                             AND d.mailbox_id = ANY($1::uuid[]) AND (d.deadline IS NULL OR d.deadline >= now())
+                           ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            RETURNING {_CLAIMED_COLUMNS}""",
+        list(mailbox_ids), limit, worker_id,
+    )
+
+
 async def lock_due(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
     """Pending requests whose time has come, locked for this transaction (replicas skip them)."""
     return await conn.fetch(
@@ -272,26 +313,63 @@ class Outcome:
 
 
 async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome], worker_id: int | None,
-                          *, from_status: str = "sending") -> set[UUID]:
-    """Write outcomes of rows this worker holds; returns the ids updated."""
+                          *, from_status: str = "sending", activities: Sequence[SentActivity] = ()) -> dict[UUID, UUID | None]:
+    """Write outcomes of rows this worker holds, and the outgoing activities of the sent ones, in one
+    statement; returns the ids updated, each with its row's activity id.
+
+    An activity is recorded once per Message-ID (linked to its mailbox); a sent row points at it,
+    whether this statement or an earlier one recorded it.
+    """
     if not outcomes:
-        return set()
+        return {}
     rows = await conn.fetch(
-        """UPDATE outbound_email o SET status = u.status, transport = coalesce(u.transport, o.transport),
+        """WITH a AS (
+               SELECT * FROM unnest($11::uuid[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[],
+                                    $17::text[], $18::text[], $19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[],
+                                    $24::uuid[])
+                   AS a(id, org, mid, subject, norm, sender, to_list, cc_list, rkind, rid, token, root, preview, mailbox)),
+           created AS (
+               INSERT INTO email_activity (id, organization_id, message_id, direction, status, subject, normalized_subject,
+                      from_address, to_addresses, cc_addresses, regarding_kind, regarding_id, tracking_token, thread_root,
+                      preview, sent_at)
+               SELECT a.id, a.org, a.mid, 'outgoing', 'sent', a.subject, a.norm, a.sender, a.to_list::text[],
+                      a.cc_list::text[], a.rkind, a.rid, a.token, a.root, a.preview, now()
+               FROM a
+               ON CONFLICT (organization_id, message_id) DO NOTHING
+               RETURNING id, organization_id, message_id),
+           found AS (
+               SELECT c.id, c.organization_id AS org, c.message_id, a.mailbox
+               FROM created c JOIN a ON a.org = c.organization_id AND a.mid = c.message_id
+               UNION ALL
+               SELECT e.id, e.organization_id, e.message_id, a.mailbox
+               FROM a JOIN email_activity e ON e.organization_id = a.org AND e.message_id = a.mid),
+           linked AS (
+               INSERT INTO email_activity_mailbox (activity_id, mailbox_id)
+               SELECT id, mailbox FROM found ON CONFLICT DO NOTHING)
+           UPDATE outbound_email o SET status = u.status, transport = coalesce(u.transport, o.transport),
                   reason = u.reason, detail = u.detail, smtp_code = u.code, smtp_reply = u.reply,
-                  next_attempt_at = u.next_at, activity_id = coalesce(u.activity, o.activity_id),
+                  next_attempt_at = u.next_at,
+                  activity_id = coalesce(CASE WHEN u.status = 'sent' THEN
+                      (SELECT f.id FROM found f WHERE f.org = o.organization_id AND f.message_id = o.message_id LIMIT 1)
+                  END, o.activity_id),
                   sent_at = CASE WHEN u.status = 'sent' THEN now() ELSE o.sent_at END,
                   worker_id = NULL, updated_at = now()
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
-                       $8::timestamptz[], $9::uuid[]) AS u(id, status, transport, reason, detail, code, reply, next_at, activity)
-           WHERE o.id = u.id AND o.status = $10 AND ($11::bigint IS NULL OR o.worker_id = $11)
-           RETURNING o.id""",
+                       $8::timestamptz[]) AS u(id, status, transport, reason, detail, code, reply, next_at)
+           WHERE o.id = u.id AND o.status = $9 AND ($10::bigint IS NULL OR o.worker_id = $10)
+           RETURNING o.id, o.activity_id""",
         [o.id for o in outcomes], [o.status for o in outcomes], [o.transport for o in outcomes],
         [o.reason for o in outcomes], [(o.detail or "")[:2000] or None for o in outcomes],
         [o.smtp_code for o in outcomes], [(o.smtp_reply or "")[:2000] or None for o in outcomes],
-        [o.next_attempt_at for o in outcomes], [o.activity_id for o in outcomes], from_status, worker_id,
+        [o.next_attempt_at for o in outcomes], from_status, worker_id,
+        [r.id for r in activities], [r.organization_id for r in activities], [r.message_id for r in activities],
+        [r.subject for r in activities], [r.normalized_subject for r in activities], [r.from_address for r in activities],
+        [_pg_array(r.to) for r in activities], [_pg_array(r.cc) for r in activities],
+        [r.regarding_kind for r in activities], [r.regarding_id for r in activities],
+        [r.tracking_token for r in activities], [r.thread_root for r in activities], [r.preview for r in activities],
+        [r.mailbox_id for r in activities],
     )
-    return {r["id"] for r in rows}
+    return {r["id"]: r["activity_id"] for r in rows}
 
 
 # --------------------------------------------------------------------------- activities
@@ -313,40 +391,6 @@ class SentActivity:
     tracking_token: str | None
     thread_root: str
     preview: str
-
-
-async def insert_activities(conn: asyncpg.Connection, rows: Sequence[SentActivity]) -> dict[str, UUID]:
-    """Record outgoing email activities (one per Message-ID); returns message id -> activity id."""
-    if not rows:
-        return {}
-    await conn.execute(
-        """INSERT INTO email_activity (id, organization_id, message_id, direction, status, subject, normalized_subject,
-                  from_address, to_addresses, cc_addresses, regarding_kind, regarding_id, tracking_token, thread_root,
-                  preview, sent_at)
-           SELECT u.id, u.org, u.mid, 'outgoing', 'sent', u.subject, u.norm, u.sender, u.to_list::text[], u.cc_list::text[],
-                  u.rkind, u.rid, u.token, u.root, u.preview, now()
-           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                       $9::text[], $10::uuid[], $11::text[], $12::text[], $13::text[])
-                AS u(id, org, mid, subject, norm, sender, to_list, cc_list, rkind, rid, token, root, preview)
-           ON CONFLICT (organization_id, message_id) DO NOTHING""",
-        [r.id for r in rows], [r.organization_id for r in rows], [r.message_id for r in rows], [r.subject for r in rows],
-        [r.normalized_subject for r in rows], [r.from_address for r in rows],
-        [_pg_array(r.to) for r in rows], [_pg_array(r.cc) for r in rows],
-        [r.regarding_kind for r in rows], [r.regarding_id for r in rows], [r.tracking_token for r in rows],
-        [r.thread_root for r in rows], [r.preview for r in rows],
-    )
-    found = await conn.fetch(
-        "SELECT id, organization_id, message_id FROM email_activity WHERE (organization_id, message_id) IN "
-        "(SELECT * FROM unnest($1::uuid[], $2::text[]))",
-        [r.organization_id for r in rows], [r.message_id for r in rows],
-    )
-    ids = {r["message_id"]: r["id"] for r in found}
-    await conn.execute(
-        """INSERT INTO email_activity_mailbox (activity_id, mailbox_id)
-           SELECT * FROM unnest($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING""",
-        [ids[r.message_id] for r in rows if r.message_id in ids], [r.mailbox_id for r in rows if r.message_id in ids],
-    )
-    return ids
 
 
 def _pg_array(values: list[str]) -> str:

@@ -1,32 +1,39 @@
 """dispatch: sends the email other systems request on ``email.outbound``, exactly once.
 
-The flow of one consumer batch (see docs/dispatch.md for the why):
+Two loops meet in the send ledger (see docs/dispatch.md for the why):
 
-1. validate every request (schema, header allow-list, size, sender mailbox and its state); an
-   invalid one is recorded as ``rejected``, announced on ``email.status`` and dead-lettered;
-2. one transaction inserts the batch into the send ledger (``pending_send``; a key already there
-   is a no-op) and claims the first wave (``sending``, with its Message-ID and this worker's
-   number): committed before any mail transaction starts;
-3. each wave is sent concurrently over the transports' pools; one transaction records its
-   outcomes (``sent`` with the activity, ``failed`` with the reason and reply, or back to
-   ``pending_send`` with ``next_attempt_at`` for a temporary failure) and claims the next wave;
-4. the handler returns, the offsets are committed.
+- the **consumer** validates each batch of requests (schema, header allow-list, size, sender
+  mailbox and its state; an invalid one is recorded as ``rejected``, announced on ``email.status``
+  and dead-lettered), inserts the valid ones as ``pending_send`` in one transaction (a key already
+  there is a no-op), and returns: the offsets are committed once the requests are durable in the
+  ledger, from which nothing is lost;
+- the **send loop** claims due ``pending_send`` rows (``FOR UPDATE SKIP LOCKED``: replicas share
+  them) as ``sending`` with their Message-ID and this worker's number, committed before any mail
+  transaction starts, sends each at once over the transports' pools, and records outcomes
+  (``sent`` with the activity, ``failed`` with the reason and reply, or back to ``pending_send``
+  with ``next_attempt_at`` for a temporary failure).  One transaction records whatever finished
+  since the last one and claims as many rows as the in-flight limit allows (a group commit), so
+  the database work runs while the mail goes out, and a worker never holds more than
+  ``wave_size`` rows in ``sending``: what a ``kill -9`` can leave ambiguous.
 
-A retry loop picks due ``pending_send`` rows (``FOR UPDATE SKIP LOCKED``: replicas share them) and
-resolves the rows of dead workers left in ``sending``: an ambiguous outcome, never resent blindly.
+Rows of dead workers left in ``sending`` are resolved as an ambiguous outcome, never resent blindly.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import re
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Sequence
-from uuid import UUID, uuid4
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -43,17 +50,30 @@ from shared.errors import (
     TransientError,
 )
 from shared.events.envelope import utcnow
-from shared.events.payloads import ActivityCreatedV1, EmailOutboundV1, EmailStatusV1, RegardingRef
+from shared.events.payloads import (
+    ActivityCreatedV1,
+    EmailOutboundV1,
+    EmailStatusV1,
+    RegardingRef,
+)
 from shared.events.topics import EMAIL_OUTBOUND
-from shared.metrics import ACTIVITIES_CREATED, EMAILS_SENT, MAILBOX_FAILURES, SEND_LATENCY
+from shared.metrics import (
+    ACTIVITIES_CREATED,
+    EMAILS_SENT,
+    MAILBOX_FAILURES,
+    SEND_LATENCY,
+)
 from shared.rawstore import load_raw
 from shared.registry.service import MailboxWork
 from shared.runtime import ServiceBase
 from shared.settings import Settings
-from shared.tracking import make_tracking_token, subject_with_token, subject_without_token
+from shared.tracking import (
+    make_tracking_token,
+    subject_with_token,
+    subject_without_token,
+)
 
 from . import ledger
-from .consuming import BatchingConsumer
 from .compose import check_headers, check_size, compose, message_id_for
 from .settings import DispatchSettings
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
@@ -62,6 +82,8 @@ from .transports import Accepted, Transports, transport_name
 log = logging.getLogger(__name__)
 
 GROUP_ID = "conduit-dispatch"
+# Record-and-claim transactions a worker runs at once: one waits on PostgreSQL while the next forms.
+_CONCURRENT_TURNS = 2
 
 
 class _UncheckedOutbound(BaseModel):
@@ -143,6 +165,24 @@ class DispatchService(ServiceBase):
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_guard = asyncio.Lock()
         self._stopping = asyncio.Event()
+        # The send loop's state: claimed rows not yet recorded (sending, or sent and awaiting the
+        # next transaction), results waiting for that transaction, and what wakes the loop.
+        self._claimed: set[UUID] = set()
+        self._finished: list[_Result] = []
+        self._wakeup = asyncio.Event()
+        self._maybe_due = True
+        # Requests this worker's consumer accepted as due and no send loop has claimed yet: the
+        # consumer waits while there are too many (back-pressure: the backlog stays in Kafka).
+        self._backlog: set[UUID] = set()
+        self._room = asyncio.Event()
+        self._works: dict[UUID, tuple[MailboxWork, float]] = {}
+        self._requests: dict[UUID, EmailOutboundV1] = {}
+        self._turns = 0  # record-and-claim transactions running (at most two)
+        self._failures = 0
+        self._turn_conns: list[asyncpg.Connection] = []
+        self._due_generation = 0  # counts the consumer's acceptances of due requests
+        self._reserved = 0  # rows those transactions may claim
+        self._backoff: dict[UUID, datetime] = {}
         self.counts = {"sent": 0, "failed": 0, "rejected": 0, "retried": 0, "outcome_unknown": 0}
 
     # -- lifecycle
@@ -153,12 +193,18 @@ class DispatchService(ServiceBase):
         self._lock_conn = await self.pool.acquire()
         self.worker_id = await ledger.register_worker(self._lock_conn)
         self.transports = Transports(timeout=self.options.smtp_timeout_seconds, helo_name=self.options.helo_name)
-        self.consumer = BatchingConsumer(self.settings, UNCHECKED_OUTBOUND, group_id=self.group_id, handler=self.handle,
-                                      publisher=self.publisher, max_batch=self.options.batch_size)
+        # One handler call per fetch across partitions: a batch has a fixed cost (sender look-up,
+        # ledger transaction) worth sharing, and Tansu brings a few records per partition per fetch.
+        self.consumer = EventConsumer(self.settings, UNCHECKED_OUTBOUND, group_id=self.group_id, handler=self.handle,
+                                      publisher=self.publisher, max_batch=self.options.batch_size,
+                                      across_partitions=True, batch_window_ms=15, fetch_max_wait_ms=20)
         await self.consumer.start()
         log.info("dispatch worker %d started", self.worker_id)
 
     async def on_stop(self) -> None:
+        if self.pool is not None:
+            while self._turn_conns:
+                await self.pool.release(self._turn_conns.pop())
         if self.consumer is not None:
             await self.consumer.stop()
         if self.transports is not None:
@@ -168,18 +214,36 @@ class DispatchService(ServiceBase):
             self._lock_conn = None
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
+        """The consumer and the send loop side by side; stopping stops both, the loop finishing its sends.
+
+        Burst mode: consume until caught up, then send until nothing is due (nor due within the
+        burst horizon), then return.
+        """
         assert self.consumer is not None
         self._stopping = stopping
-        if burst:
-            await self.consumer.run(stopping, burst=True)
-            await self._drain_retries(stopping)
-            return
-        retries = asyncio.create_task(self._retry_loop(stopping), name="dispatch-retries")
+        consumed = asyncio.Event()
+        sending = asyncio.create_task(self._send_loop(stopping, consumed if burst else None), name="dispatch-send")
+        # A send loop that died would leave the consumer waiting for room: stop the service instead.
+        sending.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stopping.set())
+        orphans = None if burst else asyncio.create_task(self._orphan_loop(stopping), name="dispatch-orphans")
         try:
-            await self.consumer.run(stopping)
-        finally:
+            if burst:
+                await self.recover_orphans()
+            await self.consumer.run(stopping, burst=burst)
+        except BaseException:
             stopping.set()
-            await retries
+            raise
+        finally:
+            consumed.set()
+            self._wakeup.set()
+            if not burst:
+                stopping.set()
+            try:
+                await sending
+            finally:
+                stopping.set()
+                if orphans is not None:
+                    await orphans
 
     def status(self) -> dict[str, Any]:
         return {"service": self.name, "worker": self.worker_id, **self.counts}
@@ -192,7 +256,7 @@ class DispatchService(ServiceBase):
         valid: list[tuple[Delivery, EmailOutboundV1]] = []
         seen: set[tuple[UUID, str]] = set()
         for delivery in deliveries:
-            data = delivery.event.data.model_dump()
+            data = dict(delivery.event.data.__pydantic_extra__ or {})  # the payload as it came (no fields declared)
             key = data.get("idempotency_key") if isinstance(data.get("idempotency_key"), str) else None
             try:
                 request = _validated(data)
@@ -229,9 +293,20 @@ class DispatchService(ServiceBase):
             postpone = state["outgoing_backoff_until"] if mailbox_id not in eligible and state["backed_off"] else None
             accepted.append((delivery, request, state, postpone))
 
-        claimed, waiting = await self._accept(accepted, invalid, orgs)
-        await self._send_waves(claimed, waiting, eligible)
+        now = time.monotonic()
+        self._works.update({m: (w, now) for m, w in eligible.items()})
+        due = await self._accept(accepted, invalid, orgs)
         self.counts["rejected"] += len(invalid)
+        if due:
+            self._backlog.update(due)
+            self._due_generation += 1
+            self._maybe_due = True
+            self._wakeup.set()
+        # Back-pressure: the requests are safe in the ledger (the offsets may be committed), but a
+        # consumer far ahead of its sends would only move the queue from Kafka into PostgreSQL.
+        while len(self._backlog) > 2 * self.options.batch_size and not self._stopping.is_set():
+            self._room.clear()
+            await _first(self._room.wait(), self._stopping.wait())
         return [Rejection(i.delivery, i.error) for i in invalid]
 
     def _problem(self, delivery: Delivery, request: EmailOutboundV1, mailbox_id: UUID | None,
@@ -253,8 +328,25 @@ class DispatchService(ServiceBase):
         return None
 
     async def _accept(self, accepted: list[tuple[Delivery, EmailOutboundV1, asyncpg.Record, datetime | None]],
-                      invalid: list[_Invalid], orgs: dict[UUID, asyncpg.Record]) -> tuple[list[asyncpg.Record], list[UUID]]:
-        """One transaction: ledger rows, rejections, the first wave claimed, and their status events."""
+                      invalid: list[_Invalid], orgs: dict[UUID, asyncpg.Record]) -> list[UUID]:
+        """One transaction: ledger rows, rejections, and their status events; returns the rows due now.
+
+        As many due rows as the in-flight limit leaves room for are written claimed, and their sends
+        start once the transaction committed (no claim to wait for at low rates, one write less at high).
+        """
+        assert self.pool is not None and self.worker_id is not None
+        room = max(0, self.options.wave_size - len(self._claimed) - self._reserved)
+        self._reserved += room
+        try:
+            due, claimed = await self._accept_transaction(accepted, invalid, orgs, room)
+        finally:
+            self._reserved -= room
+        self._start_sends(claimed)
+        return due
+
+    async def _accept_transaction(self, accepted: list[tuple[Delivery, EmailOutboundV1, asyncpg.Record, datetime | None]],
+                                  invalid: list[_Invalid], orgs: dict[UUID, asyncpg.Record],
+                                  room: int) -> tuple[list[UUID], list[asyncpg.Record]]:
         assert self.pool is not None and self.worker_id is not None
         now = utcnow()
         default_deadline = now + timedelta(seconds=self.options.default_deadline_seconds)
@@ -265,7 +357,7 @@ class DispatchService(ServiceBase):
             rows: list[ledger.NewRequest] = []
             for (delivery, request, state, postpone), token_wanted in zip(accepted, wants_token):
                 org = orgs[delivery.event.organization_id]
-                request_id = uuid4()
+                request_id = ledger.new_id()
                 token = make_tracking_token(next(numbers), org["tracking_token_prefix"], org["tracking_token_digits"]) \
                     if token_wanted else None
                 rows.append(ledger.NewRequest(
@@ -274,10 +366,12 @@ class DispatchService(ServiceBase):
                     message_id=message_id_for(request_id, state["email"]),
                     subject=subject_with_token(request.subject, token) if token else request.subject,
                     tracking_token=token, next_attempt_at=postpone, deadline=request.deadline or default_deadline,
-                    request=request.model_dump(mode="json", exclude_defaults=True), event_id=delivery.event.event_id,
+                    request=request.model_dump_json(exclude_defaults=True), event_id=delivery.event.event_id,
                     correlation_id=delivery.event.correlation_id, requested_at=delivery.event.occurred_at,
                 ))
-            inserted = await ledger.insert_requests(conn, rows)
+            claim = set([r.id for r in rows if r.next_attempt_at is None][:room])
+            written = await ledger.insert_requests(conn, rows, claim, self.worker_id)
+            inserted = {r["id"] for r in written}
             for row in rows:
                 if row.id in inserted:
                     events.append(ledger.status_event(row.organization_id, EmailStatusV1(
@@ -286,6 +380,8 @@ class DispatchService(ServiceBase):
                         reason="mailbox_backoff" if row.next_attempt_at else None,
                         detail="the mailbox is backing off after failures; sending when it ends" if row.next_attempt_at else None,
                     ), row.correlation_id))
+            claimed = [r for r in written if r["status"] == "sending"]
+            events += [self._sending_event(r) for r in claimed]
             rejected = [i for i in invalid if i.key is not None]
             announce = await ledger.record_rejections(conn, [ledger.RejectedRequest(
                 organization_id=i.delivery.event.organization_id, idempotency_key=i.key, mailbox_id=i.mailbox_id,  # type: ignore[arg-type]
@@ -297,12 +393,11 @@ class DispatchService(ServiceBase):
                         idempotency_key=item.key, status="rejected", mailbox_id=item.mailbox_id,  # type: ignore[arg-type]
                         reason=item.error.reason, detail=item.error.message[:1000],
                     ), item.delivery.event.correlation_id))
-            due = [r.id for r in rows if r.id in inserted and r.next_attempt_at is None]
-            first, waiting = due[: self.options.wave_size], due[self.options.wave_size:]
-            claimed = await ledger.claim(conn, first, self.worker_id)
-            events += [self._sending_event(r) for r in claimed]
             await ledger.enqueue_events(conn, events)
-        return claimed, waiting
+        due = [r.id for r in rows if r.id in inserted and r.next_attempt_at is None and r.id not in claim]
+        # The validated requests, so that the sends need not decode and validate them again.
+        self._requests.update((r.id, a[1]) for r, a in zip(rows, accepted) if r.id in inserted and r.next_attempt_at is None)
+        return due, claimed
 
     # -- sending
 
@@ -311,56 +406,279 @@ class DispatchService(ServiceBase):
             idempotency_key=row["idempotency_key"], status="sending", request_id=row["id"], mailbox_id=row["mailbox_id"],
             message_id=row["message_id"], attempt=row["attempts"]), row["correlation_id"])
 
-    async def _send_waves(self, claimed: list[asyncpg.Record], waiting: list[UUID], works: dict[UUID, MailboxWork]) -> None:
-        """Send the claimed wave; record its outcomes and claim the next in one transaction; repeat."""
-        assert self.pool is not None and self.worker_id is not None
-        backoff: dict[UUID, datetime] = {}
-        while claimed:
-            results = await self._send_wave(claimed, works, backoff)
-            outcomes, events = await self._outcomes(results, backoff)
-            # Stopping: leave the rest pending and due; whichever worker comes next sends them.
-            next_ids = [] if self._stopping.is_set() else waiting[: self.options.wave_size]
-            waiting = waiting[len(next_ids):]
-            async with self.pool.acquire() as conn, conn.transaction():
-                events = await self._write_outcomes(conn, results, outcomes, events)
-                claimed = await ledger.claim(conn, next_ids, self.worker_id)
-                events += [self._sending_event(r) for r in claimed]
-                await ledger.enqueue_events(conn, events)
-            await self._mailbox_recovered(results)
+    async def _send_loop(self, stopping: asyncio.Event, consumed: asyncio.Event | None) -> None:
+        """Claim, send, record, until stopped (or, in burst mode, until nothing is left to do).
 
-    async def _send_wave(self, rows: list[asyncpg.Record], works: dict[UUID, MailboxWork],
-                         backoff: dict[UUID, datetime]) -> list[_Result]:
+        Each turn is one transaction that records every result that came back since the last turn
+        and claims due rows up to the in-flight limit; the claimed rows are sent at once, each on
+        its own, while the next turns record and claim.  Two turns may run at a time, so one
+        waits on PostgreSQL while the other is being prepared.  A row is committed as ``sending``
+        before its mail transaction starts, and a turn only claims the room that committed (or
+        being committed) outcomes leave: a worker never has more than ``wave_size`` rows in
+        ``sending``, whatever order the turns commit in.
+        """
         assert self.pool is not None
-        refs = {a["content_sha256"] for r in rows for a in r["request"].get("attachments", []) if a.get("content_sha256")}
-        attachments: dict[str, bytes] = {}
-        if refs:
-            async with self.pool.acquire() as conn:
-                attachments = await load_raw(conn, refs)
-        return list(await asyncio.gather(*(self._send_one(row, works.get(row["mailbox_id"]), backoff, attachments)
-                                           for row in rows)))
+        turns: set[asyncio.Task[None]] = set()
+        while True:
+            self._wakeup.clear()
+            if self._turns < _CONCURRENT_TURNS:
+                finished, self._finished = self._finished, []
+                room = 0 if stopping.is_set() else \
+                    self.options.wave_size - len(self._claimed) - self._reserved + len(finished)
+                want = room if self._maybe_due and room > 0 else 0
+                if finished or want:
+                    self._turns += 1
+                    self._reserved += want
+                    turn = asyncio.ensure_future(self._turn(finished, want, stopping))
+                    turns.add(turn)
+                    turn.add_done_callback(turns.discard)
+                    continue
+            if not self._claimed and not self._turns:
+                if stopping.is_set():
+                    return
+                if consumed is not None and consumed.is_set():
+                    await self.recover_orphans()
+                    async with self.pool.acquire() as conn:
+                        wait = await ledger.next_due_in(conn)
+                    if wait is None or wait > self.options.burst_horizon_seconds:
+                        return
+                    await _first(asyncio.sleep(max(wait, 0.01)), stopping.wait())
+                    self._maybe_due = True
+                    continue
+            # Wait for a send or a turn to finish, new requests, a stop, or the poll interval (retries come due).
+            waiting = [self._wakeup.wait()] + ([] if stopping.is_set() else [stopping.wait()])
+            if not await _first(*waiting, timeout=self.options.poll_seconds):
+                self._maybe_due = True
 
-    async def _send_one(self, row: asyncpg.Record, work: MailboxWork | None, backoff: dict[UUID, datetime],
-                        attachments: dict[str, bytes]) -> _Result:
-        assert self.transports is not None
+    async def _turn(self, finished: list[_Result], want: int, stopping: asyncio.Event) -> None:
+        generation = self._due_generation
+        try:
+            claimed = await self._record_and_claim(finished, want, generation)
+        except (OSError, asyncpg.PostgresError, ConduitError) as exc:
+            # Nothing of the turn was committed: the results wait for the next turn, after a pause.
+            self._failures += 1
+            delay = min(self.options.poll_seconds * 2 ** self._failures, 1.0 if stopping.is_set() else 30.0)
+            delay *= random.uniform(0.5, 1.0)
+            log.warning("recording outcomes failed (attempt %d), retrying in %.1fs: %s", self._failures, delay, exc)
+            try:
+                await asyncio.sleep(delay)  # back-off before the next attempt, not a synchronisation
+            finally:
+                self._finished = finished + self._finished
+            return
+        except BaseException:
+            self._finished = finished + self._finished
+            raise
+        finally:
+            self._turns -= 1
+            self._reserved -= want
+            self._wakeup.set()
+        self._failures = 0
+        self._start_sends(claimed)
+        try:
+            await self._mailbox_recovered(finished)
+        except (OSError, asyncpg.PostgresError, ConduitError) as exc:  # the next success tries again
+            log.warning("clearing a recovered mailbox's failures failed: %s", exc)
+        if want:
+            self._backlog.difference_update(r["id"] for r in claimed)
+            if not self._maybe_due and generation == self._due_generation:
+                # Nothing else was due: whatever this worker accepted before, some worker has claimed.
+                self._backlog.clear()
+                self._requests.clear()
+            self._room.set()
+
+    def _start_sends(self, claimed: list[asyncpg.Record]) -> None:
+        """Each claimed row goes out at once, on its own; its result waits for the next turn."""
+        for row in claimed:
+            self._claimed.add(row["id"])
+            entry = self._works.get(row["mailbox_id"])
+            task = asyncio.ensure_future(self._send_one(row, entry[0] if entry is not None else None,
+                                                        self._requests.pop(row["id"], None)))
+            task.add_done_callback(functools.partial(self._sent, row))
+        if claimed:
+            self._wakeup.set()
+
+    def _sent(self, row: asyncpg.Record, task: asyncio.Future[_Result]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            # Interrupted somewhere inside the transport: it may have gone out, so it is never resent.
+            result = _Result(row, None, None, None, error=SmtpOutcomeUnknown(
+                f"the send was interrupted ({'cancelled' if task.cancelled() else repr(task.exception())})"))
+        else:
+            result = task.result()
+        self._finished.append(result)
+        self._wakeup.set()
+
+    async def _record_and_claim(self, finished: list[_Result], want: int, generation: int) -> list[asyncpg.Record]:
+        """One transaction: the outcomes of ``finished`` (with activities and events), and up to ``want`` claims."""
+        assert self.pool is not None and self.worker_id is not None
+        outcomes, events = await self._outcomes(finished)
+        claimed: list[asyncpg.Record] = []
+        async with self._turn_connection() as conn, conn.transaction():
+            events = await self._write_outcomes(conn, finished, outcomes, events)
+            if want:
+                # Rows of mailboxes known to send go in one statement; only when those run out does
+                # the turn look at the rest (other mailboxes, deadlines passed, back-offs).
+                now, monotonic = utcnow(), time.monotonic()
+                sending = [m for m, (_, at) in self._works.items() if monotonic - at < self.options.mailbox_refresh_seconds
+                           and not (m in self._backoff and self._backoff[m] > now)]
+                claimed = await ledger.claim_due(conn, sending, want, self.worker_id)
+                if len(claimed) < want:
+                    rows = await ledger.lock_due(conn, want - len(claimed))
+                    if len(rows) < want - len(claimed) and generation == self._due_generation:
+                        self._maybe_due = False  # (unless the consumer accepted more since the turn began)
+                    claimed += await self._claim_due(conn, rows, events)
+                events += [self._sending_event(r) for r in claimed]
+            await ledger.enqueue_events(conn, events)
+        for result in finished:
+            self._claimed.discard(result.row["id"])
+        return claimed
+
+    @contextlib.asynccontextmanager
+    async def _turn_connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for a turn, kept between turns: the pool's reset on release is a round trip."""
+        assert self.pool is not None
+        conn = self._turn_conns.pop() if self._turn_conns else await self.pool.acquire()
+        try:
+            yield conn
+        except BaseException:
+            await self.pool.release(conn)  # the pool resets or replaces it
+            raise
+        if conn.is_closed():
+            await self.pool.release(conn)
+        else:
+            self._turn_conns.append(conn)
+
+    async def _claim_due(self, conn: asyncpg.Connection, rows: list[asyncpg.Record], events: list[Any]) -> list[asyncpg.Record]:
+        """Claim the locked due rows whose mailbox may send; postpone or fail the others."""
+        assert self.worker_id is not None
+        if not rows:
+            return []
+        works = await self._mailbox_works({r["mailbox_id"] for r in rows if r["mailbox_id"] is not None})
+        unknown = {r["mailbox_id"] for r in rows if r["mailbox_id"] is not None and r["mailbox_id"] not in works}
+        states = await ledger.mailbox_states(conn, unknown) if unknown else {}
+        now = utcnow()
+        to_claim: list[UUID] = []
+        postponed: list[tuple[UUID, datetime, str | None, str | None]] = []
+        failed: list[ledger.Outcome] = []
+        for row in rows:
+            mailbox_id = row["mailbox_id"]
+            backoff = self._backoff.get(mailbox_id)
+            if row["deadline"] is not None and row["deadline"] < now:
+                failed.append(ledger.Outcome(row["id"], "failed", reason="deadline_exceeded", detail=(
+                    f"the deadline passed before it could be sent; last error ({row['reason']}): {row['detail']}"),
+                    smtp_code=row["smtp_code"], smtp_reply=row["smtp_reply"]))
+            elif backoff is not None and backoff > now:  # this worker backed the mailbox off a moment ago
+                postponed.append((row["id"], backoff, "mailbox_backoff", "the mailbox is backing off after failures"))
+            elif mailbox_id in works:
+                to_claim.append(row["id"])
+            else:
+                state = states.get(mailbox_id) if mailbox_id else None
+                refusal = _refusal(state)
+                if refusal is not None:
+                    failed.append(ledger.Outcome(row["id"], "failed", reason=refusal[0], detail=refusal[1]))
+                elif state is not None and state["backed_off"]:
+                    postponed.append((row["id"], state["outgoing_backoff_until"], "mailbox_backoff",
+                                      "the mailbox is backing off after failures"))
+                else:
+                    to_claim.append(row["id"])
+        await ledger.postpone(conn, postponed)
+        written = await ledger.record_outcomes(conn, failed, None, from_status="pending_send")
+        by_id = {r["id"]: r for r in rows}
+        for o in failed:
+            if o.id in written:
+                r = by_id[o.id]
+                events.append(ledger.status_event(r["organization_id"], EmailStatusV1(
+                    idempotency_key=r["idempotency_key"], status="failed", request_id=o.id, mailbox_id=r["mailbox_id"],
+                    reason=o.reason, detail=o.detail, smtp_code=o.smtp_code, smtp_reply=o.smtp_reply,
+                    message_id=r["message_id"], attempt=r["attempts"]), r["correlation_id"]))
+                self.counts["failed"] += 1
+        return await ledger.claim(conn, to_claim, self.worker_id)
+
+    async def _mailbox_works(self, mailbox_ids: set[UUID]) -> dict[UUID, MailboxWork]:
+        """The sending mailboxes, as the registry last said (at most ``mailbox_refresh_seconds`` ago)."""
+        assert self.registry is not None
+        now = time.monotonic()
+        fresh = {m: self._works[m][0] for m in mailbox_ids
+                 if m in self._works and now - self._works[m][1] < self.options.mailbox_refresh_seconds}
+        missing = mailbox_ids - set(fresh)
+        if missing:
+            # Entries are replaced, never removed before the answer: a send starting meanwhile still
+            # finds the mailbox (as the registry said a moment ago).
+            found = {w.id: w for w in await self.registry.mailboxes_to_process("outgoing", mailbox_ids=list(missing))}
+            for m in missing:
+                if m in found:
+                    self._works[m] = (found[m], now)
+                    fresh[m] = found[m]
+                else:
+                    self._works.pop(m, None)
+        return fresh
+
+    async def _send_one(self, row: asyncpg.Record, work: MailboxWork | None, request: EmailOutboundV1 | None) -> _Result:
+        assert self.transports is not None and self.pool is not None
         result = _Result(row, work, transport_name(work) if work else None, None)
         try:
-            result.request = EmailOutboundV1.model_validate(row["request"])
+            result.request = request if request is not None else EmailOutboundV1.model_validate(row["request"])
+            backoff = self._backoff.get(row["mailbox_id"])
+            if backoff is not None and backoff > utcnow():  # a send claimed with it just backed it off
+                result.postpone_until = backoff
+                return result
+            if work is None and row["mailbox_id"] is not None:
+                # Dropped from the cache since the claim (a failure or a recovery elsewhere): ask again.
+                work = (await self._mailbox_works({row["mailbox_id"]})).get(row["mailbox_id"])
+                if work is None:
+                    await self._not_sendable(result)
+                    return result
+                result.work, result.transport = work, transport_name(work)
             if work is None:
                 raise InvalidInput("the mailbox may no longer send", reason="mailbox_unavailable")
-            if row["mailbox_id"] in backoff:  # an earlier wave of this batch backed the mailbox off
-                result.postpone_until = backoff[row["mailbox_id"]]
-                return result
+            attachments: dict[str, bytes] = {}
+            refs = {a.content_sha256 for a in result.request.attachments if a.content_sha256}
+            if refs:
+                async with self.pool.acquire() as conn:
+                    attachments = await load_raw(conn, refs)
             composed = compose(result.request, sender_email=work.email, sender_name=work["name"], subject=row["subject"],
                                message_id=row["message_id"], attachments=attachments, date=row["created_at"],
                                max_bytes=self.options.max_message_bytes, bcc_header=result.transport != "smtp")
             result.accepted = await self.transports.send(work, composed.raw, composed.recipients)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome below
             result.error = exc
+            if result.transport in ("ews", "graph") and getattr(exc, "request_sent", False):
+                await self._lost_exchange_reply(result, exc)
         return result
 
-    async def _outcomes(self, results: list[_Result], backoff: dict[UUID, datetime]) -> tuple[list[ledger.Outcome], list[Any]]:
+    async def _not_sendable(self, result: _Result) -> None:
+        """The claimed row's mailbox may not send now: wait for its back-off, or fail with the refusal."""
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            state = (await ledger.mailbox_states(conn, {result.row["mailbox_id"]})).get(result.row["mailbox_id"])
+        refusal = _refusal(state)
+        if refusal is None and state is not None and state["backed_off"]:
+            result.postpone_until = state["outgoing_backoff_until"]
+        else:
+            reason, detail = refusal or ("mailbox_unavailable", "the mailbox may no longer send")
+            result.error = InvalidInput(detail, reason=reason)
+
+    async def _lost_exchange_reply(self, result: _Result, exc: Exception) -> None:
+        """Exchange got the request but no answer came back: sent or not, only Sent Items can say.
+
+        Found there: sent.  Not found (or the look-up failing): the outcome is unknown, and like an
+        SMTP reply lost after the final dot it is never resent (Exchange may still deliver it).
+        """
+        row, work = result.row, result.work
+        assert work is not None
+        if await self._in_sent_items(row, work):
+            result.error = None
+            result.accepted = Accepted(reply=f"found in the mailbox's Sent Items after the answer was lost ({_message(exc)})")
+            return
+        result.error = SmtpOutcomeUnknown(
+            f"{_message(exc)} after the request was sent, and the message is not in the mailbox's Sent Items")
+
+    async def _outcomes(self, results: list[_Result]) -> tuple[list[ledger.Outcome], list[Any]]:
         """Turn results into ledger outcomes; mailbox-level failures back the mailbox off first."""
         assert self.registry is not None
+        now = utcnow()
+        backoff = self._backoff
+        for mailbox_id in [m for m, until in backoff.items() if until <= now]:
+            del backoff[mailbox_id]
         for result in results:
             exc, mailbox_id = result.error, result.row["mailbox_id"]
             if exc is not None and _mailbox_level(exc) and mailbox_id not in backoff:
@@ -368,7 +686,7 @@ class DispatchService(ServiceBase):
                 MAILBOX_FAILURES.labels("outgoing", reason).inc()
                 backoff[mailbox_id] = await self.registry.record_failure(
                     mailbox_id, "outgoing", reason, f"sending failed: {_message(exc)}")
-        now = utcnow()
+                self._works.pop(mailbox_id, None)
         outcomes: list[ledger.Outcome] = []
         for result in results:
             row, exc = result.row, result.error
@@ -421,18 +739,20 @@ class DispatchService(ServiceBase):
         outcome.status, outcome.next_attempt_at = "pending_send", when
 
     async def _write_outcomes(self, conn: asyncpg.Connection, results: list[_Result], outcomes: list[ledger.Outcome],
-                              events: list[Any]) -> list[Any]:
+                              events: list[Any], *, worker_id: int | None = None) -> list[Any]:
+        """Activities, outcomes (of rows ``worker_id``, by default this worker, still holds) and their events."""
         assert self.worker_id is not None
         activities: list[ledger.SentActivity] = []
         for result, outcome in zip(results, outcomes):
             if outcome.status == "sent" and result.request is not None and result.request.track and result.work is not None:
                 activities.append(self._activity(result))
-        ids = await ledger.insert_activities(conn, activities)
         by_message = {a.message_id: a for a in activities}
-        for result, outcome in zip(results, outcomes):
-            outcome.activity_id = ids.get(result.row["message_id"]) if outcome.status == "sent" else None
-        written = await ledger.record_outcomes(conn, outcomes, self.worker_id)
+        written = await ledger.record_outcomes(conn, outcomes, worker_id or self.worker_id, activities=activities)
+        for outcome in outcomes:
+            outcome.activity_id = written.get(outcome.id) if outcome.status == "sent" else None
         now = utcnow()
+        tally: collections.Counter[tuple[str, str]] = collections.Counter()  # metrics, counted once per turn
+        activities_created = 0
         for result, outcome in zip(results, outcomes):
             row = result.row
             if outcome.id not in written:
@@ -445,12 +765,12 @@ class DispatchService(ServiceBase):
                 attempt=row["attempts"]), row["correlation_id"]))
             if outcome.status == "sent":
                 self.counts["sent"] += 1
-                EMAILS_SENT.labels("sent", outcome.transport or "smtp").inc()
+                tally[("sent", outcome.transport or "smtp")] += 1
                 if row["requested_at"] is not None:
                     SEND_LATENCY.observe(max(0.0, (now - row["requested_at"]).total_seconds()))
                 activity = by_message.get(row["message_id"])
                 if activity is not None and outcome.activity_id == activity.id:
-                    ACTIVITIES_CREATED.labels("outgoing").inc()
+                    activities_created += 1
                     events.append(ledger.activity_event(row["organization_id"], ActivityCreatedV1(
                         activity_id=activity.id, message_id=activity.message_id, direction="outgoing", status="sent",
                         subject=activity.subject, from_address=activity.from_address, to_addresses=activity.to,
@@ -459,9 +779,13 @@ class DispatchService(ServiceBase):
                         if activity.regarding_id else None), row["correlation_id"]))
             elif outcome.status == "failed":
                 self.counts["failed"] += 1
-                EMAILS_SENT.labels("failed", outcome.transport or "none").inc()
+                tally[("failed", outcome.transport or "none")] += 1
             else:
                 self.counts["retried"] += 1
+        for labels, n in tally.items():
+            EMAILS_SENT.labels(*labels).inc(n)
+        if activities_created:
+            ACTIVITIES_CREATED.labels("outgoing").inc(activities_created)
         return events
 
     def _activity(self, result: _Result) -> ledger.SentActivity:
@@ -476,7 +800,7 @@ class DispatchService(ServiceBase):
         subject = row["subject"]
         normalized = subject_without_token(subject, prefix, digits) if token else " ".join(subject.split())
         return ledger.SentActivity(
-            id=uuid4(), organization_id=row["organization_id"], mailbox_id=work.id, message_id=row["message_id"],
+            id=ledger.new_id(), organization_id=row["organization_id"], mailbox_id=work.id, message_id=row["message_id"],
             subject=subject, normalized_subject=normalized.lower(), from_address=work.email, to=list(request.to),
             cc=list(request.cc), regarding_kind=request.regarding.kind if request.regarding else None,
             regarding_id=request.regarding.id if request.regarding else None, tracking_token=token,
@@ -490,89 +814,18 @@ class DispatchService(ServiceBase):
             if result.accepted is not None and work is not None and work.id not in done and work["outgoing_error_count"]:
                 done.add(work.id)
                 await self.registry.record_success(work.id, "outgoing")
+                self._works.pop(work.id, None)  # its error count is cleared: read it afresh
 
     # -- retries and orphans
 
-    async def _retry_loop(self, stopping: asyncio.Event) -> None:
-        last_orphan_check = 0.0
+    async def _orphan_loop(self, stopping: asyncio.Event) -> None:
+        """Every few poll intervals (and at start), resolve the rows of dead workers."""
         while not stopping.is_set():
             try:
-                if time.monotonic() - last_orphan_check > self.options.poll_seconds * 5:
-                    await self.recover_orphans()
-                    last_orphan_check = time.monotonic()
-                if await self.retry_due():
-                    continue
+                await self.recover_orphans()
             except (OSError, asyncpg.PostgresError, ConduitError) as exc:
-                log.warning("retry pass failed, trying again shortly: %s", exc)
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=self.options.poll_seconds)
-            except asyncio.TimeoutError:
-                pass
-
-    async def _drain_retries(self, stopping: asyncio.Event) -> None:
-        """Burst mode: send what is due; wait for retries due within the burst horizon; then return."""
-        assert self.pool is not None
-        horizon = self.options.burst_horizon_seconds
-        while not stopping.is_set():
-            await self.recover_orphans()
-            if await self.retry_due():
-                continue
-            async with self.pool.acquire() as conn:
-                wait = await ledger.next_due_in(conn)
-            if wait is None or wait > horizon:
-                return
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=max(wait, 0.01))
-            except asyncio.TimeoutError:
-                pass
-
-    async def retry_due(self) -> int:
-        """Claim and send one wave of due pending requests; returns how many rows were handled."""
-        assert self.pool is not None and self.registry is not None and self.worker_id is not None
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await ledger.lock_due(conn, self.options.wave_size)
-            if not rows:
-                return 0
-            mailbox_ids = {r["mailbox_id"] for r in rows if r["mailbox_id"] is not None}
-            works = {w.id: w for w in await self.registry.mailboxes_to_process("outgoing", mailbox_ids=list(mailbox_ids))} \
-                if mailbox_ids else {}
-            states = await ledger.mailbox_states(conn, mailbox_ids - set(works))
-            now = utcnow()
-            to_claim: list[UUID] = []
-            postponed: list[tuple[UUID, datetime, str | None, str | None]] = []
-            failed: list[ledger.Outcome] = []
-            for row in rows:
-                mailbox_id = row["mailbox_id"]
-                if row["deadline"] is not None and row["deadline"] < now:
-                    failed.append(ledger.Outcome(row["id"], "failed", reason="deadline_exceeded", detail=(
-                        f"the deadline passed before it could be sent; last error ({row['reason']}): {row['detail']}"),
-                        smtp_code=row["smtp_code"], smtp_reply=row["smtp_reply"]))
-                elif mailbox_id in works:
-                    to_claim.append(row["id"])
-                else:
-                    state = states.get(mailbox_id) if mailbox_id else None
-                    refusal = _refusal(state)
-                    if refusal is not None:
-                        failed.append(ledger.Outcome(row["id"], "failed", reason=refusal[0], detail=refusal[1]))
-                    elif state is not None and state["backed_off"]:
-                        postponed.append((row["id"], state["outgoing_backoff_until"], "mailbox_backoff",
-                                          "the mailbox is backing off after failures"))
-                    else:
-                        to_claim.append(row["id"])
-            await ledger.postpone(conn, postponed)
-            written = await ledger.record_outcomes(conn, failed, None, from_status="pending_send")
-            by_id = {r["id"]: r for r in rows}
-            events = [ledger.status_event(by_id[o.id]["organization_id"], EmailStatusV1(
-                idempotency_key=by_id[o.id]["idempotency_key"], status="failed", request_id=o.id,
-                mailbox_id=by_id[o.id]["mailbox_id"], reason=o.reason, detail=o.detail, smtp_code=o.smtp_code,
-                smtp_reply=o.smtp_reply, message_id=by_id[o.id]["message_id"], attempt=by_id[o.id]["attempts"]),
-                by_id[o.id]["correlation_id"]) for o in failed if o.id in written]
-            self.counts["failed"] += len(events)
-            claimed = await ledger.claim(conn, to_claim, self.worker_id)
-            events += [self._sending_event(r) for r in claimed]
-            await ledger.enqueue_events(conn, events)
-        await self._send_waves(claimed, [], works)
-        return len(rows)
+                log.warning("looking for the rows of dead workers failed, trying again shortly: %s", exc)
+            await _first(stopping.wait(), timeout=self.options.poll_seconds * 5)
 
     async def recover_orphans(self) -> int:
         """Resolve rows left in `sending` by dead workers: ambiguous, so failed, never resent blindly."""
@@ -591,24 +844,77 @@ class DispatchService(ServiceBase):
         return resolved
 
     async def _resolve_orphans(self, worker_id: int) -> int:
-        assert self.pool is not None
-        async with self.pool.acquire() as conn, conn.transaction():
+        """The rows a dead worker left in ``sending``: ambiguous, unless the mailbox says otherwise.
+
+        An Exchange mailbox keeps a copy of what it sent (EWS ``SendAndSaveCopy``, Graph ``sendMail``):
+        a Message-ID found in its Sent Items was sent, and is recorded so (with its activity).  Anything
+        else (not found, SMTP, the look-up failing) is ``failed`` with ``outcome_unknown``, never resent.
+        Holding the dead worker's lock keeps other workers off these rows, so the look-ups run outside
+        any transaction.
+        """
+        assert self.pool is not None and self.transports is not None
+        async with self.pool.acquire() as conn:
             rows = await ledger.sending_of(conn, worker_id)
+        if not rows:
+            return 0
+        works = await self._mailbox_works({r["mailbox_id"] for r in rows if r["mailbox_id"] is not None})
+        found: list[_Result] = []
+        unknown: list[asyncpg.Record] = []
+        for row in rows:
+            work = works.get(row["mailbox_id"])
+            request = None
+            if await self._in_sent_items(row, work):
+                try:
+                    request = EmailOutboundV1.model_validate(row["request"])
+                except ValidationError:
+                    log.warning("request %s was found in Sent Items but its stored request is unreadable", row["id"])
+            if request is not None and work is not None:
+                found.append(_Result(row, work, transport_name(work), request, accepted=Accepted(
+                    reply="found in the mailbox's Sent Items after the worker that sent it stopped")))
+            else:
+                unknown.append(row)
+        async with self.pool.acquire() as conn, conn.transaction():
             outcomes = [ledger.Outcome(
                 r["id"], "failed", reason="outcome_unknown",
                 detail=("the dispatch worker stopped while the message was being sent; the server may have "
                         f"accepted it, so it is not resent (look for Message-ID <{r['message_id']}>)"),
-            ) for r in rows]
+            ) for r in unknown]
             written = await ledger.record_outcomes(conn, outcomes, worker_id)
             events = [ledger.status_event(r["organization_id"], EmailStatusV1(
                 idempotency_key=r["idempotency_key"], status="failed", request_id=r["id"], mailbox_id=r["mailbox_id"],
                 reason="outcome_unknown", detail=o.detail, message_id=r["message_id"], attempt=r["attempts"]),
-                r["correlation_id"]) for r, o in zip(rows, outcomes) if r["id"] in written]
+                r["correlation_id"]) for r, o in zip(unknown, outcomes) if r["id"] in written]
+            sent, more = await self._outcomes(found)
+            events = await self._write_outcomes(conn, found, sent, events + more, worker_id=worker_id)
             await ledger.enqueue_events(conn, events)
-        if rows:
-            log.warning("worker %d died with %d request(s) in flight: marked failed (outcome_unknown)", worker_id, len(rows))
-            self.counts["outcome_unknown"] += len(rows)
+        if unknown:
+            log.warning("worker %d died with %d request(s) in flight: marked failed (outcome_unknown)", worker_id, len(unknown))
+            self.counts["outcome_unknown"] += len(unknown)
+        if found:
+            log.warning("worker %d died with %d request(s) in flight found in Sent Items: marked sent", worker_id, len(found))
         return len(rows)
+
+    async def _in_sent_items(self, row: asyncpg.Record, work: MailboxWork | None) -> bool:
+        assert self.transports is not None
+        if work is None or transport_name(work) == "smtp":
+            return False
+        try:
+            return bool(await asyncio.wait_for(self.transports.find_sent(work, row["message_id"]),
+                                               timeout=self.options.smtp_timeout_seconds))
+        except (TimeoutError, ConduitError, OSError) as exc:
+            log.warning("could not look for request %s in Sent Items: %s", row["id"], exc)
+            return False
+
+
+async def _first(*waits: Any, timeout: float | None = None) -> bool:
+    """Wait until the first of ``waits`` (coroutines) finishes, or ``timeout``; False on timeout."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _validated(data: dict[str, Any]) -> EmailOutboundV1:

@@ -17,9 +17,14 @@ class DispatchSettings(BaseSettings):
     # Retry delay: base * 2^(attempt-1), capped, times a jitter in [0.5, 1].
     retry_base_seconds: float = Field(30.0, gt=0)
     retry_cap_seconds: float = Field(900.0, gt=0)
-    # Requests claimed (committed as `sending`) at a time: the most a kill -9 can leave ambiguous.
-    wave_size: int = Field(64, ge=1, le=10_000)
+    # Requests a worker holds in `sending` at most (claimed, not yet recorded): the most a kill -9
+    # can leave ambiguous.  Also the concurrency of the send loop.
+    wave_size: int = Field(128, ge=1, le=10_000)
+    # Requests per consumer batch (one ledger transaction).
     batch_size: int = Field(500, ge=1, le=10_000)
+    # How long the send loop reuses what the registry said about a sending mailbox (its profile,
+    # whether it may send) before reading it again.
+    mailbox_refresh_seconds: float = Field(2.0, ge=0)
     # How often the retry loop looks for due requests and for orphans of dead workers.
     poll_seconds: float = Field(1.0, gt=0)
     smtp_timeout_seconds: float = Field(30.0, gt=0)

@@ -60,6 +60,17 @@ class Transports:
         await transport.send(work.email, raw)
         return Accepted(code=202, reply="Accepted")
 
+    async def find_sent(self, work: MailboxWork, message_id: str) -> bool | None:
+        """Whether a message with this Message-ID (no angle brackets) is in the mailbox's Sent Items:
+        True or False for Exchange transports; None for SMTP, which keeps no copy we could ask about."""
+        kind = transport_name(work)
+        if kind == "smtp":
+            return None
+        if kind == "ews":
+            transport, impersonate = self._ews(work)
+            return await transport.find_sent(work.email, f"<{message_id}>", impersonate=impersonate)
+        return await self._graph(work).find_sent(work.email, f"<{message_id}>")
+
     async def close(self) -> None:
         await self.smtp.close()
         for transport in self._exchange.values():

@@ -25,6 +25,7 @@ operations, UpdateItem beyond ``IsRead``, calendar semantics (recurrence, meetin
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -36,6 +37,7 @@ from lxml import etree
 
 from .store import (
     EWS_AUDIENCE,
+    LATE,
     Address,
     App,
     Attachment,
@@ -167,6 +169,9 @@ class EwsEndpoint:
         operation = etree.QName(operation_elem).localname
         self.requests.append(operation)
         fault = self.faults.take("ews", operation)
+        late = 0.0
+        if fault is not None and fault.status == LATE:
+            late, fault = fault.delay, None
         if fault is not None and fault.status != 200:
             return self._injected(fault)
         try:
@@ -190,6 +195,8 @@ class EwsEndpoint:
                 handler(caller, operation_elem, messages)
             except SoapFault as f:
                 return self._fault(f)
+        if late:
+            await asyncio.sleep(late)  # served; the answer is what comes late
         return self._envelope(response)
 
     # -- authentication and headers

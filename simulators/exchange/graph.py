@@ -23,11 +23,15 @@ Follows the published contracts:
   ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``; and
   injected 429/503 with ``Retry-After``.
 
-Not served: delegated (user) tokens, ``/me``, change notifications (subscriptions), ``$filter``/``$orderby``,
+``$filter`` is served for one expression only, ``internetMessageId eq '<id>'`` (what a sender uses to
+find its own copy in Sent Items); any other filter is a 400.
+
+Not served: delegated (user) tokens, ``/me``, change notifications (subscriptions), other ``$filter``s, ``$orderby``,
 item and reference attachments, drafts (``createReply``, ``send``), batching (``$batch``).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -40,6 +44,7 @@ from aiohttp import web
 from .store import (
     EWS_AUDIENCE,
     GRAPH_AUDIENCE,
+    LATE,
     Address,
     App,
     Attachment,
@@ -52,6 +57,7 @@ from .store import (
     build_mime,
 )
 
+_LATE = web.RequestKey("late", float)  # seconds to hold this request's answer
 DEFAULT_PAGE = 10  # Graph's default page size for messages
 
 
@@ -156,7 +162,9 @@ class GraphApi:
         if failure is not None:
             return None, failure
         fault = self.faults.take("graph", action)
-        if fault is not None:
+        if fault is not None and fault.status == LATE:
+            request[_LATE] = fault.delay  # served as usual; the answer waits (see ``_late``)
+        elif fault is not None:
             return None, _injected(fault)
         user = request.match_info["user"]
         box = self.org.find_mailbox(user)
@@ -195,7 +203,7 @@ class GraphApi:
         assert box is not None
         raw = await request.read()
         if request.content_type == "text/plain":
-            return self._send_mime(box, raw)
+            return await self._late(request, self._send_mime(box, raw))
         try:
             payload = json.loads(raw)
             message = payload["message"]
@@ -212,7 +220,7 @@ class GraphApi:
                                                     "have the right to send mail on behalf of the specified sending "
                                                     "account.")
         self.org.submit("graph", box, mime, save_copy=payload.get("saveToSentItems", True) is not False)
-        return web.Response(status=202)
+        return await self._late(request, web.Response(status=202))
 
     def _send_mime(self, box: Mailbox, raw: bytes) -> web.Response:
         try:
@@ -226,6 +234,12 @@ class GraphApi:
             return _error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")
         self.org.submit("graph", box, mime, save_copy=True)
         return web.Response(status=202)
+
+    @staticmethod
+    async def _late(request: web.Request, response: web.Response) -> web.Response:
+        if request.get(_LATE):
+            await asyncio.sleep(request[_LATE])  # the injected slowness: served, answered late
+        return response
 
     def _app_may_send_as(self, request: web.Request, sender: str) -> bool:
         # Application Mail.Send lets an app send as any mailbox it may reach.
@@ -292,6 +306,12 @@ class GraphApi:
         else:  # /messages spans every folder of the mailbox
             items = [(f, i) for f in box.folders.values() for i in f.items.values()]
         items = [(f, i) for f, i in items if i.item_class.startswith("IPM.Note")]
+        if "$filter" in request.query:
+            wanted = _internet_message_id_filter(request.query["$filter"])
+            if wanted is None:
+                return _error(400, "ErrorInvalidUrlQueryFilter",
+                              "The simulator filters only on internetMessageId eq '<id>'.")
+            items = [(f, i) for f, i in items if i.internet_message_id == wanted]
         items.sort(key=lambda fi: fi[1].date_received or self.org.now(), reverse=True)
         try:
             top = int(request.query.get("$top", DEFAULT_PAGE))
@@ -391,6 +411,16 @@ def _max_page_size(request: web.Request) -> int:
             if key.lower() == "odata.maxpagesize" and value.isdigit():
                 return max(int(value), 1)
     return DEFAULT_PAGE
+
+
+def _internet_message_id_filter(expression: str) -> str | None:
+    """The id of ``internetMessageId eq '<id>'`` (OData string literal: a quote doubled), else None."""
+    field, _, rest = expression.strip().partition(" ")
+    op, _, literal = rest.strip().partition(" ")
+    literal = literal.strip()
+    if field != "internetMessageId" or op != "eq" or len(literal) < 2 or literal[0] != "'" or literal[-1] != "'":
+        return None
+    return literal[1:-1].replace("''", "'")
 
 
 def _find(box: Mailbox, message_id: str) -> tuple[Folder, Item] | None:

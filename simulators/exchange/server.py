@@ -29,6 +29,7 @@ from aiohttp import web
 from .ews import EwsEndpoint
 from .graph import GraphApi, TokenEndpoint
 from .store import (
+    LATE,
     App,
     Fault,
     Faults,
@@ -164,6 +165,10 @@ class ExchangeSimulator:
         message = ("Application is over its MailboxConcurrency limit." if status == 429
                    else "The service is temporarily unavailable.")
         self.inject("graph", Fault(status, code, message, retry_after=retry_after, operation=operation, times=times))
+
+    def answer_late(self, api: str, seconds: float, *, operation: str | None = None, times: int = 1) -> None:
+        """The next ``times`` calls to ``api`` (``ews``, ``graph``) are served, but answered ``seconds`` late."""
+        self.inject(api, Fault(LATE, "Late", "Served; answered late.", operation=operation, times=times, delay=seconds))
 
     def expire_tokens(self) -> None:
         self.org.expire_tokens()

@@ -512,7 +512,9 @@ class Fault:
     ``code``; any other status is a bare HTTP answer.  On Graph and the token endpoint the status is
     sent with the JSON error body and a ``Retry-After`` header when ``retry_after`` is set.
     ``operation`` narrows the fault to one EWS operation (``CreateItem``) or Graph action
-    (``sendMail``, ``messages``, ``delta``, ``token``).
+    (``sendMail``, ``messages``, ``delta``, ``token``).  Status ``LATE`` (0) is no failure: the call is
+    served as usual and its answer held back ``delay`` seconds, a reply lost to a client whose timeout
+    is shorter (what makes a send's outcome unknown).
     """
 
     status: int
@@ -521,6 +523,10 @@ class Fault:
     retry_after: float | None = None
     operation: str | None = None
     times: int = 1
+    delay: float = 0.0
+
+
+LATE = 0
 
 
 class Faults:

@@ -4,8 +4,8 @@ four times at random points and restarted each time.
 The capture SMTP server runs as its own process so it outlives every kill; each message it stores
 is counted by its Message-ID, which the send ledger generated once per request.  At the end every
 request is `sent` or `failed`; no Message-ID arrived twice; every `sent` one arrived exactly once;
-a `failed` one is only ever `outcome_unknown` (a worker died during its wave: at most one copy
-arrived, none was resent); and the last status on `email.status` agrees with the ledger.
+a `failed` one is only ever `outcome_unknown` (a worker died with it in flight: at most one copy
+arrived, none was resent), at most the in-flight limit per kill; and the last status on `email.status` agrees with the ledger.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ async def test_kill_9_four_times_sends_nothing_twice_and_loses_nothing(
     assert len(sent) + len(failed) == TOTAL
     assert all(arrivals[r["message_id"]] == 1 for r in sent), "every sent request arrived exactly once"
     assert {r["reason"] for r in failed} <= {"outcome_unknown"}
-    assert len(failed) <= KILLS * WAVE * 2, f"{len(failed)} ambiguous: more than the claimed waves of {KILLS} kills"
+    # A worker never holds more than WAVE rows in `sending` (its consumer's claims and its retries share the limit).
+    assert len(failed) <= KILLS * WAVE, f"{len(failed)} ambiguous: more than the in-flight limit of {KILLS} kills"
     assert set(arrivals) <= {r["message_id"] for r in rows}
     print(f"\nkills at {kills}; sent {len(sent)}, outcome_unknown {len(failed)} "
           f"(of which arrived: {sum(arrivals[r['message_id']] for r in failed)})")
