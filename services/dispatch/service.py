@@ -81,7 +81,6 @@ from .transports import Accepted, Transports, transport_name
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "conduit-dispatch"
 # Record-and-claim transactions a worker runs at once: one waits on PostgreSQL while the next forms.
 _CONCURRENT_TURNS = 2
 
