@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import contextlib
 import cProfile
+import os
 import resource
 import shutil
 import sys
@@ -273,6 +274,7 @@ def report(args: argparse.Namespace, results: dict[str, list[tuple[float, float]
               f"{once[-1] / imapflow[0]:5.2f}x   (target >= 1x)")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"  peak RSS of the benchmark process: {usage.ru_maxrss / 1024:.0f} MB")
+    print("  load average at the end (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

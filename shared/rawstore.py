@@ -3,11 +3,14 @@
 Ingest stores a message here (committed) before it publishes the event that refers to it, so an
 event never points at nothing and messages larger than the broker's limit travel by reference.
 Identical bytes are stored once.  Evaluate and the CLI read them back by hash.
+
+The column is stored without compression and, up to a page, inside the row (migration
+0006_raw_store): pglz compression of each message was most of the store's cost.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 
@@ -17,17 +20,37 @@ def raw_sha256(raw: bytes) -> str:
 
 
 async def store_raw(conn: asyncpg.Connection, raws: Sequence[bytes]) -> list[str]:
-    """Store messages (one pipelined, atomic round trip for the batch); return their hashes in order."""
+    """Store messages (atomically: all of the batch or none); return their hashes in order."""
     hashes = [raw_sha256(r) for r in raws]
-    if raws:
-        # executemany of one prepared INSERT rather than unnest() of a bytea[]: the server need not
-        # build and then unpack a multi-megabyte array (bench/ingest_pipeline.py: ~25% less time
-        # for 500 messages of 7 KB).  asyncpg runs it as one transaction.
+    if not raws:
+        return hashes
+    present = {r["sha256"] for r in await conn.fetch(
+        "SELECT sha256 FROM raw_message WHERE sha256 = ANY($1::text[])", list(set(hashes)))}
+    rows = {}
+    for sha, raw in zip(hashes, raws):
+        if sha not in present:
+            rows.setdefault(sha, (sha, len(raw), raw))
+    if not rows:
+        return hashes
+    # COPY of the rows not yet stored rather than an INSERT per row: less work per row on the
+    # server (bench/ingest_pipeline.py, docs/benchmarks.md "Ingest").  The same bytes stored by
+    # another session since the look-up make COPY fail as a whole; the INSERT then skips them.
+    try:
+        if conn.is_in_transaction():
+            async with conn.transaction():   # a savepoint: a conflict must not abort the caller's transaction
+                await _copy(conn, rows.values())
+        else:
+            await _copy(conn, rows.values())
+    except asyncpg.UniqueViolationError:
         await conn.executemany(
             "INSERT INTO raw_message (sha256, size, data) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
-            [(h, len(r), r) for h, r in zip(hashes, raws)],
+            list(rows.values()),
         )
     return hashes
+
+
+async def _copy(conn: asyncpg.Connection, rows: Iterable[tuple[str, int, bytes]]) -> None:
+    await conn.copy_records_to_table("raw_message", records=list(rows), columns=["sha256", "size", "data"])
 
 
 async def load_raw(conn: asyncpg.Connection, hashes: Iterable[str]) -> dict[str, bytes]:

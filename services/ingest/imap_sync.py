@@ -5,24 +5,33 @@ makes a restart resume exactly.  A UIDVALIDITY change means the server renumbere
 folder is read again from the start, and the per-mailbox record of ingested Message-IDs keeps that
 from producing duplicates (it also keeps a message moved between tracked folders from being
 processed twice).
+
+Batches are pipelined: while one batch's events are published and its state saved, the next
+batch's raw bytes are stored and the one after is read from the server.  Each batch still goes raw
+stored -> events acknowledged -> state saved, and a batch is published only after the previous
+batch's state is saved, so the saved state never runs ahead of acknowledged events and events keep
+the folder's order.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from contextlib import aclosing
 from datetime import datetime
-from typing import Sequence
 
 import asyncpg
 
 from services.ingest import state
 from services.ingest.imap_client import ImapClient, ImapCommandFailed
-from services.ingest.publishing import Mailbox, Pulled, publish_pulled
+from services.ingest.publishing import Mailbox, Pulled, announce_stored, store_pulled
 from shared.kafka import Publisher
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# Batches between fetched and state saved: one being published and saved, one being stored.
+IN_FLIGHT = 2
 
 
 class ImapFolderSync:
@@ -67,23 +76,49 @@ class ImapFolderSync:
         if not uids:
             await self._save(folder, status.uidvalidity, last_uid, status.highestmodseq, [])
             return 0
-        published = 0
+        flushes: list[asyncio.Task[int]] = []
+        claimed: set[str] = set()   # keys stored by a batch of this sync, not yet recorded as ingested
         batch: list[Pulled] = []
         highest = last_uid
-        async with aclosing(client.fetch(uids, chunk=BATCH)) as fetched:
-            async for message in fetched:
-                highest = max(highest, message.uid)
-                if self._received_after and message.internaldate and message.internaldate < self._received_after:
-                    continue  # "process email received after": older mail is skipped, never fetched again
-                batch.append(Pulled(message.raw, folder, message.uid, None, message.internaldate))
-                if len(batch) >= BATCH:
-                    published += await self._flush(folder, status.uidvalidity, highest, status.highestmodseq, batch)
-                    batch = []
-        published += await self._flush(folder, status.uidvalidity, highest, status.highestmodseq, batch)
-        return published
 
-    async def _flush(self, folder: str, uidvalidity: int, highest: int, modseq: int | None, batch: list[Pulled]) -> int:
-        ingested = await publish_pulled(self._pool, self._publisher, self._mailbox, "imap", batch) if batch else []
+        async def flush() -> None:
+            if len(flushes) >= IN_FLIGHT:
+                await flushes[-IN_FLIGHT]   # raises what it raised, and then nothing more is published
+            previous = flushes[-1] if flushes else None
+            flushes.append(asyncio.create_task(self._flush(
+                folder, status.uidvalidity, highest, status.highestmodseq, batch, claimed, previous)))
+
+        try:
+            async with aclosing(client.fetch(uids, chunk=BATCH)) as fetched:
+                async for message in fetched:
+                    highest = max(highest, message.uid)
+                    if self._received_after and message.internaldate and message.internaldate < self._received_after:
+                        continue  # "process email received after": older mail is skipped, never fetched again
+                    batch.append(Pulled(message.raw, folder, message.uid, None, message.internaldate))
+                    if len(batch) >= BATCH:
+                        await flush()
+                        batch = []
+            await flush()
+            return sum([await task for task in flushes])
+        except asyncio.CancelledError:
+            # Stopping: batches not yet done stop where they are (a batch's state is saved only
+            # after its events are acknowledged, so the next sync repeats what was not saved).
+            for task in flushes:
+                task.cancel()
+            raise
+        finally:
+            # After a failure reading from the server, batches already read still finish: they need
+            # no IMAP.  (After a failed batch, the later ones fail at once without publishing.)
+            await asyncio.gather(*flushes, return_exceptions=True)   # every outcome retrieved
+
+    async def _flush(self, folder: str, uidvalidity: int, highest: int, modseq: int | None, batch: list[Pulled],
+                     claimed: set[str], previous: asyncio.Task[int] | None) -> int:
+        """One batch: raw stored (while the previous batch is published and saved), then, once the
+        previous batch is done, events published and acknowledged, then the folder state saved."""
+        stored = await store_pulled(self._pool, self._mailbox, batch, claimed) if batch else []
+        if previous is not None:
+            await previous   # raises what it raised: nothing of ours is published after a failure
+        ingested = await announce_stored(self._publisher, self._mailbox, "imap", stored)
         await self._save(folder, uidvalidity, highest, modseq, ingested)
         return len(ingested)
 

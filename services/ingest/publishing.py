@@ -6,23 +6,22 @@ deduplicated downstream), never loses a message.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
 from uuid import UUID
 
 import asyncpg
 
+from services.ingest import state
 from shared.events.envelope import Envelope, encode_event
+from shared.events.fields import is_email_address
 from shared.events.payloads import EmailReceivedV1
 from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.metrics import MESSAGES_INGESTED
 from shared.mime import from_address, message_key
 from shared.rawstore import store_raw
-from services.ingest import state
-from shared.events.fields import is_email_address
-
 
 # Parametrised once: ``Envelope[...]`` looks its class up in pydantic's generic cache at every use.
 EmailReceivedEvent = Envelope[EmailReceivedV1]
@@ -46,32 +45,64 @@ class Mailbox:
     is_forward_mailbox: bool
 
 
-async def publish_pulled(pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, source: str,
-                         pulled: Sequence[Pulled]) -> list[state.IngestedMessage]:
-    """Store and publish the messages not yet ingested for this mailbox; return what was new."""
+@dataclass(frozen=True)
+class Stored:
+    """A message whose raw bytes are committed and whose event is not yet published."""
+
+    key: str
+    sha256: str
+    item: Pulled
+
+
+async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pulled],
+                       claimed: set[str] | None = None) -> list[Stored]:
+    """Store the raw bytes of the messages not yet ingested for this mailbox (committed on return).
+
+    ``claimed`` holds the keys an earlier batch of the same sync has stored but not yet recorded as
+    ingested: they are skipped, and this batch's new keys are added to it."""
     keyed = {}
     for item in pulled:
         keyed.setdefault(message_key(item.raw), item)  # the same message twice in one batch: once
+    if claimed:
+        keyed = {k: p for k, p in keyed.items() if k not in claimed}
+    if not keyed:
+        return []
     async with pool.acquire() as conn:
         seen = await state.already_ingested(conn, mailbox.id, list(keyed))
         new = {k: p for k, p in keyed.items() if k not in seen}
         if not new:
             return []
         hashes = await store_raw(conn, [p.raw for p in new.values()])
+    if claimed is not None:
+        claimed.update(new)
+    return [Stored(key, sha, item) for (key, item), sha in zip(new.items(), hashes)]
+
+
+async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
+                          stored: Sequence[Stored]) -> list[state.IngestedMessage]:
+    """Publish `email.received` for stored messages and wait for the broker's acknowledgements."""
     events = []
     ingested = []
-    for (key, item), sha in zip(new.items(), hashes):
+    for entry in stored:
+        item = entry.item
         forwarded_by = from_address(item.raw) if mailbox.is_forward_mailbox else None
         event = EmailReceivedEvent(
             type=EMAIL_RECEIVED.name, schema_version=1, producer="ingest", organization_id=mailbox.organization_id,
             data=EmailReceivedV1(
                 mailbox_id=mailbox.id, source=source, folder=item.folder or "INBOX", uid=item.uid, uidl=item.uidl,
-                raw_sha256=sha, size=len(item.raw), message_id=key, received_at=item.received_at,
+                raw_sha256=entry.sha256, size=len(item.raw), message_id=entry.key, received_at=item.received_at,
                 forwarded_by=forwarded_by if forwarded_by and is_email_address(forwarded_by) else None,
             ),
         )
         events.append((EMAIL_RECEIVED.name, encode_event(event), str(mailbox.id)))
-        ingested.append(state.IngestedMessage(key, sha, item.folder, item.uid, item.uidl))
-    await publisher.publish_many(events)
-    MESSAGES_INGESTED.labels(source).inc(len(events))
+        ingested.append(state.IngestedMessage(entry.key, entry.sha256, item.folder, item.uid, item.uidl))
+    if events:
+        await publisher.publish_many(events)
+        MESSAGES_INGESTED.labels(source).inc(len(events))
     return ingested
+
+
+async def publish_pulled(pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, source: str,
+                         pulled: Sequence[Pulled]) -> list[state.IngestedMessage]:
+    """Store and publish the messages not yet ingested for this mailbox; return what was new."""
+    return await announce_stored(publisher, mailbox, source, await store_pulled(pool, mailbox, pulled))
