@@ -10,7 +10,6 @@ from uuid import UUID
 import asyncpg
 
 from services.evaluate.lookups import LookupKeys, Lookups, Party, TrackedRef
-from shared.outbox import CHANNEL
 
 
 async def mailbox_rows(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) -> dict[UUID, asyncpg.Record]:
@@ -198,17 +197,3 @@ async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow]
             [r.tracked for r in rows], [r.rule for r in rows], [r.reason for r in rows], [r.explanation for r in rows],
             list(activity_ids), [r.subject[:1000] for r in rows], [r.from_address for r in rows],
         )
-
-
-async def enqueue_events(conn: asyncpg.Connection, events: Sequence[tuple[str, str, str]]) -> None:
-    """Write (topic, key, envelope JSON text) rows to the transactional outbox in one statement, in
-    order, and wake the relay: ``shared.outbox.enqueue_many`` for events already serialised."""
-    if not events:
-        return
-    await conn.execute(
-        """INSERT INTO event_outbox (topic, key, payload)
-           SELECT t, k, p::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS e(t, k, p, n)
-           ORDER BY n""",
-        [t for t, _, _ in events], [k for _, k, _ in events], [p for _, _, p in events],
-    )
-    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)

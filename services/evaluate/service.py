@@ -32,6 +32,7 @@ from shared.events.payloads import ActivityCreatedV1, RegardingRef
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED
 from shared.metrics import ACTIVITIES_CREATED, DECISIONS
 from shared.mime import message_key
+from shared.outbox import enqueue_batch
 from shared.rawstore import load_raw
 from shared.runtime import ServiceBase
 from shared.settings import Settings
@@ -243,11 +244,10 @@ class EvaluateService(ServiceBase):
                     correlated_by=row.correlated_by, raw_sha256=row.raw_sha256,
                 ),
             )
-            # Serialised here by pydantic (fast) and stored as jsonb as is: the same payload
-            # enqueue_many would write, without a model_dump + json.dumps per event.
+            # Serialised here by pydantic (fast): one outbox row for the batch's events.
             events.append((ACTIVITY_CREATED.name, str(row.organization_id), event.model_dump_json()))
             ACTIVITIES_CREATED.labels(row.direction).inc()
-        await repo.enqueue_events(conn, events)
+        await enqueue_batch(conn, events)
 
 
 def _parse_items(items: list[_Item], raws: dict[str, bytes]) -> None:

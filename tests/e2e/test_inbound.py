@@ -11,6 +11,7 @@ from services.ingest.service import IngestService
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
+from tests.support.topics import read_topic
 
 pytestmark = pytest.mark.peers
 
@@ -43,6 +44,10 @@ async def test_track_all_creates_one_activity_per_message(settings, registry: Re
     assert all(a["direction"] == "incoming" and a["status"] == "received" for a in acts.values())
     await pipeline(settings)  # nothing new, nothing doubled
     assert len(await activities(pool, org)) == 3
+    # An external CRM learns of each activity once, on `activity.created`, with its mailbox.
+    created = [e for e in await read_topic(settings, "activity.created", 3) if e["organization_id"] == str(org.id)]
+    assert sorted(e["data"]["subject"] for e in created) == ["hello 0", "hello 1", "hello 2"]
+    assert all(e["data"]["mailbox_ids"] == [str(box.id)] for e in created)
 
 
 async def test_one_activity_when_a_message_reaches_two_tracked_mailboxes(settings, registry: Registry, org, dovecot, pool) -> None:

@@ -2,20 +2,17 @@
 failures and back-off, POP3, and mailboxes that must not be touched."""
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from services.ingest.service import IngestService
-from shared.kafka import client_options, topic_name
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
+from tests.support.topics import read_topic
 
 pytestmark = pytest.mark.peers
 
@@ -26,22 +23,7 @@ async def ingest_once(settings: Settings) -> None:
 
 async def received(settings: Settings, expected: int, timeout: float = 15.0) -> list[dict]:
     """All `email.received` events of this test's topic, waiting until there are ``expected``."""
-    consumer = AIOKafkaConsumer(topic_name(settings, "email.received"), **client_options(settings),
-                                group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    events: list[dict] = []
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                events += [json.loads(r.value) for r in records]
-            if len(events) >= expected and not batch:
-                break
-    finally:
-        await consumer.stop()
-    return events
+    return await read_topic(settings, "email.received", expected, timeout)
 
 
 async def test_imap_messages_are_stored_then_published_once(settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
