@@ -12,20 +12,37 @@ tokens on, outgoing activities recorded).  Two measurements:
 2. latency: requests published at a steady rate (200/s) to a running service; latency is the
    request event's time to ``sent_at`` (the sink's 250 reply was recorded), p50 and p99.
 
+With ``--processes N`` the throughput run is repeated with dispatch as separate processes in one
+consumer group, as ops scale it: the requests are published first, then 1 and then N ``python -m
+conduit run dispatch --burst`` processes are started (sharing the run's database, broker, topic
+prefix, state folder and a ``CONDUIT_DISPATCH_GROUP_ID`` of their own), ``--rounds`` times; the rate
+is measured from the first request in the ledger (after the group join) to the last accepted, and
+also from the first one accepted.  Each process holds its own SMTP pool, so N processes may open N
+times the profile's connections.
+
+Every dispatch run is checked at the sink, which dumps each transaction: every request's Message-ID
+(from the ledger) arrived exactly once.  The peers' baselines go to a second sink that does not dump.
+
     .venv/bin/python bench/dispatch_send.py [--messages 10000] [--rate 200] [--seconds 15]
+        [--processes N [--rounds R] [--timeline]] [--skip-latency]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.smtp_send import MESSAGE_SIZE, aiosmtplib_reused, make_message, smtp_source  # noqa: E402
 from conduit.broker import EmbeddedBroker  # noqa: E402
@@ -69,26 +86,139 @@ async def setup(settings: Settings, sink_port: int) -> tuple[Registry, uuid.UUID
     return registry, org.id, mailbox.id, pool
 
 
-async def throughput(settings: Settings, count: int, sink_port: int) -> tuple[float, float]:
-    registry, org_id, mailbox_id, pool = await setup(settings, sink_port)
+MESSAGE_ID = re.compile(rb"^message-id:\s*<([^>\r\n]*)>", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class Run:
+    """One throughput run: rates in msg/s over the ledger's times, the whole run, and its cost."""
+
+    processes: int  # 0: DispatchService in this process
+    ledger_rate: float  # first request in the ledger -> last accepted
+    sent_rate: float  # first accepted -> last accepted
+    wall_rate: float  # the whole run, including start-up and the group join
+    cpu: list[float]  # CPU seconds of each dispatch process (empty in-process)
+    load: tuple[float, float]  # 1-minute load average before and after
+    timeline: list[tuple[int, int, int]]  # (second from the first ledger row, rows written, accepted)
+
+
+async def publish_requests(settings: Settings, org_id: uuid.UUID, mailbox_id: uuid.UUID, count: int) -> None:
     publisher = Publisher(settings, client_id="bench")
     await publisher.start()
     for start in range(0, count, 2000):
         await publisher.publish_many(("email.outbound", request(org_id, mailbox_id, n), str(n))
                                      for n in range(start, min(count, start + 2000)))
     await publisher.stop()
+
+
+def clear_dumps(sink: SmtpSink) -> None:
+    assert sink.dump_dir is not None
+    for path in sink.dump_dir.iterdir():
+        path.unlink(missing_ok=True)
+
+
+async def check_at_sink(sink: SmtpSink, message_ids: list[str]) -> None:
+    """Exit unless every Message-ID arrived at the sink exactly once."""
+    expected = set(message_ids)
+    deadline = time.monotonic() + 30
+    while True:
+        seen: dict[str, int] = {}
+        for dump in sink.dumped_messages():
+            match = MESSAGE_ID.search(dump)
+            if match is not None and match.group(1).decode() in expected:
+                key = match.group(1).decode()
+                seen[key] = seen.get(key, 0) + 1
+        if len(seen) == len(expected) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)  # poll interval of a deadline-bounded wait for the last dumps
+    missing = len(expected) - len(seen)
+    twice = sum(1 for n in seen.values() if n > 1)
+    if missing or twice or len(expected) != len(message_ids):
+        sys.exit(f"at the sink: {missing} of {len(expected)} requests missing, {twice} arrived more than once")
+    clear_dumps(sink)
+
+
+async def ledger_figures(pool: object, org_id: uuid.UUID, count: int) -> tuple[float, float, list[str], list]:
+    """(first request in the ledger -> last accepted, first accepted -> last accepted) in seconds,
+    the Message-IDs and a per-second timeline; exits unless all ``count`` requests are sent."""
+    async with pool.acquire() as conn:  # type: ignore[attr-defined]
+        row = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                      extract(epoch FROM max(sent_at) - min(created_at)) AS span,
+                      extract(epoch FROM max(sent_at) - min(sent_at)) AS sending
+               FROM outbound_email WHERE organization_id = $1""", org_id)
+        ids = [r["message_id"] for r in await conn.fetch(
+            "SELECT message_id FROM outbound_email WHERE organization_id = $1", org_id)]
+        timeline = [tuple(r) for r in await conn.fetch(
+            """WITH t AS (SELECT min(created_at) AS t0 FROM outbound_email WHERE organization_id = $1),
+                    s AS (SELECT generate_series(0, ceil(extract(epoch FROM max(o.sent_at) - t.t0))::int) AS second
+                          FROM outbound_email o, t WHERE o.organization_id = $1 GROUP BY t.t0)
+               SELECT s.second,
+                      count(*) FILTER (WHERE floor(extract(epoch FROM o.created_at - t.t0)) = s.second),
+                      count(*) FILTER (WHERE floor(extract(epoch FROM o.sent_at - t.t0)) = s.second)
+               FROM s CROSS JOIN t JOIN outbound_email o ON o.organization_id = $1
+               GROUP BY s.second ORDER BY s.second""", org_id)]
+    if row["sent"] != count:
+        sys.exit(f"only {row['sent']} of {count} sent")
+    return float(row["span"]), float(row["sending"]), ids, timeline
+
+
+async def throughput(settings: Settings, count: int, sink: SmtpSink) -> Run:
+    _registry, org_id, mailbox_id, pool = await setup(settings, sink.port)
+    await publish_requests(settings, org_id, mailbox_id, count)
+    clear_dumps(sink)
+    load = os.getloadavg()[0]
     began = time.perf_counter()
     service = DispatchService(settings, DispatchSettings(), group_id=f"bench-{uuid.uuid4().hex[:6]}")
     await run_service(service, burst=True)
     wall = time.perf_counter() - began
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            """SELECT count(*) FILTER (WHERE status = 'sent') AS sent, extract(epoch FROM max(sent_at) - min(created_at)) AS span
-               FROM outbound_email WHERE organization_id = $1""", org_id)
+    span, sending, ids, timeline = await ledger_figures(pool, org_id, count)
     await pool.close()
-    if row["sent"] != count:
-        sys.exit(f"only {row['sent']} of {count} sent")
-    return count / float(row["span"]), count / wall
+    await check_at_sink(sink, ids)
+    return Run(0, count / span, count / sending, count / wall, [], (load, os.getloadavg()[0]), timeline)
+
+
+async def throughput_processes(settings: Settings, database: str, count: int, sink: SmtpSink, processes: int) -> Run:
+    """``processes`` dispatch processes in one consumer group drain ``count`` requests published first."""
+    _registry, org_id, mailbox_id, pool = await setup(settings, sink.port)
+    await publish_requests(settings, org_id, mailbox_id, count)
+    clear_dumps(sink)
+    env = {**os.environ, "DATABASE_URL": database, "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+           "CONDUIT_TOPIC_PREFIX": settings.topic_prefix, "CONDUIT_STATE_DIR": str(settings.state_dir),
+           "CONDUIT_DISPATCH_GROUP_ID": f"bench-{uuid.uuid4().hex[:6]}", "CONDUIT_HEALTH_PORT": "0",
+           "CONDUIT_LOG_LEVEL": "WARNING"}
+    logs = [settings.state_dir / f"dispatch-{settings.topic_prefix}{i}.stderr" for i in range(processes)]
+    load = os.getloadavg()[0]
+    began = time.perf_counter()
+    children = []
+    for log_path in logs:
+        with log_path.open("wb") as stderr:
+            # A plain child, not asyncio's: os.wait4 below reaps it (asyncio's watcher would race it).
+            children.append(subprocess.Popen(  # noqa: ASYNC220 - started once, before the timed work
+                [sys.executable, "-m", "conduit", "run", "dispatch", "--burst"], cwd=ROOT,
+                env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr))
+    # os.wait4 rather than Popen.wait: it also gives each process's CPU time.
+    waits = [asyncio.ensure_future(asyncio.to_thread(os.wait4, child.pid, 0)) for child in children]
+    _done, pending = await asyncio.wait(waits, timeout=600)
+    for child, wait in zip(children, waits):
+        if wait in pending:
+            child.kill()
+    results = await asyncio.gather(*waits)
+    wall = time.perf_counter() - began
+    failed = [(i, os.waitstatus_to_exitcode(status)) for i, (_, status, _) in enumerate(results)
+              if os.waitstatus_to_exitcode(status) != 0 or waits[i] in pending]
+    for i, log_path in enumerate(logs):
+        text = log_path.read_text(errors="replace").strip()
+        if text:
+            print(f"  [process {i + 1} of {processes}, stderr, last lines]\n    "
+                  + "\n    ".join(text.splitlines()[-20:]), file=sys.stderr)
+    if failed:
+        sys.exit(f"dispatch processes failed (index, exit code; -9 = killed after 600 s): {failed}")
+    span, sending, ids, timeline = await ledger_figures(pool, org_id, count)
+    await pool.close()
+    await check_at_sink(sink, ids)
+    cpu = [usage.ru_utime + usage.ru_stime for _, _, usage in results]
+    return Run(processes, count / span, count / sending, count / wall, cpu, (load, os.getloadavg()[0]), timeline)
 
 
 async def latency(settings: Settings, rate: int, seconds: float, sink_port: int) -> list[float]:
@@ -135,6 +265,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also run 1 and N dispatch processes in one consumer group (subprocesses)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --processes: repeat the 1 and N runs")
+    parser.add_argument("--timeline", action="store_true",
+                        help="with --processes: print each run's requests entering the ledger and accepted, per second")
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
@@ -145,26 +280,51 @@ def main() -> None:
         await broker.start()
         try:
             base = Settings(CONDUIT_STATE_DIR=str(state), KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, CONDUIT_HEALTH_PORT=0)
-            embedded_database_url(base)
-            with SmtpSink() as sink:
+            database = embedded_database_url(base)
+            # Dispatch sends to a sink that dumps every transaction (to count what arrived); the
+            # baselines to one that does not.
+            with SmtpSink(dump_dir=state / "sink") as sink, SmtpSink() as plain:
                 settings = base.model_copy(update={"topic_prefix": f"b{uuid.uuid4().hex[:6]}."})
                 await ensure_topics(settings)
-                ledger_rate, wall_rate = await throughput(settings, args.messages, sink.port)
+                run = await throughput(settings, args.messages, sink)
+                ledger_rate, wall_rate = run.ledger_rate, run.wall_rate
+                runs: list[Run] = []
+                for _ in range(args.rounds if args.processes else 0):
+                    for processes in sorted({1, args.processes}):
+                        settings = base.model_copy(update={"topic_prefix": f"b{uuid.uuid4().hex[:6]}."})
+                        await ensure_topics(settings)
+                        runs.append(await throughput_processes(settings, database, args.messages, sink, processes))
                 start = time.perf_counter()
-                await aiosmtplib_reused(sink.port, args.messages, 10, make_message())
+                await aiosmtplib_reused(plain.port, args.messages, 10, make_message())
                 baseline = args.messages / (time.perf_counter() - start)
-                source = await asyncio.to_thread(smtp_source, sink.port, args.messages, 10)
-                print(f"\nthroughput, {args.messages} requests of ~2 KB, email.outbound -> accepted at smtp-sink")
+                source = await asyncio.to_thread(smtp_source, plain.port, args.messages, 10)
+                print(f"\nthroughput, {args.messages} requests of ~2 KB, email.outbound -> accepted at smtp-sink "
+                      f"(each request arrived exactly once)")
                 print(f"  dispatch (first request in the ledger -> last accepted): {ledger_rate:8.0f} msg/s")
                 print(f"  dispatch (whole burst run, incl. group join and start):  {wall_rate:8.0f} msg/s")
                 print(f"  aiosmtplib sendmail loop, 10 reused connections:         {baseline:8.0f} msg/s")
                 print(f"  Postfix smtp-source -s 10 -l 2000:                       {source:8.0f} msg/s")
                 print(f"  ratio dispatch / aiosmtplib:  {ledger_rate / baseline:5.2f}x  (target >= 2.4x)")
                 print(f"  ratio dispatch / smtp-source: {ledger_rate / source:5.2f}x  (target >= 0.25x)")
+                if runs:
+                    print(f"\n{'processes':>9}  {'ledger -> last':>14}  {'first -> last':>13}  {'whole run':>9}  "
+                          f"{'CPU s per process':>17}  load before/after   (msg/s; target >= 2,000 from the ledger)")
+                    for r in runs:
+                        cpu = " + ".join(f"{c:.1f}" for c in r.cpu)
+                        print(f"{r.processes:>9}  {r.ledger_rate:14.0f}  {r.sent_rate:13.0f}  {r.wall_rate:9.0f}  "
+                              f"{cpu:>17}  {r.load[0]:.2f} / {r.load[1]:.2f}")
+                    if args.timeline:
+                        for r in runs:
+                            print(f"  {r.processes} process(es), per second (written to the ledger / accepted): "
+                                  + "  ".join(f"{w}/{a}" for _, w, a in r.timeline))
+                    for processes in sorted({1, args.processes}):
+                        rates = [r.ledger_rate for r in runs if r.processes == processes]
+                        print(f"  {processes} process{'es' if processes > 1 else ''}, ledger -> last accepted: "
+                              f"{min(rates):.0f}-{max(rates):.0f} msg/s over {len(rates)} run(s)")
                 if not args.skip_latency:
                     settings = base.model_copy(update={"topic_prefix": f"b{uuid.uuid4().hex[:6]}."})
                     await ensure_topics(settings)
-                    samples = await latency(settings, args.rate, args.seconds, sink.port)
+                    samples = await latency(settings, args.rate, args.seconds, plain.port)
                     p50 = statistics.median(samples)
                     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
                     print(f"\nlatency at {args.rate} requests/s for {args.seconds:.0f} s ({len(samples)} requests), "
