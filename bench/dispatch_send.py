@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -273,6 +275,9 @@ def main() -> None:
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
+    # Removed at exit, after the embedded PostgreSQL's own at-exit stop (atexit runs last-registered
+    # first, and the server registers its stop later, when it starts).
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
     state.chmod(0o755)
 
     async def peers_and_runs() -> None:
