@@ -38,10 +38,10 @@ from shared.errors import (
     TlsFailed,
     TransientError,
 )
+from shared.registry.models import TlsMode
 
 log = logging.getLogger(__name__)
 
-TlsMode = Literal["implicit", "starttls", "none"]
 AuthMechanism = Literal["plain", "login", "xoauth2"]
 
 # A reply line longer than this means the peer is not an SMTP server (RFC 5321 4.5.3.1.5: 512).

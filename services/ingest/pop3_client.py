@@ -13,13 +13,10 @@ from __future__ import annotations
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal
 
-from services.ingest.imap_client import MailConnection
+from services.ingest.wire import MailConnection, TlsMode, open_session
 from services.ingest.xoauth2 import xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConnectionFailed, PermanentError, TlsFailed, TransientError
-
-TlsMode = Literal["implicit", "starttls", "none"]
 
 # RETR commands sent ahead of the replies being read, when the server allows pipelining.
 _PIPELINE_DEPTH = 32
@@ -55,12 +52,8 @@ class Pop3Client:
 
         TLS is verified by default: without ``ssl_context`` the system trust store is used.
         """
-        if tls not in ("implicit", "starttls", "none"):
-            raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")
-        if tls != "none" and ssl_context is None:
-            ssl_context = ssl.create_default_context()
-        conn = await MailConnection.open(host, port, ssl_context=ssl_context if tls == "implicit" else None,
-                                         protocol="POP3", timeout=timeout)
+        conn, ssl_context = await open_session(host, port, tls=tls, ssl_context=ssl_context, protocol="POP3",
+                                               timeout=timeout)
         client = cls(conn, host)
         try:
             greeting = await conn.read_line()
