@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.workdir import bench_workdir  # noqa: E402
 from bench.smtp_send import MESSAGE_SIZE, aiosmtplib_reused, make_message, smtp_source  # noqa: E402
 from conduit.broker import EmbeddedBroker  # noqa: E402
 from conduit.peers.smtp import SmtpSink  # noqa: E402
@@ -274,11 +272,7 @@ def main() -> None:
                         help="with --processes: print each run's requests entering the ledger and accepted, per second")
     args = parser.parse_args()
 
-    state = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
-    # Removed at exit, after the embedded PostgreSQL's own at-exit stop (atexit runs last-registered
-    # first, and the server registers its stop later, when it starts).
-    atexit.register(shutil.rmtree, state, ignore_errors=True)
-    state.chmod(0o755)
+    state = bench_workdir()
 
     async def peers_and_runs() -> None:
         broker = EmbeddedBroker(state / "tansu.log")

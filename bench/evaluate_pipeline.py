@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import cProfile
 import email
 import email.policy
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -50,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.workdir import bench_workdir
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.evaluate_parse import make_messages
@@ -275,12 +273,7 @@ async def main() -> None:
     counts = [int(c) for c in args.processes.split(",")] if args.processes else []
 
     messages, owners = make_messages(args.messages)
-    workdir = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
-    # Removed at exit, after the embedded PostgreSQL's own at-exit stop (atexit runs last-registered
-    # first, and the server registers its stop when it starts, later): removing the folder first
-    # would leave that server running without its data directory.
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    workdir.chmod(0o755)
+    workdir = bench_workdir()
     broker = EmbeddedBroker(workdir / "tansu.log")
     runs: list[dict[str, float]] = []
     stdlib: list[float] = []

@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import imaplib
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workdir import bench_workdir
 import asyncpg
 from pydantic import SecretStr
 
@@ -150,12 +148,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="APPENDs per second")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
-    # Removed at exit, after the embedded PostgreSQL's own at-exit stop (atexit runs last-registered
-    # first, and the server registers its stop when it starts, later): removing the folder first
-    # would leave that server running without its data directory.
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    workdir.chmod(0o755)
+    workdir = bench_workdir()
     broker = EmbeddedBroker(workdir / "tansu.log")
     services: list[subprocess.Popen[bytes]] = []
     samples: list[float] = []

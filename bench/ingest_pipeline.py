@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import cProfile
 import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workdir import bench_workdir
 from pydantic import SecretStr
 
 from bench.imap_fetch import (
@@ -195,12 +194,7 @@ async def main() -> None:
     parser.add_argument("--skip-peers", action="store_true")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
-    # Removed at exit, after the embedded PostgreSQL's own at-exit stop (atexit runs last-registered
-    # first, and the server registers its stop when it starts, later): removing the folder first
-    # would leave that server running without its data directory.
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    workdir.chmod(0o755)
+    workdir = bench_workdir()
     broker = EmbeddedBroker(workdir / "tansu.log")
     results: dict[str, list[tuple[float, float]]] = {"service": [], "sync_once": []}
     peers: dict[str, list[float]] = {"mbsync": [], "imapflow": []}

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.workdir import bench_workdir
 from pydantic import SecretStr
 
 from bench.idle_latency import start_service, stop_service
@@ -68,12 +66,7 @@ async def main() -> None:
     parser.add_argument("--steady", type=float, default=30.0, help="seconds of steady state measured after the sync")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="conduit-bench-"))
-    # Removed at exit, after the embedded PostgreSQL's own at-exit stop (atexit runs last-registered
-    # first, and the server registers its stop when it starts, later): removing the folder first
-    # would leave that server running without its data directory.
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    workdir.chmod(0o755)
+    workdir = bench_workdir()
     broker = EmbeddedBroker(workdir / "tansu.log")
     ingest: subprocess.Popen[bytes] | None = None
     try:
