@@ -62,6 +62,37 @@ class DeadLetterLimitExceeded(RuntimeError):
     """More events were dead-lettered in a minute than allowed: stop rather than drain the topic."""
 
 
+class DeadLetterGate:
+    """What every consumer that dead-letters shares: the per-minute limit and the headers that say
+    where an event came from and why it was refused."""
+
+    def __init__(self, limit_per_minute: int, group: str) -> None:
+        self._limit = limit_per_minute
+        self._group = group
+        self._window: list[float] = []
+
+    def admit(self, source: str) -> None:
+        """Count one more dead letter; raise ``DeadLetterLimitExceeded`` past the limit."""
+        now = time.monotonic()
+        self._window = [t for t in self._window if now - t < 60] + [now]
+        if len(self._window) > self._limit:
+            raise DeadLetterLimitExceeded(
+                f"more than {self._limit} events dead-lettered in a minute on {source}; "
+                "stopping so a bad deploy cannot drain the topic"
+            )
+
+    def headers(self, topic: str, partition: int, offset: int, error: InvalidInput) -> list[tuple[str, bytes]]:
+        log.warning("dead-lettering %s[%d]@%d: %s", topic, partition, offset, error.message)
+        return [
+            ("original_topic", topic.encode()),
+            ("original_partition", str(partition).encode()),
+            ("original_offset", str(offset).encode()),
+            ("reason", error.reason.encode()),
+            ("error", error.message[:1000].encode()),
+            ("consumer_group", self._group.encode()),
+        ]
+
+
 class EventConsumer:
     """Consumes one topic in a consumer group and hands batches to a handler."""
 
@@ -90,7 +121,7 @@ class EventConsumer:
         self._batch_window_ms = batch_window_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._consumer: AIOKafkaConsumer | None = None
-        self._dlq_window: list[float] = []
+        self._dead_letters = DeadLetterGate(settings.dlq_limit_per_minute, group_id)
         self.processed = 0
         self.dead_lettered = 0
         self._burst = False
@@ -211,25 +242,9 @@ class EventConsumer:
         return rejected
 
     async def _dead_letter(self, rejection: Rejection) -> None:
-        now = time.monotonic()
-        self._dlq_window = [t for t in self._dlq_window if now - t < 60] + [now]
-        if len(self._dlq_window) > self._settings.dlq_limit_per_minute:
-            raise DeadLetterLimitExceeded(
-                f"more than {self._settings.dlq_limit_per_minute} events dead-lettered in a minute on "
-                f"{self._topic.name}; stopping so a bad deploy cannot drain the topic"
-            )
+        self._dead_letters.admit(self._topic.name)
         record = rejection.delivery.record
-        headers = [
-            ("original_topic", record.topic.encode()),
-            ("original_partition", str(record.partition).encode()),
-            ("original_offset", str(record.offset).encode()),
-            ("reason", rejection.error.reason.encode()),
-            ("error", rejection.error.message[:1000].encode()),
-            ("consumer_group", self._group_id.encode()),
-        ]
-        log.warning(
-            "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, rejection.error.message
-        )
+        headers = self._dead_letters.headers(record.topic, record.partition, record.offset, rejection.error)
         await self._publisher.publish_raw(
             dead_letter(self._topic.name), record.value or b"", (record.key or b"").decode(errors="replace"), headers
         )

@@ -43,6 +43,7 @@ from uuid import UUID
 
 from prometheus_client import Gauge
 
+from shared.consumer import DeadLetterGate
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event, encode_event
 from shared.events.payloads import MailboxHealthV1
@@ -334,7 +335,7 @@ class HealthAggregate:
         self.applied = 0          # observations that changed a record
         self.batches = 0
         self.dead_lettered = 0
-        self._dlq_window: list[float] = []
+        self._gate = DeadLetterGate(settings.dlq_limit_per_minute, self.app_id)
         self._counted: dict[str, int] = {}
         self._counted_at = -1e9
         self.app: Any = None
@@ -434,17 +435,8 @@ class HealthAggregate:
         return [(o, source) for o in observations(logical, envelope)]
 
     async def _dead_letter(self, topic: str, message: Any, error: InvalidInput) -> None:
-        now = time.monotonic()
-        self._dlq_window = [t for t in self._dlq_window if now - t < 60] + [now]
-        if len(self._dlq_window) > self.settings.dlq_limit_per_minute:
-            raise RuntimeError(f"more than {self.settings.dlq_limit_per_minute} events dead-lettered in a minute "
-                               f"by the health aggregate; stopping so a bad deploy cannot drain {topic}")
-        headers = {
-            "original_topic": message.topic.encode(), "original_partition": str(message.partition).encode(),
-            "original_offset": str(message.offset).encode(), "reason": error.reason.encode(),
-            "error": error.message[:1000].encode(), "consumer_group": self.app_id.encode(),
-        }
-        log.warning("dead-lettering %s[%d]@%d: %s", message.topic, message.partition, message.offset, error.message)
+        self._gate.admit(f"{topic} (health aggregate)")
+        headers = dict(self._gate.headers(message.topic, message.partition, message.offset, error))
         await self._dead_letters[topic].send(key=message.key, value=message.value or b"", headers=headers)
         self.dead_lettered += 1
 
