@@ -359,6 +359,8 @@ class HealthAggregate:
             # Short group timings: Tansu holds the first join for the whole rebalance timeout.
             broker_rebalance_timeout=5, broker_session_timeout=10, broker_heartbeat_interval=1,
             producer_acks=-1, web_enabled=False, autodiscover=False,
+            # faust would otherwise create "<app id>-data" in the working directory.
+            datadir=str(s.state_dir / "faust"),
         )
         if self.one_record_batches:
             options["producer_max_batch_size"] = 1
