@@ -88,14 +88,26 @@ class SmtpSink:
 
     It binds port 0 (or `port`) itself and we read the port back from /proc, so there is no
     race for a free port. PIPELINING is advertised (smtp-sink's default).
+
+    To see what arrived, `dump_dir` keeps one file per transaction (-d), `dump_file` appends every
+    transaction to one file (-D: no file created per message, so the sink keeps most of its speed;
+    for benchmarks).
     """
 
     def __init__(
-        self, port: int | None = None, *, dump_dir: Path | None = None, backlog: int = 256
+        self,
+        port: int | None = None,
+        *,
+        dump_dir: Path | None = None,
+        dump_file: Path | None = None,
+        backlog: int = 256,
     ) -> None:
+        if dump_dir and dump_file:
+            raise ValueError("dump_dir or dump_file, not both")
         self.host = LOOPBACK
         self.port = port or 0
         self.dump_dir = Path(dump_dir).absolute() if dump_dir else None
+        self.dump_file = Path(dump_file).absolute() if dump_file else None
         self.backlog = backlog
         self._process: subprocess.Popen | None = None
         self._stderr: Any = None
@@ -121,6 +133,8 @@ class SmtpSink:
         args = ["smtp-sink"]
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
+        if self.dump_file is not None:
+            self.dump_file.parent.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             # smtp-sink run as root insists on -u: the user it becomes once it listens, and
             # writes the dumps as.
@@ -128,6 +142,8 @@ class SmtpSink:
         if self.dump_dir is not None:
             # -d: one file per transaction; "%" would be a strftime directive in the template
             args += ["-d", str(self.dump_dir).replace("%", "%%") + "/%Y%m%d%H%M%S."]
+        if self.dump_file is not None:
+            args += ["-D", str(self.dump_file).replace("%", "%%")]
         args += [f"{self.host}:{self.port}", str(self.backlog)]
         # A file, not a pipe: a pipe nobody reads would block the sink once it fills up.
         self._stderr = tempfile.TemporaryFile()
@@ -163,14 +179,23 @@ class SmtpSink:
             self._stderr = None
 
     def _run_as(self) -> str:
-        if self.dump_dir is None:
+        dump_dir = self.dump_dir or (self.dump_file.parent if self.dump_file else None)
+        if dump_dir is None:
             return "nobody"
-        if _world_traversable(self.dump_dir.parent):
-            os.chown(self.dump_dir, pwd.getpwnam("nobody").pw_uid, -1)
+        if _world_traversable(dump_dir.parent):
+            os.chown(dump_dir, pwd.getpwnam("nobody").pw_uid, -1)
             return "nobody"
         # `nobody` could not reach the dump directory (pytest's tmp_path is private to root),
         # so this loopback-only test sink keeps root's privileges to write it.
         return "root"
+
+    def clear_dumps(self) -> None:
+        """Forget every dumped transaction (for a run that counts only its own)."""
+        if self.dump_file is not None:
+            self.dump_file.unlink(missing_ok=True)   # the sink opens it anew per transaction
+        elif self.dump_dir is not None:
+            for path in self.dump_dir.iterdir():
+                path.unlink(missing_ok=True)
 
     def dumped_messages(self) -> list[bytes]:
         """Every dumped transaction, oldest first (needs `dump_dir`).
@@ -178,9 +203,17 @@ class SmtpSink:
         Each file holds smtp-sink's own header lines (X-Client-Addr, X-Mail-Args, X-Rcpt-Args,
         a Received header) and then the message as received. A transaction still in progress
         may be dumped partly: wait for the count you expect.
+
+        With `dump_file`, the file is split where a transaction's first header starts a line
+        after an empty line (a message body line of that shape would split it too).
         """
+        if self.dump_file is not None:
+            if not self.dump_file.exists():
+                return []
+            data = b"\n\n" + self.dump_file.read_bytes()
+            return [b"X-Client-Addr: " + part for part in data.split(b"\n\nX-Client-Addr: ")[1:]]
         if self.dump_dir is None:
-            raise PeerError("this smtp-sink was started without dump_dir")
+            raise PeerError("this smtp-sink was started without dump_dir or dump_file")
         files = sorted(
             (p for p in self.dump_dir.iterdir() if p.is_file()),
             key=lambda p: (p.stat().st_mtime_ns, p.name),

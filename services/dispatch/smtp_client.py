@@ -5,7 +5,8 @@ the content: four round trips and four wake-ups per message), parses every addre
 ``email.utils`` and wraps every read in ``asyncio.wait_for``.  ``bench/smtp_send.py`` keeps the
 numbers.  This module speaks just the part of SMTP that dispatch needs, over an
 ``asyncio.Protocol``: with RFC 2920 PIPELINING, MAIL FROM, every RCPT TO and DATA leave in one
-write and their replies are read in order, then the dot-stuffed content leaves in a second write.
+write and their replies are read in order, then the dot-stuffed content leaves in a second write,
+together with the next message's envelope when one is waiting (``finish``).
 
 The failure classes here are precise because the caller's send ledger acts on them:
 
@@ -84,6 +85,23 @@ class SmtpAccepted:
     refused_recipients: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message checked and encoded for one session: its envelope commands and its content."""
+
+    recipients: tuple[str, ...]
+    envelope: list[bytes]
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTransaction:
+    """A transaction whose envelope the server accepted: it waits for its content."""
+
+    content: bytes
+    refused: dict[str, tuple[int, str]]
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -155,6 +173,14 @@ class StaleConnection(ConnectionFailed):
     """
 
     reason = "connection_failed"
+
+
+def _not_sent(following: PreparedMessage | None, cause: Exception) -> StaleConnection | None:
+    """The fate of a following message whose session ended before its envelope was answered:
+    its content never left, so it may be sent on another session."""
+    if following is None:
+        return None
+    return StaleConnection(f"the session ended before the next message's envelope was answered: {cause}")
 
 
 def _enhanced_code(text: str) -> str | None:
@@ -520,6 +546,10 @@ class SmtpConnection:
 
     # -- sending
 
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
+
     async def send(
         self,
         sender: str,
@@ -528,7 +558,23 @@ class SmtpConnection:
         *,
         may_be_stale: bool = False,
     ) -> SmtpAccepted:
-        """One mail transaction.
+        """One mail transaction on its own (``begin`` then ``finish``)."""
+        opened = await self.begin(self.prepare(sender, recipients, message), may_be_stale=may_be_stale)
+        accepted, _ = await self.finish(opened)
+        if isinstance(accepted, BaseException):
+            raise accepted
+        return accepted
+
+    def prepare(self, sender: str, recipients: Sequence[str], message: bytes) -> PreparedMessage:
+        """Check and encode a message for this session; raises ``InvalidInput`` or
+        ``SmtpPermanentFailure`` (too large, SMTPUTF8 needed) before anything is written."""
+        content = encode_content(message)
+        envelope = self._envelope_commands(sender, recipients, message, len(content))
+        return PreparedMessage(tuple(recipients), envelope, content)
+
+    async def begin(self, prepared: PreparedMessage, *, may_be_stale: bool = False) -> OpenTransaction:
+        """Send the envelope (MAIL, RCPT..., DATA) and read its replies: the transaction is then
+        ready for its content.  Raises the refusal (the session reset for the next message).
 
         With ``may_be_stale`` (a session that sat idle), a session found dead before the server
         processed any of the transaction raises ``StaleConnection`` instead of failing it: the
@@ -537,7 +583,11 @@ class SmtpConnection:
         """
         self._may_be_stale = may_be_stale
         try:
-            return await self._transaction(sender, recipients, message)
+            if self.pipelining:
+                replies = await self._pipelined(prepared.envelope)
+            else:
+                replies = await self._lockstep(prepared.envelope)
+            return await self._opened(prepared, replies)
         except (SmtpTemporaryFailure, SmtpPermanentFailure, InvalidInput):
             raise  # the session was reset (or marked broken) on the way
         except BaseException:
@@ -545,30 +595,82 @@ class SmtpConnection:
             self.abort()
             raise
 
-    async def _transaction(
-        self, sender: str, recipients: Sequence[str], message: bytes
-    ) -> SmtpAccepted:
-        content = encode_content(message)
-        envelope = self._envelope_commands(sender, recipients, message, len(content))
-        if "PIPELINING" in self.extensions:
-            replies = await self._pipelined(envelope)
+    async def finish(
+        self, transaction: OpenTransaction, following: PreparedMessage | None = None
+    ) -> tuple[SmtpAccepted | Exception, OpenTransaction | Exception | None]:
+        """Send the content and read the server's verdict on it.
+
+        With ``following`` (PIPELINING only), the next message's envelope leaves in the same write
+        as this content (RFC 2920 3.1: the content may start a group, DATA must end one): one write
+        and one wake-up per message instead of two.  Returns this message's outcome (accepted, or
+        the failure) and the following one's: open for its content, its refusal, or
+        ``StaleConnection`` when the session ended before its envelope was answered (nothing of it
+        was delivered, so it may go out on another session).  Never raises for a server's answer.
+        """
+        if following is not None and not self.pipelining:
+            raise ValueError("a following envelope needs PIPELINING")
+        reader = self._require_reader()
+        self._may_be_stale = False
+        try:
+            self._write(transaction.content if following is None
+                        else transaction.content + b"".join(following.envelope))
+        except ConnectionFailed as exc:
+            # Closed before the write: nothing of it was handed to the connection.
+            self.abort()
+            return exc, _not_sent(following, exc)
+        try:
+            await reader.drain()
+            (reply,) = await reader.read(1, self.timeout)
+        except (ConnectionFailed, ProtocolTimeout) as exc:
+            # Handed to the transport: the final dot may have reached the server.
+            self.abort()
+            return SmtpOutcomeUnknown(
+                f"no reply after the end of the message ({exc}); the server may have accepted it"
+            ), _not_sent(following, exc)
+        except BaseException:
+            self.abort()
+            raise
+        self.messages_sent += 1
+        if reply.code == 250:
+            outcome: SmtpAccepted | Exception = SmtpAccepted(reply.code, reply.text, transaction.refused)
         else:
-            replies = await self._lockstep(envelope)
+            if reply.code == 421:
+                self._broken = True
+            outcome = reply_failure(reply, refused_recipients=transaction.refused)
+        if following is None:
+            return outcome, None
+        if reply.code == 421:
+            self.abort()  # the server is closing: whatever it says to the envelope is moot
+            return outcome, _not_sent(following, ConnectionFailed(f"the server is closing the session: {reply.text}"))
+        try:
+            replies = await reader.read(len(following.envelope), self.timeout)
+            return outcome, await self._opened(following, replies)
+        except (SmtpTemporaryFailure, SmtpPermanentFailure, InvalidInput) as exc:
+            return outcome, exc
+        except (ConnectionFailed, ProtocolTimeout) as exc:
+            self.abort()
+            return outcome, _not_sent(following, exc)
+        except BaseException:
+            self.abort()
+            raise
+
+    async def _opened(self, prepared: PreparedMessage, replies: list[SmtpReply]) -> OpenTransaction:
+        """The transaction ready for its content, or its refusal raised (the session reset)."""
         if replies[0].code == 421 and self._may_be_stale:
             self._broken = True
             raise StaleConnection(f"the server is closing the session: {replies[0].text}")
-        refused, failure = self._check_envelope(recipients, replies)
-        if failure is not None:
-            if any(r.code == 421 for r in replies):
-                self._broken = True  # 421: the server is closing the session
-            else:
-                data = replies[-1] if len(replies) == len(envelope) else None
-                try:
-                    await self._reset(data)
-                except (ConnectionFailed, ProtocolTimeout):
-                    self.abort()  # the refusal is the news; the pool replaces the session
-            raise failure
-        return await self._send_content(content, refused)
+        refused, failure = self._check_envelope(prepared.recipients, replies)
+        if failure is None:
+            return OpenTransaction(prepared.content, refused)
+        if any(r.code == 421 for r in replies):
+            self._broken = True  # 421: the server is closing the session
+        else:
+            data = replies[-1] if len(replies) == len(prepared.envelope) else None
+            try:
+                await self._reset(data)
+            except (ConnectionFailed, ProtocolTimeout):
+                self.abort()  # the refusal is the news; the pool replaces the session
+        raise failure
 
     def _envelope_commands(
         self, sender: str, recipients: Sequence[str], message: bytes, size: int
@@ -579,8 +681,8 @@ class SmtpConnection:
         for recipient in recipients:
             _check_address(recipient, "recipient")
         params = self._mail_parameters(sender, recipients, message, size)
-        mail = f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8")
-        return [mail, *(f"RCPT TO:<{r}>\r\n".encode("utf-8") for r in recipients), b"DATA\r\n"]
+        mail = f"MAIL FROM:<{sender}>{params}\r\n".encode()
+        return [mail, *(f"RCPT TO:<{r}>\r\n".encode() for r in recipients), b"DATA\r\n"]
 
     def _mail_parameters(
         self, sender: str, recipients: Sequence[str], message: bytes, size: int
@@ -680,29 +782,6 @@ class SmtpConnection:
         replies = await self._require_reader().read(len(lines), self.timeout)
         if replies[-1].code != 250:
             self._broken = True
-
-    async def _send_content(
-        self, content: bytes, refused: dict[str, tuple[int, str]]
-    ) -> SmtpAccepted:
-        reader = self._require_reader()
-        self._write(content)  # raises ConnectionFailed if closed: then nothing of it was sent
-        try:
-            await reader.drain()
-        except ConnectionFailed as exc:
-            # Handed to the transport: the final dot may have reached the server.
-            raise SmtpOutcomeUnknown(f"connection lost while sending the message: {exc}") from None
-        try:
-            (reply,) = await reader.read(1, self.timeout)
-        except (ConnectionFailed, ProtocolTimeout) as exc:
-            raise SmtpOutcomeUnknown(
-                f"no reply after the end of the message ({exc}); the server may have accepted it"
-            ) from None
-        self.messages_sent += 1
-        if reply.code != 250:
-            if reply.code == 421:
-                self._broken = True
-            raise reply_failure(reply, refused_recipients=refused)
-        return SmtpAccepted(reply.code, reply.text, refused)
 
 
 # --------------------------------------------------------------------------- helpers

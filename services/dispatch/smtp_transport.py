@@ -15,14 +15,17 @@ came back) is never retried here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import time
 from collections.abc import Sequence
 
-from shared.errors import ConduitError, ConnectionFailed
+from shared.errors import ConduitError, ConnectionFailed, InvalidInput
 
 from .smtp_client import (
+    OpenTransaction,
+    PreparedMessage,
     SmtpAccepted,
     SmtpConnection,
     SmtpCredentials,
@@ -53,8 +56,39 @@ log = logging.getLogger(__name__)
 IDLE_SESSION_LIMIT = 60.0
 
 
+class _Job:
+    """One message waiting for, or going through, a session of the pool."""
+
+    __slots__ = ("future", "message", "moved", "recipients", "sender")
+
+    def __init__(self, sender: str, recipients: Sequence[str], message: bytes, future: asyncio.Future[SmtpAccepted]) -> None:
+        self.sender = sender
+        self.recipients = recipients
+        self.message = message
+        self.future = future
+        self.moved = 0  # times it went back to the queue because its session died first
+
+    def settle(self, outcome: SmtpAccepted | BaseException) -> None:
+        if self.future.done():
+            return  # the caller gave up waiting (cancelled)
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+# A message moves to another session when its own died before anything of it was delivered
+# (``StaleConnection``); more moves than this means the server keeps dropping sessions.
+_MAX_MOVES = 2
+
+
 class SmtpPool:
-    """Up to ``max_connections`` sessions to one server with one login, reused across messages."""
+    """Up to ``max_connections`` sessions to one server with one login, reused across messages.
+
+    Messages wait in one queue; each session is served by a worker task that takes the next one.
+    While a session sends one message's content, the next message in the queue rides along with
+    its envelope in the same write (PIPELINING), so a busy session makes one write per message.
+    """
 
     def __init__(
         self,
@@ -75,12 +109,15 @@ class SmtpPool:
         self.timeout = timeout
         self.max_messages_per_connection = max_messages_per_connection
         self._slots = asyncio.Semaphore(max_connections)
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._workers: set[asyncio.Task[None]] = set()
         self._idle: list[tuple[SmtpConnection, float]] = []  # LIFO: keeps few sessions warm
         self._open: set[SmtpConnection] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._closed = False
         self.last_used = time.monotonic()
+        self.coalesced = 0  # messages whose envelope left with the previous message's content
 
     @property
     def open_connections(self) -> int:
@@ -91,36 +128,21 @@ class SmtpPool:
         return self._in_flight > 0
 
     async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> SmtpAccepted:
-        """Send one message; see ``smtp_client`` for what each failure means."""
+        """Send one message; see ``smtp_client`` for what each failure means.
+
+        A caller that stops waiting (cancelled) does not stop a transaction already under way:
+        the message may still go out, so such a send's outcome is unknown to the caller."""
         if self._closed:
             raise ConnectionFailed("the SMTP pool is closed", reason="pool_closed")
+        job = _Job(sender, recipients, message, asyncio.get_running_loop().create_future())
         self._in_flight += 1
+        self._queue.append(job)
         try:
-            async with self._slots:
-                conn, reused = await self._take()
-                try:
-                    return await self._send_once(conn, sender, recipients, message, reused)
-                except StaleConnection:
-                    log.info("smtp session to %s was dead; retrying on a new one", self.server.host)
-                conn = await self._connect()
-                return await self._send_once(conn, sender, recipients, message, False)
+            self._serve()
+            return await job.future
         finally:
             self._in_flight -= 1
             self.last_used = time.monotonic()
-
-    async def _send_once(
-        self,
-        conn: SmtpConnection,
-        sender: str,
-        recipients: Sequence[str],
-        message: bytes,
-        reused: bool,
-    ) -> SmtpAccepted:
-        try:
-            # Only a reused session can have died unnoticed; a fresh one's failures are real.
-            return await conn.send(sender, recipients, message, may_be_stale=reused)
-        finally:
-            self._give_back(conn)
 
     async def check(self) -> None:
         """Connect, EHLO, TLS, AUTH and QUIT: the "Test & Enable" check of a profile.
@@ -133,25 +155,143 @@ class SmtpPool:
             await conn.quit()
 
     async def close(self) -> None:
-        """QUIT idle sessions; sessions in use close when their send returns."""
+        """QUIT idle sessions and fail what still waits; sessions in use close after their message."""
         self._closed = True
+        while self._queue:
+            self._queue.popleft().settle(ConnectionFailed("the SMTP pool is closed", reason="pool_closed"))
         while self._idle:
             conn, _ = self._idle.pop()
             self._retire(conn)
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
-    # -- sessions
+    # -- workers
 
-    async def _take(self) -> tuple[SmtpConnection, bool]:
-        """A session for one send, and whether it is a reused (idle) one."""
+    def _serve(self) -> None:
+        """Give waiting messages sessions: idle ones first, then new ones, one per message in
+        flight up to the limit (busy sessions also take waiting messages as they finish)."""
         now = time.monotonic()
-        while self._idle:
+        while self._queue and self._idle and len(self._workers) < self.max_connections:
             conn, since = self._idle.pop()
             if conn.usable and now - since < IDLE_SESSION_LIMIT:
-                return conn, True
-            self._retire(conn)
-        return await self._connect(), False
+                self._start_worker(conn)
+            else:
+                self._retire(conn)
+        while self._queue and len(self._workers) < min(self.max_connections, self._in_flight):
+            self._start_worker(None)
+
+    def _start_worker(self, conn: SmtpConnection | None) -> None:
+        task = asyncio.ensure_future(self._work(conn))
+        self._workers.add(task)
+        task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("smtp session worker for %s failed: %r", self.server.host, task.exception())
+        if self._queue and not self._closed:
+            self._serve()
+
+    def _next_job(self) -> _Job | None:
+        while self._queue and not self._closed:
+            job = self._queue.popleft()
+            if not job.future.done():   # its caller did not give up
+                return job
+        return None
+
+    async def _work(self, conn: SmtpConnection | None) -> None:
+        """Serve the queue on one session until it is empty, the session ends or the pool closes."""
+        async with self._slots:
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await self._connect()
+                except ConduitError as exc:
+                    job = self._next_job()   # each message that finds no session fails with why
+                    if job is None:
+                        log.info("smtp session to %s could not be opened: %s", self.server.host, exc)
+                    else:
+                        job.settle(exc)
+                    return
+            held: list[_Job] = []
+            try:
+                await self._send_queued(conn, reused, held)
+            except BaseException as exc:
+                # Whatever this session held may have gone out: never resent blindly.
+                for job in held:
+                    job.settle(SmtpOutcomeUnknown(f"the SMTP session stopped mid-transaction ({exc!r})"))
+                conn.abort()
+                raise
+            finally:
+                self._give_back(conn)
+
+    async def _send_queued(self, conn: SmtpConnection, reused: bool, held: list[_Job]) -> None:
+        """Send queued messages on ``conn``; ``held`` is what the session holds at any moment."""
+        opened: OpenTransaction | None = None
+        while opened is not None or conn.usable:
+            if opened is None:
+                job = self._next_job()
+                if job is None:
+                    return
+                held[:] = [job]
+                opened = await self._begin(conn, job, may_be_stale=reused)
+                reused = False
+                continue
+            job = held[0]
+            following = None
+            if conn.pipelining and conn.messages_sent + 1 < self.max_messages_per_connection:
+                following = self._next_job()
+            prepared = self._prepare(conn, following) if following is not None else None
+            if prepared is not None:
+                held.append(following)
+                self.coalesced += 1
+            outcome, after = await conn.finish(opened, prepared)
+            job.settle(outcome)
+            del held[0]
+            opened = None
+            if prepared is None:
+                continue
+            if isinstance(after, OpenTransaction):
+                opened = after
+            elif isinstance(after, StaleConnection):
+                self._move(held.pop(), after)
+            else:
+                held.pop().settle(after)
+
+    def _prepare(self, conn: SmtpConnection, job: _Job) -> PreparedMessage | None:
+        try:
+            return conn.prepare(job.sender, job.recipients, job.message)
+        except (InvalidInput, SmtpPermanentFailure) as exc:
+            job.settle(exc)   # refused before anything was written
+            return None
+
+    async def _begin(self, conn: SmtpConnection, job: _Job, *, may_be_stale: bool) -> OpenTransaction | None:
+        """Send a message's envelope on its own; None when the message was settled or moved."""
+        prepared = self._prepare(conn, job)
+        if prepared is None:
+            return None
+        try:
+            # Only a reused session can have died unnoticed; a fresh one's failures are real.
+            return await conn.begin(prepared, may_be_stale=may_be_stale)
+        except StaleConnection as exc:
+            log.info("smtp session to %s was dead; the message moves to another one", self.server.host)
+            self._move(job, exc)
+        except ConduitError as exc:
+            job.settle(exc)
+        return None
+
+    def _move(self, job: _Job, cause: StaleConnection) -> None:
+        """Back to the head of the queue: nothing of it was delivered on the session that died."""
+        job.moved += 1
+        if job.moved > _MAX_MOVES:
+            job.settle(ConnectionFailed(f"SMTP sessions to {self.server.host} keep closing: {cause}"))
+        else:
+            self._queue.appendleft(job)
+            self._serve()
+
+    # -- sessions
 
     async def _connect(self) -> SmtpConnection:
         conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)

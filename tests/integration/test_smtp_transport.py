@@ -434,6 +434,44 @@ async def test_drop_after_data_is_outcome_unknown_and_not_retried(capture):
     assert state.total_sessions == 2 and len(state.messages) == 1
 
 
+async def test_a_stream_on_one_session_settles_each_message_as_scripted(capture):
+    """Many messages at once on one session: with PIPELINING each envelope rides with the previous
+    message's content, so every failure also happens in that position.  A drop after a dot leaves
+    that message unknown and moves the next one, whose envelope was lost with the session."""
+    controller, state = capture
+    pool = SmtpPool(plain_server(controller), None, max_connections=1)
+    scripts = {3: "refused", 7: "full", 11: "451", 15: "554", 19: "drop", 23: "refused", 24: "drop"}
+
+    async def one(n: int) -> str:
+        script = scripts.get(n)
+        recipients = [f"{script}@example.net"] if script in ("refused", "full") else ["rcpt@example.net"]
+        extra = f"X-Script: {script}\r\n".encode() if script in ("451", "554", "drop") else b""
+        try:
+            await pool.send("sender@example.com", recipients, message(n, extra=extra))
+        except SmtpOutcomeUnknown:
+            return "unknown"
+        except SmtpPermanentFailure as exc:
+            return f"permanent {exc.code}"
+        except SmtpTemporaryFailure as exc:
+            return f"temporary {exc.code}"
+        return "sent"
+
+    try:
+        outcomes = await asyncio.gather(*(one(n) for n in range(40)))
+    finally:
+        await pool.close()
+    expected = {3: "permanent 550", 7: "temporary 452", 11: "temporary 451", 15: "permanent 554",
+                19: "unknown", 23: "permanent 550", 24: "unknown"}
+    assert {n: o for n, o in enumerate(outcomes) if o != "sent"} == expected
+    delivered = [int(m.content.split(b"Message-ID: <")[1].split(b"@")[0]) for m in state.messages]
+    assert sorted(delivered) == [n for n in range(40) if n not in expected]  # each once
+    assert state.total_sessions == 3  # a new session after each drop
+    if state.pipelining:
+        assert pool.coalesced > 30
+    else:
+        assert pool.coalesced == 0
+
+
 async def test_idle_sessions_dropped_by_server_are_replaced(capture):
     controller, state = capture
     pool = SmtpPool(plain_server(controller), None, max_connections=2)
