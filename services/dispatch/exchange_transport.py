@@ -19,6 +19,13 @@ turns it off; no error or log line carries a password, secret or token.  Note th
 DEBUG logging prints request headers (the Basic ``Authorization`` among them): keep the
 ``exchangelib`` logger above DEBUG in production.
 
+A failed connection is classified by whether the request can have reached Exchange.  Before it was
+written (refused, unresolvable, a failed TLS handshake, a connect or pool timeout) nothing was sent:
+``ConnectionFailed`` (``TlsFailed``), safe to retry.  Once it was written (a read timeout, the server
+closing or resetting the connection without an answer, a TLS stream cut short) Exchange may have
+acted on it: the error is marked ``after_write``, and a send's error carries ``request_sent = True``,
+which the caller resolves by looking in Sent Items (``find_sent``) instead of sending again.
+
 Retries are the caller's (the send ledger's): a transport never resends.  A send cancelled while its
 thread is inside exchangelib still completes or fails in that thread; its outcome is then unknown.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.policy
+import http.client
 import logging
 import ssl
 import threading
@@ -55,6 +63,7 @@ from shared.tls import client_context
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 # Graph refuses sendMail requests over 4 MB; larger messages need an upload session (not done here).
 GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -94,6 +103,12 @@ def _message_id(message: bytes) -> str:
 def _check_address(address: str) -> None:
     if not address or "@" not in address or any(c in address for c in "/\\?#\r\n \t"):
         raise InvalidInput(f"not a mailbox address: {address!r}", reason="invalid_address")
+
+
+def _after_write(error: E, written: bool = True) -> E:
+    """Mark ``error``: did it happen once the request was (perhaps only partly) written?"""
+    error.after_write = written  # type: ignore[attr-defined]
+    return error
 
 
 # ---------------------------------------------------------------------------------------------- EWS
@@ -171,15 +186,15 @@ class EwsTransport:
     def _send_blocking(self, address: str, message: bytes, message_id: str, impersonate: bool) -> str:
         from exchangelib import Message
 
-        account = self._account(address, impersonate)  # a failure up to here: nothing was sent
+        account = self._account(address, impersonate)
+        sent_items = account.sent  # GetFolder on first use; a failure up to here: nothing was sent
         try:
-            Message(account=account, folder=account.sent, mime_content=message).send_and_save()
+            Message(account=account, folder=sent_items, mime_content=message).send_and_save()
         except Exception as e:  # noqa: BLE001 - mapped once, marked: the request may have reached Exchange
             error = e if isinstance(e, (InvalidInput, TransientError, PermanentError)) else _ews_error(e)
-            # A timeout (ours, or exchangelib's ErrorTimeoutExpired for a read timeout): the request
-            # went out and no answer came, so whether it was sent is unknown.
-            error.request_sent = isinstance(error, ProtocolTimeout) or \
-                getattr(error, "code", None) == "ErrorTimeoutExpired"  # type: ignore[attr-defined]
+            # CreateItem was written and no answer came back (a timeout, a dropped connection): whether
+            # the message went out is unknown.
+            error.request_sent = getattr(error, "after_write", False)  # type: ignore[attr-defined]
             raise error from None
         try:
             found = list(account.sent.filter(message_id=message_id).values_list("id", flat=True)[:1])
@@ -324,6 +339,11 @@ def _ews_error(e: Exception) -> Exception:
     if isinstance(e, UnauthorizedError) or code in ("InvalidClientIdError", "InvalidClientError",
                                                      "UnauthorizedClientError"):
         return AuthenticationFailed(f"EWS refused the credentials ({code})")
+    # Before the server's answer: exchangelib re-raises a failed HTTP exchange as ErrorTimeoutExpired,
+    # or as ErrorServerBusy once it holds more than one session, so the type alone says too little.
+    wire = _ews_wire_error(e)
+    if wire is not None:
+        return wire
     if isinstance(e, ErrorServerBusy):
         return ExchangeTransientError(f"EWS server busy: {text}", reason="server_busy", code="ErrorServerBusy",
                                       retry_after=e.back_off)
@@ -332,7 +352,9 @@ def _ews_error(e: Exception) -> Exception:
                                       retry_after=getattr(e, "wait", None))
     if isinstance(e, ResponseMessageError):
         if code in _EWS_TRANSIENT_CODES:
-            return ExchangeTransientError(f"EWS {code}: {text}", reason="server_busy", code=code)
+            # Exchange's own ErrorTimeoutExpired: it gave up on a request it had started working on.
+            return _after_write(ExchangeTransientError(f"EWS {code}: {text}", reason="server_busy", code=code),
+                                code == "ErrorTimeoutExpired")
         return ExchangePermanentError(f"EWS {code}: {text}", code=code)
     if any(isinstance(c, (SSLError, ssl.SSLError)) for c in chain) or "CERTIFICATE_VERIFY_FAILED" in text \
             or "SSLError" in text:
@@ -346,6 +368,51 @@ def _ews_error(e: Exception) -> Exception:
     if code == "TokenExpiredError":
         return AuthenticationFailed("the EWS OAuth token could not be renewed")
     return ExchangeTransientError(f"unexpected EWS failure: {code}: {text}", reason="protocol_error", code=code)
+
+
+def _ews_wire_error(e: BaseException) -> Exception | None:
+    """The failed HTTP exchange under an exchangelib error (requests, urllib3 or the socket), mapped by
+    whether the request can have reached Exchange; None if no HTTP exchange failed."""
+    import requests
+    from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    causes = _causes(e)
+    if not any(isinstance(c, (requests.RequestException, Urllib3Error, http.client.HTTPException, ConnectionError,
+                              TimeoutError, ssl.SSLError)) for c in causes):
+        return None
+    # A TLS stream that ends without close_notify is a connection cut short, at any point of the
+    # exchange; other TLS errors come from the handshake (untrusted certificate, refused protocol).
+    cut = any(isinstance(c, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or "UNEXPECTED_EOF" in str(c)
+              for c in causes)
+    if not cut and any(isinstance(c, (requests.exceptions.SSLError, ssl.SSLError)) for c in causes):
+        return TlsFailed("TLS with the EWS server failed: certificate not trusted or handshake refused")
+    # NewConnectionError (refused, unresolvable) is a ConnectTimeoutError too: no connection, nothing written.
+    if any(isinstance(c, (ConnectTimeoutError, requests.exceptions.ConnectTimeout, ConnectionRefusedError))
+           for c in causes):
+        return ConnectionFailed("could not reach the EWS server")
+    if any(isinstance(c, (requests.exceptions.ReadTimeout, ReadTimeoutError, TimeoutError)) for c in causes):
+        return _after_write(ProtocolTimeout("the EWS server did not answer in time"))
+    # Closed or reset without an answer (urllib3 reads the answer even after a failed write, so this
+    # is also how a request cut off while being written ends).
+    dropped = next((c for c in reversed(causes) if isinstance(c, (ConnectionError, http.client.HTTPException,
+                                                                   ssl.SSLError))), causes[-1])
+    return _after_write(ConnectionFailed(
+        f"the connection to the EWS server dropped after the request was sent ({type(dropped).__name__})"))
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e`` and every exception it wraps: cause, context, and those requests and urllib3 keep in
+    ``args`` or ``reason``."""
+    found: list[BaseException] = []
+    pending: list[object] = [e]
+    while pending and len(found) < 32:
+        c = pending.pop(0)
+        if not isinstance(c, BaseException) or any(c is f for f in found):
+            continue
+        found.append(c)
+        pending += [c.__cause__, c.__context__, getattr(c, "reason", None), *c.args]
+    return found
 
 
 # -------------------------------------------------------------------------------------------- Graph
@@ -433,8 +500,9 @@ class GraphTransport:
         headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
         try:
             return await self._http(self._client.request(method, url, headers=headers, **kwargs), "Graph")
-        except ProtocolTimeout as exc:
-            # Written but unanswered: a POST may have been acted on (its outcome is unknown).
+        except (ProtocolTimeout, ConnectionFailed) as exc:
+            # Written but unanswered: a POST may have been acted on (its outcome is unknown); a GET
+            # changed nothing and may simply be asked again.
             exc.request_sent = method == "POST" and getattr(exc, "after_write", False)  # type: ignore[attr-defined]
             raise
 
@@ -464,16 +532,23 @@ class GraphTransport:
     async def _http(request: Any, peer: str) -> httpx.Response:
         try:
             return await request
-        except httpx.ConnectError as e:
+        except httpx.ConnectError as e:  # refused, unresolvable, TLS handshake: nothing was written
             if _is_tls_failure(e):
                 raise TlsFailed(f"TLS with the {peer} failed: certificate not trusted or handshake refused") from None
             raise ConnectionFailed(f"could not reach the {peer}") from None
         except httpx.TimeoutException as e:
-            error = ProtocolTimeout(f"the {peer} did not answer in time")
-            error.after_write = isinstance(e, (httpx.ReadTimeout, httpx.WriteTimeout))  # type: ignore[attr-defined]
-            raise error from None
+            # Connect and pool timeouts come before the request is written; read and write ones after
+            # (some of) it was.
+            raise _after_write(ProtocolTimeout(f"the {peer} did not answer in time"),
+                               isinstance(e, (httpx.ReadTimeout, httpx.WriteTimeout))) from None
+        except (httpx.ProxyError, httpx.UnsupportedProtocol) as e:  # no connection to the server itself
+            raise ConnectionFailed(f"could not reach the {peer} ({type(e).__name__})") from None
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"the connection to the {peer} failed ({type(e).__name__})") from None
+            # ReadError, RemoteProtocolError (closed without an answer), WriteError: the request was
+            # written, or partly (httpcore goes on to read an answer after a failed write), and the
+            # server may have acted on it.
+            raise _after_write(ConnectionFailed(
+                f"the connection to the {peer} dropped after the request was sent ({type(e).__name__})")) from None
 
 
 def _is_tls_failure(e: BaseException) -> bool:

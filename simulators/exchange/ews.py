@@ -18,14 +18,14 @@ Authentication: Basic, or an OAuth bearer token from the simulated token endpoin
 carry ``ExchangeImpersonation``, as Exchange requires).  Failures are answered as Exchange answers them:
 401 with ``WWW-Authenticate`` for bad credentials, SOAP faults for header problems (impersonation denied,
 unknown mailbox) and ``ErrorServerBusy`` (with ``BackOffMilliseconds``), error response messages for
-per-object problems (``ErrorAccessDenied``, ``ErrorItemNotFound``, ``ErrorSendAsDenied``...).
+per-object problems (``ErrorAccessDenied``, ``ErrorItemNotFound``, ``ErrorSendAsDenied``...).  An
+injected fault may also let an operation be served and its answer come late or never (``answering``).
 
 Not served: NTLM/Negotiate, autodiscover, notifications (subscribe, streaming), attachments as separate
 operations, UpdateItem beyond ``IsRead``, calendar semantics (recurrence, meeting requests).
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from lxml import etree
 
+from . import answering
 from .store import (
     EWS_AUDIENCE,
-    LATE,
     Address,
     App,
     Attachment,
@@ -150,7 +150,10 @@ class EwsEndpoint:
             "MoveItem": self._move_item,
         }
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        return await answering.answer(request, await self._serve(request))
+
+    async def _serve(self, request: web.Request) -> web.Response:
         caller = self._authenticate(request)
         if caller is None:
             # IIS answers before EWS sees the body; exchangelib reads the offered schemes from these headers.
@@ -168,10 +171,7 @@ class EwsEndpoint:
         operation_elem = body[0]
         operation = etree.QName(operation_elem).localname
         self.requests.append(operation)
-        fault = self.faults.take("ews", operation)
-        late = 0.0
-        if fault is not None and fault.status == LATE:
-            late, fault = fault.delay, None
+        fault = answering.hold(request, self.faults.take("ews", operation))  # LATE, DROP: see ``__call__``
         if fault is not None and fault.status != 200:
             return self._injected(fault)
         try:
@@ -195,8 +195,6 @@ class EwsEndpoint:
                 handler(caller, operation_elem, messages)
             except SoapFault as f:
                 return self._fault(f)
-        if late:
-            await asyncio.sleep(late)  # served; the answer is what comes late
         return self._envelope(response)
 
     # -- authentication and headers

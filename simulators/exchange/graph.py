@@ -21,7 +21,7 @@ Follows the published contracts:
   unknown, expired, wrong audience), 403 ``ErrorAccessDenied`` (an application access policy excludes the
   mailbox), 404 ``ErrorInvalidUser``/``ErrorItemNotFound``, 400 ``ErrorInvalidRecipients``,
   ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``; and
-  injected 429/503 with ``Retry-After``.
+  injected 429/503 with ``Retry-After``, or a served call answered late or not at all (``answering``).
 
 ``$filter`` is served for one expression only, ``internetMessageId eq '<id>'`` (what a sender uses to
 find its own copy in Sent Items); any other filter is a 400.
@@ -31,20 +31,20 @@ item and reference attachments, drafts (``createReply``, ``send``), batching (``
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 from aiohttp import web
 
+from . import answering
 from .store import (
     EWS_AUDIENCE,
     GRAPH_AUDIENCE,
-    LATE,
     Address,
     App,
     Attachment,
@@ -57,7 +57,6 @@ from .store import (
     build_mime,
 )
 
-_LATE = web.RequestKey("late", float)  # seconds to hold this request's answer
 DEFAULT_PAGE = 10  # Graph's default page size for messages
 
 
@@ -80,8 +79,11 @@ class TokenEndpoint:
         self.faults = faults
         self.lifetime = lifetime
 
-    async def __call__(self, request: web.Request) -> web.Response:
-        fault = self.faults.take("token", "token")
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        return await answering.answer(request, await self._serve(request))
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        fault = answering.hold(request, self.faults.take("token", "token"))
         if fault is not None:
             return _aad_error(fault.status, fault.code, fault.message, retry_after=fault.retry_after)
         tenant = request.match_info["tenant"]
@@ -145,12 +147,12 @@ class GraphApi:
     def routes(self, prefix: str = "/v1.0") -> list[web.RouteDef]:
         u = f"{prefix}/users/{{user}}"
         return [
-            web.post(f"{u}/sendMail", self.send_mail),
-            web.get(f"{u}/messages", self.list_messages),
-            web.get(f"{u}/messages/{{message}}", self.get_message),
-            web.get(f"{u}/messages/{{message}}/$value", self.get_message_mime),
-            web.get(f"{u}/mailFolders/{{folder}}/messages", self.list_messages),
-            web.get(f"{u}/mailFolders/{{folder}}/messages/delta", self.delta),
+            web.post(f"{u}/sendMail", _answered(self.send_mail)),
+            web.get(f"{u}/messages", _answered(self.list_messages)),
+            web.get(f"{u}/messages/{{message}}", _answered(self.get_message)),
+            web.get(f"{u}/messages/{{message}}/$value", _answered(self.get_message_mime)),
+            web.get(f"{u}/mailFolders/{{folder}}/messages", _answered(self.list_messages)),
+            web.get(f"{u}/mailFolders/{{folder}}/messages/delta", _answered(self.delta)),
         ]
 
     # -- common checks
@@ -161,10 +163,8 @@ class GraphApi:
         app, failure = self._authenticate(request)
         if failure is not None:
             return None, failure
-        fault = self.faults.take("graph", action)
-        if fault is not None and fault.status == LATE:
-            request[_LATE] = fault.delay  # served as usual; the answer waits (see ``_late``)
-        elif fault is not None:
+        fault = answering.hold(request, self.faults.take("graph", action))  # LATE, DROP: see ``_answered``
+        if fault is not None:
             return None, _injected(fault)
         user = request.match_info["user"]
         box = self.org.find_mailbox(user)
@@ -203,7 +203,7 @@ class GraphApi:
         assert box is not None
         raw = await request.read()
         if request.content_type == "text/plain":
-            return await self._late(request, self._send_mime(box, raw))
+            return self._send_mime(box, raw)
         try:
             payload = json.loads(raw)
             message = payload["message"]
@@ -220,7 +220,7 @@ class GraphApi:
                                                     "have the right to send mail on behalf of the specified sending "
                                                     "account.")
         self.org.submit("graph", box, mime, save_copy=payload.get("saveToSentItems", True) is not False)
-        return await self._late(request, web.Response(status=202))
+        return web.Response(status=202)
 
     def _send_mime(self, box: Mailbox, raw: bytes) -> web.Response:
         try:
@@ -234,12 +234,6 @@ class GraphApi:
             return _error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")
         self.org.submit("graph", box, mime, save_copy=True)
         return web.Response(status=202)
-
-    @staticmethod
-    async def _late(request: web.Request, response: web.Response) -> web.Response:
-        if request.get(_LATE):
-            await asyncio.sleep(request[_LATE])  # the injected slowness: served, answered late
-        return response
 
     def _app_may_send_as(self, request: web.Request, sender: str) -> bool:
         # Application Mail.Send lets an app send as any mailbox it may reach.
@@ -385,6 +379,18 @@ class GraphApi:
         else:
             body["@odata.deltaLink"] = f"{base}?{urlencode({'$deltatoken': _encode_token('since', folder, self.org.last_seq, 0)})}"
         return web.json_response(body)
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _answered(handler: _Handler) -> _Handler:
+    """``handler`` whose answer follows an injected LATE or DROP fault, once it has done its work."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return await answering.answer(request, await handler(request))
+
+    return serve
 
 
 class _BadRequest(Exception):

@@ -9,6 +9,7 @@ and demos that run the simulator out of process.  In process, the same controls 
         sim.add_mailbox("alice@contoso.test", password="pw")
         sim.add_app("client-id", "secret")
         sim.inject("ews", Fault(500, "ErrorServerBusy", retry_after=2))
+        sim.drop_connection("graph", operation="sendMail")  # sent, but the client never hears so
         ... sim.ews_url, sim.graph_url, sim.token_url ...
         sim.sent  # what was submitted
 
@@ -29,6 +30,7 @@ from aiohttp import web
 from .ews import EwsEndpoint
 from .graph import GraphApi, TokenEndpoint
 from .store import (
+    DROP,
     LATE,
     App,
     Fault,
@@ -167,8 +169,16 @@ class ExchangeSimulator:
         self.inject("graph", Fault(status, code, message, retry_after=retry_after, operation=operation, times=times))
 
     def answer_late(self, api: str, seconds: float, *, operation: str | None = None, times: int = 1) -> None:
-        """The next ``times`` calls to ``api`` (``ews``, ``graph``) are served, but answered ``seconds`` late."""
+        """The next ``times`` calls to ``api`` (``ews``, ``graph``, ``token``) are served, but answered ``seconds``
+        late."""
         self.inject(api, Fault(LATE, "Late", "Served; answered late.", operation=operation, times=times, delay=seconds))
+
+    def drop_connection(self, api: str, *, operation: str | None = None, times: int = 1, reset: bool = False) -> None:
+        """The next ``times`` calls to ``api`` (``ews``, ``graph``, ``token``) are served (a send is filed in
+        Sent Items and delivered), then their connection is closed without an answer; ``reset`` aborts
+        it with a TCP reset instead of closing it."""
+        self.inject(api, Fault(DROP, "Dropped", "Served; the connection dropped before the answer.",
+                               operation=operation, times=times, reset=reset))
 
     def expire_tokens(self) -> None:
         self.org.expire_tokens()
@@ -208,7 +218,8 @@ def _control_routes(sim: ExchangeSimulator) -> list[web.RouteDef]:
         data = await request.json()
         sim.inject(data.get("api", "ews"), Fault(
             status=int(data["status"]), code=data["code"], message=data.get("message", "Injected."),
-            retry_after=data.get("retry_after"), operation=data.get("operation"), times=int(data.get("times", 1))))
+            retry_after=data.get("retry_after"), operation=data.get("operation"), times=int(data.get("times", 1)),
+            delay=float(data.get("delay", 0.0)), reset=bool(data.get("reset", False))))
         return web.json_response({}, status=201)
 
     async def clear_faults(request: web.Request) -> web.Response:

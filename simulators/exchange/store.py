@@ -512,9 +512,11 @@ class Fault:
     ``code``; any other status is a bare HTTP answer.  On Graph and the token endpoint the status is
     sent with the JSON error body and a ``Retry-After`` header when ``retry_after`` is set.
     ``operation`` narrows the fault to one EWS operation (``CreateItem``) or Graph action
-    (``sendMail``, ``messages``, ``delta``, ``token``).  Status ``LATE`` (0) is no failure: the call is
-    served as usual and its answer held back ``delay`` seconds, a reply lost to a client whose timeout
-    is shorter (what makes a send's outcome unknown).
+    (``sendMail``, ``messages``, ``delta``, ``token``).  Two statuses are no failure of the call itself,
+    which is served as usual (see ``answering``): ``LATE`` (0) holds its answer back ``delay`` seconds,
+    a reply lost to a client whose timeout is shorter; ``DROP`` (-1) never answers and closes the
+    connection instead (aborts it with a TCP reset when ``reset``).  Both make a send's outcome
+    unknown to the client.
     """
 
     status: int
@@ -524,9 +526,11 @@ class Fault:
     operation: str | None = None
     times: int = 1
     delay: float = 0.0
+    reset: bool = False
 
 
 LATE = 0
+DROP = -1
 
 
 class Faults:

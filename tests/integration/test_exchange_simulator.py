@@ -31,11 +31,13 @@ from exchangelib.errors import (
     ErrorImpersonateUserDenied,
     ErrorSendAsDenied,
     ErrorServerBusy,
+    ErrorTimeoutExpired,
     UnauthorizedError,
 )
 from exchangelib.protocol import CachingProtocol
 
 from simulators.exchange import ExchangeSimulator
+from simulators.exchange.store import DROP
 
 PASSWORD = "correct horse"
 APP_ID, APP_SECRET = "11111111-2222-3333-4444-555555555555", "app-secret-value"
@@ -236,6 +238,40 @@ async def test_graph_refuses_bad_tokens_and_throttles(sim: ExchangeSimulator) ->
     assert not sim.sent
 
 
+async def test_a_dropped_connection_is_served_and_never_answered(sim: ExchangeSimulator) -> None:
+    """``drop_connection``: the send is carried out (filed in Sent Items, delivered), then the connection
+    is closed (FIN) or reset (RST) with no answer; the next call, on a new connection, is answered."""
+    async with httpx.AsyncClient(base_url=sim.graph_url) as client:
+        sim.drop_connection("token")
+        with pytest.raises(httpx.RemoteProtocolError):
+            await token(client, sim)
+        assert len(sim.org.tokens) == 1  # issued, never received
+        headers = {"Authorization": "Bearer " + (await token(client, sim)).json()["access_token"],
+                   "Content-Type": "text/plain"}
+        sim.drop_connection("graph", operation="sendMail")
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(10)),
+                              headers=headers)
+        sim.drop_connection("graph", operation="sendMail", reset=True)
+        with pytest.raises(httpx.ReadError):
+            await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(11)),
+                              headers=headers)
+        answered = await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(12)),
+                                     headers=headers)
+        assert answered.status_code == 202
+
+    account = ews_account(sim)
+    await asyncio.to_thread(lambda: account.sent)
+    sim.drop_connection("ews", operation="CreateItem")
+    with pytest.raises(ErrorTimeoutExpired, match="Connection aborted"):  # how exchangelib re-raises it
+        await asyncio.to_thread(Message(account=account, folder=account.sent, mime_content=mime(13)).send_and_save)
+
+    sent = [f"<m{n}.sim@conduit.test>" for n in (10, 11, 12, 13)]
+    assert [r.message_id for r in sim.sent] == sent
+    assert [i.internet_message_id for i in sim.items("alice@contoso.test", "sentitems")] == sent
+    assert [i.internet_message_id for i in sim.items("bob@contoso.test")] == sent
+
+
 async def test_graph_delta_pages_then_reports_changes(sim: ExchangeSimulator) -> None:
     for n in range(3):
         sim.deliver("bob@contoso.test", mime(n, sender="x@elsewhere.test"))
@@ -294,6 +330,8 @@ async def test_control_api(sim: ExchangeSimulator) -> None:
         r = await client.post("/_sim/faults", json={"api": "graph", "status": 503, "code": "ServiceUnavailable",
                                                     "retry_after": 3})
         assert r.status_code == 201 and sim.faults.take("graph", "sendMail").retry_after == 3
+        r = await client.post("/_sim/faults", json={"api": "ews", "status": DROP, "code": "Dropped", "reset": True})
+        assert r.status_code == 201 and sim.faults.take("ews", "CreateItem").reset is True
 
 
 async def test_runs_as_a_module(tmp_path: Path) -> None:

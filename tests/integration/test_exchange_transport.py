@@ -2,10 +2,13 @@
 
 Checks what the dispatch service relies on: the message arrives with our Message-ID, a copy is in
 the sender's Sent Items, and every failure comes back as the shared error taxonomy with the server's
-code and back-off hint, never with a secret in it.
+code and back-off hint, never with a secret in it.  A connection that fails once a send was written
+says so (``request_sent``: the caller must not send again); one that fails before does not.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -103,8 +106,6 @@ async def test_ews_send_keeps_message_id_and_files_sent_item(sim: ExchangeSimula
 
 
 async def test_ews_sends_concurrently_within_the_pool(sim: ExchangeSimulator, ews: EwsTransport) -> None:
-    import asyncio
-
     ids = await asyncio.gather(*(ews.send("alice@contoso.test", mime(100 + n)) for n in range(12)))
     assert len(set(ids)) == 12
     assert len(sim.items("bob@contoso.test")) == 12
@@ -272,3 +273,97 @@ async def test_graph_tls_verified(tls: tuple[ssl.SSLContext, str]) -> None:
         await trusting.send("alice@contoso.test", mime(20))
         await trusting.close()
     assert sim.sent[-1].message_id == "<d20.dispatch@conduit.test>"
+
+
+# ------------------------------------------------------------------------- connections that fail
+
+
+@contextlib.asynccontextmanager
+async def refusing(sim: ExchangeSimulator) -> AsyncIterator[None]:
+    """Stop the simulator and hold its port without listening: every new connection to it is refused."""
+    await sim.stop()
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind((sim.host, sim.port))
+        yield
+
+
+async def several_ews_sessions(sim: ExchangeSimulator, ews: EwsTransport, n: int = 4) -> None:
+    """Let ``n`` look-ups overlap (the simulator holds their answers), so exchangelib opens ``n`` sessions,
+    as it does under load: with more than one, it re-raises a failed HTTP exchange as ErrorServerBusy."""
+    sim.answer_late("ews", 0.5, operation="FindItem", times=n)
+    await asyncio.gather(*(ews.find_sent("alice@contoso.test", f"<none{i}@conduit.test>") for i in range(n)))
+    assert ews._protocol.session_pool_size > 1  # the condition this helper exists for
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_ews_connection_dropped_after_the_send_is_outcome_unknown(
+        sim: ExchangeSimulator, ews: EwsTransport, reset: bool) -> None:
+    """Exchange sent the message, then the connection died before the answer (closed, or reset): the
+    error says the request was sent, with one exchangelib session (ErrorTimeoutExpired underneath) as
+    with several (ErrorServerBusy underneath)."""
+    await ews.check("alice@contoso.test")
+    sim.drop_connection("ews", operation="CreateItem", reset=reset)
+    with pytest.raises(TransientError) as one_session:
+        await ews.send("alice@contoso.test", mime(30))
+    await several_ews_sessions(sim, ews)
+    sim.drop_connection("ews", operation="CreateItem", reset=reset)
+    with pytest.raises(TransientError) as several_sessions:
+        await ews.send("alice@contoso.test", mime(31))
+
+    errors = [one_session.value, several_sessions.value]
+    assert [getattr(e, "request_sent", False) for e in errors] == [True, True], errors
+    assert all(isinstance(e, ConnectionFailed) and "dropped" in str(e) for e in errors), errors
+    sent = ["<d30.dispatch@conduit.test>", "<d31.dispatch@conduit.test>"]
+    assert [r.message_id for r in sim.sent] == sent
+    assert [i.internet_message_id for i in sim.items("alice@contoso.test", "sentitems")] == sent
+    assert await ews.find_sent("alice@contoso.test", sent[1])  # how the caller resolves it
+    await ews.send("alice@contoso.test", mime(32))  # the transport recovers on a new connection
+    assert len(sim.sent) == 3
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_graph_connection_dropped_after_the_send_is_outcome_unknown(
+        sim: ExchangeSimulator, graph: GraphTransport, reset: bool) -> None:
+    sim.drop_connection("graph", operation="sendMail", reset=reset)
+    with pytest.raises(TransientError) as caught:
+        await graph.send("alice@contoso.test", mime(40))
+    assert getattr(caught.value, "request_sent", False) is True, repr(caught.value)
+    assert isinstance(caught.value, ConnectionFailed) and "dropped" in str(caught.value)
+    assert [r.message_id for r in sim.sent] == ["<d40.dispatch@conduit.test>"]
+    assert await graph.find_sent("alice@contoso.test", "<d40.dispatch@conduit.test>")
+
+    # A look-up dropped the same way changed nothing: it is a plain temporary failure.
+    sim.drop_connection("graph", operation="messages", reset=reset)
+    with pytest.raises(ConnectionFailed) as lookup:
+        await graph.find_sent("alice@contoso.test", "<d40.dispatch@conduit.test>")
+    assert getattr(lookup.value, "request_sent", False) is False
+    await graph.send("alice@contoso.test", mime(41))  # the transport recovers on a new connection
+    assert len(sim.sent) == 2
+
+
+async def test_ews_refused_connection_is_temporary_not_unknown(sim: ExchangeSimulator, ews: EwsTransport) -> None:
+    """Nothing was written: the send is retried later, not looked for in Sent Items."""
+    await ews.check("alice@contoso.test")  # logged in: what is left to fail is the send itself
+    async with refusing(sim):
+        with pytest.raises(TransientError) as caught:
+            await ews.send("alice@contoso.test", mime(50))
+    assert getattr(caught.value, "request_sent", False) is False, repr(caught.value)
+    assert isinstance(caught.value, ConnectionFailed) and "could not reach" in str(caught.value)
+    assert not sim.sent
+
+
+async def test_graph_refused_connection_is_temporary_not_unknown(sim: ExchangeSimulator) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        t = GraphTransport(graph_url=f"http://127.0.0.1:{held.getsockname()[1]}/v1.0", token_url=sim.token_url,
+                           client_id=APP_ID, client_secret=APP_SECRET)
+        try:
+            with pytest.raises(TransientError) as caught:
+                await t.send("alice@contoso.test", mime(51))
+        finally:
+            await t.close()
+    assert len(sim.org.tokens) == 1  # the token came: what was refused is the send itself
+    assert getattr(caught.value, "request_sent", False) is False, repr(caught.value)
+    assert isinstance(caught.value, ConnectionFailed) and "could not reach" in str(caught.value)
+    assert not sim.sent

@@ -1,0 +1,60 @@
+"""How the simulator answers a request it served when an injected fault is about the answer, not the work.
+
+Two faults let the request be served as usual (a send is stored, filed in Sent Items and delivered)
+and change only what the client gets back:
+
+- ``LATE``: the answer is held back ``delay`` seconds, a reply lost to a client whose timeout is shorter;
+- ``DROP``: no answer at all, the connection is closed (FIN) or, with ``reset``, aborted (RST) instead,
+  as when a load balancer or a network failure cuts the connection while Exchange has already acted.
+
+Both leave the client unable to tell whether its request was carried out: what makes a send's
+outcome unknown.  A protocol handler passes every fault it takes through ``hold``, and its
+response through ``answer`` once the work is done.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from aiohttp import web
+
+from .store import DROP, LATE, Fault
+
+_HELD = web.RequestKey("held_answer", Fault)  # the LATE or DROP fault that applies to this request's answer
+
+
+def hold(request: web.Request, fault: Fault | None) -> Fault | None:
+    """Keep a LATE or DROP ``fault`` for ``request``'s answer (the request is served as usual) and
+    return None; return any other fault, for the handler to fail the request with now."""
+    if fault is None or fault.status not in (LATE, DROP):
+        return fault
+    request[_HELD] = fault
+    return None
+
+
+async def answer(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    fault = request.get(_HELD)
+    if fault is None:
+        return response
+    if fault.status == LATE:
+        await asyncio.sleep(fault.delay)  # the injected slowness: served, answered late
+        return response
+    _hang_up(request, reset=fault.reset)
+    # aiohttp cannot write this response to a closing transport: it notes a client disconnection
+    # (at debug level) and moves on, so nothing of the answer reaches the client.
+    return response
+
+
+def _hang_up(request: web.Request, *, reset: bool) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    if reset:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger on, timeout 0: close() sends RST instead of FIN, as a crashed peer or a middlebox does.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    else:
+        transport.close()
