@@ -343,6 +343,7 @@ class SmtpTransport:
         self.idle_pool_timeout = idle_pool_timeout
         self._pools: dict[tuple[SmtpServer, str | None], SmtpPool] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._swept_at = time.monotonic()
 
     def pool(
         self,
@@ -371,7 +372,7 @@ class SmtpTransport:
 
     async def close_idle(self) -> None:
         """Close pools unused for ``idle_pool_timeout``; for a periodic task of the service."""
-        self._close_idle_pools()
+        self._close_idle_pools(now=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -379,8 +380,12 @@ class SmtpTransport:
         pools, self._pools = list(self._pools.values()), {}
         await asyncio.gather(*(p.close() for p in pools), *self._closing, return_exceptions=True)
 
-    def _close_idle_pools(self) -> None:
-        deadline = time.monotonic() - self.idle_pool_timeout
+    def _close_idle_pools(self, *, now: bool = False) -> None:
+        at = time.monotonic()
+        if not now and at - self._swept_at < 1.0:
+            return  # called per message: looking once a second is plenty for a minutes-long timeout
+        self._swept_at = at
+        deadline = at - self.idle_pool_timeout
         for key, pool in list(self._pools.items()):
             if not pool.busy and pool.last_used < deadline:
                 del self._pools[key]
