@@ -79,10 +79,13 @@ class TimedEvaluate(EvaluateService):
     cpu_ended: float | None = None
     rejected = 0
 
-    async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
+    async def prepare(self, deliveries: Sequence[Delivery]):  # the first step of every batch
         if self.first is None:
             self.first, self.cpu_first = time.perf_counter(), time.process_time()
-        rejections = await super().handle(deliveries)
+        return await super().prepare(deliveries)
+
+    async def finish(self, prepared) -> Sequence[Rejection]:
+        rejections = await super().finish(prepared)
         self.rejected += len(rejections)
         return rejections
 

@@ -18,6 +18,13 @@ what the fetches returned across every assigned partition (topping up for ``batc
 handler returned and the rejections were dead-lettered: the same contract, larger batches, for a
 handler with a fixed cost per call worth sharing (dispatch).  ``fetch_max_wait_ms`` asks the broker
 to answer fetches sooner (latency at low rates).
+
+``stages=(prepare, finish)`` (with ``across_partitions``) gives the handler in two steps,
+``handler(batch)`` being ``finish(await prepare(batch))``, where ``prepare`` has no effect (reads
+and CPU work only).  The next batch is then prepared while the previous one finishes (its
+transaction waits on the database) and commits: one process keeps its CPU and the database busy at
+once.  Batches still finish and commit one at a time, in order; a failed ``prepare`` only means the
+batch is handled whole.
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ class Rejection:
 
 
 Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Rejection]]]
+Stages = tuple[Callable[[Sequence[Delivery]], Awaitable[Any]], Callable[[Any], Awaitable[Sequence[Rejection]]]]
+_UNPREPARED = object()
 
 
 class DeadLetterLimitExceeded(RuntimeError):
@@ -109,7 +118,10 @@ class EventConsumer:
         across_partitions: bool = False,
         batch_window_ms: int = 0,
         fetch_max_wait_ms: int | None = None,
+        stages: Stages | None = None,
     ) -> None:
+        if stages is not None and not across_partitions:
+            raise ValueError("stages need across_partitions")
         self._settings = settings
         self._topic = topic
         self._group_id = group_id
@@ -120,6 +132,7 @@ class EventConsumer:
         self._across_partitions = across_partitions
         self._batch_window_ms = batch_window_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._stages = stages
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters = DeadLetterGate(settings.dlq_limit_per_minute, group_id)
         self.processed = 0
@@ -157,6 +170,9 @@ class EventConsumer:
     async def run(self, stopping: asyncio.Event, *, burst: bool = False) -> None:
         """Consume until ``stopping`` is set; in burst mode, also return once caught up."""
         self._burst = burst
+        if self._stages is not None:
+            await self._run_overlapped(stopping)
+            return
         while not stopping.is_set():
             batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
             if not batches:
@@ -171,6 +187,38 @@ class EventConsumer:
                 if stopping.is_set():
                     break  # uncommitted: the partition's next owner replays it
                 await self._process({tp: records}, stopping)
+
+    async def _run_overlapped(self, stopping: asyncio.Event) -> None:
+        """``run`` with ``stages``: prepare the next batch while the previous one finishes and commits."""
+        prepare = self._stages[0]  # type: ignore[index]
+        finishing: asyncio.Future[None] | None = None
+        try:
+            while not stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
+                if not batches:
+                    if finishing is not None and finishing.done():
+                        finishing, done = None, finishing
+                        done.result()  # raises what the batch raised
+                    if finishing is None and self._burst and await self._caught_up():
+                        return
+                    continue
+                await self._top_up(batches)
+                decoded = self._decode(batches)
+                prepared: Any = _UNPREPARED
+                if decoded[0]:
+                    try:
+                        prepared = await prepare(decoded[0])
+                    except Exception as exc:  # noqa: BLE001 - handled whole below, with its retries
+                        log.debug("preparing a batch failed, it is handled whole: %s", exc)
+                if finishing is not None:
+                    await finishing
+                finishing = asyncio.ensure_future(self._process(batches, stopping, decoded, prepared))
+            if finishing is not None:
+                await finishing
+        except BaseException:
+            if finishing is not None and not finishing.done():
+                finishing.cancel()
+            raise
 
     async def _top_up(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """Fetch more for up to ``batch_window_ms``, up to ``max_batch``: a fetch brings one small record
@@ -193,9 +241,7 @@ class EventConsumer:
                 return False
         return True
 
-    async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord]], stopping: asyncio.Event) -> None:
-        """Decode, handle (retrying transient failures), dead-letter the rejections, then commit."""
-        where = ", ".join(str(tp) for tp in batches)
+    def _decode(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> tuple[list[Delivery], list[Rejection]]:
         deliveries: list[Delivery] = []
         rejections: list[Rejection] = []
         envelope = self._topic.envelope  # (a parametrised model: looked up once, not per event)
@@ -205,10 +251,22 @@ class EventConsumer:
                     deliveries.append(Delivery(decode_event(record.value, envelope), record))
                 except InvalidInput as exc:
                     rejections.append(Rejection(Delivery(None, record), exc))  # type: ignore[arg-type]
+        return deliveries, rejections
+
+    async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord]], stopping: asyncio.Event,
+                       decoded: tuple[list[Delivery], list[Rejection]] | None = None, prepared: Any = _UNPREPARED) -> None:
+        """Decode, handle (retrying transient failures), dead-letter the rejections, then commit."""
+        where = ", ".join(str(tp) for tp in batches)
+        deliveries, rejections = decoded or self._decode(batches)
         attempt = 0
         while True:
             try:
-                rejections += list(await self._handler(deliveries)) if deliveries else []
+                if prepared is not _UNPREPARED:
+                    # Only the first attempt: a retry prepares afresh, inside the handler.
+                    ready, prepared = prepared, _UNPREPARED
+                    rejections += list(await self._stages[1](ready))  # type: ignore[index]
+                else:
+                    rejections += list(await self._handler(deliveries)) if deliveries else []
                 break
             except InvalidInput:
                 # The handler could not say which event was wrong: handle them one by one.
