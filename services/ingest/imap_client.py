@@ -109,6 +109,20 @@ def _astring(value: str) -> bytes | _Literal:
     return _Literal(value.encode())
 
 
+def parse_uid_set(text: bytes) -> tuple[tuple[int, int], ...]:
+    """Read a UID set as servers send it (``b"1:3,7,10:9"``) into ascending ``(first, last)`` ranges.
+
+    Ranges, not a list: a VANISHED response may cover many thousands of UIDs in a few bytes."""
+    ranges: list[tuple[int, int]] = []
+    for part in text.split(b","):
+        low, _, high = part.strip().partition(b":")
+        if not low.isdigit() or not (high.isdigit() or not high):
+            continue        # "*" has no place in a server's UID set; anything else is not a UID
+        first, last = int(low), int(high or low)
+        ranges.append((min(first, last), max(first, last)))
+    return tuple(sorted(ranges))
+
+
 def sequence_set(uids: Sequence[int]) -> bytes:
     """Compress sorted unique UIDs into an IMAP sequence set: [1,2,3,7,9,10] -> b"1:3,7,9:10"."""
     parts: list[str] = []
@@ -188,13 +202,31 @@ _RESP_CODE = re.compile(rb"^\[([^\]]*)\]")
 
 
 @dataclass(frozen=True)
+class KnownFolder:
+    """What a client remembers of a folder, for SELECT/EXAMINE with QRESYNC (RFC 7162 3.2.5): the
+    server then reports what changed since ``modseq`` among the UIDs up to ``last_uid``."""
+
+    uidvalidity: int
+    modseq: int
+    last_uid: int = 0
+
+
+@dataclass(frozen=True)
 class FolderState:
-    """What SELECT/EXAMINE reports about a folder; persisted per folder to resume a sync."""
+    """What SELECT/EXAMINE reports about a folder.
+
+    With QRESYNC and a ``KnownFolder`` whose UIDVALIDITY is still the folder's, ``quick_resync`` is
+    True and ``vanished`` (UID ranges expunged since the known modseq) and ``changed`` (UIDs whose
+    flags changed since then) are complete; otherwise they are empty and mean nothing.
+    """
 
     uidvalidity: int
     uidnext: int
     exists: int
     highestmodseq: int | None
+    quick_resync: bool = False
+    vanished: tuple[tuple[int, int], ...] = ()
+    changed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,6 +269,7 @@ class ImapClient:
         self._broken: str | None = None
         self._condstore = False
         self._qresync = False
+        self._tracking_asked = False   # enable_quick_resync ran (whatever the server answered)
         self._changed = False      # an untagged change arrived since the last select/uids_since/idle
         self._logging_out = False  # BYE is expected only after LOGOUT
         self.idling = False        # True while the server has us in IDLE (for tests and health checks)
@@ -332,24 +365,63 @@ class ImapClient:
         if not self.capabilities:
             await self._capability()
 
+    @property
+    def condstore_enabled(self) -> bool:
+        return self._condstore
+
+    @property
+    def qresync_enabled(self) -> bool:
+        """True once ENABLE QRESYNC succeeded: SELECT takes ``known=`` and expunges come as VANISHED."""
+        return self._qresync
+
     async def enable_condstore(self) -> bool:
-        """Turn on CONDSTORE (MODSEQ in fetches, HIGHESTMODSEQ on select); False when not advertised."""
+        """Turn on CONDSTORE (MODSEQ in fetches, HIGHESTMODSEQ on select); False when not advertised.
+        Once per session: later calls cost nothing."""
+        if self._condstore:
+            return True
         await self._after_auth()
         if "CONDSTORE" not in self.capabilities:
             return False
-        if "ENABLE" in self.capabilities:
-            await self._simple(b"ENABLE CONDSTORE", what="ENABLE")
+        # Without ENABLE, fetching MODSEQ is what turns CONDSTORE on (RFC 7162 3.1).
+        if "ENABLE" in self.capabilities and "CONDSTORE" not in await self._enable(b"CONDSTORE"):
+            return False
         self._condstore = True
         return True
 
     async def enable_qresync(self) -> bool:
-        """Turn on QRESYNC (which implies CONDSTORE); False when not advertised."""
+        """Turn on QRESYNC (which implies CONDSTORE); False when not advertised.  Once per session."""
+        if self._qresync:
+            return True
         await self._after_auth()
         if "QRESYNC" not in self.capabilities or "ENABLE" not in self.capabilities:
             return False
-        await self._simple(b"ENABLE QRESYNC", what="ENABLE")
+        # RFC 5161: only an "* ENABLED QRESYNC" turns it on; a server may accept ENABLE and enable nothing.
+        if "QRESYNC" not in await self._enable(b"QRESYNC"):
+            return False
         self._condstore = self._qresync = True
         return True
+
+    async def enable_quick_resync(self) -> str | None:
+        """Turn on the best change tracking the server offers: "QRESYNC", else "CONDSTORE", else None.
+        Meant right after login (RFC 5161 wants ENABLE before a folder is selected).  Asks once per
+        session; a server that refuses ENABLE gets the plain path, not a failed sync."""
+        if not self._tracking_asked:
+            self._tracking_asked = True
+            for enable in (self.enable_qresync, self.enable_condstore):
+                try:
+                    if await enable():
+                        break
+                except ImapCommandFailed as exc:
+                    log.info("imap_enable_refused", extra={"host": self._host, "reason": exc.message})
+        return "QRESYNC" if self._qresync else "CONDSTORE" if self._condstore else None
+
+    async def _enable(self, extension: bytes) -> set[str]:
+        reply = await self._simple(b"ENABLE " + extension, what="ENABLE")
+        enabled: set[str] = set()
+        for text, _ in reply.untagged:
+            if text[2:10].upper() == b"ENABLED ":
+                enabled.update(text[10:].decode("ascii", "replace").upper().split())
+        return enabled
 
     # ---- folders ---------------------------------------------------------------------------------
 
@@ -371,31 +443,66 @@ class ImapClient:
             names.append(decode_mailbox_name(name))
         return names
 
-    async def select(self, folder: str, *, readonly: bool = True) -> FolderState:
-        """SELECT (or EXAMINE when ``readonly``) a folder and report its UIDVALIDITY, UIDNEXT, EXISTS."""
+    async def select(self, folder: str, *, readonly: bool = True, known: KnownFolder | None = None) -> FolderState:
+        """SELECT (or EXAMINE when ``readonly``) a folder and report its UIDVALIDITY, UIDNEXT, EXISTS.
+
+        With ``known`` and QRESYNC enabled the command carries ``(QRESYNC (uidvalidity modseq
+        1:last_uid))`` and the answer also says what vanished and what changed since then (one
+        round trip); without QRESYNC ``known`` is ignored."""
         verb = b"EXAMINE" if readonly else b"SELECT"
-        reply = await self._command([verb, _astring(encode_mailbox_name(folder))])
+        parts: list[bytes | _Literal] = [verb, _astring(encode_mailbox_name(folder))]
+        if known is not None and self._qresync:
+            params = b"%d %d" % (known.uidvalidity, known.modseq)
+            if known.last_uid > 0:
+                # Known UIDs: the server need not report expunges of mail we never saw.
+                params += b" 1:%d" % known.last_uid
+            parts.append(b"(QRESYNC (" + params + b"))")
+        else:
+            known = None
+        reply = await self._command(parts)
         if reply.status != "OK":
             raise ImapCommandFailed(
                 f"The IMAP server {self._host} could not open the folder {folder!r}: {_text(reply.text)}.")
         self._changed = False
         values: dict[str, int] = {}
         exists = 0
-        for text, _ in reply.untagged:
+        vanished: list[tuple[int, int]] = []
+        changed: list[int] = []
+        for text, literals in reply.untagged:
             words = text.split(b" ", 3)
-            if len(words) >= 3 and words[2].upper() == b"EXISTS":
+            kind = words[2].upper() if len(words) >= 3 else b""
+            if kind == b"EXISTS":
                 exists = int(words[1])
+            elif kind == b"FETCH" and known is not None:
+                uid = _fetch_items(text, literals).get("UID")
+                if isinstance(uid, str) and uid.isdigit():
+                    changed.append(int(uid))
+            elif words[1:2] == [b"VANISHED"] and known is not None:
+                uid_set = text[11:]
+                if uid_set[:10].upper() == b"(EARLIER) ":
+                    uid_set = uid_set[10:]
+                vanished.extend(parse_uid_set(uid_set))
             elif words[1:2] == [b"OK"] and len(words) > 2:
                 code = _RESP_CODE.match(b" ".join(words[2:]))
                 if code:
-                    parts = code.group(1).split()
-                    if len(parts) == 2 and parts[1].isdigit():
-                        values[parts[0].upper().decode()] = int(parts[1])
+                    code_words = code.group(1).split()
+                    if len(code_words) == 2 and code_words[1].isdigit():
+                        values[code_words[0].upper().decode()] = int(code_words[1])
+                    elif code_words[:1] == [b"CLOSED"]:
+                        # RFC 7162 3.2.11: what came before [CLOSED] was about the folder selected before.
+                        exists = 0
+                        vanished.clear()
+                        changed.clear()
+                        values.clear()
         if "UIDVALIDITY" not in values:
             raise ImapCommandFailed(f"The IMAP server {self._host} did not report UIDVALIDITY for {folder!r}.")
         uidnext = values.get("UIDNEXT") or await self._highest_uid_plus_one(exists)
+        # Another UIDVALIDITY: the folder was renumbered and the server ignored our parameters.
+        quick = known is not None and known.uidvalidity == values["UIDVALIDITY"] and "HIGHESTMODSEQ" in values
         return FolderState(uidvalidity=values["UIDVALIDITY"], uidnext=uidnext, exists=exists,
-                           highestmodseq=values.get("HIGHESTMODSEQ"))
+                           highestmodseq=values.get("HIGHESTMODSEQ"), quick_resync=quick,
+                           vanished=tuple(sorted(vanished)) if quick else (),
+                           changed=tuple(sorted(set(changed))) if quick else ())
 
     async def _highest_uid_plus_one(self, exists: int) -> int:
         """UIDNEXT for the rare server that does not send it: a lower bound from the last message."""
@@ -526,7 +633,8 @@ class ImapClient:
 
     async def idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a change in the selected folder (IDLE, or NOOP polling when the
-        server lacks IDLE).  True as soon as EXISTS/RECENT/FETCH/EXPUNGE arrives, False on timeout.
+        server lacks IDLE).  True as soon as EXISTS/RECENT/FETCH/EXPUNGE (VANISHED once QRESYNC is
+        enabled: RFC 7162 3.2.10) arrives, False on timeout.
         Leaves IDLE with DONE every time, and re-issues it before 29 minutes (RFC 2177)."""
         if self._changed:       # reported while another command ran: do not wait for the next one
             self._changed = False

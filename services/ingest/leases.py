@@ -37,15 +37,20 @@ class Leases:
         self.holder = holder
         self.ttl = ttl_seconds
 
-    async def claim(self, candidates: Sequence[UUID]) -> Claim:
+    async def claim(self, candidates: Sequence[UUID], *, fair_share: bool = True) -> Claim:
         """Heartbeat, renew what we hold, take free or expired leases up to our fair share, and name
-        what we hold beyond it."""
+        what we hold beyond it.
+
+        ``fair_share=False`` (a one-shot run): no heartbeat, and every free or expired lease is taken;
+        such a run is not a replica the others should make room for, and it must not leave a mailbox
+        out because some replica happens to be alive."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """INSERT INTO ingest_replica (holder, expires_at) VALUES ($1, now() + make_interval(secs => $2))
-                   ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at""",
-                self.holder, self.ttl,
-            )
+            if fair_share:
+                await conn.execute(
+                    """INSERT INTO ingest_replica (holder, expires_at) VALUES ($1, now() + make_interval(secs => $2))
+                       ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at""",
+                    self.holder, self.ttl,
+                )
             # Dead replicas' rows go (their leases expire on their own and are taken over).
             await conn.execute("DELETE FROM ingest_replica WHERE expires_at < now() - interval '1 minute'")
             await conn.execute(
@@ -57,7 +62,7 @@ class Leases:
                 "DELETE FROM mailbox_lease WHERE holder = $1 AND NOT (mailbox_id = ANY($2::uuid[]))",
                 self.holder, list(candidates),
             )
-            live = await conn.fetchval("SELECT count(*) FROM ingest_replica WHERE expires_at > now()")
+            live = await conn.fetchval("SELECT count(*) FROM ingest_replica WHERE expires_at > now()") if fair_share else 1
             share = math.ceil(len(candidates) / max(live, 1)) if candidates else 0
             held = await conn.fetchval("SELECT count(*) FROM mailbox_lease WHERE holder = $1", self.holder)
             if held < share:

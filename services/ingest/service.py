@@ -79,12 +79,12 @@ class IngestService(ServiceBase):
         assert self.pool is not None and self.registry is not None
         return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens)
 
-    async def _claimed(self, leases: Leases) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
+    async def _claimed(self, leases: Leases, *, fair_share: bool = True) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
         """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""
         assert self.registry is not None
         works = [w for w in await self.registry.mailboxes_to_process("incoming")
                  if w.profile["server_type"] in INGEST_PROTOCOLS]
-        claim = await leases.claim([w.id for w in works])
+        claim = await leases.claim([w.id for w in works], fair_share=fair_share)
         MAILBOXES_LEASED.set(len(claim.work))
         return {w.id: w for w in works if w.id in claim.work}, claim.surplus
 
@@ -93,7 +93,7 @@ class IngestService(ServiceBase):
         leases = Leases(self.pool, self.holder, ttl_seconds=self.options.lease_ttl_seconds)
         try:
             if burst:
-                claimed, surplus = await self._claimed(leases)
+                claimed, surplus = await self._claimed(leases, fair_share=False)
                 await leases.release(surplus)
                 await self._sync_all_once(claimed)
                 return

@@ -1,5 +1,9 @@
-"""Ingest's SQL: per-folder IMAP state, POP3 UIDL bookkeeping, the messages already ingested, and
-the messages a queue may now delete from the server (their decision is durable)."""
+"""Ingest's SQL: per-folder IMAP state, POP3 UIDL bookkeeping, the messages already ingested (and
+whether they are still on the server), and the messages a queue may now delete from the server
+(their decision is durable).
+
+An IMAP UID is stored with the UIDVALIDITY it belongs to: after a folder is renumbered, old UIDs
+must not name (and so mark or delete) whatever message now has that number."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ class IngestedMessage:
     folder: str | None = None
     uid: int | None = None
     uidl: str | None = None
+    uidvalidity: int | None = None
 
 
 async def folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: str) -> FolderSyncState | None:
@@ -50,17 +55,50 @@ async def already_ingested(conn: asyncpg.Connection, mailbox_id: UUID, keys: Seq
     return {r["message_key"] for r in rows}
 
 
-async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: Sequence[IngestedMessage]) -> None:
+async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: Sequence[IngestedMessage],
+                          uidvalidity: int | None = None) -> None:
+    """Record messages as ingested; IMAP callers give the folder's ``uidvalidity`` their UIDs belong to."""
     if not messages:
         return
     await conn.execute(
-        """INSERT INTO ingested_message (mailbox_id, message_key, raw_sha256, folder, uid, uidl)
-           SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
+        """INSERT INTO ingested_message (mailbox_id, message_key, raw_sha256, folder, uid, uidl, uidvalidity)
+           SELECT $1, *, $7::bigint FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
            ON CONFLICT (mailbox_id, message_key) DO UPDATE SET folder = EXCLUDED.folder, uid = EXCLUDED.uid,
-               uidl = EXCLUDED.uidl""",
+               uidl = EXCLUDED.uidl, uidvalidity = EXCLUDED.uidvalidity""",
         mailbox_id, [m.message_key for m in messages], [m.raw_sha256 for m in messages],
-        [m.folder for m in messages], [m.uid for m in messages], [m.uidl for m in messages],
+        [m.folder for m in messages], [m.uid for m in messages], [m.uidl for m in messages], uidvalidity,
     )
+
+
+async def renumber_ingested(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
+                            found: Sequence[tuple[str, int]]) -> None:
+    """Messages already ingested from ``folder`` and found there again under a new UIDVALIDITY
+    (``found``: message key, new UID): their rows take the new numbering and count as on the server."""
+    if not found:
+        return
+    await conn.execute(
+        """UPDATE ingested_message im SET uid = f.uid, uidvalidity = $3, removed_from_server = false
+           FROM unnest($4::text[], $5::bigint[]) AS f(message_key, uid)
+           WHERE im.mailbox_id = $1 AND im.message_key = f.message_key AND im.folder = $2
+             AND im.uidvalidity IS DISTINCT FROM $3""",
+        mailbox_id, folder, uidvalidity, [k for k, _ in found], [u for _, u in found],
+    )
+
+
+async def mark_vanished(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
+                        ranges: Sequence[tuple[int, int]]) -> int:
+    """The server reported these UID ranges of ``folder`` expunged (QRESYNC VANISHED): the messages
+    ingested from there are no longer on the server.  Returns how many rows that changed."""
+    if not ranges:
+        return 0
+    status = await conn.execute(
+        """UPDATE ingested_message im SET removed_from_server = true
+           FROM unnest($4::bigint[], $5::bigint[]) AS r(first_uid, last_uid)
+           WHERE im.mailbox_id = $1 AND im.folder = $2 AND im.uidvalidity = $3
+             AND im.uid BETWEEN r.first_uid AND r.last_uid AND NOT im.removed_from_server""",
+        mailbox_id, folder, uidvalidity, [first for first, _ in ranges], [last for _, last in ranges],
+    )
+    return int(status.split()[-1])
 
 
 async def pop3_seen(conn: asyncpg.Connection, mailbox_id: UUID) -> set[str]:
@@ -83,7 +121,7 @@ async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present:
 async def deletable(conn: asyncpg.Connection, mailbox_id: UUID) -> list[IngestedMessage]:
     """Messages evaluate has decided on (so their activity, if any, is durable), still on the server."""
     rows = await conn.fetch(
-        """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl
+        """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity
            FROM ingested_message im
            JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
            WHERE im.mailbox_id = $1 AND NOT im.removed_from_server""",

@@ -20,10 +20,12 @@ import pytest
 from conduit.peers import free_port
 from services.ingest.imap_client import (
     ImapClient,
+    KnownFolder,
     decode_mailbox_name,
     encode_mailbox_name,
     parse_internaldate,
     parse_tokens,
+    parse_uid_set,
     sequence_set,
 )
 from services.ingest.xoauth2 import xoauth2_initial_response
@@ -59,6 +61,12 @@ def test_modified_utf7_round_trip(name, encoded):
 def test_sequence_set_compresses_runs():
     assert sequence_set([1, 2, 3, 7, 9, 10, 11]) == b"1:3,7,9:11"
     assert sequence_set([5]) == b"5"
+
+
+def test_uid_sets_read_into_ranges():
+    assert parse_uid_set(b"7,1:3,10:9") == ((1, 3), (7, 7), (9, 10))
+    assert parse_uid_set(b"4294967295") == ((4294967295, 4294967295),)
+    assert parse_uid_set(b"5:*,x,2") == ((2, 2),)      # "*" and junk are no UIDs
 
 
 def test_tokens_keep_literals_and_quoted_strings_apart_from_atoms():
@@ -242,6 +250,40 @@ async def test_condstore_modseq_and_changed_uids(dovecot, mailbox):
         await client.logout()
 
 
+async def test_qresync_select_reports_what_vanished_and_changed(dovecot, mailbox):
+    dovecot.deliver_many(mailbox, [plain_message(i) for i in range(6)])
+    client = await connected(dovecot, mailbox)
+    try:
+        assert await client.enable_quick_resync() == "QRESYNC"
+        assert await client.enable_quick_resync() == "QRESYNC"      # once per session: no second ENABLE
+        first = await client.select("INBOX")
+        assert first.highestmodseq and not first.quick_resync and first.vanished == ()
+
+        def elsewhere() -> None:
+            with imaplib.IMAP4(dovecot.host, dovecot.imap_port) as imap:
+                imap.login(mailbox, PASSWORD)
+                imap.select("INBOX")
+                imap.uid("STORE", "2:4", "+FLAGS.SILENT", "(\\Deleted)")
+                imap.expunge()
+                imap.uid("STORE", "6", "+FLAGS.SILENT", "(\\Seen)")
+                imap.logout()
+
+        await asyncio.to_thread(elsewhere)
+        assert await client.noop() is True            # VANISHED (not EXPUNGE) reached the selected folder
+        again = await client.select("INBOX", known=KnownFolder(first.uidvalidity, first.highestmodseq, 6))
+        assert again.quick_resync and again.highestmodseq > first.highestmodseq
+        assert again.vanished == ((2, 4),) and again.changed == (6,) and again.exists == 3
+        # Known UIDs 1:5: the server leaves out news of UID 6 (mail this client has not seen yet).
+        partial = await client.select("INBOX", known=KnownFolder(first.uidvalidity, first.highestmodseq, 5))
+        assert partial.vanished == ((2, 4),) and partial.changed == ()
+        stale = await client.select("INBOX", known=KnownFolder(first.uidvalidity + 1, first.highestmodseq, 5))
+        assert not stale.quick_resync and stale.vanished == () and stale.changed == ()
+        unchanged = await client.select("INBOX", known=KnownFolder(again.uidvalidity, again.highestmodseq, 6))
+        assert unchanged.quick_resync and unchanged.vanished == () and unchanged.changed == ()
+    finally:
+        await client.logout()
+
+
 async def test_idle_wakes_on_append_and_times_out(dovecot, mailbox):
     client = await connected(dovecot, mailbox)
     try:
@@ -389,4 +431,62 @@ async def test_responses_split_into_tiny_reads_with_untagged_between():
         assert [(m.uid, m.raw, m.flags) for m in messages] == [(10, body, ("\\Seen",)), (11, b"", ())]
         assert messages[0].internaldate.isoformat() == "2024-02-01T10:00:00+00:00"
         assert await client.idle(5) is True       # the EXISTS during the fetch is not lost
+        await client.logout()
+
+
+async def _qresync_server(reader, writer, *, enabled: bytes, seen: list[bytes]) -> None:
+    """A QRESYNC server whose second EXAMINE is answered with the previous folder's news first."""
+    caps = b"IMAP4rev1 ENABLE CONDSTORE QRESYNC IDLE"
+    writer.write(b"* OK [CAPABILITY " + caps + b"] ready\r\n")
+    while line := await reader.readline():
+        seen.append(line)
+        tag, command = line.split(b" ", 1)
+        if command.startswith(b"LOGIN"):
+            writer.write(tag + b" OK [CAPABILITY " + caps + b"] logged in\r\n")
+        elif command.startswith(b"ENABLE"):
+            writer.write(tag + b" NO not now\r\n" if enabled == b"NO" else enabled + tag + b" OK enabled\r\n")
+        elif command.startswith(b'EXAMINE "INBOX"'):
+            writer.write(b"* 10 EXISTS\r\n* OK [UIDVALIDITY 7] x\r\n* OK [UIDNEXT 11] x\r\n"
+                         b"* OK [HIGHESTMODSEQ 20] x\r\n" + tag + b" OK [READ-ONLY] done\r\n")
+        elif command.startswith(b'EXAMINE "Other"'):
+            writer.write(b"* VANISHED 4\r\n* 9 FETCH (UID 9 FLAGS (\\Seen) MODSEQ (21))\r\n"   # about INBOX
+                         b"* OK [CLOSED] INBOX closed\r\n* 5 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\n"
+                         b"* OK [UIDNEXT 9] x\r\n* OK [HIGHESTMODSEQ 33] x\r\n* VANISHED (EARLIER) 6,2:3\r\n"
+                         b"* 1 FETCH (UID 1 FLAGS (\\Seen) MODSEQ (32))\r\n" + tag + b" OK [READ-ONLY] done\r\n")
+        elif command.startswith(b"LOGOUT"):
+            writer.write(b"* BYE bye\r\n" + tag + b" OK\r\n")
+            await writer.drain()
+            break
+        await writer.drain()
+    writer.close()
+
+
+async def test_qresync_answers_count_only_after_closed():
+    seen: list[bytes] = []
+    async with scripted_server(lambda r, w: _qresync_server(r, w, enabled=b"* ENABLED QRESYNC\r\n", seen=seen)) as port:
+        client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
+        await client.login("u", "p")
+        assert await client.enable_quick_resync() == "QRESYNC"
+        await client.select("INBOX")
+        other = await client.select("Other", known=KnownFolder(9, 30, 8))
+        assert seen[-1] == b'C4 EXAMINE "Other" (QRESYNC (9 30 1:8))\r\n'
+        assert (other.uidvalidity, other.uidnext, other.exists, other.highestmodseq) == (9, 9, 5, 33)
+        # UID 4 vanished and UID 9 changed in INBOX, before [CLOSED]: not Other's news.
+        assert other.quick_resync and other.vanished == ((2, 3), (6, 6)) and other.changed == (1,)
+        await client.logout()
+
+
+@pytest.mark.parametrize("answer", [b"", b"NO"], ids=["ok-without-enabled", "refused"])
+async def test_an_enable_that_enables_nothing_leaves_qresync_off(answer: bytes):
+    seen: list[bytes] = []
+    async with scripted_server(lambda r, w: _qresync_server(r, w, enabled=answer, seen=seen)) as port:
+        client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
+        await client.login("u", "p")
+        assert await client.enable_quick_resync() is None     # no "* ENABLED ...": the plain path
+        assert await client.enable_quick_resync() is None     # and it is not asked again
+        assert [line.split(b" ", 1)[1] for line in seen[1:]] == [b"ENABLE QRESYNC\r\n", b"ENABLE CONDSTORE\r\n"]
+        assert not client.qresync_enabled and not client.condstore_enabled
+        other = await client.select("Other", known=KnownFolder(9, 30, 8))
+        assert seen[-1] == b'C4 EXAMINE "Other"\r\n', "no QRESYNC parameters without QRESYNC enabled"
+        assert not other.quick_resync and other.vanished == ()
         await client.logout()
