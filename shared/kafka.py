@@ -135,23 +135,26 @@ class Publisher:
         producer = self.producer
         partitioner = DefaultPartitioner()
         partitions: dict[str, list[int]] = {}
-        placed: dict[tuple[str, bytes], int] = {}
+        # (topic, key) -> (physical topic, key bytes, partition): a batch's items mostly share one
+        # key (ingest: the mailbox), so the name, the encoding and murmur2 are done once per key.
+        placed: dict[tuple[str, str], tuple[str, bytes, int]] = {}
         batches: dict[tuple[str, int], Any] = {}
         futures = []
         for topic, value, key in items:
-            physical = topic_name(self._settings, topic)
-            key_bytes = key.encode()
-            partition = placed.get((physical, key_bytes))
-            if partition is None:
+            where = placed.get((topic, key))
+            if where is None:
+                physical = topic_name(self._settings, topic)
+                key_bytes = key.encode()
                 if physical not in partitions:
                     partitions[physical] = sorted(await producer.partitions_for(physical))
                 known = partitions[physical]
-                partition = placed[(physical, key_bytes)] = partitioner(key_bytes, known, known)
+                where = placed[(topic, key)] = (physical, key_bytes, partitioner(key_bytes, known, known))
+            physical, key_bytes, partition = where
             batch = batches.get((physical, partition))
             if batch is None:
                 batch = batches[(physical, partition)] = producer.create_batch()
             if batch.append(key=key_bytes, value=value, timestamp=None) is None:
-                # Full: send what it holds, in order, and start the next one.
+                # Full (and so closed): send what it holds, in order, and start the next one.
                 futures.append(await producer.send_batch(batch, physical, partition=partition))
                 batch = batches[(physical, partition)] = producer.create_batch()
                 if batch.append(key=key_bytes, value=value, timestamp=None) is None:
@@ -159,6 +162,9 @@ class Publisher:
                     futures.append(await producer.send(physical, value, key=key_bytes, partition=partition))
                     del batches[(physical, partition)]
         for (physical, partition), batch in batches.items():
+            # Closed, the sender takes it at once; an open batch waits out linger_ms first (in
+            # case ``send`` adds to it), and ingest publishes its batches one after another.
+            batch.close()
             futures.append(await producer.send_batch(batch, physical, partition=partition))
         for future in futures:
             await future

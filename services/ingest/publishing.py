@@ -9,26 +9,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
 
 from services.ingest import state
-from shared.events.envelope import Envelope, encode_event
+from services.ingest.received_events import ReceivedBatch
 from shared.events.fields import is_email_address
-from shared.events.payloads import EmailReceivedV1
 from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.metrics import MESSAGES_INGESTED
 from shared.mime import from_address, message_key
 from shared.rawstore import store_raw
 
-# Parametrised once: ``Envelope[...]`` looks its class up in pydantic's generic cache at every use.
-EmailReceivedEvent = Envelope[EmailReceivedV1]
 
-
-@dataclass(frozen=True)
-class Pulled:
+# Pulled and Stored are made once per message: named tuples (~0.3 us each) rather than frozen
+# dataclasses (~1.1 us: a frozen dataclass sets each field through object.__setattr__).
+class Pulled(NamedTuple):
     """One message as it came off the server."""
 
     raw: bytes
@@ -45,8 +43,7 @@ class Mailbox:
     is_forward_mailbox: bool
 
 
-@dataclass(frozen=True)
-class Stored:
+class Stored(NamedTuple):
     """A message whose raw bytes are committed and whose event is not yet published."""
 
     key: str
@@ -81,24 +78,23 @@ async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pu
 async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
                           stored: Sequence[Stored]) -> list[state.IngestedMessage]:
     """Publish `email.received` for stored messages and wait for the broker's acknowledgements."""
+    if not stored:
+        return []
+    batch = ReceivedBatch(mailbox.organization_id, mailbox.id, source)
+    key = str(mailbox.id)
     events = []
     ingested = []
     for entry in stored:
         item = entry.item
         forwarded_by = from_address(item.raw) if mailbox.is_forward_mailbox else None
-        event = EmailReceivedEvent(
-            type=EMAIL_RECEIVED.name, schema_version=1, producer="ingest", organization_id=mailbox.organization_id,
-            data=EmailReceivedV1(
-                mailbox_id=mailbox.id, source=source, folder=item.folder or "INBOX", uid=item.uid, uidl=item.uidl,
-                raw_sha256=entry.sha256, size=len(item.raw), message_id=entry.key, received_at=item.received_at,
-                forwarded_by=forwarded_by if forwarded_by and is_email_address(forwarded_by) else None,
-            ),
+        value = batch.encode(
+            item.folder or "INBOX", item.uid, item.uidl, entry.sha256, len(item.raw), entry.key, item.received_at,
+            forwarded_by if forwarded_by and is_email_address(forwarded_by) else None,
         )
-        events.append((EMAIL_RECEIVED.name, encode_event(event), str(mailbox.id)))
+        events.append((EMAIL_RECEIVED.name, value, key))
         ingested.append(state.IngestedMessage(entry.key, entry.sha256, item.folder, item.uid, item.uidl))
-    if events:
-        await publisher.publish_many(events)
-        MESSAGES_INGESTED.labels(source).inc(len(events))
+    await publisher.publish_many(events)
+    MESSAGES_INGESTED.labels(source).inc(len(events))
     return ingested
 
 
