@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 
 # Record-and-claim transactions a worker runs at once: one waits on PostgreSQL while the next forms.
 _CONCURRENT_TURNS = 2
+# The first pause before looking in Sent Items again for a send whose answer was lost; it doubles.
+_SENT_ITEMS_FIRST_PAUSE = 0.5
 
 
 class _UncheckedOutbound(BaseModel):
@@ -659,17 +661,28 @@ class DispatchService(ServiceBase):
     async def _lost_exchange_reply(self, result: _Result, exc: Exception) -> None:
         """Exchange got the request but no answer came back: sent or not, only Sent Items can say.
 
-        Found there: sent.  Not found (or the look-up failing): the outcome is unknown, and like an
-        SMTP reply lost after the final dot it is never resent (Exchange may still deliver it).
+        Found there, at once or within ``sent_items_window_seconds`` (Graph answers ``202 Accepted``
+        before it has sent, and files its copy seconds later): sent.  Not found (or the look-ups
+        failing): the outcome is unknown, and like an SMTP reply lost after the final dot it is never
+        resent (Exchange may still deliver it).  The look-ups run in this message's own send task, so
+        the send loop goes on meanwhile; the row holds one of the worker's ``wave_size`` places.
         """
         row, work = result.row, result.work
         assert work is not None
-        if await self._in_sent_items(row, work):
+        started = time.monotonic()
+        window = self.options.sent_items_window_seconds
+        if await self._in_sent_items(row, work, until=started + window):
             result.error = None
-            result.accepted = Accepted(reply=f"found in the mailbox's Sent Items after the answer was lost ({_message(exc)})")
+            result.accepted = Accepted(reply=f"found in the mailbox's Sent Items {time.monotonic() - started:.1f} s "
+                                             f"after the answer was lost ({_message(exc)})")
             return
+        looked = time.monotonic() - started
+        # A stop ends the look-ups early: the send is recorded as interrupted (outcome unknown), as
+        # any send the stop cut short, and the service does not wait out the window.
+        cut_short = " (cut short: the service is stopping)" if self._stopping.is_set() and looked < window else ""
         result.error = SmtpOutcomeUnknown(
-            f"{_message(exc)} after the request was sent, and the message is not in the mailbox's Sent Items")
+            f"{_message(exc)} after the request was sent, and the message is not in the mailbox's Sent Items "
+            f"(looked for {looked:.1f} s{cut_short})")
 
     async def _outcomes(self, results: list[_Result]) -> tuple[list[ledger.Outcome], list[Any]]:
         """Turn results into ledger outcomes; mailbox-level failures back the mailbox off first."""
@@ -848,6 +861,11 @@ class DispatchService(ServiceBase):
         An Exchange mailbox keeps a copy of what it sent (EWS ``SendAndSaveCopy``, Graph ``sendMail``):
         a Message-ID found in its Sent Items was sent, and is recorded so (with its activity).  Anything
         else (not found, SMTP, the look-up failing) is ``failed`` with ``outcome_unknown``, never resent.
+        A row gets what is left of ``sent_items_window_seconds`` counted from its ``created_at`` (no
+        later than its claim): a worker that died a moment after a Graph ``sendMail`` left a copy that
+        may not be filed yet, while the rows of a worker long dead are looked up once.  The rows are
+        looked up one after the other, so the whole costs about one window, not one per row.  A stop
+        leaves the rows not yet resolved in ``sending``, for whichever worker looks next.
         Holding the dead worker's lock keeps other workers off these rows, so the look-ups run outside
         any transaction.
         """
@@ -859,10 +877,14 @@ class DispatchService(ServiceBase):
         works = await self._mailbox_works({r["mailbox_id"] for r in rows if r["mailbox_id"] is not None})
         found: list[_Result] = []
         unknown: list[asyncpg.Record] = []
+        window, now, monotonic = self.options.sent_items_window_seconds, utcnow(), time.monotonic()
         for row in rows:
+            if self._stopping.is_set():
+                break  # the rest stay in `sending`, for whichever worker looks next
             work = works.get(row["mailbox_id"])
+            age = (now - row["created_at"]).total_seconds() if row["created_at"] is not None else window
             request = None
-            if await self._in_sent_items(row, work):
+            if await self._in_sent_items(row, work, until=monotonic + min(window, max(0.0, window - age))):
                 try:
                     request = EmailOutboundV1.model_validate(row["request"])
                 except ValidationError:
@@ -870,6 +892,8 @@ class DispatchService(ServiceBase):
             if request is not None and work is not None:
                 found.append(_Result(row, work, transport_name(work), request, accepted=Accepted(
                     reply="found in the mailbox's Sent Items after the worker that sent it stopped")))
+            elif self._stopping.is_set():
+                break  # its look-ups were cut short: it stays in `sending`, as the rest do
             else:
                 unknown.append(row)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -891,12 +915,32 @@ class DispatchService(ServiceBase):
             self.counts["outcome_unknown"] += len(unknown)
         if found:
             log.warning("worker %d died with %d request(s) in flight found in Sent Items: marked sent", worker_id, len(found))
-        return len(rows)
+        return len(found) + len(unknown)
 
-    async def _in_sent_items(self, row: asyncpg.Record, work: MailboxWork | None) -> bool:
-        assert self.transports is not None
+    async def _in_sent_items(self, row: asyncpg.Record, work: MailboxWork | None, *, until: float = 0.0) -> bool:
+        """Whether the row's Message-ID is in the mailbox's Sent Items (never, for SMTP: it keeps no copy).
+
+        Not found: looked up again after growing pauses until ``until`` (``time.monotonic()``), and a
+        last time then, because Graph files its copy seconds after answering ``sendMail``.  A look-up
+        that fails counts as not found; each is bounded by ``smtp_timeout_seconds``.  The service
+        stopping ends the pauses at once: a stop never waits out the window.
+        """
         if work is None or transport_name(work) == "smtp":
             return False
+        pause = _SENT_ITEMS_FIRST_PAUSE
+        while True:
+            if await self._look_in_sent_items(row, work):
+                return True
+            left = until - time.monotonic()
+            if left <= 0 or self._stopping.is_set():
+                return False
+            if await _first(self._stopping.wait(), timeout=min(pause, left)):
+                return False
+            pause *= 2
+
+    async def _look_in_sent_items(self, row: asyncpg.Record, work: MailboxWork) -> bool:
+        """One look-up."""
+        assert self.transports is not None
         try:
             return bool(await asyncio.wait_for(self.transports.find_sent(work, row["message_id"]),
                                                timeout=self.options.smtp_timeout_seconds))

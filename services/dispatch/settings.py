@@ -28,6 +28,11 @@ class DispatchSettings(BaseSettings):
     # How often the retry loop looks for due requests and for orphans of dead workers.
     poll_seconds: float = Field(1.0, gt=0)
     smtp_timeout_seconds: float = Field(30.0, gt=0)
+    # An Exchange send whose answer was lost is looked up in Sent Items, and looked up again after
+    # growing pauses until this long has passed: Graph answers sendMail before it has sent, and files
+    # its copy seconds later.  0: one look-up.  A dead worker's rows get the rest of this window,
+    # counted from when they were created.
+    sent_items_window_seconds: float = Field(10.0, ge=0, le=300)
     helo_name: str | None = None
     # Burst mode (tests): also wait for retries due within this many seconds before returning.
     burst_horizon_seconds: float = Field(0.0, ge=0)

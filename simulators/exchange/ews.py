@@ -154,6 +154,7 @@ class EwsEndpoint:
         return await answering.answer(request, await self._serve(request))
 
     async def _serve(self, request: web.Request) -> web.Response:
+        self.org.file_due()  # sends filed late show up once their time has come
         caller = self._authenticate(request)
         if caller is None:
             # IIS answers before EWS sees the body; exchangelib reads the offered schemes from these headers.

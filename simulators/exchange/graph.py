@@ -22,6 +22,8 @@ Follows the published contracts:
   mailbox), 404 ``ErrorInvalidUser``/``ErrorItemNotFound``, 400 ``ErrorInvalidRecipients``,
   ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``; and
   injected 429/503 with ``Retry-After``, or a served call answered late or not at all (``answering``).
+  A ``sendMail`` may also be told to file its Sent Items copy late (``Organization.file_late``), as Graph
+  answers ``202 Accepted`` before Exchange has sent.
 
 ``$filter`` is served for one expression only, ``internetMessageId eq '<id>'`` (what a sender uses to
 find its own copy in Sent Items); any other filter is a 400.
@@ -160,6 +162,7 @@ class GraphApi:
     def _begin(self, request: web.Request, action: str) -> tuple[Mailbox | None, web.Response | None]:
         """Authenticate, apply injected faults and resolve the user: a mailbox or the error answer."""
         self.requests.append(action)
+        self.org.file_due()  # sends filed late show up once their time has come
         app, failure = self._authenticate(request)
         if failure is not None:
             return None, failure

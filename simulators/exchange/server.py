@@ -10,6 +10,7 @@ and demos that run the simulator out of process.  In process, the same controls 
         sim.add_app("client-id", "secret")
         sim.inject("ews", Fault(500, "ErrorServerBusy", retry_after=2))
         sim.drop_connection("graph", operation="sendMail")  # sent, but the client never hears so
+        sim.file_sent_late("graph", 2.0)  # answered 202 at once, in Sent Items (and delivered) 2 s later
         ... sim.ews_url, sim.graph_url, sim.token_url ...
         sim.sent  # what was submitted
 
@@ -135,9 +136,11 @@ class ExchangeSimulator:
         return self.org.add_app(client_id, client_secret, mailboxes=mailboxes)
 
     def mailbox(self, address: str) -> Mailbox:
+        self.org.file_due()
         return self.org.mailbox(address)
 
     def items(self, address: str, folder: str = "inbox") -> list[Item]:
+        self.org.file_due()
         found = self.org.mailbox(address).folder(folder)
         if found is None:
             raise KeyError(folder)
@@ -149,6 +152,8 @@ class ExchangeSimulator:
 
     @property
     def sent(self) -> list[SentRecord]:
+        """Every send accepted, in order (``filed_at`` None: its copies are still to be filed)."""
+        self.org.file_due()
         return self.org.sent
 
     # -- faults
@@ -179,6 +184,13 @@ class ExchangeSimulator:
         it with a TCP reset instead of closing it."""
         self.inject(api, Fault(DROP, "Dropped", "Served; the connection dropped before the answer.",
                                operation=operation, times=times, reset=reset))
+
+    def file_sent_late(self, api: str, seconds: float, *, times: int = 1) -> None:
+        """The next ``times`` sends through ``api`` (``ews``, ``graph``) are accepted and answered as usual, but
+        their copy lands in Sent Items, and their recipients' copies in their Inboxes, ``seconds`` later: Graph
+        ``sendMail`` answers ``202 Accepted`` before Exchange has sent.  Combines with ``answer_late`` and
+        ``drop_connection``, which are about the answer."""
+        self.org.file_late(api, seconds, times)
 
     def expire_tokens(self) -> None:
         self.org.expire_tokens()
@@ -222,6 +234,11 @@ def _control_routes(sim: ExchangeSimulator) -> list[web.RouteDef]:
             delay=float(data.get("delay", 0.0)), reset=bool(data.get("reset", False))))
         return web.json_response({}, status=201)
 
+    async def file_late(request: web.Request) -> web.Response:
+        data = await request.json()
+        sim.file_sent_late(data.get("api", "graph"), float(data["seconds"]), times=int(data.get("times", 1)))
+        return web.json_response({}, status=201)
+
     async def clear_faults(request: web.Request) -> web.Response:
         sim.faults.clear()
         return web.json_response({})
@@ -253,6 +270,7 @@ def _control_routes(sim: ExchangeSimulator) -> list[web.RouteDef]:
         web.post("/_sim/apps", add_app),
         web.post("/_sim/faults", add_fault),
         web.delete("/_sim/faults", clear_faults),
+        web.post("/_sim/late-filings", file_late),
         web.get("/_sim/sent", sent),
         web.get("/_sim/mailboxes/{address}/folders/{folder}/items", items),
         web.post("/_sim/mailboxes/{address}/deliver", deliver),
@@ -263,4 +281,5 @@ def _control_routes(sim: ExchangeSimulator) -> list[web.RouteDef]:
 def _sent_json(r: SentRecord) -> dict[str, Any]:
     return {"protocol": r.protocol, "mailbox": r.mailbox, "sender": r.sender, "recipients": r.recipients,
             "message_id": r.message_id, "delivered_to": r.delivered_to, "external": r.external,
-            "sent_item_id": r.sent_item_id, "mime": base64.b64encode(r.mime).decode(), "at": r.at}
+            "sent_item_id": r.sent_item_id, "mime": base64.b64encode(r.mime).decode(), "at": r.at,
+            "filed_at": r.filed_at}

@@ -10,7 +10,12 @@ Sending follows what Exchange does with a submitted message: a copy is filed in 
 Items when asked, one copy without the ``Bcc`` header lands in the Inbox of each recipient who is a
 mailbox of this organization, and recipients outside it are accepted (Exchange accepts them and would
 bounce later with a non-delivery report; here they are only recorded).  A message without a
-``Message-ID`` gets one, as the Exchange transport assigns one; an existing one is kept.
+``Message-ID`` gets one, as the Exchange transport assigns one; an existing one is kept.  Filing
+and delivery happen as the send is accepted, unless the send was told to file late (``file_late``):
+Graph's ``sendMail`` answers ``202 Accepted`` before Exchange has sent, and the copy shows up in Sent
+Items seconds later.  A late filing is carried out by ``file_due``, which the protocol handlers call
+before serving each request: the copy appears, by the organization's clock, to whoever looks next,
+with no timer running in between.
 
 Every change to a folder's items is appended to a per-folder change log stamped with an
 organization-wide sequence number; EWS ``SyncFolderItems`` sync states and Graph delta tokens are
@@ -272,6 +277,26 @@ class SentRecord:
     external: list[str]  # accepted for recipients outside the organization
     sent_item_id: str | None
     at: float
+    # When the copy was filed and the recipients' copies delivered: ``at``, or later for a send told to
+    # file late (``delivered_to``, ``external`` and ``sent_item_id`` are empty until then).
+    filed_at: float | None = None
+
+
+@dataclass
+class LateFiling:
+    """The next ``times`` sends through one API file their copies ``delay`` seconds after being accepted."""
+
+    delay: float
+    times: int = 1
+
+
+@dataclass
+class _Filing:
+    """A send accepted, whose Sent Items copy (``folder``; None: no copy kept) and deliveries are due at ``due``."""
+
+    record: SentRecord
+    folder: Folder | None
+    due: float
 
 
 class Organization:
@@ -287,6 +312,8 @@ class Organization:
         self.apps: dict[str, App] = {}
         self.tokens: dict[str, IssuedToken] = {}
         self.sent: list[SentRecord] = []
+        self._late: dict[str, list[LateFiling]] = {"ews": [], "graph": []}
+        self._unfiled: list[_Filing] = []  # accepted sends whose filing is still to come
         self._seq = itertools.count(1)
         self.last_seq = 0
 
@@ -410,42 +437,75 @@ class Organization:
 
     def submit(self, protocol: str, box: Mailbox, mime: bytes, *, save_copy: bool = True,
                extra_recipients: list[Address] | None = None, saved_folder: Folder | None = None) -> SentRecord:
-        """Submit a message from ``box``: file it in Sent Items and deliver it to the organization's mailboxes.
+        """Submit a message from ``box``: file it in Sent Items and deliver it to the organization's mailboxes,
+        now or, if ``protocol``'s sends were told to file late, once that delay has passed (``file_due``).
 
         Recipients come from the MIME ``To``, ``Cc`` and ``Bcc`` headers (as Exchange reads them from
         uploaded MIME content) plus ``extra_recipients`` given as item properties.
         """
         mime = _ensure_message_id(mime, self.domain)
-        now = self.now()
-        template = Item.from_mime(mime, "", now=now)
+        template = Item.from_mime(mime, "", now=self.now())
         recipients: list[str] = []
         for a in [*template.to, *template.cc, *template.bcc, *(extra_recipients or [])]:
             if a.email.lower() not in (r.lower() for r in recipients):
                 recipients.append(a.email)
-        sent_item_id = None
-        if save_copy:
-            folder = saved_folder or box.sent_items
-            saved = Item.from_mime(mime, folder.id, now=now)
-            saved.is_read = True
-            self.add_item(folder, saved)
-            sent_item_id = saved.id
-        delivered, external = [], []
-        inbound = _without_bcc(mime)
-        for rcpt in recipients:
-            target = self.find_mailbox(rcpt)
-            if target is None:
-                external.append(rcpt)
-                continue
-            self.add_item(target.inbox, Item.from_mime(inbound, target.inbox.id, now=now))
-            delivered.append(target.address)
         record = SentRecord(
             protocol=protocol, mailbox=box.address,
             sender=(template.from_.email if template.from_ else box.address), recipients=recipients, mime=mime,
-            message_id=template.internet_message_id or "", delivered_to=delivered, external=external,
-            sent_item_id=sent_item_id, at=self.clock(),
+            message_id=template.internet_message_id or "", delivered_to=[], external=[], sent_item_id=None,
+            at=self.clock(),
         )
         self.sent.append(record)
+        filing = _Filing(record, (saved_folder or box.sent_items) if save_copy else None,
+                         due=record.at + self._filing_delay(protocol))
+        if filing.due > record.at:
+            self._unfiled.append(filing)
+        else:
+            self._file(filing)
         return record
+
+    def file_late(self, protocol: str, delay: float, times: int = 1) -> None:
+        """The next ``times`` sends through ``protocol`` (``ews``, ``graph``) are accepted at once, but filed
+        in Sent Items and delivered ``delay`` seconds later."""
+        self._late[protocol].append(LateFiling(delay=delay, times=times))
+
+    def file_due(self) -> None:
+        """Carry out the late filings whose time has come (by ``clock``), in the order they came due."""
+        if not self._unfiled:
+            return
+        now = self.clock()
+        due = sorted((f for f in self._unfiled if f.due <= now), key=lambda f: f.due)
+        if due:
+            self._unfiled = [f for f in self._unfiled if f.due > now]
+            for filing in due:
+                self._file(filing)
+
+    def _filing_delay(self, protocol: str) -> float:
+        pending = self._late.get(protocol)
+        if not pending:
+            return 0.0
+        late = pending[0]
+        late.times -= 1
+        if late.times <= 0:
+            pending.pop(0)
+        return late.delay
+
+    def _file(self, filing: _Filing) -> None:
+        record, now = filing.record, self.now()
+        if filing.folder is not None:
+            saved = Item.from_mime(record.mime, filing.folder.id, now=now)
+            saved.is_read = True
+            self.add_item(filing.folder, saved)
+            record.sent_item_id = saved.id
+        inbound = _without_bcc(record.mime)
+        for rcpt in record.recipients:
+            target = self.find_mailbox(rcpt)
+            if target is None:
+                record.external.append(rcpt)
+                continue
+            self.add_item(target.inbox, Item.from_mime(inbound, target.inbox.id, now=now))
+            record.delivered_to.append(target.address)
+        record.filed_at = self.clock()
 
 
 def _ensure_message_id(mime: bytes, domain: str) -> bytes:

@@ -6,10 +6,15 @@ status on `email.status`, the copy in the sender's Sent Items and the message in
 A refusal by Exchange is a permanent failure with the server's code in the reason's detail, never
 retried; a throttled send is retried after the server's back-off hint and sent once; a send whose
 answer is lost (late, or its connection dropped once it was written) is looked for in Sent Items,
-never sent again.
+never sent again; looked for again for a bounded window when its copy is not there yet (Graph answers
+``sendMail`` 202 before it has sent: the simulator's ``file_sent_late``).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -106,6 +111,20 @@ class ExchangeDispatch:
         service = DispatchService(self.settings, DispatchSettings(**options),
                                   group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
         await run_service(service, burst=True)
+
+    @contextlib.asynccontextmanager
+    async def running(self, **options: Any) -> AsyncIterator[asyncio.Task[None]]:
+        """Dispatch running as a deployment runs it (not burst) while the block runs, then stopped as by
+        SIGTERM (the block's end waits for the stop); yields the running service's task at once."""
+        options.setdefault("poll_seconds", 0.1)
+        service = DispatchService(self.settings, DispatchSettings(**options), group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
+        stopping = asyncio.Event()
+        task = asyncio.create_task(run_service(service, stopping=stopping))
+        try:
+            yield task
+        finally:
+            stopping.set()
+            await task
 
     async def finals(self, keys: list[str]) -> StatusReader:
         reader = StatusReader(self.settings)
@@ -228,7 +247,7 @@ async def test_a_dead_workers_sends_are_resolved_from_sent_items(
                                                request, worker_id, attempts)
                    VALUES ($1, $2, $3, 'sending', $4, 'Went out', $5::text::jsonb, $6, 1)""",
                 org.id, key, mailbox.id, message_id, request.model_dump_json(exclude_defaults=True), dead)
-    await exchange.run()
+    await exchange.run(sent_items_window_seconds=1)  # the lost one is looked for again for 1 s
 
     reader = await exchange.finals([f"went-{kind}", f"lost-{kind}"])
     sent, unknown = reader.final(f"went-{kind}"), reader.final(f"lost-{kind}")
@@ -281,3 +300,151 @@ async def test_a_connection_dropped_after_the_send_is_resolved_from_sent_items_n
         assert (len(exchange.submitted(final.message_id)), len(copies), len(delivered)) == (1, 1, 1), final
     assert [reader.statuses(k) for k in keys] == [["pending_send", "sending", "sent"]] * 4  # none retried
     assert sum("Sent Items" in (f.smtp_reply or "") for f in finals) == 1  # the dropped one, resolved
+
+
+def _lose_the_answer(sim: ExchangeSimulator, kind: str, loss: str) -> dict[str, Any]:
+    """The next send through ``kind`` is carried out but its answer is lost: ``late`` (after our timeout)
+    or ``dropped`` (the connection closed once the request was written); the dispatch options it needs."""
+    if loss == "late":
+        sim.answer_late(kind, 4.0, operation=SEND[kind])
+        return {"smtp_timeout_seconds": 0.5}
+    sim.drop_connection(kind, operation=SEND[kind])
+    return {}
+
+
+def _looks(sim: ExchangeSimulator, kind: str) -> int:
+    """How many times the simulator was asked for messages: the Sent Items look-ups, in these tests."""
+    return sim.graph.requests.count("messages") if kind == "graph" else sim.ews.requests.count("FindItem")
+
+
+@pytest.mark.parametrize("kind,loss", [("graph", "late"), ("graph", "dropped"), ("ews", "dropped")])
+async def test_a_lost_answer_whose_copy_is_filed_late_is_found_by_looking_again(
+        kind: str, loss: str, exchange: ExchangeDispatch) -> None:
+    """Graph answers sendMail before it has sent: the answer is lost and the Sent Items copy comes 2 s
+    later, so the first look-up misses it; looking again within the window finds it: sent, once."""
+    sim = exchange.sim
+    sender = await exchange.sender(kind)
+    recipient = _address("rcpt")
+    sim.add_mailbox(recipient, password=PASSWORD)
+    options = _lose_the_answer(sim, kind, loss)
+    sim.file_sent_late(kind, 2.0)
+    event = exchange.request(sender, to=[recipient])
+    reader = await exchange.dispatch(event, sent_items_window_seconds=10, **options)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "sent"], reader.final(key)
+    final = reader.final(key)
+    assert "Sent Items" in final.smtp_reply and final.activity_id is not None
+    (record,) = exchange.submitted(final.message_id)  # accepted once, never resent
+    assert record.filed_at is not None and record.filed_at - record.at >= 2.0
+    message_id = f"<{final.message_id}>"
+    assert len([i for i in sim.items(sender, "sentitems") if i.internet_message_id == message_id]) == 1
+    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
+    assert _looks(sim, kind) >= 2  # missed, then found
+
+
+async def test_with_the_window_at_zero_a_copy_filed_late_is_missed(exchange: ExchangeDispatch) -> None:
+    """The same Graph send with ``sent_items_window_seconds=0`` (one look-up, the old behaviour): it went
+    out, yet ends ``outcome_unknown``: what the window is for (and proof the test above can fail)."""
+    sim = exchange.sim
+    sender = await exchange.sender("graph")
+    options = _lose_the_answer(sim, "graph", "dropped")
+    sim.file_sent_late("graph", 2.0)
+    event = exchange.request(sender)
+    reader = await exchange.dispatch(event, sent_items_window_seconds=0, **options)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "failed"]
+    final = reader.final(key)
+    assert final.reason == "outcome_unknown" and "not in the mailbox's Sent Items" in final.detail
+    assert _looks(sim, "graph") == 1
+    (record,) = exchange.submitted(final.message_id)  # not resent...
+    assert record.filed_at is not None  # ...and it did go out (filed by now)
+
+
+async def test_a_copy_that_never_appears_ends_outcome_unknown_after_the_window(exchange: ExchangeDispatch) -> None:
+    """Looking again is bounded: a copy that never shows up ends ``outcome_unknown`` once the window has
+    passed, after a handful of look-ups with growing pauses (0, 0.5, 1.5 s, then the window's end)."""
+    sim = exchange.sim
+    sender = await exchange.sender("graph")
+    options = _lose_the_answer(sim, "graph", "dropped")
+    sim.file_sent_late("graph", 3600.0)
+    window = 3.0
+    event = exchange.request(sender)
+    started = time.monotonic()
+    reader = await exchange.dispatch(event, sent_items_window_seconds=window, **options)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "failed"]
+    final = reader.final(key)
+    assert final.reason == "outcome_unknown" and "not in the mailbox's Sent Items" in final.detail
+    looked = float(re.search(r"looked for ([0-9.]+) s", final.detail).group(1))  # type: ignore[union-attr]
+    assert window <= looked < window + 2.0, final.detail
+    assert 4 <= _looks(sim, "graph") <= 5
+    assert time.monotonic() - started < window + 30
+    assert len(exchange.submitted(final.message_id)) == 1
+
+
+async def test_a_stop_ends_the_look_ups_without_waiting_out_the_window(exchange: ExchangeDispatch) -> None:
+    """A service stopping while it looks again for a lost answer's copy stops looking at once: the send
+    is recorded as interrupted (``outcome_unknown``, never resent), and the stop does not wait the window."""
+    sim = exchange.sim
+    sender = await exchange.sender("graph")
+    _lose_the_answer(sim, "graph", "dropped")
+    sim.file_sent_late("graph", 3600.0)
+    event = exchange.request(sender)
+    async with exchange.running(sent_items_window_seconds=300) as running:
+        await publish(exchange.publisher, event)
+
+        async def looking() -> bool:
+            assert not running.done(), running
+            return _looks(sim, "graph") >= 2  # missed once, looked again: now in a pause
+        await eventually(looking, timeout=30, what="a second look in Sent Items")
+        stopped = time.monotonic()
+    assert time.monotonic() - stopped < 10  # stopped (the block's end) long before the window's end
+
+    key = event.data.idempotency_key
+    reader = await exchange.finals([key])
+    assert reader.statuses(key) == ["pending_send", "sending", "failed"]
+    final = reader.final(key)
+    assert final.reason == "outcome_unknown" and "cut short" in final.detail
+    assert len(exchange.submitted(final.message_id)) == 1
+
+
+@pytest.mark.parametrize("window,status", [(10.0, "sent"), (0.0, "failed")])
+async def test_a_dead_workers_send_filed_late_is_found_within_the_window(
+        window: float, status: str, exchange: ExchangeDispatch, pool: asyncpg.Pool) -> None:
+    """A worker died a moment after Graph took its send, whose Sent Items copy comes 2 s later: the running
+    worker that resolves the row looks again until the window (from the row's creation) passes and finds
+    it; with the window at 0 it looks once, misses it, and the row ends ``outcome_unknown``."""
+    sim, org = exchange.sim, exchange.org
+    sender = await exchange.sender("graph")
+    mailbox = await exchange.registry.mailbox(org, sender)
+    message_id, key = f"conduit.{uuid.uuid4().hex}@contoso.test", f"late-{uuid.uuid4().hex[:8]}"
+    request = exchange.request(sender, subject="Filed late").data
+    async with exchange.running(sent_items_window_seconds=window):
+        first = exchange.request(sender)  # sent once the worker runs: from then on it looks for orphans
+        await publish(exchange.publisher, first)
+        await exchange.finals([first.data.idempotency_key])
+        looks = _looks(sim, "graph")
+        async with pool.acquire() as conn:
+            dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
+            await conn.execute(
+                """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id,
+                                               subject, request, worker_id, attempts)
+                   VALUES ($1, $2, $3, 'sending', $4, 'Filed late', $5::text::jsonb, $6, 1)""",
+                org.id, key, mailbox.id, message_id, request.model_dump_json(exclude_defaults=True), dead)
+        # What the dead worker's sendMail left behind: accepted by Graph, filed in Sent Items 2 s later.
+        sim.file_sent_late("graph", 2.0)
+        sim.org.submit("graph", sim.mailbox(sender), (
+            f"From: Sender <{sender}>\r\nTo: buyer@customer.example\r\nSubject: Filed late\r\n"
+            f"Message-ID: <{message_id}>\r\nDate: Fri, 27 Nov 2026 09:00:00 +0000\r\n\r\nHello\r\n").encode())
+        final = (await exchange.finals([key])).final(key)
+
+    assert final.status == status, final
+    if status == "sent":
+        assert "Sent Items" in final.smtp_reply and final.activity_id is not None
+        assert _looks(sim, "graph") - looks >= 2
+    else:
+        assert final.reason == "outcome_unknown" and _looks(sim, "graph") - looks == 1
+    assert len(exchange.submitted(message_id)) == 1  # nothing was resent

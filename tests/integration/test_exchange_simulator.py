@@ -272,6 +272,59 @@ async def test_a_dropped_connection_is_served_and_never_answered(sim: ExchangeSi
     assert [i.internet_message_id for i in sim.items("bob@contoso.test")] == sent
 
 
+async def test_a_send_filed_late_shows_up_once_its_time_comes() -> None:
+    """``file_sent_late``: the send is accepted and answered at once, as Graph answers ``sendMail`` 202
+    before Exchange has sent; its Sent Items copy and the recipient's copy appear only once the delay
+    has passed on the simulator's clock (a clock the test moves: no waiting), to whoever looks; the
+    next send files at once.  EWS takes the same knob."""
+    now = [1_800_000_000.0]
+    async with ExchangeSimulator(clock=lambda: now[0]) as sim:
+        for name in ("alice", "bob"):
+            sim.add_mailbox(f"{name}@contoso.test", password=PASSWORD)
+        sim.add_app(APP_ID, APP_SECRET)
+        async with httpx.AsyncClient(base_url=sim.graph_url) as client:
+            headers = {"Authorization": "Bearer " + (await token(client, sim)).json()["access_token"]}
+
+            async def in_sent_items(n: int) -> bool:
+                r = await client.get("/users/alice@contoso.test/mailFolders/sentitems/messages", headers=headers,
+                                     params={"$filter": f"internetMessageId eq '<m{n}.sim@conduit.test>'"})
+                assert r.status_code == 200
+                return bool(r.json()["value"])
+
+            sim.file_sent_late("graph", 2.0)
+            r = await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(20)),
+                                  headers={**headers, "Content-Type": "text/plain"})
+            assert r.status_code == 202
+            (record,) = sim.sent  # accepted at once...
+            assert (record.filed_at, record.sent_item_id, record.delivered_to) == (None, None, [])
+            assert not await in_sent_items(20) and sim.items("bob@contoso.test") == []
+            now[0] += 1.9
+            assert not await in_sent_items(20)
+            now[0] += 0.1
+            assert await in_sent_items(20)  # ...filed once its time came
+            assert record.filed_at == now[0] and record.delivered_to == ["bob@contoso.test"]
+            assert record.sent_item_id == sim.items("alice@contoso.test", "sentitems")[0].id
+            assert [i.internet_message_id for i in sim.items("bob@contoso.test")] == ["<m20.sim@conduit.test>"]
+
+            r = await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(21)),
+                                  headers={**headers, "Content-Type": "text/plain"})
+            assert r.status_code == 202 and await in_sent_items(21)  # times=1: the next one files at once
+
+        account = ews_account(sim)
+        sim.file_sent_late("ews", 5.0)
+        # exchangelib blocks on the server (version probe, GetFolder): off the loop that serves it.
+        await asyncio.to_thread(lambda: Message(account=account, folder=account.sent, mime_content=mime(22))
+                                .send_and_save())
+
+        def copies() -> list:
+            return list(account.sent.filter(message_id="<m22.sim@conduit.test>").values_list("id", flat=True))
+
+        assert await asyncio.to_thread(copies) == []
+        now[0] += 5.0
+        assert len(await asyncio.to_thread(copies)) == 1
+    assert [r.filed_at - r.at for r in sim.sent] == [2.0, 0.0, 5.0]
+
+
 async def test_graph_delta_pages_then_reports_changes(sim: ExchangeSimulator) -> None:
     for n in range(3):
         sim.deliver("bob@contoso.test", mime(n, sender="x@elsewhere.test"))
@@ -332,6 +385,10 @@ async def test_control_api(sim: ExchangeSimulator) -> None:
         assert r.status_code == 201 and sim.faults.take("graph", "sendMail").retry_after == 3
         r = await client.post("/_sim/faults", json={"api": "ews", "status": DROP, "code": "Dropped", "reset": True})
         assert r.status_code == 201 and sim.faults.take("ews", "CreateItem").reset is True
+        r = await client.post("/_sim/late-filings", json={"api": "graph", "seconds": 30})
+        assert r.status_code == 201
+        late = sim.org.submit("graph", sim.mailbox("dora@contoso.test"), mime(9, to="dora@contoso.test"))
+        assert late.filed_at is None and (await client.get("/_sim/sent")).json()[-1]["filed_at"] is None
 
 
 async def test_runs_as_a_module(tmp_path: Path) -> None:
