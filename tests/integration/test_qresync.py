@@ -205,11 +205,17 @@ class Setup:
 async def setup(registry, org, dovecot, tap, pool, publisher) -> AsyncIterator[Setup]:
     """A ready mailbox on the session's Dovecot, and an ingest session to it through the tap."""
     box = await ready_mailbox(registry, org, dovecot)
-    client = await ImapClient.connect("127.0.0.1", tap.port, tls="none", timeout=10)
-    await client.login(box.email, box.password)
+    client = await tapped_session(tap, box)
     yield Setup(box, Mailbox(box.id, org.id, False), ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False)),
                 client)
     await client.logout()
+
+
+async def tapped_session(tap, box: ReadyMailbox) -> ImapClient:
+    """An ingest session to ``box`` through the tap, logged in."""
+    client = await ImapClient.connect("127.0.0.1", tap.port, tls="none", timeout=10)
+    await client.login(box.email, box.password)
+    return client
 
 
 def other_client(dovecot, box: ReadyMailbox, action: Callable[[imaplib.IMAP4], None]) -> Callable[[], None]:
@@ -385,13 +391,8 @@ async def test_an_interrupted_sync_keeps_the_old_modseq_until_all_it_stands_for_
     box = await ready_mailbox(registry, org, dovecot)
     sync = ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False))
 
-    async def session() -> ImapClient:
-        client = await ImapClient.connect("127.0.0.1", tap.port, tls="none", timeout=10)
-        await client.login(box.email, box.password)
-        return client
-
     dovecot.deliver_many(box.email, [message(f"m{i}") for i in range(5)])
-    first = await session()
+    first = await tapped_session(tap, box)
     assert await sync.sync(first, ["INBOX"]) == 5
     await first.logout()
     before = await saved_state(pool, box)
@@ -400,7 +401,7 @@ async def test_an_interrupted_sync_keeps_the_old_modseq_until_all_it_stands_for_
     dovecot.deliver_many(box.email, [message(f"n{i}") for i in range(700)])   # UIDs 6..705
     # The connection breaks in the second UID FETCH chunk, after the first batch (6..505) was read.
     tap.cut_at = re.compile(rb"\(UID 600 ")
-    broken = await session()
+    broken = await tapped_session(tap, box)
     with pytest.raises(ConnectionFailed):
         await sync.sync(broken, ["INBOX"])
     await broken.close()
@@ -409,7 +410,7 @@ async def test_an_interrupted_sync_keeps_the_old_modseq_until_all_it_stands_for_
     assert interrupted["highestmodseq"] == before["highestmodseq"], "but not the modseq: it also stands for UID 2"
     assert (await ingested(pool, box))[2] is False
 
-    resumed = await session()
+    resumed = await tapped_session(tap, box)
     try:
         mark = tap.mark()
         assert await sync.sync_folder(resumed, "INBOX") == 200
@@ -468,13 +469,8 @@ async def test_an_interrupted_resync_never_pairs_the_new_uidvalidity_with_the_ol
     box = await ready_mailbox(registry, org, dovecot)
     sync = ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False))
 
-    async def session() -> ImapClient:
-        client = await ImapClient.connect("127.0.0.1", tap.port, tls="none", timeout=10)
-        await client.login(box.email, box.password)
-        return client
-
     dovecot.deliver_many(box.email, [message(f"a{i}") for i in range(3)], folder="Archive")
-    first = await session()
+    first = await tapped_session(tap, box)
     assert await sync.sync(first, ["Archive"]) == 3
     await first.logout()
     old = await saved_state(pool, box, "Archive")
@@ -484,7 +480,7 @@ async def test_an_interrupted_resync_never_pairs_the_new_uidvalidity_with_the_ol
     assert uidvalidity != old["uidvalidity"]
 
     tap.cut_at = re.compile(rb"\(UID 550 ")       # in the second chunk of the resync
-    broken = await session()
+    broken = await tapped_session(tap, box)
     with pytest.raises(ConnectionFailed):
         await sync.sync(broken, ["Archive"])
     await broken.close()
@@ -492,7 +488,7 @@ async def test_an_interrupted_resync_never_pairs_the_new_uidvalidity_with_the_ol
     assert (interrupted["uidvalidity"], interrupted["last_uid"], interrupted["highestmodseq"]) == \
         (uidvalidity, 500, None), "the old numbering's modseq means nothing in the new one"
 
-    resumed = await session()
+    resumed = await tapped_session(tap, box)
     try:
         mark = tap.mark()
         assert await sync.sync_folder(resumed, "Archive") == 100
