@@ -1,16 +1,16 @@
 """The SMTP transport of the dispatch service: pools of reused, logged-in SMTP sessions.
 
 ``SmtpTransport`` keeps one ``SmtpPool`` per (server, username) and closes pools nobody used for a
-while; an ``SmtpPool`` holds at most ``max_connections`` sessions to one server, hands each to one
-sender at a time and replaces dead ones.  The protocol itself lives in ``smtp_client``; the
-classes a caller needs are re-exported here.
+while; an ``SmtpPool`` holds at most ``max_connections`` sessions to one server, serves its queue
+of messages on them one transaction at a time per session, and replaces dead ones.  The protocol
+itself lives in ``smtp_client``; the classes a caller needs are re-exported here.
 
-Retry policy inside the transport is deliberately narrow: a send is retried once, on a fresh
-connection, only when the connection turned out to be dead before the server answered any part
-of the transaction and no message content was sent (``StaleConnection``: typically a server that
-closed an idle session just as we wrote to it).  Everything else goes back to the caller, whose
-send ledger owns retries; in particular ``SmtpOutcomeUnknown`` (the final dot left, no reply
-came back) is never retried here.
+Retry policy inside the transport is deliberately narrow: a message moves to another session (at
+most twice) only when its own session turned out to be dead before any of its content was sent
+(``StaleConnection``: typically a server that closed an idle session just as we wrote to it, or a
+session that ended while the message's envelope rode along with the previous message's content).
+Everything else goes back to the caller, whose send ledger owns retries; in particular
+``SmtpOutcomeUnknown`` (the final dot left, no reply came back) is never retried here.
 """
 from __future__ import annotations
 
