@@ -4,8 +4,9 @@ Why not aioimaplib: measured on this machine against Dovecot (bench/imap_fetch.p
 7 KB), aioimaplib 2.0.3 fetches ~4,000 msg/s while this client fetches several times more, which the
 ingest target (>= imapflow, >= 2.5x mbsync) needs.  aioimaplib re-joins and re-scans its pending
 bytes for every piece of data it receives and builds a list of lines per response; here the socket
-is read in large chunks into one buffer and each FETCH response costs one line search, one literal
-slice and a short tokenisation of the few bytes around the literal.
+is read in large chunks into one buffer, and a FETCH response of the usual shape costs one regular
+expression match where it starts in that buffer and one slice of its literal (anything else goes
+through a general reader and tokeniser).
 
 The client does one thing at a time (IMAP commands are serialised by a lock), pipelines only its own
 UID FETCH chunks, bounds every read with a deadline and maps failures onto ``shared.errors``:
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from services.ingest.wire import MailConnection, TlsMode, open_session
 from services.ingest.xoauth2 import xoauth2_initial_response
@@ -229,8 +231,10 @@ class FolderState:
     changed: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class FetchedMessage:
+class FetchedMessage(NamedTuple):
+    """One fetched message.  A NamedTuple, not a dataclass: one is built per message, and a frozen
+    dataclass's ``__init__`` costs ~0.4 us more."""
+
     uid: int
     raw: bytes
     internaldate: datetime | None
@@ -273,6 +277,10 @@ class ImapClient:
         self._changed = False      # an untagged change arrived since the last select/uids_since/idle
         self._logging_out = False  # BYE is expected only after LOGOUT
         self.idling = False        # True while the server has us in IDLE (for tests and health checks)
+        # Parsed INTERNALDATE and FLAGS values by their bytes: mail delivered together shares a date
+        # to the second, and most messages share a few flag sets.  Bounded by clearing.
+        self._dates: dict[bytes, datetime | None] = {}
+        self._flag_sets: dict[bytes, tuple[str, ...]] = {}
 
     # ---- connection and authentication ---------------------------------------------------------
 
@@ -556,8 +564,9 @@ class ImapClient:
                 in_flight.append(self._send_simple(b"UID FETCH " + sets.popleft() + b" (" + items + b")"))
             await self._conn.drain()
             while in_flight:
-                async for message in self._fetch_responses(in_flight[0]):
-                    yield message
+                async for messages in self._fetch_responses(in_flight[0]):
+                    for message in messages:
+                        yield message
                 in_flight.popleft()
                 if sets:
                     in_flight.append(self._send_simple(b"UID FETCH " + sets.popleft() + b" (" + items + b")"))
@@ -572,15 +581,26 @@ class ImapClient:
             finally:
                 self._lock.release()
 
-    async def _fetch_responses(self, tag: bytes) -> AsyncIterator[FetchedMessage]:
-        """Yield the messages of one UID FETCH until its tagged response; raise on NO/BAD."""
+    async def _fetch_responses(self, tag: bytes) -> AsyncIterator[list[FetchedMessage]]:
+        """Yield the messages of one UID FETCH, in lists, until its tagged response; raise on NO/BAD.
+
+        Lists: the usual responses are read straight from the receive buffer, all those a read
+        brought at once (~35 of 7 KB), and one async-generator step per message less counts."""
+        conn = self._conn
         read_response = self._read_response
         while True:
+            messages, incomplete = self._take_usual_fetches()
+            if messages:
+                yield messages
+            if incomplete:
+                await conn.fill()
+                continue
+            # Anything else (another order, NIL, escapes, a flag update, the tagged end): the general reader.
             text, literals = await read_response()
             if text[:2] == b"* " and (literals or b"BODY[" in text):
                 message = _fetched_message(text, literals)
                 if message is not None:
-                    yield message
+                    yield [message]
                     continue
             if text[:1] == b"*" or text[:1] == b"+":
                 self._note_untagged(text, literals, None)
@@ -592,6 +612,51 @@ class ImapClient:
                 raise ImapCommandFailed(
                     f"The IMAP server {self._host} refused UID FETCH: {_text(text[len(tag) + 4:])}.")
             return
+
+    def _take_usual_fetches(self) -> tuple[list[FetchedMessage], bool]:
+        """Consume the complete usual FETCH responses (``_USUAL_FETCH``) at the head of the receive
+        buffer and return their messages, and whether the next response has not fully arrived and
+        may be usual too (read more, then look again).  Anything else is left for the general reader.
+
+        ~4.7 us of CPU per 7 KB message against ~12.5 us through line splitting, literal reads and
+        tokenising (500 responses read from memory; FETCH reading was a third of ingest's CPU)."""
+        buf, pos = self._conn.unread()
+        size = len(buf)
+        messages: list[FetchedMessage] = []
+        match = _USUAL_FETCH.match
+        dates, flag_sets = self._dates, self._flag_sets
+        with memoryview(buf) as view:
+            while True:
+                head = match(buf, pos)
+                if head is None:
+                    # A head cut off by the end of a read: wait for the rest.  Only a short unfinished
+                    # line can be one; anything longer is read by the general reader.
+                    incomplete = size - pos < 1024 and buf.find(b"\r\n", pos) < 0
+                    break
+                start = head.end()
+                end = start + int(head.group(5))
+                if end + 3 > size:
+                    incomplete = True
+                    break
+                if not buf.startswith(b")\r\n", end):
+                    incomplete = False      # items after the literal: not the usual shape
+                    break
+                uid, flags, date, modseq = head.group(1, 2, 3, 4)
+                internaldate = dates.get(date, _UNSEEN)
+                if internaldate is _UNSEEN:
+                    if len(dates) >= 1024:
+                        dates.clear()
+                    internaldate = dates[date] = parse_internaldate(date)
+                flag_set = flag_sets.get(flags)
+                if flag_set is None:
+                    if len(flag_sets) >= 1024:
+                        flag_sets.clear()
+                    flag_set = flag_sets[flags] = tuple(flags.decode("ascii").split())
+                messages.append(FetchedMessage(int(uid), view[start:end].tobytes(), internaldate, flag_set,
+                                               int(modseq) if modseq is not None else None))
+                pos = end + 3
+        self._conn.consume_to(pos)
+        return messages, incomplete
 
     async def _drain_tags(self, tags: deque[bytes]) -> None:
         while tags:
@@ -888,6 +953,16 @@ def _fetch_items(text: bytes, literals: list[bytes]) -> dict:
     return {str(items[i]).upper(): items[i + 1] for i in range(0, len(items) - 1, 2)}
 
 
+# The usual FETCH response to this client's UID FETCH, whole, in the order Dovecot sends the items
+# (UID FLAGS INTERNALDATE [MODSEQ] BODY[]): matched where it starts in the receive buffer, its
+# literal then sliced out and ")\r\n" checked after it.  Flags are atoms of plain ASCII (no quotes,
+# brackets or braces), the date a quoted string without escapes; anything else, and every other
+# order, goes to the general reader.  Groups: uid, flags, date, modseq, literal size.
+_USUAL_FETCH = re.compile(
+    rb'\* \d+ FETCH \(UID (\d+) FLAGS \(([!#-\'*-Z\\^-z|~ ]*)\) INTERNALDATE "([^"\\\r\n]*)" '
+    rb'(?:MODSEQ \((\d+)\) )?BODY\[(?:HEADER)?\] \{(\d+)\}\r\n')
+_UNSEEN = object()
+
 # The usual shape of a FETCH response to our own command, read without the general tokeniser:
 # "* n FETCH (" then items this client asks for, each with a plain value: a number, a
 # parenthesised list of flags or of one number, a quoted string without escapes, or a literal.
@@ -941,6 +1016,11 @@ def _fetched_message(text: bytes, literals: list[bytes]) -> FetchedMessage | Non
     fast = _fetched_message_fast(text, literals)
     if fast is not _UNUSUAL:
         return fast  # type: ignore[return-value]
+    return _fetched_message_general(text, literals)
+
+
+def _fetched_message_general(text: bytes, literals: list[bytes]) -> FetchedMessage | None:
+    """``_fetched_message`` through the general tokeniser: any order, NIL, escapes, lower case."""
     if text.split(b" ", 3)[2:3] not in ([b"FETCH"], [b"fetch"]):
         return None
     items = _fetch_items(text, literals)

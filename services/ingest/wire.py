@@ -165,6 +165,20 @@ class MailConnection:
             await self._fill()
         return self._buf.startswith(prefix, self._pos)
 
+    def unread(self) -> tuple[bytearray, int]:
+        """(the receive buffer, where its unread data starts), for a parser that reads responses in
+        place (the IMAP FETCH fast path).  Valid until the next await: reads compact and extend the
+        buffer; the parser hands back what it read with ``consume_to`` before awaiting."""
+        return self._buf, self._pos
+
+    def consume_to(self, position: int) -> None:
+        """Mark the buffer up to ``position`` (an index into ``unread()``'s buffer) as read."""
+        self._pos = position
+
+    async def fill(self) -> None:
+        """Receive at least one more byte (for ``unread`` parsers that found a response incomplete)."""
+        await self._fill()
+
     def buffered(self) -> int:
         """How many received bytes are not consumed yet."""
         return len(self._buf) - self._pos

@@ -19,8 +19,10 @@ import pytest
 
 from conduit.peers import free_port
 from services.ingest.imap_client import (
+    FetchedMessage,
     ImapClient,
     KnownFolder,
+    _fetched_message_general,
     decode_mailbox_name,
     encode_mailbox_name,
     parse_internaldate,
@@ -28,6 +30,7 @@ from services.ingest.imap_client import (
     parse_uid_set,
     sequence_set,
 )
+from services.ingest.wire import MailConnection
 from services.ingest.xoauth2 import xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConnectionFailed, InvalidInput, ProtocolTimeout, TlsFailed
 
@@ -490,3 +493,174 @@ async def test_an_enable_that_enables_nothing_leaves_qresync_off(answer: bytes):
         assert seen[-1] == b'C4 EXAMINE "Other"\r\n', "no QRESYNC parameters without QRESYNC enabled"
         assert not other.quick_resync and other.vanished == ()
         await client.logout()
+
+
+# -- the FETCH fast path (responses read straight from the receive buffer) -------------------------
+
+
+class _Captured:
+    """Stands for the socket under a ``MailConnection``: replays captured bytes, ``piece`` at a time."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self._data, self._piece, self._at = data, piece, 0
+
+    async def read(self, size: int) -> bytes:
+        chunk = self._data[self._at:self._at + min(size, self._piece)]
+        self._at += len(chunk)
+        return chunk
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+
+def fed_client(data: bytes, piece: int = 1 << 30) -> ImapClient:
+    """A client whose connection reads ``data`` (no socket): for parsing captured responses."""
+    captured = _Captured(data, piece)
+    return ImapClient(MailConnection(captured, captured, protocol="IMAP", host="test", timeout=5), "test", 5)
+
+
+async def general_parse(responses: bytes) -> list[FetchedMessage]:
+    """The messages in ``responses`` as the general reader and tokeniser see them."""
+    client = fed_client(responses + b"T1 OK done\r\n")
+    messages = []
+    while True:
+        text, literals = await client._read_response()
+        if text.startswith(b"T1 "):
+            return messages
+        if text[:2] == b"* " and (literals or b"BODY[" in text):
+            message = _fetched_message_general(text, literals)
+            if message is not None:
+                messages.append(message)
+
+
+async def raw_fetch_answer(dovecot, address: str, commands: list[bytes]) -> bytes:
+    """Run ``commands`` (the last a UID FETCH) on a bare socket and return the fetch's answer bytes:
+    its untagged responses exactly as Dovecot sent them."""
+    reader, writer = await asyncio.open_connection(dovecot.host, dovecot.imap_port)
+    try:
+        async with asyncio.timeout(30):
+            await reader.readline()
+            for i, command in enumerate([b'LOGIN "%s" "%s"' % (address.encode(), PASSWORD.encode())] + commands):
+                tag = b"ZQ%d " % i
+                writer.write(tag + command + b"\r\n")
+                answer = b""
+                while not (answer.endswith(b"\r\n") and (answer.startswith(tag) or b"\r\n" + tag in answer)):
+                    answer += await reader.read(65536)
+                assert answer[answer.rindex(tag):].startswith(tag + b"OK"), answer[-200:]
+        return answer[:answer.rindex(tag)]
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("condstore", [False, True], ids=["plain", "condstore"])
+async def test_fast_fetch_reading_equals_the_general_parser_on_dovecot_answers(dovecot, mailbox, condstore):
+    delivered = [tricky_message(i) if i % 3 else plain_message(i, 50 + i * 97) for i in range(120)]
+    delivered[7] = b""                                      # an empty message: a {0} literal
+    dovecot.deliver_many(mailbox, delivered)
+    modseq = b" MODSEQ" if condstore else b""
+    answer = await raw_fetch_answer(dovecot, mailbox, [
+        b"SELECT INBOX",
+        b"UID STORE 2:9 +FLAGS.SILENT (\\Seen $Label1 Junk)", b"UID STORE 5 +FLAGS.SILENT (\\Flagged \\Answered)",
+        b"UID FETCH 1:* (UID FLAGS INTERNALDATE BODY.PEEK[]" + modseq + b")"])
+    assert answer.count(b" FETCH (UID ") >= 120
+
+    # With CONDSTORE turned on by this FETCH, Dovecot first says "* OK [HIGHESTMODSEQ n]".
+    fetches = answer[answer.index(b"* 1 FETCH "):]
+    client = fed_client(fetches + b"C1 OK done\r\n")
+    while client._conn.buffered() < len(fetches):
+        await client._conn.fill()
+    fast, incomplete = client._take_usual_fetches()
+    assert not incomplete and await client._conn.next_bytes_are(b"C1 OK"), "every FETCH took the fast path"
+    assert fast == await general_parse(answer)
+    assert len(fast) == 120 and sorted(m.raw for m in fast) == sorted(delivered)
+    assert fast[4].flags == ("\\Flagged", "\\Answered", "\\Seen", "\\Recent", "$Label1", "Junk") or \
+        set(fast[4].flags) == {"\\Flagged", "\\Answered", "\\Seen", "\\Recent", "$Label1", "Junk"}
+    assert all((m.modseq is not None) == condstore for m in fast)
+    # The same bytes through fetch(), arriving a few KB at a time: heads and literals cut anywhere.
+    for piece in (4099, 65536):
+        dribbled = fed_client(answer + b"C1 OK done\r\n", piece)
+        assert [m async for m in dribbled.fetch([1])] == fast
+
+
+def _usual(uid: int, body: bytes, flags: bytes = b"\\Seen", modseq: bytes = b" MODSEQ (5)") -> bytes:
+    return (b'* %d FETCH (UID %d FLAGS (%s) INTERNALDATE "01-Feb-2024 10:00:00 +0100"%s BODY[] {%d}\r\n'
+            % (uid, uid, flags, modseq, len(body)) + body + b")\r\n")
+
+
+BODY = b"Subject: x\r\n\r\n* 3 FETCH (UID 3 BODY[] {2}\r\nC1 OK fake\r\n)\r\n"
+BIG = b"Subject: big\r\n\r\n" + b"0123456789abcdef" * 40000         # 640 KB: more than one read
+# Each case: the answer's TCP writes, and how many of its messages the fast path should read.
+FAST_PATH_CASES = {
+    "usual": (2, [_usual(10, BODY), _usual(11, b"", modseq=b"")]),
+    "other-order": (0, [b'* 1 FETCH (UID 10 BODY[] {%d}\r\n' % len(BODY) + BODY
+                    + b' FLAGS (\\Seen) INTERNALDATE "01-Feb-2024 10:00:00 +0000")\r\n']),
+    "items-after-the-literal": (0, [_usual(10, BODY)[:-3] + b" MODSEQ (7))\r\n"]),
+    "body-nil": (1, [b'* 1 FETCH (UID 10 FLAGS () INTERNALDATE "01-Feb-2024 10:00:00 +0000" BODY[] NIL)\r\n',
+                     _usual(11, BODY)]),
+    "flags-with-backslashes": (1, [_usual(10, BODY, flags=b"\\Seen \\Flagged $Label1 \\*"),
+                                   _usual(11, BODY, flags=b'\\Seen "quoted"'),
+                                   _usual(12, BODY, flags=b"\\Seen [bracket]")]),
+    "flags-only-fetch": (2, [_usual(10, BODY), b"* 4 FETCH (UID 12 FLAGS (\\Deleted))\r\n", _usual(11, BODY)]),
+    "lower-case-items": (0, [_usual(10, BODY).replace(b"FLAGS", b"flags")]),
+    "literal-split-across-reads": (2, [_usual(10, BODY)[:-30], _usual(10, BODY)[-30:] + _usual(11, BODY)[:20],
+                                       _usual(11, BODY)[20:]]),
+    "bigger-than-the-read-buffer": (2, [_usual(10, BIG), _usual(11, BODY)]),
+    "big-and-split": (1, [_usual(10, BIG)[:300_000], _usual(10, BIG)[300_000:]]),
+}
+
+
+async def _fetch_server(reader, writer, *, chunks: list[bytes]) -> None:
+    """Answers UID FETCH with ``chunks``, each its own TCP write, drained, with a pause between."""
+    writer.write(b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n")
+    while line := await reader.readline():
+        tag, command = line.split(b" ", 1)
+        if command.startswith(b"LOGIN"):
+            writer.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] logged in\r\n")
+        elif command.startswith(b"UID FETCH"):
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            writer.write(tag + b" OK done\r\n")
+        elif command.startswith(b"LOGOUT"):
+            writer.write(b"* BYE bye\r\n" + tag + b" OK\r\n")
+            await writer.drain()
+            break
+        await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("case", list(FAST_PATH_CASES))
+async def test_fetch_reads_usual_and_unusual_answers_like_the_general_parser(case):
+    fast_count, chunks = FAST_PATH_CASES[case]
+    expected = await general_parse(b"".join(chunks))
+    async with scripted_server(lambda r, w: _fetch_server(r, w, chunks=chunks)) as port:
+        client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
+        await client.login("u", "p")
+        fast: list[FetchedMessage] = []
+        take = client._take_usual_fetches
+
+        def counted() -> tuple[list[FetchedMessage], bool]:
+            messages, incomplete = take()
+            fast.extend(messages)
+            return messages, incomplete
+
+        client._take_usual_fetches = counted
+        messages = [m async for m in client.fetch([10, 11, 12])]
+        assert messages == expected and messages
+        assert len(fast) == fast_count, "the fast path read what it should, and only that"
+        if case == "flags-only-fetch":
+            assert await client.idle(5) is True          # the flag update is a change, not a message
+        await client.logout()
+    by_uid = {m.uid: m for m in messages}
+    if case == "body-nil":
+        assert by_uid[10].raw == b"" and by_uid[11].raw == BODY
+    elif case in ("bigger-than-the-read-buffer", "big-and-split"):
+        assert by_uid[10].raw == BIG
+    elif case == "flags-with-backslashes":
+        assert by_uid[10].flags == ("\\Seen", "\\Flagged", "$Label1", "\\*")
+    else:
+        assert by_uid[10].raw == BODY and by_uid[10].internaldate is not None
