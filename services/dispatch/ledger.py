@@ -7,7 +7,6 @@ Each state change writes its ``email.status`` event to the outbox in the same tr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
@@ -18,6 +17,7 @@ import asyncpg
 from shared.events.envelope import Envelope
 from shared.events.payloads import ActivityCreatedV1, EmailStatusV1
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_STATUS
+from shared.ids import new_id
 from shared.outbox import enqueue_batch
 
 PRODUCER = "dispatch"
@@ -26,25 +26,6 @@ WORKER_LOCK_NAMESPACE = 0x44535043
 
 
 # --------------------------------------------------------------------------- outbox, batched
-
-
-class _RandomIds:
-    """Version 4 UUIDs from the system's CSPRNG, read 256 at a time: ``uuid4()`` makes one system call
-    per id, which a send (a ledger row, an activity, four events) would pay six times."""
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-
-    def __call__(self) -> UUID:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(16 * 256), 0
-        raw = self._pool[self._at:self._at + 16]
-        self._at += 16
-        return UUID(bytes=raw, version=4)
-
-
-new_id = _RandomIds()
 
 # The parametrised envelope classes, looked up once (each ``Envelope[X]`` costs a cache look-up).
 _STATUS_ENVELOPE = Envelope[EmailStatusV1]
