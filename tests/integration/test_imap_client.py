@@ -377,6 +377,28 @@ async def scripted_server(handler: Callable[[asyncio.StreamReader, asyncio.Strea
         server.close()
 
 
+Send = Callable[[bytes], Awaitable[None]]
+
+
+async def answer_commands(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, greeting: bytes,
+                          answer: Callable[[bytes, bytes, Send], Awaitable[None]], *, send: Send | None = None) -> None:
+    """A scripted server's command loop: greet, hand each command to ``answer(tag, command, send)``
+    until LOGOUT (answered here), then close.  ``send`` writes and drains (or dribbles)."""
+    async def write(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    send = send or write
+    await send(greeting)
+    while line := await reader.readline():
+        tag, command = line.split(b" ", 1)
+        if command.startswith(b"LOGOUT"):
+            await send(b"* BYE bye\r\n" + tag + b" OK\r\n")
+            break
+        await answer(tag, command, send)
+    writer.close()
+
+
 async def test_silent_server_is_protocol_timeout():
     hold = asyncio.Event()
 
@@ -409,23 +431,20 @@ async def test_responses_split_into_tiny_reads_with_untagged_between():
             writer.write(data[i:i + 3])
             await writer.drain()
 
+    async def answer(tag, command, send):
+        if command.startswith(b"LOGIN"):
+            await send(tag + b" OK logged in\r\n")
+        elif command.startswith(b"CAPABILITY"):    # the LOGIN reply did not announce them
+            await send(b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK\r\n")
+        elif command.startswith(b"UID FETCH"):
+            await send(b"* 1 FETCH (UID 10 FLAGS (\\Seen) BODY[] {%d}\r\n" % len(body) + body
+                       + b" INTERNALDATE \"01-Feb-2024 10:00:00 +0000\")\r\n* 2 EXISTS\r\n"
+                       + b"* 2 FETCH (FLAGS (\\Seen))\r\n"
+                       + b"* 2 FETCH (BODY[] {0}\r\n UID 11)\r\n" + tag + b" OK done\r\n")
+
     async def server(reader, writer):
-        await dribble(writer, b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n")
-        while line := await reader.readline():
-            tag, command = line.split(b" ", 1)
-            if command.startswith(b"LOGIN"):
-                await dribble(writer, tag + b" OK logged in\r\n")
-            elif command.startswith(b"CAPABILITY"):    # the LOGIN reply did not announce them
-                await dribble(writer, b"* CAPABILITY IMAP4rev1 IDLE\r\n" + tag + b" OK\r\n")
-            elif command.startswith(b"UID FETCH"):
-                await dribble(writer, b"* 1 FETCH (UID 10 FLAGS (\\Seen) BODY[] {%d}\r\n" % len(body) + body
-                              + b" INTERNALDATE \"01-Feb-2024 10:00:00 +0000\")\r\n* 2 EXISTS\r\n"
-                              + b"* 2 FETCH (FLAGS (\\Seen))\r\n"
-                              + b"* 2 FETCH (BODY[] {0}\r\n UID 11)\r\n" + tag + b" OK done\r\n")
-            elif command.startswith(b"LOGOUT"):
-                await dribble(writer, b"* BYE bye\r\n" + tag + b" OK\r\n")
-                break
-        writer.close()
+        await answer_commands(reader, writer, b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n", answer,
+                              send=lambda data: dribble(writer, data))
 
     async with scripted_server(server) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
@@ -440,28 +459,23 @@ async def test_responses_split_into_tiny_reads_with_untagged_between():
 async def _qresync_server(reader, writer, *, enabled: bytes, seen: list[bytes]) -> None:
     """A QRESYNC server whose second EXAMINE is answered with the previous folder's news first."""
     caps = b"IMAP4rev1 ENABLE CONDSTORE QRESYNC IDLE"
-    writer.write(b"* OK [CAPABILITY " + caps + b"] ready\r\n")
-    while line := await reader.readline():
-        seen.append(line)
-        tag, command = line.split(b" ", 1)
+
+    async def answer(tag, command, send):
+        seen.append(tag + b" " + command)
         if command.startswith(b"LOGIN"):
-            writer.write(tag + b" OK [CAPABILITY " + caps + b"] logged in\r\n")
+            await send(tag + b" OK [CAPABILITY " + caps + b"] logged in\r\n")
         elif command.startswith(b"ENABLE"):
-            writer.write(tag + b" NO not now\r\n" if enabled == b"NO" else enabled + tag + b" OK enabled\r\n")
+            await send(tag + b" NO not now\r\n" if enabled == b"NO" else enabled + tag + b" OK enabled\r\n")
         elif command.startswith(b'EXAMINE "INBOX"'):
-            writer.write(b"* 10 EXISTS\r\n* OK [UIDVALIDITY 7] x\r\n* OK [UIDNEXT 11] x\r\n"
-                         b"* OK [HIGHESTMODSEQ 20] x\r\n" + tag + b" OK [READ-ONLY] done\r\n")
+            await send(b"* 10 EXISTS\r\n* OK [UIDVALIDITY 7] x\r\n* OK [UIDNEXT 11] x\r\n"
+                       b"* OK [HIGHESTMODSEQ 20] x\r\n" + tag + b" OK [READ-ONLY] done\r\n")
         elif command.startswith(b'EXAMINE "Other"'):
-            writer.write(b"* VANISHED 4\r\n* 9 FETCH (UID 9 FLAGS (\\Seen) MODSEQ (21))\r\n"   # about INBOX
-                         b"* OK [CLOSED] INBOX closed\r\n* 5 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\n"
-                         b"* OK [UIDNEXT 9] x\r\n* OK [HIGHESTMODSEQ 33] x\r\n* VANISHED (EARLIER) 6,2:3\r\n"
-                         b"* 1 FETCH (UID 1 FLAGS (\\Seen) MODSEQ (32))\r\n" + tag + b" OK [READ-ONLY] done\r\n")
-        elif command.startswith(b"LOGOUT"):
-            writer.write(b"* BYE bye\r\n" + tag + b" OK\r\n")
-            await writer.drain()
-            break
-        await writer.drain()
-    writer.close()
+            await send(b"* VANISHED 4\r\n* 9 FETCH (UID 9 FLAGS (\\Seen) MODSEQ (21))\r\n"   # about INBOX
+                       b"* OK [CLOSED] INBOX closed\r\n* 5 EXISTS\r\n* OK [UIDVALIDITY 9] x\r\n"
+                       b"* OK [UIDNEXT 9] x\r\n* OK [HIGHESTMODSEQ 33] x\r\n* VANISHED (EARLIER) 6,2:3\r\n"
+                       b"* 1 FETCH (UID 1 FLAGS (\\Seen) MODSEQ (32))\r\n" + tag + b" OK [READ-ONLY] done\r\n")
+
+    await answer_commands(reader, writer, b"* OK [CAPABILITY " + caps + b"] ready\r\n", answer)
 
 
 async def test_qresync_answers_count_only_after_closed():
@@ -614,23 +628,16 @@ FAST_PATH_CASES = {
 
 async def _fetch_server(reader, writer, *, chunks: list[bytes]) -> None:
     """Answers UID FETCH with ``chunks``, each its own TCP write, drained, with a pause between."""
-    writer.write(b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n")
-    while line := await reader.readline():
-        tag, command = line.split(b" ", 1)
+    async def answer(tag, command, send):
         if command.startswith(b"LOGIN"):
-            writer.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] logged in\r\n")
+            await send(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] logged in\r\n")
         elif command.startswith(b"UID FETCH"):
             for chunk in chunks:
-                writer.write(chunk)
-                await writer.drain()
-                await asyncio.sleep(0.02)
-            writer.write(tag + b" OK done\r\n")
-        elif command.startswith(b"LOGOUT"):
-            writer.write(b"* BYE bye\r\n" + tag + b" OK\r\n")
-            await writer.drain()
-            break
-        await writer.drain()
-    writer.close()
+                await send(chunk)
+                await asyncio.sleep(0.02)   # separate TCP writes, as a server's would be
+            await send(tag + b" OK done\r\n")
+
+    await answer_commands(reader, writer, b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n", answer)
 
 
 @pytest.mark.parametrize("case", list(FAST_PATH_CASES))

@@ -218,6 +218,26 @@ async def tapped_session(tap, box: ReadyMailbox) -> ImapClient:
     return client
 
 
+async def sync_cut_at_uid(tap: WireTap, sync: ImapFolderSync, box: ReadyMailbox, folder: str, uid: int) -> None:
+    """A sync whose connection breaks as the server sends message ``uid``."""
+    tap.cut_at = re.compile(rb"\(UID %d " % uid)
+    broken = await tapped_session(tap, box)
+    with pytest.raises(ConnectionFailed):
+        await sync.sync(broken, [folder])
+    await broken.close()
+
+
+async def sync_folder_again(tap: WireTap, sync: ImapFolderSync, box: ReadyMailbox, folder: str) -> tuple[int, Traffic]:
+    """The next session's sync of ``folder``: how many messages it published, and its traffic."""
+    resumed = await tapped_session(tap, box)
+    try:
+        mark = tap.mark()
+        published = await sync.sync_folder(resumed, folder)
+        return published, tap.since(mark)
+    finally:
+        await resumed.logout()
+
+
 def other_client(dovecot, box: ReadyMailbox, action: Callable[[imaplib.IMAP4], None]) -> Callable[[], None]:
     """Another mail client's session, straight to Dovecot (not through the tap)."""
     def run() -> None:
@@ -400,26 +420,17 @@ async def test_an_interrupted_sync_keeps_the_old_modseq_until_all_it_stands_for_
     await asyncio.to_thread(other_client(dovecot, box, expunge(2)))
     dovecot.deliver_many(box.email, [message(f"n{i}") for i in range(700)])   # UIDs 6..705
     # The connection breaks in the second UID FETCH chunk, after the first batch (6..505) was read.
-    tap.cut_at = re.compile(rb"\(UID 600 ")
-    broken = await tapped_session(tap, box)
-    with pytest.raises(ConnectionFailed):
-        await sync.sync(broken, ["INBOX"])
-    await broken.close()
+    await sync_cut_at_uid(tap, sync, box, "INBOX", 600)
     interrupted = await saved_state(pool, box)
     assert interrupted["last_uid"] == 505, "the batch read before the break was saved"
     assert interrupted["highestmodseq"] == before["highestmodseq"], "but not the modseq: it also stands for UID 2"
     assert (await ingested(pool, box))[2] is False
 
-    resumed = await tapped_session(tap, box)
-    try:
-        mark = tap.mark()
-        assert await sync.sync_folder(resumed, "INBOX") == 200
-        again = tap.since(mark)
-        assert again.verbs == ["ENABLE", "EXAMINE", "UID SEARCH", "UID FETCH"]
-        assert qresync_params(again.commands[1]) == (before["uidvalidity"], before["highestmodseq"], "1:505")
-        assert b"VANISHED (EARLIER) 2\r\n" in again.server_text
-    finally:
-        await resumed.logout()
+    published, again = await sync_folder_again(tap, sync, box, "INBOX")
+    assert published == 200
+    assert again.verbs == ["ENABLE", "EXAMINE", "UID SEARCH", "UID FETCH"]
+    assert qresync_params(again.commands[1]) == (before["uidvalidity"], before["highestmodseq"], "1:505")
+    assert b"VANISHED (EARLIER) 2\r\n" in again.server_text
     assert (await ingested(pool, box))[2] is True
     saved = await saved_state(pool, box)
     assert (saved["last_uid"], saved["highestmodseq"]) == (705, (await server_view(dovecot, box))[1])
@@ -479,24 +490,15 @@ async def test_an_interrupted_resync_never_pairs_the_new_uidvalidity_with_the_ol
     uidvalidity, _ = await server_view(dovecot, box, "Archive")
     assert uidvalidity != old["uidvalidity"]
 
-    tap.cut_at = re.compile(rb"\(UID 550 ")       # in the second chunk of the resync
-    broken = await tapped_session(tap, box)
-    with pytest.raises(ConnectionFailed):
-        await sync.sync(broken, ["Archive"])
-    await broken.close()
+    await sync_cut_at_uid(tap, sync, box, "Archive", 550)       # in the second chunk of the resync
     interrupted = await saved_state(pool, box, "Archive")
     assert (interrupted["uidvalidity"], interrupted["last_uid"], interrupted["highestmodseq"]) == \
         (uidvalidity, 500, None), "the old numbering's modseq means nothing in the new one"
 
-    resumed = await tapped_session(tap, box)
-    try:
-        mark = tap.mark()
-        assert await sync.sync_folder(resumed, "Archive") == 100
-        again = tap.since(mark)
-        assert again.verbs == ["ENABLE", "EXAMINE", "UID SEARCH", "UID FETCH"]
-        assert again.commands[1] == 'EXAMINE "Archive"', "no QRESYNC parameters without a modseq of this numbering"
-    finally:
-        await resumed.logout()
+    published, again = await sync_folder_again(tap, sync, box, "Archive")
+    assert published == 100
+    assert again.verbs == ["ENABLE", "EXAMINE", "UID SEARCH", "UID FETCH"]
+    assert again.commands[1] == 'EXAMINE "Archive"', "no QRESYNC parameters without a modseq of this numbering"
     saved = await saved_state(pool, box, "Archive")
     assert (saved["uidvalidity"], saved["last_uid"]) == (uidvalidity, 600) and saved["highestmodseq"]
     events = await read_topic(settings, "email.received", 603)
