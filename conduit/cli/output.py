@@ -37,3 +37,8 @@ def fields(pairs: Sequence[tuple[str, Any]]) -> None:
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
+
+
+def clip(text: str, n: int) -> str:
+    """``text`` cut to ``n`` characters for a table column."""
+    return text if len(text) <= n else text[: n - 1] + "…"

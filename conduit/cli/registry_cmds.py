@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from pydantic import SecretStr
 
-from conduit.cli.output import emit_json, fail, fields, table
+from conduit.cli.output import clip, emit_json, fail, fields, table
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
 from shared.registry import models
@@ -394,7 +394,7 @@ def activity_list(limit: int = typer.Option(50), org: str = org_option(), json_:
             acts = await ctx.registry.activities(ctx.org, limit)
             if json_:
                 return emit_json(acts)
-            table([(f"{a.created_at:%Y-%m-%d %H:%M:%S}", a.direction, a.status, a.from_address, _clip(a.subject, 50),
+            table([(f"{a.created_at:%Y-%m-%d %H:%M:%S}", a.direction, a.status, a.from_address, clip(a.subject, 50),
                     f"{a.regarding_kind}:{a.regarding_id}" if a.regarding_kind else "", a.id) for a in acts],
                   ["created", "direction", "status", "from", "subject", "regarding", "id"])
     run(go)
@@ -449,7 +449,3 @@ def _secret_from(env: str, what: str) -> SecretStr:
 
 def _endpoint(host: str | None, port: int | None, tls: str) -> str:
     return f"{host}:{port} ({tls})" if host else "-"
-
-
-def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"

@@ -96,7 +96,7 @@ def send(
             finally:
                 await follower.stop()
             if status is None:
-                status = await _from_ledger(ctx.pool, ctx.org.id, payload.idempotency_key)
+                status = await _from_ledger(ctx, payload.idempotency_key)
             if status is None:
                 typer.echo(payload.idempotency_key)
                 raise fail(f"no final status within {timeout:.0f} s (is the dispatch service running?)", code=1)
@@ -156,16 +156,21 @@ class _StatusFollower:
             await self._consumer.stop()
 
 
-async def _from_ledger(pool: Any, org_id: uuid.UUID, key: str) -> dict[str, Any] | None:
-    """A key used before publishes no new status: its final one is in the send ledger."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            """SELECT idempotency_key, status, id AS request_id, mailbox_id, reason, detail, smtp_code, smtp_reply,
-                      message_id, activity_id, attempts AS attempt
-               FROM outbound_email WHERE organization_id = $1 AND idempotency_key = $2""", org_id, key)
-    if row is None or row["status"] not in FINAL:
+async def _from_ledger(ctx: Any, key: str) -> dict[str, Any] | None:
+    """A key used before publishes no new status: its final one is in the send ledger (as an
+    ``email.status`` event's fields)."""
+    from shared.errors import NotFound
+
+    try:
+        r = await ctx.registry.outbound_request(ctx.org, key)
+    except NotFound:
         return None
-    return {k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in dict(row).items()}
+    if r.idempotency_key != key or r.status not in FINAL:
+        return None
+    return {"idempotency_key": r.idempotency_key, "status": r.status, "request_id": str(r.id),
+            "mailbox_id": str(r.mailbox_id) if r.mailbox_id else None, "reason": r.reason, "detail": r.detail,
+            "smtp_code": r.smtp_code, "smtp_reply": r.smtp_reply, "message_id": r.message_id,
+            "activity_id": str(r.activity_id) if r.activity_id else None, "attempt": r.attempts}
 
 
 def main() -> None:

@@ -164,3 +164,58 @@ class Decision(BaseModel):
     subject: str
     from_address: str | None
     decided_at: datetime
+
+
+OutboundStatus = Literal["pending_send", "sending", "sent", "failed", "rejected"]
+
+
+class OutboundRequest(BaseModel):
+    """One request to send, as the send ledger holds it (dispatch writes it; this only reads)."""
+
+    id: UUID
+    idempotency_key: str
+    status: OutboundStatus
+    mailbox_id: UUID | None
+    mailbox_email: str | None
+    to: list[str]
+    subject: str | None
+    message_id: str | None
+    transport: str | None
+    attempts: int
+    reason: str | None
+    detail: str | None
+    smtp_code: int | None
+    smtp_reply: str | None
+    activity_id: UUID | None
+    worker_id: int | None
+    next_attempt_at: datetime | None
+    deadline: datetime | None
+    requested_at: datetime | None
+    sent_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    def explanation(self) -> str:
+        """What the status means for the requester, in one sentence."""
+        mid = f"<{self.message_id}>" if self.message_id else "(none yet)"
+        if self.status == "sent":
+            reply = " ".join(str(p) for p in (self.smtp_code, self.smtp_reply) if p)
+            when = f" at {self.sent_at:%Y-%m-%d %H:%M:%S %Z}" if self.sent_at else ""
+            return f"Sent: the server accepted it{when}" + (f" ({reply})." if reply else ".")
+        if self.status == "sending":
+            return (f"Being sent by dispatch worker {self.worker_id} (attempt {self.attempts}); if that worker dies, "
+                    "it becomes failed with outcome_unknown, never sent twice.")
+        if self.status == "pending_send":
+            when = f" at {self.next_attempt_at:%Y-%m-%d %H:%M:%S %Z}" if self.next_attempt_at else ""
+            last = f"; the last attempt failed ({self.reason}): {self.detail}" if self.reason else ""
+            return f"Waiting to be sent{when}, after {self.attempts} attempt(s){last}."
+        if self.status == "rejected":
+            return f"Rejected before any attempt ({self.reason}): {self.detail}"
+        if self.reason == "outcome_unknown":
+            return (f"Failed with an unknown outcome: the server may have accepted it, so it is not resent (it must "
+                    f"never arrive twice). Look for Message-ID {mid} at the recipient or in the Sent folder; to send "
+                    "it again, publish it with a new idempotency key.")
+        detail = (self.detail or "no detail").rstrip(".")
+        said = f" The server said: {self.smtp_code} {self.smtp_reply}" \
+            if self.smtp_code and (self.smtp_reply or "") not in detail else ""
+        return f"Failed ({self.reason}): {detail}.{said}"

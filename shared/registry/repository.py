@@ -283,6 +283,30 @@ async def decisions_for_message(conn: asyncpg.Connection, org_id: UUID, message_
     )
 
 
+_OUTBOUND = """SELECT o.id, o.idempotency_key, o.status, o.mailbox_id, m.email AS mailbox_email, o.request -> 'to' AS to,
+                      o.subject, o.message_id, o.transport, o.attempts, o.reason, o.detail, o.smtp_code, o.smtp_reply,
+                      o.activity_id, o.worker_id, o.next_attempt_at, o.deadline, o.requested_at, o.sent_at,
+                      o.created_at, o.updated_at
+               FROM outbound_email o LEFT JOIN mailbox m ON m.id = o.mailbox_id"""
+
+
+async def outbound_requests(conn: asyncpg.Connection, org_id: UUID, status: str | None, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        _OUTBOUND + " WHERE o.organization_id = $1 AND ($2::text IS NULL OR o.status = $2) ORDER BY o.created_at DESC LIMIT $3",
+        org_id, status, limit,
+    )
+
+
+async def outbound_request_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: str) -> asyncpg.Record | None:
+    """By idempotency key, request id or Message-ID (the key first: keys are the requester's name for it)."""
+    return await conn.fetchrow(
+        _OUTBOUND + """ WHERE o.organization_id = $1
+                          AND (o.idempotency_key = $2 OR o.id::text = $2 OR o.message_id = trim(both '<>' from $2))
+                        ORDER BY o.idempotency_key = $2 DESC, o.created_at DESC LIMIT 1""",
+        org_id, ref,
+    )
+
+
 async def _update(conn: asyncpg.Connection, table: str, row_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
     return await conn.fetchrow(f"UPDATE {table} SET {assignments} WHERE id = $1 RETURNING *", row_id, *fields.values())

@@ -439,6 +439,18 @@ class Registry:
         async with self._pool.acquire() as conn:
             return [models.Decision(**dict(r)) for r in await repo.decisions_for_message(conn, org.id, message_id.strip())]
 
+    async def outbound_requests(self, org: models.Organization, status: str | None = None,
+                                limit: int = 50) -> list[models.OutboundRequest]:
+        async with self._pool.acquire() as conn:
+            return [_outbound(r) for r in await repo.outbound_requests(conn, org.id, status, limit)]
+
+    async def outbound_request(self, org: models.Organization, ref: str) -> models.OutboundRequest:
+        async with self._pool.acquire() as conn:
+            row = await repo.outbound_request_by_ref(conn, org.id, ref.strip())
+        if row is None:
+            raise NotFound(f"no request to send {ref!r} (give its idempotency key, request id or Message-ID)")
+        return _outbound(row)
+
     # --- events ------------------------------------------------------------------------------------
 
     async def _alert(self, conn: asyncpg.Connection, org_id: UUID, mailbox_id: UUID, severity: str,
@@ -511,3 +523,11 @@ def _mailbox(row: asyncpg.Record, alerts: list[dict[str, Any]]) -> models.Mailbo
 def _activity(row: asyncpg.Record) -> dict[str, Any]:
     data = dict(row)
     return {k: data[k] for k in models.Activity.model_fields if k in data}
+
+
+def _outbound(row: asyncpg.Record) -> models.OutboundRequest:
+    data = dict(row)
+    # A rejected request's body may be anything its sender published: keep only addresses.
+    to = data["to"]
+    data["to"] = [a for a in to if isinstance(a, str)] if isinstance(to, list) else []
+    return models.OutboundRequest(**data)

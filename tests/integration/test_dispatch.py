@@ -197,6 +197,10 @@ async def test_550_fails_at_once_with_the_reply(settings: Settings, registry: Re
     final = (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key)
     assert final.status == "failed" and final.smtp_code == 550 and final.reason == "smtp_permanent"
     assert "no such user" in final.smtp_reply and final.attempt == 1
+    # `conduit outbound show` reads the same from the ledger, and says what it means.
+    request = await registry.outbound_request(org, event.data.idempotency_key)
+    assert (request.status, request.smtp_code, request.attempts) == ("failed", 550, 1)
+    assert request.explanation().startswith("Failed (smtp_permanent): ") and "no such user" in request.explanation()
 
 
 async def test_lost_reply_after_the_data_is_failed_not_resent(settings: Settings, registry: Registry, org,
@@ -209,6 +213,9 @@ async def test_lost_reply_after_the_data_is_failed_not_resent(settings: Settings
     final = (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key)
     assert final.status == "failed" and final.reason == "outcome_unknown"
     assert len(capture.messages()) == 1  # stored once by the server, never sent again
+    request = await registry.outbound_request(org, f"<{final.message_id}>")   # found by its Message-ID too
+    assert request.idempotency_key == event.data.idempotency_key
+    assert "not resent" in request.explanation() and f"<{final.message_id}>" in request.explanation()
 
 
 async def test_auth_failure_backs_off_the_mailbox_and_success_clears_it(

@@ -19,18 +19,12 @@ from tests.support.dispatch import sending_mailbox
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _command() -> list[str]:
-    from conduit.cli import app
-
-    registered = any(c.name == "send" for c in app.registered_commands)
-    return [sys.executable, "-m", "conduit", "send"] if registered else [sys.executable, "-m", "conduit.cli.send_cmd"]
-
-
 async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """``conduit ARGS`` as a user runs it: exit code, standard output, standard error."""
     env = {**os.environ, "CONDUIT_STATE_DIR": str(settings.state_dir), "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
            "CONDUIT_TOPIC_PREFIX": settings.topic_prefix, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
-    proc = await asyncio.create_subprocess_exec(*_command(), *args, env=env, cwd=ROOT,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "conduit", *args, env=env, cwd=ROOT,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     return proc.returncode, out.decode(), err.decode()
@@ -45,7 +39,7 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
         running = asyncio.create_task(run_service(service, stopping=stopping))
         try:
             key = f"cli-{uuid.uuid4().hex[:8]}"
-            args = ["--org", org.name, "--from", sender.email, "--to", "someone@customer.example", "--subject", "From the CLI",
+            args = ["send", "--org", org.name, "--from", sender.email, "--to", "someone@customer.example", "--subject", "From the CLI",
                     "--text", "Hello from conduit send.", "-H", "X-Source: cli", "--key", key, "--wait", "--json"]
             code, out, err = await _cli(settings, *args)
             assert code == 0, err
@@ -54,9 +48,29 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             code, out, err = await _cli(settings, *args)  # the same key again: no second send
             assert code == 0, err
             assert json.loads(out)["message_id"] == status["message_id"]
-            code, out, err = await _cli(settings, "--org", org.name, "--from", "nobody@example.com", "--to", "x@example.com",
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", "nobody@example.com", "--to", "x@example.com",
                                         "--wait", "--json")
             assert code == 1 and json.loads(out)["reason"] == "unknown_mailbox"
+            rejected_key = json.loads(out)["idempotency_key"]
+
+            # Where each request stands, as `conduit outbound` reads it from the send ledger.
+            code, out, err = await _cli(settings, "outbound", "show", key, "--org", org.name, "--json")
+            assert code == 0, err
+            shown = json.loads(out)
+            assert (shown["status"], shown["message_id"], shown["mailbox_email"], shown["to"]) == \
+                ("sent", status["message_id"], sender.email, ["someone@customer.example"])
+            assert shown["explanation"].startswith("Sent: the server accepted it")
+            code, out, err = await _cli(settings, "outbound", "show", key, "--org", org.name)
+            assert code == 0 and "Sent: the server accepted it" in out and "someone@customer.example" in out
+            code, out, err = await _cli(settings, "outbound", "list", "--org", org.name, "--json")
+            assert code == 0, err
+            assert [(r["idempotency_key"], r["status"]) for r in json.loads(out)] == [(rejected_key, "rejected"), (key, "sent")]
+            code, out, err = await _cli(settings, "outbound", "list", "--status", "rejected", "--org", org.name)
+            assert code == 0 and "unknown_mailbox" in out and rejected_key in out and key not in out.replace(rejected_key, "")
+            code, out, err = await _cli(settings, "outbound", "show", "no-such-key", "--org", org.name)
+            assert code == 2 and "no request to send 'no-such-key'" in err and "Traceback" not in err
+            code, out, err = await _cli(settings, "outbound", "list", "--status", "lost", "--org", org.name)
+            assert code == 2 and "is not one of" in err and "Traceback" not in err
         finally:
             stopping.set()
             await running

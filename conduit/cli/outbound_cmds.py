@@ -1,0 +1,50 @@
+"""`conduit outbound`: the requests to send and where each stands, as the send ledger holds them.
+
+The counterpart of `conduit message why` for outgoing email: "was it sent, and if not, why?"
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from conduit.cli.output import clip, emit_json, fields, table
+from conduit.cli.runner import load_settings, org_option, run
+from conduit.context import command_context
+
+outbound_app = typer.Typer(help="Requests to send email: their status, and why.", no_args_is_help=True)
+STATUSES = ("pending_send", "sending", "sent", "failed", "rejected")
+
+
+@outbound_app.command("list")
+def outbound_list(status: Optional[str] = typer.Option(None, "--status", help="Only this status: " + ", ".join(STATUSES) + "."),
+                  limit: int = typer.Option(50, min=1, max=10_000), org: str = org_option(),
+                  json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List recent requests to send, newest first."""
+    if status is not None and status not in STATUSES:
+        raise typer.BadParameter(f"{status!r} is not one of {', '.join(STATUSES)}", param_hint="--status")
+
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            requests = await ctx.registry.outbound_requests(ctx.org, status, limit)
+            if json_:
+                return emit_json(requests)
+            table([(f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.status, r.reason or "", r.attempts, r.mailbox_email or "",
+                    clip(", ".join(r.to), 40), clip(r.subject or "", 40), r.idempotency_key) for r in requests],
+                  ["created", "status", "reason", "attempts", "mailbox", "to", "subject", "key"])
+    run(go)
+
+
+@outbound_app.command("show")
+def outbound_show(ref: str = typer.Argument(..., help="Idempotency key, request id or Message-ID."), org: str = org_option(),
+                  json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show a request to send: its status, attempts, the server's reply, and what that means."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            r = await ctx.registry.outbound_request(ctx.org, ref)
+            if json_:
+                return emit_json({**r.model_dump(mode="json"), "explanation": r.explanation()})
+            fields([(k.replace("_", " "), ", ".join(v) if isinstance(v, list) else v) for k, v in r.model_dump().items()
+                    if v is not None and v != []])
+            typer.echo(r.explanation())
+    run(go)
