@@ -241,10 +241,10 @@ def mailbox_list(org: str = org_option(), json_: bool = JSON) -> None:
 @mailbox_app.command("show")
 def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or its owner's address."),
                  org: str = org_option(), json_: bool = JSON) -> None:
-    """Show a mailbox: settings, Test & Enable results, errors, back-off and recent alerts."""
+    """Show a mailbox: settings, Test & Enable results, errors, back-off, where ingest stands, recent alerts."""
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
-            m = await ctx.registry.mailbox(ctx.org, ref)
+            m = await ctx.registry.mailbox(ctx.org, ref, sync=True)
             if json_:
                 return emit_json(m)
             pairs: list[tuple[str, object]] = [
@@ -260,12 +260,29 @@ def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or it
                 pairs.append((d, f"{s.status}; errors {s.error_count}"
                               + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S}" if s.backoff_until else "")
                               + (f"; {s.test_message}" if s.test_message else "")))
+            if m.sync is not None:
+                pairs += _sync_lines(m.sync)
             fields(pairs)
             if m.alerts:
                 typer.echo("alerts:")
                 for a in m.alerts:
                     typer.echo(f"  {a.created_at:%Y-%m-%d %H:%M:%S} {a.severity:<11} {a.direction or '-':<8} {a.code}: {a.message}")
     run(go)
+
+
+def _sync_lines(sync: models.MailboxSync) -> list[tuple[str, object]]:
+    last = f", the last at {sync.last_ingested_at:%Y-%m-%d %H:%M:%S}" if sync.last_ingested_at else ""
+    lines: list[tuple[str, object]] = [
+        ("worked by", f"{sync.worked_by} (lease until {sync.lease_expires_at:%H:%M:%S})" if sync.worked_by
+         else "no ingest replica holds it now"),
+        ("ingested", f"{sync.ingested} message(s){last}"),
+    ]
+    lines += [(f"folder {f.folder}", f"UIDVALIDITY {f.uidvalidity}, read to UID {f.last_uid}"
+               + (f", HIGHESTMODSEQ {f.highestmodseq}" if f.highestmodseq else "")
+               + f"; changed {f.changed_at:%Y-%m-%d %H:%M:%S}") for f in sync.folders]
+    if sync.pop3_seen:
+        lines.append(("POP3 messages seen", sync.pop3_seen))
+    return lines
 
 
 @mailbox_app.command("add-forward")

@@ -99,6 +99,25 @@ class DirectionState(BaseModel):
     backoff_until: datetime | None
 
 
+class FolderSync(BaseModel):
+    folder: str
+    uidvalidity: int
+    last_uid: int
+    highestmodseq: int | None
+    changed_at: datetime        # when this state last moved (an unchanged folder is not written)
+
+
+class MailboxSync(BaseModel):
+    """Where ingest stands with a mailbox: who works it, how far each folder is read, what came in."""
+
+    worked_by: str | None       # the ingest replica holding its lease now (None: no live lease)
+    lease_expires_at: datetime | None
+    folders: list[FolderSync]
+    pop3_seen: int              # POP3 unique ids recorded as read
+    ingested: int               # messages stored and announced from this mailbox
+    last_ingested_at: datetime | None
+
+
 class Mailbox(BaseModel):
     id: UUID
     organization_id: UUID
@@ -121,6 +140,7 @@ class Mailbox(BaseModel):
     delete_after_processing: bool
     tracked_folders: list[str]
     alerts: list[Alert] = []
+    sync: MailboxSync | None = None   # with ``Registry.mailbox(..., sync=True)``
 
 
 class Record(BaseModel):

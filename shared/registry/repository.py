@@ -283,6 +283,22 @@ async def decisions_for_message(conn: asyncpg.Connection, org_id: UUID, message_
     )
 
 
+async def mailbox_sync(conn: asyncpg.Connection, mailbox_id: UUID) -> tuple[asyncpg.Record, list[asyncpg.Record]]:
+    """Ingest's bookkeeping of one mailbox: its live lease and counts, and its IMAP folders' state."""
+    summary = await conn.fetchrow(
+        """SELECT l.holder AS worked_by, l.expires_at AS lease_expires_at,
+                  (SELECT count(*) FROM pop3_seen WHERE mailbox_id = $1) AS pop3_seen,
+                  (SELECT count(*) FROM ingested_message WHERE mailbox_id = $1) AS ingested,
+                  (SELECT max(ingested_at) FROM ingested_message WHERE mailbox_id = $1) AS last_ingested_at
+           FROM (SELECT 1) one LEFT JOIN mailbox_lease l ON l.mailbox_id = $1 AND l.expires_at > now()""",
+        mailbox_id,
+    )
+    folders = await conn.fetch(
+        """SELECT folder, uidvalidity, last_uid, highestmodseq, updated_at AS changed_at FROM imap_folder_state
+           WHERE mailbox_id = $1 ORDER BY folder""", mailbox_id)
+    return summary, folders
+
+
 _OUTBOUND = """SELECT o.id, o.idempotency_key, o.status, o.mailbox_id, m.email AS mailbox_email, o.request -> 'to' AS to,
                       o.subject, o.message_id, o.transport, o.attempts, o.reason, o.detail, o.smtp_code, o.smtp_reply,
                       o.activity_id, o.worker_id, o.next_attempt_at, o.deadline, o.requested_at, o.sent_at,

@@ -310,9 +310,14 @@ class Registry:
         async with self._pool.acquire() as conn:
             return [await self._mailbox_model(conn, r, alerts=False) for r in await repo.mailboxes(conn, org.id)]
 
-    async def mailbox(self, org: models.Organization, ref: str) -> models.Mailbox:
+    async def mailbox(self, org: models.Organization, ref: str, *, sync: bool = False) -> models.Mailbox:
+        """A mailbox; with ``sync``, also where ingest stands with it."""
         async with self._pool.acquire() as conn:
-            return await self._mailbox_model(conn, await self._mailbox_row(conn, org, ref))
+            mailbox = await self._mailbox_model(conn, await self._mailbox_row(conn, org, ref))
+            if sync:
+                summary, folders = await repo.mailbox_sync(conn, mailbox.id)
+                mailbox.sync = models.MailboxSync(**dict(summary), folders=[models.FolderSync(**dict(f)) for f in folders])
+            return mailbox
 
     async def _mailbox_row(self, conn: asyncpg.Connection, org: models.Organization, ref: str) -> asyncpg.Record:
         row = await repo.mailbox_by_ref(conn, org.id, ref)

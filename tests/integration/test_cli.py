@@ -52,6 +52,9 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     assert {m["email"] for m in mailboxes} == {"ann@example.com", "support@example.com"}
     shown = json.loads(ok("mailbox", "show", "ann@example.com", "--json"))
     assert shown["has_credentials"] and shown["email_approved"] and shown["profile_name"] == "corp"
+    assert shown["sync"] == {"worked_by": None, "lease_expires_at": None, "folders": [], "pop3_seen": 0,
+                             "ingested": 0, "last_ingested_at": None}
+    assert "no ingest replica holds it now" in ok("mailbox", "show", "ann@example.com")
     profile = json.loads(ok("profile", "show", "corp", "--json"))
     assert profile["is_default"] and profile["has_profile_secret"]
     for verb in (("profile", "list"), ("user", "list"), ("queue", "list"), ("record", "list"), ("activity", "list")):

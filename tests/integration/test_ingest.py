@@ -44,6 +44,11 @@ async def test_imap_messages_are_stored_then_published_once(settings, registry: 
     await ingest_once(settings)
     events = await received(settings, 31)
     assert len(events) == 31 and events[-1]["data"]["uid"] == 31
+    # `conduit mailbox show` says where ingest stands: the folder read to UID 31, 31 messages in.
+    sync = (await registry.mailbox(org, box.email, sync=True)).sync
+    assert sync is not None and sync.ingested == 31 and sync.last_ingested_at is not None
+    assert [(f.folder, f.last_uid) for f in sync.folders] == [("INBOX", 31)] and sync.folders[0].highestmodseq
+    assert sync.worked_by is None, "a burst run gives its leases back"
 
 
 async def test_uidvalidity_change_resyncs_without_duplicates(settings, registry: Registry, org, dovecot, pool) -> None:
@@ -86,6 +91,8 @@ async def test_pop3_uidl_bookkeeping(settings, registry: Registry, org, dovecot)
     await ingest_once(settings)
     events = await received(settings, 5)
     assert len(events) == 5 and all(e["data"]["source"] == "pop3" and e["data"]["uidl"] for e in events)
+    sync = (await registry.mailbox(org, box.email, sync=True)).sync
+    assert sync is not None and (sync.pop3_seen, sync.ingested, sync.folders) == (5, 5, [])
 
 
 @pytest.mark.parametrize("change", ["inactive", "no_profile", "not_approved"])
