@@ -164,7 +164,8 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
                 tracking_token = EXCLUDED.tracking_token, next_attempt_at = EXCLUDED.next_attempt_at,
                 deadline = EXCLUDED.deadline, request = EXCLUDED.request, event_id = EXCLUDED.event_id,
                 correlation_id = EXCLUDED.correlation_id, requested_at = EXCLUDED.requested_at,
-                worker_id = EXCLUDED.worker_id, attempts = EXCLUDED.attempts, created_at = now(), updated_at = now()
+                worker_id = EXCLUDED.worker_id, attempts = EXCLUDED.attempts, started_at = NULL, created_at = now(),
+                updated_at = now()
            WHERE o.status = 'rejected'
            RETURNING {_CLAIMED_COLUMNS.replace("o.request,", "NULL::jsonb AS request,")}, o.status""",
         [r.id for r in rows], [r.organization_id for r in rows], [r.idempotency_key for r in rows],
@@ -228,7 +229,7 @@ async def claim(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int) -
         return []
     return await conn.fetch(
         f"""UPDATE outbound_email o SET status = 'sending', attempts = attempts + 1, worker_id = $2,
-                   next_attempt_at = NULL, updated_at = now()
+                   next_attempt_at = NULL, started_at = NULL, updated_at = now()
             WHERE o.id = ANY($1::uuid[]) AND o.status = 'pending_send'
             RETURNING {_CLAIMED_COLUMNS}""",
         list(ids), worker_id,
@@ -242,7 +243,7 @@ async def claim_due(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID], limit
         return []
     return await conn.fetch(
         f"""UPDATE outbound_email o SET status = 'sending', attempts = attempts + 1, worker_id = $3,
-                   next_attempt_at = NULL, updated_at = now()
+                   next_attempt_at = NULL, started_at = NULL, updated_at = now()
             WHERE o.id IN (SELECT d.id FROM outbound_email d
                            WHERE d.status = 'pending_send' AND d.next_attempt_at <= now()
                              AND d.mailbox_id = ANY($1::uuid[]) AND (d.deadline IS NULL OR d.deadline >= now())
@@ -406,5 +407,30 @@ async def unlock_worker(conn: asyncpg.Connection, worker_id: int) -> None:
 
 async def sending_of(conn: asyncpg.Connection, worker_id: int) -> list[asyncpg.Record]:
     return await conn.fetch(
-        f"SELECT {_CLAIMED_COLUMNS}, o.transport FROM outbound_email o WHERE o.status = 'sending' AND o.worker_id = $1 FOR UPDATE",
+        f"""SELECT {_CLAIMED_COLUMNS}, o.transport, o.started_at FROM outbound_email o
+            WHERE o.status = 'sending' AND o.worker_id = $1 FOR UPDATE""",
         worker_id)
+
+
+async def mark_started(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int) -> set[UUID]:
+    """Commit that these claimed rows may now reach their transport; returns those still this worker's
+    (a row another worker took back after this one lost its lock must not be sent)."""
+    rows = await conn.fetch(
+        """UPDATE outbound_email SET started_at = now()
+           WHERE id = ANY($1::uuid[]) AND status = 'sending' AND worker_id = $2 RETURNING id""",
+        list(ids), worker_id)
+    return {r["id"] for r in rows}
+
+
+async def requeue_unstarted(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int,
+                            detail: str) -> list[asyncpg.Record]:
+    """A dead worker's claimed rows that never reached a transport: pending again, due now, the
+    attempt not counted; returns them (for their status events)."""
+    if not ids:
+        return []
+    return await conn.fetch(
+        """UPDATE outbound_email o SET status = 'pending_send', worker_id = NULL, attempts = greatest(attempts - 1, 0),
+                  next_attempt_at = now(), reason = 'worker_stopped', detail = $3, updated_at = now()
+           WHERE o.id = ANY($1::uuid[]) AND o.status = 'sending' AND o.worker_id = $2 AND o.started_at IS NULL
+           RETURNING o.id, o.organization_id, o.idempotency_key, o.mailbox_id, o.message_id, o.attempts, o.correlation_id""",
+        list(ids), worker_id, detail)

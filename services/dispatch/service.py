@@ -76,6 +76,7 @@ from shared.tracking import (
 from . import ledger
 from .compose import check_headers, check_size, compose, message_id_for
 from .settings import DispatchSettings
+from .starts import StartGate
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
 from .transports import Accepted, Transports, transport_name
 
@@ -83,6 +84,7 @@ log = logging.getLogger(__name__)
 
 # Record-and-claim transactions a worker runs at once: one waits on PostgreSQL while the next forms.
 _CONCURRENT_TURNS = 2
+_REQUEUED = "the dispatch worker that claimed it stopped before handing it to the server; it is sent again"
 # The first pause before looking in Sent Items again for a send whose answer was lost; it doubles.
 _SENT_ITEMS_FIRST_PAUSE = 0.5
 
@@ -185,6 +187,7 @@ class DispatchService(ServiceBase):
         self._reserved = 0  # rows those transactions may claim
         self._backoff: dict[UUID, datetime] = {}
         self.counts = {"sent": 0, "failed": 0, "rejected": 0, "retried": 0, "outcome_unknown": 0}
+        self._starts: StartGate | None = None
 
     # -- lifecycle
 
@@ -194,6 +197,7 @@ class DispatchService(ServiceBase):
         self._lock_conn = await self.pool.acquire()
         self.worker_id = await ledger.register_worker(self._lock_conn)
         self.transports = Transports(timeout=self.options.smtp_timeout_seconds, helo_name=self.options.helo_name)
+        self._starts = StartGate(self.pool, self.worker_id)
         # One handler call per fetch across partitions: a batch has a fixed cost (sender look-up,
         # ledger transaction) worth sharing, and Tansu brings a few records per partition per fetch.
         self.consumer = EventConsumer(self.settings, UNCHECKED_OUTBOUND, group_id=self.group_id, handler=self.handle,
@@ -210,6 +214,8 @@ class DispatchService(ServiceBase):
             await self.consumer.stop()
         if self.transports is not None:
             await self.transports.close()
+        if self._starts is not None:
+            await self._starts.close()
         if self._lock_conn is not None and self.pool is not None:
             await self.pool.release(self._lock_conn)  # the reset releases the advisory lock
             self._lock_conn = None
@@ -639,7 +645,15 @@ class DispatchService(ServiceBase):
             composed = compose(result.request, sender_email=work.email, sender_name=work["name"], subject=row["subject"],
                                message_id=row["message_id"], attachments=attachments, date=row["created_at"],
                                max_bytes=self.options.max_message_bytes, bcc_header=result.transport != "smtp")
-            result.accepted = await self.transports.send(work, composed.raw, composed.recipients)
+            assert self._starts is not None
+            # Its start committed first: if this worker dies, a row that never reached the transport is
+            # sent again by another, and only one that may have left fails as outcome_unknown.
+            places = 2 * int(work.profile["max_concurrent_connections"] or 1)
+            async with self._starts.started(row["id"], work.id, places) as ours:
+                if not ours:
+                    raise TransientError("another worker took the request back (this one had lost its lock)",
+                                         reason="not_ours")
+                result.accepted = await self.transports.send(work, composed.raw, composed.recipients)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome below
             result.error = exc
             if result.transport in ("ews", "graph") and getattr(exc, "request_sent", False):
@@ -840,7 +854,8 @@ class DispatchService(ServiceBase):
             await _first(stopping.wait(), timeout=self.options.poll_seconds * 5)
 
     async def recover_orphans(self) -> int:
-        """Resolve rows left in `sending` by dead workers: ambiguous, so failed, never resent blindly."""
+        """Resolve rows left in `sending` by dead workers: sent again if they never reached a transport,
+        else ambiguous, so failed, never resent blindly."""
         assert self.pool is not None and self._lock_conn is not None and self.worker_id is not None
         async with self.pool.acquire() as conn:
             workers = await ledger.orphan_workers(conn, self.worker_id)
@@ -856,9 +871,11 @@ class DispatchService(ServiceBase):
         return resolved
 
     async def _resolve_orphans(self, worker_id: int) -> int:
-        """The rows a dead worker left in ``sending``: ambiguous, unless the mailbox says otherwise.
+        """The rows a dead worker left in ``sending``.
 
-        An Exchange mailbox keeps a copy of what it sent (EWS ``SendAndSaveCopy``, Graph ``sendMail``):
+        Those it had not yet cleared to reach a transport (no ``started_at``, starts.py) never left:
+        they go back to ``pending_send`` and are sent again.  The others are ambiguous, unless the
+        mailbox says otherwise.  An Exchange mailbox keeps a copy of what it sent (EWS ``SendAndSaveCopy``, Graph ``sendMail``):
         a Message-ID found in its Sent Items was sent, and is recorded so (with its activity).  Anything
         else (not found, SMTP, the look-up failing) is ``failed`` with ``outcome_unknown``, never resent.
         A row gets what is left of ``sent_items_window_seconds`` counted from its ``created_at`` (no
@@ -874,6 +891,9 @@ class DispatchService(ServiceBase):
             rows = await ledger.sending_of(conn, worker_id)
         if not rows:
             return 0
+        # Never cleared to reach a transport (starts.py): nothing of them left, so they are sent again.
+        unstarted = [r["id"] for r in rows if r["started_at"] is None]
+        rows = [r for r in rows if r["started_at"] is not None]
         works = await self._mailbox_works({r["mailbox_id"] for r in rows if r["mailbox_id"] is not None})
         found: list[_Result] = []
         unknown: list[asyncpg.Record] = []
@@ -897,6 +917,7 @@ class DispatchService(ServiceBase):
             else:
                 unknown.append(row)
         async with self.pool.acquire() as conn, conn.transaction():
+            requeued = await ledger.requeue_unstarted(conn, unstarted, worker_id, _REQUEUED)
             outcomes = [ledger.Outcome(
                 r["id"], "failed", reason="outcome_unknown",
                 detail=("the dispatch worker stopped while the message was being sent; the server may have "
@@ -907,15 +928,24 @@ class DispatchService(ServiceBase):
                 idempotency_key=r["idempotency_key"], status="failed", request_id=r["id"], mailbox_id=r["mailbox_id"],
                 reason="outcome_unknown", detail=o.detail, message_id=r["message_id"], attempt=r["attempts"]),
                 r["correlation_id"]) for r, o in zip(unknown, outcomes) if r["id"] in written]
+            events += [ledger.status_event(r["organization_id"], EmailStatusV1(
+                idempotency_key=r["idempotency_key"], status="pending_send", request_id=r["id"], mailbox_id=r["mailbox_id"],
+                reason="worker_stopped", detail=_REQUEUED, message_id=r["message_id"], attempt=r["attempts"]),
+                r["correlation_id"]) for r in requeued]
             sent, more = await self._outcomes(found)
             events = await self._write_outcomes(conn, found, sent, events + more, worker_id=worker_id)
             await ledger.enqueue_events(conn, events)
+        if requeued:
+            log.warning("worker %d died with %d claimed request(s) not yet handed to a transport: pending again",
+                        worker_id, len(requeued))
+            self._maybe_due = True
+            self._wakeup.set()
         if unknown:
             log.warning("worker %d died with %d request(s) in flight: marked failed (outcome_unknown)", worker_id, len(unknown))
             self.counts["outcome_unknown"] += len(unknown)
         if found:
             log.warning("worker %d died with %d request(s) in flight found in Sent Items: marked sent", worker_id, len(found))
-        return len(found) + len(unknown)
+        return len(found) + len(unknown) + len(requeued)
 
     async def _in_sent_items(self, row: asyncpg.Record, work: MailboxWork | None, *, until: float = 0.0) -> bool:
         """Whether the row's Message-ID is in the mailbox's Sent Items (never, for SMTP: it keeps no copy).

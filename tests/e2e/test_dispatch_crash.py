@@ -92,9 +92,14 @@ async def test_kill_9_four_times_sends_nothing_twice_and_loses_nothing(
     assert {r["reason"] for r in failed} <= {"outcome_unknown"}
     # A worker never holds more than WAVE rows in `sending` (its consumer's claims and its retries share the limit).
     assert len(failed) <= KILLS * WAVE, f"{len(failed)} ambiguous: more than the in-flight limit of {KILLS} kills"
+    # Of those, the ones that did not arrive were cleared to start but not yet through: at most the
+    # mailbox's places (twice its 10 connections) per kill.  A claimed row that never reached the
+    # SMTP pool is sent again by the next worker instead (services/dispatch/starts.py).
+    never_arrived = [r for r in failed if not arrivals[r["message_id"]]]
+    assert len(never_arrived) <= KILLS * 2 * 10, f"{len(never_arrived)} failed as outcome_unknown without having left"
     assert set(arrivals) <= {r["message_id"] for r in rows}
     print(f"\nkills at {kills}; sent {len(sent)}, outcome_unknown {len(failed)} "
-          f"(of which arrived: {sum(arrivals[r['message_id']] for r in failed)})")
+          f"(of which arrived: {len(failed) - len(never_arrived)})")
 
     reader = StatusReader(settings)
     async with reader:

@@ -244,8 +244,8 @@ async def test_a_dead_workers_sends_are_resolved_from_sent_items(
         for key, message_id in ((f"went-{kind}", went), (f"lost-{kind}", lost)):
             await conn.execute(
                 """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, subject,
-                                               request, worker_id, attempts)
-                   VALUES ($1, $2, $3, 'sending', $4, 'Went out', $5::text::jsonb, $6, 1)""",
+                                               request, worker_id, attempts, started_at)
+                   VALUES ($1, $2, $3, 'sending', $4, 'Went out', $5::text::jsonb, $6, 1, now())""",   # cleared to start
                 org.id, key, mailbox.id, message_id, request.model_dump_json(exclude_defaults=True), dead)
     await exchange.run(sent_items_window_seconds=1)  # the lost one is looked for again for 1 s
 
@@ -431,8 +431,8 @@ async def test_a_dead_workers_send_filed_late_is_found_within_the_window(
             dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
             await conn.execute(
                 """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id,
-                                               subject, request, worker_id, attempts)
-                   VALUES ($1, $2, $3, 'sending', $4, 'Filed late', $5::text::jsonb, $6, 1)""",
+                                               subject, request, worker_id, attempts, started_at)
+                   VALUES ($1, $2, $3, 'sending', $4, 'Filed late', $5::text::jsonb, $6, 1, now())""",
                 org.id, key, mailbox.id, message_id, request.model_dump_json(exclude_defaults=True), dead)
         # What the dead worker's sendMail left behind: accepted by Graph, filed in Sent Items 2 s later.
         sim.file_sent_late("graph", 2.0)

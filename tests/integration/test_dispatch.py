@@ -249,18 +249,32 @@ async def test_auth_failure_backs_off_the_mailbox_and_success_clears_it(
     assert mailbox.outgoing.error_count == 0 and any(a.code == "recovered" for a in mailbox.alerts)
 
 
-async def test_rows_of_a_dead_worker_are_failed_as_outcome_unknown(
+async def test_rows_of_a_dead_worker_fail_as_outcome_unknown_only_if_they_may_have_left(
         settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
     sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    request = outbound(org, mailbox_id=sender.mailbox_id, idempotency_key="orphan-2", subject="Claimed, never started").data
     async with pool.acquire() as conn:
         dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
+        # Cleared to reach its transport (started_at): it may have left, so it is never sent again.
         await conn.execute(
-            """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, request, worker_id)
-               VALUES ($1, 'orphan-1', $2, 'sending', 'conduit.x@example.com', '{}', $3)""", org.id, sender.mailbox_id, dead)
-    await dispatch(settings)
-    final = (await finals(settings, ["orphan-1"])).final("orphan-1")
+            """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, request,
+                                           worker_id, attempts, started_at)
+               VALUES ($1, 'orphan-1', $2, 'sending', 'conduit.x@example.com', '{}', $3, 1, now())""",
+            org.id, sender.mailbox_id, dead)
+        # Claimed but never handed to a transport: nothing of it left, so another worker sends it.
+        await conn.execute(
+            """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, subject,
+                                           request, worker_id, attempts)
+               VALUES ($1, 'orphan-2', $2, 'sending', 'conduit.y@example.com', $3, $4::text::jsonb, $5, 1)""",
+            org.id, sender.mailbox_id, request.subject, request.model_dump_json(), dead)
+    await dispatch(settings, burst_horizon_seconds=2)
+    reader = await finals(settings, ["orphan-1", "orphan-2"])
+    final = reader.final("orphan-1")
     assert final.status == "failed" and final.reason == "outcome_unknown" and "conduit.x@example.com" in final.detail
-    assert capture.messages() == []
+    assert reader.statuses("orphan-2") == ["pending_send", "sending", "sent"]
+    assert reader.by_key["orphan-2"][0].reason == "worker_stopped" and reader.final("orphan-2").attempt == 1
+    (message,) = capture.messages()
+    assert message.header("Message-ID") == "<conduit.y@example.com>" and message.header("Subject") == "Claimed, never started"
 
 
 @pytest.mark.peers

@@ -1,0 +1,92 @@
+"""Clearing claimed requests to reach their transport, so that a crash fails only what may have left.
+
+A claimed row (`sending`) can wait a while before a transport takes it: behind its pool's sessions,
+or for its turn's commit.  Were the worker to die then, nobody could tell whether it was sent, and it
+would fail as `outcome_unknown` although it never left.  So a send first waits for one of its
+mailbox's few places (twice the profile's connections: every session has its next message ready,
+which the SMTP pool needs to write the next envelope with the current content), then this worker
+commits ``started_at`` for it, together with every other send that became ready meanwhile (one round
+trip for many, as a group commit), and only then hands it over.  A dead worker's rows without
+``started_at`` go back to `pending_send` (``ledger.requeue_unstarted``).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import asyncpg
+
+from shared.errors import TransientError
+
+from . import ledger
+
+
+class StartGate:
+    def __init__(self, pool: asyncpg.Pool, worker_id: int) -> None:
+        self._pool = pool
+        self._worker_id = worker_id
+        self._places: dict[UUID, asyncio.Semaphore] = {}
+        self._waiting: dict[UUID, asyncio.Future[bool]] = {}
+        self._flushing: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None   # kept between commits: a pool release resets it
+
+    @contextlib.asynccontextmanager
+    async def started(self, row_id: UUID, mailbox_id: UUID, places: int) -> AsyncIterator[bool]:
+        """Hold one of the mailbox's ``places`` while the body sends; yield whether the row is still
+        this worker's (False: another worker took it back, so it must not be sent) once its start
+        is committed.  A failure to commit raises ``TransientError``: nothing was sent."""
+        place = self._places.get(mailbox_id)
+        if place is None:
+            place = self._places[mailbox_id] = asyncio.Semaphore(places)
+        async with place:
+            yield await self._commit_start(row_id)
+
+    async def _commit_start(self, row_id: UUID) -> bool:
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting[row_id] = waiter
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+        return await waiter
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    ours = await self._mark(list(batch))
+                except (OSError, asyncpg.PostgresError) as exc:
+                    error = TransientError(f"the start of the send could not be recorded ({exc})", reason="ledger_unavailable")
+                    for waiter in batch.values():
+                        if not waiter.done():
+                            waiter.set_exception(error)
+                    continue
+                for row_id, waiter in batch.items():
+                    if not waiter.done():
+                        waiter.set_result(row_id in ours)
+        finally:
+            self._flushing = None
+
+    async def _mark(self, ids: list[UUID]) -> set[UUID]:
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        try:
+            return await ledger.mark_started(self._conn, ids, self._worker_id)
+        except BaseException:
+            conn, self._conn = self._conn, None
+            await self._pool.release(conn)   # the pool resets or replaces it
+            raise
+
+    async def close(self) -> None:
+        if self._flushing is not None:
+            self._flushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flushing
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(TransientError("the dispatch service is stopping", reason="stopping"))
+        self._waiting.clear()
+        if self._conn is not None:
+            await self._pool.release(self._conn)
+            self._conn = None
