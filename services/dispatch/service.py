@@ -76,7 +76,7 @@ from shared.tracking import (
 from . import ledger
 from .compose import check_headers, check_size, compose, message_id_for
 from .settings import DispatchSettings
-from .starts import StartGate
+from .starts import PLACES_PER_CONNECTION, StartGate
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
 from .transports import Accepted, Transports, transport_name
 
@@ -648,7 +648,7 @@ class DispatchService(ServiceBase):
             assert self._starts is not None
             # Its start committed first: if this worker dies, a row that never reached the transport is
             # sent again by another, and only one that may have left fails as outcome_unknown.
-            places = 2 * int(work.profile["max_concurrent_connections"] or 1)
+            places = PLACES_PER_CONNECTION * int(work.profile["max_concurrent_connections"] or 1)
             async with self._starts.started(row["id"], work.id, places) as ours:
                 if not ours:
                     raise TransientError("another worker took the request back (this one had lost its lock)",

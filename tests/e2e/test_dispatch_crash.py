@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncpg
 
 from conduit.peers.smtp import CaptureSmtpServer
+from services.dispatch.starts import PLACES_PER_CONNECTION
 from shared.kafka import Publisher
 from shared.registry.service import Registry
 from shared.settings import Settings
@@ -93,10 +94,11 @@ async def test_kill_9_four_times_sends_nothing_twice_and_loses_nothing(
     # A worker never holds more than WAVE rows in `sending` (its consumer's claims and its retries share the limit).
     assert len(failed) <= KILLS * WAVE, f"{len(failed)} ambiguous: more than the in-flight limit of {KILLS} kills"
     # Of those, the ones that did not arrive were cleared to start but not yet through: at most the
-    # mailbox's places (twice its 10 connections) per kill.  A claimed row that never reached the
-    # SMTP pool is sent again by the next worker instead (services/dispatch/starts.py).
+    # mailbox's places (PLACES_PER_CONNECTION per connection, 10 connections) per kill.  A claimed row
+    # that never reached the SMTP pool is sent again by the next worker instead.
     never_arrived = [r for r in failed if not arrivals[r["message_id"]]]
-    assert len(never_arrived) <= KILLS * 2 * 10, f"{len(never_arrived)} failed as outcome_unknown without having left"
+    assert len(never_arrived) <= KILLS * PLACES_PER_CONNECTION * 10, \
+        f"{len(never_arrived)} failed as outcome_unknown without having left"
     assert set(arrivals) <= {r["message_id"] for r in rows}
     print(f"\nkills at {kills}; sent {len(sent)}, outcome_unknown {len(failed)} "
           f"(of which arrived: {len(failed) - len(never_arrived)})")
