@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import asyncpg
@@ -38,18 +37,19 @@ class StartGate:
         self._flushing: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None   # kept between commits: a pool release resets it
 
-    @contextlib.asynccontextmanager
-    async def started(self, row_id: UUID, mailbox_id: UUID, places: int) -> AsyncIterator[bool]:
-        """Hold one of the mailbox's ``places`` while the body sends; yield whether the row is still
-        this worker's (False: another worker took it back, so it must not be sent) once its start
-        is committed.  A failure to commit raises ``TransientError``: nothing was sent."""
+    async def enter(self, mailbox_id: UUID, places: int) -> None:
+        """Take one of the mailbox's ``places`` (``leave`` gives it back, whatever happens)."""
         place = self._places.get(mailbox_id)
         if place is None:
             place = self._places[mailbox_id] = asyncio.Semaphore(places)
-        async with place:
-            yield await self._commit_start(row_id)
+        await place.acquire()
 
-    async def _commit_start(self, row_id: UUID) -> bool:
+    def leave(self, mailbox_id: UUID) -> None:
+        self._places[mailbox_id].release()
+
+    async def clear(self, row_id: UUID) -> bool:
+        """Commit the row's start; whether it is still this worker's (False: another worker took it
+        back, so it must not be sent).  A failure to commit raises ``TransientError``: nothing was sent."""
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[row_id] = waiter
         if self._flushing is None:
