@@ -76,8 +76,8 @@ from shared.tracking import (
 from . import ledger
 from .compose import check_headers, check_size, compose, message_id_for
 from .settings import DispatchSettings
-from .starts import PLACES_PER_CONNECTION, StartGate
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
+from .starts import PLACES_PER_CONNECTION, StartGate
 from .transports import Accepted, Transports, transport_name
 
 log = logging.getLogger(__name__)
@@ -878,8 +878,9 @@ class DispatchService(ServiceBase):
 
         Those it had not yet cleared to reach a transport (no ``started_at``, starts.py) never left:
         they go back to ``pending_send`` and are sent again.  The others are ambiguous, unless the
-        mailbox says otherwise.  An Exchange mailbox keeps a copy of what it sent (EWS ``SendAndSaveCopy``, Graph ``sendMail``):
-        a Message-ID found in its Sent Items was sent, and is recorded so (with its activity).  Anything
+        mailbox says otherwise.  An Exchange mailbox keeps a copy of what it sent (EWS
+        ``SendAndSaveCopy``, Graph ``sendMail``): a Message-ID found in its Sent Items was sent, and
+        is recorded so (with its activity).  Anything
         else (not found, SMTP, the look-up failing) is ``failed`` with ``outcome_unknown``, never resent.
         A row gets what is left of ``sent_items_window_seconds`` counted from its ``created_at`` (no
         later than its claim): a worker that died a moment after a Graph ``sendMail`` left a copy that

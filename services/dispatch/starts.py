@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from uuid import UUID
 
 import asyncpg
@@ -62,12 +63,13 @@ class StartGate:
                 batch, self._waiting = self._waiting, {}
                 try:
                     ours = await self._mark(list(batch))
-                except (OSError, asyncpg.PostgresError) as exc:
-                    error = TransientError(f"the start of the send could not be recorded ({exc})", reason="ledger_unavailable")
-                    for waiter in batch.values():
-                        if not waiter.done():
-                            waiter.set_exception(error)
+                except Exception as exc:  # noqa: BLE001 - every waiter learns it may not start
+                    _fail(batch.values(), TransientError(f"the start of the send could not be recorded ({exc})",
+                                                         reason="ledger_unavailable"))
                     continue
+                except BaseException:
+                    _fail(batch.values(), TransientError("the dispatch service is stopping", reason="stopping"))
+                    raise
                 for row_id, waiter in batch.items():
                     if not waiter.done():
                         waiter.set_result(row_id in ours)
@@ -89,10 +91,14 @@ class StartGate:
             self._flushing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flushing
-        for waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.set_exception(TransientError("the dispatch service is stopping", reason="stopping"))
+        _fail(self._waiting.values(), TransientError("the dispatch service is stopping", reason="stopping"))
         self._waiting.clear()
         if self._conn is not None:
             await self._pool.release(self._conn)
             self._conn = None
+
+
+def _fail(waiters: Iterable[asyncio.Future[bool]], error: TransientError) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(error)

@@ -10,6 +10,8 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
+from shared.events.payloads import OutboundStatus
+
 ServerType = Literal["imap", "pop3", "exchange_server", "exchange_online", "smtp"]
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["mailbox_credentials", "profile_impersonation", "oauth2"]
@@ -184,9 +186,6 @@ class Decision(BaseModel):
     subject: str
     from_address: str | None
     decided_at: datetime
-
-
-OutboundStatus = Literal["pending_send", "sending", "sent", "failed", "rejected"]
 
 
 class OutboundRequest(BaseModel):
