@@ -35,7 +35,7 @@ from shared.registry.models import Organization
 from shared.registry.service import ProfileInput, Registry
 from shared.settings import Settings
 from simulators.exchange import ExchangeSimulator, SentRecord
-from tests.support.dispatch import StatusReader, outbound, publish
+from tests.support.dispatch import StatusReader, dead_worker, orphan_row, outbound, publish
 from tests.support.waiting import eventually
 
 PASSWORD = "mailbox-password-123"
@@ -240,13 +240,10 @@ async def test_a_dead_workers_sends_are_resolved_from_sent_items(
                 folder="sentitems")
     request = exchange.request(sender, subject="Went out").data
     async with pool.acquire() as conn:
-        dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
+        dead = await dead_worker(conn)
         for key, message_id in ((f"went-{kind}", went), (f"lost-{kind}", lost)):
-            await conn.execute(
-                """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, subject,
-                                               request, worker_id, attempts, started_at)
-                   VALUES ($1, $2, $3, 'sending', $4, 'Went out', $5::text::jsonb, $6, 1, now())""",   # cleared to start
-                org.id, key, mailbox.id, message_id, request.model_dump_json(exclude_defaults=True), dead)
+            await orphan_row(conn, dead, org.id, mailbox.id, key, message_id, subject="Went out",
+                             request=request.model_dump_json(exclude_defaults=True))
     await exchange.run(sent_items_window_seconds=1)  # the lost one is looked for again for 1 s
 
     reader = await exchange.finals([f"went-{kind}", f"lost-{kind}"])
@@ -428,12 +425,8 @@ async def test_a_dead_workers_send_filed_late_is_found_within_the_window(
         await exchange.finals([first.data.idempotency_key])
         looks = _looks(sim, "graph")
         async with pool.acquire() as conn:
-            dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
-            await conn.execute(
-                """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id,
-                                               subject, request, worker_id, attempts, started_at)
-                   VALUES ($1, $2, $3, 'sending', $4, 'Filed late', $5::text::jsonb, $6, 1, now())""",
-                org.id, key, mailbox.id, message_id, request.model_dump_json(exclude_defaults=True), dead)
+            await orphan_row(conn, await dead_worker(conn), org.id, mailbox.id, key, message_id, subject="Filed late",
+                             request=request.model_dump_json(exclude_defaults=True))
         # What the dead worker's sendMail left behind: accepted by Graph, filed in Sent Items 2 s later.
         sim.file_sent_late("graph", 2.0)
         sim.org.submit("graph", sim.mailbox(sender), (

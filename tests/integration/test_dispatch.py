@@ -21,7 +21,7 @@ from shared.kafka import Publisher, client_options, topic_name
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
-from tests.support.dispatch import StatusReader, outbound, publish, publish_raw, sending_mailbox
+from tests.support.dispatch import StatusReader, dead_worker, orphan_row, outbound, publish, publish_raw, sending_mailbox
 from tests.support.waiting import eventually
 
 
@@ -254,19 +254,12 @@ async def test_rows_of_a_dead_worker_fail_as_outcome_unknown_only_if_they_may_ha
     sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
     request = outbound(org, mailbox_id=sender.mailbox_id, idempotency_key="orphan-2", subject="Claimed, never started").data
     async with pool.acquire() as conn:
-        dead = await conn.fetchval("SELECT nextval('dispatch_worker_seq')")  # nobody holds its lock
+        dead = await dead_worker(conn)
         # Cleared to reach its transport (started_at): it may have left, so it is never sent again.
-        await conn.execute(
-            """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, request,
-                                           worker_id, attempts, started_at)
-               VALUES ($1, 'orphan-1', $2, 'sending', 'conduit.x@example.com', '{}', $3, 1, now())""",
-            org.id, sender.mailbox_id, dead)
+        await orphan_row(conn, dead, org.id, sender.mailbox_id, "orphan-1", "conduit.x@example.com")
         # Claimed but never handed to a transport: nothing of it left, so another worker sends it.
-        await conn.execute(
-            """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, subject,
-                                           request, worker_id, attempts)
-               VALUES ($1, 'orphan-2', $2, 'sending', 'conduit.y@example.com', $3, $4::text::jsonb, $5, 1)""",
-            org.id, sender.mailbox_id, request.subject, request.model_dump_json(), dead)
+        await orphan_row(conn, dead, org.id, sender.mailbox_id, "orphan-2", "conduit.y@example.com",
+                         subject=request.subject, request=request.model_dump_json(), started=False)
     await dispatch(settings, burst_horizon_seconds=2)
     reader = await finals(settings, ["orphan-1", "orphan-2"])
     final = reader.final("orphan-1")

@@ -62,6 +62,22 @@ def outbound(org: Organization | uuid.UUID, **data: Any) -> Envelope[EmailOutbou
                                      data=EmailOutboundV1(**data))
 
 
+async def dead_worker(conn: Any) -> int:
+    """A dispatch worker number whose lock nobody holds: a worker that died."""
+    return await conn.fetchval("SELECT nextval('dispatch_worker_seq')")
+
+
+async def orphan_row(conn: Any, worker_id: int, org_id: uuid.UUID, mailbox_id: uuid.UUID, key: str, message_id: str, *,
+                     subject: str | None = None, request: str = "{}", started: bool = True) -> None:
+    """A row ``worker_id`` left in `sending` at its first attempt (``started``: it had been cleared to
+    reach its transport, so it may have left); ``request`` is the stored request's JSON."""
+    await conn.execute(
+        """INSERT INTO outbound_email (organization_id, idempotency_key, mailbox_id, status, message_id, subject,
+                                       request, worker_id, attempts, started_at)
+           VALUES ($1, $2, $3, 'sending', $4, $5, $6::text::jsonb, $7, 1, CASE WHEN $8 THEN now() END)""",
+        org_id, key, mailbox_id, message_id, subject, request, worker_id, started)
+
+
 async def publish(publisher: Publisher, *events: Envelope[Any]) -> None:
     await publisher.publish_many(("email.outbound", encode_event(e), e.data.idempotency_key) for e in events)
 
