@@ -36,11 +36,18 @@ async def prepare_database(settings: Settings, pool: asyncpg.Pool) -> list[str]:
 
 
 @asynccontextmanager
-async def command_context(settings: Settings, org_name: str) -> AsyncIterator[CommandContext]:
+async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool for one command, on a database that is up to date."""
     pool = await create_pool(settings, max_size=4)
     try:
         await prepare_database(settings, pool)
-        registry = Registry(pool, load_cipher(settings), producer="conduit-cli")
-        yield CommandContext(settings, pool, registry, await registry.organization(org_name))
+        yield pool
     finally:
         await pool.close()
+
+
+@asynccontextmanager
+async def command_context(settings: Settings, org_name: str) -> AsyncIterator[CommandContext]:
+    async with database(settings) as pool:
+        registry = Registry(pool, load_cipher(settings), producer="conduit-cli")
+        yield CommandContext(settings, pool, registry, await registry.organization(org_name))

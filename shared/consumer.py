@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -90,9 +90,13 @@ class DeadLetterGate:
                 "stopping so a bad deploy cannot drain the topic"
             )
 
-    def headers(self, topic: str, partition: int, offset: int, error: InvalidInput) -> list[tuple[str, bytes]]:
+    def headers(self, topic: str, partition: int, offset: int, error: InvalidInput,
+                original: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None = None) -> list[tuple[str, bytes]]:
         log.warning("dead-lettering %s[%d]@%d: %s", topic, partition, offset, error.message)
-        return [
+        # A replayed event refused again says which dead letter it was (``shared.deadletters``).
+        pairs = original.items() if isinstance(original, Mapping) else original or ()
+        carried = [(name, value) for name, value in pairs if name == "replayed_from"]
+        return carried + [
             ("original_topic", topic.encode()),
             ("original_partition", str(partition).encode()),
             ("original_offset", str(offset).encode()),
@@ -302,7 +306,8 @@ class EventConsumer:
     async def _dead_letter(self, rejection: Rejection) -> None:
         self._dead_letters.admit(self._topic.name)
         record = rejection.delivery.record
-        headers = self._dead_letters.headers(record.topic, record.partition, record.offset, rejection.error)
+        headers = self._dead_letters.headers(record.topic, record.partition, record.offset, rejection.error,
+                                             record.headers)
         await self._publisher.publish_raw(
             dead_letter(self._topic.name), record.value or b"", (record.key or b"").decode(errors="replace"), headers
         )

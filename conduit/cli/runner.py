@@ -7,6 +7,7 @@ import os
 from typing import Any, Awaitable, Callable, TypeVar
 
 import typer
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from conduit.cli.output import fail
@@ -35,6 +36,8 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         raise fail(exc.message) from None
     except (ConnectionError, OSError) as exc:
         raise fail(f"cannot reach a server: {exc.strerror or exc}") from None
+    except KafkaError as exc:
+        raise fail(f"the Kafka broker failed: {exc}") from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

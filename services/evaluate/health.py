@@ -438,7 +438,7 @@ class HealthAggregate:
 
     async def _dead_letter(self, topic: str, message: Any, error: InvalidInput) -> None:
         self._gate.admit(f"{topic} (health aggregate)")
-        headers = dict(self._gate.headers(message.topic, message.partition, message.offset, error))
+        headers = dict(self._gate.headers(message.topic, message.partition, message.offset, error, message.headers))
         await self._dead_letters[topic].send(key=message.key, value=message.value or b"", headers=headers)
         self.dead_lettered += 1
 

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import uuid
-from pathlib import Path
 
 from conduit.peers.smtp import CaptureSmtpServer
 from services.dispatch.service import DispatchService
@@ -14,20 +11,8 @@ from services.dispatch.settings import DispatchSettings
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
+from tests.support.cli import conduit_cli as _cli
 from tests.support.dispatch import sending_mailbox
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """``conduit ARGS`` as a user runs it: exit code, standard output, standard error."""
-    env = {**os.environ, "CONDUIT_STATE_DIR": str(settings.state_dir), "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
-           "CONDUIT_TOPIC_PREFIX": settings.topic_prefix, "PYTHONPATH": str(ROOT)}
-    env.pop("DATABASE_URL", None)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "conduit", *args, env=env, cwd=ROOT,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(

@@ -1,0 +1,163 @@
+"""Dead letters: what a dead-letter topic holds, and replaying its events to the topic they came from.
+
+Every consumer dead-letters the events it refuses (``shared.consumer``) on ``<topic>.dlq``, with
+headers saying where each came from and why.  Once the cause is mended (a mailbox approved, a fix
+deployed), ``replay`` publishes the same bytes with the same key to the original topic, with a
+``replayed_from`` header naming the dead letter.  The consumers are idempotent (one activity per
+Message-ID, one send per idempotency key; a rejected key may be requested again), so replaying an
+event twice, or one that was handled after all, changes nothing.
+
+A replay is recorded in PostgreSQL (``dead_letter_replay``) after the broker acknowledged it, so
+``list`` can say which dead letters were replayed and a second replay skips them.  A crash in
+between leaves one unmarked, and the next replay publishes it again: harmless, as said.  An event
+refused again is dead-lettered again, as a new dead letter carrying ``replayed_from``.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel, Field
+
+from shared.errors import InvalidInput
+from shared.events.topics import TOPICS, dead_letter
+from shared.kafka import Publisher, client_options, topic_name
+from shared.settings import Settings
+
+REPLAYED_FROM = "replayed_from"   # header on a replayed event, carried onto its dead letter if refused again
+
+
+class DeadLetter(BaseModel):
+    """One refused event as its dead-letter topic holds it."""
+
+    topic: str = Field(description="the topic it was refused on (logical name)")
+    partition: int
+    offset: int
+    logged_at: datetime = Field(description="when it was dead-lettered (the broker's timestamp)")
+    reason: str
+    error: str
+    consumer_group: str | None = None
+    original_partition: int | None = None
+    original_offset: int | None = None
+    key: str | None = None
+    event_type: str | None = None
+    event_id: str | None = None
+    subject: str | None = Field(None, description="what the event is about: an idempotency key, a Message-ID")
+    replay_of: str | None = Field(None, description="the dead letter this event was a replay of, if it was one")
+    replayed_at: datetime | None = None
+    value: bytes = Field(b"", exclude=True, repr=False)
+
+    @property
+    def at(self) -> str:
+        """Its place on the dead-letter topic, as the commands name it: ``PARTITION:OFFSET``."""
+        return f"{self.partition}:{self.offset}"
+
+
+def dead_letter_topics(topic: str | None) -> list[str]:
+    """The topics whose dead letters are meant (logical names); a clear error for an unknown one."""
+    if topic is None:
+        return list(TOPICS)
+    if topic.endswith(".dlq"):
+        topic = topic.removesuffix(".dlq")
+    if topic not in TOPICS:
+        raise InvalidInput(f"no topic {topic!r}: choose from {', '.join(TOPICS)}", reason="unknown_topic")
+    return [topic]
+
+
+async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadLetter]:
+    """Every dead letter of ``topic`` up to now, oldest first per partition, with when each was replayed."""
+    physical = topic_name(settings, dead_letter(topic))
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(physical)
+        if not partitions:
+            await consumer._client.force_metadata_update()  # aiokafka: no public refresh
+            partitions = consumer.partitions_for_topic(physical)
+        if not partitions:
+            return []   # nothing was ever dead-lettered there (the topic is made on first use)
+        tps = [TopicPartition(physical, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        letters: list[DeadLetter] = []
+        remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, records in batches.items():
+                letters += [_letter(topic, r) for r in records if r.offset < ends[tp]]
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+            for tp in list(remaining):   # also compacted or deleted ranges: the position tells
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    async with pool.acquire() as conn:
+        replayed = {(r["partition"], r["offset"], r["logged_at"]): r["replayed_at"] for r in await conn.fetch(
+            """SELECT partition, "offset", logged_at, replayed_at FROM dead_letter_replay WHERE topic = $1""", physical)}
+    return [letter.model_copy(update={"replayed_at": replayed.get((letter.partition, letter.offset, letter.logged_at))})
+            for letter in letters]
+
+
+async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadLetter]) -> None:
+    """Publish each dead letter's event to its original topic, then record that it was replayed."""
+    if not letters:
+        return
+    publisher = Publisher(settings, client_id="conduit-dead-letters")
+    await publisher.start()
+    try:
+        sent = [await publisher.producer.send(
+            topic_name(settings, letter.topic), letter.value, key=letter.key.encode() if letter.key else None,
+            headers=[(REPLAYED_FROM, f"{dead_letter(letter.topic)}:{letter.at}".encode())]) for letter in letters]
+        for acknowledged in sent:
+            await acknowledged
+    finally:
+        await publisher.stop()
+    async with pool.acquire() as conn:
+        for topic in {x.topic for x in letters}:
+            mine = [x for x in letters if x.topic == topic]
+            await conn.execute(
+                """INSERT INTO dead_letter_replay (topic, partition, "offset", logged_at)
+                   SELECT $1, p, o, t FROM unnest($2::int[], $3::bigint[], $4::timestamptz[]) AS u(p, o, t)
+                   ON CONFLICT (topic, partition, "offset", logged_at) DO UPDATE SET replayed_at = now()""",
+                topic_name(settings, dead_letter(topic)), [x.partition for x in mine], [x.offset for x in mine],
+                [x.logged_at for x in mine])
+
+
+def _letter(topic: str, record: Any) -> DeadLetter:
+    headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
+    event = _event_fields(record.value or b"")
+    return DeadLetter(
+        topic=topic, partition=record.partition, offset=record.offset,
+        logged_at=datetime.fromtimestamp(record.timestamp / 1000, timezone.utc),
+        reason=headers.get("reason", "unknown"), error=headers.get("error", ""), consumer_group=headers.get("consumer_group"),
+        original_partition=_int(headers.get("original_partition")), original_offset=_int(headers.get("original_offset")),
+        key=record.key.decode(errors="replace") if record.key is not None else None,
+        replay_of=headers.get(REPLAYED_FROM), value=record.value or b"", **event,
+    )
+
+
+def _event_fields(value: bytes) -> dict[str, str | None]:
+    """What the event says of itself, read leniently: a dead letter may not be JSON at all."""
+    try:
+        event = json.loads(value)
+    except ValueError:
+        return {}
+    if not isinstance(event, dict):
+        return {}
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    subject = data.get("idempotency_key") or data.get("message_id")
+    return {"event_type": _text(event.get("type")), "event_id": _text(event.get("event_id")), "subject": _text(subject)}
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)[:200]
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.lstrip("-").isdigit() else None

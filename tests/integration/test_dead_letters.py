@@ -1,0 +1,101 @@
+"""`conduit dead-letters` as an operator runs it: a refused request, listed with its reason, replayed
+while still refused (dead-lettered again, naming the first), then replayed once mended and sent once."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from conduit.peers.smtp import CaptureSmtpServer
+from services.dispatch.service import DispatchService
+from services.dispatch.settings import DispatchSettings
+from shared.lifecycle import run_service
+from shared.registry.service import Registry
+from shared.settings import Settings
+from tests.support.cli import conduit_cli
+from tests.support.dispatch import sending_mailbox
+from tests.support.waiting import eventually
+
+
+async def _letters(settings: Settings, *args: str) -> list[dict]:
+    code, out, err = await conduit_cli(settings, "dead-letters", "list", "email.outbound", "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+async def test_a_refused_request_is_listed_replayed_and_sent_once_mended(
+        settings: Settings, registry: Registry, org, tmp_path) -> None:
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, approve=False)
+        stopping = asyncio.Event()
+        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
+        running = asyncio.create_task(run_service(service, stopping=stopping))
+        try:
+            key = f"dlq-{uuid.uuid4().hex[:8]}"
+            code, out, err = await conduit_cli(settings, "send", "--org", org.name, "--from", sender.email, "--to",
+                                               "someone@customer.example", "--subject", "Refused first", "--text", "Hello.",
+                                               "--key", key, "--wait", "--json")
+            assert code == 1 and json.loads(out)["reason"] == "email_not_approved", (out, err)
+
+            (first,) = await _letters(settings)
+            assert (first["reason"], first["subject"], first["key"], first["event_type"], first["replayed_at"]) == \
+                ("email_not_approved", key, key, "email.outbound", None)
+            assert first["original_offset"] is not None and first["consumer_group"] and "approved" in first["error"]
+            code, out, err = await conduit_cli(settings, "dead-letters", "list")
+            assert code == 0 and "email_not_approved" in out and "1 dead letter, 1 not replayed." in out, err
+
+            # Replayed while the cause stands: refused again, as a new dead letter that names the first.
+            code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound", "--dry-run")
+            assert code == 0 and "would replay 1 dead letter" in out, err
+            code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound")
+            assert code == 0 and "replayed 1 dead letter to email.outbound" in out, err
+            letters = await eventually(lambda: _pair(settings), what="the replay dead-lettered again")
+            assert letters[0]["replayed_at"] is not None and letters[1]["replayed_at"] is None
+            assert letters[1]["replay_of"] == f"email.outbound.dlq:{first['partition']}:{first['offset']}"
+            assert letters[1]["reason"] == "email_not_approved" and letters[1]["subject"] == key
+
+            # Mended: only the dead letter not replayed yet goes again, and is sent.
+            await registry.update_mailbox(org, sender.email, email_approved=True)
+            code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound", "--reason", "email_not_approved")
+            assert code == 0 and "replayed 1 dead letter" in out and "1 replayed before, left out" in out, err
+            await eventually(lambda: _status(settings, org.name, key), what="the replayed request sent")
+            code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound")
+            assert code == 0 and "nothing to replay on email.outbound (2 replayed before" in out, err
+            assert await _letters(settings, "--pending") == []
+
+            # Mistakes get one line each, never a traceback.
+            for args, says in [(("replay", "email.nowhere"), "no topic 'email.nowhere'"),
+                               (("replay", "email.outbound", "--at", "first"), "--at needs PARTITION:OFFSET"),
+                               (("replay", "email.outbound", "--at", "3:999999"), "no dead letter of email.outbound at 3:999999")]:
+                code, out, err = await conduit_cli(settings, "dead-letters", *args)
+                assert code == 2 and says in err and "Traceback" not in err, (args, err)
+        finally:
+            stopping.set()
+            await running
+        (message,) = capture.messages()
+        assert message.header("Subject").startswith("Refused first")
+
+
+async def _pair(settings: Settings) -> list[dict] | None:
+    letters = await _letters(settings)
+    return letters if len(letters) == 2 else None
+
+
+async def _status(settings: Settings, org_name: str, key: str) -> bool:
+    code, out, err = await conduit_cli(settings, "outbound", "show", key, "--org", org_name, "--json")
+    assert code == 0, err
+    return json.loads(out)["status"] == "sent"
+
+
+async def test_any_dead_letter_is_read_even_one_that_is_not_json(settings: Settings, pool, publisher) -> None:
+    from shared import deadletters
+
+    assert await deadletters.read(settings, pool, "email.received") == []
+    await publisher.publish_raw("email.received.dlq", b"\xff not an event", "mailbox-1", [
+        ("original_topic", b"x.email.received"), ("original_partition", b"2"), ("original_offset", b"41"),
+        ("reason", b"undecodable"), ("error", b"not JSON"), ("consumer_group", b"conduit-evaluate")])
+    (letter,) = await deadletters.read(settings, pool, "email.received")
+    assert (letter.reason, letter.error, letter.original_partition, letter.original_offset, letter.key, letter.event_type) == \
+        ("undecodable", "not JSON", 2, 41, "mailbox-1", None)
+    assert letter.value == b"\xff not an event" and letter.replayed_at is None
+    assert deadletters.dead_letter_topics("email.received.dlq") == ["email.received"]
