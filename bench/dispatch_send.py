@@ -40,12 +40,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import CpuSampler  # noqa: E402
 from bench.workdir import bench_workdir  # noqa: E402
 from bench.smtp_send import MESSAGE_SIZE, aiosmtplib_reused, make_message, smtp_source  # noqa: E402
 from conduit.broker import EmbeddedBroker  # noqa: E402
@@ -103,6 +105,7 @@ class Run:
     cpu: list[float]  # CPU seconds of each dispatch process (in-process: this process during the run)
     load: tuple[float, float]  # 1-minute load average before and after
     timeline: list[tuple[int, int, int]]  # (second from the first ledger row, rows written, accepted)
+    machine: tuple[float, float, Counter[str]] | None = None  # the ledger window: seconds, CPU seconds, per program
 
 
 async def publish_requests(settings: Settings, org_id: uuid.UUID, mailbox_id: uuid.UUID, count: int) -> None:
@@ -135,14 +138,16 @@ async def check_at_sink(sink: SmtpSink, message_ids: list[str]) -> None:
     sink.clear_dumps()
 
 
-async def ledger_figures(pool: object, org_id: uuid.UUID, count: int) -> tuple[float, float, list[str], list]:
+async def ledger_figures(pool: object, org_id: uuid.UUID, count: int) -> tuple[float, float, list[str], list, tuple[float, float]]:
     """(first request in the ledger -> last accepted, first accepted -> last accepted) in seconds,
-    the Message-IDs and a per-second timeline; exits unless all ``count`` requests are sent."""
+    the Message-IDs, a per-second timeline and the window's (start, end) as epoch seconds; exits
+    unless all ``count`` requests are sent."""
     async with pool.acquire() as conn:  # type: ignore[attr-defined]
         row = await conn.fetchrow(
             """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
                       extract(epoch FROM max(sent_at) - min(created_at)) AS span,
-                      extract(epoch FROM max(sent_at) - min(sent_at)) AS sending
+                      extract(epoch FROM max(sent_at) - min(sent_at)) AS sending,
+                      extract(epoch FROM min(created_at)) AS t0, extract(epoch FROM max(sent_at)) AS t1
                FROM outbound_email WHERE organization_id = $1""", org_id)
         ids = [r["message_id"] for r in await conn.fetch(
             "SELECT message_id FROM outbound_email WHERE organization_id = $1", org_id)]
@@ -157,7 +162,7 @@ async def ledger_figures(pool: object, org_id: uuid.UUID, count: int) -> tuple[f
                GROUP BY s.second ORDER BY s.second""", org_id)]
     if row["sent"] != count:
         sys.exit(f"only {row['sent']} of {count} sent")
-    return float(row["span"]), float(row["sending"]), ids, timeline
+    return float(row["span"]), float(row["sending"]), ids, timeline, (float(row["t0"]), float(row["t1"]))
 
 
 async def throughput(settings: Settings, count: int, sink: SmtpSink, profile: str | None = None) -> Run:
@@ -171,16 +176,19 @@ async def throughput(settings: Settings, count: int, sink: SmtpSink, profile: st
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    await run_service(service, burst=True)
+    with CpuSampler() as sampler:
+        await run_service(service, burst=True)
     wall = time.perf_counter() - began
     cpu = time.process_time() - cpu_before
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
-    span, sending, ids, timeline = await ledger_figures(pool, org_id, count)
+    span, sending, ids, timeline, (t0, t1) = await ledger_figures(pool, org_id, count)
     await pool.close()
     await check_at_sink(sink, ids)
-    return Run(0, count / span, count / sending, count / wall, [cpu], (load, os.getloadavg()[0]), timeline)
+    busy, programs = sampler.window(t0, t1)
+    return Run(0, count / span, count / sending, count / wall, [cpu], (load, os.getloadavg()[0]), timeline,
+               (t1 - t0, busy, programs))
 
 
 async def throughput_processes(settings: Settings, database: str, count: int, sink: SmtpSink, processes: int) -> Run:
@@ -219,7 +227,7 @@ async def throughput_processes(settings: Settings, database: str, count: int, si
                   + "\n    ".join(text.splitlines()[-20:]), file=sys.stderr)
     if failed:
         sys.exit(f"dispatch processes failed (index, exit code; -9 = killed after 600 s): {failed}")
-    span, sending, ids, timeline = await ledger_figures(pool, org_id, count)
+    span, sending, ids, timeline, _ = await ledger_figures(pool, org_id, count)
     await pool.close()
     await check_at_sink(sink, ids)
     cpu = [usage.ru_utime + usage.ru_stime for _, _, usage in results]
@@ -308,6 +316,13 @@ def main() -> None:
                 print(f"  dispatch (first request in the ledger -> last accepted): {ledger_rate:8.0f} msg/s")
                 print(f"  dispatch (whole burst run, incl. group join and start):  {wall_rate:8.0f} msg/s"
                       f"   (CPU {run.cpu[0]:.1f} s, load {run.load[0]:.2f} / {run.load[1]:.2f})")
+                seconds, busy, programs = run.machine  # type: ignore[misc]
+                cores = os.cpu_count() or 1
+                shares = ", ".join(f"{name} {spent / args.messages * 1e6:.0f}" for name, spent in programs.most_common(5))
+                print(f"  CPU in that window, every process: {busy:.2f} s over {seconds:.2f} s on {cores} cores "
+                      f"({busy / (seconds * cores):.0%} busy), {busy / args.messages * 1e6:.0f} us per request ({shares})")
+                print(f"  at that cost per request, {cores} cores fully busy would allow at most "
+                      f"{args.messages * cores / busy:8.0f} msg/s")
                 print(f"  aiosmtplib sendmail loop, 10 reused connections:         {baseline:8.0f} msg/s")
                 print(f"  Postfix smtp-source -s 10 -l 2000:                       {source:8.0f} msg/s")
                 print(f"  ratio dispatch / aiosmtplib:  {ledger_rate / baseline:5.2f}x  (target >= 2.4x)")
