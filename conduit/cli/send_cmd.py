@@ -42,7 +42,6 @@ def send(
     org: str = org_option(),
 ) -> None:
     """Send an email through a mailbox: publish an email.outbound request (exactly one send per key)."""
-    from shared.events.envelope import Envelope
     from shared.events.payloads import EmailOutboundV1
 
     extra: dict[str, str] = {}
@@ -71,45 +70,53 @@ def send(
         raise fail(f"{'.'.join(str(p) for p in first['loc']) or 'request'}: {first['msg']}") from None
 
     async def go() -> int:
-        from shared.kafka import Publisher, ensure_topics
-
-        settings = load_settings()
-        async with command_context(settings, org) as ctx:
-            event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer="conduit send",
-                                              organization_id=ctx.org.id, data=payload)
-            await ensure_topics(settings)
-            follower = _StatusFollower(settings) if wait else None
-            if follower is not None:
-                await follower.start()
-            publisher = Publisher(settings, client_id="conduit-send")
-            await publisher.start()
-            try:
-                await publisher.publish("email.outbound", event, payload.idempotency_key)
-            finally:
-                await publisher.stop()
-            if follower is None:
-                emit_json({"idempotency_key": payload.idempotency_key, "event_id": str(event.event_id)}) if json_ \
-                    else typer.echo(payload.idempotency_key)
-                return 0
-            try:
-                status = await follower.final(payload.idempotency_key, timeout)
-            finally:
-                await follower.stop()
-            if status is None:
-                status = await _from_ledger(ctx, payload.idempotency_key)
-            if status is None:
-                typer.echo(payload.idempotency_key)
-                raise fail(f"no final status within {timeout:.0f} s (is the dispatch service running?)", code=1)
-            if json_:
-                emit_json(status)
-            else:
-                typer.echo(payload.idempotency_key)
-                fields([(k, v) for k, v in status.items() if v not in (None, "", 0) or k == "status"])
-            return 0 if status["status"] == "sent" else 1
+        async with command_context(load_settings(), org) as ctx:
+            return await publish_request(ctx, payload, producer="conduit send", wait=wait, timeout=timeout, json_=json_)
 
     code = run(go)
     if code:
         raise typer.Exit(code)
+
+
+async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, timeout: float, json_: bool) -> int:
+    """Publish an ``EmailOutboundV1`` on email.outbound and print its key (with ``wait``, its final
+    status); the exit code: 0 unless waiting ended in anything but sent."""
+    from shared.events.envelope import Envelope
+    from shared.events.payloads import EmailOutboundV1
+    from shared.kafka import Publisher, ensure_topics
+
+    settings = ctx.settings
+    event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer=producer,
+                                      organization_id=ctx.org.id, data=payload)
+    await ensure_topics(settings)
+    follower = _StatusFollower(settings) if wait else None
+    if follower is not None:
+        await follower.start()
+    publisher = Publisher(settings, client_id="conduit-send")
+    await publisher.start()
+    try:
+        await publisher.publish("email.outbound", event, payload.idempotency_key)
+    finally:
+        await publisher.stop()
+    if follower is None:
+        emit_json({"idempotency_key": payload.idempotency_key, "event_id": str(event.event_id)}) if json_ \
+            else typer.echo(payload.idempotency_key)
+        return 0
+    try:
+        status = await follower.final(payload.idempotency_key, timeout)
+    finally:
+        await follower.stop()
+    if status is None:
+        status = await _from_ledger(ctx, payload.idempotency_key)
+    if status is None:
+        typer.echo(payload.idempotency_key)
+        raise fail(f"no final status within {timeout:.0f} s (is the dispatch service running?)", code=1)
+    if json_:
+        emit_json(status)
+    else:
+        typer.echo(payload.idempotency_key)
+        fields([(k, v) for k, v in status.items() if v not in (None, "", 0) or k == "status"])
+    return 0 if status["status"] == "sent" else 1
 
 
 class _StatusFollower:

@@ -207,6 +207,7 @@ class OutboundRequest(BaseModel):
     smtp_reply: str | None
     activity_id: UUID | None
     worker_id: int | None
+    started_at: datetime | None = None
     next_attempt_at: datetime | None
     deadline: datetime | None
     requested_at: datetime | None
@@ -221,6 +222,9 @@ class OutboundRequest(BaseModel):
             reply = " ".join(str(p) for p in (self.smtp_code, self.smtp_reply) if p)
             when = f" at {self.sent_at:%Y-%m-%d %H:%M:%S %Z}" if self.sent_at else ""
             return f"Sent: the server accepted it{when}" + (f" ({reply})." if reply else ".")
+        if self.status == "sending" and self.started_at is None:
+            return (f"Claimed by dispatch worker {self.worker_id} (attempt {self.attempts}), waiting for a session; "
+                    "if that worker dies now, another sends it.")
         if self.status == "sending":
             return (f"Being sent by dispatch worker {self.worker_id} (attempt {self.attempts}); if that worker dies, "
                     "it becomes failed with outcome_unknown, never sent twice.")
@@ -232,8 +236,8 @@ class OutboundRequest(BaseModel):
             return f"Rejected before any attempt ({self.reason}): {self.detail}"
         if self.reason == "outcome_unknown":
             return (f"Failed with an unknown outcome: the server may have accepted it, so it is not resent (it must "
-                    f"never arrive twice). Look for Message-ID {mid} at the recipient or in the Sent folder; to send "
-                    "it again, publish it with a new idempotency key.")
+                    f"never arrive twice). Look for Message-ID {mid} at the recipient or in the Sent folder; if it "
+                    "is not there, `conduit outbound resend` sends it again under a new idempotency key.")
         detail = (self.detail or "no detail").rstrip(".")
         said = f" The server said: {self.smtp_code} {self.smtp_reply}" \
             if self.smtp_code and (self.smtp_reply or "") not in detail else ""

@@ -301,7 +301,7 @@ async def mailbox_sync(conn: asyncpg.Connection, mailbox_id: UUID) -> tuple[asyn
 
 _OUTBOUND = """SELECT o.id, o.idempotency_key, o.status, o.mailbox_id, m.email AS mailbox_email, o.request -> 'to' AS to,
                       o.subject, o.message_id, o.transport, o.attempts, o.reason, o.detail, o.smtp_code, o.smtp_reply,
-                      o.activity_id, o.worker_id, o.next_attempt_at, o.deadline, o.requested_at, o.sent_at,
+                      o.activity_id, o.worker_id, o.started_at, o.next_attempt_at, o.deadline, o.requested_at, o.sent_at,
                       o.created_at, o.updated_at
                FROM outbound_email o LEFT JOIN mailbox m ON m.id = o.mailbox_id"""
 
@@ -321,6 +321,11 @@ async def outbound_request_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: s
                         ORDER BY o.idempotency_key = $2 DESC, o.created_at DESC LIMIT 1""",
         org_id, ref,
     )
+
+
+async def outbound_request_body(conn: asyncpg.Connection, request_id: UUID) -> dict[str, Any] | None:
+    """The request as dispatch accepted it (the ``email.outbound`` event's data)."""
+    return await conn.fetchval("SELECT request FROM outbound_email WHERE id = $1", request_id)
 
 
 async def _update(conn: asyncpg.Connection, table: str, row_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:

@@ -456,6 +456,14 @@ class Registry:
             raise NotFound(f"no request to send {ref!r} (give its idempotency key, request id or Message-ID)")
         return _outbound(row)
 
+    async def outbound_request_body(self, request: models.OutboundRequest) -> dict[str, Any]:
+        """The request's ``email.outbound`` data as dispatch accepted it (what a resend publishes again)."""
+        async with self._pool.acquire() as conn:
+            body = await repo.outbound_request_body(conn, request.id)
+        if not body:
+            raise NotFound(f"request {request.idempotency_key!r} has no stored request to send again")
+        return body
+
     # --- events ------------------------------------------------------------------------------------
 
     async def _alert(self, conn: asyncpg.Connection, org_id: UUID, mailbox_id: UUID, severity: str,

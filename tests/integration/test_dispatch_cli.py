@@ -62,3 +62,37 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
         assert len(capture.messages()) == 1
         (message,) = capture.messages()
         assert message.header("X-Source") == "cli" and message.header("Subject").startswith("From the CLI CRM:")
+
+
+async def test_a_failed_request_is_resent_once_under_a_new_key(settings: Settings, registry: Registry, org, tmp_path) -> None:
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        stopping = asyncio.Event()
+        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
+        running = asyncio.create_task(run_service(service, stopping=stopping))
+        try:
+            key = f"resend-{uuid.uuid4().hex[:8]}"
+            capture.fail_next(1, "550")
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "someone@customer.example",
+                                        "--subject", "Second chance", "--text", "Hello again.", "-H", "X-Source: cli",
+                                        "--key", key, "--wait", "--json")
+            first = json.loads(out)
+            assert code == 1 and (first["status"], first["smtp_code"]) == ("failed", 550), (out, err)
+
+            code, out, err = await _cli(settings, "outbound", "resend", key, "--org", org.name, "--wait", "--json")
+            assert code == 0, err
+            resent = json.loads(out)
+            assert (resent["status"], resent["idempotency_key"]) == ("sent", f"{key}.resend")
+            assert resent["message_id"] != first["message_id"]
+
+            # Neither a second resend nor a resend of what was sent publishes anything.
+            for ref, says in [(key, f"already resent as '{key}.resend' (sent)"), (f"{key}.resend", "sending it again would deliver it twice"),
+                              ("no-such-key", "no request to send 'no-such-key'")]:
+                code, out, err = await _cli(settings, "outbound", "resend", ref, "--org", org.name)
+                assert code == 2 and says in err and "Traceback" not in err, (ref, err)
+        finally:
+            stopping.set()
+            await running
+        (message,) = capture.messages()
+        assert message.header("X-Source") == "cli" and message.header("Subject").startswith("Second chance")
+        assert message.header("Message-ID").strip("<>") == resent["message_id"]
