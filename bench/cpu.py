@@ -90,3 +90,12 @@ class CpuSampler:
         busy_end, programs_end = at(end)
         spent = Counter({k: programs_end.get(k, 0) - programs_start.get(k, 0) for k in programs_end})
         return busy_end - busy_start, Counter({k: v for k, v in spent.items() if v > 0.005})
+
+
+def report(busy: float, seconds: float, programs: Counter[str], count: int, unit: str = "message") -> str:
+    """Two lines for a bench's output: the window's CPU over every process, and the rate it bounds."""
+    cores = os.cpu_count() or 1
+    shares = ", ".join(f"{name} {spent / count * 1e6:.0f}" for name, spent in programs.most_common(5))
+    return (f"  CPU in that window, every process: {busy:.2f} s over {seconds:.2f} s on {cores} cores "
+            f"({busy / (seconds * cores):.0%} busy), {busy / count * 1e6:.0f} us per {unit} ({shares})\n"
+            f"  at that cost per {unit}, {cores} cores fully busy would allow at most {count * cores / busy:8.0f} msg/s")

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cpu import CpuSampler  # noqa: E402
+from bench.cpu import CpuSampler, report  # noqa: E402
 from bench.workdir import bench_workdir  # noqa: E402
 from bench.smtp_send import MESSAGE_SIZE, aiosmtplib_reused, make_message, smtp_source  # noqa: E402
 from conduit.broker import EmbeddedBroker  # noqa: E402
@@ -317,12 +317,7 @@ def main() -> None:
                 print(f"  dispatch (whole burst run, incl. group join and start):  {wall_rate:8.0f} msg/s"
                       f"   (CPU {run.cpu[0]:.1f} s, load {run.load[0]:.2f} / {run.load[1]:.2f})")
                 seconds, busy, programs = run.machine  # type: ignore[misc]
-                cores = os.cpu_count() or 1
-                shares = ", ".join(f"{name} {spent / args.messages * 1e6:.0f}" for name, spent in programs.most_common(5))
-                print(f"  CPU in that window, every process: {busy:.2f} s over {seconds:.2f} s on {cores} cores "
-                      f"({busy / (seconds * cores):.0%} busy), {busy / args.messages * 1e6:.0f} us per request ({shares})")
-                print(f"  at that cost per request, {cores} cores fully busy would allow at most "
-                      f"{args.messages * cores / busy:8.0f} msg/s")
+                print(report(busy, seconds, programs, args.messages, "request"))
                 print(f"  aiosmtplib sendmail loop, 10 reused connections:         {baseline:8.0f} msg/s")
                 print(f"  Postfix smtp-source -s 10 -l 2000:                       {source:8.0f} msg/s")
                 print(f"  ratio dispatch / aiosmtplib:  {ledger_rate / baseline:5.2f}x  (target >= 2.4x)")

@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import CpuSampler, report
 from bench.workdir import bench_workdir
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -77,11 +78,12 @@ class TimedEvaluate(EvaluateService):
     ended: float | None = None
     cpu_first: float | None = None
     cpu_ended: float | None = None
+    first_wall = ended_wall = 0.0   # the window in epoch seconds, for the machine's CPU in it
     rejected = 0
 
     async def prepare(self, deliveries: Sequence[Delivery]):  # the first step of every batch
         if self.first is None:
-            self.first, self.cpu_first = time.perf_counter(), time.process_time()
+            self.first, self.cpu_first, self.first_wall = time.perf_counter(), time.process_time(), time.time()
         return await super().prepare(deliveries)
 
     async def finish(self, prepared) -> Sequence[Rejection]:
@@ -91,7 +93,7 @@ class TimedEvaluate(EvaluateService):
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
         await super().work(stopping, burst=burst)
-        self.ended, self.cpu_ended = time.perf_counter(), time.process_time()
+        self.ended, self.cpu_ended, self.ended_wall = time.perf_counter(), time.process_time(), time.time()
 
 
 async def prepare(base: Settings, pool, messages: list[bytes], owners: list[str]) -> tuple[Settings, uuid.UUID]:
@@ -157,7 +159,8 @@ async def one_run(base: Settings, pool, messages: list[bytes], owners: list[str]
     started = time.perf_counter()
     if profiler:
         profiler.enable()
-    await run_service(service, burst=True)
+    with CpuSampler() as sampler:
+        await run_service(service, burst=True)
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -173,7 +176,8 @@ async def one_run(base: Settings, pool, messages: list[bytes], owners: list[str]
                          f"{offsets} offsets committed, {service.rejected} rejected; expected {n}")
     assert service.first is not None and service.ended is not None
     return {"window": service.ended - service.first, "whole": whole, "activities": activities,
-            "cpu": service.cpu_ended - service.cpu_first}
+            "cpu": service.cpu_ended - service.cpu_first,
+            "machine": sampler.window(service.first_wall, service.ended_wall)}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -317,6 +321,9 @@ async def main() -> None:
     print("  EvaluateService (first batch -> last offset committed)  " + "  ".join(f"{v:8,.0f}" for v in windows) + " msg/s")
     print("  EvaluateService whole burst run (start, group join)    " + "  ".join(f"{v:8,.0f}" for v in wholes) + " msg/s")
     print("  CPU of this process in the window                      " + "  ".join(f"{r['cpu']:8.2f}" for r in runs) + " s")
+    for r in runs:
+        busy, programs = r["machine"]
+        print(report(busy, r["window"], programs, n))
     print(f"  activities per run: {', '.join(str(int(r['activities'])) for r in runs)} of {n} messages")
     print("  email.message_from_bytes(policy=default) loop          " + "  ".join(f"{v:8,.0f}" for v in peers) + " msg/s")
     print(f"\n  evaluate: best {max(windows):,.0f} msg/s, worst {min(windows):,.0f} msg/s   (target >= 3,000)")
