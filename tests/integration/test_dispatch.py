@@ -260,6 +260,9 @@ async def test_rows_of_a_dead_worker_fail_as_outcome_unknown_only_if_they_may_ha
         # Claimed but never handed to a transport: nothing of it left, so another worker sends it.
         await orphan_row(conn, dead, org.id, sender.mailbox_id, "orphan-2", "conduit.y@example.com",
                          subject=request.subject, request=request.model_dump_json(), started=False)
+    # What `conduit outbound show` says of each meanwhile.
+    assert "outcome_unknown" in (await registry.outbound_request(org, "orphan-1")).explanation()
+    assert "another sends it" in (await registry.outbound_request(org, "orphan-2")).explanation()
     await dispatch(settings, burst_horizon_seconds=2)
     reader = await finals(settings, ["orphan-1", "orphan-2"])
     final = reader.final("orphan-1")
