@@ -8,11 +8,9 @@ from typing import Optional
 
 import typer
 
-from conduit.cli.output import clip, emit_json, fail, fields, table
+from conduit.cli.output import clip, emit_json, fields, table
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
-from shared.errors import NotFound
-from shared.registry.models import OutboundRequest
 
 outbound_app = typer.Typer(help="Requests to send email: their status, why, and sending a failed one again.",
                             no_args_is_help=True)
@@ -63,43 +61,14 @@ def outbound_resend(ref: str = typer.Argument(..., help="Idempotency key, reques
 
     For outcome_unknown, first check that it did not arrive: `conduit outbound show` names the Message-ID.
     """
-    from pydantic import ValidationError
-
     from conduit.cli.send_cmd import publish_request
-    from shared.events.payloads import EmailOutboundV1
 
     async def go() -> int:
         async with command_context(load_settings(), org) as ctx:
-            r = await ctx.registry.outbound_request(ctx.org, ref)
-            if r.status != "failed":
-                raise fail(_not_resendable(r))
-            new_key = key or f"{r.idempotency_key}.resend"
-            try:
-                earlier = await ctx.registry.outbound_request(ctx.org, new_key)
-            except NotFound:
-                earlier = None
-            if earlier is not None and earlier.idempotency_key == new_key:
-                raise fail(f"already resent as {new_key!r} ({earlier.status}); `conduit outbound show {new_key}` says "
-                           "where it stands, and --key names a new resend")
-            body = {**await ctx.registry.outbound_request_body(r), "idempotency_key": new_key}
-            body.pop("deadline", None)   # the first request's deadline has passed, or it would not have failed so
-            try:
-                payload = EmailOutboundV1.model_validate(body)
-            except ValidationError as exc:
-                raise fail(f"cannot resend it as {new_key!r}: {exc.errors()[0]['msg']}") from None
+            payload = await ctx.registry.resend_request(ctx.org, ref, key)
             return await publish_request(ctx, payload, producer="conduit outbound resend", wait=wait, timeout=timeout,
                                          json_=json_)
 
     code = run(go)
     if code:
         raise typer.Exit(code)
-
-
-def _not_resendable(r: OutboundRequest) -> str:
-    if r.status == "sent":
-        return (f"{r.idempotency_key!r} was sent (Message-ID <{r.message_id}>); sending it again would deliver it "
-                "twice. `conduit send` sends a new email")
-    if r.status == "rejected":
-        return (f"{r.idempotency_key!r} was rejected ({r.reason}) and never sent: once that is mended, "
-                "`conduit dead-letters replay email.outbound` sends it under its own key")
-    return f"{r.idempotency_key!r} is still {r.status}: dispatch is working on it"

@@ -15,13 +15,13 @@ from typing import Any, AsyncIterator
 from uuid import UUID
 
 import asyncpg
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from shared.crypto import CredentialCipher
 from shared.errors import Conflict, InvalidInput, NotFound
 from shared.events.envelope import Envelope
 from shared.events.fields import is_email_address
-from shared.events.payloads import MailboxEventV1, RegistryChangeV1
+from shared.events.payloads import EmailOutboundV1, MailboxEventV1, RegistryChangeV1
 from shared.events.topics import MAILBOX_EVENTS, REGISTRY_CHANGES
 from shared.outbox import enqueue
 from shared.registry import models, repository as repo
@@ -456,13 +456,35 @@ class Registry:
             raise NotFound(f"no request to send {ref!r} (give its idempotency key, request id or Message-ID)")
         return _outbound(row)
 
-    async def outbound_request_body(self, request: models.OutboundRequest) -> dict[str, Any]:
-        """The request's ``email.outbound`` data as dispatch accepted it (what a resend publishes again)."""
+    async def resend_request(self, org: models.Organization, ref: str, key: str | None = None) -> EmailOutboundV1:
+        """A failed request, as a new request to publish on ``email.outbound``: the same data as
+        dispatch accepted it, under ``key`` (by default the first key + ``.resend``), without the
+        first deadline.  Refused (``Conflict``) unless it failed, and when that key is already used:
+        so resending by the default key twice sends once."""
+        request = await self.outbound_request(org, ref)
+        if request.status == "sent":
+            raise Conflict(f"{request.idempotency_key!r} was sent (Message-ID <{request.message_id}>); sending it again "
+                           "would deliver it twice. `conduit send` sends a new email")
+        if request.status == "rejected":
+            raise Conflict(f"{request.idempotency_key!r} was rejected ({request.reason}) and never sent: once that is "
+                           "mended, `conduit dead-letters replay email.outbound` sends it under its own key")
+        if request.status != "failed":
+            raise Conflict(f"{request.idempotency_key!r} is still {request.status}: dispatch is working on it")
+        key = key or f"{request.idempotency_key}.resend"
         async with self._pool.acquire() as conn:
+            earlier = await repo.outbound_request_by_ref(conn, org.id, key)
             body = await repo.outbound_request_body(conn, request.id)
+        if earlier is not None and earlier["idempotency_key"] == key:
+            raise Conflict(f"already resent as {key!r} ({earlier['status']}); `conduit outbound show {key}` says where "
+                           "it stands, and --key names a new resend")
         if not body:
             raise NotFound(f"request {request.idempotency_key!r} has no stored request to send again")
-        return body
+        body = {**body, "idempotency_key": key}
+        body.pop("deadline", None)   # the first request's deadline has passed, or it would not have failed so
+        try:
+            return EmailOutboundV1.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidInput(f"cannot resend it as {key!r}: {exc.errors()[0]['msg']}") from None
 
     # --- events ------------------------------------------------------------------------------------
 
