@@ -18,13 +18,14 @@ import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, Field
 
 from shared.errors import InvalidInput
-from shared.events.topics import TOPICS, dead_letter
+from shared.events.topics import EMAIL_RECEIVED, TOPICS, dead_letter
 from shared.kafka import Publisher, client_options, topic_name
 from shared.settings import Settings
 
@@ -46,6 +47,7 @@ class DeadLetter(BaseModel):
     key: str | None = None
     event_type: str | None = None
     event_id: str | None = None
+    organization_id: str | None = None
     subject: str | None = Field(None, description="what the event is about: an idempotency key, a Message-ID")
     replay_of: str | None = Field(None, description="the dead letter this event was a replay of, if it was one")
     replayed_at: datetime | None = None
@@ -72,8 +74,8 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
     """Every dead letter of ``topic`` up to now, oldest first per partition, with when each was replayed."""
     physical = topic_name(settings, dead_letter(topic))
     consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         partitions = consumer.partitions_for_topic(physical)
         if not partitions:
             await consumer._client.force_metadata_update()  # aiokafka: no public refresh
@@ -102,6 +104,14 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
             """SELECT partition, "offset", logged_at, replayed_at FROM dead_letter_replay WHERE topic = $1""", physical)}
     return [letter.model_copy(update={"replayed_at": replayed.get((letter.partition, letter.offset, letter.logged_at))})
             for letter in letters]
+
+
+async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UUID, message_id: str) -> list[DeadLetter]:
+    """The received messages with this Message-ID that were dead-lettered (an organization's), so
+    that "why was this email not tracked?" has an answer when no decision was recorded."""
+    wanted = message_id.strip().strip("<>")
+    return [x for x in await read(settings, pool, EMAIL_RECEIVED.name)
+            if x.organization_id == str(organization_id) and (x.subject or "").strip("<>") == wanted]
 
 
 async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadLetter]) -> None:
@@ -152,7 +162,8 @@ def _event_fields(value: bytes) -> dict[str, str | None]:
         return {}
     data = event.get("data") if isinstance(event.get("data"), dict) else {}
     subject = data.get("idempotency_key") or data.get("message_id")
-    return {"event_type": _text(event.get("type")), "event_id": _text(event.get("event_id")), "subject": _text(subject)}
+    return {"event_type": _text(event.get("type")), "event_id": _text(event.get("event_id")),
+            "organization_id": _text(event.get("organization_id")), "subject": _text(subject)}
 
 
 def _text(value: Any) -> str | None:

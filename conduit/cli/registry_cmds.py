@@ -4,20 +4,26 @@ Thin: each parses its arguments, calls ``shared.registry.service.Registry`` and 
 """
 from __future__ import annotations
 
+import asyncio
 import getpass
+import logging
 import os
 import sys
 from datetime import datetime
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
 from conduit.cli.output import clip, emit_json, fail, fields, table
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
+from shared.errors import ConduitError
 from shared.registry import models
 from shared.registry.service import ProfileInput
+
+log = logging.getLogger(__name__)
 
 profile_app = typer.Typer(help="Email server profiles.", no_args_is_help=True)
 user_app = typer.Typer(help="Users.", no_args_is_help=True)
@@ -440,13 +446,31 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
             if json_:
                 emit_json(decisions)
             elif not decisions:
-                typer.echo(f"no decision recorded for {message_id}: the message has not reached a processed mailbox "
-                           "(check `conduit mailbox show` for the mailbox's state and alerts)")
+                refused = await _dead_lettered(ctx, message_id)
+                if refused:
+                    for x in refused:
+                        typer.echo(f"refused by evaluate at {x.logged_at:%Y-%m-%d %H:%M:%S} [{x.reason}] {x.error}; "
+                                   f"once mended: conduit dead-letters replay email.received --at {x.at}")
+                else:
+                    typer.echo(f"no decision recorded for {message_id}: the message has not reached a processed mailbox "
+                               "(check `conduit mailbox show` for the mailbox's state and alerts)")
             else:
                 _print_decisions(decisions)
             return 0 if decisions else 1
     if run(go):
         raise typer.Exit(1)
+
+
+async def _dead_lettered(ctx: Any, message_id: str) -> list[Any]:
+    """Dead letters of this message on email.received; none when the broker cannot say (it may be
+    stopped: the registry's answer stands on its own)."""
+    from shared import deadletters
+
+    try:
+        return await asyncio.wait_for(deadletters.of_message(ctx.settings, ctx.pool, ctx.org.id, message_id), 15)
+    except (ConduitError, KafkaError, OSError, asyncio.TimeoutError) as exc:
+        log.info("could not read email.received's dead letters: %s", exc)
+        return []
 
 
 def _print_decisions(decisions: list[models.Decision]) -> None:

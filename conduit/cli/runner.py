@@ -28,8 +28,11 @@ def load_settings() -> Settings:
 
 def run(factory: Callable[[], Awaitable[T]]) -> T:
     """Run the coroutine; ConduitError and connection failures print one line and exit 2."""
-    logging.basicConfig(level=os.environ.get("CONDUIT_LOG_LEVEL", "WARNING").upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("CONDUIT_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        # A broker it cannot reach is the command's one-line error (below), not aiokafka's log lines too.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return asyncio.run(factory())
     except ConduitError as exc:

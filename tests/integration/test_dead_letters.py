@@ -99,3 +99,38 @@ async def test_any_dead_letter_is_read_even_one_that_is_not_json(settings: Setti
         ("undecodable", "not JSON", 2, 41, "mailbox-1", None)
     assert letter.value == b"\xff not an event" and letter.replayed_at is None
     assert deadletters.dead_letter_topics("email.received.dlq") == ["email.received"]
+
+
+async def test_a_received_message_refused_by_evaluate_is_explained_and_replayed(
+        settings: Settings, registry: Registry, org, pool, publisher, dovecot) -> None:
+    """`conduit message why` names the dead letter when no decision was recorded; once the raw
+    message is in the store, replaying it makes the decision and the activity."""
+    import hashlib
+
+    from services.evaluate.service import EvaluateService
+    from shared.events.envelope import Envelope
+    from shared.events.payloads import EmailReceivedV1
+    from shared.rawstore import store_raw
+    from tests.support.mailboxes import imap_profile, message, ready_mailbox
+
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    raw = message("Lost and found", message_id=f"<{uuid.uuid4().hex}@customer.example>")
+    message_id = raw.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
+    event = Envelope[EmailReceivedV1](type="email.received", schema_version=1, producer="tests", organization_id=org.id,
+                                      data=EmailReceivedV1(mailbox_id=box.id, source="imap", uid=1, size=len(raw),
+                                                           raw_sha256=hashlib.sha256(raw).hexdigest(), message_id=message_id))
+    await publisher.publish("email.received", event, str(box.id))
+    await run_service(EvaluateService(settings), burst=True)   # the raw message is not stored: refused
+
+    code, out, err = await conduit_cli(settings, "message", "why", message_id, "--org", org.name)
+    assert code == 1 and "refused by evaluate" in out and "[raw_missing]" in out, (out, err)
+    assert "conduit dead-letters replay email.received --at " in out
+
+    async with pool.acquire() as conn:
+        await store_raw(conn, [raw])
+    code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.received")
+    assert code == 0 and "replayed 1 dead letter" in out and "raw_missing" in out, err
+    await run_service(EvaluateService(settings), burst=True)
+    code, out, err = await conduit_cli(settings, "message", "why", message_id, "--org", org.name)
+    assert code == 0 and f"{box.email}: tracked" in out, (out, err)
