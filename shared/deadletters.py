@@ -24,12 +24,13 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, Field
 
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, TransientError
 from shared.events.topics import EMAIL_RECEIVED, TOPICS, dead_letter
 from shared.kafka import Publisher, client_options, topic_name
 from shared.settings import Settings
 
 REPLAYED_FROM = "replayed_from"   # header on a replayed event, carried onto its dead letter if refused again
+_IDLE_POLLS = 15                  # one-second polls without a record before reading gives up
 
 
 class DeadLetter(BaseModel):
@@ -52,6 +53,7 @@ class DeadLetter(BaseModel):
     replay_of: str | None = Field(None, description="the dead letter this event was a replay of, if it was one")
     replayed_at: datetime | None = None
     value: bytes = Field(b"", exclude=True, repr=False)
+    raw_key: bytes | None = Field(None, exclude=True, repr=False)   # replayed as it was, so to the same partition
 
     @property
     def at(self) -> str:
@@ -88,8 +90,13 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
         ends = await consumer.end_offsets(tps)
         letters: list[DeadLetter] = []
         remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        idle = 0
         while remaining:
             batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            idle = 0 if batches else idle + 1
+            if idle >= _IDLE_POLLS:
+                raise TransientError(f"the broker returned nothing of {physical} for {_IDLE_POLLS} s, short of its end",
+                                     reason="broker_stalled")
             for tp, records in batches.items():
                 letters += [_letter(topic, r) for r in records if r.offset < ends[tp]]
                 if records and records[-1].offset + 1 >= ends[tp]:
@@ -122,7 +129,7 @@ async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadL
     await publisher.start()
     try:
         sent = [await publisher.producer.send(
-            topic_name(settings, letter.topic), letter.value, key=letter.key.encode() if letter.key else None,
+            topic_name(settings, letter.topic), letter.value, key=letter.raw_key or None,
             headers=[(REPLAYED_FROM, f"{dead_letter(letter.topic)}:{letter.at}".encode())]) for letter in letters]
         for acknowledged in sent:
             await acknowledged
@@ -148,7 +155,7 @@ def _letter(topic: str, record: Any) -> DeadLetter:
         reason=headers.get("reason", "unknown"), error=headers.get("error", ""), consumer_group=headers.get("consumer_group"),
         original_partition=_int(headers.get("original_partition")), original_offset=_int(headers.get("original_offset")),
         key=record.key.decode(errors="replace") if record.key is not None else None,
-        replay_of=headers.get(REPLAYED_FROM), value=record.value or b"", **event,
+        replay_of=headers.get(REPLAYED_FROM), value=record.value or b"", raw_key=record.key, **event,
     )
 
 
