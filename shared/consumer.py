@@ -37,6 +37,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from shared.deadletters import REPLAYED_FROM
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
@@ -95,7 +96,7 @@ class DeadLetterGate:
         log.warning("dead-lettering %s[%d]@%d: %s", topic, partition, offset, error.message)
         # A replayed event refused again says which dead letter it was (``shared.deadletters``).
         pairs = original.items() if isinstance(original, Mapping) else original or ()
-        carried = [(name, value) for name, value in pairs if name == "replayed_from"]
+        carried = [(name, value) for name, value in pairs if name == REPLAYED_FROM]
         return carried + [
             ("original_topic", topic.encode()),
             ("original_partition", str(partition).encode()),
