@@ -2,18 +2,15 @@
 while still refused (dead-lettered again, naming the first), then replayed once mended and sent once."""
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
 from conduit.peers.smtp import CaptureSmtpServer
-from services.dispatch.service import DispatchService
-from services.dispatch.settings import DispatchSettings
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.cli import conduit_cli
-from tests.support.dispatch import sending_mailbox
+from tests.support.dispatch import dispatch_running, sending_mailbox
 from tests.support.waiting import eventually
 
 
@@ -27,10 +24,7 @@ async def test_a_refused_request_is_listed_replayed_and_sent_once_mended(
         settings: Settings, registry: Registry, org, tmp_path) -> None:
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, approve=False)
-        stopping = asyncio.Event()
-        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
-        running = asyncio.create_task(run_service(service, stopping=stopping))
-        try:
+        async with dispatch_running(settings):
             key = f"dlq-{uuid.uuid4().hex[:8]}"
             code, out, err = await conduit_cli(settings, "send", "--org", org.name, "--from", sender.email, "--to",
                                                "someone@customer.example", "--subject", "Refused first", "--text", "Hello.",
@@ -69,9 +63,6 @@ async def test_a_refused_request_is_listed_replayed_and_sent_once_mended(
                                (("replay", "email.outbound", "--at", "3:999999"), "no dead letter of email.outbound at 3:999999")]:
                 code, out, err = await conduit_cli(settings, "dead-letters", *args)
                 assert code == 2 and says in err and "Traceback" not in err, (args, err)
-        finally:
-            stopping.set()
-            await running
         (message,) = capture.messages()
         assert message.header("Subject").startswith("Refused first")
 

@@ -1,28 +1,21 @@
 """`conduit send` as a user runs it (a subprocess), against a running dispatch service and aiosmtpd."""
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
 from conduit.peers.smtp import CaptureSmtpServer
-from services.dispatch.service import DispatchService
-from services.dispatch.settings import DispatchSettings
-from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.cli import conduit_cli as _cli
-from tests.support.dispatch import sending_mailbox
+from tests.support.dispatch import dispatch_running, sending_mailbox
 
 
 async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
         settings: Settings, registry: Registry, org, tmp_path) -> None:
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
-        stopping = asyncio.Event()
-        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
-        running = asyncio.create_task(run_service(service, stopping=stopping))
-        try:
+        async with dispatch_running(settings):
             key = f"cli-{uuid.uuid4().hex[:8]}"
             args = ["send", "--org", org.name, "--from", sender.email, "--to", "someone@customer.example", "--subject", "From the CLI",
                     "--text", "Hello from conduit send.", "-H", "X-Source: cli", "--key", key, "--wait", "--json"]
@@ -56,9 +49,6 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             assert code == 2 and "no request to send 'no-such-key'" in err and "Traceback" not in err
             code, out, err = await _cli(settings, "outbound", "list", "--status", "lost", "--org", org.name)
             assert code == 2 and "is not one of" in err and "Traceback" not in err
-        finally:
-            stopping.set()
-            await running
         assert len(capture.messages()) == 1
         (message,) = capture.messages()
         assert message.header("X-Source") == "cli" and message.header("Subject").startswith("From the CLI CRM:")
@@ -67,10 +57,7 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
 async def test_a_failed_request_is_resent_once_under_a_new_key(settings: Settings, registry: Registry, org, tmp_path) -> None:
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
-        stopping = asyncio.Event()
-        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
-        running = asyncio.create_task(run_service(service, stopping=stopping))
-        try:
+        async with dispatch_running(settings):
             key = f"resend-{uuid.uuid4().hex[:8]}"
             capture.fail_next(1, "550")
             code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "someone@customer.example",
@@ -90,9 +77,6 @@ async def test_a_failed_request_is_resent_once_under_a_new_key(settings: Setting
                               ("no-such-key", "no request to send 'no-such-key'")]:
                 code, out, err = await _cli(settings, "outbound", "resend", ref, "--org", org.name)
                 assert code == 2 and says in err and "Traceback" not in err, (ref, err)
-        finally:
-            stopping.set()
-            await running
         (message,) = capture.messages()
         assert message.header("X-Source") == "cli" and message.header("Subject").startswith("Second chance")
         assert message.header("Message-ID").strip("<>") == resent["message_id"]

@@ -1,7 +1,10 @@
 """Set-ups the dispatch tests share: a sending mailbox on an SMTP peer, requests, and status reading."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +123,21 @@ class StatusReader:
 
     def statuses(self, key: str) -> list[str]:
         return [s.status for s in self.by_key.get(key, [])]
+
+
+@contextlib.asynccontextmanager
+async def dispatch_running(settings: Settings, **options: Any) -> AsyncIterator[None]:
+    """A dispatch service working in the background (its own consumer group) for the block's length."""
+    from services.dispatch.service import DispatchService
+    from services.dispatch.settings import DispatchSettings
+    from shared.lifecycle import run_service
+
+    stopping = asyncio.Event()
+    service = DispatchService(settings, DispatchSettings(**{"poll_seconds": 0.1, **options}),
+                              group_id=f"d-{uuid.uuid4().hex[:8]}")
+    running = asyncio.create_task(run_service(service, stopping=stopping))
+    try:
+        yield
+    finally:
+        stopping.set()
+        await running
