@@ -13,6 +13,8 @@ from conduit.cli.output import clip, emit_json, fail, table
 from conduit.cli.runner import load_settings, run
 from conduit.context import database
 
+_LINES = 20   # dead letters a replay names one by one before it summarises
+
 dead_letters_app = typer.Typer(help="Events a service refused: why, and replaying them.", no_args_is_help=True)
 
 
@@ -20,6 +22,7 @@ dead_letters_app = typer.Typer(help="Events a service refused: why, and replayin
 def dead_letters_list(topic: Optional[str] = typer.Argument(None, help="The refusing service's topic, e.g. email.outbound (default: all)."),
                       reason: list[str] = typer.Option([], "--reason", help="Only this reason (repeatable)."),
                       pending: bool = typer.Option(False, "--pending", help="Only those not replayed yet."),
+                      limit: int = typer.Option(200, "--limit", min=1, help="Show the latest this many."),
                       json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List dead letters, oldest first: where, when, why, and whether they were replayed."""
     from shared import deadletters
@@ -27,16 +30,18 @@ def dead_letters_list(topic: Optional[str] = typer.Argument(None, help="The refu
     async def go() -> None:
         settings = load_settings()
         async with database(settings) as pool:
-            letters = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(settings, pool, t)
-                       if (not reason or x.reason in reason) and not (pending and x.replayed_at)]
+            found = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(settings, pool, t)
+                     if (not reason or x.reason in reason) and not (pending and x.replayed_at)]
+        letters = sorted(found, key=lambda x: x.logged_at)[-limit:]
         if json_:
             return emit_json(letters)
         table([(x.topic, x.at, f"{x.logged_at:%Y-%m-%d %H:%M:%S}", x.reason, clip(x.subject or x.key or "", 36),
                 f"{x.replayed_at:%Y-%m-%d %H:%M:%S}" if x.replayed_at else "-", clip(x.error, 60)) for x in letters],
               ["topic", "at", "logged", "reason", "about", "replayed", "error"])
-        waiting = sum(1 for x in letters if not x.replayed_at)
-        if letters:
-            typer.echo(f"{len(letters)} dead letter{'s' * (len(letters) != 1)}, {waiting} not replayed.")
+        waiting = sum(1 for x in found if not x.replayed_at)
+        if found:
+            shown = f" (the last {len(letters)} shown: --limit for more)" if len(letters) < len(found) else ""
+            typer.echo(f"{len(found)} dead letter{'s' * (len(found) != 1)}, {waiting} not replayed{shown}.")
     run(go)
 
 
@@ -74,8 +79,10 @@ def dead_letters_replay(topic: str = typer.Argument(..., help="The topic the eve
         if not chosen:
             typer.echo(f"nothing to replay on {name}" + (f" ({skipped} replayed before: --again to replay them too)" if skipped else ""))
             return
-        for x in chosen:
+        for x in chosen[:_LINES]:
             typer.echo(f"  {x.at}  {x.reason}  {x.subject or x.key or ''}")
+        if len(chosen) > _LINES:
+            typer.echo(f"  ... and {len(chosen) - _LINES} more (--json lists them all)")
         verb = "would replay" if dry_run else "replayed"
         typer.echo(f"{verb} {len(chosen)} dead letter{'s' * (len(chosen) != 1)} to {name}"
                    + ("" if dry_run else f"; {name}'s consumer handles each again, and dead-letters it again if it is still refused")

@@ -90,6 +90,11 @@ async def test_any_dead_letter_is_read_even_one_that_is_not_json(settings: Setti
         ("undecodable", "not JSON", 2, 41, "mailbox-1", None)
     assert letter.value == b"\xff not an event" and letter.replayed_at is None
     assert deadletters.dead_letter_topics("email.received.dlq") == ["email.received"]
+    for n in range(2):
+        await publisher.publish_raw("email.received.dlq", b"{}", f"mailbox-{n + 2}", [("reason", b"schema_error")])
+    code, out, err = await conduit_cli(settings, "dead-letters", "list", "email.received.dlq", "--limit", "2")
+    assert code == 0 and "3 dead letters, 3 not replayed (the last 2 shown: --limit for more)." in out, err
+    assert "undecodable" not in out and out.count("schema_error") == 2
 
 
 async def test_a_received_message_refused_by_evaluate_is_explained_and_replayed(
