@@ -308,36 +308,34 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome],
         """WITH a AS (
                SELECT * FROM unnest($11::uuid[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[],
                                     $17::text[], $18::text[], $19::text[], $20::uuid[], $21::text[], $22::text[], $23::text[],
-                                    $24::uuid[])
-                   AS a(id, org, mid, subject, norm, sender, to_list, cc_list, rkind, rid, token, root, preview, mailbox)),
+                                    $24::uuid[], $25::uuid[])
+                   AS a(id, org, mid, subject, norm, sender, to_list, cc_list, rkind, rid, token, root, preview, mailbox,
+                        request)),
            created AS (
+               -- A Message-ID already recorded keeps its activity: the no-op update makes RETURNING give
+               -- its id too, so no second look-up (a join on email_activity) is needed.
                INSERT INTO email_activity (id, organization_id, message_id, direction, status, subject, normalized_subject,
                       from_address, to_addresses, cc_addresses, regarding_kind, regarding_id, tracking_token, thread_root,
                       preview, sent_at)
-               SELECT a.id, a.org, a.mid, 'outgoing', 'sent', a.subject, a.norm, a.sender, a.to_list::text[],
-                      a.cc_list::text[], a.rkind, a.rid, a.token, a.root, a.preview, now()
+               SELECT DISTINCT ON (a.org, a.mid) a.id, a.org, a.mid, 'outgoing', 'sent', a.subject, a.norm, a.sender,
+                      a.to_list::text[], a.cc_list::text[], a.rkind, a.rid, a.token, a.root, a.preview, now()
                FROM a
-               ON CONFLICT (organization_id, message_id) DO NOTHING
+               ON CONFLICT (organization_id, message_id) DO UPDATE SET organization_id = EXCLUDED.organization_id
                RETURNING id, organization_id, message_id),
            found AS (
-               SELECT c.id, c.organization_id AS org, c.message_id, a.mailbox
-               FROM created c JOIN a ON a.org = c.organization_id AND a.mid = c.message_id
-               UNION ALL
-               SELECT e.id, e.organization_id, e.message_id, a.mailbox
-               FROM a JOIN email_activity e ON e.organization_id = a.org AND e.message_id = a.mid),
+               SELECT c.id, a.mailbox, a.request FROM created c JOIN a ON a.org = c.organization_id AND a.mid = c.message_id),
            linked AS (
                INSERT INTO email_activity_mailbox (activity_id, mailbox_id)
-               SELECT id, mailbox FROM found ON CONFLICT DO NOTHING)
+               SELECT DISTINCT id, mailbox FROM found ON CONFLICT DO NOTHING)
            UPDATE outbound_email o SET status = u.status, transport = coalesce(u.transport, o.transport),
                   reason = u.reason, detail = u.detail, smtp_code = u.code, smtp_reply = u.reply,
                   next_attempt_at = u.next_at,
-                  activity_id = coalesce(CASE WHEN u.status = 'sent' THEN
-                      (SELECT f.id FROM found f WHERE f.org = o.organization_id AND f.message_id = o.message_id LIMIT 1)
-                  END, o.activity_id),
+                  activity_id = coalesce(CASE WHEN u.status = 'sent' THEN f.id END, o.activity_id),
                   sent_at = CASE WHEN u.status = 'sent' THEN now() ELSE o.sent_at END,
                   worker_id = NULL, updated_at = now()
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
                        $8::timestamptz[]) AS u(id, status, transport, reason, detail, code, reply, next_at)
+                LEFT JOIN found f ON f.request = u.id
            WHERE o.id = u.id AND o.status = $9 AND ($10::bigint IS NULL OR o.worker_id = $10)
            RETURNING o.id, o.activity_id""",
         [o.id for o in outcomes], [o.status for o in outcomes], [o.transport for o in outcomes],
@@ -349,7 +347,7 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome],
         [_pg_array(r.to) for r in activities], [_pg_array(r.cc) for r in activities],
         [r.regarding_kind for r in activities], [r.regarding_id for r in activities],
         [r.tracking_token for r in activities], [r.thread_root for r in activities], [r.preview for r in activities],
-        [r.mailbox_id for r in activities],
+        [r.mailbox_id for r in activities], [r.request_id for r in activities],
     )
     return {r["id"]: r["activity_id"] for r in rows}
 
@@ -360,6 +358,7 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome],
 @dataclass(frozen=True, slots=True)
 class SentActivity:
     id: UUID
+    request_id: UUID   # the ledger row it was sent for
     organization_id: UUID
     mailbox_id: UUID
     message_id: str

@@ -829,7 +829,8 @@ class DispatchService(ServiceBase):
         subject = row["subject"]
         normalized = subject_without_token(subject, prefix, digits) if token else " ".join(subject.split())
         return ledger.SentActivity(
-            id=ledger.new_id(), organization_id=row["organization_id"], mailbox_id=work.id, message_id=row["message_id"],
+            id=ledger.new_id(), request_id=row["id"], organization_id=row["organization_id"], mailbox_id=work.id,
+            message_id=row["message_id"],
             subject=subject, normalized_subject=normalized.lower(), from_address=work.email, to=list(request.to),
             cc=list(request.cc), regarding_kind=request.regarding.kind if request.regarding else None,
             regarding_id=request.regarding.id if request.regarding else None, tracking_token=token,

@@ -317,3 +317,36 @@ async def _topic_records(settings: Settings, name: str):
 
 async def _topic_values(settings: Settings, name: str) -> list[dict]:
     return [json.loads(r.value) for r in await _topic_records(settings, name)]
+
+
+async def test_an_outgoing_activity_is_recorded_once_per_message_id(registry: Registry, org, pool: asyncpg.Pool, capture) -> None:
+    """Two sent rows with one Message-ID (the second recorded later): one activity, both rows point at
+    it, linked once per mailbox; the second statement finds it without creating another."""
+    from services.dispatch import ledger
+
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    mid = f"conduit.{uuid.uuid4().hex}@example.com"
+
+    def sent(request_id: uuid.UUID) -> tuple[ledger.Outcome, ledger.SentActivity]:
+        return ledger.Outcome(request_id, "sent", transport="smtp", smtp_code=250, smtp_reply="ok"), ledger.SentActivity(
+            id=uuid.uuid4(), request_id=request_id, organization_id=org.id, mailbox_id=sender.mailbox_id, message_id=mid,
+            subject="Once", normalized_subject="once", from_address=sender.email, to=["a@customer.example"], cc=[],
+            regarding_kind=None, regarding_id=None, tracking_token=None, thread_root=mid, preview="")
+
+    async with pool.acquire() as conn:
+        worker = await dead_worker(conn)
+        ids = []
+        for key in ("first", "second"):
+            await orphan_row(conn, worker, org.id, sender.mailbox_id, f"{key}-{mid}", mid)
+            ids.append(await conn.fetchval("SELECT id FROM outbound_email WHERE idempotency_key = $1", f"{key}-{mid}"))
+        first_outcome, first_activity = sent(ids[0])
+        written = await ledger.record_outcomes(conn, [first_outcome], worker, activities=[first_activity])
+        assert written == {ids[0]: first_activity.id}
+        second_outcome, second_activity = sent(ids[1])
+        written = await ledger.record_outcomes(conn, [second_outcome], worker, activities=[second_activity])
+        assert written == {ids[1]: first_activity.id}, "the activity already recorded is found, not doubled"
+        assert await conn.fetchval("SELECT count(*) FROM email_activity WHERE organization_id = $1 AND message_id = $2",
+                                   org.id, mid) == 1
+        assert await conn.fetchval("SELECT count(*) FROM email_activity_mailbox WHERE activity_id = $1", first_activity.id) == 1
+        assert {r["activity_id"] for r in await conn.fetch("SELECT activity_id FROM outbound_email WHERE id = ANY($1)", ids)} \
+            == {first_activity.id}
