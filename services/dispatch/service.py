@@ -376,7 +376,9 @@ class DispatchService(ServiceBase):
                     request=request.model_dump_json(exclude_defaults=True), event_id=delivery.event.event_id,
                     correlation_id=delivery.event.correlation_id, requested_at=delivery.event.occurred_at,
                 ))
-            claim = set([r.id for r in rows if r.next_attempt_at is None][:room])
+            # A request whose deadline passed before it arrived (dispatch was down, say) is not claimed:
+            # the send loop fails it as deadline_exceeded, as it does any request that waited too long.
+            claim = set([r.id for r in rows if r.next_attempt_at is None and r.deadline >= now][:room])
             written = await ledger.insert_requests(conn, rows, claim, self.worker_id)
             inserted = {r["id"] for r in written}
             for row in rows:
@@ -570,8 +572,10 @@ class DispatchService(ServiceBase):
             mailbox_id = row["mailbox_id"]
             backoff = self._backoff.get(mailbox_id)
             if row["deadline"] is not None and row["deadline"] < now:
+                last = f"; last error ({row['reason']}): {row['detail']}" if row["reason"] else \
+                    f" (after {row['attempts']} attempt(s))"
                 failed.append(ledger.Outcome(row["id"], "failed", reason="deadline_exceeded", detail=(
-                    f"the deadline passed before it could be sent; last error ({row['reason']}): {row['detail']}"),
+                    f"the deadline passed before it could be sent{last}"),
                     smtp_code=row["smtp_code"], smtp_reply=row["smtp_reply"]))
             elif backoff is not None and backoff > now:  # this worker backed the mailbox off a moment ago
                 postponed.append((row["id"], backoff, "mailbox_backoff", "the mailbox is backing off after failures"))

@@ -4,6 +4,7 @@ and the outcomes read back from `email.status`, the dead-letter topic, the sink 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 import uuid
 from pathlib import Path
 
@@ -174,6 +175,38 @@ async def test_451_is_retried_then_sent(settings: Settings, registry: Registry, 
     assert retry.smtp_code == 451 and retry.reason == "smtp_temporary" and "try later" in retry.smtp_reply
     assert reader.final(key).attempt == 2
     assert len(capture.messages()) == 1
+
+
+async def test_temporary_failures_are_retried_until_the_deadline(settings: Settings, registry: Registry, org,
+                                                                 publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1000, "451")   # the server never recovers
+    # Far enough ahead for the service's start and group join (~5 s), then a few retries.
+    event = outbound(org, mailbox_id=sender.mailbox_id, deadline=datetime.now(timezone.utc) + timedelta(seconds=10))
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=15, retry_base_seconds=0.3)
+    key = event.data.idempotency_key
+    reader = await finals(settings, [key])
+    final = reader.final(key)
+    assert (final.status, final.reason, final.smtp_code) == ("failed", "deadline_exceeded", 451)
+    assert final.attempt >= 3 and "gave up at the deadline" in final.detail and "smtp_temporary" in final.detail
+    assert reader.statuses(key)[:4] == ["pending_send", "sending", "pending_send", "sending"]
+    assert capture.messages() == []
+
+
+async def test_a_request_that_arrives_after_its_deadline_is_not_sent(settings: Settings, registry: Registry, org,
+                                                                    publisher: Publisher, capture) -> None:
+    """Dispatch was down while the request waited on the topic: it fails without an attempt."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    event = outbound(org, mailbox_id=sender.mailbox_id, deadline=datetime.now(timezone.utc) - timedelta(minutes=5))
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=2)
+    key = event.data.idempotency_key
+    reader = await finals(settings, [key])
+    assert reader.statuses(key) == ["pending_send", "failed"]
+    final = reader.final(key)
+    assert final.reason == "deadline_exceeded" and final.detail == "the deadline passed before it could be sent (after 0 attempt(s))"
+    assert capture.messages() == []
 
 
 async def test_dropped_connection_is_retried_and_sent_once(settings: Settings, registry: Registry, org,
