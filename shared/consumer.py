@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from shared.deadletters import REPLAYED_FROM
+from shared.deadletters import REPLAYED_FROM, meant_for_another
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
@@ -252,6 +252,8 @@ class EventConsumer:
         envelope = self._topic.envelope  # (a parametrised model: looked up once, not per event)
         for records in batches.values():
             for record in records:
+                if meant_for_another(record.headers, self._group_id):
+                    continue   # a replay for the group that refused it; this one handled the original
                 try:
                     deliveries.append(Delivery(decode_event(record.value, envelope), record))
                 except InvalidInput as exc:

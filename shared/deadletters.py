@@ -3,7 +3,9 @@
 Every consumer dead-letters the events it refuses (``shared.consumer``) on ``<topic>.dlq``, with
 headers saying where each came from and why.  Once the cause is mended (a mailbox approved, a fix
 deployed), ``replay`` publishes the same bytes with the same key to the original topic, with a
-``replayed_from`` header naming the dead letter.  The consumers are idempotent (one activity per
+``replayed_from`` header naming the dead letter and a ``replayed_for`` header naming the consumer
+group that refused it: the topic's other consumers handled the original and skip the replay
+(``meant_for_another``), so nothing is counted twice.  The consumers are idempotent (one activity per
 Message-ID, one send per idempotency key; a rejected key may be requested again), so replaying an
 event twice, or one that was handled after all, changes nothing.
 
@@ -15,7 +17,7 @@ refused again is dead-lettered again, as a new dead letter carrying ``replayed_f
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -30,6 +32,7 @@ from shared.kafka import Publisher, client_options, topic_name
 from shared.settings import Settings
 
 REPLAYED_FROM = "replayed_from"   # header on a replayed event, carried onto its dead letter if refused again
+REPLAYED_FOR = "replayed_for"     # the consumer group that refused it: the others handled the original
 _IDLE_POLLS = 15                  # one-second polls without a record before reading gives up
 
 
@@ -113,6 +116,13 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
             for letter in letters]
 
 
+def meant_for_another(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None, group: str) -> bool:
+    """Whether an event is a replay for another consumer group, which this group must skip: it
+    handled the original already (only the group that refused it had not)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    return any(name == REPLAYED_FOR and value.decode(errors="replace") != group for name, value in pairs)
+
+
 async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UUID, message_id: str) -> list[DeadLetter]:
     """The received messages with this Message-ID that were dead-lettered (an organization's), so
     that "why was this email not tracked?" has an answer when no decision was recorded."""
@@ -130,7 +140,8 @@ async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadL
     try:
         sent = [await publisher.producer.send(
             topic_name(settings, letter.topic), letter.value, key=letter.raw_key or None,
-            headers=[(REPLAYED_FROM, f"{dead_letter(letter.topic)}:{letter.at}".encode())]) for letter in letters]
+            headers=[(REPLAYED_FROM, f"{dead_letter(letter.topic)}:{letter.at}".encode())]
+            + ([(REPLAYED_FOR, letter.consumer_group.encode())] if letter.consumer_group else [])) for letter in letters]
         for acknowledged in sent:
             await acknowledged
     finally:

@@ -2,6 +2,7 @@
 while still refused (dead-lettered again, naming the first), then replayed once mended and sent once."""
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -130,3 +131,36 @@ async def test_a_received_message_refused_by_evaluate_is_explained_and_replayed(
     await run_service(EvaluateService(settings), burst=True)
     code, out, err = await conduit_cli(settings, "message", "why", message_id, "--org", org.name)
     assert code == 0 and f"{box.email}: tracked" in out, (out, err)
+
+
+async def test_a_replay_is_handled_only_by_the_group_that_refused_it(settings: Settings, pool, publisher) -> None:
+    """The topic's other consumers handled the original: they skip the replay, so nothing is counted twice."""
+    from shared import deadletters
+    from shared.consumer import EventConsumer
+    from shared.events.envelope import Envelope, encode_event
+    from shared.events.payloads import MailboxEventV1
+    from shared.events.topics import MAILBOX_EVENTS
+
+    event = Envelope[MailboxEventV1](type=MAILBOX_EVENTS.name, schema_version=1, producer="tests", organization_id=uuid.uuid4(),
+                                     data=MailboxEventV1(mailbox_id=uuid.uuid4(), kind="tested"))
+    await publisher.publish_raw("mailbox.events.dlq", encode_event(event), "m-1",
+                                [("reason", b"transient_bug"), ("consumer_group", b"refusing-group")])
+    await deadletters.replay(settings, pool, await deadletters.read(settings, pool, "mailbox.events"))
+
+    async def seen_by(group: str) -> list[uuid.UUID]:
+        seen: list[uuid.UUID] = []
+
+        async def handle(deliveries):
+            seen.extend(d.event.event_id for d in deliveries)
+            return []
+        consumer = EventConsumer(settings, MAILBOX_EVENTS, group_id=group, handler=handle, publisher=publisher)
+        await consumer.start()
+        try:
+            await asyncio.wait_for(consumer.run(asyncio.Event(), burst=True), timeout=60)
+            assert consumer.processed == 1   # its offset is committed either way
+        finally:
+            await consumer.stop()
+        return seen
+
+    assert await seen_by("refusing-group") == [event.event_id]
+    assert await seen_by(f"other-{uuid.uuid4().hex[:6]}") == []
