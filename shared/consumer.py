@@ -33,11 +33,11 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from shared.deadletters import REPLAYED_FROM, meant_for_another
+from shared.deadletters import REPLAYED_FROM, Headers, header_pairs, meant_for_another
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
@@ -92,11 +92,10 @@ class DeadLetterGate:
             )
 
     def headers(self, topic: str, partition: int, offset: int, error: InvalidInput,
-                original: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None = None) -> list[tuple[str, bytes]]:
+                original: Headers = None) -> list[tuple[str, bytes]]:
         log.warning("dead-lettering %s[%d]@%d: %s", topic, partition, offset, error.message)
         # A replayed event refused again says which dead letter it was (``shared.deadletters``).
-        pairs = original.items() if isinstance(original, Mapping) else original or ()
-        carried = [(name, value) for name, value in pairs if name == REPLAYED_FROM]
+        carried = [(name, value) for name, value in header_pairs(original) if name == REPLAYED_FROM]
         return carried + [
             ("original_topic", topic.encode()),
             ("original_partition", str(partition).encode()),

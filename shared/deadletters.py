@@ -17,7 +17,7 @@ refused again is dead-lettered again, as a new dead letter carrying ``replayed_f
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -116,11 +116,18 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
             for letter in letters]
 
 
-def meant_for_another(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None, group: str) -> bool:
+Headers = Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None
+
+
+def header_pairs(headers: Headers) -> Iterable[tuple[str, bytes]]:
+    """A record's headers as (name, value) pairs: aiokafka gives a sequence, faust a mapping."""
+    return headers.items() if isinstance(headers, Mapping) else headers or ()
+
+
+def meant_for_another(headers: Headers, group: str) -> bool:
     """Whether an event is a replay for another consumer group, which this group must skip: it
     handled the original already (only the group that refused it had not)."""
-    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
-    return any(name == REPLAYED_FOR and value.decode(errors="replace") != group for name, value in pairs)
+    return any(name == REPLAYED_FOR and value.decode(errors="replace") != group for name, value in header_pairs(headers))
 
 
 async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UUID, message_id: str) -> list[DeadLetter]:
