@@ -17,7 +17,7 @@ refused again is dead-lettered again, as a new dead letter carrying ``replayed_f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -75,9 +75,15 @@ def dead_letter_topics(topic: str | None) -> list[str]:
     return [topic]
 
 
-async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadLetter]:
-    """Every dead letter of ``topic`` up to now, oldest first per partition, with when each was replayed."""
+async def read(settings: Settings, pool: asyncpg.Pool, topic: str, *,
+               keep: Callable[[DeadLetter], bool] | None = None, values: bool = False) -> list[DeadLetter]:
+    """The dead letters of ``topic`` up to now that ``keep`` accepts (all by default), oldest first per
+    partition, with when each was replayed.  A dead-letter topic can be long: only what is kept stays
+    in memory, and the events' bytes only with ``values`` (a replay needs them, a listing does not)."""
     physical = topic_name(settings, dead_letter(topic))
+    async with pool.acquire() as conn:
+        replayed = {(r["partition"], r["offset"], r["logged_at"]): r["replayed_at"] for r in await conn.fetch(
+            """SELECT partition, "offset", logged_at, replayed_at FROM dead_letter_replay WHERE topic = $1""", physical)}
     consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
     try:
         await consumer.start()
@@ -101,7 +107,11 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
                 raise TransientError(f"the broker returned nothing of {physical} for {_IDLE_POLLS} s, short of its end",
                                      reason="broker_stalled")
             for tp, records in batches.items():
-                letters += [_letter(topic, r) for r in records if r.offset < ends[tp]]
+                for record in records:
+                    if record.offset < ends[tp]:
+                        letter = _letter(topic, record, replayed, values)
+                        if keep is None or keep(letter):
+                            letters.append(letter)
                 if records and records[-1].offset + 1 >= ends[tp]:
                     remaining.discard(tp)
             for tp in list(remaining):   # also compacted or deleted ranges: the position tells
@@ -109,11 +119,7 @@ async def read(settings: Settings, pool: asyncpg.Pool, topic: str) -> list[DeadL
                     remaining.discard(tp)
     finally:
         await consumer.stop()
-    async with pool.acquire() as conn:
-        replayed = {(r["partition"], r["offset"], r["logged_at"]): r["replayed_at"] for r in await conn.fetch(
-            """SELECT partition, "offset", logged_at, replayed_at FROM dead_letter_replay WHERE topic = $1""", physical)}
-    return [letter.model_copy(update={"replayed_at": replayed.get((letter.partition, letter.offset, letter.logged_at))})
-            for letter in letters]
+    return letters
 
 
 Headers = Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None
@@ -134,8 +140,8 @@ async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UU
     """The received messages with this Message-ID that were dead-lettered (an organization's), so
     that "why was this email not tracked?" has an answer when no decision was recorded."""
     wanted = message_id.strip().strip("<>")
-    return [x for x in await read(settings, pool, EMAIL_RECEIVED.name)
-            if x.organization_id == str(organization_id) and (x.subject or "").strip("<>") == wanted]
+    return await read(settings, pool, EMAIL_RECEIVED.name, keep=lambda x: x.organization_id == str(organization_id)
+                      and (x.subject or "").strip("<>") == wanted)
 
 
 async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadLetter]) -> None:
@@ -164,16 +170,17 @@ async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadL
                 [x.logged_at for x in mine])
 
 
-def _letter(topic: str, record: Any) -> DeadLetter:
+def _letter(topic: str, record: Any, replayed: Mapping[tuple[int, int, datetime], datetime], values: bool) -> DeadLetter:
     headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
     event = _event_fields(record.value or b"")
+    logged_at = datetime.fromtimestamp(record.timestamp / 1000, timezone.utc)
     return DeadLetter(
-        topic=topic, partition=record.partition, offset=record.offset,
-        logged_at=datetime.fromtimestamp(record.timestamp / 1000, timezone.utc),
+        topic=topic, partition=record.partition, offset=record.offset, logged_at=logged_at,
         reason=headers.get("reason", "unknown"), error=headers.get("error", ""), consumer_group=headers.get("consumer_group"),
         original_partition=_int(headers.get("original_partition")), original_offset=_int(headers.get("original_offset")),
         key=record.key.decode(errors="replace") if record.key is not None else None,
-        replay_of=headers.get(REPLAYED_FROM), value=record.value or b"", raw_key=record.key, **event,
+        replay_of=headers.get(REPLAYED_FROM), replayed_at=replayed.get((record.partition, record.offset, logged_at)),
+        value=(record.value or b"") if values else b"", raw_key=record.key, **event,
     )
 
 

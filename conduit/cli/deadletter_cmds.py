@@ -30,8 +30,8 @@ def dead_letters_list(topic: Optional[str] = typer.Argument(None, help="The refu
     async def go() -> None:
         settings = load_settings()
         async with database(settings) as pool:
-            found = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(settings, pool, t)
-                     if (not reason or x.reason in reason) and not (pending and x.replayed_at)]
+            found = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(
+                settings, pool, t, keep=lambda x: (not reason or x.reason in reason) and not (pending and x.replayed_at))]
         letters = sorted(found, key=lambda x: x.logged_at)[-limit:]
         if json_:
             return emit_json(letters)
@@ -64,18 +64,19 @@ def dead_letters_replay(topic: str = typer.Argument(..., help="The topic the eve
         settings = load_settings()
         (name,) = deadletters.dead_letter_topics(topic)
         async with database(settings) as pool:
-            letters = await deadletters.read(settings, pool, name)
+            # Only the named ones (or those of the reason) are kept, with their events' bytes.
+            letters = await deadletters.read(settings, pool, name, values=True,
+                                             keep=lambda x: x.at in at if at else not reason or x.reason in reason)
             missing = set(at) - {x.at for x in letters}
             if missing:
                 raise fail(f"no dead letter of {name} at {', '.join(sorted(missing))}")
-            chosen = [x for x in letters if (not at or x.at in at) and (not reason or x.reason in reason)
-                      and (again or x.replayed_at is None)]
+            letters = [x for x in letters if not reason or x.reason in reason]
+            chosen = [x for x in letters if again or x.replayed_at is None]
             if not dry_run:
                 await deadletters.replay(settings, pool, chosen)
         if json_:
             return emit_json({"topic": name, "dry_run": dry_run, "replayed": [x.model_dump(mode="json") for x in chosen]})
-        skipped = 0 if again else sum(1 for x in letters if x.replayed_at and (not at or x.at in at)
-                                      and (not reason or x.reason in reason))
+        skipped = 0 if again else sum(1 for x in letters if x.replayed_at)
         if not chosen:
             typer.echo(f"nothing to replay on {name}" + (f" ({skipped} replayed before: --again to replay them too)" if skipped else ""))
             return

@@ -130,6 +130,50 @@ def profile_add(
     run(go)
 
 
+@profile_app.command("set")
+def profile_set(
+    ref: str = typer.Argument(..., help="Profile name or id."),
+    name: Optional[str] = typer.Option(None, help="A new name."),
+    incoming_host: Optional[str] = typer.Option(None), incoming_port: Optional[int] = typer.Option(None),
+    incoming_tls: Optional[models.TlsMode] = typer.Option(None),
+    outgoing_host: Optional[str] = typer.Option(None), outgoing_port: Optional[int] = typer.Option(None),
+    outgoing_tls: Optional[models.TlsMode] = typer.Option(None),
+    same_outgoing: Optional[bool] = typer.Option(None, "--same-outgoing-settings/--separate-outgoing-settings"),
+    service_url: Optional[str] = typer.Option(None), auth: Optional[models.AuthMethod] = typer.Option(None),
+    profile_user: Optional[str] = typer.Option(None),
+    profile_secret: bool = typer.Option(False, "--new-profile-secret",
+                                        help="Replace the impersonation password (from CONDUIT_PROFILE_SECRET or a prompt)."),
+    oauth_token_url: Optional[str] = typer.Option(None), oauth_client_id: Optional[str] = typer.Option(None),
+    oauth_scope: Optional[str] = typer.Option(None),
+    client_secret: bool = typer.Option(False, "--new-client-secret",
+                                       help="Replace the OAuth client secret (from CONDUIT_OAUTH_CLIENT_SECRET or a prompt)."),
+    tls_ca_file: Optional[str] = typer.Option(None), max_connections: Optional[int] = typer.Option(None),
+    polling_interval: Optional[int] = typer.Option(None), received_after: Optional[datetime] = typer.Option(None),
+    move_failed: Optional[bool] = typer.Option(None, "--move-failed/--no-move-failed"),
+    org: str = org_option(), json_: bool = JSON,
+) -> None:
+    """Change a profile's settings; the others stay.  Running services take the change within seconds."""
+    changes = dict(
+        name=name, incoming_host=incoming_host, incoming_port=incoming_port, incoming_tls=incoming_tls,
+        outgoing_host=outgoing_host, outgoing_port=outgoing_port, outgoing_tls=outgoing_tls,
+        use_same_settings_for_outgoing=same_outgoing, service_url=service_url, auth_method=auth,
+        profile_username=profile_user, oauth_token_url=oauth_token_url, oauth_client_id=oauth_client_id,
+        oauth_scope=oauth_scope, tls_ca_file=tls_ca_file, max_concurrent_connections=max_connections,
+        min_polling_interval_seconds=polling_interval,
+        process_email_received_after=received_after.astimezone() if received_after else None,
+        move_failed_to_undeliverable=move_failed,
+        profile_secret=_secret_from("CONDUIT_PROFILE_SECRET", "profile password") if profile_secret else None,
+        oauth_client_secret=_secret_from("CONDUIT_OAUTH_CLIENT_SECRET", "OAuth client secret") if client_secret else None,
+    )
+
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            p = await ctx.registry.update_profile(ctx.org, ref, **changes)
+            emit_json(p) if json_ else typer.echo(
+                f"profile {p.name} changed: {', '.join(k for k, v in changes.items() if v is not None)}")
+    run(go)
+
+
 @profile_app.command("list")
 def profile_list(org: str = org_option(), json_: bool = JSON) -> None:
     """List email server profiles."""

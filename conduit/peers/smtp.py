@@ -235,6 +235,7 @@ class CapturedMessage:
     tls: bool
     received_at: float
     path: Path
+    session: str = ""  # the client's address and port: which SMTP session carried the message
 
     def header(self, name: str) -> str | None:
         """The first `name` header of the message, or None."""
@@ -260,6 +261,7 @@ def read_captured(store_dir: Path) -> list[CapturedMessage]:
                 tls=meta["tls"],
                 received_at=meta["received_at"],
                 path=path,
+                session=meta.get("session", ""),
             )
         )
     return captured
@@ -325,6 +327,7 @@ class _CaptureHandler:
             "login": auth.login.decode(errors="replace") if session.authenticated else None,
             "tls": server.transport.get_extra_info("ssl_object") is not None,
             "received_at": time.time(),
+            "session": "{}:{}".format(*server.transport.get_extra_info("peername")[:2]),
         }
         name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         tmp = self.store / "tmp" / name

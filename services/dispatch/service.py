@@ -653,14 +653,14 @@ class DispatchService(ServiceBase):
             # Its start committed first: if this worker dies, a row that never reached the transport is
             # sent again by another, and only one that may have left fails as outcome_unknown.
             places = PLACES_PER_CONNECTION * int(work.profile["max_concurrent_connections"] or 1)
-            await self._starts.enter(work.id, places)
+            place = await self._starts.enter(work.id, places)
             try:
                 if not await self._starts.clear(row["id"]):
                     raise TransientError("another worker took the request back (this one had lost its lock)",
                                          reason="not_ours")
                 result.accepted = await self.transports.send(work, composed.raw, composed.recipients)
             finally:
-                self._starts.leave(work.id)
+                place.release()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome below
             result.error = exc
             if result.transport in ("ews", "graph") and getattr(exc, "request_sent", False):

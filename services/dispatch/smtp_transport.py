@@ -108,7 +108,6 @@ class SmtpPool:
         self.helo_name = helo_name or socket.gethostname()  # no DNS look-up, unlike getfqdn()
         self.timeout = timeout
         self.max_messages_per_connection = max_messages_per_connection
-        self._slots = asyncio.Semaphore(max_connections)
         self._queue: collections.deque[_Job] = collections.deque()
         self._workers: set[asyncio.Task[None]] = set()
         self._idle: list[tuple[SmtpConnection, float]] = []  # LIFO: keeps few sessions warm
@@ -144,15 +143,26 @@ class SmtpPool:
             self._in_flight -= 1
             self.last_used = time.monotonic()
 
+    def resize(self, max_connections: int) -> None:
+        """Take a new connection limit (the profile was edited): above the old one, sessions open as
+        messages wait; below it, idle sessions close now and busy ones after their message."""
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        while self._idle and len(self._open) > max_connections:
+            conn, _ = self._idle.pop(0)   # the longest idle first
+            self._retire(conn)
+        self._serve()
+
     async def check(self) -> None:
         """Connect, EHLO, TLS, AUTH and QUIT: the "Test & Enable" check of a profile.
 
-        Uses the same client as sending, so a passing check means this code can send.
+        Uses the same client as sending, so a passing check means this code can send.  Called on a
+        pool of its own, so its one session does not count against the sending sessions.
         """
-        async with self._slots:
-            conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)
-            await conn.open(self.credentials)
-            await conn.quit()
+        conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)
+        await conn.open(self.credentials)
+        await conn.quit()
 
     async def close(self) -> None:
         """QUIT idle sessions and fail what still waits; sessions in use close after their message."""
@@ -203,35 +213,38 @@ class SmtpPool:
 
     async def _work(self, conn: SmtpConnection | None) -> None:
         """Serve the queue on one session until it is empty, the session ends or the pool closes."""
-        async with self._slots:
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await self._connect()
-                except ConduitError as exc:
-                    job = self._next_job()   # each message that finds no session fails with why
-                    if job is None:
-                        log.info("smtp session to %s could not be opened: %s", self.server.host, exc)
-                    else:
-                        job.settle(exc)
-                    return
-            held: list[_Job] = []
+        # No semaphore here: ``_serve`` starts at most ``max_connections`` workers, and a limit
+        # lowered meanwhile makes the extra ones stop between messages (``_over_limit``).
+        reused = conn is not None
+        if conn is None:
             try:
-                await self._send_queued(conn, reused, held)
-            except BaseException as exc:
-                # Whatever this session held may have gone out: never resent blindly.
-                for job in held:
-                    job.settle(SmtpOutcomeUnknown(f"the SMTP session stopped mid-transaction ({exc!r})"))
-                conn.abort()
-                raise
-            finally:
-                self._give_back(conn)
+                conn = await self._connect()
+            except ConduitError as exc:
+                job = self._next_job()   # each message that finds no session fails with why
+                if job is None:
+                    log.info("smtp session to %s could not be opened: %s", self.server.host, exc)
+                else:
+                    job.settle(exc)
+                return
+        held: list[_Job] = []
+        try:
+            await self._send_queued(conn, reused, held)
+        except BaseException as exc:
+            # Whatever this session held may have gone out: never resent blindly.
+            for job in held:
+                job.settle(SmtpOutcomeUnknown(f"the SMTP session stopped mid-transaction ({exc!r})"))
+            conn.abort()
+            raise
+        finally:
+            self._give_back(conn)
 
     async def _send_queued(self, conn: SmtpConnection, reused: bool, held: list[_Job]) -> None:
         """Send queued messages on ``conn``; ``held`` is what the session holds at any moment."""
         opened: OpenTransaction | None = None
         while opened is not None or conn.usable:
             if opened is None:
+                if self._over_limit():
+                    return
                 job = self._next_job()
                 if job is None:
                     return
@@ -241,7 +254,7 @@ class SmtpPool:
                 continue
             job = held[0]
             following = None
-            if conn.pipelining and conn.messages_sent + 1 < self.max_messages_per_connection:
+            if conn.pipelining and conn.messages_sent + 1 < self.max_messages_per_connection and not self._over_limit():
                 following = self._next_job()
             prepared = self._prepare(conn, following) if following is not None else None
             if prepared is not None:
@@ -259,6 +272,10 @@ class SmtpPool:
                 self._move(held.pop(), after)
             else:
                 held.pop().settle(after)
+
+    def _over_limit(self) -> bool:
+        """More sessions open than the limit allows (it was lowered): this one should end."""
+        return len(self._open) > self.max_connections
 
     def _prepare(self, conn: SmtpConnection, job: _Job) -> PreparedMessage | None:
         try:
@@ -310,6 +327,7 @@ class SmtpPool:
             conn.usable
             and not self._closed
             and conn.messages_sent < self.max_messages_per_connection
+            and not self._over_limit()
         )
         if reusable:
             self._idle.append((conn, time.monotonic()))
@@ -356,6 +374,8 @@ class SmtpTransport:
         key = (server, credentials.username if credentials else None)
         existing = self._pools.get(key)
         if existing is not None and existing.credentials == credentials:
+            if existing.max_connections != max_connections:
+                existing.resize(max_connections)   # the profile's limit was edited
             return existing
         if existing is not None:
             self._close_pool(existing)  # the secret or mechanism changed (rotated token)

@@ -33,20 +33,22 @@ class StartGate:
     def __init__(self, pool: asyncpg.Pool, worker_id: int) -> None:
         self._pool = pool
         self._worker_id = worker_id
-        self._places: dict[UUID, asyncio.Semaphore] = {}
+        self._places: dict[UUID, tuple[int, asyncio.Semaphore]] = {}
         self._waiting: dict[UUID, asyncio.Future[bool]] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None   # kept between commits: a pool release resets it
 
-    async def enter(self, mailbox_id: UUID, places: int) -> None:
-        """Take one of the mailbox's ``places`` (``leave`` gives it back, whatever happens)."""
-        place = self._places.get(mailbox_id)
-        if place is None:
-            place = self._places[mailbox_id] = asyncio.Semaphore(places)
-        await place.acquire()
+    async def enter(self, mailbox_id: UUID, places: int) -> asyncio.Semaphore:
+        """Take one of the mailbox's ``places``; the caller gives it back (``release``), whatever happens.
 
-    def leave(self, mailbox_id: UUID) -> None:
-        self._places[mailbox_id].release()
+        A changed number (the profile's connection limit was edited) starts a new count: the sends
+        holding a place of the old one give it back there, so for the length of one send the two
+        counts can overlap.  The SMTP pool still never opens more sessions than the new limit."""
+        place = self._places.get(mailbox_id)
+        if place is None or place[0] != places:
+            place = self._places[mailbox_id] = (places, asyncio.Semaphore(places))
+        await place[1].acquire()
+        return place[1]
 
     async def clear(self, row_id: UUID) -> bool:
         """Commit the row's start; whether it is still this worker's (False: another worker took it

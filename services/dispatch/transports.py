@@ -3,12 +3,16 @@
 Routed by the mailbox profile's ``server_type``: ``exchange_server`` -> EWS, ``exchange_online`` ->
 Microsoft Graph ``sendMail``, everything else (``smtp``, and ``imap``/``pop3`` profiles, whose
 outgoing side is SMTP) -> the pipelining SMTP pool.  Every transport is kept per (server, login)
-and sized by the profile's maximum concurrent connections.
+and sized by the profile's maximum concurrent connections; an edited profile takes effect on the next
+send (the SMTP pool is resized, an Exchange transport built again and the old one closed when idle).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +49,8 @@ class Transports:
         self.smtp = SmtpTransport(helo_name=helo_name, timeout=timeout)
         self._timeout = timeout
         self._contexts: dict[str | None, ssl.SSLContext] = {}
-        self._exchange: dict[tuple[Any, ...], Any] = {}
+        self._exchange: dict[tuple[Any, ...], _Held] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._tokens = TokenProvider()
 
     async def send(self, work: MailboxWork, raw: bytes, recipients: list[str]) -> Accepted:
@@ -53,11 +58,12 @@ class Transports:
         if kind == "smtp":
             return await self._send_smtp(work, raw, recipients)
         if kind == "ews":
-            transport, impersonate = self._ews(work)
-            await transport.send(work.email, raw, impersonate=impersonate)
+            held, impersonate = self._ews(work)
+            with self._using(held) as transport:
+                await transport.send(work.email, raw, impersonate=impersonate)
             return Accepted()
-        transport = self._graph(work)
-        await transport.send(work.email, raw)
+        with self._using(self._graph(work)) as transport:
+            await transport.send(work.email, raw)
         return Accepted(code=202, reply="Accepted")
 
     async def find_sent(self, work: MailboxWork, message_id: str) -> bool | None:
@@ -67,18 +73,16 @@ class Transports:
         if kind == "smtp":
             return None
         if kind == "ews":
-            transport, impersonate = self._ews(work)
-            return await transport.find_sent(work.email, f"<{message_id}>", impersonate=impersonate)
-        return await self._graph(work).find_sent(work.email, f"<{message_id}>")
+            held, impersonate = self._ews(work)
+            with self._using(held) as transport:
+                return await transport.find_sent(work.email, f"<{message_id}>", impersonate=impersonate)
+        with self._using(self._graph(work)) as transport:
+            return await transport.find_sent(work.email, f"<{message_id}>")
 
     async def close(self) -> None:
         await self.smtp.close()
-        for transport in self._exchange.values():
-            try:
-                await transport.close()
-            except Exception as exc:  # noqa: BLE001 - closing: report, go on
-                log.warning("closing an Exchange transport failed: %s", exc)
-        self._exchange.clear()
+        held, self._exchange = list(self._exchange.values()), {}
+        await asyncio.gather(*(_close_exchange(h.transport) for h in held), *self._closing)
 
     # -- SMTP
 
@@ -113,7 +117,7 @@ class Transports:
 
     # -- Exchange (services/dispatch/exchange_transport.py)
 
-    def _ews(self, work: MailboxWork) -> tuple[Any, bool]:
+    def _ews(self, work: MailboxWork) -> tuple[_Held, bool]:
         from .exchange_transport import EwsOAuth, EwsTransport
 
         profile = work.profile
@@ -127,35 +131,76 @@ class Transports:
             username, secret = work.login()
             credentials = (username, secret.get_secret_value())
             impersonate = profile["auth_method"] == "profile_impersonation"
-        key = ("ews", profile["id"], profile["service_url"], repr(credentials) if isinstance(credentials, EwsOAuth) else credentials[0],
-               hash(str(credentials)))
-        transport = self._exchange.get(key)
-        if transport is None:
-            transport = EwsTransport(service_url=profile["service_url"], credentials=credentials,
-                                     ca_file=profile.get("tls_ca_file"),
-                                     max_connections=profile["max_concurrent_connections"], timeout=self._timeout * 2)
-            self._exchange[key] = transport
-        return transport, impersonate
+        login = credentials.client_id if isinstance(credentials, EwsOAuth) else credentials[0]
+        held = self._exchange_for(
+            ("ews", profile["id"], login),
+            (profile["service_url"], profile.get("tls_ca_file"), profile["max_concurrent_connections"], hash(str(credentials))),
+            lambda: EwsTransport(service_url=profile["service_url"], credentials=credentials,
+                                 ca_file=profile.get("tls_ca_file"),
+                                 max_connections=profile["max_concurrent_connections"], timeout=self._timeout * 2))
+        return held, impersonate
 
-    def _graph(self, work: MailboxWork) -> Any:
+    def _graph(self, work: MailboxWork) -> _Held:
         from .exchange_transport import GraphTransport
 
         profile = work.profile
         if not (profile.get("oauth_token_url") and profile.get("oauth_client_id") and profile.get("oauth_client_secret")):
             raise InvalidInput("an Exchange Online profile needs OAuth 2.0 client credentials", reason="missing_credentials")
         secret = _profile_secret(work, "oauth_client_secret")
-        key = ("graph", profile["id"], profile["service_url"], profile["oauth_client_id"], hash(secret))
-        transport = self._exchange.get(key)
-        if transport is None:
-            kwargs: dict[str, Any] = {}
-            if profile.get("oauth_scope"):
-                kwargs["scope"] = profile["oauth_scope"]
-            transport = GraphTransport(graph_url=profile["service_url"], token_url=profile["oauth_token_url"],
-                                       client_id=profile["oauth_client_id"], client_secret=secret,
-                                       verify_tls=profile.get("tls_ca_file") or True,
-                                       max_connections=profile["max_concurrent_connections"], timeout=self._timeout, **kwargs)
-            self._exchange[key] = transport
-        return transport
+        kwargs: dict[str, Any] = {"scope": profile["oauth_scope"]} if profile.get("oauth_scope") else {}
+        return self._exchange_for(
+            ("graph", profile["id"]),
+            (profile["service_url"], profile["oauth_token_url"], profile["oauth_client_id"], hash(secret),
+             profile.get("oauth_scope"), profile.get("tls_ca_file"), profile["max_concurrent_connections"]),
+            lambda: GraphTransport(graph_url=profile["service_url"], token_url=profile["oauth_token_url"],
+                                   client_id=profile["oauth_client_id"], client_secret=secret,
+                                   verify_tls=profile.get("tls_ca_file") or True,
+                                   max_connections=profile["max_concurrent_connections"], timeout=self._timeout, **kwargs))
+
+    def _exchange_for(self, key: tuple[Any, ...], settings: tuple[Any, ...], build: Callable[[], Any]) -> _Held:
+        """The transport for a profile (and login), built again when the profile's settings changed
+        (a rotated secret, a new connection limit); the one it replaces closes once its calls end."""
+        held = self._exchange.get(key)
+        if held is not None and held.settings == settings:
+            return held
+        if held is not None:
+            held.replaced = True
+            if held.calls == 0:
+                self._close_later(held)
+        held = self._exchange[key] = _Held(settings, build())
+        return held
+
+    @contextlib.contextmanager
+    def _using(self, held: _Held) -> Iterator[Any]:
+        held.calls += 1
+        try:
+            yield held.transport
+        finally:
+            held.calls -= 1
+            if held.replaced and held.calls == 0:
+                self._close_later(held)
+
+    def _close_later(self, held: _Held) -> None:
+        task = asyncio.get_running_loop().create_task(_close_exchange(held.transport))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+@dataclass
+class _Held:
+    """An Exchange transport, the profile settings it was built from, and its calls under way."""
+
+    settings: tuple[Any, ...]
+    transport: Any
+    calls: int = 0
+    replaced: bool = False
+
+
+async def _close_exchange(transport: Any) -> None:
+    try:
+        await transport.close()
+    except Exception as exc:  # noqa: BLE001 - closing: report, go on
+        log.warning("closing an Exchange transport failed: %s", exc)
 
 
 def _profile_secret(work: MailboxWork, column: str) -> str:

@@ -35,10 +35,15 @@ class ServerSlots:
     """At most the profile's max concurrent connections per server, per replica."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, int], tuple[int, asyncio.Semaphore]] = {}
 
     def for_server(self, host: str, port: int, limit: int) -> asyncio.Semaphore:
-        return self._slots.setdefault((host, port), asyncio.Semaphore(limit))
+        """The server's slots.  An edited limit starts a new count: the mailboxes' runners restart
+        on a profile change, so sessions holding a slot of the old count end soon after."""
+        slots = self._slots.get((host, port))
+        if slots is None or slots[0] != limit:
+            slots = self._slots[(host, port)] = (limit, asyncio.Semaphore(limit))
+        return slots[1]
 
 
 @dataclass

@@ -47,6 +47,10 @@ async def insert_profile(conn: asyncpg.Connection, fields: dict[str, Any]) -> as
     )
 
 
+async def update_profile(conn: asyncpg.Connection, profile_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
+    return await _update(conn, "email_server_profile", profile_id, {**fields, "updated_at": datetime.now().astimezone()})
+
+
 async def profiles(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT * FROM email_server_profile WHERE organization_id = $1 ORDER BY name", org_id)
 

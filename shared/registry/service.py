@@ -32,6 +32,8 @@ DEFAULT_ORGANIZATION = "default"
 # Back-off after a mailbox-level failure: 30 s, 60 s, 120 s ... capped at one hour.
 BACKOFF_BASE_SECONDS = 30.0
 BACKOFF_CAP_SECONDS = 3600.0
+# Profile columns stored encrypted: never echoed in a change event.
+_PROFILE_SECRETS = ("profile_secret", "oauth_client_secret")
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,32 @@ class Registry:
                 await self._make_default(conn, org.id, row["id"])
                 row = await repo.profile_by_id(conn, row["id"])
             await self._changed(conn, org.id, "profile", row["id"], "created", {"name": spec.name, "server_type": spec.server_type})
+            return _profile(row)
+
+    async def update_profile(self, org: models.Organization, ref: str, **changes: Any) -> models.Profile:
+        """Change a profile's settings (None: unchanged).  The result is checked as a whole, as a new
+        profile would be; secrets are replaced only when given.  Running services take the change at
+        their next look at the registry: dispatch within ``mailbox_refresh_seconds`` (its connection
+        pools resized), ingest within ``refresh_seconds`` (the profile's mailboxes start new sessions)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(changes) - set(ProfileInput.__dataclass_fields__)
+        if unknown:
+            raise InvalidInput(f"unknown profile settings: {', '.join(sorted(unknown))}")
+        if not changes:
+            raise InvalidInput("nothing to change (see `conduit profile set --help`)")
+        async with self._tx() as conn:
+            row = await self._profile_row(conn, org, ref)
+            if "name" in changes and changes["name"] != row["name"] \
+                    and await repo.profile_by_name_or_id(conn, org.id, changes["name"]) is not None:
+                raise Conflict(f"a profile named {changes['name']!r} already exists")
+            current = {k: row[k] for k in ProfileInput.__dataclass_fields__ if k not in _PROFILE_SECRETS}
+            # A secret kept stands for itself in the check: only its presence matters there.
+            kept = {k: SecretStr("kept") for k in _PROFILE_SECRETS if row[k] is not None}
+            fields = self._profile_fields(ProfileInput(**{**current, **kept, **changes}))
+            fields = {k: v for k, v in fields.items() if k in changes}
+            row = await repo.update_profile(conn, row["id"], fields)
+            await self._changed(conn, org.id, "profile", row["id"], "updated",
+                                {k: "changed" if k in _PROFILE_SECRETS else v for k, v in fields.items()})
             return _profile(row)
 
     def _profile_fields(self, spec: ProfileInput) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pydantic import SecretStr
 
 from services.dispatch.service import DispatchService
 from services.dispatch.settings import DispatchSettings
+from services.dispatch.transports import Transports
 from shared.events.envelope import Envelope
 from shared.events.payloads import EmailOutboundV1
 from shared.kafka import Publisher
@@ -441,3 +442,34 @@ async def test_a_dead_workers_send_filed_late_is_found_within_the_window(
     else:
         assert final.reason == "outcome_unknown" and _looks(sim, "graph") - looks == 1
     assert len(exchange.submitted(message_id)) == 1  # nothing was resent
+
+
+@pytest.mark.parametrize("kind", ["ews", "graph"])
+async def test_an_edited_profile_gets_a_new_transport_and_the_old_one_closes(kind: str, exchange: ExchangeDispatch) -> None:
+    """White-box (the transports of one dispatch worker): a profile edited while dispatch runs (here its
+    connection limit) is sent through a transport built with the new settings, and the replaced one is
+    closed rather than kept for the worker's life."""
+    registry, org = exchange.registry, exchange.org
+    sender = await exchange.sender(kind)
+    mailbox = await registry.mailbox(org, sender)
+
+    async def send(subject: str) -> None:
+        (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox.id])
+        raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
+               f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
+        await transports.send(work, raw, ["buyer@customer.example"])
+
+    transports = Transports(timeout=10)
+    try:
+        await send("before the edit")
+        (before,) = transports._exchange.values()
+        await registry.update_profile(org, mailbox.profile_name, max_concurrent_connections=2)
+        await send("after the edit")
+        (after,) = transports._exchange.values()
+        assert after.transport is not before.transport and after.settings != before.settings
+        await asyncio.gather(*transports._closing)
+        closed = before.transport._closed if kind == "ews" else before.transport._client.is_closed
+        assert closed and not (after.transport._closed if kind == "ews" else after.transport._client.is_closed)
+    finally:
+        await transports.close()
+    assert sorted(r.protocol for r in exchange.sim.sent) == [kind, kind]

@@ -43,8 +43,8 @@ async def test_idle_delivers_a_new_message_long_before_the_next_poll(
     # "localhost" rather than 127.0.0.1: the same Dovecot, but a server of its own for ingest's
     # per-server connection budget, so mailboxes other tests left on 127.0.0.1 cannot use up the
     # IDLE allowance of this one.
-    await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost",
-                                                 min_polling_interval_seconds=POLL_SECONDS))
+    profile = await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost",
+                                                           min_polling_interval_seconds=POLL_SECONDS))
     box = await ready_mailbox(registry, org, dovecot, tracking="all")
     dovecot.deliver(box.email, message("before", to=box.email, message_id="<idle-before@customer.example>"))
 
@@ -75,6 +75,19 @@ async def test_idle_delivers_a_new_message_long_before_the_next_poll(
         assert ingest.runners.get(box.id) is running and not running.task.done(), "the same runner, never restarted"
         assert _logins(dovecot, box.email) == logins, "no new session: the idling one fetched the message"
         assert all(not t.done() for t in tasks), "both services still run"
+
+        # The profile edited (`conduit profile set`): the mailbox's session starts again with the new
+        # settings, without a restart of the service, and idles again.
+        await registry.update_profile(org, profile.name, max_concurrent_connections=5)
+
+        async def idling_again():
+            now = ingest.runners.get(box.id)
+            return now is not None and now is not running and now.runner.idling
+        await eventually(idling_again, timeout=30, what="a new session after the profile was edited")
+        assert _logins(dovecot, box.email) > logins
+        dovecot.deliver(box.email, message("after", to=box.email, message_id="<idle-after@customer.example>"))
+        await eventually(lambda: _activity(pool, org, "idle-after@customer.example"), timeout=WITHIN_SECONDS,
+                         what="the activity of a message pushed to the new session")
     finally:
         stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)

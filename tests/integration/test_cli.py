@@ -57,6 +57,9 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     assert "no ingest replica holds it now" in ok("mailbox", "show", "ann@example.com")
     profile = json.loads(ok("profile", "show", "corp", "--json"))
     assert profile["is_default"] and profile["has_profile_secret"]
+    assert "max_concurrent_connections" in ok("profile", "set", "corp", "--max-connections", "4", "--new-profile-secret",
+                                              extra_env={"CONDUIT_PROFILE_SECRET": SECRET + "-rotated"})
+    assert json.loads(ok("profile", "show", "corp", "--json"))["max_concurrent_connections"] == 4
     for verb in (("profile", "list"), ("user", "list"), ("queue", "list"), ("record", "list"), ("activity", "list")):
         ok(*verb)
         ok(*verb, "--json")
@@ -74,6 +77,7 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("mailbox", "show", "nobody@example.com"), "no mailbox"),
     (("mailbox", "approve", "nobody@example.com"), "no mailbox"),
     (("profile", "add", "p", "--type", "imap"), "incoming-host"),
+    (("profile", "set", "missing", "--max-connections", "2"), "no email server profile"),
     (("mailbox", "configure", "nobody@example.com", "--tracking", "all"), "no mailbox"),
 ])
 def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:

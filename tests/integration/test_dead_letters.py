@@ -86,7 +86,7 @@ async def test_any_dead_letter_is_read_even_one_that_is_not_json(settings: Setti
     await publisher.publish_raw("email.received.dlq", b"\xff not an event", "mailbox-1", [
         ("original_topic", b"x.email.received"), ("original_partition", b"2"), ("original_offset", b"41"),
         ("reason", b"undecodable"), ("error", b"not JSON"), ("consumer_group", b"conduit-evaluate")])
-    (letter,) = await deadletters.read(settings, pool, "email.received")
+    (letter,) = await deadletters.read(settings, pool, "email.received", values=True)
     assert (letter.reason, letter.error, letter.original_partition, letter.original_offset, letter.key, letter.event_type) == \
         ("undecodable", "not JSON", 2, 41, "mailbox-1", None)
     assert letter.value == b"\xff not an event" and letter.replayed_at is None
@@ -145,7 +145,7 @@ async def test_a_replay_is_handled_only_by_the_group_that_refused_it(settings: S
                                      data=MailboxEventV1(mailbox_id=uuid.uuid4(), kind="tested"))
     await publisher.publish_raw("mailbox.events.dlq", encode_event(event), "m-1",
                                 [("reason", b"transient_bug"), ("consumer_group", b"refusing-group")])
-    await deadletters.replay(settings, pool, await deadletters.read(settings, pool, "mailbox.events"))
+    await deadletters.replay(settings, pool, await deadletters.read(settings, pool, "mailbox.events", values=True))
 
     async def seen_by(group: str) -> list[uuid.UUID]:
         seen: list[uuid.UUID] = []

@@ -22,7 +22,16 @@ from shared.kafka import Publisher, client_options, topic_name
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
-from tests.support.dispatch import StatusReader, dead_worker, orphan_row, outbound, publish, publish_raw, sending_mailbox
+from tests.support.dispatch import (
+    StatusReader,
+    dead_worker,
+    dispatch_running,
+    orphan_row,
+    outbound,
+    publish,
+    publish_raw,
+    sending_mailbox,
+)
 from tests.support.waiting import eventually
 
 
@@ -249,6 +258,24 @@ async def test_lost_reply_after_the_data_is_failed_not_resent(settings: Settings
     request = await registry.outbound_request(org, f"<{final.message_id}>")   # found by its Message-ID too
     assert request.idempotency_key == event.data.idempotency_key
     assert "not resent" in request.explanation() and f"<{final.message_id}>" in request.explanation()
+
+
+async def test_a_lowered_connection_limit_takes_effect_without_a_restart(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, max_connections=4)
+
+    async def send_burst(subject: str) -> set[str]:
+        """40 requests at once; the SMTP sessions that carried them."""
+        burst = [outbound(org, sender_email=sender.email, subject=subject) for _ in range(40)]
+        await publish(publisher, *burst)
+        await finals(settings, [e.data.idempotency_key for e in burst])
+        return {m.session for m in capture.messages() if subject in (m.header("Subject") or "")}
+
+    async with dispatch_running(settings, mailbox_refresh_seconds=0):
+        assert len(await send_burst("before the change")) > 1
+        await registry.update_profile(org, sender.profile, max_concurrent_connections=1)
+        assert len(await send_burst("after the change")) == 1
+    assert len(capture.messages()) == 80
 
 
 async def test_auth_failure_backs_off_the_mailbox_and_success_clears_it(

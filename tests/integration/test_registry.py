@@ -3,6 +3,7 @@ exclusion of mailboxes_to_process()."""
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 
 import asyncpg
@@ -94,6 +95,48 @@ async def test_credentials_are_encrypted_at_rest(registry: Registry, org, pool: 
     assert registry.cipher.decrypt(stored).get_secret_value() == "hunter2-very-secret"
     shown = (await registry.mailbox(org, user.email)).model_dump_json()
     assert "hunter2" not in shown and '"has_credentials":true' in shown
+
+
+async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_given(
+        registry: Registry, org, pool: asyncpg.Pool) -> None:
+    await registry.add_profile(org, ProfileInput(
+        name="edit-me", server_type="imap", incoming_host="127.0.0.1", incoming_port=993,
+        auth_method="profile_impersonation", profile_username="svc@example.com", profile_secret=SecretStr("first-secret")))
+
+    async def stored_secret() -> bytes:
+        async with pool.acquire() as conn:
+            return await conn.fetchval("SELECT profile_secret FROM email_server_profile "
+                                       "WHERE organization_id = $1 AND name = 'edited'", org.id)
+
+    edited = await registry.update_profile(org, "edit-me", name="edited", max_concurrent_connections=2,
+                                           min_polling_interval_seconds=None)
+    assert (edited.name, edited.max_concurrent_connections, edited.min_polling_interval_seconds) == ("edited", 2, 60)
+    kept = await stored_secret()
+    assert registry.cipher.decrypt(kept).get_secret_value() == "first-secret"
+    await registry.update_profile(org, "edited", profile_secret=SecretStr("second-secret"))
+    rotated = await stored_secret()
+    assert rotated != kept and registry.cipher.decrypt(rotated).get_secret_value() == "second-secret"
+    async with pool.acquire() as conn:
+        changes = [r["payload"] for r in await conn.fetch(
+            "SELECT payload::text AS payload FROM event_outbox WHERE topic = 'registry.changes' AND key = $1 ORDER BY id",
+            str(edited.id))]
+    assert [json.loads(c)["data"]["fields"] for c in changes[-2:]] == [
+        {"name": "edited", "max_concurrent_connections": 2}, {"profile_secret": "changed"}]
+    assert all("second-secret" not in c and "first-secret" not in c for c in changes)
+
+    await registry.add_profile(org, IMAP)
+    for changes, error, message in [
+        ({"auth_method": "oauth2"}, InvalidInput, "OAuth 2.0 needs"),    # checked as a whole, as a new one
+        ({"max_concurrent_connections": 0}, InvalidInput, "max_concurrent_connections"),
+        ({"name": "imap"}, Conflict, "already exists"),
+        ({"colour": "red"}, InvalidInput, "unknown profile settings: colour"),
+        ({"incoming_port": None}, InvalidInput, "nothing to change"),
+    ]:
+        with pytest.raises(error, match=message):
+            await registry.update_profile(org, "edited", **changes)
+    with pytest.raises(NotFound, match="no email server profile"):
+        await registry.update_profile(org, "missing", max_concurrent_connections=3)
+    assert (await registry.profile(org, "edited")).max_concurrent_connections == 2
 
 
 # --- mailboxes_to_process: every exclusion ---------------------------------------------------------

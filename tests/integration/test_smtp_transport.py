@@ -510,6 +510,29 @@ async def test_max_connections_respected_under_concurrency(capture):
     assert state.max_sessions == 3
 
 
+async def test_an_edited_connection_limit_resizes_the_pool_without_losing_a_message(capture):
+    controller, state = capture
+    transport = SmtpTransport()
+    server = plain_server(controller)
+    try:
+        pool = transport.pool(server, None, max_connections=1)
+        await asyncio.gather(*(send_ok(pool, n) for n in range(20)))
+        assert state.max_sessions == 1
+        assert transport.pool(server, None, max_connections=3) is pool   # raised: more sessions
+        await asyncio.gather(*(send_ok(pool, n) for n in range(20, 80)))
+        assert state.max_sessions == 3
+        busy = [asyncio.ensure_future(send_ok(pool, n)) for n in range(80, 200)]
+        while pool._idle or pool.open_connections < 3:   # until the burst holds all three sessions
+            assert not all(b.done() for b in busy)
+            await asyncio.sleep(0)
+        assert transport.pool(server, None, max_connections=1) is pool   # lowered while they work
+        await asyncio.gather(*busy)
+        assert pool.open_connections == 1
+    finally:
+        await transport.close()
+    assert len(state.messages) == 200
+
+
 async def test_messages_per_connection_limit_rotates_sessions(capture):
     controller, state = capture
     pool = SmtpPool(plain_server(controller), None, max_connections=1,
