@@ -200,6 +200,10 @@ class Registry:
                     and await repo.profile_by_name_or_id(conn, org.id, changes["name"]) is not None:
                 raise Conflict(f"a profile named {changes['name']!r} already exists")
             current = {k: row[k] for k in ProfileInput.__dataclass_fields__ if k not in _PROFILE_SECRETS}
+            same = changes.get("use_same_settings_for_outgoing", row["use_same_settings_for_outgoing"])
+            if same and "incoming_host" in changes and "outgoing_host" not in changes \
+                    and row["outgoing_host"] in (None, row["incoming_host"]):
+                changes["outgoing_host"] = changes["incoming_host"]   # it follows, as `profile add` set it
             # A secret kept stands for itself in the check: only its presence matters there.
             kept = {k: SecretStr("kept") for k in _PROFILE_SECRETS if row[k] is not None}
             fields = self._profile_fields(ProfileInput(**{**current, **kept, **changes}))

@@ -124,6 +124,9 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
         {"name": "edited", "max_concurrent_connections": 2}, {"profile_secret": "changed"}]
     assert all("second-secret" not in c and "first-secret" not in c for c in changes)
 
+    moved = await registry.update_profile(org, "edited", incoming_host="imap2.example.com")
+    assert (moved.incoming_host, moved.outgoing_host) == ("imap2.example.com", "imap2.example.com")   # same settings
+
     await registry.add_profile(org, IMAP)
     for changes, error, message in [
         ({"auth_method": "oauth2"}, InvalidInput, "OAuth 2.0 needs"),    # checked as a whole, as a new one
