@@ -150,6 +150,8 @@ def profile_set(
     tls_ca_file: Optional[str] = typer.Option(None), max_connections: Optional[int] = typer.Option(None),
     polling_interval: Optional[int] = typer.Option(None), received_after: Optional[datetime] = typer.Option(None),
     move_failed: Optional[bool] = typer.Option(None, "--move-failed/--no-move-failed"),
+    clear: list[str] = typer.Option([], "--clear", help="Reset a setting to none, e.g. tls-ca-file, received-after, "
+                                                         "oauth-scope (repeatable)."),
     org: str = org_option(), json_: bool = JSON,
 ) -> None:
     """Change a profile's settings; the others stay.  Running services take the change within seconds."""
@@ -168,9 +170,9 @@ def profile_set(
 
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
-            p = await ctx.registry.update_profile(ctx.org, ref, **changes)
-            emit_json(p) if json_ else typer.echo(
-                f"profile {p.name} changed: {', '.join(k for k, v in changes.items() if v is not None)}")
+            p = await ctx.registry.update_profile(ctx.org, ref, clear=clear, **changes)
+            emit_json(p) if json_ else typer.echo(f"profile {p.name} changed: "
+                                                  f"{', '.join([k for k, v in changes.items() if v is not None] + clear)}")
     run(go)
 
 

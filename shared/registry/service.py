@@ -8,6 +8,7 @@ there is none), encrypted credentials, and an event in the outbox for every chan
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,13 @@ BACKOFF_BASE_SECONDS = 30.0
 BACKOFF_CAP_SECONDS = 3600.0
 # Profile columns stored encrypted: never echoed in a change event.
 _PROFILE_SECRETS = ("profile_secret", "oauth_client_secret")
+# Profile settings that may be reset to none (`conduit profile set --clear`), and the command's
+# option names for those whose column is named otherwise.
+_PROFILE_CLEARABLE = frozenset({
+    "incoming_host", "incoming_port", "outgoing_host", "outgoing_port", "service_url", "profile_username",
+    "profile_secret", "oauth_token_url", "oauth_client_id", "oauth_client_secret", "oauth_scope", "tls_ca_file",
+    "process_email_received_after"})
+_PROFILE_ALIASES = {"received_after": "process_email_received_after", "profile_user": "profile_username"}
 
 
 @dataclass(frozen=True)
@@ -183,34 +191,43 @@ class Registry:
             await self._changed(conn, org.id, "profile", row["id"], "created", {"name": spec.name, "server_type": spec.server_type})
             return _profile(row)
 
-    async def update_profile(self, org: models.Organization, ref: str, **changes: Any) -> models.Profile:
-        """Change a profile's settings (None: unchanged).  The result is checked as a whole, as a new
-        profile would be; secrets are replaced only when given.  Running services take the change at
-        their next look at the registry: dispatch within ``mailbox_refresh_seconds`` (its connection
-        pools resized), ingest within ``refresh_seconds`` (the profile's mailboxes start new sessions)."""
+    async def update_profile(self, org: models.Organization, ref: str, *, clear: Iterable[str] = (),
+                             **changes: Any) -> models.Profile:
+        """Change a profile's settings (None: unchanged) and reset those named in ``clear`` to none.
+        The result is checked as a whole, as a new profile would be; secrets are replaced only when
+        given.  Running services take the change at their next look at the registry: dispatch within
+        ``mailbox_refresh_seconds`` (its connection pools resized), ingest within ``refresh_seconds``
+        (the profile's mailboxes start new sessions)."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        cleared = {_PROFILE_ALIASES.get(c.strip().replace("-", "_"), c.strip().replace("-", "_")) for c in clear}
         unknown = set(changes) - set(ProfileInput.__dataclass_fields__)
         if unknown:
             raise InvalidInput(f"unknown profile settings: {', '.join(sorted(unknown))}")
-        if not changes:
+        if cleared - _PROFILE_CLEARABLE:
+            raise InvalidInput(f"cannot clear {', '.join(sorted(cleared - _PROFILE_CLEARABLE))}: only "
+                               f"{', '.join(sorted(_PROFILE_CLEARABLE))} can be")
+        if cleared & set(changes):
+            raise InvalidInput(f"both set and cleared: {', '.join(sorted(cleared & set(changes)))}")
+        if not changes and not cleared:
             raise InvalidInput("nothing to change (see `conduit profile set --help`)")
         async with self._tx() as conn:
             row = await self._profile_row(conn, org, ref)
             if "name" in changes and changes["name"] != row["name"] \
                     and await repo.profile_by_name_or_id(conn, org.id, changes["name"]) is not None:
                 raise Conflict(f"a profile named {changes['name']!r} already exists")
-            current = {k: row[k] for k in ProfileInput.__dataclass_fields__ if k not in _PROFILE_SECRETS}
             same = changes.get("use_same_settings_for_outgoing", row["use_same_settings_for_outgoing"])
-            if same and "incoming_host" in changes and "outgoing_host" not in changes \
+            if same and "incoming_host" in changes and "outgoing_host" not in changes.keys() | cleared \
                     and row["outgoing_host"] in (None, row["incoming_host"]):
                 changes["outgoing_host"] = changes["incoming_host"]   # it follows, as `profile add` set it
+            changes |= dict.fromkeys(cleared)
+            current = {k: row[k] for k in ProfileInput.__dataclass_fields__ if k not in _PROFILE_SECRETS}
             # A secret kept stands for itself in the check: only its presence matters there.
             kept = {k: SecretStr("kept") for k in _PROFILE_SECRETS if row[k] is not None}
             fields = self._profile_fields(ProfileInput(**{**current, **kept, **changes}))
             fields = {k: v for k, v in fields.items() if k in changes}
             row = await repo.update_profile(conn, row["id"], fields)
             await self._changed(conn, org.id, "profile", row["id"], "updated",
-                                {k: "changed" if k in _PROFILE_SECRETS else v for k, v in fields.items()})
+                                {k: "changed" if k in _PROFILE_SECRETS and v is not None else v for k, v in fields.items()})
             return _profile(row)
 
     def _profile_fields(self, spec: ProfileInput) -> dict[str, Any]:

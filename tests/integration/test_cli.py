@@ -60,6 +60,9 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     assert "max_concurrent_connections" in ok("profile", "set", "corp", "--max-connections", "4", "--new-profile-secret",
                                               extra_env={"CONDUIT_PROFILE_SECRET": SECRET + "-rotated"})
     assert json.loads(ok("profile", "show", "corp", "--json"))["max_concurrent_connections"] == 4
+    ok("profile", "set", "corp", "--received-after", "2026-01-01T00:00:00+00:00")
+    ok("profile", "set", "corp", "--clear", "received-after")
+    assert json.loads(ok("profile", "show", "corp", "--json"))["process_email_received_after"] is None
     for verb in (("profile", "list"), ("user", "list"), ("queue", "list"), ("record", "list"), ("activity", "list")):
         ok(*verb)
         ok(*verb, "--json")
@@ -78,6 +81,7 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("mailbox", "approve", "nobody@example.com"), "no mailbox"),
     (("profile", "add", "p", "--type", "imap"), "incoming-host"),
     (("profile", "set", "missing", "--max-connections", "2"), "no email server profile"),
+    (("profile", "set", "missing", "--clear", "name"), "cannot clear name"),
     (("mailbox", "configure", "nobody@example.com", "--tracking", "all"), "no mailbox"),
 ])
 def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:

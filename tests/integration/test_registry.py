@@ -124,8 +124,9 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
         {"name": "edited", "max_concurrent_connections": 2}, {"profile_secret": "changed"}]
     assert all("second-secret" not in c and "first-secret" not in c for c in changes)
 
-    moved = await registry.update_profile(org, "edited", incoming_host="imap2.example.com")
+    moved = await registry.update_profile(org, "edited", incoming_host="imap2.example.com", oauth_scope="mail")
     assert (moved.incoming_host, moved.outgoing_host) == ("imap2.example.com", "imap2.example.com")   # same settings
+    assert (await registry.update_profile(org, "edited", clear=["oauth-scope"])).oauth_scope is None
 
     await registry.add_profile(org, IMAP)
     for changes, error, message in [
@@ -134,6 +135,10 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
         ({"name": "imap"}, Conflict, "already exists"),
         ({"colour": "red"}, InvalidInput, "unknown profile settings: colour"),
         ({"incoming_port": None}, InvalidInput, "nothing to change"),
+        ({"clear": ["incoming_host"]}, InvalidInput, "needs --incoming-host"),
+        ({"clear": ["profile_secret"]}, InvalidInput, "impersonation needs"),
+        ({"clear": ["name"]}, InvalidInput, "cannot clear name"),
+        ({"clear": ["oauth_scope"], "oauth_scope": "x"}, InvalidInput, "both set and cleared: oauth_scope"),
     ]:
         with pytest.raises(error, match=message):
             await registry.update_profile(org, "edited", **changes)
