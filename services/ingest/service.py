@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.ingest.leases import Leases
-from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
+from services.ingest.runner import FollowUp, MailboxRunner, RunnerContext, ServerSlots
 from shared.metrics import MAILBOXES_LEASED
 from shared.oauth import TokenProvider
 from shared.registry.service import MailboxWork
@@ -45,6 +45,11 @@ class IngestSettings(BaseSettings):
     # Leases and the replica heartbeat last this long unrenewed: a dead replica's mailboxes are
     # taken over, and it stops counting towards the fair share, after at most this long.
     lease_ttl_seconds: float = Field(30.0, gt=0)
+    # After an idling session finds new mail: poll with NOOP this often, for this long (each new
+    # message restarts it), before it idles again.  Dovecot tells an idling session of new mail only
+    # 500 ms after it arrived; a NOOP learns of it at once, and mail comes in bursts.  0: off.
+    follow_up_seconds: float = Field(1.0, ge=0)
+    follow_up_poll_seconds: float = Field(0.05, gt=0)
 
     @model_validator(mode="after")
     def _renewed_in_time(self) -> IngestSettings:
@@ -77,7 +82,8 @@ class IngestService(ServiceBase):
 
     def _context(self) -> RunnerContext:
         assert self.pool is not None and self.registry is not None
-        return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens)
+        return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens,
+                             FollowUp(self.options.follow_up_seconds, self.options.follow_up_poll_seconds))
 
     async def _claimed(self, leases: Leases, *, fair_share: bool = True) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
         """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""

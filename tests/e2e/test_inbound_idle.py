@@ -91,3 +91,43 @@ async def test_idle_delivers_a_new_message_long_before_the_next_poll(
     finally:
         stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def test_mail_that_follows_new_mail_is_found_by_polling_the_idling_session(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    """After new mail, the session polls with NOOP for a while (``follow_up_seconds``) rather than wait
+    out Dovecot's 500 ms IDLE delay for the next message.  With a follow-up longer than the test and
+    polling 600 s away, only that polling can find the second message, and on the same session."""
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost",
+                                                 min_polling_interval_seconds=POLL_SECONDS))
+    box = await ready_mailbox(registry, org, dovecot, tracking="all")
+    dovecot.deliver(box.email, message("before", to=box.email, message_id="<follow-before@customer.example>"))
+    stopping = asyncio.Event()
+    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0,
+                                                    follow_up_seconds=POLL_SECONDS, follow_up_poll_seconds=0.05))
+    evaluate = EvaluateService(settings)
+    tasks = [asyncio.create_task(run_service(evaluate, stopping=stopping), name="evaluate"),
+             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
+    try:
+        # Once this is an activity, evaluate has joined its group.  (Only mail found while idling is
+        # followed up: after its first sync the session idles.)
+        await eventually(lambda: _activity(pool, org, "follow-before@customer.example"), timeout=90,
+                         what="the activity of the message already there")
+
+        async def idling():
+            running = ingest.runners.get(box.id)
+            return running is not None and running.runner.idling and running
+        running = await eventually(idling, timeout=60, what="the mailbox's session to enter IDLE")
+        logins = _logins(dovecot, box.email)
+        dovecot.deliver(box.email, message("first", to=box.email, message_id="<follow-first@customer.example>"))
+        await eventually(lambda: _activity(pool, org, "follow-first@customer.example"), timeout=WITHIN_SECONDS,
+                         what="the first message's activity (through IDLE)")
+        assert not running.runner.idling, "following up: polling, not idling"
+        dovecot.deliver(box.email, message("second", to=box.email, message_id="<follow-second@customer.example>"))
+        await eventually(lambda: _activity(pool, org, "follow-second@customer.example"), timeout=WITHIN_SECONDS,
+                         what="the second message's activity (through the follow-up's polling)")
+        assert not running.runner.idling and ingest.runners.get(box.id) is running
+        assert _logins(dovecot, box.email) == logins, "the same session found both"
+    finally:
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
