@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -177,40 +178,44 @@ class MailboxRunner:
     async def _idle_loop(self, client: ImapClient, sync: ImapFolderSync, folders: list[str], stopping: asyncio.Event) -> None:
         inbox = next(f for f in folders if f.upper() == "INBOX")
         others = [f for f in folders if f.upper() != "INBOX"]
-        since_full = 0.0
+        loop = asyncio.get_running_loop()
+        # The other tracked folders are synced on the polling interval, however busy the Inbox is.
+        others_due = loop.time() + self.interval if others else math.inf
         while not stopping.is_set():
-            period = min(self.interval if others else MAX_IDLE_SECONDS, MAX_IDLE_SECONDS)
-            idle = asyncio.ensure_future(client.idle(period))
-            stop = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait([idle, stop], return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not idle.done():
-                idle.cancel()  # stopping: the session is closed right after
-                try:
-                    await idle
-                except (asyncio.CancelledError, ConduitError):
-                    pass
-                return
-            idle.result()  # re-raise a failure of the session
-            since_full += period
-            if others and since_full >= self.interval:
+            period = min(others_due - loop.time(), MAX_IDLE_SECONDS)
+            if period > 0:
+                idle = asyncio.ensure_future(client.idle(period))
+                stop = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait([idle, stop], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not idle.done():
+                    idle.cancel()  # stopping: the session is closed right after
+                    try:
+                        await idle
+                    except (asyncio.CancelledError, ConduitError):
+                        pass
+                    return
+                idle.result()  # re-raise a failure of the session
+            if loop.time() >= others_due:
                 found = await sync.sync(client, others + [inbox])
-                since_full = 0.0
+                others_due = loop.time() + self.interval
             else:
                 found = await sync.sync_folder(client, inbox)
             self.last_sync = datetime.now().astimezone()
             if found:
-                await self._follow_up(client, sync, inbox, stopping)
+                await self._follow_up(client, sync, inbox, stopping, until=others_due)
 
-    async def _follow_up(self, client: ImapClient, sync: ImapFolderSync, inbox: str, stopping: asyncio.Event) -> None:
+    async def _follow_up(self, client: ImapClient, sync: ImapFolderSync, inbox: str, stopping: asyncio.Event, *,
+                         until: float) -> None:
         """New mail came: poll with NOOP for a while before idling again, each new message restarting
-        the while.  Dovecot tells an idling session of a change only 500 ms after it (its
-        NOTIFY_DELAY_MSECS), and mail comes in bursts: the messages after the first are seen within a
-        poll instead.  A quiet mailbox costs nothing: the polling only follows new mail."""
+        the while (but never past ``until``, the other folders' sync).  Dovecot tells an idling
+        session of a change only 500 ms after it (its NOTIFY_DELAY_MSECS), and mail comes in bursts:
+        the messages after the first are seen within a poll instead.  A quiet mailbox costs nothing:
+        the polling only follows new mail."""
         follow = self._ctx.follow_up
         loop = asyncio.get_running_loop()
-        until = loop.time() + follow.seconds
-        while loop.time() < until:
+        quiet_at = loop.time() + follow.seconds
+        while loop.time() < min(quiet_at, until):
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=follow.poll_seconds)
                 return
@@ -218,7 +223,7 @@ class MailboxRunner:
                 pass
             if await client.noop() and await sync.sync_folder(client, inbox):
                 self.last_sync = datetime.now().astimezone()
-                until = loop.time() + follow.seconds
+                quiet_at = loop.time() + follow.seconds
 
     async def _pop3_session(self) -> None:
         profile = self._profile

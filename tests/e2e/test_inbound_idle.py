@@ -131,3 +131,38 @@ async def test_mail_that_follows_new_mail_is_found_by_polling_the_idling_session
     finally:
         stopping.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def test_other_tracked_folders_are_synced_on_the_interval_while_the_inbox_is_followed_up(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    """A busy Inbox keeps its session following up; the other tracked folders still get their sync
+    at the profile's polling interval (here 2 s, against a follow-up that would last 600 s)."""
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost", min_polling_interval_seconds=2))
+    box = await ready_mailbox(registry, org, dovecot, tracking="all", tracked_folders=["INBOX", "Projects"])
+    dovecot.deliver(box.email, message("before", to=box.email, message_id="<others-before@customer.example>"),
+                    folder="Projects")
+    stopping = asyncio.Event()
+    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0,
+                                                    follow_up_seconds=POLL_SECONDS, follow_up_poll_seconds=0.05))
+    evaluate = EvaluateService(settings)
+    tasks = [asyncio.create_task(run_service(evaluate, stopping=stopping), name="evaluate"),
+             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
+    try:
+        await eventually(lambda: _activity(pool, org, "others-before@customer.example"), timeout=90,
+                         what="the activity of the message already in Projects")
+
+        async def idling():
+            running = ingest.runners.get(box.id)
+            return running is not None and running.runner.idling and running
+        running = await eventually(idling, timeout=30, what="the mailbox's session to enter IDLE")
+        dovecot.deliver(box.email, message("inbox", to=box.email, message_id="<others-inbox@customer.example>"))
+        await eventually(lambda: _activity(pool, org, "others-inbox@customer.example"), timeout=WITHIN_SECONDS,
+                         what="the Inbox message's activity")
+        dovecot.deliver(box.email, message("projects", to=box.email, message_id="<others-projects@customer.example>"),
+                        folder="Projects")
+        await eventually(lambda: _activity(pool, org, "others-projects@customer.example"), timeout=WITHIN_SECONDS,
+                         what="the Projects message's activity, on the polling interval")
+        assert ingest.runners.get(box.id) is running and not running.task.done(), "the same session throughout"
+    finally:
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
