@@ -283,8 +283,8 @@ async def main() -> None:
     if after_push:
         ahead = sum(1 for d in after_push if d < 0)
         print(f"  activity committed before the observer learned of the message: {ahead} of {len(after_push)} "
-              f"(found by ingest's follow-up polling, not IDLE); after it: p50 "
-              f"{statistics.median(after_push) * 1000:6.1f} ms (negative: ahead)")
+              f"(ingest synced before Dovecot's delayed notice: by its follow-up's NOOP, or on re-entering IDLE); "
+              f"relative to the notice: p50 {statistics.median(after_push) * 1000:6.1f} ms (negative: ahead)")
 
 
 if __name__ == "__main__":
