@@ -127,13 +127,21 @@ Headers = Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None
 
 def header_pairs(headers: Headers) -> Iterable[tuple[str, bytes]]:
     """A record's headers as (name, value) pairs: aiokafka gives a sequence, faust a mapping."""
+    if isinstance(headers, (tuple, list)):   # aiokafka's: checked first, as the Mapping ABC check is slow
+        return headers
     return headers.items() if isinstance(headers, Mapping) else headers or ()
 
 
 def meant_for_another(headers: Headers, group: str) -> bool:
     """Whether an event is a replay for another consumer group, which this group must skip: it
-    handled the original already (only the group that refused it had not)."""
-    return any(name == REPLAYED_FOR and value.decode(errors="replace") != group for name, value in header_pairs(headers))
+    handled the original already (only the group that refused it had not).  Asked of every record
+    a consumer reads, so the common case (no headers) returns at once."""
+    if not headers:
+        return False
+    for name, value in header_pairs(headers):
+        if name == REPLAYED_FOR:
+            return value.decode(errors="replace") != group
+    return False
 
 
 async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UUID, message_id: str) -> list[DeadLetter]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -30,6 +29,7 @@ from shared.errors import InvalidInput
 from shared.events.envelope import Envelope
 from shared.events.payloads import ActivityCreatedV1, RegardingRef
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED
+from shared.ids import id_texts
 from shared.metrics import ACTIVITIES_CREATED, DECISIONS
 from shared.mime import message_key
 from shared.outbox import enqueue_batch
@@ -74,6 +74,8 @@ class _Prepared:
 
 # Messages parsed between two yields to the event loop while preparing (~6 ms of CPU).
 _PARSE_SLICE = 50
+# Activity ids, drawn in blocks (shared.ids): a uuid4() each cost ~4% of evaluate's CPU.
+_ACTIVITY_IDS = id_texts()
 
 
 class EvaluateService(ServiceBase):
@@ -208,7 +210,7 @@ class EvaluateService(ServiceBase):
         lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings))
         decisions = evaluate_batch(
             [BatchItem(i.parsed, i.context, i.delivery.event.data.received_at) for i in batch],  # type: ignore[arg-type]
-            lookups, settings, lambda _: str(uuid.uuid4()),
+            lookups, settings, lambda _: next(_ACTIVITY_IDS),
         )
         for item, decision in zip(batch, decisions):
             item.decision = decision
