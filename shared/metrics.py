@@ -1,4 +1,5 @@
-"""Every metric name in one place.  No mailbox ids as labels: cardinality stays bounded."""
+"""Every metric name in one place (docs/operations.md lists them).  No mailbox ids as labels:
+cardinality stays bounded."""
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -13,4 +14,7 @@ DECISIONS = Counter("conduit_decisions_total", "Tracking decisions", ["tracked",
 EMAILS_SENT = Counter("conduit_emails_sent_total", "Outbound emails by final status", ["status", "transport"])
 SEND_LATENCY = Histogram("conduit_send_latency_seconds", "From request to accepted by the server", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 MAILBOXES_LEASED = Gauge("conduit_mailboxes_leased", "Mailboxes this ingest replica works")
+FOLLOW_UP_POLLS = Counter("conduit_imap_follow_up_polls_total", "NOOPs of idling sessions following up new mail")
+MAILBOXES_BY_HEALTH = Gauge("conduit_mailboxes_by_health", "Mailboxes in each health state, in the partitions this "
+                            "replica owns", ["state"])
 SERVICE_UP = Gauge("conduit_service_up", "1 while the service runs", ["service"])

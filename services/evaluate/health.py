@@ -41,8 +41,6 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 from uuid import UUID
 
-from prometheus_client import Gauge
-
 from shared.consumer import DeadLetterGate
 from shared.deadletters import meant_for_another
 from shared.errors import InvalidInput
@@ -50,14 +48,11 @@ from shared.events.envelope import Envelope, decode_event, encode_event
 from shared.events.payloads import MailboxHealthV1
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED, MAILBOX_EVENTS, MAILBOX_HEALTH, dead_letter
 from shared.kafka import bootstrap_servers, ensure_topics, topic_name
+from shared.metrics import MAILBOXES_BY_HEALTH
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Kept beside the aggregate until shared/metrics.py takes it (it owns every other metric name).
-MAILBOXES_BY_HEALTH = Gauge(
-    "conduit_mailboxes_by_health", "Mailboxes in each health state, in the partitions this replica owns", ["state"]
-)
 
 WINDOW_SECONDS = 60
 # From best to worst: a mailbox is as healthy as its worst direction.

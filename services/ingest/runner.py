@@ -21,7 +21,7 @@ from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
 from shared.errors import ConduitError, InvalidInput
 from shared.kafka import Publisher
-from shared.metrics import MAILBOX_FAILURES
+from shared.metrics import FOLLOW_UP_POLLS, MAILBOX_FAILURES
 from shared.oauth import TokenProvider
 from shared.registry.service import MailboxWork, Registry, decode_bytea
 from shared.tls import client_context
@@ -221,6 +221,7 @@ class MailboxRunner:
                 return
             except TimeoutError:
                 pass
+            FOLLOW_UP_POLLS.inc()
             if await client.noop() and await sync.sync_folder(client, inbox):
                 self.last_sync = datetime.now().astimezone()
                 quiet_at = loop.time() + follow.seconds
