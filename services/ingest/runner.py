@@ -52,7 +52,7 @@ class FollowUp:
     """How an idling session watches for more mail once some came (``IngestSettings.follow_up_*``)."""
 
     seconds: float = 0.0        # 0: idle again at once
-    poll_seconds: float = 0.05
+    poll_seconds: float = 0.1
 
 
 @dataclass
