@@ -8,7 +8,9 @@ session that was idling fetched the message).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -38,6 +40,40 @@ def _logins(dovecot, email: str) -> int:
     return text.count(f"Login: user=<{email}>")
 
 
+@contextlib.asynccontextmanager
+async def _services(settings: Settings, **ingest_options: float) -> AsyncIterator[tuple[IngestService, list[asyncio.Task]]]:
+    """Evaluate and ingest running as long-lived services for the block, then stopped."""
+    stopping = asyncio.Event()
+    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0, **ingest_options))
+    tasks = [asyncio.create_task(run_service(EvaluateService(settings), stopping=stopping), name="evaluate"),
+             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
+    try:
+        yield ingest, tasks
+    finally:
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def _idling(ingest: IngestService, box, *, after=None):
+    """The mailbox's runner once its session is in IDLE (a runner other than ``after``, if given)."""
+    async def check():
+        running = ingest.runners.get(box.id)
+        return running is not None and running is not after and running.runner.idling and running
+    return await eventually(check, timeout=60, what="the mailbox's session to enter IDLE")
+
+
+def _deliver(dovecot, box, tag: str, folder: str = "INBOX") -> str:
+    """Deliver a message to the mailbox's ``folder``; its Message-ID."""
+    message_id = f"{tag}@customer.example"
+    dovecot.deliver(box.email, message(tag, to=box.email, message_id=f"<{message_id}>"), folder=folder)
+    return message_id
+
+
+async def _tracked(pool: asyncpg.Pool, org, message_id: str, *, timeout: float = WITHIN_SECONDS,
+                   interval: float = 0.05, what: str) -> None:
+    await eventually(lambda: _activity(pool, org, message_id), timeout=timeout, interval=interval, what=what)
+
+
 async def test_idle_delivers_a_new_message_long_before_the_next_poll(
         settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
     # "localhost" rather than 127.0.0.1: the same Dovecot, but a server of its own for ingest's
@@ -46,31 +82,18 @@ async def test_idle_delivers_a_new_message_long_before_the_next_poll(
     profile = await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost",
                                                            min_polling_interval_seconds=POLL_SECONDS))
     box = await ready_mailbox(registry, org, dovecot, tracking="all")
-    dovecot.deliver(box.email, message("before", to=box.email, message_id="<idle-before@customer.example>"))
-
-    stopping = asyncio.Event()
-    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0))
-    evaluate = EvaluateService(settings)
-    tasks = [asyncio.create_task(run_service(evaluate, stopping=stopping), name="evaluate"),
-             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
-    try:
+    before = _deliver(dovecot, box, "idle-before")
+    async with _services(settings) as (ingest, tasks):
         # The first session syncs what is there (and evaluate has joined its group once it is decided).
-        await eventually(lambda: _activity(pool, org, "idle-before@customer.example"), timeout=90,
-                         what="the activity of the message already there")
-
-        async def idling():
-            running = ingest.runners.get(box.id)
-            return running is not None and running.runner.idling and running
-        running = await eventually(idling, timeout=30, what="the mailbox's session to enter IDLE")
+        await _tracked(pool, org, before, timeout=90, what="the activity of the message already there")
+        running = await _idling(ingest, box)
         logins = _logins(dovecot, box.email)
         assert logins >= 1, "Dovecot logs logins (the check below relies on it)"
 
         started = time.monotonic()
-        dovecot.deliver(box.email, message("pushed", to=box.email, message_id="<idle-pushed@customer.example>"))
-        await eventually(lambda: _activity(pool, org, "idle-pushed@customer.example"), timeout=WITHIN_SECONDS,
-                         interval=0.02, what=f"the activity within {WITHIN_SECONDS} s (the next poll is {POLL_SECONDS} s away)")
-        latency = time.monotonic() - started
-        print(f"\nIDLE: delivered -> activity in {latency * 1000:.0f} ms")
+        await _tracked(pool, org, _deliver(dovecot, box, "idle-pushed"), interval=0.02,
+                       what=f"the activity within {WITHIN_SECONDS} s (the next poll is {POLL_SECONDS} s away)")
+        print(f"\nIDLE: delivered -> activity in {(time.monotonic() - started) * 1000:.0f} ms")
 
         assert ingest.runners.get(box.id) is running and not running.task.done(), "the same runner, never restarted"
         assert _logins(dovecot, box.email) == logins, "no new session: the idling one fetched the message"
@@ -79,18 +102,9 @@ async def test_idle_delivers_a_new_message_long_before_the_next_poll(
         # The profile edited (`conduit profile set`): the mailbox's session starts again with the new
         # settings, without a restart of the service, and idles again.
         await registry.update_profile(org, profile.name, max_concurrent_connections=5)
-
-        async def idling_again():
-            now = ingest.runners.get(box.id)
-            return now is not None and now is not running and now.runner.idling
-        await eventually(idling_again, timeout=30, what="a new session after the profile was edited")
+        await _idling(ingest, box, after=running)
         assert _logins(dovecot, box.email) > logins
-        dovecot.deliver(box.email, message("after", to=box.email, message_id="<idle-after@customer.example>"))
-        await eventually(lambda: _activity(pool, org, "idle-after@customer.example"), timeout=WITHIN_SECONDS,
-                         what="the activity of a message pushed to the new session")
-    finally:
-        stopping.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        await _tracked(pool, org, _deliver(dovecot, box, "idle-after"), what="the activity of a message pushed to the new session")
 
 
 async def test_mail_that_follows_new_mail_is_found_by_polling_the_idling_session(
@@ -101,36 +115,19 @@ async def test_mail_that_follows_new_mail_is_found_by_polling_the_idling_session
     await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost",
                                                  min_polling_interval_seconds=POLL_SECONDS))
     box = await ready_mailbox(registry, org, dovecot, tracking="all")
-    dovecot.deliver(box.email, message("before", to=box.email, message_id="<follow-before@customer.example>"))
-    stopping = asyncio.Event()
-    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0,
-                                                    follow_up_seconds=POLL_SECONDS, follow_up_poll_seconds=0.05))
-    evaluate = EvaluateService(settings)
-    tasks = [asyncio.create_task(run_service(evaluate, stopping=stopping), name="evaluate"),
-             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
-    try:
+    before = _deliver(dovecot, box, "follow-before")
+    async with _services(settings, follow_up_seconds=POLL_SECONDS, follow_up_poll_seconds=0.05) as (ingest, _):
         # Once this is an activity, evaluate has joined its group.  (Only mail found while idling is
         # followed up: after its first sync the session idles.)
-        await eventually(lambda: _activity(pool, org, "follow-before@customer.example"), timeout=90,
-                         what="the activity of the message already there")
-
-        async def idling():
-            running = ingest.runners.get(box.id)
-            return running is not None and running.runner.idling and running
-        running = await eventually(idling, timeout=60, what="the mailbox's session to enter IDLE")
+        await _tracked(pool, org, before, timeout=90, what="the activity of the message already there")
+        running = await _idling(ingest, box)
         logins = _logins(dovecot, box.email)
-        dovecot.deliver(box.email, message("first", to=box.email, message_id="<follow-first@customer.example>"))
-        await eventually(lambda: _activity(pool, org, "follow-first@customer.example"), timeout=WITHIN_SECONDS,
-                         what="the first message's activity (through IDLE)")
+        await _tracked(pool, org, _deliver(dovecot, box, "follow-first"), what="the first message's activity (through IDLE)")
         assert not running.runner.idling, "following up: polling, not idling"
-        dovecot.deliver(box.email, message("second", to=box.email, message_id="<follow-second@customer.example>"))
-        await eventually(lambda: _activity(pool, org, "follow-second@customer.example"), timeout=WITHIN_SECONDS,
-                         what="the second message's activity (through the follow-up's polling)")
+        await _tracked(pool, org, _deliver(dovecot, box, "follow-second"),
+                       what="the second message's activity (through the follow-up's polling)")
         assert not running.runner.idling and ingest.runners.get(box.id) is running
         assert _logins(dovecot, box.email) == logins, "the same session found both"
-    finally:
-        stopping.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
 
 async def test_other_tracked_folders_are_synced_on_the_interval_while_the_inbox_is_followed_up(
@@ -139,30 +136,11 @@ async def test_other_tracked_folders_are_synced_on_the_interval_while_the_inbox_
     at the profile's polling interval (here 2 s, against a follow-up that would last 600 s)."""
     await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost", min_polling_interval_seconds=2))
     box = await ready_mailbox(registry, org, dovecot, tracking="all", tracked_folders=["INBOX", "Projects"])
-    dovecot.deliver(box.email, message("before", to=box.email, message_id="<others-before@customer.example>"),
-                    folder="Projects")
-    stopping = asyncio.Event()
-    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0,
-                                                    follow_up_seconds=POLL_SECONDS, follow_up_poll_seconds=0.05))
-    evaluate = EvaluateService(settings)
-    tasks = [asyncio.create_task(run_service(evaluate, stopping=stopping), name="evaluate"),
-             asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")]
-    try:
-        await eventually(lambda: _activity(pool, org, "others-before@customer.example"), timeout=90,
-                         what="the activity of the message already in Projects")
-
-        async def idling():
-            running = ingest.runners.get(box.id)
-            return running is not None and running.runner.idling and running
-        running = await eventually(idling, timeout=30, what="the mailbox's session to enter IDLE")
-        dovecot.deliver(box.email, message("inbox", to=box.email, message_id="<others-inbox@customer.example>"))
-        await eventually(lambda: _activity(pool, org, "others-inbox@customer.example"), timeout=WITHIN_SECONDS,
-                         what="the Inbox message's activity")
-        dovecot.deliver(box.email, message("projects", to=box.email, message_id="<others-projects@customer.example>"),
-                        folder="Projects")
-        await eventually(lambda: _activity(pool, org, "others-projects@customer.example"), timeout=WITHIN_SECONDS,
-                         what="the Projects message's activity, on the polling interval")
+    before = _deliver(dovecot, box, "others-before", "Projects")
+    async with _services(settings, follow_up_seconds=POLL_SECONDS, follow_up_poll_seconds=0.05) as (ingest, _):
+        await _tracked(pool, org, before, timeout=90, what="the activity of the message already in Projects")
+        running = await _idling(ingest, box)
+        await _tracked(pool, org, _deliver(dovecot, box, "others-inbox"), what="the Inbox message's activity")
+        await _tracked(pool, org, _deliver(dovecot, box, "others-projects", "Projects"),
+                       what="the Projects message's activity, on the polling interval")
         assert ingest.runners.get(box.id) is running and not running.task.done(), "the same session throughout"
-    finally:
-        stopping.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
