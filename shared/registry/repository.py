@@ -61,6 +61,11 @@ async def profile_by_name_or_id(conn: asyncpg.Connection, org_id: UUID, ref: str
     )
 
 
+async def lock_profile(conn: asyncpg.Connection, profile_id: UUID) -> asyncpg.Record:
+    """The profile's row, locked until the transaction ends: an edit checks what it will change."""
+    return await conn.fetchrow("SELECT * FROM email_server_profile WHERE id = $1 FOR UPDATE", profile_id)
+
+
 async def profile_by_id(conn: asyncpg.Connection, profile_id: UUID) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT * FROM email_server_profile WHERE id = $1", profile_id)
 

@@ -211,7 +211,8 @@ class Registry:
         if not changes and not cleared:
             raise InvalidInput("nothing to change (see `conduit profile set --help`)")
         async with self._tx() as conn:
-            row = await self._profile_row(conn, org, ref)
+            # Locked: a concurrent edit could otherwise make what is checked here stale when written.
+            row = await repo.lock_profile(conn, (await self._profile_row(conn, org, ref))["id"])
             if "name" in changes and changes["name"] != row["name"] \
                     and await repo.profile_by_name_or_id(conn, org.id, changes["name"]) is not None:
                 raise Conflict(f"a profile named {changes['name']!r} already exists")

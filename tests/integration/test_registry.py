@@ -2,6 +2,7 @@
 exclusion of mailboxes_to_process()."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -13,6 +14,7 @@ from pydantic import SecretStr
 from shared.errors import Conflict, InvalidInput, NotFound
 from shared.registry import repository as repo
 from shared.registry.service import ProfileInput, Registry
+from tests.support.waiting import eventually
 
 IMAP = ProfileInput(name="imap", server_type="imap", incoming_host="127.0.0.1", incoming_port=143, incoming_tls="none",
                     outgoing_port=25, outgoing_tls="none")
@@ -145,6 +147,28 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
     with pytest.raises(NotFound, match="no email server profile"):
         await registry.update_profile(org, "missing", max_concurrent_connections=3)
     assert (await registry.profile(org, "edited")).max_concurrent_connections == 2
+
+
+async def test_a_profile_edit_is_checked_against_the_row_it_writes(registry: Registry, org, pool: asyncpg.Pool) -> None:
+    """An edit made while another transaction changes the profile waits for it, and is checked
+    against the result: here the other one removed the IMAP host, so raising the limit is refused
+    rather than written onto a profile that no longer stands."""
+    profile = await registry.add_profile(org, ProfileInput(name="raced", server_type="imap",
+                                                           incoming_host="127.0.0.1", incoming_port=143))
+    async with pool.acquire() as other, pool.acquire() as watcher:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("UPDATE email_server_profile SET incoming_host = NULL WHERE id = $1", profile.id)
+        edit = asyncio.create_task(registry.update_profile(org, "raced", max_concurrent_connections=3))
+
+        async def edit_waits_for_the_lock() -> bool:
+            return await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%email_server_profile%'") > 0
+        await eventually(edit_waits_for_the_lock, timeout=10, what="the edit to wait for the other transaction")
+        await tx.commit()
+        with pytest.raises(InvalidInput, match="needs --incoming-host"):
+            await edit
+    assert (await registry.profile(org, "raced")).max_concurrent_connections == 10
 
 
 # --- mailboxes_to_process: every exclusion ---------------------------------------------------------
