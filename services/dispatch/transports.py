@@ -134,7 +134,8 @@ class Transports:
         login = credentials.client_id if isinstance(credentials, EwsOAuth) else credentials[0]
         held = self._exchange_for(
             ("ews", profile["id"], login),
-            (profile["service_url"], profile.get("tls_ca_file"), profile["max_concurrent_connections"], hash(str(credentials))),
+            # hash(credentials), not of its text: EwsOAuth leaves its secret out of repr(), not out of hash().
+            (profile["service_url"], profile.get("tls_ca_file"), profile["max_concurrent_connections"], hash(credentials)),
             lambda: EwsTransport(service_url=profile["service_url"], credentials=credentials,
                                  ca_file=profile.get("tls_ca_file"),
                                  max_connections=profile["max_concurrent_connections"], timeout=self._timeout * 2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import trustme
 from exchangelib.protocol import CachingProtocol
 from pydantic import SecretStr
 
@@ -473,3 +475,43 @@ async def test_an_edited_profile_gets_a_new_transport_and_the_old_one_closes(kin
     finally:
         await transports.close()
     assert sorted(r.protocol for r in exchange.sim.sent) == [kind, kind]
+
+
+async def test_a_rotated_ews_app_secret_is_used_at_once(registry: Registry, org: Organization, tmp_path) -> None:
+    """App-only EWS (OAuth 2.0, so over TLS): the app's secret rotated in the directory and in the
+    profile; the old secret no longer gets a token, and the next send uses the new one at once."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    async with ExchangeSimulator(domain="contoso.test", ssl_context=server_tls) as sim:
+        sender = _address("sender")
+        sim.add_mailbox(sender, password=PASSWORD, display_name="Sender")
+        client_id = f"{APP_ID[:-6]}{uuid.uuid4().hex[:6]}"
+        sim.add_app(client_id, APP_SECRET)
+        profile = f"ews-app-{uuid.uuid4().hex[:6]}"
+        await registry.add_profile(org, ProfileInput(
+            name=profile, server_type="exchange_server", service_url=sim.ews_url, auth_method="oauth2",
+            oauth_token_url=sim.token_url, oauth_client_id=client_id, oauth_client_secret=SecretStr(APP_SECRET),
+            tls_ca_file=str(tmp_path / "ca.pem")))
+        await registry.add_user(org, "Sender", sender)
+        await registry.update_mailbox(org, sender, email_approved=True, profile=profile)
+        mailbox = await registry.mailbox(org, sender)
+        await registry.record_test(mailbox.id, "outgoing", True, "ok")
+
+        async def send(subject: str) -> None:
+            (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox.id])
+            raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
+                   f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
+            await transports.send(work, raw, ["buyer@customer.example"])
+
+        transports = Transports(timeout=10)
+        try:
+            await send("with the first secret")
+            sim.add_app(client_id, APP_SECRET + "-rotated")   # the directory now knows only the new secret
+            sim.expire_tokens()
+            await registry.update_profile(org, profile, oauth_client_secret=SecretStr(APP_SECRET + "-rotated"))
+            await send("with the rotated secret")
+        finally:
+            await transports.close()
+        assert [r.protocol for r in sim.sent] == ["ews", "ews"]
