@@ -199,7 +199,7 @@ class Registry:
         ``mailbox_refresh_seconds`` (its connection pools resized), ingest within ``refresh_seconds``
         (the profile's mailboxes start new sessions)."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        cleared = {_PROFILE_ALIASES.get(c.strip().replace("-", "_"), c.strip().replace("-", "_")) for c in clear}
+        cleared = {_PROFILE_ALIASES.get(name, name) for name in (c.strip().replace("-", "_") for c in clear)}
         unknown = set(changes) - set(ProfileInput.__dataclass_fields__)
         if unknown:
             raise InvalidInput(f"unknown profile settings: {', '.join(sorted(unknown))}")
