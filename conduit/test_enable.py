@@ -10,6 +10,7 @@ import asyncio
 from uuid import UUID
 
 from shared.errors import ConduitError
+from shared.oauth import TokenProvider
 from shared.registry import models
 from shared.registry.service import MailboxWork, Registry
 from shared.tls import client_context
@@ -57,44 +58,36 @@ async def _work_item(registry: Registry, mailbox_id: UUID) -> MailboxWork:
 
 
 async def _connect(work: MailboxWork, direction: str) -> None:
+    """Sign in the way the service that will work the direction does: ingest's clients and sign-in
+    for incoming email, dispatch's transports (SMTP with a password, XOAUTH2 or as a relay; EWS;
+    Graph) for outgoing."""
     profile = work.profile
-    user, secret = work.login()
-    context = client_context(profile.get("tls_ca_file"))
     if direction == "incoming":
-        if profile["server_type"] == "imap":
-            from services.ingest.imap_client import ImapClient
+        from services.ingest.imap_client import ImapClient
+        from services.ingest.pop3_client import Pop3Client
+        from services.ingest.runner import sign_in
 
-            client = await ImapClient.connect(profile["incoming_host"], profile["incoming_port"],
-                                              tls=profile["incoming_tls"], ssl_context=context, timeout=CHECK_TIMEOUT)
-            try:
-                await client.login(user, secret.get_secret_value())
+        clients = {"imap": ImapClient, "pop3": Pop3Client}
+        if profile["server_type"] not in clients:
+            raise ConduitError(f"incoming email over {profile['server_type']} is not available yet", reason="unsupported")
+        client = await clients[profile["server_type"]].connect(
+            profile["incoming_host"], profile["incoming_port"], tls=profile["incoming_tls"],
+            ssl_context=client_context(profile.get("tls_ca_file")), timeout=CHECK_TIMEOUT)
+        try:
+            await sign_in(client, work, TokenProvider())
+            if isinstance(client, ImapClient):
                 await client.select("INBOX")
                 await client.logout()
-            finally:
-                await client.close()
-            return
-        if profile["server_type"] == "pop3":
-            from services.ingest.pop3_client import Pop3Client
-
-            pop = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
-                                           tls=profile["incoming_tls"], ssl_context=context, timeout=CHECK_TIMEOUT)
-            try:
-                await pop.login(user, secret.get_secret_value())
-                await pop.stat()
-                await pop.quit()
-            finally:
-                await pop.close()
-            return
-        raise ConduitError(f"incoming email over {profile['server_type']} is not available yet", reason="unsupported")
-    if profile["server_type"] in ("imap", "pop3", "smtp"):
-        from services.dispatch.smtp_transport import SmtpCredentials, SmtpPool, SmtpServer
-
-        server = SmtpServer(profile["outgoing_host"] or profile["incoming_host"], profile["outgoing_port"],
-                            profile["outgoing_tls"], context)
-        pool = SmtpPool(server, SmtpCredentials(user, secret.get_secret_value()), max_connections=1, timeout=CHECK_TIMEOUT)
-        try:
-            await pool.check()
+            else:
+                await client.stat()
+                await client.quit()
         finally:
-            await pool.close()
+            await client.close()
         return
-    raise ConduitError(f"outgoing email over {profile['server_type']} is not available yet", reason="unsupported")
+    from services.dispatch.transports import Transports
+
+    transports = Transports(timeout=CHECK_TIMEOUT)
+    try:
+        await transports.check(work)
+    finally:
+        await transports.close()

@@ -42,3 +42,9 @@ class TokenProvider:
                 raise AuthenticationFailed("the OAuth token endpoint answered without an access token")
             self._cache[key] = (token, time.monotonic() + float(body.get("expires_in", 3600)))
             return token
+
+    def forget(self, token: str) -> None:
+        """Drop a token a server refused: the next ``token()`` asks the endpoint for a new one."""
+        for key, (cached, _) in list(self._cache.items()):
+            if cached == token:
+                del self._cache[key]

@@ -401,6 +401,7 @@ class _CaptureConfig:
     users: tuple[tuple[str, str], ...] = ()
     xoauth2_tokens: tuple[str, ...] = ()
     require_auth: bool = False
+    password_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
     def argv(self) -> list[str]:
         args = [
@@ -422,6 +423,8 @@ class _CaptureConfig:
             args += ["--xoauth2-token", token]
         if self.require_auth:
             args.append("--require-auth")
+        for mechanism in self.password_mechanisms:
+            args += ["--password-mechanism", mechanism]
         return args
 
 
@@ -432,9 +435,7 @@ async def _serve_capture(config: _CaptureConfig) -> asyncio.Server:
     if config.tls_cert and config.tls_key:
         tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls_context.load_cert_chain(config.tls_cert, config.tls_key)
-    excluded = []
-    if not config.users:
-        excluded += ["PLAIN", "LOGIN"]
+    excluded = [m for m in ("PLAIN", "LOGIN") if not config.users or m not in config.password_mechanisms]
     if not config.xoauth2_tokens:
         excluded.append("XOAUTH2")
 
@@ -476,6 +477,7 @@ class CaptureSmtpServer:
         users: dict[str, str] | None = None,
         xoauth2_tokens: Iterable[str] = (),
         require_auth: bool = False,
+        password_mechanisms: Iterable[str] = ("PLAIN", "LOGIN"),
         separate_process: bool = False,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
@@ -495,6 +497,7 @@ class CaptureSmtpServer:
             users=tuple((users or {}).items()),
             xoauth2_tokens=tuple(xoauth2_tokens),
             require_auth=require_auth,
+            password_mechanisms=tuple(m.upper() for m in password_mechanisms),
         )
         self._process: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
@@ -687,6 +690,8 @@ def main(argv: list[str] | None = None) -> None:
     capture.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD")
     capture.add_argument("--xoauth2-token", action="append", default=[])
     capture.add_argument("--require-auth", action="store_true")
+    capture.add_argument("--password-mechanism", action="append", choices=["PLAIN", "LOGIN"],
+                         help="offer only these for passwords (default: PLAIN and LOGIN)")
     fault = commands.add_parser("fault", help="script faults for a running capture server")
     fault.add_argument("--store", type=Path, required=True)
     fault.add_argument("--reply", choices=FAULT_KINDS, required=True)
@@ -709,6 +714,7 @@ def main(argv: list[str] | None = None) -> None:
         users=tuple(tuple(pair.split(":", 1)) for pair in args.auth),
         xoauth2_tokens=tuple(args.xoauth2_token),
         require_auth=args.require_auth,
+        password_mechanisms=tuple(args.password_mechanism or ("PLAIN", "LOGIN")),
     )
     asyncio.run(_run_capture(config))
 

@@ -478,6 +478,8 @@ class SmtpConnection:
     async def _authenticate(self, credentials: SmtpCredentials) -> None:
         offered = self.extensions.get("AUTH", "").upper().split()
         mechanism = credentials.mechanism.upper()
+        if mechanism == "PLAIN" and "PLAIN" not in offered and "LOGIN" in offered:
+            mechanism = "LOGIN"  # the same password, asked for in two steps: servers that offer only LOGIN
         if mechanism not in offered:
             raise AuthenticationFailed(
                 f"the server does not offer AUTH {mechanism} (offers: {' '.join(offered) or 'none'})",

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import InvalidInput
+from shared.errors import AuthenticationFailed, InvalidInput
 from shared.oauth import TokenProvider
 from shared.registry.service import MailboxWork, decode_bytea
 from shared.tls import client_context
 
-from .smtp_transport import SmtpCredentials, SmtpServer, SmtpTransport
+from .smtp_transport import SmtpCredentials, SmtpPool, SmtpServer, SmtpTransport
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,27 @@ class Transports:
         with self._using(self._graph(work)) as transport:
             return await transport.find_sent(work.email, f"<{message_id}>")
 
+    async def check(self, work: MailboxWork) -> None:
+        """Test & Enable for outgoing email: reach the server and sign in with the mailbox's settings
+        exactly as sending does (an SMTP session of its own, or the Exchange transport's check),
+        without sending anything."""
+        kind = transport_name(work)
+        if kind == "smtp":
+            credentials = await self._smtp_credentials(work)
+            pool = SmtpPool(self._smtp_server(work), credentials, max_connections=1, timeout=self._timeout)
+            try:
+                with self._forgetting_refused(credentials):
+                    await pool.check()
+            finally:
+                await pool.close()
+        elif kind == "ews":
+            held, impersonate = self._ews(work)
+            with self._using(held) as transport:
+                await transport.check(work.email, impersonate=impersonate)
+        else:
+            with self._using(self._graph(work)) as transport:
+                await transport.check(work.email)
+
     async def close(self) -> None:
         await self.smtp.close()
         held, self._exchange = list(self._exchange.values()), {}
@@ -87,16 +108,32 @@ class Transports:
     # -- SMTP
 
     async def _send_smtp(self, work: MailboxWork, raw: bytes, recipients: list[str]) -> Accepted:
+        credentials = await self._smtp_credentials(work)
+        pool = self.smtp.pool(self._smtp_server(work), credentials,
+                              max_connections=work.profile["max_concurrent_connections"])
+        with self._forgetting_refused(credentials):
+            accepted = await pool.send(work.email, recipients, raw)
+        return Accepted(accepted.code, accepted.text, accepted.refused_recipients)
+
+    def _smtp_server(self, work: MailboxWork) -> SmtpServer:
         profile = work.profile
         tls = profile["outgoing_tls"]
         host = profile.get("outgoing_host") or profile.get("incoming_host")
         if not host:
             raise InvalidInput("the profile has no outgoing server", reason="no_outgoing_server")
         port = profile.get("outgoing_port") or DEFAULT_SUBMISSION_PORT[tls]
-        server = SmtpServer(host, port, tls, self._context(profile.get("tls_ca_file")) if tls != "none" else None)
-        pool = self.smtp.pool(server, await self._smtp_credentials(work), max_connections=profile["max_concurrent_connections"])
-        accepted = await pool.send(work.email, recipients, raw)
-        return Accepted(accepted.code, accepted.text, accepted.refused_recipients)
+        return SmtpServer(host, port, tls, self._context(profile.get("tls_ca_file")) if tls != "none" else None)
+
+    @contextlib.contextmanager
+    def _forgetting_refused(self, credentials: SmtpCredentials | None) -> Iterator[None]:
+        """A token the server refused is not offered again: the next attempt gets a new one (it may
+        have been revoked long before it expires)."""
+        try:
+            yield
+        except AuthenticationFailed:
+            if credentials is not None and credentials.mechanism == "xoauth2":
+                self._tokens.forget(credentials.secret)
+            raise
 
     async def _smtp_credentials(self, work: MailboxWork) -> SmtpCredentials | None:
         profile = work.profile

@@ -19,7 +19,7 @@ from services.ingest.imap_sync import ImapFolderSync
 from services.ingest.pop3_client import Pop3Client
 from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
-from shared.errors import ConduitError, InvalidInput
+from shared.errors import AuthenticationFailed, ConduitError, InvalidInput
 from shared.kafka import Publisher
 from shared.metrics import FOLLOW_UP_POLLS, MAILBOX_FAILURES
 from shared.oauth import TokenProvider
@@ -130,20 +130,8 @@ class MailboxRunner:
         log.warning("mailbox %s incoming failed: %s", self._work.id, message)
         await self._ctx.registry.record_failure(self._work.id, "incoming", reason, message)
 
-    async def _credentials(self) -> tuple[str, str, bool]:
-        """(user, secret, is_oauth_token)."""
-        profile = self._profile
-        if profile["auth_method"] == "oauth2":
-            secret = self._ctx.registry.cipher.decrypt(decode_bytea(profile["oauth_client_secret"])).get_secret_value()
-            token = await self._ctx.tokens.token(profile["oauth_token_url"], profile["oauth_client_id"], secret,
-                                                 profile.get("oauth_scope"))
-            return self._work["username"] or self._work.email, token, True
-        user, secret = self._work.login()
-        return user, secret.get_secret_value(), False
-
     async def _imap_session(self, stopping: asyncio.Event | None, keep_open: bool) -> None:
         profile = self._profile
-        user, secret, oauth = await self._credentials()
         sync = ImapFolderSync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
                               received_after=profile.get("process_email_received_after") and
                               datetime.fromisoformat(profile["process_email_received_after"]),
@@ -156,10 +144,7 @@ class MailboxRunner:
                                               tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
             self._client = client
             try:
-                if oauth:
-                    await client.authenticate_xoauth2(user, secret)
-                else:
-                    await client.login(user, secret)
+                await sign_in(client, self._work, self._ctx.tokens)
                 await sync.sync(client, folders)
                 await self._report_missing(sync.missing_folders)
                 self.last_sync = datetime.now().astimezone()
@@ -228,20 +213,34 @@ class MailboxRunner:
 
     async def _pop3_session(self) -> None:
         profile = self._profile
-        user, secret, oauth = await self._credentials()
         sync = Pop3Sync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
                         delete_after_processing=bool(self._work["delete_after_processing"]))
         async with self._slot():
             client = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
                                               tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
             try:
-                if oauth:
-                    await client.authenticate_xoauth2(user, secret)
-                else:
-                    await client.login(user, secret)
+                await sign_in(client, self._work, self._ctx.tokens)
                 await sync.sync(client)
                 await client.quit()
                 await sync.confirm_removed()
                 self.last_sync = datetime.now().astimezone()
             finally:
                 await client.close()
+
+
+async def sign_in(client: ImapClient | Pop3Client, work: MailboxWork, tokens: TokenProvider) -> None:
+    """Sign in to an open IMAP or POP3 session as the mailbox: its (or its profile's) password, or
+    XOAUTH2 with a token of the profile's OAuth client.  A refused token is forgotten, so the next
+    attempt asks for a new one (it may have been revoked long before it expires)."""
+    profile = work.profile
+    if profile["auth_method"] != "oauth2":
+        user, password = work.login()
+        await client.login(user, password.get_secret_value())
+        return
+    secret = work.cipher.decrypt(decode_bytea(profile["oauth_client_secret"])).get_secret_value()
+    token = await tokens.token(profile["oauth_token_url"], profile["oauth_client_id"], secret, profile.get("oauth_scope"))
+    try:
+        await client.authenticate_xoauth2(work["username"] or work.email, token)
+    except AuthenticationFailed:
+        tokens.forget(token)
+        raise

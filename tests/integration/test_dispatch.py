@@ -410,3 +410,38 @@ async def test_an_outgoing_activity_is_recorded_once_per_message_id(registry: Re
         assert await conn.fetchval("SELECT count(*) FROM email_activity_mailbox WHERE activity_id = $1", first_activity.id) == 1
         assert {r["activity_id"] for r in await conn.fetch("SELECT activity_id FROM outbound_email WHERE id = ANY($1)", ids)} \
             == {first_activity.id}
+
+
+async def test_xoauth2_sends_with_a_token_of_the_profiles_client_and_a_refused_token_is_not_reused(
+        settings: Settings, registry: Registry, org, publisher: Publisher, tmp_path) -> None:
+    from conduit.test_enable import _work_item
+    from services.dispatch.transports import Transports
+    from shared.errors import AuthenticationFailed
+    from shared.registry.service import ProfileInput
+    from tests.support.oauth import CLIENT_ID, CLIENT_SECRET, TokenEndpoint
+
+    async with TokenEndpoint(count=2) as tokens:
+        # The server knows only the second token: the first one is "revoked" before it expires.
+        with CaptureSmtpServer(tmp_path / "oauth", xoauth2_tokens=tokens.tokens[1:], require_auth=True) as server:
+            profile = f"oauth-{uuid.uuid4().hex[:6]}"
+            await registry.add_profile(org, ProfileInput(
+                name=profile, server_type="smtp", outgoing_host="127.0.0.1", outgoing_port=server.port,
+                outgoing_tls="none", use_same_settings_for_outgoing=False, auth_method="oauth2",
+                oauth_token_url=tokens.url, oauth_client_id=CLIENT_ID, oauth_client_secret=SecretStr(CLIENT_SECRET)))
+            sender = await sending_mailbox(registry, org, host="127.0.0.1", port=server.port, profile=profile)
+            work = await _work_item(registry, sender.mailbox_id)
+            transports = Transports(timeout=5)
+            try:
+                with pytest.raises(AuthenticationFailed):
+                    await transports.check(work)
+                await transports.check(work)   # a new token, not the refused one again
+            finally:
+                await transports.close()
+            assert tokens.issued == 2
+
+            event = outbound(org, sender_email=sender.email)
+            await publish(publisher, event)
+            await dispatch(settings)
+            reader = await finals(settings, [event.data.idempotency_key])
+            assert reader.final(event.data.idempotency_key).status == "sent"
+        assert len(server.messages()) == 1
