@@ -64,6 +64,11 @@ class ImapFolderSync:
         self._delete = delete_after_processing
         self.missing_folders: set[str] = set()
 
+    @property
+    def deletes_processed(self) -> bool:
+        """A queue mailbox that deletes mail from the server once its activity is durable."""
+        return self._delete
+
     async def sync(self, client: ImapClient, folders: Sequence[str]) -> int:
         """Sync each folder once; return the number of new messages published."""
         await client.enable_quick_resync()   # first thing after login: ENABLE wants no folder selected

@@ -33,17 +33,21 @@ MAX_IDLE_SECONDS = 25 * 60
 
 
 class ServerSlots:
-    """At most the profile's max concurrent connections per server, per replica."""
+    """At most the profile's max concurrent connections per server, per replica.
+
+    Counted per profile and server: two profiles that name one server each keep their own limit
+    (one count shared by both would be reset by each in turn, and enforce neither)."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[str, int], tuple[int, asyncio.Semaphore]] = {}
+        self._slots: dict[tuple[object, str, int], tuple[int, asyncio.Semaphore]] = {}
 
-    def for_server(self, host: str, port: int, limit: int) -> asyncio.Semaphore:
+    def for_server(self, profile_id: object, host: str, port: int, limit: int) -> asyncio.Semaphore:
         """The server's slots.  An edited limit starts a new count: the mailboxes' runners restart
         on a profile change, so sessions holding a slot of the old count end soon after."""
-        slots = self._slots.get((host, port))
+        key = (profile_id, host, port)
+        slots = self._slots.get(key)
         if slots is None or slots[0] != limit:
-            slots = self._slots[(host, port)] = (limit, asyncio.Semaphore(limit))
+            slots = self._slots[key] = (limit, asyncio.Semaphore(limit))
         return slots[1]
 
 
@@ -82,6 +86,11 @@ class MailboxRunner:
         return self._client is not None and self._client.idling
 
     @property
+    def idle_allowed(self) -> bool:
+        """Whether this runner may hold its connection in IDLE (``IngestService._idle_allowance``)."""
+        return self._idle_allowed
+
+    @property
     def protocol(self) -> str:
         return self._profile["server_type"]
 
@@ -90,8 +99,8 @@ class MailboxRunner:
         return float(self._profile["min_polling_interval_seconds"])
 
     def _slot(self) -> asyncio.Semaphore:
-        return self._ctx.slots.for_server(self._profile["incoming_host"], self._profile["incoming_port"],
-                                          self._profile["max_concurrent_connections"])
+        return self._ctx.slots.for_server(self._profile["id"], self._profile["incoming_host"],
+                                          self._profile["incoming_port"], self._profile["max_concurrent_connections"])
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Sync until stopped or until a failure puts the mailbox into back-off."""
@@ -164,10 +173,13 @@ class MailboxRunner:
         inbox = next(f for f in folders if f.upper() == "INBOX")
         others = [f for f in folders if f.upper() != "INBOX"]
         loop = asyncio.get_running_loop()
-        # The other tracked folders are synced on the polling interval, however busy the Inbox is.
-        others_due = loop.time() + self.interval if others else math.inf
+        # On the polling interval, however busy the Inbox is: the other tracked folders, and for a
+        # queue that deletes after processing, the removal of what evaluate has recorded since
+        # (``ImapFolderSync.sync`` does both).  Idling alone would leave processed mail on the server.
+        periodic = bool(others) or sync.deletes_processed
+        periodic_due = loop.time() + self.interval if periodic else math.inf
         while not stopping.is_set():
-            period = min(others_due - loop.time(), MAX_IDLE_SECONDS)
+            period = min(periodic_due - loop.time(), MAX_IDLE_SECONDS)
             if period > 0:
                 idle = asyncio.ensure_future(client.idle(period))
                 stop = asyncio.ensure_future(stopping.wait())
@@ -181,14 +193,14 @@ class MailboxRunner:
                         pass
                     return
                 idle.result()  # re-raise a failure of the session
-            if loop.time() >= others_due:
+            if loop.time() >= periodic_due:
                 found = await sync.sync(client, others + [inbox])
-                others_due = loop.time() + self.interval
+                periodic_due = loop.time() + self.interval
             else:
                 found = await sync.sync_folder(client, inbox)
             self.last_sync = datetime.now().astimezone()
             if found:
-                await self._follow_up(client, sync, inbox, stopping, until=others_due)
+                await self._follow_up(client, sync, inbox, stopping, until=periodic_due)
 
     async def _follow_up(self, client: ImapClient, sync: ImapFolderSync, inbox: str, stopping: asyncio.Event, *,
                          until: float) -> None:

@@ -136,7 +136,10 @@ class IngestService(ServiceBase):
         idle_allowed = self._idle_allowance(claimed)
         for mailbox_id, running in list(self.runners.items()):
             work = claimed.get(mailbox_id)
-            if running.task.done() or work is None or _version(work) != running.version:
+            # A runner whose IDLE allowance changed starts again: one that keeps idling after the
+            # allowance shrank would hold the connection another mailbox needs to be polled.
+            if (running.task.done() or work is None or _version(work) != running.version
+                    or running.runner.idle_allowed != idle_allowed.get(mailbox_id, False)):
                 running.stop.set()
             if running.task.done():
                 # Kept until now so a stopping runner still counts as working its mailbox.
@@ -153,12 +156,14 @@ class IngestService(ServiceBase):
 
     @staticmethod
     def _idle_allowance(claimed: dict[UUID, MailboxWork]) -> dict[UUID, bool]:
-        """IDLE holds a connection for good: allow it while the server's connection budget lasts,
-        keeping one connection free for polling when there are more mailboxes than connections."""
-        by_server: dict[tuple[str, int], list[MailboxWork]] = {}
+        """IDLE holds a connection for good: allow it while the server's connection budget lasts
+        (per profile, as ``ServerSlots`` counts it), keeping one connection free for polling when
+        there are more mailboxes than connections."""
+        by_server: dict[tuple[object, str, int], list[MailboxWork]] = {}
         for w in claimed.values():
             if w.profile["server_type"] == "imap":
-                by_server.setdefault((w.profile["incoming_host"], w.profile["incoming_port"]), []).append(w)
+                key = (w.profile["id"], w.profile["incoming_host"], w.profile["incoming_port"])
+                by_server.setdefault(key, []).append(w)
         allowed: dict[UUID, bool] = {}
         for works in by_server.values():
             limit = works[0].profile["max_concurrent_connections"]

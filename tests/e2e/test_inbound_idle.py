@@ -144,3 +144,42 @@ async def test_other_tracked_folders_are_synced_on_the_interval_while_the_inbox_
         await _tracked(pool, org, _deliver(dovecot, box, "others-projects", "Projects"),
                        what="the Projects message's activity, on the polling interval")
         assert ingest.runners.get(box.id) is running and not running.task.done(), "the same session throughout"
+
+
+async def test_an_idling_queue_removes_processed_mail_on_the_polling_interval(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    """A queue that deletes after processing: mail that arrived while its session idles is removed
+    from the server once its activity is recorded, by the same session, within the polling interval
+    (here 2 s), not only when the session ends."""
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost", min_polling_interval_seconds=2))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)
+    before = _deliver(dovecot, queue, "queue-before")
+    async with _services(settings) as (ingest, _):
+        await _tracked(pool, org, before, timeout=90, what="the activity of the message already there")
+        running = await _idling(ingest, queue)
+        await _tracked(pool, org, _deliver(dovecot, queue, "queue-pushed"), what="the pushed message's activity")
+
+        async def removed() -> bool:
+            return dovecot.message_count(queue.email) == 0
+        await eventually(removed, timeout=WITHIN_SECONDS, what="processed mail removed while the session idles")
+        assert ingest.runners.get(queue.id) is running and not running.task.done(), "the same session removed it"
+
+
+async def test_a_mailbox_beyond_the_connection_limit_is_polled_while_the_others_idle(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    """Two mailboxes idle on a profile allowing two connections; a third one added later must not
+    wait for a connection for ever: the IDLE allowance shrinks to one, a runner that loses it starts
+    again polling, and the third mailbox's mail is found."""
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="localhost", min_polling_interval_seconds=1,
+                                                 max_concurrent_connections=2))
+    first, second = [await ready_mailbox(registry, org, dovecot, tracking="all") for _ in range(2)]
+    before = _deliver(dovecot, first, "limit-before")
+    async with _services(settings) as (ingest, _):
+        await _tracked(pool, org, before, timeout=90, what="the activity of the first mailbox's message")
+        await _idling(ingest, first)
+        await _idling(ingest, second)
+        third = await ready_mailbox(registry, org, dovecot, tracking="all")
+        await _tracked(pool, org, _deliver(dovecot, third, "limit-third"), timeout=30,
+                       what="the activity of mail in the mailbox added beyond the connection limit")
+        idling = [b for b in (first, second, third) if (r := ingest.runners.get(b.id)) and r.runner.idling]
+        assert len(idling) <= 1, "one connection is kept free for polling"
