@@ -66,20 +66,32 @@ def check_headers(headers: dict[str, str]) -> None:
                 raise InvalidInput(f"{name} must be message ids in angle brackets", reason="bad_header")
 
 
-def estimated_size(request: EmailOutboundV1) -> int:
-    """An upper-bound estimate before building: bodies, base64 attachments, headers."""
+def estimated_size(request: EmailOutboundV1, stored_sizes: dict[str, int] | None = None) -> int:
+    """An upper-bound estimate before building: bodies, base64 attachments, headers; attachments by
+    reference count with ``stored_sizes`` (their stored size), base64-encoded."""
     size = 2048 + len(request.subject) * 3 + sum(len(k) + len(v) + 4 for k, v in request.headers.items())
     for body in (request.text, request.html):
         if body:
             size += len(body.encode("utf-8", "surrogatepass")) * 4 // 3 + 200
     for attachment in request.attachments:
-        size += len(attachment.content_base64 or "") + 400
+        if attachment.content_base64 is not None:
+            size += len(attachment.content_base64) + 400
+        elif stored_sizes is not None:
+            size += (stored_sizes.get(attachment.content_sha256 or "", 0) + 2) // 3 * 4 + 400
     return size
 
 
-def check_size(request: EmailOutboundV1, limit: int) -> None:
-    if estimated_size(request) > limit:
+def check_size(request: EmailOutboundV1, limit: int, stored_sizes: dict[str, int] | None = None) -> None:
+    if estimated_size(request, stored_sizes) > limit:
         raise InvalidInput(f"the message would exceed the size limit of {limit} bytes", reason="too_large")
+
+
+def check_attachments(request: EmailOutboundV1) -> None:
+    """Inline content must be base64: a request that is not is refused on arrival (rejected and
+    dead-lettered), not found out when its message is built."""
+    for attachment in request.attachments:
+        if attachment.content_base64 is not None:
+            _attachment_bytes(attachment, {})
 
 
 def recipients(request: EmailOutboundV1) -> list[str]:

@@ -103,9 +103,10 @@ async def organizations(conn: asyncpg.Connection, org_ids: Iterable[UUID]) -> di
     return {r["id"]: r for r in rows}
 
 
-async def stored_content(conn: asyncpg.Connection, hashes: Iterable[str]) -> set[str]:
-    rows = await conn.fetch("SELECT sha256 FROM raw_message WHERE sha256 = ANY($1::text[])", list(set(hashes)))
-    return {r["sha256"] for r in rows}
+async def stored_content(conn: asyncpg.Connection, hashes: Iterable[str]) -> dict[str, int]:
+    """The size of each of ``hashes`` the raw store holds (attachments by reference)."""
+    rows = await conn.fetch("SELECT sha256, size FROM raw_message WHERE sha256 = ANY($1::text[])", list(set(hashes)))
+    return {r["sha256"]: r["size"] for r in rows}
 
 
 async def tracking_numbers(conn: asyncpg.Connection, count: int) -> list[int]:

@@ -74,7 +74,7 @@ from shared.tracking import (
 )
 
 from . import ledger
-from .compose import check_headers, check_size, compose, message_id_for
+from .compose import check_attachments, check_headers, check_size, compose, message_id_for
 from .settings import DispatchSettings
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
 from .starts import PLACES_PER_CONNECTION, StartGate
@@ -268,6 +268,7 @@ class DispatchService(ServiceBase):
             try:
                 request = _validated(data)
                 check_headers(request.headers)
+                check_attachments(request)
                 check_size(request, self.options.max_message_bytes)
             except InvalidInput as exc:
                 invalid.append(_Invalid(delivery, exc, key if key and _printable(key) else None, data))
@@ -285,7 +286,7 @@ class DispatchService(ServiceBase):
             states = await ledger.mailbox_states(conn, mailbox_ids)
             orgs = await ledger.organizations(conn, {d.event.organization_id for d in deliveries})
             refs = {a.content_sha256 for _, r in valid for a in r.attachments if a.content_sha256}
-            stored = await ledger.stored_content(conn, refs) if refs else set()
+            stored = await ledger.stored_content(conn, refs) if refs else {}
         eligible = {w.id: w for w in await self.registry.mailboxes_to_process("outgoing", mailbox_ids=list(mailbox_ids))} \
             if mailbox_ids else {}
 
@@ -318,7 +319,7 @@ class DispatchService(ServiceBase):
 
     def _problem(self, delivery: Delivery, request: EmailOutboundV1, mailbox_id: UUID | None,
                  states: dict[UUID, asyncpg.Record], eligible: dict[UUID, MailboxWork],
-                 orgs: dict[UUID, asyncpg.Record], stored: set[str]) -> InvalidInput | None:
+                 orgs: dict[UUID, asyncpg.Record], stored: dict[str, int]) -> InvalidInput | None:
         if delivery.event.organization_id not in orgs:
             return InvalidInput("no such organization", reason="unknown_organization")
         if mailbox_id is None:
@@ -332,6 +333,11 @@ class DispatchService(ServiceBase):
             if attachment.content_sha256 and attachment.content_sha256 not in stored:
                 return InvalidInput(f"attachment {attachment.filename!r} refers to content that is not stored",
                                     reason="attachment_not_found")
+        if any(a.content_sha256 for a in request.attachments):
+            try:
+                check_size(request, self.options.max_message_bytes, stored)   # now with the stored sizes
+            except InvalidInput as exc:
+                return exc
         return None
 
     async def _accept(self, accepted: list[tuple[Delivery, EmailOutboundV1, asyncpg.Record, datetime | None]],

@@ -20,6 +20,7 @@ from services.dispatch.settings import DispatchSettings
 from shared.events.envelope import encode_event
 from shared.kafka import Publisher, client_options, topic_name
 from shared.lifecycle import run_service
+from shared.rawstore import store_raw
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.dispatch import (
@@ -117,7 +118,7 @@ async def test_sent_with_auth_starttls_status_lifecycle_and_tracked_activity(
 
 
 async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
-        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
     ok = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
     inactive = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, profile=ok.profile)
     await registry.update_mailbox(org, inactive.email, active=False)
@@ -131,7 +132,17 @@ async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
         "email_not_approved": outbound(org, sender_email=unapproved.email),
         "outgoing_not_enabled": outbound(org, mailbox_id=untested.mailbox_id),
     }
-    await publish(publisher, *cases.values())
+    # Attachments: inline content that is not base64, a reference to nothing, and a reference to
+    # stored content that makes the message too large (found only with the stored size).
+    async with pool.acquire() as conn:
+        (big,) = await store_raw(conn, [uuid.uuid4().bytes * 250])   # 4,000 bytes
+    attachment_cases = [
+        ("bad_attachment", {"filename": "a.txt", "content_base64": "not base64!"}),
+        ("attachment_not_found", {"filename": "b.pdf", "content_sha256": "0" * 64}),
+        ("too_large", {"filename": "c.bin", "content_sha256": big}),
+    ]
+    more = [(reason, outbound(org, mailbox_id=ok.mailbox_id, attachments=[attachment])) for reason, attachment in attachment_cases]
+    await publish(publisher, *cases.values(), *(e for _, e in more))
     good = outbound(org, mailbox_id=ok.mailbox_id)
     # Raw events a model would refuse: a schema error and a header injection.
     schema_key, injection_key = f"schema-{uuid.uuid4().hex}", f"inject-{uuid.uuid4().hex}"
@@ -144,7 +155,7 @@ async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
     await publish_raw(publisher, raw)
     await publish(publisher, good)
     await dispatch(settings, max_message_bytes=4096)
-    expected = {**{e.data.idempotency_key: reason for reason, e in cases.items()},
+    expected = {**{e.data.idempotency_key: reason for reason, e in [*cases.items(), *more]},
                 schema_key: "schema_error", injection_key: "header_injection"}
     reader = await finals(settings, [*expected, good.data.idempotency_key])
     for key, reason in expected.items():
@@ -445,3 +456,25 @@ async def test_xoauth2_sends_with_a_token_of_the_profiles_client_and_a_refused_t
             reader = await finals(settings, [event.data.idempotency_key])
             assert reader.final(event.data.idempotency_key).status == "sent"
         assert len(server.messages()) == 1
+
+
+async def test_attachments_inline_and_by_reference_are_sent(settings: Settings, registry: Registry, org,
+                                                            publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
+    import base64
+    from email import message_from_bytes, policy
+
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    stored_bytes = b"%PDF-1.4 stored once, sent by reference\n" * 50
+    async with pool.acquire() as conn:
+        (sha,) = await store_raw(conn, [stored_bytes])
+    event = outbound(org, mailbox_id=sender.mailbox_id, attachments=[
+        {"filename": "note.txt", "content_type": "text/plain", "content_base64": base64.b64encode(b"inline note").decode()},
+        {"filename": "report.pdf", "content_type": "application/pdf", "content_sha256": sha},
+    ])
+    await publish(publisher, event)
+    await dispatch(settings)
+    reader = await finals(settings, [event.data.idempotency_key])
+    assert reader.final(event.data.idempotency_key).status == "sent"
+    (captured,) = capture.messages()
+    parts = {p.get_filename(): p.get_content() for p in message_from_bytes(captured.raw, policy=policy.default).iter_attachments()}
+    assert parts == {"note.txt": "inline note", "report.pdf": stored_bytes}
