@@ -27,8 +27,13 @@ def _email_address(value: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
-EmailAddress = Annotated[str, AfterValidator(_email_address), Field(max_length=254, examples=["alice@example.com"])]
-HeaderText = Annotated[str, AfterValidator(_no_line_breaks)]
+# The published JSON Schemas say what the validators enforce, so a producer that checks against
+# them learns of a refusal before it publishes (the patterns only describe; the validators decide).
+ONE_LINE = {"pattern": "^[^\\r\\n\\u0000]*$"}
+EmailAddress = Annotated[str, AfterValidator(_email_address),
+                         Field(max_length=254, examples=["alice@example.com"],
+                               json_schema_extra={"pattern": "^[^@\\s<>()\\[\\],;:\"\\\\]{1,64}@[A-Za-z0-9.-]+$"})]
+HeaderText = Annotated[str, AfterValidator(_no_line_breaks), Field(json_schema_extra=ONE_LINE)]
 
 
 def is_email_address(value: str) -> bool:

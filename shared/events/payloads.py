@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from shared.events.fields import EmailAddress, HeaderText
+from shared.events.fields import ONE_LINE, EmailAddress, HeaderText
 
 Direction = Literal["incoming", "outgoing", "act"]
 
@@ -66,10 +66,16 @@ class ActivityCreatedV1(BaseModel):
     raw_sha256: str | None = None
 
 
+def _only(present: str, absent: str) -> dict:
+    return {"required": [present], "properties": {present: {"type": "string"}, absent: {"type": "null"}}}
+
+
 class Attachment(BaseModel):
     """Small attachments travel inline (base64); large ones by a reference to the raw store."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema states ``_one_content`` too: exactly one of the two contents.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [_only("content_base64", "content_sha256"), _only("content_sha256", "content_base64")]})
 
     filename: HeaderText = Field(min_length=1, max_length=255)
     content_type: HeaderText = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
@@ -88,7 +94,11 @@ class Attachment(BaseModel):
 class EmailOutboundV1(BaseModel):
     """A request from any system to send an email through a mailbox."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema states ``_sender_and_recipients`` too: a sender, and at least one recipient.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"anyOf": [{"required": [f], "properties": {f: {"type": "string"}}} for f in ("mailbox_id", "sender_email")]},
+        {"anyOf": [{"required": [f], "properties": {f: {"minItems": 1}}} for f in ("to", "cc", "bcc")]},
+    ]})
 
     idempotency_key: HeaderText = Field(min_length=1, max_length=200, description="Chosen by the client; one send per key.")
     mailbox_id: UUID | None = Field(None, description="The sending mailbox; or give sender_email.")
@@ -101,7 +111,8 @@ class EmailOutboundV1(BaseModel):
     html: str | None = Field(None, max_length=10_000_000)
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     headers: dict[HeaderText, HeaderText] = Field(
-        default_factory=dict, description="Extra headers; only names on the allow-list are accepted."
+        default_factory=dict, description="Extra headers; only names on the allow-list are accepted.",
+        json_schema_extra={"propertyNames": ONE_LINE},
     )
     regarding: RegardingRef | None = None
     track: bool = Field(True, description="Record an outgoing email activity (with tracking token when enabled).")

@@ -47,3 +47,78 @@ def test_outbound_rejects_header_injection() -> None:
         bad["data"][field] = value
         with pytest.raises(InvalidInput, match="schema"):
             decode_event(json.dumps(bad).encode(), TOPICS["email.outbound"].envelope)
+
+
+def _outbound_data() -> dict:
+    return json.loads(json.dumps(_examples("email.outbound")[0]["data"]))
+
+
+def _set(data: dict, path: str, value) -> None:
+    """``path`` names a field: ``subject``, ``cc.0``, ``headers.<name>``, ``headers:name`` (a header's
+    name), ``attachments.0.filename``."""
+    if path.startswith("headers:"):
+        data["headers"] = {value: "x"}
+        return
+    *parents, last = path.split(".")
+    target = data
+    for part in parents:
+        if part.isdigit():
+            target = target[int(part)]
+        elif part == "attachments":
+            target = data["attachments"] = data.get("attachments") or [{"filename": "a.txt", "content_base64": "aGk="}]
+        else:
+            target = target.setdefault(part, [] if part in ("cc", "bcc") else {})
+    if isinstance(target, list):
+        target[:] = [value]
+    else:
+        target[last] = value
+
+
+INJECTABLE = ["idempotency_key", "subject", "sender_email", "to.0", "cc.0", "bcc.0", "headers.X-Campaign", "headers:name",
+              "attachments.0.filename", "attachments.0.content_type", "attachments.0.content_id"]
+
+
+@pytest.mark.parametrize("field", INJECTABLE)
+@pytest.mark.parametrize("breaker", ["\r\n", "\n", "\r", "\x00"])
+def test_no_field_that_reaches_a_header_takes_a_line_break(field: str, breaker: str) -> None:
+    """Every field that may end up in a header refuses CR, LF and NUL: dispatch rejects the request
+    (header_injection, or schema_error where the value does not even have its form, as an address),
+    and the published
+    JSON Schema refuses it too."""
+    from services.dispatch.service import _validated
+    from shared.errors import InvalidInput
+
+    data = _outbound_data()
+    _validated(data)  # the example itself is fine
+    value = f"a{breaker}Bcc: victim@example.com" if not field.endswith(("to.0", "cc.0", "bcc.0", "sender_email")) \
+        else f"a@example.com{breaker}Bcc: victim@example.com"
+    if field == "headers:name":
+        value = f"X-Campaign{breaker}Bcc"
+    _set(data, field, value)
+    with pytest.raises(InvalidInput) as refused:
+        _validated(data)
+    assert refused.value.reason in ("header_injection", "schema_error")
+    if not field.endswith(("to.0", "cc.0", "bcc.0", "sender_email", "content_type")):   # free text, no stricter form
+        assert refused.value.reason == "header_injection"
+    schema = json.loads((ROOT / "schemas" / "email.outbound.v1.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**_examples("email.outbound")[0], "data": data}, schema)
+
+
+@pytest.mark.parametrize("change", [
+    {"mailbox_id": None, "sender_email": None},
+    {"to": [], "cc": [], "bcc": []},
+    {"attachments": [{"filename": "a.txt"}]},
+    {"attachments": [{"filename": "a.txt", "content_base64": "aGk=", "content_sha256": "0" * 64}]},
+])
+def test_the_schema_states_the_rules_across_fields(change: dict) -> None:
+    from services.dispatch.service import _validated
+    from shared.errors import InvalidInput
+
+    data = {**_outbound_data(), **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(InvalidInput):
+        _validated(data)
+    schema = json.loads((ROOT / "schemas" / "email.outbound.v1.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**_examples("email.outbound")[0], "data": data}, schema)
