@@ -139,11 +139,17 @@ def _refusal(state: asyncpg.Record | None) -> tuple[str, str] | None:
     return None
 
 
-def _mailbox_level(exc: BaseException) -> bool:
+def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
     """A failure of the mailbox or its server, not of this message: back off the mailbox."""
     if isinstance(exc, (AuthenticationFailed, TlsFailed)):
         return True
-    return isinstance(exc, (ConnectionFailed, ProtocolTimeout)) and getattr(exc, "opening_session", False)
+    if not isinstance(exc, (ConnectionFailed, ProtocolTimeout)):
+        return False
+    if transport in ("ews", "graph"):
+        # Nothing was written: the server (or its token endpoint) could not be reached at all.  A
+        # transport closed under the call (its profile was edited) is not the server's fault.
+        return not getattr(exc, "after_write", False) and getattr(exc, "reason", None) != "transport_closed"
+    return getattr(exc, "opening_session", False)
 
 
 _TAGS = re.compile(r"<[^>]*>")
@@ -720,7 +726,7 @@ class DispatchService(ServiceBase):
             del backoff[mailbox_id]
         for result in results:
             exc, mailbox_id = result.error, result.row["mailbox_id"]
-            if exc is not None and _mailbox_level(exc) and mailbox_id not in backoff:
+            if exc is not None and _mailbox_level(exc, result.transport) and mailbox_id not in backoff:
                 reason = getattr(exc, "reason", "error")
                 MAILBOX_FAILURES.labels("outgoing", reason).inc()
                 backoff[mailbox_id] = await self.registry.record_failure(
@@ -743,7 +749,7 @@ class DispatchService(ServiceBase):
                 outcome.reason, outcome.detail = "outcome_unknown", (
                     f"{_message(exc)}; not resent, so that it cannot arrive twice (Message-ID <{row['message_id']}>)")
                 self.counts["outcome_unknown"] += 1
-            elif exc is not None and _mailbox_level(exc):
+            elif exc is not None and _mailbox_level(exc, result.transport):
                 self._retry(outcome, row, now, getattr(exc, "reason", "error"), _message(exc), at=backoff[row["mailbox_id"]])
             elif isinstance(exc, (SmtpPermanentFailure, SmtpTemporaryFailure)):
                 outcome.smtp_code, outcome.smtp_reply = exc.code, exc.text

@@ -478,3 +478,43 @@ async def test_attachments_inline_and_by_reference_are_sent(settings: Settings, 
     (captured,) = capture.messages()
     parts = {p.get_filename(): p.get_content() for p in message_from_bytes(captured.raw, policy=policy.default).iter_attachments()}
     assert parts == {"note.txt": "inline note", "report.pdf": stored_bytes}
+
+
+@pytest.mark.parametrize("kind", ["ews", "graph"])
+async def test_an_unreachable_exchange_server_backs_the_mailbox_off_with_an_alert(
+        settings: Settings, registry: Registry, org, publisher: Publisher, kind: str) -> None:
+    """As an SMTP server that refuses connections: the mailbox backs off with an alert, and the
+    request waits for the back-off instead of failing message by message."""
+    from conduit.peers.ports import free_port
+    from shared.registry.service import ProfileInput
+
+    port = free_port()   # nothing listens there
+    profile = f"{kind}-{uuid.uuid4().hex[:6]}"
+    if kind == "ews":
+        spec = ProfileInput(name=profile, server_type="exchange_server", service_url=f"http://127.0.0.1:{port}/EWS/Exchange.asmx",
+                            auth_method="mailbox_credentials")
+    else:
+        spec = ProfileInput(name=profile, server_type="exchange_online", service_url=f"http://127.0.0.1:{port}/v1.0",
+                            auth_method="oauth2", oauth_token_url=f"http://127.0.0.1:{port}/token", oauth_client_id="app",
+                            oauth_client_secret=SecretStr("secret"))
+    await registry.add_profile(org, spec)
+    email = f"ex-{uuid.uuid4().hex[:6]}@example.com"
+    await registry.add_user(org, "Exchange user", email)
+    if kind == "ews":
+        await registry.set_credentials(org, email, email, SecretStr("pw"))
+    await registry.update_mailbox(org, email, email_approved=True, profile=profile)
+    mailbox = await registry.mailbox(org, email)
+    await registry.record_test(mailbox.id, "outgoing", True, "ok")
+
+    event = outbound(org, mailbox_id=mailbox.id)
+    await publish(publisher, event)
+    await dispatch(settings)
+    key = event.data.idempotency_key
+    reader = StatusReader(settings)
+    async with reader:
+        await eventually(lambda: _has(reader, key, 3), what="the status after the failed attempt")
+    waiting = reader.by_key[key][-1]
+    assert waiting.status == "pending_send" and waiting.reason == "connection_failed", waiting
+    mailbox = await registry.mailbox(org, email)
+    assert mailbox.outgoing.error_count == 1 and mailbox.outgoing.backoff_until is not None
+    assert any(a.code == "connection_failed" for a in mailbox.alerts)
