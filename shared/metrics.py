@@ -9,6 +9,8 @@ EVENTS_DEAD_LETTERED = Counter("conduit_events_dead_lettered_total", "Events sen
 OUTBOX_PUBLISHED = Counter("conduit_outbox_published_total", "Outbox events published", ["service"])
 MESSAGES_INGESTED = Counter("conduit_messages_ingested_total", "Messages pulled from mail servers", ["protocol"])
 MAILBOX_FAILURES = Counter("conduit_mailbox_failures_total", "Mailbox-level failures", ["direction", "reason"])
+INFRASTRUCTURE_FAILURES = Counter("conduit_infrastructure_failures_total", "Failures of Conduit's own database or broker "
+                                  "met while working a mailbox (no mailbox alert)", ["service", "error"])
 ACTIVITIES_CREATED = Counter("conduit_activities_created_total", "Email activities recorded", ["direction"])
 DECISIONS = Counter("conduit_decisions_total", "Tracking decisions", ["tracked", "reason"])
 EMAILS_SENT = Counter("conduit_emails_sent_total", "Outbound emails by final status", ["status", "transport"])

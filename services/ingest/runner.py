@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+
+import asyncpg
+from aiokafka.errors import KafkaError
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,7 +24,7 @@ from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
 from shared.errors import AuthenticationFailed, ConduitError, InvalidInput
 from shared.kafka import Publisher
-from shared.metrics import FOLLOW_UP_POLLS, MAILBOX_FAILURES
+from shared.metrics import FOLLOW_UP_POLLS, INFRASTRUCTURE_FAILURES, MAILBOX_FAILURES
 from shared.oauth import TokenProvider
 from shared.registry.service import MailboxWork, Registry, decode_bytea
 from shared.tls import client_context
@@ -125,6 +128,15 @@ class MailboxRunner:
         except ConduitError as exc:
             await self._failed(exc.reason, exc.message)
             return False
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+            # Conduit's own database or broker failed, not the mailbox: no alert, no back-off of the
+            # mailbox.  The session ends (nothing past the last saved batch counts as done) and the
+            # runner tries again after its polling interval, not at once: a mail server is not asked
+            # for the same messages in a loop while the broker is away.
+            INFRASTRUCTURE_FAILURES.labels("ingest", type(exc).__name__).inc()
+            log.warning("mailbox %s: ingest could not store or publish (%s: %s); trying again in %.0f s",
+                        self._work.id, type(exc).__name__, exc, self.interval)
+            return True
         except OSError as exc:
             await self._failed("connection_failed", f"connection error: {exc.strerror or exc}")
             return False

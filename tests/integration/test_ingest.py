@@ -143,3 +143,29 @@ async def test_refused_connection_backs_off_one_mailbox_only(settings, registry:
     assert len(await received(settings, 1)) == 1
     bad_state = await registry.mailbox(org, bad.email)
     assert bad_state.incoming.error_count == 1 and bad_state.alerts[0].code == "connection_failed"
+
+
+async def test_a_broker_failure_is_not_the_mailboxs_fault(settings, registry: Registry, org, dovecot, pool) -> None:
+    """The broker refuses to take the events: the session ends without an alert or back-off for the
+    mailbox (it is not the mail server's fault), nothing counts as ingested, and once the broker
+    takes them again the same messages are published, once."""
+    from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
+    from shared.crypto import load_cipher
+    from shared.kafka import Publisher
+    from shared.oauth import TokenProvider
+
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver_many(box.email, [message(f"b{i}") for i in range(3)])
+    closed = Publisher(settings, client_id="closed")
+    await closed.start()
+    await closed.producer.stop()   # a producer that can no longer publish: aiokafka raises a KafkaError
+    work = (await Registry(pool, load_cipher(settings)).mailboxes_to_process("incoming", mailbox_ids=[box.id]))[0]
+    runner = MailboxRunner(RunnerContext(pool, closed, registry, ServerSlots(), TokenProvider()), work, idle_allowed=False)
+    assert await runner.sync_once() is True, "not a mailbox failure"
+    state = await registry.mailbox(org, box.email, sync=True)
+    assert state.incoming.error_count == 0 and state.incoming.backoff_until is None and not state.alerts
+    assert state.sync.ingested == 0
+
+    await ingest_once(settings)
+    assert len(await received(settings, 3)) == 3
