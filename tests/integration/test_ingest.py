@@ -169,3 +169,23 @@ async def test_a_broker_failure_is_not_the_mailboxs_fault(settings, registry: Re
 
     await ingest_once(settings)
     assert len(await received(settings, 3)) == 3
+
+
+async def test_mail_received_before_the_profiles_date_is_skipped_for_good(settings, registry: Registry, org, dovecot) -> None:
+    """"Process email received after": a message the server received earlier (its INTERNALDATE, which
+    Dovecot takes from the maildir file's time) is not ingested, now or at the next sync."""
+    import os
+    from datetime import datetime, timezone
+
+    await registry.add_profile(org, imap_profile(dovecot, process_email_received_after=datetime(2026, 1, 1, tzinfo=timezone.utc)))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver_many(box.email, [message("received in 2025"), message("received today")])
+    (older, _) = sorted((dovecot.maildir(box.email) / "new").iterdir())
+    received_2025 = datetime(2025, 6, 1, tzinfo=timezone.utc).timestamp()
+    os.utime(older, (received_2025, received_2025))
+    await ingest_once(settings)
+    await ingest_once(settings)
+    events = await received(settings, 1)
+    assert [e["data"]["uid"] for e in events] == [2], "only the message received after the profile's date"
+    sync = (await registry.mailbox(org, box.email, sync=True)).sync
+    assert [(f.folder, f.last_uid) for f in sync.folders] == [("INBOX", 2)], "the older one is passed, not waited for"
