@@ -2,6 +2,8 @@
 PostgreSQL.  Both services run for real, in burst mode, so nothing waits on a clock."""
 from __future__ import annotations
 
+import json
+
 import asyncpg
 import pytest
 from pydantic import SecretStr
@@ -10,6 +12,7 @@ from services.evaluate.service import EvaluateService
 from services.ingest.service import IngestService
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
+from tests.support.cli import conduit_cli
 from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
 from tests.support.topics import read_topic
 
@@ -78,6 +81,19 @@ async def test_responses_option_tracks_only_correlated_mail(settings, registry: 
     assert acts["Re: Quote"]["correlated_by"] == "in_reply_to"
     assert "Unrelated" not in acts
     assert await why(registry, org, "other-1@customer.example") == [(box.email, False, "no_correlation_match")]
+
+    # The support question, answered in one command each, as a user runs them.
+    code, out, err = await conduit_cli(settings, "message", "why", "<other-1@customer.example>", "--org", org.name)
+    assert code == 0 and box.email in out and "no_correlation_match" in out and "Traceback" not in err, (out, err)
+    code, out, err = await conduit_cli(settings, "message", "why", "reply-1@customer.example", "--org", org.name, "--json")
+    (decision,) = json.loads(out)
+    assert code == 0 and decision["tracked"] and decision["mailbox_email"] == box.email, out
+    code, out, err = await conduit_cli(settings, "activity", "show", "reply-1@customer.example", "--org", org.name, "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["activity"]["id"] == str(acts["Re: Quote"]["id"]), out
+    assert shown["activity"]["correlated_by"] == "in_reply_to" and [d["tracked"] for d in shown["decisions"]] == [True]
+    code, out, err = await conduit_cli(settings, "activity", "show", "no-such@customer.example", "--org", org.name)
+    assert code == 2 and "Traceback" not in err and err.strip(), err
 
 
 @pytest.mark.parametrize("method", ["references", "tracking_token", "thread_index"])
