@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import hashlib
 import html
 import re
 from dataclasses import dataclass
@@ -35,6 +34,9 @@ from datetime import UTC, datetime
 from email.utils import getaddresses, parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import unquote
+
+# One identity for ingest and evaluate: the same limit and the same id for a message without one.
+from shared.mime import MAX_ID_LENGTH, generated_message_id
 
 __all__ = [
     "Address",
@@ -56,7 +58,6 @@ _MAX_MIME_DEPTH = 8
 _MAX_PART_HEADER_BYTES = 16 * 1024
 # A thread can carry hundreds of References; the newest ones are the useful correlation keys.
 _MAX_REFERENCES = 50
-_MAX_MESSAGE_ID_CHARS = 998
 THREAD_ROOT_BYTES = 22  # Outlook Thread-Index: 6 bytes FILETIME + 16 bytes conversation GUID
 
 # Headers evaluate reads.  Everything else in the block is skipped while splitting.
@@ -70,7 +71,6 @@ _SINGLE = frozenset(
 _MULTI = frozenset({"to", "cc", "bcc", "reply-to"})
 _WANTED = tuple(sorted(_SINGLE | _MULTI))
 _PART_WANTED = ("content-type", "content-transfer-encoding", "content-disposition")
-_IDENTITY_HEADERS = ("from", "to", "cc", "date", "subject")
 _NAMES = {name.encode("ascii"): name for name in _WANTED + _PART_WANTED}
 
 
@@ -437,6 +437,12 @@ _ANGLE_ID = re.compile(r"<\s*([^<>]*?)\s*>")
 _WS = re.compile(r"\s+")
 
 
+def _id_fits(value: str) -> bool:
+    """Short enough to be a key (``shared.mime.MAX_ID_LENGTH``, UTF-8 bytes): an id longer than
+    that is no stored Message-ID, so it can neither be one nor correlate with one."""
+    return 0 < len(value) <= MAX_ID_LENGTH and (value.isascii() or len(value.encode("utf-8")) <= MAX_ID_LENGTH)
+
+
 def _message_ids(value: str) -> list[str]:
     ids = []
     for found in _ANGLE_ID.findall(value):
@@ -444,8 +450,10 @@ def _message_ids(value: str) -> list[str]:
             continue
         if " " in found or "\t" in found:
             found = _WS.sub("", found)  # folded inside the brackets
-        if found and len(found) <= _MAX_MESSAGE_ID_CHARS:
-            ids.append(_safe_text(found))
+        if len(found) <= MAX_ID_LENGTH:  # too many characters is too many bytes: no copy to find out
+            found = _safe_text(found)
+            if _id_fits(found):
+                ids.append(found)
     return ids
 
 
@@ -453,10 +461,10 @@ def _single_message_id(value: str, defects: list[str]) -> str | None:
     ids = _message_ids(value)
     if ids:
         return ids[0]
-    token = value.strip()
-    if token and not any(c.isspace() for c in token) and len(token) <= _MAX_MESSAGE_ID_CHARS:
+    token = _safe_text(value.strip())
+    if token and not any(c.isspace() for c in token) and _id_fits(token):
         defects.append("message_id_without_brackets")
-        return _safe_text(token)
+        return token
     defects.append("invalid_message_id")
     return None
 
@@ -465,8 +473,8 @@ def _reference_ids(value: str) -> list[str]:
     ids = _message_ids(value)
     if not ids:
         # Some mailers omit the brackets; accept bare tokens that look like ids.
-        ids = [t for t in value.split() if "@" in t and len(t) <= _MAX_MESSAGE_ID_CHARS]
-        ids = [_safe_text(t) for t in ids]
+        ids = [_safe_text(t) for t in value.split() if "@" in t and len(t) <= MAX_ID_LENGTH]
+        ids = [t for t in ids if _id_fits(t)]
     return ids
 
 
@@ -749,7 +757,8 @@ def parse_email(
 
     With ``generate_missing_id`` a message without a usable Message-ID gets
     ``generated_message_id(raw)`` (the ``missing_message_id`` defect still says so), which keeps
-    deduplication and same-batch correlation working for it.
+    deduplication and same-batch correlation working for it.  It is ``shared.mime``'s, the key
+    ingest gives the message, and the same for every mailbox's copy.
     """
     defects: list[str] = []
     fields: dict = {}
@@ -885,27 +894,3 @@ def forwarded_message(raw: bytes) -> bytes | None:
         return inner or None
     except Exception:  # noqa: BLE001 - malformed input means "no forwarded message"
         return None
-
-
-def generated_message_id(raw: bytes) -> str:
-    """A stable Message-ID for a message that has none, so idempotency still holds.
-
-    The hash covers From, To, Cc, Date, Subject and the body, not the whole raw message: the
-    copies of one message delivered to several mailboxes differ in trace headers (Received,
-    Delivered-To) and must still map to one email activity.
-    """
-    digest = hashlib.sha256()
-    try:
-        raw = bytes(raw)
-        head_end, body_start = _find_header_end(raw, 256 * 1024)
-        if head_end < 0:
-            head_end = body_start = min(len(raw), 256 * 1024)
-        headers = _split_headers(raw[:head_end], _IDENTITY_HEADERS, None)
-        for name in ("from", "to", "cc", "date", "subject"):
-            for value in headers.get(name, ()):
-                digest.update(name.encode() + b":" + " ".join(value.split()).encode("utf-8", "replace") + b"\n")
-        digest.update(b"\n")
-        digest.update(raw[body_start:].replace(b"\r\n", b"\n"))
-    except Exception:  # noqa: BLE001 - fall back to the whole input
-        digest = hashlib.sha256(bytes(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else b"")
-    return f"conduit-{digest.hexdigest()[:32]}@generated.invalid"

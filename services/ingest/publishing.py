@@ -20,7 +20,7 @@ from shared.events.fields import is_email_address
 from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.metrics import MESSAGES_INGESTED
-from shared.mime import from_address, message_key
+from shared.mime import forwarder_address, message_key
 from shared.rawstore import store_raw
 
 
@@ -86,7 +86,8 @@ async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
     ingested = []
     for entry in stored:
         item = entry.item
-        forwarded_by = from_address(item.raw) if mailbox.is_forward_mailbox else None
+        # The user who forwarded it (From) or redirected it (Resent-From): evaluate attributes it to them.
+        forwarded_by = forwarder_address(item.raw) if mailbox.is_forward_mailbox else None
         value = batch.encode(
             item.folder or "INBOX", item.uid, item.uidl, entry.sha256, len(item.raw), entry.key, item.received_at,
             forwarded_by if forwarded_by and is_email_address(forwarded_by) else None,
