@@ -67,11 +67,8 @@ from shared.rawstore import load_raw
 from shared.registry.service import MailboxWork
 from shared.runtime import ServiceBase
 from shared.settings import Settings
-from shared.tracking import (
-    make_tracking_token,
-    subject_with_token,
-    subject_without_token,
-)
+from shared.mime import MAX_ID_LENGTH
+from shared.tracking import make_tracking_token, normalize_subject, subject_with_token
 
 from . import ledger
 from .compose import check_attachments, check_headers, check_size, compose, message_id_for
@@ -839,15 +836,16 @@ class DispatchService(ServiceBase):
         references = request.headers.get("References") or next(
             (v for k, v in request.headers.items() if k.lower() == "references"), None)
         root = references.split()[0].strip("<>") if references else row["message_id"]
+        if len(root.encode()) > MAX_ID_LENGTH:   # an indexed column, as the Message-ID (shared/mime.py)
+            root = row["message_id"]
         token = row["tracking_token"]
         prefix = token.rstrip("0123456789") if token else ""
         digits = len(token) - len(prefix) if token else 0
         subject = row["subject"]
-        normalized = subject_without_token(subject, prefix, digits) if token else " ".join(subject.split())
         return ledger.SentActivity(
             id=ledger.new_id(), request_id=row["id"], organization_id=row["organization_id"], mailbox_id=work.id,
             message_id=row["message_id"],
-            subject=subject, normalized_subject=normalized.lower(), from_address=work.email, to=list(request.to),
+            subject=subject, normalized_subject=normalize_subject(subject, prefix, digits), from_address=work.email, to=list(request.to),
             cc=list(request.cc), regarding_kind=request.regarding.kind if request.regarding else None,
             regarding_id=request.regarding.id if request.regarding else None, tracking_token=token,
             thread_root=root, preview=_preview(request))

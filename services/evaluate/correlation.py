@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from shared import tracking
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -108,53 +107,11 @@ def find_tracking_token(subject: str, settings: CorrelationSettings) -> str | No
 # --------------------------------------------------------------------------------------------
 # Subject normalisation (smart matching key)
 
-# Reply and forward markers of the common mail clients and languages, with optional counters
-# ("Re[2]:", "AW(3):"), plus bracketed tags that gateways and lists prepend ("[EXTERNAL]").  Used
-# with ``match`` from a position (hence no ``^``), so stripping many markers costs one pass.
-_SUBJECT_PREFIX = re.compile(
-    r"\s*(?:"
-    r"(?:re|fw|fwd|aw|wg|sv|vs|vb|antw|antwort|tr|rif|r|ref|res|enc|odp|pd|vl|ynt|ilt|ats|atb|"
-    r"bls|yan|doorst|rv|"
-    r"回复|答复|转发|回覆|轉寄|返信|転送)"
-    r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]"
-    r"|\[[^\[\]]{0,64}\]"
-    r")\s*",
-    re.IGNORECASE,
-)
-_GENERIC_TOKEN = re.compile(r"(?<![A-Za-z0-9])CRM:\s?\d{4,}(?!\d)", re.IGNORECASE)
-
-
-# The normalised subject is stored in an indexed column (and looked up by it), and PostgreSQL
-# refuses a btree entry over 2,704 bytes: 255 characters are at most 1,020 bytes of UTF-8, and more
-# than enough to tell two conversations apart.
-MAX_NORMALIZED_SUBJECT = 255
-
-
 def normalize_subject(subject: str, settings: CorrelationSettings | None = None) -> str:
-    """The subject with reply/forward markers, tags and the tracking token removed, whitespace
-    collapsed, case folded and cut to ``MAX_NORMALIZED_SUBJECT`` characters:
-    ``"RE: [EXTERNAL] Fw: Offer  CRM:0001234"`` -> ``"offer"``.
-
-    Linear in the subject's length: a subject is as long as the sender likes (up to the 256 KB
-    header block the parser reads).
-    """
+    """Smart matching's key (``shared.tracking.normalize_subject``) with the organization's token form."""
     if settings is not None and settings.tracking_token_prefix:
-        token = tracking.token_pattern(settings.tracking_token_prefix, settings.tracking_token_digits)
-        subject = token.sub(" ", subject)
-    else:
-        subject = _GENERIC_TOKEN.sub(" ", subject)
-    start = 0
-    while (marker := _SUBJECT_PREFIX.match(subject, start)) is not None and marker.end() > start:
-        start = marker.end()
-    # "(fwd)" at the end, found by hand: a pattern such as r"\s*\(fwd\)\s*$" is tried at every
-    # offset and costs quadratic time on a long run of whitespace.
-    subject = subject[start:].rstrip()
-    tail = subject[-5:].lower()
-    if tail.endswith("(fwd)"):
-        subject = subject[:-5]
-    elif tail.endswith("(fw)"):
-        subject = subject[:-4]
-    return " ".join(subject.split()).casefold()[:MAX_NORMALIZED_SUBJECT].rstrip()
+        return tracking.normalize_subject(subject, settings.tracking_token_prefix, settings.tracking_token_digits)
+    return tracking.normalize_subject(subject)
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,3 +190,17 @@ def test_add_tracked_makes_later_messages_correlate():
     newer = TrackedRef("act-newer", None, None, "Offer", first.participants)
     found.add_tracked("x@y", newer, normalized_subject="offer")
     assert found.tracked_by_subject["offer"][0] is newer
+
+
+@pytest.mark.parametrize("sent, reply", [
+    ("Your invoice CRM:0001234", "RE: Your invoice CRM:0001234"),
+    ("[EXTERNAL] Offer for Q3 CRM:0000042", "AW: Offer for Q3 CRM:0000042"),
+    ("Tickets (fwd)", "Fw: Tickets"),
+    ("Straße   Plan", "re: STRASSE plan"),
+])
+def test_dispatch_records_sent_mail_under_the_key_evaluate_looks_replies_up_by(sent: str, reply: str) -> None:
+    """Smart matching finds a reply to sent mail only if both sides normalise the subject alike:
+    dispatch with the token it put in (shared.tracking), evaluate with the organization's settings."""
+    from shared.tracking import normalize_subject as dispatch_key
+
+    assert dispatch_key(sent, "CRM:", 7) == normalize_subject(reply, CorrelationSettings())
