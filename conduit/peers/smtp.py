@@ -25,14 +25,16 @@ in `STORE/control/` that the server consumes before each RCPT and DATA, so they 
 for both forms and from any process: `CaptureSmtpServer.fail_next(...)`, `request_fault(store,
 ...)`, or the command line
 
-    python -m conduit.peers.smtp fault --store DIR --reply {451,550,drop,store-drop}
+    python -m conduit.peers.smtp fault --store DIR --reply {451,550,drop,store-drop,stall,store-stall}
         [--count N] [--at {data,rcpt}]
 
 Replies: `451` answers `451 4.3.0 try later`; `550` answers `550 5.1.1 no such user`; `drop`
 closes the connection without a reply and stores nothing; `store-drop` (DATA only) stores the
 message and then drops the connection, as when a server's 250 reply is lost: the client is
-expected to retry, and the store shows the duplicate. Each fault is used for `count`
-transactions, in the order requested.
+expected to retry, and the store shows the duplicate. `stall` never answers (the client's timeout
+ends it) and stores nothing; `store-stall` (DATA only) stores the message and never answers, as a
+server that hangs after taking it. Each fault is used for `count` transactions, in the order
+requested.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ FAULT_REPLIES = {
     "451": "451 4.3.0 try later",
     "550": "550 5.1.1 no such user",
 }
-FAULT_KINDS = ("451", "550", "drop", "store-drop")
+FAULT_KINDS = ("451", "550", "drop", "store-drop", "stall", "store-stall")
 FAULT_STAGES = ("data", "rcpt")
 
 
@@ -273,8 +275,8 @@ def request_fault(store_dir: Path, reply: str, count: int = 1, at: str = "data")
         raise ValueError(f"reply must be one of {FAULT_KINDS}")
     if at not in FAULT_STAGES:
         raise ValueError(f"at must be one of {FAULT_STAGES}")
-    if reply == "store-drop" and at != "data":
-        raise ValueError("store-drop happens at DATA only")
+    if reply in ("store-drop", "store-stall") and at != "data":
+        raise ValueError(f"{reply} happens at DATA only")
     control = Path(store_dir) / "control"
     control.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.json"
@@ -302,6 +304,8 @@ class _CaptureHandler:
         fault = self._take_fault("rcpt")
         if fault == "drop":
             return await _drop(server)
+        if fault == "stall":
+            return await _stall()
         if fault:
             return FAULT_REPLIES[fault]
         envelope.rcpt_tos.append(address)
@@ -312,11 +316,15 @@ class _CaptureHandler:
         fault = self._take_fault("data")
         if fault == "drop":
             return await _drop(server)
+        if fault == "stall":
+            return await _stall()
         if fault in FAULT_REPLIES:
             return FAULT_REPLIES[fault]
         name = self._store(server, session, envelope)
         if fault == "store-drop":
             return await _drop(server)
+        if fault == "store-stall":
+            return await _stall()
         return f"250 2.0.0 OK queued as {name}"
 
     def _store(self, server, session, envelope) -> str:
@@ -380,6 +388,12 @@ class _CaptureHandler:
         error = json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"})
         await server.challenge_auth(error)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Invalid credentials")
+
+
+async def _stall() -> str:
+    # No answer: the client gives up and closes, and connection_lost cancels this wait.
+    await asyncio.sleep(3600)
+    return "421 4.4.2 stalled"
 
 
 async def _drop(server: SMTP) -> str:

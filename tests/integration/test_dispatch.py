@@ -271,6 +271,33 @@ async def test_lost_reply_after_the_data_is_failed_not_resent(settings: Settings
     assert "not resent" in request.explanation() and f"<{final.message_id}>" in request.explanation()
 
 
+async def test_a_server_that_stops_answering_before_the_data_is_retried_and_sent_once(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    """No answer to RCPT: nothing can have been accepted, so the timeout is a temporary failure."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "stall", at="rcpt")
+    event = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish(publisher, event)
+    await dispatch(settings, smtp_timeout_seconds=1, burst_horizon_seconds=5)
+    key = event.data.idempotency_key
+    reader = await finals(settings, [key])
+    assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"], reader.by_key[key]
+    assert len(capture.messages()) == 1
+
+
+async def test_a_server_that_stops_answering_after_the_data_is_failed_not_resent(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    """No answer after the final dot: the server may have taken it (here it did), so it is never resent."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "store-stall")
+    event = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish(publisher, event)
+    await dispatch(settings, smtp_timeout_seconds=1, burst_horizon_seconds=5)
+    final = (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key)
+    assert final.status == "failed" and final.reason == "outcome_unknown", final
+    assert len(capture.messages()) == 1
+
+
 async def test_a_lowered_connection_limit_takes_effect_without_a_restart(
         settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
     sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, max_connections=4)
