@@ -117,6 +117,23 @@ async def test_sent_with_auth_starttls_status_lifecycle_and_tracked_activity(
     assert any(v["data"]["activity_id"] == str(final.activity_id) and v["data"]["direction"] == "outgoing" for v in created)
 
 
+async def test_a_queue_sends_as_itself_by_its_address(settings: Settings, registry: Registry, org, publisher: Publisher,
+                                                     tmp_path) -> None:
+    """A queue's mailbox, named by the queue's address, sends as the queue, signing in with the
+    queue mailbox's own login (which differs from the From address)."""
+    login = f"svc-{uuid.uuid4().hex[:6]}@example.com"
+    with CaptureSmtpServer(tmp_path / "queue", require_auth=True, users={login: "queue-pw"}) as server:
+        queue = await sending_mailbox(registry, org, host="127.0.0.1", port=server.port, owner="queue", password="queue-pw")
+        await registry.set_credentials(org, queue.email, login, SecretStr("queue-pw"))
+        event = outbound(org, sender_email=queue.email)
+        await publish(publisher, event)
+        await dispatch(settings)
+        assert (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key).status == "sent"
+        (message,) = server.messages()
+    assert message.login == login and message.mail_from == queue.email
+    assert message.header("From").endswith(f"<{queue.email}>")
+
+
 async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
         settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
     ok = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
