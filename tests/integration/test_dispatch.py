@@ -340,13 +340,8 @@ async def test_auth_failure_backs_off_the_mailbox_and_success_clears_it(
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=server.port, password="wrong")
         await registry.set_credentials(org, sender.email, email, SecretStr("wrong"))
         event = outbound(org, mailbox_id=sender.mailbox_id)
-        await publish(publisher, event)
-        await dispatch(settings)
         key = event.data.idempotency_key
-        reader = StatusReader(settings)
-        async with reader:
-            await eventually(lambda: _has(reader, key, 3), what="the retry status")
-        waiting = reader.by_key[key][-1]
+        waiting = await _after_one_attempt(settings, publisher, event)
         assert waiting.status == "pending_send" and waiting.reason == "authentication_failed"
         mailbox = await registry.mailbox(org, sender.email)
         assert mailbox.outgoing.error_count == 1 and mailbox.outgoing.backoff_until is not None
@@ -409,6 +404,17 @@ async def test_smtp_sink_receives_every_request(settings: Settings, registry: Re
 async def _dumped(sink, n: int):
     dumps = sink.dumped_messages()
     return dumps if len(dumps) >= n else None
+
+
+async def _after_one_attempt(settings: Settings, publisher: Publisher, event):
+    """Publish ``event``, run dispatch once, and return its status after that attempt (the third)."""
+    await publish(publisher, event)
+    await dispatch(settings)
+    key = event.data.idempotency_key
+    reader = StatusReader(settings)
+    async with reader:
+        await eventually(lambda: _has(reader, key, 3), what="the status after the first attempt")
+    return reader.by_key[key][-1]
 
 
 async def _has(reader: StatusReader, key: str, n: int) -> bool:
@@ -550,14 +556,7 @@ async def test_an_unreachable_exchange_server_backs_the_mailbox_off_with_an_aler
     mailbox = await registry.mailbox(org, email)
     await registry.record_test(mailbox.id, "outgoing", True, "ok")
 
-    event = outbound(org, mailbox_id=mailbox.id)
-    await publish(publisher, event)
-    await dispatch(settings)
-    key = event.data.idempotency_key
-    reader = StatusReader(settings)
-    async with reader:
-        await eventually(lambda: _has(reader, key, 3), what="the status after the failed attempt")
-    waiting = reader.by_key[key][-1]
+    waiting = await _after_one_attempt(settings, publisher, outbound(org, mailbox_id=mailbox.id))
     assert waiting.status == "pending_send" and waiting.reason == "connection_failed", waiting
     mailbox = await registry.mailbox(org, email)
     assert mailbox.outgoing.error_count == 1 and mailbox.outgoing.backoff_until is not None
