@@ -104,12 +104,18 @@ async def test_message_without_message_id_in_two_mailboxes_is_one_activity(setti
         [(ann.id, True, acts[0]["message_id"]), (bob.id, True, acts[0]["message_id"])])
 
 
-async def test_redirected_mail_is_attributed_to_who_redirected_it(settings, registry: Registry, org, dovecot,
-                                                                   pool) -> None:
+async def _forward_mailbox_and_user(registry: Registry, org, dovecot, name: str, email: str):
+    """A forward mailbox on the test Dovecot, and a user whose mail reaches Conduit through it."""
     await registry.add_profile(org, imap_profile(dovecot))
     forward = await ready_mailbox(registry, org, dovecot, owner="forward")
-    user = await registry.add_user(org, "Rita", "rita@example.com", incoming="forward_mailbox")
+    user = await registry.add_user(org, name, email, incoming="forward_mailbox")
     await registry.update_mailbox(org, user.email, email_approved=True, tracking="all")
+    return forward, user
+
+
+async def test_redirected_mail_is_attributed_to_who_redirected_it(settings, registry: Registry, org, dovecot,
+                                                                   pool) -> None:
+    forward, user = await _forward_mailbox_and_user(registry, org, dovecot, "Rita", "rita@example.com")
     # Redirected ("bounced", RFC 5322 3.6.6): the author's message unchanged, the Resent-* block on top.
     redirected = (f"Resent-From: Rita <rita@example.com>\r\nResent-To: {forward.email}\r\n"
                   "Resent-Date: Fri, 27 Nov 2026 10:00:00 +0000\r\nResent-Message-ID: <resent-1@example.com>\r\n"
@@ -126,10 +132,7 @@ async def test_redirected_mail_is_attributed_to_who_redirected_it(settings, regi
 
 async def test_mail_forwarded_by_an_inactive_user_is_not_attributed(settings, registry: Registry, org, dovecot,
                                                                      pool) -> None:
-    await registry.add_profile(org, imap_profile(dovecot))
-    forward = await ready_mailbox(registry, org, dovecot, owner="forward")
-    user = await registry.add_user(org, "Ines", "ines@example.com", incoming="forward_mailbox")
-    await registry.update_mailbox(org, user.email, email_approved=True, tracking="all")
+    forward, user = await _forward_mailbox_and_user(registry, org, dovecot, "Ines", "ines@example.com")
     async with pool.acquire() as conn:
         await conn.execute("UPDATE crm_user SET active = false WHERE id = $1", user.id)
     await dovecot.append(forward.email, forward.password,
