@@ -14,10 +14,12 @@
 Errors become the shared taxonomy: a refused login is ``AuthenticationFailed``; throttling and busy
 servers (HTTP 429/503, ``ErrorServerBusy``) are ``ExchangeTransientError`` with the server's back-off
 hint in ``retry_after`` (seconds); a refused message (an EWS error response, a Graph 4xx) is
-``ExchangePermanentError`` with the server's ``code`` and message.  TLS is verified unless a profile
-turns it off; no error or log line carries a password, secret or token.  Note that exchangelib's
-DEBUG logging prints request headers (the Basic ``Authorization`` among them): keep the
-``exchangelib`` logger above DEBUG in production.
+``ExchangePermanentError`` with the server's ``code`` and message.  A Graph ``sendMail`` answered
+with any other 5xx (a gateway's 504, a 500) may have been sent all the same: it is looked for in Sent
+Items first, and is an error (to be retried) only if it is not there (``GraphTransport.send``).  TLS is
+verified unless a profile turns it off; no error or log line carries a password, secret or token.
+Note that exchangelib's DEBUG logging prints request headers (the Basic ``Authorization`` among
+them): keep the ``exchangelib`` logger above DEBUG in production.
 
 A failed connection is classified by whether the request can have reached Exchange.  Before it was
 written (refused, unresolvable, a failed TLS handshake, a connect or pool timeout) nothing was sent:
@@ -51,6 +53,7 @@ import httpx
 
 from shared.errors import (
     AuthenticationFailed,
+    ConduitError,
     ConnectionFailed,
     InvalidInput,
     PermanentError,
@@ -69,6 +72,11 @@ E = TypeVar("E", bound=Exception)
 GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # Renew a token this long before it expires, so a request never leaves with a token about to die.
 TOKEN_RENEW_MARGIN = 120.0
+# A sendMail answered with an error after which it may have gone out is looked for in Sent Items this
+# long (pauses doubling from the first) before it is sent again: Graph files its copy seconds after it
+# accepted a message.  Dispatch's CONDUIT_DISPATCH_SENT_ITEMS_WINDOW_SECONDS has the same default.
+SENT_ITEMS_WINDOW = 10.0
+SENT_ITEMS_FIRST_PAUSE = 0.5
 
 
 class ExchangeTransientError(TransientError):
@@ -325,6 +333,7 @@ def _ews_error(e: Exception) -> Exception:
     from exchangelib.errors import (
         CASError,
         ErrorServerBusy,
+        MalformedResponseError,
         RateLimitError,
         RedirectError,
         ResponseMessageError,
@@ -361,6 +370,12 @@ def _ews_error(e: Exception) -> Exception:
         return TlsFailed("TLS with the EWS server failed: certificate not trusted or handshake refused")
     if isinstance(e, (CASError, RedirectError)):
         return ExchangePermanentError(f"EWS front end refused the request: {text}", code=code)
+    if isinstance(e, MalformedResponseError):
+        # An answer came, but not an EWS one: a gateway's 502 or 504 page, say.  The request reached
+        # the front end, which may have passed it on: what it did is unknown (a send is looked for in
+        # Sent Items, never simply sent again).
+        return _after_write(ExchangeTransientError(f"EWS answered with something that is not EWS: {text[:200]}",
+                                                   reason="protocol_error", code=code))
     if isinstance(e, TransportError) or "ConnectionError" in text or "ConnectTimeout" in text:
         if "ReadTimeout" in text:
             return ProtocolTimeout("the EWS server did not answer in time")
@@ -423,10 +438,12 @@ class GraphTransport:
 
     def __init__(self, *, graph_url: str = "https://graph.microsoft.com/v1.0", token_url: str, client_id: str,
                  client_secret: str, verify_tls: bool | str = True, max_connections: int = 10,
-                 timeout: float = 30.0, scope: str = "https://graph.microsoft.com/.default") -> None:
+                 timeout: float = 30.0, scope: str = "https://graph.microsoft.com/.default",
+                 sent_items_window: float | None = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.graph_url = graph_url.rstrip("/")
+        self.sent_items_window = SENT_ITEMS_WINDOW if sent_items_window is None else sent_items_window
         self.token_url = token_url
         self.client_id = client_id
         self._client_secret = client_secret
@@ -443,10 +460,15 @@ class GraphTransport:
         self._token_expires = 0.0  # time.monotonic() deadline
         self._token_lock = asyncio.Lock()
 
-    async def send(self, mailbox_address: str, message: bytes) -> None:
-        """Send ``message`` (MIME) as ``mailbox_address``; Graph saves a copy in its Sent Items."""
+    async def send(self, mailbox_address: str, message: bytes) -> str | None:
+        """Send ``message`` (MIME) as ``mailbox_address``; Graph saves a copy in its Sent Items.
+
+        An error answer after which Exchange Online may have sent it anyway (``_graph_may_have_sent``)
+        returns normally if the message is in Sent Items after all (``_resolve_failed_send``), with a
+        sentence saying so; None after a plain 202.
+        """
         _check_address(mailbox_address)
-        _message_id(message)
+        message_id = _message_id(message)
         body = base64.b64encode(bytes(message))
         if len(body) > GRAPH_MAX_REQUEST_BYTES:
             raise ExchangePermanentError(
@@ -454,8 +476,47 @@ class GraphTransport:
                 code="RequestEntityTooLarge", reason="message_too_large")
         url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/sendMail"
         response = await self._call("POST", url, content=body, headers={"Content-Type": "text/plain"})
-        if response.status_code != 202:
-            raise _graph_error(response, "sendMail")
+        if response.status_code == 202:
+            return None
+        error = _graph_error(response, "sendMail")
+        if not _graph_may_have_sent(response):
+            raise error
+        return await self._resolve_failed_send(mailbox_address, message_id, error)
+
+    async def _resolve_failed_send(self, mailbox_address: str, message_id: str, error: Exception) -> str:
+        """``sendMail`` failed with ``error`` after which the message may have gone out: return if it is in
+        Sent Items, raise (a retry sends it again) only once a look-up answered that it is not there.
+
+        Looked up at once, then after pauses that double from ``SENT_ITEMS_FIRST_PAUSE`` until
+        ``sent_items_window`` has passed.  If the last look-up failed too, nothing says it did not go:
+        ``error`` is raised with ``request_sent``, which the caller resolves as a lost answer (looked
+        for again, never sent again).
+        """
+        started, pause = time.monotonic(), SENT_ITEMS_FIRST_PAUSE
+        while True:
+            try:
+                if await self.find_sent(mailbox_address, message_id):
+                    log.warning("Graph sendMail failed (%s) but the message is in Sent Items: it was sent",
+                                getattr(error, "code", type(error).__name__))
+                    return f"found in the mailbox's Sent Items after sendMail answered: {error}"
+                failed: ConduitError | None = None
+            except ConduitError as exc:
+                failed = exc
+            left = started + self.sent_items_window - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(pause, left))
+            pause *= 2
+        looked = time.monotonic() - started
+        if failed is not None:
+            error.request_sent = True  # type: ignore[attr-defined]
+            log.warning("Graph sendMail failed (%s) and Sent Items could not be searched (%s)",
+                        getattr(error, "code", type(error).__name__), type(failed).__name__)
+            raise error
+        raise ExchangeTransientError(
+            f"{error}; not in the mailbox's Sent Items after {looked:.1f} s, so it may be sent again",
+            reason=getattr(error, "reason", None), code=getattr(error, "code", None),
+            retry_after=getattr(error, "retry_after", None)) from None
 
     async def find_sent(self, mailbox_address: str, message_id: str) -> bool:
         """Whether the mailbox's Sent Items holds a message with this ``Message-ID`` (with its angle
@@ -572,6 +633,26 @@ def _retry_after(response: httpx.Response) -> float | None:
         return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
     except (TypeError, ValueError):
         return None
+
+
+def _graph_may_have_sent(response: httpx.Response) -> bool:
+    """Whether Exchange Online may have sent a message although Graph answered ``sendMail`` with this error.
+
+    Graph documents three answers as a request refused before any work, to be repeated later (as for
+    any 4xx, nothing was sent): 429, throttling ("Microsoft Graph returns HTTP status code 429 (Too
+    many requests), and the requests fail", https://learn.microsoft.com/graph/throttling); 509 ("Your
+    app has been throttled for exceeding the maximum bandwidth cap"); and 503 with a Retry-After ("The
+    service is temporarily unavailable for maintenance or is overloaded. You may repeat the request
+    after a delay, the length of which may be specified in a Retry-After header"; both
+    https://learn.microsoft.com/graph/errors).  Every other 5xx can come after the work was done: 500
+    ("an internal server error while processing the request"), and 502, 504 ("did not receive a timely
+    response from the upstream server it needed to access in attempting to complete the request") or a
+    503 without Retry-After from a gateway whose upstream went on.
+    """
+    status = response.status_code
+    if status < 500 or status == 509:
+        return False
+    return not (status == 503 and response.headers.get("Retry-After"))
 
 
 def _graph_error(response: httpx.Response, action: str) -> Exception:

@@ -63,8 +63,8 @@ class Transports:
                 await transport.send(work.email, raw, impersonate=impersonate)
             return Accepted()
         with self._using(self._graph(work)) as transport:
-            await transport.send(work.email, raw)
-        return Accepted(code=202, reply="Accepted")
+            found = await transport.send(work.email, raw)
+        return Accepted(code=202, reply="Accepted") if found is None else Accepted(reply=found)
 
     async def find_sent(self, work: MailboxWork, message_id: str) -> bool | None:
         """Whether a message with this Message-ID (no angle brackets) is in the mailbox's Sent Items:

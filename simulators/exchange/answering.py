@@ -1,42 +1,50 @@
 """How the simulator answers a request it served when an injected fault is about the answer, not the work.
 
-Two faults let the request be served as usual (a send is stored, filed in Sent Items and delivered)
+Three faults let the request be served as usual (a send is stored, filed in Sent Items and delivered)
 and change only what the client gets back:
 
 - ``LATE``: the answer is held back ``delay`` seconds, a reply lost to a client whose timeout is shorter;
 - ``DROP``: no answer at all, the connection is closed (FIN) or, with ``reset``, aborted (RST) instead,
-  as when a load balancer or a network failure cuts the connection while Exchange has already acted.
+  as when a load balancer or a network failure cuts the connection while Exchange has already acted;
+- a ``served`` fault with an error status: the fault's error instead of the real answer, as when a
+  gateway gives up waiting (504) although Exchange went on and sent the message.
 
-Both leave the client unable to tell whether its request was carried out: what makes a send's
-outcome unknown.  A protocol handler passes every fault it takes through ``hold``, and its
-response through ``answer`` once the work is done.
+Each leaves the client unable to tell from the answer whether its request was carried out: what makes a
+send's outcome unknown.  A protocol handler passes every fault it takes through ``hold``, and its
+response through ``answer`` once the work is done, with how it renders a fault as an error answer.
 """
 from __future__ import annotations
 
 import asyncio
 import socket
 import struct
+from collections.abc import Callable
 
 from aiohttp import web
 
 from .store import DROP, LATE, Fault
 
-_HELD = web.RequestKey("held_answer", Fault)  # the LATE or DROP fault that applies to this request's answer
+_HELD = web.RequestKey("held_answer", Fault)  # the fault that applies to this request's answer, not its work
 
 
 def hold(request: web.Request, fault: Fault | None) -> Fault | None:
-    """Keep a LATE or DROP ``fault`` for ``request``'s answer (the request is served as usual) and
-    return None; return any other fault, for the handler to fail the request with now."""
-    if fault is None or fault.status not in (LATE, DROP):
+    """Keep a LATE, DROP or ``served`` ``fault`` for ``request``'s answer (the request is served as
+    usual) and return None; return any other fault, for the handler to fail the request with now."""
+    if fault is None or (fault.status not in (LATE, DROP) and not fault.served):
         return fault
     request[_HELD] = fault
     return None
 
 
-async def answer(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+async def answer(request: web.Request, response: web.StreamResponse,
+                 error: Callable[[Fault], web.StreamResponse]) -> web.StreamResponse:
+    """The answer to ``request``, served as ``response``: as it is, or as a held fault changes it
+    (``error`` renders a ``served`` fault the way this protocol answers an injected failure)."""
     fault = request.get(_HELD)
     if fault is None:
         return response
+    if fault.status not in (LATE, DROP):
+        return error(fault)  # the work is done; the client hears only of a failure
     if fault.status == LATE:
         await asyncio.sleep(fault.delay)  # the injected slowness: served, answered late
         return response

@@ -151,7 +151,7 @@ class EwsEndpoint:
         }
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        return await answering.answer(request, await self._serve(request))
+        return await answering.answer(request, await self._serve(request), self._injected)
 
     async def _serve(self, request: web.Request) -> web.Response:
         self.org.file_due()  # sends filed late show up once their time has come
@@ -172,7 +172,7 @@ class EwsEndpoint:
         operation_elem = body[0]
         operation = etree.QName(operation_elem).localname
         self.requests.append(operation)
-        fault = answering.hold(request, self.faults.take("ews", operation))  # LATE, DROP: see ``__call__``
+        fault = answering.hold(request, self.faults.take("ews", operation))  # LATE, DROP, served: see ``__call__``
         if fault is not None and fault.status != 200:
             return self._injected(fault)
         try:

@@ -21,7 +21,8 @@ Follows the published contracts:
   unknown, expired, wrong audience), 403 ``ErrorAccessDenied`` (an application access policy excludes the
   mailbox), 404 ``ErrorInvalidUser``/``ErrorItemNotFound``, 400 ``ErrorInvalidRecipients``,
   ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``; and
-  injected 429/503 with ``Retry-After``, or a served call answered late or not at all (``answering``).
+  injected 429/503 with ``Retry-After``, or a served call answered late, not at all, or with an error
+  such as a gateway's 504 (``answering``).
   A ``sendMail`` may also be told to file its Sent Items copy late (``Organization.file_late``), as Graph
   answers ``202 Accepted`` before Exchange has sent.
 
@@ -82,7 +83,8 @@ class TokenEndpoint:
         self.lifetime = lifetime
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        return await answering.answer(request, await self._serve(request))
+        return await answering.answer(request, await self._serve(request), lambda fault: _aad_error(
+            fault.status, fault.code, fault.message, retry_after=fault.retry_after))
 
     async def _serve(self, request: web.Request) -> web.Response:
         fault = answering.hold(request, self.faults.take("token", "token"))
@@ -166,7 +168,7 @@ class GraphApi:
         app, failure = self._authenticate(request)
         if failure is not None:
             return None, failure
-        fault = answering.hold(request, self.faults.take("graph", action))  # LATE, DROP: see ``_answered``
+        fault = answering.hold(request, self.faults.take("graph", action))  # LATE, DROP, served: see ``_answered``
         if fault is not None:
             return None, _injected(fault)
         user = request.match_info["user"]
@@ -388,10 +390,10 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _answered(handler: _Handler) -> _Handler:
-    """``handler`` whose answer follows an injected LATE or DROP fault, once it has done its work."""
+    """``handler`` whose answer follows an injected LATE, DROP or ``served`` fault, once it has done its work."""
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        return await answering.answer(request, await handler(request))
+        return await answering.answer(request, await handler(request), _injected)
 
     return serve
 

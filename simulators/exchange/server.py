@@ -10,6 +10,7 @@ and demos that run the simulator out of process.  In process, the same controls 
         sim.add_app("client-id", "secret")
         sim.inject("ews", Fault(500, "ErrorServerBusy", retry_after=2))
         sim.drop_connection("graph", operation="sendMail")  # sent, but the client never hears so
+        sim.fail_after_serving("graph", 504, operation="sendMail")  # sent, but the client hears 504
         sim.file_sent_late("graph", 2.0)  # answered 202 at once, in Sent Items (and delivered) 2 s later
         ... sim.ews_url, sim.graph_url, sim.token_url ...
         sim.sent  # what was submitted
@@ -185,6 +186,16 @@ class ExchangeSimulator:
         self.inject(api, Fault(DROP, "Dropped", "Served; the connection dropped before the answer.",
                                operation=operation, times=times, reset=reset))
 
+    def fail_after_serving(self, api: str, status: int = 504, *, code: str = "GatewayTimeout",
+                           message: str = "The upstream server did not answer in time.", operation: str | None = None,
+                           times: int = 1) -> None:
+        """The next ``times`` calls to ``api`` (``ews``, ``graph``, ``token``) are served (a send is filed in
+        Sent Items and delivered), then answered with ``status`` (on Graph with the JSON error body and
+        ``code``; on EWS a bare HTTP answer, or a SOAP fault for 500), as a gateway that gave up waiting
+        for Exchange answers although Exchange went on.  ``inject(api, Fault(504, ...))`` is the same
+        answer for a call that was not served."""
+        self.inject(api, Fault(status, code, message, operation=operation, times=times, served=True))
+
     def file_sent_late(self, api: str, seconds: float, *, times: int = 1) -> None:
         """The next ``times`` sends through ``api`` (``ews``, ``graph``) are accepted and answered as usual, but
         their copy lands in Sent Items, and their recipients' copies in their Inboxes, ``seconds`` later: Graph
@@ -231,7 +242,8 @@ def _control_routes(sim: ExchangeSimulator) -> list[web.RouteDef]:
         sim.inject(data.get("api", "ews"), Fault(
             status=int(data["status"]), code=data["code"], message=data.get("message", "Injected."),
             retry_after=data.get("retry_after"), operation=data.get("operation"), times=int(data.get("times", 1)),
-            delay=float(data.get("delay", 0.0)), reset=bool(data.get("reset", False))))
+            delay=float(data.get("delay", 0.0)), reset=bool(data.get("reset", False)),
+            served=bool(data.get("served", False))))
         return web.json_response({}, status=201)
 
     async def file_late(request: web.Request) -> web.Response:

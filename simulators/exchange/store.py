@@ -576,7 +576,9 @@ class Fault:
     which is served as usual (see ``answering``): ``LATE`` (0) holds its answer back ``delay`` seconds,
     a reply lost to a client whose timeout is shorter; ``DROP`` (-1) never answers and closes the
     connection instead (aborts it with a TCP reset when ``reset``).  Both make a send's outcome
-    unknown to the client.
+    unknown to the client.  ``served`` does the same with an error status: the call is served as
+    usual (a send is stored, filed in Sent Items and delivered) and only then answered with this
+    failure, as a gateway answers 504 after Exchange acted but was slow to say so.
     """
 
     status: int
@@ -587,6 +589,7 @@ class Fault:
     times: int = 1
     delay: float = 0.0
     reset: bool = False
+    served: bool = False
 
 
 LATE = 0

@@ -7,7 +7,9 @@ A refusal by Exchange is a permanent failure with the server's code in the reaso
 retried; a throttled send is retried after the server's back-off hint and sent once; a send whose
 answer is lost (late, or its connection dropped once it was written) is looked for in Sent Items,
 never sent again; looked for again for a bounded window when its copy is not there yet (Graph answers
-``sendMail`` 202 before it has sent: the simulator's ``file_sent_late``).
+``sendMail`` 202 before it has sent: the simulator's ``file_sent_late``).  A Graph ``sendMail`` answered
+504 (a gateway that gave up waiting) is looked for in Sent Items before it is retried: sent once either
+way, whether Exchange had sent it (the simulator's ``fail_after_serving``) or not.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import trustme
 from exchangelib.protocol import CachingProtocol
 from pydantic import SecretStr
 
+from services.dispatch import exchange_transport
 from services.dispatch.service import DispatchService
 from services.dispatch.settings import DispatchSettings
 from services.dispatch.transports import Transports
@@ -37,7 +40,7 @@ from shared.lifecycle import run_service
 from shared.registry.models import Organization
 from shared.registry.service import ProfileInput, Registry
 from shared.settings import Settings
-from simulators.exchange import ExchangeSimulator, SentRecord
+from simulators.exchange import ExchangeSimulator, Fault, SentRecord
 from tests.support.dispatch import StatusReader, dead_worker, orphan_row, outbound, publish
 from tests.support.waiting import eventually
 
@@ -300,6 +303,77 @@ async def test_a_connection_dropped_after_the_send_is_resolved_from_sent_items_n
         assert (len(exchange.submitted(final.message_id)), len(copies), len(delivered)) == (1, 1, 1), final
     assert [reader.statuses(k) for k in keys] == [["pending_send", "sending", "sent"]] * 4  # none retried
     assert sum("Sent Items" in (f.smtp_reply or "") for f in finals) == 1  # the dropped one, resolved
+
+
+async def test_a_graph_send_answered_504_after_exchange_sent_it_is_found_in_sent_items_not_resent(
+        exchange: ExchangeDispatch) -> None:
+    """Exchange Online sends the message, then the gateway in front of it answers sendMail 504: the copy
+    in Sent Items says it went out, so it ends sent, delivered once, with no retry."""
+    sim = exchange.sim
+    sender = await exchange.sender("graph")
+    recipient = _address("rcpt")
+    sim.add_mailbox(recipient, password=PASSWORD)
+    sim.fail_after_serving("graph", 504, operation="sendMail")
+    event = exchange.request(sender, to=[recipient])
+    # A horizon past the retry's back-off: a resend would show here, not go unseen after the run.
+    reader = await exchange.dispatch(event, burst_horizon_seconds=5)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "sent"], reader.by_key[key]
+    final = reader.final(key)
+    assert final.activity_id is not None
+    message_id = f"<{final.message_id}>"
+    assert len(exchange.submitted(final.message_id)) == 1
+    assert len([i for i in sim.items(sender, "sentitems") if i.internet_message_id == message_id]) == 1
+    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
+    assert _looks(sim, "graph") == 1  # found at the first look
+
+
+async def test_a_graph_send_answered_504_before_exchange_sent_it_is_retried_and_sent_once(
+        exchange: ExchangeDispatch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway answers sendMail 504 and Exchange Online never got the message: not in Sent Items
+    for the whole window (1 s here), so it is retried, and sent once."""
+    monkeypatch.setattr(exchange_transport, "SENT_ITEMS_WINDOW", 1.0)
+    sim = exchange.sim
+    sender = await exchange.sender("graph")
+    recipient = _address("rcpt")
+    sim.add_mailbox(recipient, password=PASSWORD)
+    sim.inject("graph", Fault(504, "GatewayTimeout", "The upstream server did not answer in time.",
+                              operation="sendMail"))
+    event = exchange.request(sender, to=[recipient])
+    reader = await exchange.dispatch(event, burst_horizon_seconds=5)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"]
+    retried = reader.by_key[key][2]
+    assert "504" in retried.detail and "not in the mailbox's Sent Items" in retried.detail, retried
+    assert 3 <= _looks(sim, "graph") <= 4  # at 0, 0.5 and 1 s (the window's end), before the retry
+    final = reader.final(key)
+    message_id = f"<{final.message_id}>"
+    assert len(exchange.submitted(final.message_id)) == 1
+    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
+
+
+async def test_an_ews_send_answered_by_a_gateways_504_is_found_in_sent_items_not_resent(
+        exchange: ExchangeDispatch) -> None:
+    """A gateway in front of Exchange Server answers CreateItem with a bare 504 page (no SOAP, which
+    exchangelib reports as a malformed answer) after Exchange sent the message: it is looked for in
+    Sent Items and ends sent, delivered once."""
+    sim = exchange.sim
+    sender = await exchange.sender("ews")
+    recipient = _address("rcpt")
+    sim.add_mailbox(recipient, password=PASSWORD)
+    sim.fail_after_serving("ews", 504, operation="CreateItem")
+    event = exchange.request(sender, to=[recipient])
+    reader = await exchange.dispatch(event, burst_horizon_seconds=5)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "sent"], reader.by_key[key]
+    final = reader.final(key)
+    assert "Sent Items" in (final.smtp_reply or ""), final
+    message_id = f"<{final.message_id}>"
+    assert len(exchange.submitted(final.message_id)) == 1
+    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
 
 
 def _lose_the_answer(sim: ExchangeSimulator, kind: str, loss: str) -> dict[str, Any]:

@@ -275,6 +275,58 @@ async def test_graph_tls_verified(tls: tuple[ssl.SSLContext, str]) -> None:
     assert sim.sent[-1].message_id == "<d20.dispatch@conduit.test>"
 
 
+@pytest.mark.parametrize("status", [500, 502, 503, 504])  # 503 without Retry-After: not documented throttling
+async def test_graph_5xx_after_the_send_is_found_in_sent_items(sim: ExchangeSimulator, status: int) -> None:
+    """Exchange Online sent the message, then Graph (or a gateway in front of it) answered a 5xx that
+    does not say the request was refused: Sent Items says it went out, so ``send`` succeeds, and a
+    message that did not go out is an error to retry only after the window of look-ups."""
+    graph = GraphTransport(graph_url=sim.graph_url, token_url=sim.token_url, client_id=APP_ID,
+                           client_secret=APP_SECRET, sent_items_window=0.6)
+    try:
+        sim.fail_after_serving("graph", status, code="UnknownError", operation="sendMail")
+        await graph.send("alice@contoso.test", mime(60))  # no error: it was sent
+        assert [r.message_id for r in sim.sent] == ["<d60.dispatch@conduit.test>"]
+        assert sim.graph.requests.count("messages") == 1
+
+        sim.inject("graph", Fault(status, "UnknownError", "Not served.", operation="sendMail"))
+        with pytest.raises(ExchangeTransientError) as not_sent:
+            await graph.send("alice@contoso.test", mime(61))
+        assert "not in the mailbox's Sent Items" in str(not_sent.value) and not_sent.value.code == "UnknownError"
+        assert getattr(not_sent.value, "request_sent", False) is False  # safe to send again
+        assert sim.graph.requests.count("messages") == 1 + 3  # at 0, 0.5 and 0.6 s
+        assert len(sim.sent) == 1
+    finally:
+        await graph.close()
+
+
+async def test_graph_throttling_is_retried_without_a_look_in_sent_items(
+        sim: ExchangeSimulator, graph: GraphTransport) -> None:
+    """429, and 503 with a Retry-After, are Graph's documented "throttled, not processed": a plain
+    temporary failure, no look-up."""
+    for status in (429, 503):
+        sim.graph_throttle(retry_after=1, status=status, operation="sendMail")
+        with pytest.raises(ExchangeTransientError) as throttled:
+            await graph.send("alice@contoso.test", mime(62))
+        assert throttled.value.retry_after == 1.0 and "Sent Items" not in str(throttled.value)
+    assert sim.graph.requests.count("messages") == 0 and not sim.sent
+
+
+async def test_graph_5xx_whose_look_up_fails_is_left_to_the_caller(sim: ExchangeSimulator) -> None:
+    """A 504 whose Sent Items look-ups fail too: nothing says the message did not go, so the error says
+    the request was sent (the caller looks again and never resends)."""
+    graph = GraphTransport(graph_url=sim.graph_url, token_url=sim.token_url, client_id=APP_ID,
+                           client_secret=APP_SECRET, sent_items_window=0)
+    try:
+        sim.fail_after_serving("graph", 504, operation="sendMail")
+        sim.inject("graph", Fault(500, "UnknownError", operation="messages"))
+        with pytest.raises(ExchangeTransientError) as caught:
+            await graph.send("alice@contoso.test", mime(63))
+    finally:
+        await graph.close()
+    assert getattr(caught.value, "request_sent", False) is True and "504" in str(caught.value)
+    assert len(sim.sent) == 1
+
+
 # ------------------------------------------------------------------------- connections that fail
 
 
