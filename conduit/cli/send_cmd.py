@@ -1,15 +1,19 @@
 """`conduit send`: request an email through a mailbox, as any system would, on `email.outbound`.
 
 It builds an ``EmailOutboundV1`` event from the options, publishes it and prints the idempotency
-key.  With ``--wait`` it follows ``email.status`` until the request's final status (sent, failed or
+key.  Attached files travel inline up to ``INLINE_ATTACHMENT_BYTES``; a larger one is stored in the
+raw store first and the request refers to it, as any system sending a large attachment would.  With ``--wait`` it follows ``email.status`` until the request's final status (sent, failed or
 rejected) and prints it; the exit code is 0 only when the email was sent.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import mimetypes
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -20,6 +24,9 @@ from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
 
 FINAL = ("sent", "failed", "rejected")
+# Inline attachments make the event itself large, and a broker refuses records over its limit
+# (1 MB by default): above this, by reference to the raw store.
+INLINE_ATTACHMENT_BYTES = 256 * 1024
 
 
 def send(
@@ -32,6 +39,7 @@ def send(
     text: Optional[str] = typer.Option(None, "--text", help="Plain-text body."),
     html: Optional[str] = typer.Option(None, "--html", help="HTML body."),
     header: list[str] = typer.Option([], "--header", "-H", help="Extra header 'Name: value' (allow-list: docs/dispatch.md)."),
+    attach: list[Path] = typer.Option([], "--attach", help="Attach a file (repeatable); a large one goes by reference."),
     key: Optional[str] = typer.Option(None, "--key", help="Idempotency key (default: a new one); one send per key."),
     regarding: Optional[str] = typer.Option(None, "--regarding", help="The record it regards, as KIND:ID."),
     no_track: bool = typer.Option(False, "--no-track", help="Do not record an outgoing email activity."),
@@ -58,6 +66,24 @@ def send(
         data["mailbox_id"] = mailbox
     if sender:
         data["sender_email"] = sender
+    stored: list[bytes] = []   # the large attachments, stored before the request is published
+    if attach:
+        from shared.rawstore import raw_sha256
+
+        data["attachments"] = []
+        for path in attach:
+            try:
+                content = path.read_bytes()
+            except OSError as exc:
+                raise fail(f"--attach {path}: {exc.strerror or exc}") from None
+            item: dict[str, Any] = {"filename": path.name,
+                                    "content_type": mimetypes.guess_type(path.name)[0] or "application/octet-stream"}
+            if len(content) <= INLINE_ATTACHMENT_BYTES:
+                item["content_base64"] = base64.b64encode(content).decode()
+            else:
+                item["content_sha256"] = raw_sha256(content)
+                stored.append(content)
+            data["attachments"].append(item)
     if regarding:
         kind, sep, rid = regarding.partition(":")
         if not sep:
@@ -71,6 +97,11 @@ def send(
 
     async def go() -> int:
         async with command_context(load_settings(), org) as ctx:
+            if stored:
+                from shared.rawstore import store_raw
+
+                async with ctx.registry.pool.acquire() as conn:
+                    await store_raw(conn, stored)
             return await publish_request(ctx, payload, producer="conduit send", wait=wait, timeout=timeout, json_=json_)
 
     code = run(go)

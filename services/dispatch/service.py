@@ -75,7 +75,10 @@ from .compose import check_attachments, check_headers, check_size, compose, mess
 from .settings import DispatchSettings
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
 from .starts import PLACES_PER_CONNECTION, StartGate
+from .exchange_transport import GRAPH_MAX_REQUEST_BYTES
 from .transports import Accepted, Transports, transport_name
+
+GRAPH_MAX_MESSAGE_BYTES = GRAPH_MAX_REQUEST_BYTES * 3 // 4   # sendMail takes the MIME base64-encoded
 
 log = logging.getLogger(__name__)
 
@@ -336,9 +339,13 @@ class DispatchService(ServiceBase):
             if attachment.content_sha256 and attachment.content_sha256 not in stored:
                 return InvalidInput(f"attachment {attachment.filename!r} refers to content that is not stored",
                                     reason="attachment_not_found")
-        if any(a.content_sha256 for a in request.attachments):
+        limit = self.options.max_message_bytes
+        work = eligible.get(mailbox_id)
+        if work is not None and transport_name(work) == "graph":
+            limit = min(limit, GRAPH_MAX_MESSAGE_BYTES)   # refused by Graph: known now, not only at the send
+        if limit < self.options.max_message_bytes or any(a.content_sha256 for a in request.attachments):
             try:
-                check_size(request, self.options.max_message_bytes, stored)   # now with the stored sizes
+                check_size(request, limit, stored)   # with the stored sizes, and the transport's own limit
             except InvalidInput as exc:
                 return exc
         return None

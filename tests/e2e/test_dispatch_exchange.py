@@ -376,6 +376,17 @@ async def test_an_ews_send_answered_by_a_gateways_504_is_found_in_sent_items_not
     assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
 
 
+async def test_a_message_too_large_for_graph_is_rejected_on_arrival(exchange: ExchangeDispatch) -> None:
+    """Graph's sendMail takes at most 4 MB of base64 MIME: a larger request through a Graph mailbox is
+    refused when it arrives (rejected, dead-lettered), not failed when it is sent."""
+    sender = await exchange.sender("graph")
+    event = exchange.request(sender, text="x" * 3_500_000)
+    reader = await exchange.dispatch(event)
+    final = reader.final(event.data.idempotency_key)
+    assert (final.status, final.reason) == ("rejected", "too_large"), final
+    assert not exchange.sim.graph.requests.count("sendMail")
+
+
 def _lose_the_answer(sim: ExchangeSimulator, kind: str, loss: str) -> dict[str, Any]:
     """The next send through ``kind`` is carried out but its answer is lost: ``late`` (after our timeout)
     or ``dropped`` (the connection closed once the request was written); the dispatch options it needs."""

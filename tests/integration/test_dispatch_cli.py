@@ -80,3 +80,26 @@ async def test_a_failed_request_is_resent_once_under_a_new_key(settings: Setting
         (message,) = capture.messages()
         assert message.header("X-Source") == "cli" and message.header("Subject").startswith("Second chance")
         assert message.header("Message-ID").strip("<>") == resent["message_id"]
+
+
+async def test_conduit_send_attaches_files_small_inline_and_large_by_reference(
+        settings: Settings, registry: Registry, org, tmp_path) -> None:
+    from email import message_from_bytes, policy
+
+    small, large = tmp_path / "note.txt", tmp_path / "scan.pdf"
+    small.write_text("a short note\n")
+    large.write_bytes(b"%PDF-1.4 " + bytes(range(256)) * 1500)   # ~384 KB: over the inline limit
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        async with dispatch_running(settings):
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
+                                        "--subject", "Files", "--text", "See attached.", "--attach", str(small),
+                                        "--attach", str(large), "--wait", "--json")
+            assert code == 0 and json.loads(out)["status"] == "sent", (out, err)
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
+                                        "--attach", str(tmp_path / "missing.pdf"))
+            assert code == 2 and "missing.pdf" in err and "Traceback" not in err, err
+        (message,) = capture.messages()
+    parts = {p.get_filename(): (p.get_content_type(), p.get_content())
+             for p in message_from_bytes(message.raw, policy=policy.default).iter_attachments()}
+    assert parts == {"note.txt": ("text/plain", "a short note\n"), "scan.pdf": ("application/pdf", large.read_bytes())}
