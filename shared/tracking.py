@@ -5,6 +5,9 @@ count, e.g. ``CRM:0001234``.  Numbers come from the ``tracking_token_seq`` seque
 unique across the installation.  Dispatch makes tokens; evaluate finds them in reply subjects
 ("RE: Invoice CRM:0001234"), tolerating one space after the prefix and any letter case, as mail
 clients and people rewrite subjects.
+
+Also the subject's normalised form, smart matching's key: dispatch records sent mail under it and
+evaluate looks replies up by it, so both use this one function.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`conduit send`: request an email through a mailbox, as any system would, on `email.outbound`.
 
 It builds an ``EmailOutboundV1`` event from the options, publishes it and prints the idempotency
-key.  Attached files travel inline up to ``INLINE_ATTACHMENT_BYTES``; a larger one is stored in the
-raw store first and the request refers to it, as any system sending a large attachment would.  With ``--wait`` it follows ``email.status`` until the request's final status (sent, failed or
-rejected) and prints it; the exit code is 0 only when the email was sent.
+key.  With ``--wait`` it follows ``email.status`` until the request's final status (sent, failed or
+rejected) and prints it; the exit code is 0 only when the email was sent.  Attached files travel
+inline up to ``INLINE_ATTACHMENT_BYTES``; a larger one is stored in the raw store first and the
+request refers to it, as any system sending a large attachment would.
 """
 from __future__ import annotations
 

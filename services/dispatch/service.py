@@ -63,19 +63,19 @@ from shared.metrics import (
     MAILBOX_FAILURES,
     SEND_LATENCY,
 )
+from shared.mime import MAX_ID_LENGTH
 from shared.rawstore import load_raw
 from shared.registry.service import MailboxWork
 from shared.runtime import ServiceBase
 from shared.settings import Settings
-from shared.mime import MAX_ID_LENGTH
 from shared.tracking import make_tracking_token, normalize_subject, subject_with_token
 
 from . import ledger
 from .compose import check_attachments, check_headers, check_size, compose, message_id_for
+from .exchange_transport import GRAPH_MAX_REQUEST_BYTES
 from .settings import DispatchSettings
 from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
 from .starts import PLACES_PER_CONNECTION, StartGate
-from .exchange_transport import GRAPH_MAX_REQUEST_BYTES
 from .transports import Accepted, Transports, transport_name
 
 GRAPH_MAX_MESSAGE_BYTES = GRAPH_MAX_REQUEST_BYTES * 3 // 4   # sendMail takes the MIME base64-encoded

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 from aiokafka.errors import KafkaError
-from dataclasses import dataclass
-from datetime import datetime
 
 from services.ingest.imap_client import ImapClient
 from services.ingest.imap_sync import ImapFolderSync

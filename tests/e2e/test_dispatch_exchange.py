@@ -310,9 +310,7 @@ async def test_a_graph_send_answered_504_after_exchange_sent_it_is_found_in_sent
     """Exchange Online sends the message, then the gateway in front of it answers sendMail 504: the copy
     in Sent Items says it went out, so it ends sent, delivered once, with no retry."""
     sim = exchange.sim
-    sender = await exchange.sender("graph")
-    recipient = _address("rcpt")
-    sim.add_mailbox(recipient, password=PASSWORD)
+    sender, recipient = await _sender_and_recipient(exchange, "graph")
     sim.fail_after_serving("graph", 504, operation="sendMail")
     event = exchange.request(sender, to=[recipient])
     # A horizon past the retry's back-off: a resend would show here, not go unseen after the run.
@@ -322,10 +320,9 @@ async def test_a_graph_send_answered_504_after_exchange_sent_it_is_found_in_sent
     assert reader.statuses(key) == ["pending_send", "sending", "sent"], reader.by_key[key]
     final = reader.final(key)
     assert final.activity_id is not None
+    _delivered_once(exchange, final, recipient)
     message_id = f"<{final.message_id}>"
-    assert len(exchange.submitted(final.message_id)) == 1
     assert len([i for i in sim.items(sender, "sentitems") if i.internet_message_id == message_id]) == 1
-    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
     assert _looks(sim, "graph") == 1  # found at the first look
 
 
@@ -335,9 +332,7 @@ async def test_a_graph_send_answered_504_before_exchange_sent_it_is_retried_and_
     for the whole window (1 s here), so it is retried, and sent once."""
     monkeypatch.setattr(exchange_transport, "SENT_ITEMS_WINDOW", 1.0)
     sim = exchange.sim
-    sender = await exchange.sender("graph")
-    recipient = _address("rcpt")
-    sim.add_mailbox(recipient, password=PASSWORD)
+    sender, recipient = await _sender_and_recipient(exchange, "graph")
     sim.inject("graph", Fault(504, "GatewayTimeout", "The upstream server did not answer in time.",
                               operation="sendMail"))
     event = exchange.request(sender, to=[recipient])
@@ -349,9 +344,7 @@ async def test_a_graph_send_answered_504_before_exchange_sent_it_is_retried_and_
     assert "504" in retried.detail and "not in the mailbox's Sent Items" in retried.detail, retried
     assert 3 <= _looks(sim, "graph") <= 4  # at 0, 0.5 and 1 s (the window's end), before the retry
     final = reader.final(key)
-    message_id = f"<{final.message_id}>"
-    assert len(exchange.submitted(final.message_id)) == 1
-    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
+    _delivered_once(exchange, final, recipient)
 
 
 async def test_an_ews_send_answered_by_a_gateways_504_is_found_in_sent_items_not_resent(
@@ -360,9 +353,7 @@ async def test_an_ews_send_answered_by_a_gateways_504_is_found_in_sent_items_not
     exchangelib reports as a malformed answer) after Exchange sent the message: it is looked for in
     Sent Items and ends sent, delivered once."""
     sim = exchange.sim
-    sender = await exchange.sender("ews")
-    recipient = _address("rcpt")
-    sim.add_mailbox(recipient, password=PASSWORD)
+    sender, recipient = await _sender_and_recipient(exchange, "ews")
     sim.fail_after_serving("ews", 504, operation="CreateItem")
     event = exchange.request(sender, to=[recipient])
     reader = await exchange.dispatch(event, burst_horizon_seconds=5)
@@ -371,9 +362,7 @@ async def test_an_ews_send_answered_by_a_gateways_504_is_found_in_sent_items_not
     assert reader.statuses(key) == ["pending_send", "sending", "sent"], reader.by_key[key]
     final = reader.final(key)
     assert "Sent Items" in (final.smtp_reply or ""), final
-    message_id = f"<{final.message_id}>"
-    assert len(exchange.submitted(final.message_id)) == 1
-    assert len([i for i in sim.items(recipient) if i.internet_message_id == message_id]) == 1
+    _delivered_once(exchange, final, recipient)
 
 
 async def test_a_message_too_large_for_graph_is_rejected_on_arrival(exchange: ExchangeDispatch) -> None:
@@ -385,6 +374,20 @@ async def test_a_message_too_large_for_graph_is_rejected_on_arrival(exchange: Ex
     final = reader.final(event.data.idempotency_key)
     assert (final.status, final.reason) == ("rejected", "too_large"), final
     assert not exchange.sim.graph.requests.count("sendMail")
+
+
+async def _sender_and_recipient(exchange: ExchangeDispatch, kind: str) -> tuple[str, str]:
+    """A sender through ``kind`` and a recipient, both mailboxes of the simulated organization."""
+    sender, recipient = await exchange.sender(kind), _address("rcpt")
+    exchange.sim.add_mailbox(recipient, password=PASSWORD)
+    return sender, recipient
+
+
+def _delivered_once(exchange: ExchangeDispatch, final: Any, recipient: str) -> None:
+    """Submitted once, and one copy in the recipient's Inbox."""
+    message_id = f"<{final.message_id}>"
+    assert len(exchange.submitted(final.message_id)) == 1
+    assert len([i for i in exchange.sim.items(recipient) if i.internet_message_id == message_id]) == 1
 
 
 def _lose_the_answer(sim: ExchangeSimulator, kind: str, loss: str) -> dict[str, Any]:
