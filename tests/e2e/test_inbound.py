@@ -215,3 +215,47 @@ async def test_smart_matching_links_a_reply_without_thread_headers(settings, reg
     else:  # off by default, as the reference recommends: the reply is not a response to anything tracked
         assert "RE: Fwd: Pricing for Q3" not in acts
         assert await why(registry, org, "sm-2@customer.example") == [(box.email, False, "no_correlation_match")]
+
+
+async def test_queue_convert_setting_and_its_tracking_option(settings, registry: Registry, org, dovecot, pool) -> None:
+    """A queue converts with the same choices as a user's tracking options, and not at all when
+    'convert incoming email to activities' is off."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    await registry.add_record(org, "contact", "Kim", "kim@customer.example")
+    silent = await ready_mailbox(registry, org, dovecot, owner="queue", tracking="all", convert_to_activities=False)
+    known = await ready_mailbox(registry, org, dovecot, owner="queue", tracking="known_records")
+    dovecot.deliver(silent.email, message("to the silent queue", sender="kim@customer.example", message_id="<qc-1@c.example>"))
+    dovecot.deliver(known.email, message("kim to support", sender="Kim <kim@customer.example>", message_id="<qc-2@c.example>"))
+    dovecot.deliver(known.email, message("stranger to support", sender="who@else.example", message_id="<qc-3@c.example>"))
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert set(acts) == {"kim to support"} and acts["kim to support"]["mailboxes"] == [known.id]
+    assert await why(registry, org, "qc-1@c.example") == [(silent.email, False, "queue_conversion_off")]
+    assert await why(registry, org, "qc-3@c.example") == [(known.email, False, "sender_unknown")]
+
+
+@pytest.mark.parametrize("order", [None, ["tracking_token", "in_reply_to", "thread_index", "smart_matching"]])
+async def test_the_organizations_correlation_order_decides_between_two_threads(
+        settings, registry: Registry, org, dovecot, pool, order: list[str] | None) -> None:
+    """A reply that answers one thread by In-Reply-To and names another by its tracking token
+    regards the thread of whichever method comes first in the organization's order."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    if order:
+        org = await registry.configure_correlation(org, correlation_order=order)
+    first = await registry.add_record(org, "account", "First Ltd", "first@customer.example")
+    second = await registry.add_record(org, "account", "Second Ltd", "second@customer.example")
+    tracker = await ready_mailbox(registry, org, dovecot, tracking="all")
+    box = await ready_mailbox(registry, org, dovecot, tracking="responses")
+    dovecot.deliver(tracker.email, message("Renewal", message_id="<co-1@example.com>"))
+    dovecot.deliver(tracker.email, message("Offer CRM:0007777", message_id="<co-2@example.com>"))
+    await pipeline(settings)
+    async with pool.acquire() as conn:
+        for message_id, account in (("co-1@example.com", first), ("co-2@example.com", second)):
+            await conn.execute("""UPDATE email_activity SET regarding_kind = 'account', regarding_id = $3
+                                  WHERE organization_id = $1 AND message_id = $2""", org.id, message_id, account.id)
+    dovecot.deliver(box.email, message("RE: Renewal CRM:0007777", message_id="<co-3@customer.example>",
+                                       extra="In-Reply-To: <co-1@example.com>\r\n"))
+    await pipeline(settings)
+    reply = (await activities(pool, org))["RE: Renewal CRM:0007777"]
+    expected = ("in_reply_to", first.id) if order is None else ("tracking_token", second.id)
+    assert (reply["correlated_by"], reply["regarding_id"]) == expected
