@@ -665,6 +665,10 @@ class DispatchService(ServiceBase):
             composed = compose(result.request, sender_email=work.email, sender_name=work["name"], subject=row["subject"],
                                message_id=row["message_id"], attachments=attachments, date=row["created_at"],
                                max_bytes=self.options.max_message_bytes, bcc_header=result.transport != "smtp")
+            if result.transport in ("ews", "graph") and row["attempts"] > 1 and await self._sent_earlier(row, work):
+                result.accepted = Accepted(reply="found in the mailbox's Sent Items before sending again: "
+                                                 "an earlier attempt went out")
+                return result
             assert self._starts is not None
             # Its start committed first: if this worker dies, a row that never reached the transport is
             # sent again by another, and only one that may have left fails as outcome_unknown.
@@ -682,6 +686,21 @@ class DispatchService(ServiceBase):
             if result.transport in ("ews", "graph") and getattr(exc, "request_sent", False):
                 await self._lost_exchange_reply(result, exc)
         return result
+
+    async def _sent_earlier(self, row: asyncpg.Record, work: MailboxWork) -> bool:
+        """Before an Exchange send is tried again: whether an earlier attempt went out after all.
+
+        A gateway's 5xx after which the message was not in Sent Items within the window is retried,
+        and Exchange may file its copy later than that; so every retry through Exchange looks once
+        more first.  A look-up that fails is that failure (retried, or the mailbox backed off), never a
+        blind resend.
+        """
+        assert self.transports is not None
+        try:
+            return bool(await asyncio.wait_for(self.transports.find_sent(work, row["message_id"]),
+                                               timeout=self.options.smtp_timeout_seconds))
+        except TimeoutError:
+            raise TransientError("the Sent Items look-up before sending again timed out", reason="timeout") from None
 
     async def _not_sendable(self, result: _Result) -> None:
         """The claimed row's mailbox may not send now: wait for its back-off, or fail with the refusal."""

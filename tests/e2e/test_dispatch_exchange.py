@@ -342,8 +342,31 @@ async def test_a_graph_send_answered_504_before_exchange_sent_it_is_retried_and_
     assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"]
     retried = reader.by_key[key][2]
     assert "504" in retried.detail and "not in the mailbox's Sent Items" in retried.detail, retried
-    assert 3 <= _looks(sim, "graph") <= 4  # at 0, 0.5 and 1 s (the window's end), before the retry
+    # At 0, 0.5 and 1 s (the window's end), and once more as the retry begins.
+    assert 4 <= _looks(sim, "graph") <= 5
     final = reader.final(key)
+    _delivered_once(exchange, final, recipient)
+
+
+async def test_a_504_whose_copy_is_filed_after_the_window_is_found_before_the_retry_sends_again(
+        exchange: ExchangeDispatch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exchange Online sends the message and files its copy 2 s later; the gateway answers 504 at once.
+    The look-ups of the 1 s window miss the copy, so the send is retried; the retry looks in Sent Items
+    before it sends, finds the copy, and the message is not sent a second time."""
+    monkeypatch.setattr(exchange_transport, "SENT_ITEMS_WINDOW", 1.0)
+    sim = exchange.sim
+    sender, recipient = await _sender_and_recipient(exchange, "graph")
+    sim.fail_after_serving("graph", 504, operation="sendMail")
+    sim.file_sent_late("graph", 2.0)
+    event = exchange.request(sender, to=[recipient])
+    # The retry comes 1.5-3 s after the window: after the copy is filed.
+    reader = await exchange.dispatch(event, retry_base_seconds=3, burst_horizon_seconds=8)
+
+    key = event.data.idempotency_key
+    assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"], reader.by_key[key]
+    final = reader.final(key)
+    assert "before sending again" in final.smtp_reply and final.activity_id is not None, final
+    assert len(exchange.submitted(final.message_id)) == 1  # sendMail reached Exchange once
     _delivered_once(exchange, final, recipient)
 
 
