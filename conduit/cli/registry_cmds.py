@@ -456,7 +456,7 @@ def record_list(kind: Optional[models.RecordKind] = typer.Option(None), org: str
 
 
 @activity_app.command("list")
-def activity_list(limit: int = typer.Option(50), org: str = org_option(), json_: bool = JSON) -> None:
+def activity_list(limit: int = typer.Option(50, min=1, max=10_000), org: str = org_option(), json_: bool = JSON) -> None:
     """List recent email activities."""
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, TypeVar
 
+import asyncpg
 import typer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
@@ -41,6 +42,9 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         raise fail(f"cannot reach a server: {exc.strerror or exc}") from None
     except KafkaError as exc:
         raise fail(f"the Kafka broker failed: {exc}") from None
+    except asyncpg.PostgresError as exc:
+        # Input the command's own checks let through: still one line, with PostgreSQL's reason.
+        raise fail(f"the database refused the command: {exc}") from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

@@ -8,6 +8,7 @@ there is none), encrypted credentials, and an event in the outbox for every chan
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ BACKOFF_BASE_SECONDS = 30.0
 BACKOFF_CAP_SECONDS = 3600.0
 # Profile columns stored encrypted: never echoed in a change event.
 _PROFILE_SECRETS = ("profile_secret", "oauth_client_secret")
+_TOKEN_PREFIX = re.compile(r"(?=.*[^0-9])[^\s\x00-\x1f\x7f]{1,20}")
 # Profile settings that may be reset to none (`conduit profile set --clear`), and the command's
 # option names for those whose column is named otherwise.
 _PROFILE_CLEARABLE = frozenset({
@@ -171,6 +173,12 @@ class Registry:
         valid = {"in_reply_to", "tracking_token", "thread_index", "smart_matching"}
         if order is not None and (not order or set(order) - valid or len(set(order)) != len(order)):
             raise InvalidInput(f"correlation order must list distinct methods from: {', '.join(sorted(valid))}")
+        prefix = fields.get("tracking_token_prefix")
+        if prefix is not None and not _TOKEN_PREFIX.fullmatch(prefix):
+            # Dispatch puts it in subjects and evaluate searches subjects for it: an empty, spaced or
+            # all-digit prefix would make no token, or match any number.
+            raise InvalidInput("a tracking token prefix is 1-20 characters without spaces or control characters, "
+                               f"not only digits (got {prefix!r:.40})")
         async with self._tx() as conn:
             row = await repo.update_organization(conn, org.id, fields)
             await self._changed(conn, org.id, "organization", org.id, "updated", fields)

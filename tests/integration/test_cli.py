@@ -83,6 +83,9 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("profile", "set", "missing", "--max-connections", "2"), "no email server profile"),
     (("profile", "set", "missing", "--clear", "name"), "cannot clear name"),
     (("mailbox", "configure", "nobody@example.com", "--tracking", "all"), "no mailbox"),
+    (("org", "set-correlation", "--token-prefix", ""), "tracking token prefix"),
+    (("org", "set-correlation", "--token-prefix", "CRM 1"), "tracking token prefix"),
+    (("org", "set-correlation", "--token-prefix", "1234"), "tracking token prefix"),
 ])
 def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:
     result = cli(*args, extra_env={"CONDUIT_LOG_LEVEL": "WARNING"})
@@ -90,6 +93,12 @@ def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_out_of_range_option_is_a_usage_error_not_a_traceback(cli) -> None:
+    result = cli("activity", "list", "--limit", "-1")
+    assert result.returncode == 2 and "greater than or equal to 1" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_second_user_with_same_address_and_missing_credentials(cli) -> None:
