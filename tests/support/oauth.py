@@ -3,6 +3,7 @@ accepts a fixed set of tokens: the endpoint hands out those tokens, in order, to
 knows.  (Dovecot checks tokens by introspection instead: tests/integration/test_xoauth2.py.)"""
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from aiohttp import web
@@ -16,6 +17,9 @@ class TokenEndpoint:
     def __init__(self, count: int = 1) -> None:
         self.tokens = ["tok-" + secrets.token_hex(8) for _ in range(count)]
         self.issued = 0   # the next issue gives tokens[issued], the last one once all are given
+        self.requests = 0
+        self.delay = 0.0   # seconds each answer is held back (a slow identity provider)
+        self.answer: tuple[int, str] | None = None   # (status, body) instead of a token
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -35,6 +39,10 @@ class TokenEndpoint:
 
     async def _issue(self, request: web.Request) -> web.Response:
         form = await request.post()
+        self.requests += 1
+        await asyncio.sleep(self.delay)
+        if self.answer is not None:
+            return web.Response(status=self.answer[0], text=self.answer[1])
         if (form.get("client_id"), form.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
             return web.json_response({"error": "invalid_client"}, status=401)
         token = self.tokens[min(self.issued, len(self.tokens) - 1)]
