@@ -7,6 +7,7 @@ Each state change writes its ``email.status`` event to the outbox in the same tr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
@@ -213,10 +214,32 @@ async def record_rejections(conn: asyncpg.Connection, rows: Sequence[RejectedReq
            FROM input i LEFT JOIN written w ON w.organization_id = i.org AND w.idempotency_key = i.key
            ORDER BY i.n""",
         list(range(len(rows))), [r.organization_id for r in rows], [r.idempotency_key for r in rows],
-        [r.mailbox_id for r in rows], [r.reason for r in rows], [r.detail[:2000] for r in rows],
-        [json.dumps(r.request) for r in rows], [r.event_id for r in rows],
+        [r.mailbox_id for r in rows], [r.reason for r in rows], [storable_text(r.detail[:2000]) for r in rows],
+        [_storable_json(r.request) for r in rows], [r.event_id for r in rows],
     )
     return [r["announce"] for r in result]
+
+
+def storable_text(text: str | None) -> str | None:
+    """``text`` as PostgreSQL can store it: text columns and jsonb refuse NUL, which a server's reply
+    or another system's payload may hold."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+def _storable_json(value: Any) -> str:
+    """A refused request's payload as jsonb takes it: NUL replaced in every string, and the numbers
+    JSON has no form for (NaN, Infinity, which Python's JSON reader accepts) stored as null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return storable_text(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {storable_text(str(k)): clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(value))
 
 
 _CLAIMED_COLUMNS = """o.id, o.organization_id, o.idempotency_key, o.mailbox_id, o.message_id, o.subject, o.tracking_token,
@@ -305,6 +328,8 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome],
     """
     if not outcomes:
         return {}
+    for outcome in outcomes:   # server text goes into text columns and status events as it is cleaned here
+        outcome.detail, outcome.smtp_reply = storable_text(outcome.detail), storable_text(outcome.smtp_reply)
     rows = await conn.fetch(
         """WITH a AS (
                SELECT * FROM unnest($11::uuid[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[],

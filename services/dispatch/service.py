@@ -264,6 +264,15 @@ class DispatchService(ServiceBase):
     # -- the consumer handler
 
     async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
+        try:
+            return await self._handle(deliveries)
+        except asyncpg.DataError as exc:
+            # PostgreSQL refused a value (SQLSTATE class 22): the same batch would fail again on every
+            # retry.  InvalidInput makes the consumer handle the batch one request at a time, so the
+            # one that cannot be stored is dead-lettered with this reason and the others go on.
+            raise InvalidInput(f"the request could not be stored: {exc}", reason="unstorable") from exc
+
+    async def _handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
         assert self.pool is not None and self.registry is not None
         invalid: list[_Invalid] = []
         valid: list[tuple[Delivery, EmailOutboundV1]] = []
@@ -416,7 +425,7 @@ class DispatchService(ServiceBase):
                 if yes:
                     events.append(ledger.status_event(item.delivery.event.organization_id, EmailStatusV1(
                         idempotency_key=item.key, status="rejected", mailbox_id=item.mailbox_id,  # type: ignore[arg-type]
-                        reason=item.error.reason, detail=item.error.message[:1000],
+                        reason=item.error.reason, detail=ledger.storable_text(item.error.message[:1000]),
                     ), item.delivery.event.correlation_id))
             await ledger.enqueue_events(conn, events)
         due = [r.id for r in rows if r.id in inserted and r.next_attempt_at is None and r.id not in claim]

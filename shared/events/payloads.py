@@ -7,10 +7,10 @@ published side by side until consumers move.  JSON Schema is exported from these
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from shared.events.fields import ONE_LINE, EmailAddress, HeaderText
 
@@ -43,7 +43,7 @@ class PartyRef(BaseModel):
 
 
 class RegardingRef(BaseModel):
-    kind: str = Field(max_length=100)
+    kind: str = Field(max_length=100, pattern=r"^[A-Za-z0-9_.-]+$", examples=["account"])
     id: UUID
 
 
@@ -66,6 +66,16 @@ class ActivityCreatedV1(BaseModel):
     raw_sha256: str | None = None
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# No NUL in a body: SMTP cannot carry it (RFC 5321 4.1.1.4) and PostgreSQL cannot store it.
+Body = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+
+
 def _only(present: str, absent: str) -> dict:
     return {"required": [present], "properties": {present: {"type": "string"}, absent: {"type": "null"}}}
 
@@ -78,7 +88,10 @@ class Attachment(BaseModel):
         "oneOf": [_only("content_base64", "content_sha256"), _only("content_sha256", "content_base64")]})
 
     filename: HeaderText = Field(min_length=1, max_length=255)
-    content_type: HeaderText = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    # RFC 6838's restricted names, ASCII only and without parameters (the pattern is what the
+    # published schema states, too: it is not a HeaderText, whose schema pattern would replace it).
+    content_type: str = Field("application/octet-stream", max_length=255,
+                              pattern=r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}$")
     content_base64: str | None = Field(None, description="Inline content, base64.")
     content_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Reference to stored content.")
     inline: bool = Field(False, description="Inline part (for example an image an HTML body shows).")
@@ -107,8 +120,8 @@ class EmailOutboundV1(BaseModel):
     cc: list[EmailAddress] = Field(default_factory=list, max_length=500)
     bcc: list[EmailAddress] = Field(default_factory=list, max_length=500)
     subject: HeaderText = Field("", max_length=998)
-    text: str | None = Field(None, max_length=10_000_000)
-    html: str | None = Field(None, max_length=10_000_000)
+    text: Body | None = Field(None, max_length=10_000_000)
+    html: Body | None = Field(None, max_length=10_000_000)
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
     headers: dict[HeaderText, HeaderText] = Field(
         default_factory=dict, description="Extra headers; only names on the allow-list are accepted.",

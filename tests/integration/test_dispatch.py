@@ -561,3 +561,65 @@ async def test_an_unreachable_exchange_server_backs_the_mailbox_off_with_an_aler
     mailbox = await registry.mailbox(org, email)
     assert mailbox.outgoing.error_count == 1 and mailbox.outgoing.backoff_until is not None
     assert any(a.code == "connection_failed" for a in mailbox.alerts)
+
+
+async def test_requests_postgresql_could_not_store_are_refused_and_the_rest_is_sent(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
+    """NUL characters and numbers JSON has no form for used to make the ledger's transaction fail on
+    every retry, stopping the partitions of the batch for good: now each is refused with its reason
+    (its payload stored cleaned), and the good request of the same batch is sent."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    cases = {
+        "nul-text": ({"text": "a\u0000b"}, "schema_error"),
+        "nul-subject": ({"subject": "a\u0000b"}, "header_injection"),
+        "nul-regarding": ({"regarding": {"kind": "acc\u0000ount", "id": str(uuid.uuid4())}}, "schema_error"),
+    }
+    raw = []
+    for key, (change, _) in cases.items():
+        body = json.loads(encode_event(outbound(org, mailbox_id=sender.mailbox_id, idempotency_key=key)))
+        body["data"].update(change)
+        raw.append((json.dumps(body).encode(), key))
+    # An unknown field holding 1e999, which Python's JSON reader takes as infinity.
+    text = encode_event(outbound(org, mailbox_id=sender.mailbox_id, idempotency_key="huge-number")).decode()
+    raw.append((text.replace('"track":true', '"track":true,"priority":1e999').encode(), "huge-number"))
+    cases["huge-number"] = ({}, "schema_error")
+    good = outbound(org, mailbox_id=sender.mailbox_id)
+    await publish_raw(publisher, raw)
+    await publish(publisher, good)
+    await dispatch(settings)   # raised after three failed attempts before
+    reader = await finals(settings, [*cases, good.data.idempotency_key])
+    for key, (_, reason) in cases.items():
+        final = reader.final(key)
+        assert (final.status, final.reason) == ("rejected", reason), (key, final)
+    assert reader.final(good.data.idempotency_key).status == "sent"
+    async with pool.acquire() as conn:
+        stored = {r["idempotency_key"]: r["request"] for r in await conn.fetch(
+            "SELECT idempotency_key, request::text FROM outbound_email WHERE organization_id = $1 AND status = 'rejected'", org.id)}
+    assert set(stored) == set(cases)
+    assert "\ufffd" in stored["nul-subject"] and '"priority": null' in stored["huge-number"]
+
+
+async def test_a_request_the_database_refuses_is_dead_lettered_alone(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
+    """Whatever value PostgreSQL refuses (SQLSTATE class 22, here raised by a trigger for one key) fails
+    that request alone: it is dead-lettered as `unstorable`, and the rest of its batch is sent."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    async with pool.acquire() as conn:
+        await conn.execute("""CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                              BEGIN IF NEW.idempotency_key = 'poison' THEN
+                                  RAISE EXCEPTION 'value refused' USING ERRCODE = '22023'; END IF;
+                              RETURN NEW; END $$;
+                              CREATE TRIGGER refuse_poison BEFORE INSERT ON outbound_email
+                              FOR EACH ROW EXECUTE FUNCTION refuse_poison()""")
+    try:
+        events = [outbound(org, mailbox_id=sender.mailbox_id, idempotency_key=k) for k in ("before", "poison", "after")]
+        await publish(publisher, *events)
+        await dispatch(settings)
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute("DROP TRIGGER refuse_poison ON outbound_email; DROP FUNCTION refuse_poison()")
+    reader = await finals(settings, ["before", "after"])
+    assert [reader.final(k).status for k in ("before", "after")] == ["sent", "sent"]
+    assert "poison" not in reader.by_key
+    dead = [r for r in await _topic_records(settings, "email.outbound.dlq") if r.key == b"poison"]
+    assert [dict(r.headers)["reason"] for r in dead] == [b"unstorable"]
