@@ -40,9 +40,11 @@ from shared.mime import MAX_ID_LENGTH, generated_message_id
 
 __all__ = [
     "Address",
+    "ForwardedMessages",
     "ParsedEmail",
     "decode_header_value",
     "forwarded_message",
+    "forwarded_messages",
     "generated_message_id",
     "normalize_email_address",
     "parse_email",
@@ -554,6 +556,9 @@ class _BodyScan:
     html: tuple[bytes, str | None, str] | None = None
     attachments: bool = False
     forwarded: tuple[int, int, str] | None = None  # (start, end, cte) of a message/rfc822 part
+    # The message/rfc822 parts after the first, in order; None (no list built) for the usual
+    # message, which carries at most one.
+    more_forwarded: list[tuple[int, int, str]] | None = None
     parts: int = 0
 
 
@@ -626,6 +631,10 @@ def _scan_entity(
         scan.attachments = True
         if scan.forwarded is None:
             scan.forwarded = (start, end, cte)
+        elif scan.more_forwarded is None:
+            scan.more_forwarded = [(start, end, cte)]
+        else:
+            scan.more_forwarded.append((start, end, cte))
         return
     if _first_token(disposition) == "attachment" or named:
         scan.attachments = True
@@ -867,30 +876,66 @@ def _parse_into(raw: bytes, max_header_bytes: int, preview_chars: int, f: dict, 
         f["preview"] = _preview(scan, preview_chars, defects)
 
 
-def forwarded_message(raw: bytes) -> bytes | None:
-    """The raw bytes of the first attached ``message/rfc822`` part, or None.
+@dataclass(frozen=True, slots=True)
+class ForwardedMessages:
+    """The messages a forward carries as ``message/rfc822`` attachments, in order.
 
-    Forward mailboxes receive mail that users forward *as an attachment*: the outer From is the
-    forwarding user, the inner message is the one to track.  Never raises.
+    ``messages`` holds at most the ``limit`` given to ``forwarded_messages``; ``omitted`` are the raw
+    bytes of the attached messages past it.  ``parts_truncated``: the forward has more MIME parts
+    than are read (64), so attached messages past them were not even seen.
+    """
+
+    messages: tuple[bytes, ...] = ()
+    omitted: tuple[bytes, ...] = ()
+    parts_truncated: bool = False
+
+    @property
+    def found(self) -> int:
+        return len(self.messages) + len(self.omitted)
+
+
+def forwarded_messages(raw: bytes, *, limit: int) -> ForwardedMessages:
+    """Every attached ``message/rfc822`` part of ``raw`` (the first ``limit`` in ``messages``, the
+    rest in ``omitted``); empty when there is none or the input is malformed.  Never raises.
+
+    Forward mailboxes receive mail that users forward *as an attachment*, one or several messages
+    at a time: the outer From is the forwarding user, each inner message is one to track.
     """
     try:
         raw = bytes(raw)
         head_end, body_start = _find_header_end(raw, 256 * 1024)
         if head_end < 0:
-            return None
+            return ForwardedMessages()
         headers = _split_headers(raw[:head_end], _WANTED, None)
         ctype, params = _content_type(_first(headers, "content-type"))
         scan = _BodyScan(want_preview=False)
         cte = _first_token(_first(headers, "content-transfer-encoding") or "7bit")
-        _scan_entity(raw, body_start, len(raw), ctype, params, cte, "", scan, 0, [])
+        defects: list[str] = []
+        _scan_entity(raw, body_start, len(raw), ctype, params, cte, "", scan, 0, defects)
         if scan.forwarded is None:
-            return None
-        start, end, part_cte = scan.forwarded
-        inner = raw[start:end]
+            return ForwardedMessages()
+        parts = [_attached_bytes(raw, part) for part in (scan.forwarded, *(scan.more_forwarded or ()))]
+        found = [inner for inner in parts if inner]
+        return ForwardedMessages(tuple(found[:limit]), tuple(found[limit:]), "mime_parts_truncated" in defects)
+    except Exception:  # noqa: BLE001 - malformed input means "no forwarded message"
+        return ForwardedMessages()
+
+
+def _attached_bytes(raw: bytes, part: tuple[int, int, str]) -> bytes:
+    """One attached message's bytes, its (improper) transfer encoding undone; empty if undecodable."""
+    start, end, part_cte = part
+    inner = raw[start:end]
+    try:
         if part_cte == "base64":  # not allowed by RFC 2046, produced by some clients anyway
             inner = binascii.a2b_base64(b"".join(inner.split()))
         elif part_cte == "quoted-printable":
             inner = binascii.a2b_qp(inner)
-        return inner or None
-    except Exception:  # noqa: BLE001 - malformed input means "no forwarded message"
-        return None
+    except (binascii.Error, ValueError):
+        return b""
+    return inner
+
+
+def forwarded_message(raw: bytes) -> bytes | None:
+    """The raw bytes of the first attached ``message/rfc822`` part, or None.  Never raises."""
+    found = forwarded_messages(raw, limit=1)
+    return found.messages[0] if found.messages else None

@@ -6,6 +6,10 @@ memory, and one transaction records the activities (one per Message-ID per organ
 mailboxes they came through, every decision (tracked or not, with its rule and reason) and the
 `activity.created` events (outbox).  Offsets are committed after that transaction, so a crash
 replays the batch, and the natural keys make the replay a no-op.
+
+A forward mailbox's message is evaluated for the user or queue that forwarded it; a forward that
+carries messages as attachments becomes one item per attached message (at most
+``MAX_FORWARDED_MESSAGES``) plus a decision of its own that names them.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from services.evaluate.correlation import CorrelationSettings, find_tracking_tok
 from services.evaluate.decision import BatchItem, Decision, evaluate_batch
 from services.evaluate.health import start_health
 from services.evaluate.lookups import keys_for
-from services.evaluate.parsing import ParsedEmail, forwarded_message, parse_email
+from services.evaluate.parsing import ForwardedMessages, ParsedEmail, forwarded_messages, parse_email
 from services.evaluate.settings import EvaluateSettings
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput
@@ -58,8 +62,9 @@ class _Item:
     context: MailboxContext | None = None
     settings: CorrelationSettings | None = None
     decision: Decision | None = None
-    # A forward mailbox message that could not be attributed: decided without the chains.
-    attribution_failure: tuple[str, str] | None = None
+    # (reason, explanation) of a forward mailbox message decided without the chains: one that could
+    # not be attributed, or a forward whose attached messages are evaluated instead of it.
+    attribution: tuple[str, str] | None = None
 
 
 @dataclass
@@ -76,6 +81,8 @@ class _Prepared:
 _PARSE_SLICE = 50
 # Activity ids, drawn in blocks (shared.ids): a uuid4() each cost ~4% of evaluate's CPU.
 _ACTIVITY_IDS = id_texts()
+# Attached messages evaluated per forward; the outer message's decision names the ones past it.
+MAX_FORWARDED_MESSAGES = 20
 
 
 class EvaluateService(ServiceBase):
@@ -145,8 +152,8 @@ class EvaluateService(ServiceBase):
     async def finish(self, prepared: _Prepared) -> Sequence[Rejection]:
         """Attribute, decide and record a prepared batch in one transaction."""
         assert self.pool is not None
-        items, mailboxes = prepared.items, prepared.mailboxes
-        await self._attribute_forwarded(items, mailboxes, prepared.raws)
+        mailboxes = prepared.mailboxes
+        items = await self._attribute_forwarded(prepared.items, mailboxes, prepared.raws)
         by_org: dict[UUID, list[_Item]] = defaultdict(list)
         for item in items:
             by_org[item.organization_id].append(item)
@@ -157,13 +164,18 @@ class EvaluateService(ServiceBase):
                 await self._record(conn, items)
         return prepared.rejections
 
-    async def _attribute_forwarded(self, items: list[_Item], mailboxes: dict, raws: dict[str, bytes]) -> None:
+    async def _attribute_forwarded(self, items: list[_Item], mailboxes: dict, raws: dict[str, bytes]) -> list[_Item]:
         """A forward mailbox's message belongs to the user or queue that forwarded it, if that user or
-        queue uses the forward mailbox as its delivery method and is active; never to anyone else."""
+        queue uses the forward mailbox as its delivery method and is active; never to anyone else.
+
+        Returns the batch to decide: a forward that carries messages as attachments is replaced by
+        its own decision (``forwarded_messages_extracted``) followed by each attached message, in
+        order, evaluated for the forwarder."""
         assert self.pool is not None
         forwarded = [i for i in items if mailboxes[i.mailbox_id]["owner_kind"] is None]
         if not forwarded:
-            return
+            return items
+        unpacked: dict[int, list[_Item]] = {}   # id(outer item) -> the attached messages to decide after it
         async with self.pool.acquire() as conn:
             for org_id in {i.organization_id for i in forwarded}:
                 senders = [i.delivery.event.data.forwarded_by for i in forwarded if i.organization_id == org_id and i.delivery.event.data.forwarded_by]
@@ -175,19 +187,29 @@ class EvaluateService(ServiceBase):
                     sender = (item.delivery.event.data.forwarded_by or "").lower()
                     who = found.get(sender)
                     if who is None or who["incoming_method"] != "forward_mailbox" or who["mailbox_id"] is None:
-                        item.attribution_failure = ("forwarder_unknown",
+                        item.attribution = ("forwarder_unknown",
                             f"Not tracked: the forward mailbox received this from {sender or 'an unknown sender'}, "
                             "which is no user or queue whose incoming email is delivered through a forward mailbox.")
                         continue
                     if not who["active"]:
-                        item.attribution_failure = ("forwarder_inactive",
+                        item.attribution = ("forwarder_inactive",
                             f"Not tracked: {sender} forwarded it, but that user or queue is inactive.")
                         continue
-                    inner = forwarded_message(raws[item.raw_sha256])
-                    if inner is not None:  # forwarded as an attachment: the inner message is the email
-                        item.parsed = parse_email(inner)
-                        item.message_id = message_key(inner)
-                    item.mailbox_id = who["mailbox_id"]
+                    attached = (forwarded_messages(raws[item.raw_sha256], limit=MAX_FORWARDED_MESSAGES)
+                                if item.parsed is None or item.parsed.has_forwarded_message else ForwardedMessages())
+                    if not attached.found:
+                        item.mailbox_id = who["mailbox_id"]   # forwarded inline or redirected: the message itself
+                        continue
+                    inner = _unpack(item, attached, who["mailbox_id"])
+                    item.attribution = _forward_explanation(item, sender, inner, attached)
+                    unpacked[id(item)] = inner
+        if not unpacked:
+            return items
+        out: list[_Item] = []
+        for item in items:
+            out.append(item)
+            out.extend(unpacked.get(id(item), ()))
+        return out
 
     async def _decide(self, conn, items: list[_Item], mailboxes: dict) -> None:
         org_row = mailboxes[items[0].delivery.event.data.mailbox_id]
@@ -199,7 +221,7 @@ class EvaluateService(ServiceBase):
         batch = []
         for item in items:
             item.settings = settings
-            if item.attribution_failure:
+            if item.attribution:
                 continue
             assert item.parsed is not None
             # One identity everywhere: the Message-ID key ingest computed (or a hash when there is none).
@@ -245,7 +267,7 @@ class EvaluateService(ServiceBase):
                 links.append((activity_id, item.mailbox_id))
             tracked, rule, reason, explanation = (
                 (d.tracked, d.rule, d.reason, d.explanation) if d is not None
-                else (False, "forward_attribution", *item.attribution_failure)  # type: ignore[misc]
+                else (False, "forward_attribution", *item.attribution)  # type: ignore[misc]
             )
             decisions.append(repo.DecisionRow(item.organization_id, item.mailbox_id, item.message_id, tracked, rule, reason,
                                               explanation, item.parsed.subject if item.parsed else "",
@@ -283,6 +305,39 @@ class EvaluateService(ServiceBase):
 def _parse_items(items: list[_Item], raws: dict[str, bytes]) -> None:
     for item in items:
         item.parsed = parse_email(raws[item.raw_sha256])
+
+
+def _unpack(outer: _Item, attached: ForwardedMessages, mailbox_id: UUID) -> list[_Item]:
+    """The forward's attached messages as items of their own, for the forwarder's mailbox: one per
+    Message-ID (a message attached twice is evaluated once).  Their raw is the forward's: they are
+    stored inside it."""
+    inner: dict[str, _Item] = {}
+    for raw in attached.messages:
+        key = message_key(raw)
+        if key not in inner:
+            inner[key] = _Item(outer.delivery, mailbox_id, outer.organization_id, key, outer.raw_sha256,
+                               parsed=parse_email(raw))
+    return list(inner.values())
+
+
+def _forward_explanation(outer: _Item, sender: str, inner: list[_Item], attached: ForwardedMessages) -> tuple[str, str]:
+    """The forward's own decision: (reason, explanation) naming the messages evaluated in its place,
+    and any it carried that were not."""
+    ids = ", ".join(f"<{i.message_id}>" for i in inner)
+    text = (f"Not tracked itself: {sender} forwarded {len(inner)} message(s) as attachments, "
+            f"each evaluated on its own for {sender}'s mailbox: {ids}.")
+    if not attached.omitted and not attached.parts_truncated:
+        return "forwarded_messages_extracted", text
+    if attached.omitted:
+        skipped = ", ".join(f"<{message_key(raw)}>" for raw in attached.omitted)
+        text += (f" {len(attached.omitted)} more attached message(s) were not evaluated (at most "
+                 f"{MAX_FORWARDED_MESSAGES} per forward): {skipped}.")
+    if attached.parts_truncated:
+        text += " The forward has more MIME parts than are read; attached messages past them were not seen."
+    log.warning("mailbox %s: forward <%s> carries more attached messages than are evaluated (%d evaluated, %d past "
+                "the limit of %d%s)", outer.delivery.event.data.mailbox_id, outer.message_id, len(attached.messages),
+                len(attached.omitted), MAX_FORWARDED_MESSAGES, ", MIME parts truncated" if attached.parts_truncated else "")
+    return "forwarded_messages_over_limit", text
 
 
 def _context(row, *, forwarded: bool) -> MailboxContext:

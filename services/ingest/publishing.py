@@ -20,7 +20,7 @@ from shared.events.fields import is_email_address
 from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.metrics import MESSAGES_INGESTED
-from shared.mime import forwarder_address, message_key
+from shared.mime import forwarder_address, from_address, message_key
 from shared.rawstore import store_raw
 
 
@@ -44,11 +44,36 @@ class Mailbox:
 
 
 class Stored(NamedTuple):
-    """A message whose raw bytes are committed and whose event is not yet published."""
+    """A message whose raw bytes are committed and whose event is not yet published.
+
+    ``key`` is what this mailbox records it as ingested under (``ingest_key``); ``message_id`` is
+    the message's identity (``message_key``), the one its event carries."""
 
     key: str
     sha256: str
     item: Pulled
+    message_id: str
+    forwarded_by: str | None
+
+
+def ingest_key(mailbox: Mailbox, raw: bytes) -> tuple[str, str, str | None]:
+    """(ingest key, Message-ID key, forwarder) of one message as this mailbox receives it.
+
+    The ingest key is the Message-ID key, except for a message a forward mailbox received from
+    someone other than its author (redirected: RFC 5322 3.6.6 keeps the author's Message-ID): its
+    key adds the forwarder's address, so each user's redirect of one message is published once,
+    while the same copy found again (another folder, a new UIDVALIDITY, the next poll) is not.
+    A Message-ID key holds no space, so the two kinds of key never collide.  Code that finds an
+    ``ingested_message`` row again from the raw bytes (UIDVALIDITY renumbering) must key it here."""
+    key = message_key(raw)
+    if not mailbox.is_forward_mailbox:
+        return key, key, None
+    forwarder = forwarder_address(raw)
+    if not forwarder or not is_email_address(forwarder):
+        return key, key, None
+    if forwarder == from_address(raw):
+        return key, key, forwarder
+    return f"{key} {forwarder}", key, forwarder
 
 
 async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pulled],
@@ -57,9 +82,10 @@ async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pu
 
     ``claimed`` holds the keys an earlier batch of the same sync has stored but not yet recorded as
     ingested: they are skipped, and this batch's new keys are added to it."""
-    keyed = {}
+    keyed: dict[str, tuple[Pulled, str, str | None]] = {}
     for item in pulled:
-        keyed.setdefault(message_key(item.raw), item)  # the same message twice in one batch: once
+        key, message_id, forwarder = ingest_key(mailbox, item.raw)
+        keyed.setdefault(key, (item, message_id, forwarder))  # the same message twice in one batch: once
     if claimed:
         keyed = {k: p for k, p in keyed.items() if k not in claimed}
     if not keyed:
@@ -69,10 +95,11 @@ async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pu
         new = {k: p for k, p in keyed.items() if k not in seen}
         if not new:
             return []
-        hashes = await store_raw(conn, [p.raw for p in new.values()])
+        hashes = await store_raw(conn, [p.raw for p, _, _ in new.values()])
     if claimed is not None:
         claimed.update(new)
-    return [Stored(key, sha, item) for (key, item), sha in zip(new.items(), hashes)]
+    return [Stored(key, sha, item, message_id, forwarder)
+            for (key, (item, message_id, forwarder)), sha in zip(new.items(), hashes)]
 
 
 async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
@@ -86,11 +113,11 @@ async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
     ingested = []
     for entry in stored:
         item = entry.item
-        # The user who forwarded it (From) or redirected it (Resent-From): evaluate attributes it to them.
-        forwarded_by = forwarder_address(item.raw) if mailbox.is_forward_mailbox else None
+        # forwarded_by: the user who forwarded it (From) or redirected it (Resent-From) to a forward
+        # mailbox; evaluate attributes it to them.
         value = batch.encode(
-            item.folder or "INBOX", item.uid, item.uidl, entry.sha256, len(item.raw), entry.key, item.received_at,
-            forwarded_by if forwarded_by and is_email_address(forwarded_by) else None,
+            item.folder or "INBOX", item.uid, item.uidl, entry.sha256, len(item.raw), entry.message_id,
+            item.received_at, entry.forwarded_by,
         )
         events.append((EMAIL_RECEIVED.name, value, key))
         ingested.append(state.IngestedMessage(entry.key, entry.sha256, item.folder, item.uid, item.uidl))
