@@ -2,9 +2,10 @@
 
 A registry change (a user added, an activity recorded, a mailbox alert) and the event announcing it
 are written in one database transaction, so an event is never published for a change that rolled
-back, nor lost for one that committed.  Every service runs a relay; replicas share the rows with
-``FOR UPDATE SKIP LOCKED``.  The relay holds its transaction only while the broker acknowledges a
-batch (milliseconds), which is what makes two relays never publish the same row concurrently; a
+back, nor lost for one that committed.  Every service runs a relay, and one of them publishes at a
+time (an advisory lock for each batch's transaction), so events leave in the order they were
+written.  The relay holds its transaction only while the broker acknowledges a batch
+(milliseconds), which is what makes two relays never publish the same row concurrently; a
 crash after the acknowledgement and before the delete republishes the batch, and consumers
 deduplicate on the event id.
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 CHANNEL = "event_outbox"
 # The topic of a row that holds a batch of events.
 BATCH = ""
+# The advisory lock the publishing relay holds for its batch's transaction ("OutBox").
+_RELAY_LOCK = 0x4F7574426F78
 
 
 async def enqueue(conn: asyncpg.Connection, topic: str, key: str, event: Envelope[Any]) -> None:
@@ -93,9 +96,13 @@ class OutboxRelay:
         finally:
             await listener.remove_listener(CHANNEL, self._on_notify)
             await self._pool.release(listener)
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                await self._pool.release(conn)
+            await self.close()
+
+    async def close(self) -> None:
+        """Give back the connection ``relay_once`` keeps between batches."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await self._pool.release(conn)
 
     def _on_notify(self, *_: object) -> None:
         self._wakeup.set()
@@ -117,6 +124,10 @@ class OutboxRelay:
     async def _relay_batch(self, conn: asyncpg.Connection) -> int:
         async with conn.transaction():
             # The payload as text, straight from the database: no decoding and re-encoding here.
+            # One relay publishes at a time (the others wait for the transaction's advisory lock):
+            # two relays publishing disjoint batches at once could put a request's `sent` on its
+            # partition before its `sending`.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _RELAY_LOCK)
             rows = await conn.fetch(
                 """SELECT o.id, coalesce(e.value->>'topic', o.topic) AS topic, coalesce(e.value->>'key', o.key) AS key,
                           coalesce((e.value->'event')::text, o.payload::text) AS payload

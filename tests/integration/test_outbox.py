@@ -1,0 +1,63 @@
+"""The transactional outbox's relays against PostgreSQL and the broker: every service runs one, and
+events still leave in the order they were written."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+
+from shared.kafka import Publisher
+from shared.outbox import OutboxRelay, enqueue_batch
+from shared.settings import Settings
+from tests.support.topics import read_topic
+from tests.support.waiting import eventually
+
+
+class HeldPublisher:
+    """Publishes only when released: a broker acknowledgement that takes its time."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self.inner, self.entered, self.release = inner, asyncio.Event(), asyncio.Event()
+
+    async def publish_many(self, items) -> None:
+        items = list(items)
+        self.entered.set()
+        await self.release.wait()
+        await self.inner.publish_many(items)
+
+
+async def test_two_relays_publish_one_requests_statuses_in_order(settings: Settings, pool: asyncpg.Pool,
+                                                                 publisher: Publisher) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+
+    def status(value: str) -> tuple[str, str, str]:
+        return "email.status", key, json.dumps({"event_id": str(uuid.uuid4()), "data": {"idempotency_key": key, "status": value}})
+
+    async def write(value: str) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await enqueue_batch(conn, [status(value)])
+
+    await write("sending")
+    held = HeldPublisher(publisher)
+    relays = [OutboxRelay(pool, held), OutboxRelay(pool, publisher)]   # two services' relays
+    first = asyncio.create_task(relays[0].relay_once())                # the first has `sending`
+    second: asyncio.Task[int] | None = None
+    try:
+        await asyncio.wait_for(held.entered.wait(), 10)
+        await write("sent")                                                 # the next turn's transaction
+        second = asyncio.create_task(relays[1].relay_once())
+
+        async def second_done_or_waiting() -> bool:
+            async with pool.acquire() as conn:
+                waiting = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            return second.done() or waiting > 0
+        await eventually(second_done_or_waiting, what="the second relay done or waiting")
+    finally:
+        held.release.set()
+        await asyncio.gather(first, *([second] if second else []))
+        for relay in relays:
+            await relay.close()
+    seen = [e["data"]["status"] for e in await read_topic(settings, "email.status", 2) if e["data"]["idempotency_key"] == key]
+    assert seen == ["sending", "sent"]
