@@ -25,6 +25,7 @@ import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
@@ -49,6 +50,31 @@ class ImapCommandFailed(PermanentError):
     """The server answered NO or BAD to a command (not a login)."""
 
     reason = "imap_command_failed"
+
+
+class FolderUnavailable(ImapCommandFailed):
+    """SELECT or EXAMINE was refused: the folder does not exist (or may not be opened)."""
+
+    reason = "folder_unavailable"
+
+
+class FetchRefused(ImapCommandFailed):
+    """The server answered NO or BAD to a UID FETCH; ``uids`` are the UIDs that command asked for.
+
+    Servers do this for single messages they cannot serve (Gmail: "Some messages could not be
+    FETCHed (Failure)", for the same message every time), often after serving the others."""
+
+    reason = "fetch_refused"
+
+    def __init__(self, message: str, uids: Sequence[int]) -> None:
+        super().__init__(message)
+        self.uids = list(uids)
+
+    @property
+    def temporary(self) -> bool:
+        """The server says it cannot serve anything for now (RFC 5530 codes), not this message."""
+        text = self.message.upper()
+        return any(code in text for code in ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,7 +495,7 @@ class ImapClient:
             known = None
         reply = await self._command(parts)
         if reply.status != "OK":
-            raise ImapCommandFailed(
+            raise FolderUnavailable(
                 f"The IMAP server {self._host} could not open the folder {folder!r}: {_text(reply.text)}.")
         self._changed = False
         values: dict[str, int] = {}
@@ -551,25 +577,84 @@ class ImapClient:
         items = b"UID FLAGS INTERNALDATE BODY.PEEK[HEADER]" + (b" MODSEQ" if self._condstore else b"")
         return self._fetch(uids, chunk, items)
 
+    async def fetch_servable(self, uids: Sequence[int], refused: dict[int, str], *,
+                             chunk: int = 500) -> AsyncIterator[FetchedMessage]:
+        """Like ``fetch``, but a UID FETCH the server refuses does not end it: the UIDs of that
+        command it did not serve are fetched again in halves, down to single UIDs, and those the
+        server still refuses go into ``refused`` (UID -> the server's words).  The UIDs after them
+        are fetched as usual, so one message a server cannot serve costs a few round trips, not
+        the rest of the folder.  Messages may come out of UID order around a refusal."""
+        pending = sorted(set(uids))
+        while pending:
+            served: set[int] = set()
+            try:
+                async with aclosing(self.fetch(pending, chunk=chunk)) as fetched:
+                    async for message in fetched:
+                        served.add(message.uid)
+                        yield message
+                return
+            except FetchRefused as exc:
+                if exc.temporary:
+                    raise
+                async with aclosing(self._narrow([u for u in exc.uids if u not in served], refused)) as narrowed:
+                    async for message in narrowed:
+                        yield message
+                pending = [u for u in pending if u > exc.uids[-1]]
+
+    async def _narrow(self, uids: list[int], refused: dict[int, str]) -> AsyncIterator[FetchedMessage]:
+        """Fetch ``uids`` in ever smaller pieces until the single UIDs the server refuses are known."""
+        if not uids:
+            return
+        served: set[int] = set()
+        try:
+            async with aclosing(self.fetch(uids, chunk=len(uids))) as fetched:
+                async for message in fetched:
+                    served.add(message.uid)
+                    yield message
+            return
+        except FetchRefused as exc:
+            if exc.temporary:
+                raise
+            if len(uids) == 1:
+                refused[uids[0]] = exc.message
+                return
+        rest = [u for u in uids if u not in served]
+        half = (len(rest) + 1) // 2
+        for part in (rest[:half], rest[half:]):
+            async with aclosing(self._narrow(part, refused)) as narrowed:
+                async for message in narrowed:
+                    yield message
+
     async def _fetch(self, uids: Sequence[int], chunk: int, items: bytes) -> AsyncIterator[FetchedMessage]:
         ordered = sorted(set(uids))
         if not ordered:
             return
-        sets = deque(sequence_set(ordered[i:i + chunk]) for i in range(0, len(ordered), chunk))
+        chunks = deque(ordered[i:i + chunk] for i in range(0, len(ordered), chunk))
         await self._acquire()
         in_flight: deque[bytes] = deque()
+        asked: deque[list[int]] = deque()   # the UIDs of each command in flight
+
+        def send_next() -> None:
+            asked.append(chunks.popleft())
+            in_flight.append(self._send_simple(b"UID FETCH " + sequence_set(asked[-1]) + b" (" + items + b")"))
+
         try:
             # Two commands in flight: the server starts the next chunk while we parse this one.
-            for _ in range(min(2, len(sets))):
-                in_flight.append(self._send_simple(b"UID FETCH " + sets.popleft() + b" (" + items + b")"))
+            for _ in range(min(2, len(chunks))):
+                send_next()
             await self._conn.drain()
             while in_flight:
-                async for messages in self._fetch_responses(in_flight[0]):
-                    for message in messages:
-                        yield message
+                try:
+                    async for messages in self._fetch_responses(in_flight[0]):
+                        for message in messages:
+                            yield message
+                except ImapCommandFailed as exc:
+                    in_flight.popleft()   # its tagged answer is read: nothing of it is left to drain
+                    raise FetchRefused(exc.message, asked[0]) from None
                 in_flight.popleft()
-                if sets:
-                    in_flight.append(self._send_simple(b"UID FETCH " + sets.popleft() + b" (" + items + b")"))
+                asked.popleft()
+                if chunks:
+                    send_next()
                     await self._conn.drain()
         finally:
             try:

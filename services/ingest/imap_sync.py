@@ -14,6 +14,12 @@ records everything it stands for (the last batch, and the vanished UIDs), so a r
 server again for whatever was not recorded.  Without QRESYNC (CONDSTORE only, or neither) new mail
 is found from UIDNEXT as before, and expunges by others go unnoticed.
 
+Only a refused SELECT/EXAMINE makes a folder "missing".  A UID FETCH the server refuses (Gmail
+does, for single messages) is narrowed down to the UIDs it refuses (``ImapClient.fetch_servable``);
+what it did serve, before and after them, is ingested, while the saved state stays below the lowest
+refused UID.  Each refusal is counted (``refused_message``) and named in a warning; once refused in
+``state.REFUSALS_BEFORE_SKIP`` syncs a UID is skipped, named again, and the state moves past it.
+
 Batches are pipelined: while one batch's events are published and its state saved, the next
 batch's raw bytes are stored and the one after is read from the server.  Each batch still goes raw
 stored -> events acknowledged -> state saved, and a batch is published only after the previous
@@ -33,6 +39,7 @@ import asyncpg
 from services.ingest import state
 from services.ingest.imap_client import (
     FolderState,
+    FolderUnavailable,
     ImapClient,
     ImapCommandFailed,
     KnownFolder,
@@ -42,10 +49,10 @@ from services.ingest.publishing import (
     Pulled,
     Stored,
     announce_stored,
+    ingest_key,
     store_pulled,
 )
 from shared.kafka import Publisher
-from shared.mime import message_key
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,8 @@ class ImapFolderSync:
         self._received_after = received_after
         self._delete = delete_after_processing
         self.missing_folders: set[str] = set()
+        # (code, text) of warnings for the mailbox's alerts; the runner raises and clears them.
+        self.warnings: list[tuple[str, str]] = []
 
     @property
     def deletes_processed(self) -> bool:
@@ -78,11 +87,16 @@ class ImapFolderSync:
         for folder in folders:
             try:
                 published += await self.sync_folder(client, folder)
-            except ImapCommandFailed as exc:
+            except FolderUnavailable as exc:
                 # A tracked folder the server does not have: the others still sync; the runner
                 # raises a warning alert once.
                 self.missing_folders.add(folder)
                 log.warning("mailbox %s: folder %r cannot be read: %s", self._mailbox.id, folder, exc.message)
+            except ImapCommandFailed as exc:
+                # The folder exists but the server refused a command in it (a NO leaves the session
+                # usable): what was saved stays saved, the next sync tries again, the others sync now.
+                self.warnings.append(("folder_sync_failed", f"the folder {folder!r} could not be synced: {exc.message}"))
+                log.warning("mailbox %s: folder %r could not be synced: %s", self._mailbox.id, folder, exc.message)
         return published
 
     async def sync_folder(self, client: ImapClient, folder: str) -> int:
@@ -109,13 +123,26 @@ class ImapFolderSync:
                 await self._save(folder, status, last_uid, status.highestmodseq, [], [])
             return 0
         uids = await client.uids_since(last_uid)
+        highest = last_uid
+        if uids:
+            async with self._pool.acquire() as conn:
+                skipped = await state.skipped_uids(conn, self._mailbox.id, folder, status.uidvalidity, uids[0])
+            if skipped:
+                # Skipped after repeated refusals: not asked for again, and the sync's end may pass them.
+                highest = max(u for u in uids if u in skipped)
+                uids = [u for u in uids if u not in skipped]
         if not uids:
-            await self._save(folder, status, last_uid, status.highestmodseq, [], [])
+            await self._save(folder, status, highest, status.highestmodseq, [], [], refused={})
             return 0
         flushes: list[asyncio.Task[int]] = []
         claimed: set[str] = set()   # keys stored by a batch of this sync, not yet recorded as ingested
         batch: list[Pulled] = []
-        highest = last_uid
+        refused: dict[int, str] = {}   # UID -> the server's refusal (filled by fetch_servable)
+        # ``settled``: every UID up to it was fetched (or is skipped or gone).  A batch saves that,
+        # not the highest UID fetched: a refused message may lie below later ones already fetched,
+        # and the saved state must not pass a message that was neither ingested nor skipped.
+        served: set[int] = set()
+        unserved = 0   # index in ``uids`` of the first UID not yet fetched
 
         async def flush(*, last: bool = False) -> None:
             if len(flushes) >= IN_FLIGHT:
@@ -124,13 +151,19 @@ class ImapFolderSync:
             # Batches before the last keep the modseq already saved: the new one also stands for
             # the vanished UIDs and later messages, which only the last batch's save records.
             modseq = status.highestmodseq if last else saved_modseq
+            settled = highest if unserved == len(uids) else max(last_uid, uids[unserved] - 1)
             flushes.append(asyncio.create_task(self._flush(
-                folder, status, highest, modseq, batch, claimed, previous, last)))
+                folder, status, highest if last else settled, modseq, batch, claimed, previous,
+                refused if last else None)))
 
         try:
-            async with aclosing(client.fetch(uids, chunk=BATCH)) as fetched:
+            async with aclosing(client.fetch_servable(uids, refused, chunk=BATCH)) as fetched:
                 async for message in fetched:
                     highest = max(highest, message.uid)
+                    served.add(message.uid)
+                    while unserved < len(uids) and uids[unserved] in served:
+                        served.discard(uids[unserved])
+                        unserved += 1
                     if self._received_after and message.internaldate and message.internaldate < self._received_after:
                         continue  # "process email received after": older mail is skipped, never fetched again
                     batch.append(Pulled(message.raw, folder, message.uid, None, message.internaldate))
@@ -151,21 +184,26 @@ class ImapFolderSync:
             await asyncio.gather(*flushes, return_exceptions=True)   # every outcome retrieved
 
     async def _flush(self, folder: str, status: FolderState, highest: int, modseq: int | None,
-                     batch: list[Pulled], claimed: set[str], previous: asyncio.Task[int] | None, last: bool) -> int:
+                     batch: list[Pulled], claimed: set[str], previous: asyncio.Task[int] | None,
+                     refused: dict[int, str] | None) -> int:
         """One batch: raw stored (while the previous batch is published and saved), then, once the
-        previous batch is done, events published and acknowledged, then the folder state saved."""
+        previous batch is done, events published and acknowledged, then the folder state saved.
+        The last batch of a sync carries ``refused`` (the other batches None)."""
         stored = await store_pulled(self._pool, self._mailbox, batch, claimed) if batch else []
         if previous is not None:
             await previous   # raises what it raised: nothing of ours is published after a failure
         ingested = await announce_stored(self._publisher, self._mailbox, "imap", stored)
-        await self._save(folder, status, highest, modseq, ingested, _found_again(batch, stored), vanished=last)
+        await self._save(folder, status, highest, modseq, ingested, _found_again(self._mailbox, batch, stored),
+                         vanished=refused is not None, refused=refused)
         return len(ingested)
 
     async def _save(self, folder: str, status: FolderState, last_uid: int, modseq: int | None,
                     ingested: list[state.IngestedMessage], found_again: list[tuple[str, int]], *,
-                    vanished: bool = True) -> None:
+                    vanished: bool = True, refused: dict[int, str] | None = None) -> None:
         """One transaction: what a batch ingested, what vanished (with ``vanished``) and the state
-        that says both are done."""
+        that says both are done.  With ``refused`` (the end of a sync that asked for every UID past
+        the saved state): the refusals are counted, and the state stops below the lowest refused
+        UID not yet skipped."""
         async with self._pool.acquire() as conn, conn.transaction():
             await state.record_ingested(conn, self._mailbox.id, ingested, status.uidvalidity)
             await state.renumber_ingested(conn, self._mailbox.id, folder, status.uidvalidity, found_again)
@@ -174,11 +212,28 @@ class ImapFolderSync:
                 if gone:
                     log.info("mailbox %s folder %s: %d ingested messages no longer on the server",
                              self._mailbox.id, folder, gone)
+            if refused is not None:
+                counted = await state.count_refusals(conn, self._mailbox.id, folder, status.uidvalidity,
+                                                     {str(uid): text for uid, text in refused.items()})
+                waiting = [int(r.server_id) for r in counted if not r.skipped]
+                if waiting:
+                    last_uid = min(last_uid, min(waiting) - 1)
             await state.save_folder_state(conn, self._mailbox.id, folder,
                                           state.FolderSyncState(status.uidvalidity, last_uid, modseq))
+        if refused:
+            for code, text in state.refusal_warnings(counted, "UID", f"of the folder {folder!r}"):
+                log.warning("mailbox %s: %s", self._mailbox.id, text)
+                self.warnings.append((code, text))
 
     async def remove_processed(self, client: ImapClient) -> int:
-        """Queues that delete after processing: expunge what evaluate has durably decided on."""
+        """Queues that delete after processing: expunge what became a durable activity.
+
+        A folder the server refuses to open (deleted or renamed since) or whose messages it
+        refuses to flag or expunge is passed over with a warning, and the sync goes on: a removal
+        that cannot be done never holds up new mail.  Its rows stay as they are (not removed), so
+        each session tries again, at the cost of one refused command: the folder may come back, and
+        a message found again in another tracked folder has its row moved there
+        (``state.renumber_ingested``), where it is removed."""
         async with self._pool.acquire() as conn:
             done = await state.deletable(conn, self._mailbox.id)
         by_folder: dict[str, list[state.IngestedMessage]] = {}
@@ -187,25 +242,32 @@ class ImapFolderSync:
                 by_folder.setdefault(item.folder, []).append(item)
         removed = 0
         for folder, items in by_folder.items():
-            status = await client.select(folder, readonly=False)
-            # A UID of an earlier numbering may now name another message: such rows wait until the
-            # folder's resync finds their message again under its new UID.
-            items = [i for i in items if i.uidvalidity in (None, status.uidvalidity)]
-            if not items:
-                continue
-            uids = [i.uid for i in items if i.uid is not None]
-            await client.mark_deleted(uids)
-            await client.expunge(uids)
-            async with self._pool.acquire() as conn:
-                await state.mark_removed(conn, self._mailbox.id, [i.message_key for i in items])
-            removed += len(items)
+            try:
+                removed += await self._remove_from(client, folder, items)
+            except ImapCommandFailed as exc:
+                log.warning("mailbox %s: %d processed messages left in the folder %r: %s",
+                            self._mailbox.id, len(items), folder, exc.message)
         return removed
 
+    async def _remove_from(self, client: ImapClient, folder: str, items: list[state.IngestedMessage]) -> int:
+        status = await client.select(folder, readonly=False)
+        # A UID of an earlier numbering may now name another message: such rows wait until the
+        # folder's resync finds their message again under its new UID.
+        items = [i for i in items if i.uidvalidity in (None, status.uidvalidity)]
+        if not items:
+            return 0
+        uids = [i.uid for i in items if i.uid is not None]
+        await client.mark_deleted(uids)
+        await client.expunge(uids)
+        async with self._pool.acquire() as conn:
+            await state.mark_removed(conn, self._mailbox.id, [i.message_key for i in items])
+        return len(items)
 
-def _found_again(batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, int]]:
+
+def _found_again(mailbox: Mailbox, batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, int]]:
     """(key, UID) of the batch's messages that were not new: already ingested, maybe under another
     UIDVALIDITY.  Usually none, so the keys are worked out again only for those few."""
     if len(stored) == len(batch):
         return []
     new = {id(entry.item) for entry in stored}
-    return [(message_key(p.raw), p.uid) for p in batch if id(p) not in new and p.uid is not None]
+    return [(ingest_key(mailbox, p.raw)[0], p.uid) for p in batch if id(p) not in new and p.uid is not None]

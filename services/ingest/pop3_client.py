@@ -30,6 +30,21 @@ class Pop3CommandFailed(PermanentError):
     reason = "pop3_command_failed"
 
 
+class RetrRefused(Pop3CommandFailed):
+    """The server answered -ERR to RETR of message ``number``; the session stays usable."""
+
+    reason = "retr_refused"
+
+    def __init__(self, message: str, number: int) -> None:
+        super().__init__(message)
+        self.number = number
+
+    @property
+    def temporary(self) -> bool:
+        """The server says it cannot serve anything for now (RFC 3206), not this message."""
+        return any(code in self.message.upper() for code in ("[SYS/TEMP]", "[IN-USE]"))
+
+
 def unstuff(data: bytes) -> bytes:
     """Undo POP3 byte-stuffing of a multi-line body (CRLF kept): a line's leading ".." becomes "."."""
     if data.startswith(b".."):
@@ -157,7 +172,7 @@ class Pop3Client:
             if not status.startswith(b"+OK"):
                 # The replies of the RETRs already sent still arrive: read them before failing.
                 await self._discard_replies(waiting)
-                raise Pop3CommandFailed(f"The POP3 server {self._host} refused RETR {number}: {_text(status[4:])}.")
+                raise RetrRefused(f"The POP3 server {self._host} refused RETR {number}: {_text(status[4:])}.", number)
             yield number, unstuff(await self._read_multiline())
 
     async def _discard_replies(self, waiting: deque[int]) -> None:

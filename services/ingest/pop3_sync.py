@@ -1,13 +1,21 @@
 """Synchronise one POP3 mailbox: UIDL bookkeeping says what is new; queues that delete after
-processing remove (DELE, committed by QUIT) what evaluate has durably decided on."""
+processing remove (DELE, committed by QUIT) what became a durable activity.
+
+A message the server refuses to hand over (-ERR to RETR) does not stop the messages after it: they
+are retrieved, and the refused one is asked for again at the next syncs (its UIDL is not recorded as
+seen) and skipped, with a warning naming its UIDL, once refused ``state.REFUSALS_BEFORE_SKIP`` times."""
 from __future__ import annotations
+
+import logging
 
 import asyncpg
 
 from services.ingest import state
-from services.ingest.pop3_client import Pop3Client
+from services.ingest.pop3_client import Pop3Client, RetrRefused
 from services.ingest.publishing import Mailbox, Pulled, publish_pulled
 from shared.kafka import Publisher
+
+log = logging.getLogger(__name__)
 
 BATCH = 200
 
@@ -19,6 +27,8 @@ class Pop3Sync:
         self._mailbox = mailbox
         self._delete = delete_after_processing
         self._awaiting_quit: list[str] = []
+        # (code, text) of warnings for the mailbox's alerts; the runner raises and clears them.
+        self.warnings: list[tuple[str, str]] = []
 
     async def sync(self, client: Pop3Client) -> int:
         listing = await client.uidl()
@@ -28,12 +38,23 @@ class Pop3Sync:
         published = 0
         uidl_of = dict(new)
         batch: list[Pulled] = []
-        async for number, raw in client.retr_many([n for n, _ in new]):
-            batch.append(Pulled(raw, None, None, uidl_of[number]))
-            if len(batch) >= BATCH:
-                published += await self._flush(batch)
-                batch = []
+        numbers = [n for n, _ in new]
+        refused: dict[str, str] = {}   # UIDL -> the server's refusal
+        while numbers:
+            try:
+                async for number, raw in client.retr_many(numbers):
+                    batch.append(Pulled(raw, None, None, uidl_of[number]))
+                    if len(batch) >= BATCH:
+                        published += await self._flush(batch)
+                        batch = []
+                numbers = []
+            except RetrRefused as exc:
+                if exc.temporary:
+                    raise
+                refused[uidl_of[exc.number]] = exc.message
+                numbers = numbers[numbers.index(exc.number) + 1:]
         published += await self._flush(batch)
+        await self._count_refusals(refused)
         if self._delete:
             await self._remove_processed(client, listing)
         async with self._pool.acquire() as conn:
@@ -48,6 +69,16 @@ class Pop3Sync:
             await state.record_ingested(conn, self._mailbox.id, ingested)
             await state.mark_pop3_seen(conn, self._mailbox.id, [p.uidl for p in batch if p.uidl])
         return len(ingested)
+
+    async def _count_refusals(self, refused: dict[str, str]) -> None:
+        """Every message not yet seen was asked for: count the refusals; those skipped now count as
+        seen, so they are not asked for again (nor deleted: they were never ingested)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            counted = await state.count_refusals(conn, self._mailbox.id, "", 0, refused)
+            await state.mark_pop3_seen(conn, self._mailbox.id, [r.server_id for r in counted if r.skipped])
+        for code, text in state.refusal_warnings(counted, "the message with UIDL", ""):
+            log.warning("mailbox %s: %s", self._mailbox.id, text)
+            self.warnings.append((code, text))
 
     async def _remove_processed(self, client: Pop3Client, listing: dict[int, str]) -> None:
         async with self._pool.acquire() as conn:

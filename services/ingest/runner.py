@@ -168,6 +168,7 @@ class MailboxRunner:
                 await sign_in(client, self._work, self._ctx.tokens)
                 await sync.sync(client, folders)
                 await self._report_missing(sync.missing_folders)
+                await self._report(sync.warnings)
                 self.last_sync = datetime.now().astimezone()
                 if keep_open and stopping is not None and "IDLE" in client.capabilities and "INBOX" in (f.upper() for f in folders):
                     await self._idle_loop(client, sync, folders, stopping)
@@ -180,6 +181,13 @@ class MailboxRunner:
         for folder in sorted(missing):
             await self._ctx.registry.raise_alert(self._work.id, "warning", "incoming", "folder_missing",
                                                  f"the tracked folder {folder!r} does not exist on the server; it is skipped")
+
+    async def _report(self, warnings: list[tuple[str, str]]) -> None:
+        """Raise (and clear) the warnings a sync collected: messages refused or skipped, a folder
+        that could not be synced."""
+        while warnings:
+            code, text = warnings.pop(0)
+            await self._ctx.registry.raise_alert(self._work.id, "warning", "incoming", code, text)
 
     async def _idle_loop(self, client: ImapClient, sync: ImapFolderSync, folders: list[str], stopping: asyncio.Event) -> None:
         inbox = next(f for f in folders if f.upper() == "INBOX")
@@ -213,6 +221,7 @@ class MailboxRunner:
             self.last_sync = datetime.now().astimezone()
             if found:
                 await self._follow_up(client, sync, inbox, stopping, until=periodic_due)
+            await self._report(sync.warnings)
 
     async def _follow_up(self, client: ImapClient, sync: ImapFolderSync, inbox: str, stopping: asyncio.Event, *,
                          until: float) -> None:
@@ -247,6 +256,7 @@ class MailboxRunner:
                 await sync.sync(client)
                 await client.quit()
                 await sync.confirm_removed()
+                await self._report(sync.warnings)
                 self.last_sync = datetime.now().astimezone()
             finally:
                 await client.close()

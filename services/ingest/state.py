@@ -1,6 +1,6 @@
 """Ingest's SQL: per-folder IMAP state, POP3 UIDL bookkeeping, the messages already ingested (and
-whether they are still on the server), and the messages a queue may now delete from the server
-(their decision is durable).
+whether they are still on the server), the messages a queue may now delete from the server (their
+activity is durable), and the messages the server refused to hand over (retried, then skipped).
 
 An IMAP UID is stored with the UIDVALIDITY it belongs to: after a folder is renumbered, old UIDs
 must not name (and so mark or delete) whatever message now has that number."""
@@ -11,6 +11,11 @@ from typing import NamedTuple, Sequence
 from uuid import UUID
 
 import asyncpg
+
+# Syncs in which the server refused to hand over a message before it is skipped (and an IMAP
+# folder's saved state may move past it).  A refusal can be brief; Gmail's "Some messages could not
+# be FETCHed" comes back for the same message every time, and would otherwise hold the folder for ever.
+REFUSALS_BEFORE_SKIP = 3
 
 
 @dataclass(frozen=True)
@@ -74,15 +79,17 @@ async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: 
 
 async def renumber_ingested(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
                             found: Sequence[tuple[str, int]]) -> None:
-    """Messages already ingested from ``folder`` and found there again under a new UIDVALIDITY
-    (``found``: message key, new UID): their rows take the new numbering and count as on the server."""
+    """Messages already ingested and found again in ``folder`` (``found``: message key, UID): under a
+    new UIDVALIDITY, or moved there from another tracked folder.  Their rows take the new place and
+    count as on the server, so a queue that deletes after processing finds them.  A second copy in
+    the same folder and numbering leaves the row alone."""
     if not found:
         return
     await conn.execute(
-        """UPDATE ingested_message im SET uid = f.uid, uidvalidity = $3, removed_from_server = false
+        """UPDATE ingested_message im SET folder = $2, uid = f.uid, uidvalidity = $3, removed_from_server = false
            FROM unnest($4::text[], $5::bigint[]) AS f(message_key, uid)
-           WHERE im.mailbox_id = $1 AND im.message_key = f.message_key AND im.folder = $2
-             AND im.uidvalidity IS DISTINCT FROM $3""",
+           WHERE im.mailbox_id = $1 AND im.message_key = f.message_key
+             AND (im.folder IS DISTINCT FROM $2 OR im.uidvalidity IS DISTINCT FROM $3)""",
         mailbox_id, folder, uidvalidity, [k for k, _ in found], [u for _, u in found],
     )
 
@@ -121,12 +128,15 @@ async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present:
 
 
 async def deletable(conn: asyncpg.Connection, mailbox_id: UUID) -> list[IngestedMessage]:
-    """Messages evaluate has decided on (so their activity, if any, is durable), still on the server."""
+    """Messages still on the server whose activity is durable: evaluate records a decision and its
+    activity in one transaction, and only a decision with an activity (tracked, or already tracked
+    from another mailbox) counts.  Mail that did not become an activity (queue conversion off, no
+    correlation match, unknown sender, inactive mailbox, ...) stays on the server."""
     rows = await conn.fetch(
         """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity
            FROM ingested_message im
            JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
-           WHERE im.mailbox_id = $1 AND NOT im.removed_from_server""",
+           WHERE im.mailbox_id = $1 AND NOT im.removed_from_server AND d.activity_id IS NOT NULL""",
         mailbox_id,
     )
     return [IngestedMessage(**dict(r)) for r in rows]
@@ -137,3 +147,71 @@ async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, keys: Sequenc
         "UPDATE ingested_message SET removed_from_server = true WHERE mailbox_id = $1 AND message_key = ANY($2::text[])",
         mailbox_id, list(keys),
     )
+
+
+class Refusal(NamedTuple):
+    """A message the server refused to hand over (IMAP UID, POP3 UIDL), as counted so far."""
+
+    server_id: str
+    attempts: int
+    skipped: bool
+    reason: str
+
+
+async def skipped_uids(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
+                       from_uid: int) -> set[int]:
+    """UIDs of ``folder`` from ``from_uid`` on that were skipped after repeated refusals."""
+    rows = await conn.fetch(
+        """SELECT server_id FROM refused_message WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3
+             AND skipped_at IS NOT NULL AND server_id::bigint >= $4""",
+        mailbox_id, folder, uidvalidity, from_uid,
+    )
+    return {int(r["server_id"]) for r in rows}
+
+
+async def count_refusals(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
+                         refused: dict[str, str], skip_after: int = REFUSALS_BEFORE_SKIP) -> list[Refusal]:
+    """At the end of a sync that asked for every message not yet ingested (of ``folder``; '' and 0
+    for POP3): count one more refusal of each of ``refused`` (server id -> the server's words) and
+    skip those refused ``skip_after`` times.  Refusals not repeated are forgotten: the message came,
+    or is gone.  Skipped rows stay, as the record of what was never ingested."""
+    await conn.execute(
+        """DELETE FROM refused_message WHERE mailbox_id = $1 AND folder = $2 AND skipped_at IS NULL
+             AND NOT (uidvalidity = $3 AND server_id = ANY($4::text[]))""",
+        mailbox_id, folder, uidvalidity, list(refused),
+    )
+    if not refused:
+        return []
+    rows = await conn.fetch(
+        """INSERT INTO refused_message AS r (mailbox_id, folder, uidvalidity, server_id, reason, skipped_at)
+           SELECT $1, $2, $3, f.server_id, f.reason, CASE WHEN $6 <= 1 THEN now() END
+           FROM unnest($4::text[], $5::text[]) AS f(server_id, reason)
+           ON CONFLICT (mailbox_id, folder, uidvalidity, server_id) DO UPDATE
+             SET attempts = r.attempts + 1, reason = EXCLUDED.reason, last_refused_at = now(),
+                 skipped_at = CASE WHEN r.attempts + 1 >= $6 THEN now() END
+             WHERE r.skipped_at IS NULL
+           RETURNING server_id, attempts, skipped_at IS NOT NULL AS skipped, reason""",
+        mailbox_id, folder, uidvalidity, list(refused), list(refused.values()), skip_after,
+    )
+    return [Refusal(**dict(r)) for r in rows]
+
+
+def refusal_warnings(counted: Sequence[Refusal], kind: str, where: str,
+                     skip_after: int = REFUSALS_BEFORE_SKIP) -> list[tuple[str, str]]:
+    """(alert code, text) naming the refused messages: one warning for those tried again later,
+    one for those skipped now.  The texts carry no attempt count, so the registry's alerts do not
+    repeat at every sync (``Registry.raise_alert`` drops an alert equal to the latest)."""
+    warnings = []
+    for skipped, code in ((False, "messages_refused"), (True, "messages_skipped")):
+        rows = sorted((r for r in counted if r.skipped == skipped), key=lambda r: (len(r.server_id), r.server_id))
+        if not rows:
+            continue
+        names = f"{kind} {', '.join(r.server_id for r in rows)}{' ' + where if where else ''}"
+        if skipped:
+            text = (f"skipped, never to be ingested: the server refused {names} {skip_after} times "
+                    f"(it said: {rows[0].reason})")
+        else:
+            text = (f"the server refuses to hand over {names} (it said: {rows[0].reason}); later syncs "
+                    f"try again, and skip it once refused {skip_after} times")
+        warnings.append((code, text))
+    return warnings
