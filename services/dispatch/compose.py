@@ -1,25 +1,31 @@
 """From a validated request to the bytes that go on the wire, and every reason to refuse one.
 
 Rules are data (``HEADER_ALLOW_LIST``) and small functions; everything here is pure, so unit tests
-run it on plain values.  The MIME is built by ``email.message.EmailMessage`` under
-``email.policy.SMTP``: the policy refuses CR or LF in any header value, so even a value that got
-past the payload model cannot inject a header.
+run it on plain values.  The MIME is built by ``email.message.EmailMessage`` under ``email.policy.SMTP``.
+That policy refuses a literal CR or LF in a header value, but it decodes RFC 2047 encoded words when
+it parses one, and Python before 3.11.10 / 3.12.5 writes a decoded CR/LF out raw (CVE-2024-6923):
+``=?utf-8?q?x=0D=0ABcc:_a@evil.example?=`` in a subject became a real ``Bcc`` header.  So, whatever
+got past the payload model: every text bound for a header is refused (``header_injection``) when it
+holds a line break as such or in an encoded word; each header as written must be one line plus
+continuation lines (the check later Pythons make, ``HeaderWriteError``); and the header block of the
+message and of each MIME part must hold exactly the fields written here, or nothing is sent.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import email.errors
 import re
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import EmailPolicy
 from email.utils import format_datetime, getaddresses
 from datetime import datetime, timezone
 from typing import Any
 
 from shared.errors import InvalidInput
-from shared.events.fields import is_email_address
+from shared.events.fields import breaks_header, is_email_address
 from shared.events.payloads import EmailOutboundV1
 
 # Headers a requester may set.  Everything else (From, Sender, To, Cc, Bcc, Subject, Date,
@@ -34,6 +40,12 @@ HEADER_ALLOW_LIST: frozenset[str] = frozenset({
 RESERVED_PREFIX = "x-conduit-"
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext, and short enough to fold
 _MSG_ID = re.compile(r"^<[^<>\s@]+@[^<>\s@]+>$")
+# Message ids and URLs: written as given, folded only at their own whitespace.  The email package
+# treats them as unstructured text and RFC 2047-encodes any word too long for a 78-character line,
+# which breaks threading (an Outlook Message-ID is longer) and RFC 8058 one-click unsubscribe.
+VERBATIM_HEADERS: frozenset[str] = frozenset({"in-reply-to", "references", "list-unsubscribe"})
+_PRINTABLE_ASCII = re.compile(r"^[\t -~]*$")
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def header_allowed(name: str) -> bool:
@@ -56,6 +68,8 @@ def check_headers(headers: dict[str, str]) -> None:
         seen.add(lower)
         if len(value) > 998:
             raise InvalidInput(f"header {name!r} is longer than 998 characters", reason="header_too_long")
+        if lower in VERBATIM_HEADERS:
+            _check_verbatim(name, value)
         if lower == "reply-to":
             addresses = [a for _, a in getaddresses([value])]
             if not addresses or not all(is_email_address(a) for a in addresses):
@@ -64,6 +78,35 @@ def check_headers(headers: dict[str, str]) -> None:
             ids = value.split()
             if not ids or not all(_MSG_ID.match(i) for i in ids):
                 raise InvalidInput(f"{name} must be message ids in angle brackets", reason="bad_header")
+
+
+def _check_verbatim(name: str, value: str) -> None:
+    """A header written verbatim must be printable ASCII (a message id, a URL: RFC 5322, RFC 2369)."""
+    if _PRINTABLE_ASCII.match(value):
+        return
+    if _ASCII_CONTROL.search(value) or breaks_header(value):
+        raise InvalidInput(f"header {name!r} holds a control character", reason="header_injection")
+    raise InvalidInput(f"{name} must be ASCII (message ids, URLs)", reason="bad_header")
+
+
+def header_texts(request: EmailOutboundV1, sender_email: str, sender_name: str | None, subject: str) -> list[str]:
+    """Every text compose writes into a header.  The request's own fields passed the payload model,
+    but the display name (the mailbox's name) and the subject with its token did not, and a stored
+    request may predate a rule."""
+    texts = [subject, sender_name or "", sender_email, *request.to, *request.cc, *request.bcc,
+             *request.headers.keys(), *request.headers.values()]
+    for attachment in request.attachments:
+        texts += (attachment.filename, attachment.content_id or "", attachment.content_type)
+    return texts
+
+
+def check_header_text(texts: list[str]) -> None:
+    """Refuse (``header_injection``) a header text that could end its line: a line break or NUL as
+    such, or a control character decoded from an RFC 2047 encoded word."""
+    for text in texts:
+        if breaks_header(text):
+            raise InvalidInput(f"header text {text[:80]!r} holds a line break or control character, as such or in "
+                               "an RFC 2047 encoded word", reason="header_injection")
 
 
 def estimated_size(request: EmailOutboundV1, stored_sizes: dict[str, int] | None = None) -> int:
@@ -129,10 +172,18 @@ def compose(
 ) -> Composed:
     """The MIME message for a request, sent as the mailbox owner (From = the mailbox address)."""
     date = date or datetime.now(timezone.utc)
+    texts = header_texts(request, sender_email, sender_name, subject)
+    # An encoded word is looked into whichever path writes it (cheap: most texts hold no "=?").  The
+    # direct path takes printable ASCII only, so only the email package's path needs the rest.
+    checked = "=?" in " ".join(texts)
+    if checked:
+        check_header_text(texts)
     fast = _compose_plain(request, sender_email, sender_name, subject, message_id, date, bcc_header)
     if fast is not None:
         raw = fast
     else:
+        if not checked:
+            check_header_text(texts)
         raw = _compose_mime(request, sender_email=sender_email, sender_name=sender_name, subject=subject,
                             message_id=message_id, attachments=attachments, date=date, bcc_header=bcc_header)
     if max_bytes is not None and len(raw) > max_bytes:
@@ -173,7 +224,7 @@ def _compose_plain(request: EmailOutboundV1, sender_email: str, sender_name: str
     lines = []
     for hname, value in headers:
         line = f"{hname}: {value}"
-        if len(line) > 78 or not _PLAIN_VALUE.match(value) or value != value.strip() or "  " in value:
+        if len(line) > 78 or not _PLAIN_VALUE.match(line) or value != value.strip() or "  " in value:
             return None  # would need folding or encoding: let the email package do it
         lines.append(line)
     lines += [f'Content-Type: text/{subtype}; charset="utf-8"', "Content-Transfer-Encoding: 7bit", "MIME-Version: 1.0"]
@@ -184,7 +235,7 @@ def _compose_plain(request: EmailOutboundV1, sender_email: str, sender_name: str
 def _compose_mime(request: EmailOutboundV1, *, sender_email: str, sender_name: str | None, subject: str,
                   message_id: str, attachments: dict[str, bytes] | None, date: datetime,
                   bcc_header: bool = False) -> bytes:
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=_POLICY)
     try:
         msg["From"] = Address(display_name=sender_name or "", addr_spec=sender_email)
         if request.to:
@@ -199,7 +250,7 @@ def _compose_mime(request: EmailOutboundV1, *, sender_email: str, sender_name: s
         msg["Date"] = format_datetime(date)
         msg["Message-ID"] = f"<{message_id}>"
         for name, value in request.headers.items():
-            msg[name] = value
+            msg[name] = _VerbatimHeader(name, value) if name.lower() in VERBATIM_HEADERS else value
     except (ValueError, TypeError) as exc:  # the policy refuses CR/LF and malformed values
         raise InvalidInput(f"a header cannot be written safely: {exc}", reason="header_injection") from exc
     text, html = request.text, request.html
@@ -225,7 +276,105 @@ def _compose_mime(request: EmailOutboundV1, *, sender_email: str, sender_name: s
             msg.add_attachment(data, **kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"attachment {attachment.filename!r} cannot be attached: {exc}", reason="bad_attachment") from exc
-    return msg.as_bytes()
+    try:
+        raw = msg.as_bytes()
+    except _HEADER_WRITE_ERRORS as exc:  # Python 3.11.10+ / 3.12.5+ check what they write, as _POLICY does
+        raise InvalidInput(f"a header cannot be written safely: {exc}", reason="header_injection") from exc
+    _check_header_blocks(msg, raw)
+    return raw
+
+
+_HEADER_WRITE_ERRORS: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(email.errors, "HeaderWriteError", None),) if e is not None)
+# Inside a written header (its final CRLF taken off), a line may end only where a continuation line
+# starts: CRLF then a space or tab.  Anything else would start a header of its own, or the body.
+_LINE_END_WITHOUT_CONTINUATION = re.compile(r"\r(?!\n[ \t])|(?<!\r)\n")
+
+
+class _CheckedPolicy(EmailPolicy):
+    """``email.policy.SMTP`` that refuses a header whose written form ends its line anywhere but at a
+    fold: what Python 3.11.10+ checks (``verify_generated_headers``), for the Python we run."""
+
+    def fold(self, name: str, value: Any) -> str:
+        return _checked_fold(name, super().fold(name, value), self.linesep)
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        folded = super().fold_binary(name, value)
+        _checked_fold(name, folded.decode("ascii", "surrogateescape"), self.linesep)
+        return folded
+
+
+def _checked_fold(name: str, folded: str, linesep: str) -> str:
+    if not folded.endswith(linesep) or _LINE_END_WITHOUT_CONTINUATION.search(folded[:-len(linesep)]):
+        raise InvalidInput(f"header {name!r} would not be one header line once written (header injection)",
+                           reason="header_injection")
+    return folded
+
+
+_POLICY = _CheckedPolicy(linesep="\r\n")  # otherwise email.policy.SMTP
+
+
+class _VerbatimHeader:
+    """A header value written as given, folded only at its own whitespace (``VERBATIM_HEADERS``).
+
+    The email package stores a value with a matching ``name`` unchanged and folds it by calling its
+    ``fold`` (``EmailPolicy.header_store_parse`` and ``EmailPolicy.fold``): no parsing, no encoding.
+    """
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value = name, value
+
+    def __str__(self) -> str:
+        return self.value
+
+    def fold(self, *, policy: EmailPolicy) -> str:
+        _check_verbatim(self.name, self.value)
+        # Each word with the whitespace before it; a fold goes before that whitespace, so unfolding
+        # (taking the CRLFs out) gives the value back.
+        first, *words = re.findall(r"[ \t]*[^ \t]+", self.value.strip(" \t")) or [""]
+        lines = [f"{self.name}: {first}"]
+        for word in words:
+            if len(lines[-1]) + len(word) > 78:
+                lines.append(word)
+            else:
+                lines[-1] += word
+        if any(len(line) > 998 for line in lines):
+            raise InvalidInput(f"header {self.name!r} has a word too long for a 998-character line",
+                               reason="header_too_long")
+        return policy.linesep.join(lines) + policy.linesep
+
+
+def _check_header_blocks(msg: EmailMessage, raw: bytes) -> None:
+    """The header block of the message and of each MIME part holds exactly the fields written here,
+    in order: an injected header (or an injected blank line, which ends a block early) is refused."""
+    parts = list(msg.walk())
+    starts = [0]
+    for part in parts:
+        boundary = part.get_boundary() if part.is_multipart() else None
+        if boundary is not None:
+            # The generator writes each part after a blank line or CRLF, then "--boundary" CRLF.
+            delimiter = b"\r\n--" + boundary.encode("ascii") + b"\r\n"
+            at = raw.find(delimiter)
+            while at != -1:
+                starts.append(at + len(delimiter))
+                at = raw.find(delimiter, at + len(delimiter))
+    starts.sort()
+    written = [_field_names(raw, start) for start in starts]
+    expected = [[name.lower() for name in part.keys()] for part in parts]
+    if written != expected:
+        raise InvalidInput("the message as written holds other header fields than were set (header injection)",
+                           reason="header_injection")
+
+
+def _field_names(raw: bytes, start: int) -> list[str]:
+    end = raw.find(b"\r\n\r\n", start)
+    block = raw[start:end if end != -1 else len(raw)]
+    if raw.startswith(b"\r\n", start):
+        return []
+    return [line.split(b":", 1)[0].decode("ascii", "replace").lower()
+            for line in re.split(rb"\r\n|\r|\n", block) if line[:1] not in (b" ", b"\t")]
 
 
 def _cte(text: str) -> str:

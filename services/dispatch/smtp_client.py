@@ -13,10 +13,14 @@ The failure classes here are precise because the caller's send ledger acts on th
 - ``SmtpTemporaryFailure`` (4xx) and ``SmtpPermanentFailure`` (5xx) carry the server's reply;
 - ``SmtpOutcomeUnknown``: the final dot was handed to the connection but no reply came back (the
   server may have accepted the message), so nobody may resend it blindly;
+- ``ConnectionFailed`` from ``finish`` with reason ``connection_lost_mid_message``: the session
+  ended while the end of the message was provably still in our own buffers: nothing was accepted;
 - ``ConnectionFailed``, ``ProtocolTimeout``, ``AuthenticationFailed``, ``TlsFailed`` from
   ``shared.errors``.
 
-Nothing here ever logs or puts into an exception a password, a token or a message body.
+Nothing here ever logs or puts into an exception a password, a token or a message body.  What the
+server says is cleaned where it is decoded (``server_text``): it ends up in exceptions, logs,
+PostgreSQL ``text`` columns and JSON status events, which must never see a NUL.
 """
 from __future__ import annotations
 
@@ -49,6 +53,22 @@ AuthMechanism = Literal["plain", "login", "xoauth2"]
 _MAX_LINE = 16 * 1024
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
+
+# What is kept of a server's text: per line, and per reply (its lines joined).  RFC 5321 4.5.3.1.5
+# allows 512 octets a reply line; anything past this is noise and would bloat ledger rows.
+_MAX_REPLY_TEXT = 1000
+# More continuation lines than this are dropped (a hostile server could otherwise grow one reply
+# without end); the longest real EHLO replies have a few dozen.
+_MAX_REPLY_LINES = 100
+# C0 controls but tab, DEL and C1 controls: PostgreSQL refuses NUL in ``text`` and the others
+# garble logs and terminals.
+_UNPRINTABLE = dict.fromkeys(
+    (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F, *range(0x80, 0xA0)), "\ufffd"
+)
+# TLS flow control counts encrypted bytes; each record of up to 16 KiB of text carries well under
+# 512 bytes of header, MAC or tag and padding (3 %), and a short write makes a short record.  See
+# ``SmtpConnection._content_lost``.
+_TLS_RECORD_SLACK = 4096
 
 
 # --------------------------------------------------------------------------- configuration
@@ -183,6 +203,27 @@ def _not_sent(following: PreparedMessage | None, cause: Exception) -> StaleConne
     return StaleConnection(f"the session ended before the next message's envelope was answered: {cause}")
 
 
+def server_text(raw: bytes) -> str:
+    """Text a server sent, safe to keep anywhere: invalid UTF-8 and control characters (but tab)
+    replaced by U+FFFD, at most ``_MAX_REPLY_TEXT`` characters.
+
+    On the send path for every reply line, so the usual case (printable ASCII) costs what the
+    plain decode did plus two C-level checks.
+    """
+    if raw.isascii():
+        text = raw.decode("ascii")
+        if text.isprintable():  # for ASCII: 0x20-0x7E only
+            return text if len(text) <= _MAX_REPLY_TEXT else _truncated(text)
+    else:
+        text = raw.decode("utf-8", "replace")
+    text = text.translate(_UNPRINTABLE)
+    return text if len(text) <= _MAX_REPLY_TEXT else _truncated(text)
+
+
+def _truncated(text: str) -> str:
+    return text[: _MAX_REPLY_TEXT - 1] + "\u2026"
+
+
 def _enhanced_code(text: str) -> str | None:
     match = _ENHANCED.match(text)
     return match.group(1) if match else None
@@ -204,7 +245,9 @@ class SmtpReply:
 
     @property
     def text(self) -> str:
-        return " ".join(self.lines)
+        """The reply's lines joined (each already clean, see ``server_text``), capped as a whole."""
+        text = " ".join(self.lines)
+        return text if len(text) <= _MAX_REPLY_TEXT else _truncated(text)
 
 
 def encode_content(message: bytes) -> bytes:
@@ -264,6 +307,10 @@ class _ReplyReader(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.close_reason: str = "connection closed by the server"
+        # Flow control as the transport reported it: while paused, more than ``low_water`` bytes
+        # written were still in the transport's own buffer (see ``SmtpConnection._content_lost``).
+        self.writing_paused = False
+        self.low_water = 0
 
     # asyncio callbacks
 
@@ -293,18 +340,26 @@ class _ReplyReader(asyncio.Protocol):
         if exc is not None:
             self.close_reason = f"connection lost: {exc.__class__.__name__}"
         self._wake(ConnectionFailed(self.close_reason))
+        # Wake a writer waiting for room without an error: the ``read`` that follows every drain
+        # hands out a reply the server sent before it closed (a 552 or 421 in the middle of DATA),
+        # or raises the loss when there is none.  ``writing_paused`` stays as it was: a transport
+        # that loses its connection drops its buffer and never resumes its protocol.
         drain = self._drain_waiter
         if drain is not None and not drain.done():
-            drain.set_exception(ConnectionFailed(self.close_reason))
+            drain.set_result(None)
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.transport is not None:
+            self.low_water = self.transport.get_write_buffer_limits()[0]
         if self._drain_waiter is None or self._drain_waiter.done():
             self._drain_waiter = self._loop.create_future()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         drain = self._drain_waiter
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -312,13 +367,14 @@ class _ReplyReader(asyncio.Protocol):
     # parsing
 
     def _line_received(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace")
-        if len(line) < 3 or not line[:3].isdigit():
+        code = raw[:3]
+        if len(code) < 3 or not code.isdigit():  # bytes.isdigit: ASCII digits only
             self._fail("the server sent a malformed reply")
             return
-        self._lines.append(line[4:])
-        if line[3:4] != "-":
-            self.replies.append(SmtpReply(int(line[:3]), tuple(self._lines)))
+        if len(self._lines) < _MAX_REPLY_LINES:
+            self._lines.append(server_text(raw[4:]))
+        if raw[3:4] != b"-":
+            self.replies.append(SmtpReply(int(code), tuple(self._lines)))
             self._lines = []
 
     def _fail(self, why: str) -> None:
@@ -620,19 +676,27 @@ class SmtpConnection:
             # Closed before the write: nothing of it was handed to the connection.
             self.abort()
             return exc, _not_sent(following, exc)
+        after_dot = 0 if following is None else sum(map(len, following.envelope))
         try:
             await reader.drain()
             (reply,) = await reader.read(1, self.timeout)
         except (ConnectionFailed, ProtocolTimeout) as exc:
-            # Handed to the transport: the final dot may have reached the server.
+            failure = self._content_lost(reader, after_dot, exc)
             self.abort()
-            return SmtpOutcomeUnknown(
-                f"no reply after the end of the message ({exc}); the server may have accepted it"
-            ), _not_sent(following, exc)
+            return failure, _not_sent(following, exc)
         except BaseException:
             self.abort()
             raise
         self.messages_sent += 1
+        if reader.writing_paused and reply.code < 400:
+            # The session ended while the end of the message was still ours to write, and the
+            # server said yes to something before that: no telling what it took.  (A refusal
+            # needs no such care: it is the verdict, whatever it answered.)
+            self.abort()
+            return SmtpOutcomeUnknown(
+                f"the server answered {reply.code} before the end of the message was written, "
+                "then closed; it may have accepted something"
+            ), _not_sent(following, ConnectionFailed(reader.close_reason))
         if reply.code == 250:
             outcome: SmtpAccepted | Exception = SmtpAccepted(reply.code, reply.text, transaction.refused)
         else:
@@ -655,6 +719,39 @@ class SmtpConnection:
         except BaseException:
             self.abort()
             raise
+
+    def _content_lost(self, reader: _ReplyReader, after_dot: int, cause: Exception) -> Exception:
+        """The outcome of a message whose session ended, with no reply, after its content was
+        handed to the transport: unknown, unless the end of the message provably never left.
+
+        The line is the kernel: bytes handed to the socket may have been delivered, whatever
+        happened next.  An asyncio transport keeps what the socket did not take in its own
+        buffer; it pauses its protocol when that buffer passes the high-water mark and resumes it
+        only once it is at or below the low-water mark, and on a lost connection (or our abort)
+        it drops the buffer without resuming.  So a protocol still paused when the session ends
+        had more than ``low_water`` bytes, the last ones written, never handed to the kernel.  The
+        content's write was the last one, ending with the final CRLF.CRLF and then only the
+        following envelope (``after_dot`` bytes): if more than those were never handed over, the
+        server never saw the end of the data and cannot have accepted the message.
+
+        Over TLS this seldom proves anything: asyncio's SSL layer encrypts a write and passes it
+        on to the socket transport at once, whose buffer we cannot see, and resumes us.  When it
+        does pause us, what it holds is partly encrypted records; ``_TLS_RECORD_SLACK`` and a
+        1/32 margin cover their overhead.  Anything less certain stays ``SmtpOutcomeUnknown``.
+        """
+        if reader.writing_paused:
+            unsent = reader.low_water
+            if self.server.tls != "none":
+                unsent -= unsent // 32 + _TLS_RECORD_SLACK
+            if unsent >= after_dot:
+                return ConnectionFailed(
+                    f"the session ended while the message was being written ({cause}); "
+                    "its end never left, so nothing was accepted",
+                    reason="connection_lost_mid_message",
+                )
+        return SmtpOutcomeUnknown(
+            f"no reply after the end of the message ({cause}); the server may have accepted it"
+        )
 
     async def _opened(self, prepared: PreparedMessage, replies: list[SmtpReply]) -> OpenTransaction:
         """The transaction ready for its content, or its refusal raised (the session reset)."""
@@ -692,7 +789,7 @@ class SmtpConnection:
         ext = self.extensions
         params = []
         if "SIZE" in ext:
-            limit = int(ext["SIZE"]) if ext["SIZE"].isdigit() else 0
+            limit = int(ext["SIZE"]) if ext["SIZE"].isascii() and ext["SIZE"].isdigit() else 0
             if limit and size > limit:
                 raise SmtpPermanentFailure(
                     552,
@@ -829,7 +926,7 @@ def _b64(text: str) -> str:
 
 def _decode_challenge(text: str) -> str:
     try:
-        return base64.b64decode(text.strip(), validate=True).decode("utf-8", "replace")
+        return server_text(base64.b64decode(text.strip(), validate=True))
     except ValueError:
         return ""
 

@@ -1,0 +1,115 @@
+"""Header injection through RFC 2047 encoded words, end to end: events on the broker, DispatchService in
+burst mode, an aiosmtpd capture server.  Requests carrying an encoded word that decodes to CR/LF are
+rejected (``header_injection``) and dead-lettered; a mailbox whose name carries one fails its sends;
+nothing injected reaches the server; message ids and URLs go out verbatim."""
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from conduit.peers.smtp import CaptureSmtpServer
+from services.dispatch.service import DispatchService
+from services.dispatch.settings import DispatchSettings
+from shared.events.envelope import encode_event
+from shared.kafka import client_options, topic_name
+from shared.lifecycle import run_service
+from tests.support.dispatch import StatusReader, outbound, publish, publish_raw, sending_mailbox
+from tests.support.waiting import eventually
+
+INJECTION = "=?utf-8?q?x=0D=0AX-Injected:_yes=0D=0ABcc:_attacker@evil.example?="
+OUTLOOK_ID = "<AM9PR02MB7654A1B2C3D4E5F6A7B8C9D0E1F2A3B4C5D6@AM9PR02MB7654.eurprd02.prod.outlook.com>"
+UNSUBSCRIBE = "<https://example.com/unsubscribe?list=news&token=" + "a1b2c3d4" * 12 + ">"
+
+
+@pytest.fixture
+def capture(tmp_path):
+    with CaptureSmtpServer(tmp_path / "capture") as server:
+        yield server
+
+
+async def _dispatch(settings) -> None:
+    service = DispatchService(settings, DispatchSettings(retry_base_seconds=0.05, poll_seconds=0.1),
+                              group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
+    await run_service(service, burst=True)
+
+
+async def _finals(settings, keys: list[str]) -> StatusReader:
+    reader = StatusReader(settings)
+    async with reader:
+        async def done():
+            await reader.poll()
+            return all(reader.final(k) for k in keys)
+        await eventually(done, timeout=20, what="final statuses")
+    return reader
+
+
+async def _dead_letter_reasons(settings, keys: set[str]) -> dict[str, str]:
+    consumer = AIOKafkaConsumer(topic_name(settings, "email.outbound.dlq"), **client_options(settings),
+                                group_id=f"r-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        found: dict[str, str] = {}
+        for _ in range(10):
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                for record in records:
+                    key = record.key.decode() if record.key else ""
+                    if key in keys:
+                        found[key] = dict(record.headers)["reason"].decode()
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def test_encoded_word_injection_is_refused_and_nothing_injected_is_sent(settings, registry, org, publisher,
+                                                                              capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    # A mailbox whose name (the From display name, not part of any request) carries the encoded word.
+    named = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, profile=sender.profile)
+    await registry.update_mailbox(org, named.email, name="Sales " + INJECTION)
+    pdf = base64.b64encode(b"%PDF-1.4").decode()
+    changes = {
+        "subject": {"subject": "Grüße " + INJECTION},
+        "filename": {"attachments": [{"filename": INJECTION, "content_base64": pdf}]},
+        "x-header": {"headers": {"X-Campaign": INJECTION + " and enough words to need folding, past 78 characters"}},
+        "content-id": {"html": "<img src='cid:x'>", "attachments": [
+            {"filename": "x.png", "content_type": "image/png", "inline": True, "content_id": INJECTION, "content_base64": pdf}]},
+    }
+    raw, refused = [], {}
+    for field, change in changes.items():
+        key = f"inject-{field}-{uuid.uuid4().hex[:8]}"
+        body = json.loads(encode_event(outbound(org, mailbox_id=sender.mailbox_id, idempotency_key=key)))
+        body["data"].update(change)
+        raw.append((json.dumps(body).encode(), key))
+        refused[key] = field
+    await publish_raw(publisher, raw)
+    from_named = outbound(org, mailbox_id=named.mailbox_id, subject="Grüße from a mailbox with a bad name")
+    threaded = outbound(org, mailbox_id=sender.mailbox_id, subject="Re: your order",
+                        headers={"In-Reply-To": OUTLOOK_ID, "References": f"<first@example.com> {OUTLOOK_ID}",
+                                 "List-Unsubscribe": UNSUBSCRIBE, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"})
+    await publish(publisher, from_named, threaded)
+    await _dispatch(settings)
+
+    keys = [*refused, from_named.data.idempotency_key, threaded.data.idempotency_key]
+    reader = await _finals(settings, keys)
+    for key, field in refused.items():
+        final = reader.final(key)
+        assert (final.status, final.reason) == ("rejected", "header_injection"), (field, final)
+    assert await _dead_letter_reasons(settings, set(refused)) == {key: "header_injection" for key in refused}
+    final = reader.final(from_named.data.idempotency_key)
+    assert (final.status, final.reason) == ("failed", "header_injection"), final
+    assert reader.final(threaded.data.idempotency_key).status == "sent"
+
+    messages = capture.messages()
+    assert len(messages) == 1  # only the threaded reply went out
+    (message,) = messages
+    assert "attacker@evil.example" not in message.rcpt_tos
+    assert message.header("Bcc") is None and message.header("X-Injected") is None
+    head = message.raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    assert f"\r\nIn-Reply-To: {OUTLOOK_ID}\r\n" in head
+    assert f"\r\nReferences: <first@example.com>\r\n {OUTLOOK_ID}\r\n" in head
+    assert f"\r\nList-Unsubscribe: {UNSUBSCRIBE}\r\n" in head
+    assert "=?" not in head  # nothing RFC 2047-encoded: the subject and the names are ASCII

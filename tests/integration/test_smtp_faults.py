@@ -1,0 +1,318 @@
+"""The dispatch SMTP client against a server that misbehaves in ways aiosmtpd will not.
+
+A tiny SMTP server written here (``FaultyServer``, plain asyncio streams on a loopback port) sends
+exactly the bytes a test asks for: reply text with NUL, control characters and invalid UTF-8, and
+replies or closes in the middle of DATA.  What is checked is what the send ledger acts on:
+
+- reply text reaching ``SmtpAccepted``, failures and refused recipients is clean (it is stored in
+  PostgreSQL ``text`` columns, which refuse NUL, and published in JSON status events);
+- a server that refuses in the middle of DATA and closes gives its own verdict (552: permanent,
+  421: temporary), and a server that closes while the message is still being written means
+  "nothing was accepted" (retryable), while a close after the final dot stays
+  ``SmtpOutcomeUnknown`` (never resent).
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from services.dispatch.smtp_client import SmtpConnection, SmtpServer
+from services.dispatch.smtp_transport import (
+    SmtpAccepted,
+    SmtpOutcomeUnknown,
+    SmtpPermanentFailure,
+    SmtpPool,
+    SmtpTemporaryFailure,
+)
+from shared.errors import ConnectionFailed
+
+SENDER = "sender@example.com"
+EHLO_PIPELINING = b"250-faulty.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+EHLO_LOCKSTEP = b"250-faulty.test\r\n250 8BITMIME\r\n"
+END_OF_DATA = b"\r\n.\r\n"
+# Far more than the loopback socket buffers of both ends hold, so that the client's transport
+# still buffers most of the message (writing paused) when the server stops reading.
+BIG = 16 * 1024 * 1024
+# What the server reads of the content before it refuses or closes.
+PART = 200_000
+
+DataBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def message(body: bytes = b"hello\r\n") -> bytes:
+    return b"From: sender@example.com\r\nTo: rcpt@example.net\r\nSubject: faults\r\n\r\n" + body
+
+
+def big_message() -> bytes:
+    return message((b"x" * 76 + b"\r\n") * (BIG // 78))
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def reply_after_dot(reply: bytes) -> DataBehaviour:
+    """Read the whole content, then answer ``reply``; the session goes on."""
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await reader.readuntil(END_OF_DATA)
+        writer.write(reply + b"\r\n")
+        return True
+    return behave
+
+
+def refuse_mid_data(reply: bytes) -> DataBehaviour:
+    """Read part of the content, answer ``reply`` and close without reading the rest (as a server
+    enforcing a size limit it did not advertise, or shutting down, does)."""
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await reader.readexactly(PART)
+        writer.write(reply + b"\r\n")
+        await writer.drain()
+        return False
+    return behave
+
+
+async def close_mid_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Read part of the content and close without a word."""
+    await reader.readexactly(PART)
+    return False
+
+
+async def close_after_dot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Read the whole content, final dot included, and close without a word."""
+    await reader.readuntil(END_OF_DATA)
+    return False
+
+
+class FaultyServer:
+    """An SMTP server that says what it is told: its greeting, EHLO and RCPT replies are bytes,
+    and each session's DATA is handled by the next behaviour in ``data`` (the last one repeats)."""
+
+    def __init__(
+        self,
+        data: list[DataBehaviour],
+        *,
+        greeting: bytes = b"220 faulty.test ESMTP",
+        ehlo: bytes = EHLO_PIPELINING,
+        rcpt: dict[str, bytes] | None = None,
+        tls: dict | None = None,
+    ) -> None:
+        self.data = data
+        self.tls = tls  # the ``tls`` fixture: implicit TLS with its certificate
+        self.greeting = greeting
+        self.ehlo = ehlo
+        self.rcpt = rcpt or {}
+        self.sessions = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FaultyServer:
+        # A large stream limit: ``readuntil`` looks for the end of data across a whole message.
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls["cert"], self.tls["key"])
+        self._server = await asyncio.start_server(
+            self._session, "127.0.0.1", 0, limit=2 * BIG, ssl=context
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def server(self) -> SmtpServer:
+        if self.tls is None:
+            return SmtpServer("127.0.0.1", self.port, "none")
+        return SmtpServer("127.0.0.1", self.port, "implicit", ssl_context=self.tls["client"])
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        behaviour = self.data[min(self.sessions, len(self.data) - 1)]
+        self.sessions += 1
+        try:
+            writer.write(self.greeting + b"\r\n")
+            if not self.greeting.startswith(b"220"):
+                return
+            recipients = 0
+            while line := await reader.readline():
+                command = line.rstrip(b"\r\n")
+                verb = command[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    writer.write(self.ehlo)
+                elif verb == b"RCPT":
+                    address = command.partition(b"<")[2].rstrip(b">").decode()
+                    reply = self.rcpt.get(address, b"250 2.1.5 ok")
+                    recipients += reply.startswith(b"250")
+                    writer.write(reply + b"\r\n")
+                elif verb == b"DATA" and not recipients:
+                    writer.write(b"554 5.5.1 no valid recipients\r\n")
+                elif verb == b"DATA":
+                    recipients = 0
+                    writer.write(b"354 go ahead\r\n")
+                    if not await behaviour(reader, writer):
+                        return
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                else:  # MAIL, RSET
+                    recipients = 0
+                    writer.write(b"250 2.0.0 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[FaultyServer], Awaitable[SmtpConnection]]]:
+    opened: list[SmtpConnection] = []
+
+    async def open_session(server: FaultyServer) -> SmtpConnection:
+        conn = SmtpConnection(server.server(), helo_name="client.test", timeout=10)
+        await conn.open(None)
+        opened.append(conn)
+        return conn
+
+    yield open_session
+    for conn in opened:
+        conn.abort()
+
+
+def clean(text: str) -> bool:
+    return not any(ord(ch) < 0x20 and ch != "\t" or 0x7F <= ord(ch) < 0xA0 for ch in text)
+
+
+# --------------------------------------------------------------------------- server text
+
+
+async def test_a_reply_with_nul_control_bytes_and_bad_utf8_gives_clean_text(connect) -> None:
+    reply = b"250 2.0.0 queued as \x00ABC\x07\x1b[31m\tend \xff\xfe \xc3\xa9t\xc3\xa9 \x7f\xc2\x9b"
+    async with FaultyServer([reply_after_dot(reply)]) as server:
+        conn = await connect(server)
+        accepted = await conn.send(SENDER, ["rcpt@example.net"], message())
+    assert accepted.code == 250
+    assert accepted.text == (
+        "2.0.0 queued as \ufffdABC\ufffd\ufffd[31m\tend \ufffd\ufffd \u00e9t\u00e9 \ufffd\ufffd"
+    )
+    assert clean(accepted.text)
+
+
+async def test_refusals_and_greetings_with_nul_give_clean_texts(connect) -> None:
+    rcpt = {"gone@example.net": b"550 5.1.1 no\x00such\x1b user"}
+    async with FaultyServer([reply_after_dot(b"250 ok")], rcpt=rcpt) as server:
+        conn = await connect(server)
+        accepted = await conn.send(SENDER, ["gone@example.net", "here@example.net"], message())
+        assert accepted.refused_recipients == {"gone@example.net": (550, "5.1.1 no\ufffdsuch\ufffd user")}
+        with pytest.raises(SmtpPermanentFailure) as refused:
+            await conn.send(SENDER, ["gone@example.net"], message())
+    assert refused.value.refused_recipients["gone@example.net"][1] == "5.1.1 no\ufffdsuch\ufffd user"
+    assert clean(str(refused.value)) and clean(refused.value.text)
+
+    async with FaultyServer([reply_after_dot(b"250 ok")], greeting=b"554 5.7.1 go\x00 away\rnow") as server:
+        with pytest.raises(SmtpPermanentFailure) as greeting:
+            await connect(server)
+    assert greeting.value.code == 554
+    assert greeting.value.text == "5.7.1 go\ufffd away\ufffdnow"
+    assert clean(str(greeting.value))
+
+
+async def test_long_and_many_line_replies_are_capped(connect) -> None:
+    long_line = b"250 2.0.0 " + b"a" * 5000
+    many = b"".join(b"250-" + b"b" * 400 + b"\r\n" for _ in range(300)) + b"250 last"
+    async with FaultyServer([reply_after_dot(long_line), reply_after_dot(many)]) as server:
+        first = await connect(server)
+        accepted = await first.send(SENDER, ["rcpt@example.net"], message())
+        assert len(accepted.text) == 1000 and accepted.text.startswith("2.0.0 aaa")
+        second = await connect(server)
+        accepted = await second.send(SENDER, ["rcpt@example.net"], message())
+        assert len(accepted.text) == 1000 and accepted.text.startswith("bbb")
+        assert await second.send(SENDER, ["rcpt@example.net"], message())  # still in step
+
+
+# --------------------------------------------------------------------------- mid-DATA faults
+
+
+@pytest.fixture(params=["plain", "tls"])
+def tls_or_not(request: pytest.FixtureRequest) -> dict | None:
+    """Each mid-DATA case over plain TCP and over implicit TLS.  Over TLS, asyncio's SSL layer
+    hands a whole write on to the socket transport at once, whose buffer the client cannot see:
+    the client cannot prove that the end of a message never left, so it must say "unknown"."""
+    return request.getfixturevalue("tls") if request.param == "tls" else None
+
+
+@pytest.mark.parametrize("ehlo", [EHLO_PIPELINING, EHLO_LOCKSTEP], ids=["pipelining", "lockstep"])
+async def test_552_in_the_middle_of_data_then_close_is_a_permanent_failure(connect, ehlo, tls_or_not) -> None:
+    verdict = b"552 5.3.4 Message size exceeds fixed limit"
+    async with FaultyServer([refuse_mid_data(verdict)], ehlo=ehlo, tls=tls_or_not) as server:
+        conn = await connect(server)
+        with pytest.raises(SmtpPermanentFailure) as failure:
+            await conn.send(SENDER, ["rcpt@example.net"], big_message())
+    assert failure.value.code == 552
+    assert failure.value.enhanced == "5.3.4"
+    assert failure.value.text == "5.3.4 Message size exceeds fixed limit"
+    if tls_or_not is None:
+        # The reply was read once the connection was gone (over TLS it may be read just before).
+        assert not conn.usable
+
+
+async def test_421_in_the_middle_of_data_then_close_is_a_temporary_failure(connect, tls_or_not) -> None:
+    async with FaultyServer([refuse_mid_data(b"421 4.3.2 shutting down")], tls=tls_or_not) as server:
+        conn = await connect(server)
+        with pytest.raises(SmtpTemporaryFailure) as failure:
+            await conn.send(SENDER, ["rcpt@example.net"], big_message())
+    assert (failure.value.code, failure.value.text) == (421, "4.3.2 shutting down")
+    assert not conn.usable
+
+
+async def test_a_close_in_the_middle_of_data_means_nothing_was_accepted(connect, tls_or_not) -> None:
+    async with FaultyServer([close_mid_data], tls=tls_or_not) as server:
+        conn = await connect(server)
+        with pytest.raises((ConnectionFailed, SmtpOutcomeUnknown)) as failure:
+            await conn.send(SENDER, ["rcpt@example.net"], big_message())
+    if tls_or_not is None:
+        assert not isinstance(failure.value, SmtpOutcomeUnknown)
+        assert failure.value.reason == "connection_lost_mid_message"
+    else:
+        assert isinstance(failure.value, SmtpOutcomeUnknown)  # not provable: see ``tls_or_not``
+
+
+async def test_a_yes_in_the_middle_of_data_then_close_is_outcome_unknown(connect) -> None:
+    # The server said yes to something before the message ended: not "sent", not "not sent".
+    async with FaultyServer([refuse_mid_data(b"250 2.0.0 ok")]) as server:
+        conn = await connect(server)
+        with pytest.raises(SmtpOutcomeUnknown):
+            await conn.send(SENDER, ["rcpt@example.net"], big_message())
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
+async def test_a_close_after_the_final_dot_without_reply_stays_outcome_unknown(
+    connect, size, tls_or_not
+) -> None:
+    async with FaultyServer([close_after_dot], tls=tls_or_not) as server:
+        conn = await connect(server)
+        with pytest.raises(SmtpOutcomeUnknown):
+            await conn.send(SENDER, ["rcpt@example.net"], big_message() if size == "big" else message())
+
+
+async def test_a_refusal_mid_data_on_a_pool_settles_the_message_and_moves_the_one_riding_along() -> None:
+    # The first session refuses the big message mid-DATA while the next message's envelope rides
+    # along with its content; that message goes out on a second session.
+    verdict = b"552 5.3.4 Message size exceeds fixed limit"
+    async with FaultyServer([refuse_mid_data(verdict), reply_after_dot(b"250 2.0.0 queued")]) as server:
+        pool = SmtpPool(server.server(), None, max_connections=1, helo_name="client.test", timeout=10)
+        try:
+            outcomes = await asyncio.gather(
+                pool.send(SENDER, ["rcpt@example.net"], big_message()),
+                pool.send(SENDER, ["rcpt@example.net"], message()),
+                return_exceptions=True,
+            )
+        finally:
+            await pool.close()
+    assert pool.coalesced == 1
+    assert isinstance(outcomes[0], SmtpPermanentFailure) and outcomes[0].code == 552
+    assert isinstance(outcomes[1], SmtpAccepted) and outcomes[1].text == "2.0.0 queued"
+    assert server.sessions == 2
