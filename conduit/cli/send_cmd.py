@@ -121,7 +121,12 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
     event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer=producer,
                                       organization_id=ctx.org.id, data=payload)
     await ensure_topics(settings)
-    follower = _StatusFollower(settings) if wait else None
+    # A key already sent or failed publishes no new status: the request is a no-op, and its stored
+    # status is the answer at once (a rejected key is taken over by the new request: wait for it).
+    earlier = await _from_ledger(ctx, payload.idempotency_key) if wait else None
+    if earlier is not None and earlier["status"] == "rejected":
+        earlier = None
+    follower = _StatusFollower(settings, ctx.org.id) if wait and earlier is None else None
     if follower is not None:
         await follower.start()
     publisher = Publisher(settings, client_id="conduit-send")
@@ -130,14 +135,16 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
         await publisher.publish("email.outbound", event, payload.idempotency_key)
     finally:
         await publisher.stop()
-    if follower is None:
+    if follower is None and earlier is None:
         emit_json({"idempotency_key": payload.idempotency_key, "event_id": str(event.event_id)}) if json_ \
             else typer.echo(payload.idempotency_key)
         return 0
-    try:
-        status = await follower.final(payload.idempotency_key, timeout)
-    finally:
-        await follower.stop()
+    status = earlier
+    if follower is not None:
+        try:
+            status = await follower.final(payload.idempotency_key, timeout)
+        finally:
+            await follower.stop()
     if status is None:
         status = await _from_ledger(ctx, payload.idempotency_key)
     if status is None:
@@ -154,8 +161,9 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
 class _StatusFollower:
     """Reads email.status from the offsets it had before the request was published."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, org_id: Any) -> None:
         self._settings = settings
+        self._org_id = org_id   # keys are per organization: another one's "invoice-42" is not ours
         self._consumer: Any = None
 
     async def start(self) -> None:
@@ -186,7 +194,8 @@ class _StatusFollower:
             for records in batches.values():
                 for record in records:
                     event = Envelope[EmailStatusV1].model_validate_json(record.value)
-                    if event.data.idempotency_key == key and event.data.status in FINAL:
+                    if event.organization_id == self._org_id and event.data.idempotency_key == key \
+                            and event.data.status in FINAL:
                         return event.data.model_dump(mode="json")
         return None
 

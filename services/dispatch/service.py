@@ -652,7 +652,9 @@ class DispatchService(ServiceBase):
         assert self.transports is not None and self.pool is not None
         result = _Result(row, work, transport_name(work) if work else None, None)
         try:
-            result.request = request if request is not None else EmailOutboundV1.model_validate(row["request"])
+            # A request stored before a check was tightened fails it now: refused with its reason, not
+            # retried as an internal error until its deadline.
+            result.request = request if request is not None else _validated(row["request"])
             backoff = self._backoff.get(row["mailbox_id"])
             if backoff is not None and backoff > utcnow():  # a send claimed with it just backed it off
                 result.postpone_until = backoff
