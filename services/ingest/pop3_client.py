@@ -10,6 +10,7 @@ Errors map onto ``shared.errors``; no message ever carries the password or token
 """
 from __future__ import annotations
 
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +21,7 @@ from shared.errors import AuthenticationFailed, ConnectionFailed, PermanentError
 
 # RETR commands sent ahead of the replies being read, when the server allows pipelining.
 _PIPELINE_DEPTH = 32
+_UIDL_LINE = re.compile(rb"(\d{1,9}) +([\x21-\x7e]{1,200}) *")
 # RFC 2449 response codes that mean "try again later" rather than "wrong credentials".
 _TRANSIENT_CODES = (b"[IN-USE]", b"[LOGIN-DELAY]", b"[SYS/TEMP]")
 
@@ -146,9 +148,15 @@ class Pop3Client:
         body = await self._read_multiline()
         ids: dict[int, str] = {}
         for line in body.split(b"\r\n"):
-            parts = line.split(None, 1)
-            if len(parts) == 2:
-                ids[int(parts[0])] = parts[1].decode("ascii", "replace").strip()
+            if not line:
+                continue
+            match = _UIDL_LINE.fullmatch(line)
+            if match is None:
+                # RFC 1939 7: a message number, one space, 1-70 characters 0x21-0x7E (we take up to
+                # 200, the most an event carries).  Anything else cannot be kept track of.
+                raise Pop3CommandFailed(f"The POP3 server {self._host} answered UIDL with a line that is not "
+                                        f"'number unique-id': {_text(line[:100])}.", reason="protocol_error")
+            ids[int(match[1])] = match[2].decode("ascii")
         return ids
 
     async def retr(self, number: int) -> bytes:

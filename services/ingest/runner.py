@@ -140,6 +140,12 @@ class MailboxRunner:
         except OSError as exc:
             await self._failed("connection_failed", f"connection error: {exc.strerror or exc}")
             return False
+        except Exception as exc:  # noqa: BLE001 - a fault of ours or of a library, met with this mailbox
+            # The mailbox backs off with an alert naming the failure, as for any other; the runner
+            # dying instead would be started again within seconds, signing in each time.
+            log.error("mailbox %s: unexpected failure while syncing", self._work.id, exc_info=exc)
+            await self._failed("internal_error", f"unexpected {type(exc).__name__} while syncing (details in the ingest log)")
+            return False
         if self.failed or self._work["incoming_error_count"]:
             await self._ctx.registry.record_success(self._work.id, "incoming")
             self.failed = False

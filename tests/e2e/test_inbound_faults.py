@@ -39,6 +39,7 @@ class RefusingRelay:
         self._upstream = (host, port)
         self._relay = self._imap if protocol == "imap" else self._pop3
         self.refusals = 0
+        self.uidl_suffix = b""   # appended to every unique id of a UIDL listing
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -103,6 +104,9 @@ class RefusingRelay:
                 while (body_line := await up_reader.readline()) != b".\r\n":
                     body += body_line
                 body += b".\r\n"
+            if verb == b"UIDL" and self.uidl_suffix:
+                body = b"".join(line if line == b".\r\n" else line.rstrip(b"\r\n") + self.uidl_suffix + b"\r\n"
+                                for line in body.splitlines(keepends=True))
             if verb == b"RETR" and MARKER in body:
                 self.refusals += 1
                 status, body = b"-ERR Message could not be read\r\n", b""
@@ -281,3 +285,16 @@ async def test_queue_deletes_a_message_moved_to_another_tracked_folder(settings,
     await run_service(IngestService(settings), burst=True)   # and removes it from there
     assert set(await activities(pool, org)) == {"first in projects", "moving"}
     assert dovecot.message_count(queue.email, "Projects") == 0
+
+
+async def test_pop3_unique_ids_too_long_to_keep_are_a_clear_alert_not_a_crash_loop(settings, registry, org, dovecot, pool) -> None:
+    """A UIDL listing whose ids break RFC 1939 (here 300 characters): a mailbox alert saying so, and the
+    mailbox backs off; before, the runner died on the event's validation and started again at once."""
+    async with relayed(registry, org, dovecot, "pop3") as (relay, box):
+        relay.uidl_suffix = b"x" * 300
+        dovecot.deliver(box.email, message("kept"))
+        await run_service(IngestService(settings), burst=True)
+        mailbox = await registry.mailbox(org, box.email)
+        assert mailbox.incoming.error_count == 1 and mailbox.incoming.backoff_until is not None, mailbox.incoming
+        assert [(a.severity, a.code, "UIDL" in a.message) for a in mailbox.alerts][-1:] == [("warning", "protocol_error", True)], mailbox.alerts
+        assert dovecot.message_count(box.email) == 1
