@@ -244,7 +244,7 @@ def _storable_json(value: Any) -> str:
 
 _CLAIMED_COLUMNS = """o.id, o.organization_id, o.idempotency_key, o.mailbox_id, o.message_id, o.subject, o.tracking_token,
                       o.attempts, o.deadline, o.request, o.correlation_id, o.created_at, o.requested_at, o.reason,
-                      o.detail, o.smtp_code, o.smtp_reply"""
+                      o.detail, o.smtp_code, o.smtp_reply, o.deferred_recipients"""
 
 
 async def claim(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int) -> list[asyncpg.Record]:
@@ -316,6 +316,7 @@ class Outcome:
     smtp_reply: str | None = None
     next_attempt_at: datetime | None = None
     activity_id: UUID | None = None
+    deferred_recipients: list[str] | None = None   # with pending_send: the next attempt sends to these only
 
 
 async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome], worker_id: int | None,
@@ -356,11 +357,15 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome],
            UPDATE outbound_email o SET status = u.status, transport = coalesce(u.transport, o.transport),
                   reason = u.reason, detail = u.detail, smtp_code = u.code, smtp_reply = u.reply,
                   next_attempt_at = u.next_at,
+                  -- A retry keeps the recipients still owed (a later failure does not widen them).
+                  deferred_recipients = CASE WHEN u.status = 'pending_send'
+                                             THEN coalesce(u.deferred::text[], o.deferred_recipients) END,
                   activity_id = coalesce(CASE WHEN u.status = 'sent' THEN f.id END, o.activity_id),
                   sent_at = CASE WHEN u.status = 'sent' THEN now() ELSE o.sent_at END,
                   worker_id = NULL, updated_at = now()
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
-                       $8::timestamptz[]) AS u(id, status, transport, reason, detail, code, reply, next_at)
+                       $8::timestamptz[], $26::text[]) AS u(id, status, transport, reason, detail, code, reply, next_at,
+                                                            deferred)
                 LEFT JOIN found f ON f.request = u.id
            WHERE o.id = u.id AND o.status = $9 AND ($10::bigint IS NULL OR o.worker_id = $10)
            RETURNING o.id, o.activity_id""",
@@ -374,6 +379,7 @@ async def record_outcomes(conn: asyncpg.Connection, outcomes: Sequence[Outcome],
         [r.regarding_kind for r in activities], [r.regarding_id for r in activities],
         [r.tracking_token for r in activities], [r.thread_root for r in activities], [r.preview for r in activities],
         [r.mailbox_id for r in activities], [r.request_id for r in activities],
+        [_pg_array(o.deferred_recipients) if o.deferred_recipients else None for o in outcomes],
     )
     return {r["id"]: r["activity_id"] for r in rows}
 

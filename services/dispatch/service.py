@@ -689,7 +689,9 @@ class DispatchService(ServiceBase):
                 if not await self._starts.clear(row["id"]):
                     raise TransientError("another worker took the request back (this one had lost its lock)",
                                          reason="not_ours")
-                result.accepted = await self.transports.send(work, composed.raw, composed.recipients)
+                # After a partial acceptance, only the recipients the server deferred are owed.
+                result.accepted = await self.transports.send(work, composed.raw,
+                                                             row["deferred_recipients"] or composed.recipients)
             finally:
                 place.release()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome below
@@ -773,9 +775,17 @@ class DispatchService(ServiceBase):
             if result.accepted is not None:
                 outcome.status = "sent"
                 outcome.smtp_code, outcome.smtp_reply = result.accepted.code, result.accepted.reply
-                if result.accepted.refused_recipients:
-                    refused = ", ".join(f"{a} ({c} {t})" for a, (c, t) in list(result.accepted.refused_recipients.items())[:10])
-                    outcome.detail = f"accepted, but the server refused {len(result.accepted.refused_recipients)} recipient(s): {refused}"
+                refused = result.accepted.refused_recipients
+                if refused:
+                    listed = ", ".join(f"{a} ({c} {t})" for a, (c, t) in list(refused.items())[:10])
+                    outcome.reason = "partially_sent"
+                    outcome.detail = f"accepted, but the server refused {len(refused)} recipient(s): {listed}"
+                    # RFC 5321 4.2.5: a 4xx to RCPT asks to try that recipient later.  The same bytes go
+                    # to those recipients only, so nobody who has the message gets it twice.
+                    deferred = [address for address, (code, _) in refused.items() if 400 <= code < 500]
+                    if deferred:
+                        self._retry(outcome, row, now, "recipients_deferred", outcome.detail)
+                        outcome.deferred_recipients = deferred
             elif result.postpone_until is not None:
                 self._retry(outcome, row, now, "mailbox_backoff", "the mailbox is backing off after failures",
                             at=result.postpone_until)
@@ -797,6 +807,13 @@ class DispatchService(ServiceBase):
             elif exc is not None:
                 log.error("unexpected failure sending request %s: %r", row["id"], exc, exc_info=exc)
                 self._retry(outcome, row, now, "internal_error", f"unexpected {type(exc).__name__}")
+            if outcome.status == "failed" and (row["deferred_recipients"] or outcome.deferred_recipients):
+                # An earlier attempt reached the other recipients: the request was sent, and the
+                # recipients deferred until now are named as never reached.
+                owed = ", ".join((row["deferred_recipients"] or outcome.deferred_recipients)[:10])
+                outcome.status, outcome.next_attempt_at, outcome.deferred_recipients = "sent", None, None
+                outcome.detail = f"sent to the other recipients; not to {owed}: {outcome.reason}: {outcome.detail}"
+                outcome.reason = "partially_sent"
             outcomes.append(outcome)
         return outcomes, []
 

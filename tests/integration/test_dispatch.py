@@ -623,3 +623,39 @@ async def test_a_request_the_database_refuses_is_dead_lettered_alone(
     assert "poison" not in reader.by_key
     dead = [r for r in await _topic_records(settings, "email.outbound.dlq") if r.key == b"poison"]
     assert [dict(r.headers)["reason"] for r in dead] == [b"unstorable"]
+
+
+async def test_a_recipient_deferred_with_4xx_is_sent_later_and_the_others_not_twice(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    """The server takes the message for one recipient and answers 451 for the other: the request goes
+    back to pending_send, and the retry sends the same bytes to the deferred recipient only."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "451", at="rcpt")   # the first RCPT is greylisted, the second accepted
+    event = outbound(org, mailbox_id=sender.mailbox_id, to=["first@customer.example", "second@customer.example"])
+    await publish(publisher, event)
+    await dispatch(settings, burst_horizon_seconds=3)
+    key = event.data.idempotency_key
+    reader = await finals(settings, [key])
+    assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"], reader.by_key[key]
+    assert reader.by_key[key][2].reason == "recipients_deferred" and "first@customer.example" in reader.by_key[key][2].detail
+    final = reader.final(key)
+    assert final.reason is None and final.activity_id is not None, final
+    first, second = capture.messages()
+    assert (list(first.rcpt_tos), list(second.rcpt_tos)) == (["second@customer.example"], ["first@customer.example"])
+    assert first.raw == second.raw   # the same message, Message-ID and Date included
+
+
+async def test_a_deferred_recipient_refused_for_good_leaves_the_request_sent_to_the_others(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    capture.fail_next(1, "451", at="rcpt")
+    event = outbound(org, mailbox_id=sender.mailbox_id, to=["first@customer.example", "second@customer.example"])
+    await publish(publisher, event)
+    await dispatch(settings, retry_base_seconds=1)   # returns with the retry not yet due
+    capture.fail_next(1, "550", at="rcpt")   # the retry of the deferred one is refused for good
+    await dispatch(settings, burst_horizon_seconds=3)
+    key = event.data.idempotency_key
+    final = (await finals(settings, [key])).final(key)
+    assert (final.status, final.reason) == ("sent", "partially_sent") and "first@customer.example" in final.detail, final
+    assert final.activity_id is not None
+    assert [list(m.rcpt_tos) for m in capture.messages()] == [["second@customer.example"]]
