@@ -22,7 +22,7 @@ from pydantic import SecretStr, ValidationError
 from shared.crypto import CredentialCipher
 from shared.errors import Conflict, InvalidInput, NotFound
 from shared.events.envelope import Envelope
-from shared.events.fields import is_email_address
+from shared.events.fields import breaks_header, is_email_address
 from shared.events.payloads import EmailOutboundV1, MailboxEventV1, RegistryChangeV1
 from shared.events.topics import MAILBOX_EVENTS, REGISTRY_CHANGES
 from shared.outbox import enqueue
@@ -297,8 +297,7 @@ class Registry:
                        incoming: models.IncomingMethod = "server_side_sync", outgoing: models.OutgoingMethod = "server_side_sync",
                        act: models.ActMethod = "none") -> models.User:
         _require_address(email)
-        if not full_name.strip():
-            raise InvalidInput("a user needs a name")
+        _require_name(full_name, "a user")
         async with self._tx() as conn:
             if any(r["email"].lower() == email.lower() for r in await repo.users(conn, org.id)):
                 raise Conflict(f"a user with the address {email} already exists")
@@ -315,8 +314,7 @@ class Registry:
                         incoming: models.IncomingMethod = "server_side_sync",
                         outgoing: models.OutgoingMethod = "server_side_sync") -> models.Queue:
         _require_address(email)
-        if not name.strip():
-            raise InvalidInput("a queue needs a name")
+        _require_name(name, "a queue")
         async with self._tx() as conn:
             if any(r["email"].lower() == email.lower() or r["name"] == name for r in await repo.queues(conn, org.id)):
                 raise Conflict(f"a queue named {name!r} or with the address {email} already exists")
@@ -352,6 +350,7 @@ class Registry:
                                   profile: str | None = None) -> models.Mailbox:
         """A mailbox that belongs to no user or queue and receives mail forwarded by many."""
         _require_address(email)
+        _require_name(name, "a mailbox")
         async with self._tx() as conn:
             profile_row = await self._profile_row(conn, org, profile) if profile else await repo.default_profile(conn, org.id)
             row = await repo.insert_mailbox(conn, {
@@ -394,6 +393,8 @@ class Registry:
         unknown = set(fields) - allowed
         if unknown:
             raise InvalidInput(f"unknown mailbox settings: {', '.join(sorted(unknown))}")
+        if "name" in fields:
+            _require_name(fields["name"], "a mailbox")
         async with self._tx() as conn:
             row = await self._mailbox_row(conn, org, ref)
             if "profile" in fields:
@@ -568,6 +569,16 @@ class Registry:
             data=RegistryChangeV1(entity=entity, entity_id=entity_id, change=change, fields=fields),
         )
         await enqueue(conn, REGISTRY_CHANGES.name, str(entity_id), event)
+
+
+def _require_name(name: str, who: str) -> None:
+    """A name becomes the display name of the mail a mailbox sends: one that would break the From
+    header (a line break, as such or in an encoded word) is refused here, not at every send."""
+    if not name.strip():
+        raise InvalidInput(f"{who} needs a name")
+    if breaks_header(name):
+        raise InvalidInput(f"{who}'s name must not contain line breaks or control characters, "
+                           "as such or in an encoded word", reason="bad_name")
 
 
 def _require_address(email: str) -> None:
