@@ -11,7 +11,7 @@ import base64
 import binascii
 import re
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
@@ -25,7 +25,9 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Every place an encoded word may start, overlapping (a lookahead), and more loosely than RFC 2047:
 # the email package decodes encoded words inside atoms, quoted strings and parameters, and whatever
 # it might decode must be looked at.
-_ENCODED_WORD = re.compile(r"(?==\?([^?]*)\?([^?]*)\?(.*?)\?=)", re.DOTALL)
+# Each part is bounded (a header line is at most 998 characters), so that a text of many "=?" and no
+# "?=" costs a bounded scan per start instead of one to its end (quadratic: 57 s for 280 KB).
+_ENCODED_WORD = re.compile(r"(?==\?([^?]{0,998})\?([^?]{0,998})\?(.{0,998}?)\?=)", re.DOTALL)
 _Q_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
 
 
@@ -99,6 +101,11 @@ EmailAddress = Annotated[str, AfterValidator(_email_address),
                          Field(max_length=254, examples=["alice@example.com"],
                                json_schema_extra={"pattern": "^[^@\\s<>()\\[\\],;:\"\\\\]{1,64}@[A-Za-z0-9.-]+$"})]
 HeaderText = Annotated[str, AfterValidator(_no_line_breaks), Field(json_schema_extra=ONE_LINE)]
+
+
+def bounded_header_text(max_length: int) -> Any:
+    """``HeaderText`` whose length is checked first: the encoded-word scan never sees a longer text."""
+    return Annotated[str, Field(max_length=max_length), AfterValidator(_no_line_breaks), Field(json_schema_extra=ONE_LINE)]
 
 
 def is_email_address(value: str) -> bool:

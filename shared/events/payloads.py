@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from shared.events.fields import ONE_LINE, EmailAddress, HeaderText
+from shared.events.fields import ONE_LINE, EmailAddress, HeaderText, bounded_header_text
 
 Direction = Literal["incoming", "outgoing", "act"]
 
@@ -123,7 +123,7 @@ class EmailOutboundV1(BaseModel):
     text: Body | None = Field(None, max_length=10_000_000)
     html: Body | None = Field(None, max_length=10_000_000)
     attachments: list[Attachment] = Field(default_factory=list, max_length=100)
-    headers: dict[HeaderText, HeaderText] = Field(
+    headers: dict[bounded_header_text(76), bounded_header_text(998)] = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Extra headers; only names on the allow-list are accepted.",
         json_schema_extra={"propertyNames": ONE_LINE},
     )

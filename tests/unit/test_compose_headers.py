@@ -266,3 +266,14 @@ def test_header_write_error_of_newer_pythons_is_header_injection(monkeypatch) ->
     with pytest.raises(InvalidInput) as refused:
         _compose(_request(subject="Grüße"))
     assert refused.value.reason == "header_injection"
+
+
+def test_an_over_long_header_value_is_refused_by_its_length_before_any_encoded_word_is_scanned() -> None:
+    """The scan for encoded words looks at every "=?"; a megabyte of them must not reach it (the scan
+    was quadratic in such a text before its parts were bounded)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        EmailOutboundV1.model_validate({"idempotency_key": "k", "sender_email": "a@example.com", "to": ["b@example.com"],
+                                        "headers": {"X-Note": "=?a?q?x" * 150_000}})
+    assert [e["type"] for e in caught.value.errors()] == ["string_too_long"]
