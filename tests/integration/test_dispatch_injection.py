@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from conduit.peers.smtp import CaptureSmtpServer
 from services.dispatch.service import DispatchService
 from services.dispatch.settings import DispatchSettings
+from shared.errors import InvalidInput
 from shared.events.envelope import encode_event
 from shared.kafka import client_options, topic_name
 from shared.lifecycle import run_service
@@ -65,11 +66,15 @@ async def _dead_letter_reasons(settings, keys: set[str]) -> dict[str, str]:
 
 
 async def test_encoded_word_injection_is_refused_and_nothing_injected_is_sent(settings, registry, org, publisher,
-                                                                              capture) -> None:
+                                                                              pool, capture) -> None:
     sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
-    # A mailbox whose name (the From display name, not part of any request) carries the encoded word.
+    # A mailbox whose name (the From display name, not part of any request) carries the encoded word:
+    # the registry refuses such a name now, so it is a row written before that rule.
     named = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, profile=sender.profile)
-    await registry.update_mailbox(org, named.email, name="Sales " + INJECTION)
+    with pytest.raises(InvalidInput, match="line breaks"):
+        await registry.update_mailbox(org, named.email, name="Sales " + INJECTION)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE mailbox SET name = $2 WHERE id = $1", named.mailbox_id, "Sales " + INJECTION)
     pdf = base64.b64encode(b"%PDF-1.4").decode()
     changes = {
         "subject": {"subject": "Grüße " + INJECTION},
