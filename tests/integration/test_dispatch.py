@@ -15,18 +15,17 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
 
 from conduit.peers.smtp import CaptureSmtpServer
-from services.dispatch.service import DispatchService
-from services.dispatch.settings import DispatchSettings
 from shared.events.envelope import encode_event
 from shared.kafka import Publisher, client_options, topic_name
-from shared.lifecycle import run_service
 from shared.rawstore import store_raw
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.dispatch import (
     StatusReader,
     dead_worker,
+    dispatch,
     dispatch_running,
+    finals,
     orphan_row,
     outbound,
     publish,
@@ -53,24 +52,6 @@ def capture(tmp_path):
     """A plain capture server; tests that need AUTH and TLS start their own."""
     with CaptureSmtpServer(tmp_path / "capture") as server:
         yield server
-
-
-async def dispatch(settings: Settings, **options) -> DispatchService:
-    options.setdefault("retry_base_seconds", 0.05)
-    options.setdefault("poll_seconds", 0.1)
-    service = DispatchService(settings, DispatchSettings(**options), group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
-    await run_service(service, burst=True)
-    return service
-
-
-async def finals(settings: Settings, keys: list[str]) -> StatusReader:
-    reader = StatusReader(settings)
-    async with reader:
-        async def done():
-            await reader.poll()
-            return all(reader.final(k) for k in keys)
-        await eventually(done, timeout=20, what="final statuses")
-    return reader
 
 
 async def test_sent_with_auth_starttls_status_lifecycle_and_tracked_activity(

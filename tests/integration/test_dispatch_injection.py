@@ -12,14 +12,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from conduit.peers.smtp import CaptureSmtpServer
-from services.dispatch.service import DispatchService
-from services.dispatch.settings import DispatchSettings
 from shared.errors import InvalidInput
 from shared.events.envelope import encode_event
 from shared.kafka import client_options, topic_name
-from shared.lifecycle import run_service
-from tests.support.dispatch import StatusReader, outbound, publish, publish_raw, sending_mailbox
-from tests.support.waiting import eventually
+from tests.support.dispatch import dispatch, finals, outbound, publish, publish_raw, sending_mailbox
 
 INJECTION = "=?utf-8?q?x=0D=0AX-Injected:_yes=0D=0ABcc:_attacker@evil.example?="
 OUTLOOK_ID = "<AM9PR02MB7654A1B2C3D4E5F6A7B8C9D0E1F2A3B4C5D6@AM9PR02MB7654.eurprd02.prod.outlook.com>"
@@ -32,20 +28,6 @@ def capture(tmp_path):
         yield server
 
 
-async def _dispatch(settings) -> None:
-    service = DispatchService(settings, DispatchSettings(retry_base_seconds=0.05, poll_seconds=0.1),
-                              group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
-    await run_service(service, burst=True)
-
-
-async def _finals(settings, keys: list[str]) -> StatusReader:
-    reader = StatusReader(settings)
-    async with reader:
-        async def done():
-            await reader.poll()
-            return all(reader.final(k) for k in keys)
-        await eventually(done, timeout=20, what="final statuses")
-    return reader
 
 
 async def _dead_letter_reasons(settings, keys: set[str]) -> dict[str, str]:
@@ -96,10 +78,10 @@ async def test_encoded_word_injection_is_refused_and_nothing_injected_is_sent(se
                         headers={"In-Reply-To": OUTLOOK_ID, "References": f"<first@example.com> {OUTLOOK_ID}",
                                  "List-Unsubscribe": UNSUBSCRIBE, "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"})
     await publish(publisher, from_named, threaded)
-    await _dispatch(settings)
+    await dispatch(settings)
 
     keys = [*refused, from_named.data.idempotency_key, threaded.data.idempotency_key]
-    reader = await _finals(settings, keys)
+    reader = await finals(settings, keys)
     for key, field in refused.items():
         final = reader.final(key)
         assert (final.status, final.reason) == ("rejected", "header_injection"), (field, final)

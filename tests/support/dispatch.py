@@ -17,6 +17,7 @@ from shared.kafka import Publisher, client_options, topic_name
 from shared.registry.models import Organization
 from shared.registry.service import ProfileInput, Registry
 from shared.settings import Settings
+from tests.support.waiting import eventually
 
 FINAL = {"sent", "failed", "rejected"}
 
@@ -141,3 +142,27 @@ async def dispatch_running(settings: Settings, **options: Any) -> AsyncIterator[
     finally:
         stopping.set()
         await running
+
+
+async def dispatch(settings: Settings, **options: Any) -> Any:
+    """Dispatch in burst mode (its own consumer group) until the topic is drained; quick retries."""
+    from services.dispatch.service import DispatchService
+    from services.dispatch.settings import DispatchSettings
+    from shared.lifecycle import run_service
+
+    options.setdefault("retry_base_seconds", 0.05)
+    options.setdefault("poll_seconds", 0.1)
+    service = DispatchService(settings, DispatchSettings(**options), group_id=f"dispatch-{uuid.uuid4().hex[:8]}")
+    await run_service(service, burst=True)
+    return service
+
+
+async def finals(settings: Settings, keys: list[str]) -> StatusReader:
+    """Every status of ``keys`` read from `email.status`, once each has a final one."""
+    reader = StatusReader(settings)
+    async with reader:
+        async def done() -> bool:
+            await reader.poll()
+            return all(reader.final(k) for k in keys)
+        await eventually(done, timeout=20, what="final statuses")
+    return reader
