@@ -41,7 +41,7 @@ from shared.registry.models import Organization
 from shared.registry.service import ProfileInput, Registry
 from shared.settings import Settings
 from simulators.exchange import ExchangeSimulator, Fault, SentRecord
-from tests.support.dispatch import StatusReader, dead_worker, orphan_row, outbound, publish
+from tests.support.dispatch import StatusReader, dead_worker, finals, orphan_row, outbound, publish
 from tests.support.waiting import eventually
 
 PASSWORD = "mailbox-password-123"
@@ -133,13 +133,7 @@ class ExchangeDispatch:
             await task
 
     async def finals(self, keys: list[str]) -> StatusReader:
-        reader = StatusReader(self.settings)
-        async with reader:
-            async def done() -> bool:
-                await reader.poll()
-                return all(reader.final(k) for k in keys)
-            await eventually(done, timeout=30, what="final statuses")
-        return reader
+        return await finals(self.settings, keys, timeout=30)
 
     def submitted(self, message_id: str) -> list[SentRecord]:
         """What the simulated Exchange sent with this Message-ID (given without angle brackets)."""

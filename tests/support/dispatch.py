@@ -157,12 +157,12 @@ async def dispatch(settings: Settings, **options: Any) -> Any:
     return service
 
 
-async def finals(settings: Settings, keys: list[str]) -> StatusReader:
+async def finals(settings: Settings, keys: list[str], *, timeout: float = 20) -> StatusReader:
     """Every status of ``keys`` read from `email.status`, once each has a final one."""
     reader = StatusReader(settings)
     async with reader:
         async def done() -> bool:
             await reader.poll()
             return all(reader.final(k) for k in keys)
-        await eventually(done, timeout=20, what="final statuses")
+        await eventually(done, timeout=timeout, what="final statuses")
     return reader
