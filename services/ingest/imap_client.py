@@ -24,7 +24,7 @@ import logging
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -59,16 +59,19 @@ class FolderUnavailable(ImapCommandFailed):
 
 
 class FetchRefused(ImapCommandFailed):
-    """The server answered NO or BAD to a UID FETCH; ``uids`` are the UIDs that command asked for.
+    """The server answered NO or BAD to a UID FETCH; ``uids`` are the UIDs that command asked for,
+    ``unserved`` those of them it did not serve.
 
     Servers do this for single messages they cannot serve (Gmail: "Some messages could not be
     FETCHed (Failure)", for the same message every time), often after serving the others."""
 
     reason = "fetch_refused"
 
-    def __init__(self, message: str, uids: Sequence[int]) -> None:
+    def __init__(self, message: str, uids: Sequence[int], served: Collection[int] = ()) -> None:
         super().__init__(message)
         self.uids = list(uids)
+        # What the command asked for and the server did not serve before refusing, in UID order.
+        self.unserved = [u for u in self.uids if u not in served]
 
     @property
     def temporary(self) -> bool:
@@ -569,63 +572,47 @@ class ImapClient:
         """Stream whole messages (UID FLAGS INTERNALDATE BODY.PEEK[], MODSEQ with CONDSTORE) for
         ``uids``, in chunks of ``chunk`` UIDs sent as compressed ranges.  UIDs no longer on the
         server are simply absent from the results."""
-        items = b"UID FLAGS INTERNALDATE BODY.PEEK[]" + (b" MODSEQ" if self._condstore else b"")
-        return self._fetch(uids, chunk, items)
+        return _one_by_one(self._fetch(uids, chunk, self._whole_items()))
 
     def fetch_headers(self, uids: Sequence[int], *, chunk: int = 500) -> AsyncIterator[FetchedMessage]:
         """Like ``fetch`` but ``raw`` holds only the header block (BODY.PEEK[HEADER])."""
         items = b"UID FLAGS INTERNALDATE BODY.PEEK[HEADER]" + (b" MODSEQ" if self._condstore else b"")
-        return self._fetch(uids, chunk, items)
+        return _one_by_one(self._fetch(uids, chunk, items))
+
+    def _whole_items(self) -> bytes:
+        return b"UID FLAGS INTERNALDATE BODY.PEEK[]" + (b" MODSEQ" if self._condstore else b"")
 
     async def fetch_servable(self, uids: Sequence[int], refused: dict[int, str], *,
-                             chunk: int = 500) -> AsyncIterator[FetchedMessage]:
-        """Like ``fetch``, but a UID FETCH the server refuses does not end it: the UIDs of that
-        command it did not serve are fetched again in halves, down to single UIDs, and those the
-        server still refuses go into ``refused`` (UID -> the server's words).  The UIDs after them
-        are fetched as usual, so one message a server cannot serve costs a few round trips, not
-        the rest of the folder.  Messages may come out of UID order around a refusal."""
+                             chunk: int = 500) -> AsyncIterator[list[FetchedMessage]]:
+        """Like ``fetch``, in lists of messages (as they were read), and a UID FETCH the server
+        refuses does not end it: the UIDs of that command it did not serve are fetched again in
+        halves, down to single UIDs, and those the server still refuses go into ``refused`` (UID ->
+        the server's words).  The UIDs after them are fetched as usual, so one message a server
+        cannot serve costs a few round trips, not the rest of the folder.  Messages may come out of
+        UID order around a refusal."""
         pending = sorted(set(uids))
         while pending:
-            served: set[int] = set()
             try:
-                async with aclosing(self.fetch(pending, chunk=chunk)) as fetched:
-                    async for message in fetched:
-                        served.add(message.uid)
-                        yield message
+                async with aclosing(self._fetch(pending, chunk, self._whole_items())) as fetched:
+                    async for messages in fetched:
+                        yield messages
                 return
             except FetchRefused as exc:
                 if exc.temporary:
                     raise
-                async with aclosing(self._narrow([u for u in exc.uids if u not in served], refused)) as narrowed:
-                    async for message in narrowed:
-                        yield message
+                if len(exc.uids) == 1 and exc.unserved:
+                    refused[exc.uids[0]] = exc.message
+                elif exc.unserved:
+                    # Each narrower command asks for at most half: single UIDs are reached.
+                    narrower = (len(exc.unserved) + 1) // 2
+                    async with aclosing(self.fetch_servable(exc.unserved, refused, chunk=narrower)) as narrowed:
+                        async for messages in narrowed:
+                            yield messages
                 pending = [u for u in pending if u > exc.uids[-1]]
 
-    async def _narrow(self, uids: list[int], refused: dict[int, str]) -> AsyncIterator[FetchedMessage]:
-        """Fetch ``uids`` in ever smaller pieces until the single UIDs the server refuses are known."""
-        if not uids:
-            return
-        served: set[int] = set()
-        try:
-            async with aclosing(self.fetch(uids, chunk=len(uids))) as fetched:
-                async for message in fetched:
-                    served.add(message.uid)
-                    yield message
-            return
-        except FetchRefused as exc:
-            if exc.temporary:
-                raise
-            if len(uids) == 1:
-                refused[uids[0]] = exc.message
-                return
-        rest = [u for u in uids if u not in served]
-        half = (len(rest) + 1) // 2
-        for part in (rest[:half], rest[half:]):
-            async with aclosing(self._narrow(part, refused)) as narrowed:
-                async for message in narrowed:
-                    yield message
-
-    async def _fetch(self, uids: Sequence[int], chunk: int, items: bytes) -> AsyncIterator[FetchedMessage]:
+    async def _fetch(self, uids: Sequence[int], chunk: int, items: bytes) -> AsyncIterator[list[FetchedMessage]]:
+        """The messages of ``uids`` in lists, as ``_fetch_responses`` reads them; a refused command
+        raises ``FetchRefused`` naming what it asked for and what it served before refusing."""
         ordered = sorted(set(uids))
         if not ordered:
             return
@@ -644,13 +631,14 @@ class ImapClient:
                 send_next()
             await self._conn.drain()
             while in_flight:
+                served: list[list[FetchedMessage]] = []   # this command's, for a refusal's account
                 try:
                     async for messages in self._fetch_responses(in_flight[0]):
-                        for message in messages:
-                            yield message
+                        served.append(messages)
+                        yield messages
                 except ImapCommandFailed as exc:
                     in_flight.popleft()   # its tagged answer is read: nothing of it is left to drain
-                    raise FetchRefused(exc.message, asked[0]) from None
+                    raise FetchRefused(exc.message, asked[0], {m.uid for ms in served for m in ms}) from None
                 in_flight.popleft()
                 asked.popleft()
                 if chunks:
@@ -1010,6 +998,13 @@ class ImapClient:
             line = await conn.read_line()
             parts.append(line)
         return b"".join(parts), literals
+
+
+async def _one_by_one(lists: AsyncIterator[list[FetchedMessage]]) -> AsyncIterator[FetchedMessage]:
+    async with aclosing(lists):
+        async for messages in lists:
+            for message in messages:
+                yield message
 
 
 def _text(raw: bytes) -> str:

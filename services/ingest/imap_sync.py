@@ -158,18 +158,19 @@ class ImapFolderSync:
 
         try:
             async with aclosing(client.fetch_servable(uids, refused, chunk=BATCH)) as fetched:
-                async for message in fetched:
-                    highest = max(highest, message.uid)
-                    served.add(message.uid)
-                    while unserved < len(uids) and uids[unserved] in served:
-                        served.discard(uids[unserved])
-                        unserved += 1
-                    if self._received_after and message.internaldate and message.internaldate < self._received_after:
-                        continue  # "process email received after": older mail is skipped, never fetched again
-                    batch.append(Pulled(message.raw, folder, message.uid, None, message.internaldate))
-                    if len(batch) >= BATCH:
-                        await flush()
-                        batch = []
+                async for messages in fetched:
+                    for message in messages:
+                        highest = max(highest, message.uid)
+                        served.add(message.uid)
+                        while unserved < len(uids) and uids[unserved] in served:
+                            served.discard(uids[unserved])
+                            unserved += 1
+                        if self._received_after and message.internaldate and message.internaldate < self._received_after:
+                            continue  # "process email received after": older mail is skipped, never fetched again
+                        batch.append(Pulled(message.raw, folder, message.uid, None, message.internaldate))
+                        if len(batch) >= BATCH:
+                            await flush()
+                            batch = []
             await flush(last=True)
             return sum([await task for task in flushes])
         except asyncio.CancelledError:
