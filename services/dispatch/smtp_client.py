@@ -14,7 +14,8 @@ The failure classes here are precise because the caller's send ledger acts on th
 - ``SmtpOutcomeUnknown``: the final dot was handed to the connection but no reply came back (the
   server may have accepted the message), so nobody may resend it blindly;
 - ``ConnectionFailed`` from ``finish`` with reason ``connection_lost_mid_message``: the session
-  ended while the end of the message was provably still in our own buffers: nothing was accepted;
+  ended (the server closed it, or stopped reading and we gave up) while the end of the message was
+  provably still in our own buffers: nothing was accepted;
 - ``ConnectionFailed``, ``ProtocolTimeout``, ``AuthenticationFailed``, ``TlsFailed`` from
   ``shared.errors``.
 
@@ -418,10 +419,32 @@ class _ReplyReader(asyncio.Protocol):
         if self._waiter is waiter:
             self._waiter = None
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Wait until the transport takes writes again: at once unless it paused us.
+
+        A progress timeout, not a total one: a big message over a slow link may take longer than
+        ``timeout`` to leave, so this fails only when the transport's buffer has not shrunk for
+        ``timeout`` seconds, i.e. the server is alive but has stopped reading (its receive window
+        full: an overloaded or stalled MTA).  Without it such a server holds the send for ever.
+        The protocol is still paused when this raises: see ``SmtpConnection._content_lost``.
+        """
         drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            await drain
+        if drain is None or drain.done():
+            return  # the usual case: no timer, no task, as cheap as before
+        transport = self.transport
+        assert transport is not None  # a paused protocol has a transport
+        unsent = transport.get_write_buffer_size()
+        while True:
+            # ``asyncio.wait`` leaves the shared waiter alone on expiry (``wait_for`` would cancel it).
+            done, _ = await asyncio.wait((drain,), timeout=timeout)
+            if done:
+                return
+            before, unsent = unsent, transport.get_write_buffer_size()
+            if unsent >= before:
+                raise ProtocolTimeout(
+                    f"the SMTP server stopped reading the message: {unsent} bytes of it still "
+                    f"unsent, none taken in {timeout:g} s"
+                )
 
 
 # --------------------------------------------------------------------------- session
@@ -678,7 +701,7 @@ class SmtpConnection:
             return exc, _not_sent(following, exc)
         after_dot = 0 if following is None else sum(map(len, following.envelope))
         try:
-            await reader.drain()
+            await reader.drain(self.timeout)
             (reply,) = await reader.read(1, self.timeout)
         except (ConnectionFailed, ProtocolTimeout) as exc:
             failure = self._content_lost(reader, after_dot, exc)
@@ -730,6 +753,8 @@ class SmtpConnection:
         only once it is at or below the low-water mark, and on a lost connection (or our abort)
         it drops the buffer without resuming.  So a protocol still paused when the session ends
         had more than ``low_water`` bytes, the last ones written, never handed to the kernel.  The
+        same holds when the server stopped reading and ``_ReplyReader.drain`` gave up: it raises
+        while still paused, and the caller aborts at once, dropping that buffer unsent.  The
         content's write was the last one, ending with the final CRLF.CRLF and then only the
         following envelope (``after_dot`` bytes): if more than those were never handed over, the
         server never saw the end of the data and cannot have accepted the message.

@@ -9,13 +9,19 @@ replies or closes in the middle of DATA.  What is checked is what the send ledge
 - a server that refuses in the middle of DATA and closes gives its own verdict (552: permanent,
   421: temporary), and a server that closes while the message is still being written means
   "nothing was accepted" (retryable), while a close after the final dot stays
-  ``SmtpOutcomeUnknown`` (never resent).
+  ``SmtpOutcomeUnknown`` (never resent);
+- a server that stops reading in the middle of DATA (alive, its receive window full) is given up
+  once our buffer has not shrunk for the session's timeout, with "nothing was accepted" when the
+  end of the message never left, while one that reads slowly but steadily gets the whole message,
+  however long that takes.
 """
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
@@ -38,7 +44,25 @@ END_OF_DATA = b"\r\n.\r\n"
 BIG = 16 * 1024 * 1024
 # What the server reads of the content before it refuses or closes.
 PART = 200_000
+# ``FaultyServer(small_buffers=True)``: what the server's socket and stream take in before the
+# server reads them, and a real link's segment size (loopback's 64 KiB segments let the client's
+# kernel take in several MB), so that a server that stops reading soon stops the client's writing.
+SERVER_SOCKET_BUFFER = 64 * 1024
+SERVER_STREAM_LIMIT = 64 * 1024
+LINK_MSS = 1448
+# A message far larger than all those buffers together (the client's kernel still takes in
+# 1-2 MB), and the client's timeout, for a server that stops reading.
+STALLED = 6 * 1024 * 1024
+STALL_TIMEOUT = 1.0
+# A slow but steady reader: a piece, then a pause, so at most 3.2 MB/s: ``SLOW`` takes at least
+# 3.8 s to go through, nearly twice ``SLOW_TIMEOUT``, while what the client's kernel holds once its
+# transport has drained (waited for with the reply, about 1.5 MB) takes a fraction of it.
+SLOW_PIECE = 32 * 1024
+SLOW_PAUSE = 0.01
+SLOW = 12 * 1024 * 1024
+SLOW_TIMEOUT = 2.0
 
+T = TypeVar("T")
 DataBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
 
 
@@ -46,8 +70,8 @@ def message(body: bytes = b"hello\r\n") -> bytes:
     return b"From: sender@example.com\r\nTo: rcpt@example.net\r\nSubject: faults\r\n\r\n" + body
 
 
-def big_message() -> bytes:
-    return message((b"x" * 76 + b"\r\n") * (BIG // 78))
+def big_message(size: int = BIG) -> bytes:
+    return message((b"x" * 76 + b"\r\n") * (size // 78))
 
 
 # --------------------------------------------------------------------------- the server
@@ -85,9 +109,38 @@ async def close_after_dot(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     return False
 
 
+def stop_reading(released: asyncio.Event) -> DataBehaviour:
+    """Read none of the content (alive, its receive window full: an overloaded or stalled MTA)
+    until ``released``, then close.  For a ``small_buffers`` server: otherwise the stream takes in
+    megabytes on its own."""
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await released.wait()
+        return False
+    return behave
+
+
+def read_slowly(reply: bytes) -> DataBehaviour:
+    """Read the content ``SLOW_PIECE`` by ``SLOW_PIECE`` with a pause after each, then answer
+    ``reply``; the session goes on.  For a ``small_buffers`` server."""
+    async def behave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        tail = b""
+        while not tail.endswith(END_OF_DATA):
+            piece = await reader.read(SLOW_PIECE)
+            if not piece:
+                return False
+            tail = (tail + piece)[-len(END_OF_DATA):]
+            await asyncio.sleep(SLOW_PAUSE)
+        writer.write(reply + b"\r\n")
+        return True
+    return behave
+
+
 class FaultyServer:
     """An SMTP server that says what it is told: its greeting, EHLO and RCPT replies are bytes,
-    and each session's DATA is handled by the next behaviour in ``data`` (the last one repeats)."""
+    and each session's DATA is handled by the next behaviour in ``data`` (the last one repeats).
+
+    ``small_buffers``: the server takes in little more than its behaviour reads (a few hundred
+    KiB, see ``SERVER_SOCKET_BUFFER``) instead of whole messages."""
 
     def __init__(
         self,
@@ -97,8 +150,10 @@ class FaultyServer:
         ehlo: bytes = EHLO_PIPELINING,
         rcpt: dict[str, bytes] | None = None,
         tls: dict | None = None,
+        small_buffers: bool = False,
     ) -> None:
         self.data = data
+        self.small_buffers = small_buffers
         self.tls = tls  # the ``tls`` fixture: implicit TLS with its certificate
         self.greeting = greeting
         self.ehlo = ehlo
@@ -113,10 +168,16 @@ class FaultyServer:
         if self.tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(self.tls["cert"], self.tls["key"])
+        limit = SERVER_STREAM_LIMIT if self.small_buffers else 2 * BIG
         self._server = await asyncio.start_server(
-            self._session, "127.0.0.1", 0, limit=2 * BIG, ssl=context
+            self._session, "127.0.0.1", 0, limit=limit, ssl=context
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        listener = self._server.sockets[0]
+        if self.small_buffers:
+            # On the listener: each session's socket has them from its handshake on.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SERVER_SOCKET_BUFFER)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, LINK_MSS)
+        self.port = listener.getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -171,8 +232,8 @@ class FaultyServer:
 async def connect() -> AsyncIterator[Callable[[FaultyServer], Awaitable[SmtpConnection]]]:
     opened: list[SmtpConnection] = []
 
-    async def open_session(server: FaultyServer) -> SmtpConnection:
-        conn = SmtpConnection(server.server(), helo_name="client.test", timeout=10)
+    async def open_session(server: FaultyServer, timeout: float = 10) -> SmtpConnection:
+        conn = SmtpConnection(server.server(), helo_name="client.test", timeout=timeout)
         await conn.open(None)
         opened.append(conn)
         return conn
@@ -184,6 +245,17 @@ async def connect() -> AsyncIterator[Callable[[FaultyServer], Awaitable[SmtpConn
 
 def clean(text: str) -> bool:
     return not any(ord(ch) < 0x20 and ch != "\t" or 0x7F <= ord(ch) < 0xA0 for ch in text)
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """What ``awaitable`` gives; fails the test if it is still waiting after ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds) as guard:
+            return await awaitable
+    except TimeoutError:
+        if not guard.expired():
+            raise
+    pytest.fail(f"still waiting after {seconds:g} s", pytrace=False)
 
 
 # --------------------------------------------------------------------------- server text
@@ -316,3 +388,56 @@ async def test_a_refusal_mid_data_on_a_pool_settles_the_message_and_moves_the_on
     assert isinstance(outcomes[0], SmtpPermanentFailure) and outcomes[0].code == 552
     assert isinstance(outcomes[1], SmtpAccepted) and outcomes[1].text == "2.0.0 queued"
     assert server.sessions == 2
+
+
+# --------------------------------------------------------------------------- a server that stops reading
+
+
+async def test_a_server_that_stops_reading_mid_data_is_given_up_and_nothing_was_accepted(connect) -> None:
+    released = asyncio.Event()
+    async with FaultyServer([stop_reading(released)], small_buffers=True) as server:
+        try:
+            conn = await connect(server, timeout=STALL_TIMEOUT)
+            with pytest.raises(ConnectionFailed) as failure:
+                await within(8 * STALL_TIMEOUT, conn.send(SENDER, ["rcpt@example.net"], big_message(STALLED)))
+        finally:
+            released.set()
+    assert failure.value.reason == "connection_lost_mid_message"  # retryable: the end never left
+    assert "stopped reading the message" in str(failure.value)
+    assert not conn.usable
+
+
+async def test_a_stalled_session_on_a_pool_is_dropped_and_the_message_riding_along_moves() -> None:
+    # The next message's envelope rode along with the stalled content: it never left either, so it
+    # goes out on a second session.
+    released = asyncio.Event()
+    behaviours = [stop_reading(released), reply_after_dot(b"250 2.0.0 queued")]
+    async with FaultyServer(behaviours, small_buffers=True) as server:
+        pool = SmtpPool(server.server(), None, max_connections=1, helo_name="client.test", timeout=STALL_TIMEOUT)
+        try:
+            outcomes = await within(8 * STALL_TIMEOUT, asyncio.gather(
+                pool.send(SENDER, ["rcpt@example.net"], big_message(STALLED)),
+                pool.send(SENDER, ["rcpt@example.net"], message()),
+                return_exceptions=True,
+            ))
+        finally:
+            released.set()
+            await pool.close()
+    assert pool.coalesced == 1
+    assert isinstance(outcomes[0], ConnectionFailed) and outcomes[0].reason == "connection_lost_mid_message"
+    assert isinstance(outcomes[1], SmtpAccepted) and outcomes[1].text == "2.0.0 queued"
+    assert server.sessions == 2
+
+
+async def test_a_server_that_reads_slowly_but_steadily_gets_the_whole_message(connect) -> None:
+    # The timeout is on progress, not on the whole send, which lasts longer than the timeout here.
+    async with FaultyServer([read_slowly(b"250 2.0.0 queued")], small_buffers=True) as server:
+        conn = await connect(server, timeout=SLOW_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        accepted = await within(60, conn.send(SENDER, ["rcpt@example.net"], big_message(SLOW)))
+        took = loop.time() - started
+        assert (accepted.code, accepted.text) == (250, "2.0.0 queued")
+        assert took > SLOW_TIMEOUT, f"the send took {took:.1f} s: too fast to show anything"
+        assert conn.usable
+        assert await conn.send(SENDER, ["rcpt@example.net"], message())  # still in step
