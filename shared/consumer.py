@@ -8,7 +8,8 @@ before that replays the batch, which is why every handler is idempotent.
 Two failure kinds, as in Sentry's Arroyo:
 - ``InvalidInput`` for one event (undecodable, or the handler rejects it): dead-lettered with the
   original topic, partition, offset and reason in headers; a per-minute limit stops a bad deploy
-  from draining a whole topic into the dead-letter topic.
+  from draining a whole topic into the dead-letter topic.  A handler's ``Refused`` (a request it
+  understood and refused by a rule) is dead-lettered too, but not counted toward that limit.
 - ``TransientError`` (or an unexpected exception): the batch is retried with capped exponential
   back-off and jitter, without committing; the consumer holds its position meanwhile.
 
@@ -42,6 +43,7 @@ from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
 from shared.kafka import Publisher, client_options, topic_name
+from shared.metrics import EVENTS_DEAD_LETTERED
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,11 @@ class DeadLetterGate:
         self._group = group
         self._window: list[float] = []
 
-    def admit(self, source: str) -> None:
-        """Count one more dead letter; raise ``DeadLetterLimitExceeded`` past the limit."""
+    def admit(self, source: str, error: InvalidInput) -> None:
+        """Count one more dead letter, unless ``error`` does not count toward the limit (``Refused``);
+        raise ``DeadLetterLimitExceeded`` past the limit."""
+        if not error.counts_toward_limit:
+            return
         now = time.monotonic()
         self._window = [t for t in self._window if now - t < 60] + [now]
         if len(self._window) > self._limit:
@@ -123,6 +128,7 @@ class EventConsumer:
         batch_window_ms: int = 0,
         fetch_max_wait_ms: int | None = None,
         stages: Stages | None = None,
+        service: str = "conduit",
     ) -> None:
         if stages is not None and not across_partitions:
             raise ValueError("stages need across_partitions")
@@ -137,6 +143,7 @@ class EventConsumer:
         self._batch_window_ms = batch_window_ms
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._stages = stages
+        self._service = service   # the metrics' label
         self._consumer: AIOKafkaConsumer | None = None
         self._dead_letters = DeadLetterGate(settings.dlq_limit_per_minute, group_id)
         self.processed = 0
@@ -306,7 +313,7 @@ class EventConsumer:
         return rejected
 
     async def _dead_letter(self, rejection: Rejection) -> None:
-        self._dead_letters.admit(self._topic.name)
+        self._dead_letters.admit(self._topic.name, rejection.error)
         record = rejection.delivery.record
         headers = self._dead_letters.headers(record.topic, record.partition, record.offset, rejection.error,
                                              record.headers)
@@ -314,3 +321,4 @@ class EventConsumer:
             dead_letter(self._topic.name), record.value or b"", (record.key or b"").decode(errors="replace"), headers
         )
         self.dead_lettered += 1
+        EVENTS_DEAD_LETTERED.labels(self._service, self._topic.name, rejection.error.reason).inc()

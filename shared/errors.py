@@ -3,7 +3,8 @@
 Three kinds, because each calls for a different reaction:
 
 - ``InvalidInput``: the input itself is wrong (a malformed event, a bad address, header injection).
-  Retrying cannot help: dead-letter it at once with the reason.
+  Retrying cannot help: dead-letter it at once with the reason.  ``Refused`` is the kind a consumer
+  read and refused by a rule (a mailbox that may not send, a message too large).
 - ``TransientError``: the world is briefly wrong (a timeout, a refused connection, an SMTP 4xx).
   Retry with capped exponential back-off and jitter, until a deadline.
 - ``PermanentError``: the outcome is final (an SMTP 5xx, a wrong password). Record it, do not retry.
@@ -33,6 +34,22 @@ class InvalidInput(ConduitError):
     """The input is wrong; dead-letter it, never retry."""
 
     reason = "invalid"
+    # Counted toward the dead-letter limit (``shared.consumer.DeadLetterGate``), which stops a
+    # consumer that cannot understand its input (a bad deploy) before it drains a whole topic.
+    counts_toward_limit = True
+
+
+class Refused(InvalidInput):
+    """A well-formed request, understood and refused by a rule (a mailbox that may not send, a message
+    too large, a key already used for another email): the system working as designed.
+
+    Dead-lettered (to be replayed once the cause is mended), but not counted toward the dead-letter
+    limit: a client publishing many requests a rule refuses would otherwise stop the consumer, and
+    the restart replay the same refusals, stopping it again, for every organization.
+    """
+
+    reason = "refused"
+    counts_toward_limit = False
 
 
 class TransientError(ConduitError):

@@ -9,6 +9,9 @@ got past the payload model: every text bound for a header is refused (``header_i
 holds a line break as such or in an encoded word; each header as written must be one line plus
 continuation lines (the check later Pythons make, ``HeaderWriteError``); and the header block of the
 message and of each MIME part must hold exactly the fields written here, or nothing is sent.
+
+The checks a request meets on arrival raise ``Refused``: a request read and refused by a rule, which
+does not count toward the dead-letter limit (``shared.consumer``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from email.utils import format_datetime, getaddresses
 from datetime import datetime, timezone
 from typing import Any
 
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, Refused
 from shared.events.fields import breaks_header, is_email_address
 from shared.events.payloads import EmailOutboundV1
 
@@ -61,23 +64,23 @@ def check_headers(headers: dict[str, str]) -> None:
     for name, value in headers.items():
         lower = name.lower()
         if not header_allowed(name):
-            raise InvalidInput(f"header {name[:80]!r} is not allowed (see docs/dispatch.md for the allow-list)",
-                               reason="header_not_allowed")
+            raise Refused(f"header {name[:80]!r} is not allowed (see docs/dispatch.md for the allow-list)",
+                          reason="header_not_allowed")
         if lower in seen:
-            raise InvalidInput(f"header {name!r} given twice", reason="header_not_allowed")
+            raise Refused(f"header {name!r} given twice", reason="header_not_allowed")
         seen.add(lower)
         if len(value) > 998:
-            raise InvalidInput(f"header {name!r} is longer than 998 characters", reason="header_too_long")
+            raise Refused(f"header {name!r} is longer than 998 characters", reason="header_too_long")
         if lower in VERBATIM_HEADERS:
             _check_verbatim(name, value)
         if lower == "reply-to":
             addresses = [a for _, a in getaddresses([value])]
             if not addresses or not all(is_email_address(a) for a in addresses):
-                raise InvalidInput("Reply-To must be a list of email addresses", reason="bad_address")
+                raise Refused("Reply-To must be a list of email addresses", reason="bad_address")
         if lower in ("in-reply-to", "references"):
             ids = value.split()
             if not ids or not all(_MSG_ID.match(i) for i in ids):
-                raise InvalidInput(f"{name} must be message ids in angle brackets", reason="bad_header")
+                raise Refused(f"{name} must be message ids in angle brackets", reason="bad_header")
 
 
 def _check_verbatim(name: str, value: str) -> None:
@@ -85,8 +88,8 @@ def _check_verbatim(name: str, value: str) -> None:
     if _PRINTABLE_ASCII.match(value):
         return
     if _ASCII_CONTROL.search(value) or breaks_header(value):
-        raise InvalidInput(f"header {name!r} holds a control character", reason="header_injection")
-    raise InvalidInput(f"{name} must be ASCII (message ids, URLs)", reason="bad_header")
+        raise Refused(f"header {name!r} holds a control character", reason="header_injection")
+    raise Refused(f"{name} must be ASCII (message ids, URLs)", reason="bad_header")
 
 
 def header_texts(request: EmailOutboundV1, sender_email: str, sender_name: str | None, subject: str) -> list[str]:
@@ -126,7 +129,7 @@ def estimated_size(request: EmailOutboundV1, stored_sizes: dict[str, int] | None
 
 def check_size(request: EmailOutboundV1, limit: int, stored_sizes: dict[str, int] | None = None) -> None:
     if estimated_size(request, stored_sizes) > limit:
-        raise InvalidInput(f"the message would exceed the size limit of {limit} bytes", reason="too_large")
+        raise Refused(f"the message would exceed the size limit of {limit} bytes", reason="too_large")
 
 
 def check_attachments(request: EmailOutboundV1) -> None:
@@ -389,9 +392,9 @@ def _attachment_bytes(attachment: Any, stored: dict[str, bytes]) -> bytes:
         try:
             return base64.b64decode(attachment.content_base64, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise InvalidInput(f"attachment {attachment.filename!r} is not valid base64", reason="bad_attachment") from exc
+            raise Refused(f"attachment {attachment.filename!r} is not valid base64", reason="bad_attachment") from exc
     data = stored.get(attachment.content_sha256)
     if data is None:
-        raise InvalidInput(f"attachment {attachment.filename!r} refers to content that is not stored",
-                           reason="attachment_not_found")
+        raise Refused(f"attachment {attachment.filename!r} refers to content that is not stored",
+                      reason="attachment_not_found")
     return data

@@ -143,7 +143,8 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
     rows actually written, with the claimed columns (``request`` left out: the caller has it) and ``status``.
 
     A key already in the ledger is a no-op (a redelivery or a replay), except a key whose earlier
-    request was rejected: nothing was sent for it, so the new request takes its place.
+    request was rejected: nothing was sent for it, so the new request takes its place.  Whether a
+    request left out is the one holding its key, or another that reuses it: ``key_holders``.
     """
     if not rows:
         return []
@@ -178,6 +179,19 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
     )
 
 
+async def key_holders(conn: asyncpg.Connection, wanted: Sequence[tuple[UUID, str, str]]) -> list[asyncpg.Record]:
+    """For each (organization, idempotency key, request as ``NewRequest.request`` has it): the ``status``
+    of the request that holds the key, and whether it is the same request (``same``: equal as jsonb,
+    so key order and spacing aside); both None when no row holds it."""
+    return await conn.fetch(
+        """SELECT o.status, o.request = i.request::jsonb AS same
+           FROM unnest($1::int[], $2::uuid[], $3::text[], $4::text[]) AS i(n, org, key, request)
+           LEFT JOIN outbound_email o ON o.organization_id = i.org AND o.idempotency_key = i.key
+           ORDER BY i.n""",
+        list(range(len(wanted))), [w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RejectedRequest:
     organization_id: UUID
@@ -193,7 +207,9 @@ async def record_rejections(conn: asyncpg.Connection, rows: Sequence[RejectedReq
     """Record rejected requests; for each, whether a `rejected` status should be announced.
 
     Not announced: a key already used by an accepted request (the requester's final status for it
-    stands).  A request of an unknown organization has no row but is announced.
+    stands).  A request of an unknown organization has no row but is announced.  A key refused more
+    than once in a batch (a requester retrying a bad request) keeps the last refusal, as if they came
+    one after the other: one statement cannot write a row twice.
     """
     if not rows:
         return []
@@ -203,8 +219,10 @@ async def record_rejections(conn: asyncpg.Connection, rows: Sequence[RejectedReq
                    AS u(n, org, key, mailbox, reason, detail, request, event_id)),
            written AS (
                INSERT INTO outbound_email AS o (organization_id, idempotency_key, mailbox_id, status, reason, detail, request, event_id)
-               SELECT i.org, i.key, (SELECT id FROM mailbox WHERE id = i.mailbox), 'rejected', i.reason, i.detail, i.request::jsonb, i.event_id
+               SELECT DISTINCT ON (i.org, i.key) i.org, i.key, (SELECT id FROM mailbox WHERE id = i.mailbox), 'rejected',
+                      i.reason, i.detail, i.request::jsonb, i.event_id
                FROM input i JOIN organization g ON g.id = i.org
+               ORDER BY i.org, i.key, i.n DESC
                ON CONFLICT (organization_id, idempotency_key) DO UPDATE SET
                    reason = EXCLUDED.reason, detail = EXCLUDED.detail, request = EXCLUDED.request,
                    event_id = EXCLUDED.event_id, updated_at = now()

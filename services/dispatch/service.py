@@ -5,8 +5,8 @@ Two loops meet in the send ledger (see docs/dispatch.md for the why):
 - the **consumer** validates each batch of requests (schema, header allow-list, size, sender
   mailbox and its state; an invalid one is recorded as ``rejected``, announced on ``email.status``
   and dead-lettered), inserts the valid ones as ``pending_send`` in one transaction (a key already
-  there is a no-op), and returns: the offsets are committed once the requests are durable in the
-  ledger, from which nothing is lost;
+  there is a no-op for the same request, and refuses another one), and returns: the offsets are
+  committed once the requests are durable in the ledger, from which nothing is lost;
 - the **send loop** claims due ``pending_send`` rows (``FOR UPDATE SKIP LOCKED``: replicas share
   them) as ``sending`` with their Message-ID and this worker's number, committed before any mail
   transaction starts, sends each at once over the transports' pools, and records outcomes
@@ -46,6 +46,7 @@ from shared.errors import (
     InvalidInput,
     PermanentError,
     ProtocolTimeout,
+    Refused,
     TlsFailed,
     TransientError,
 )
@@ -208,7 +209,8 @@ class DispatchService(ServiceBase):
         # ledger transaction) worth sharing, and Tansu brings a few records per partition per fetch.
         self.consumer = EventConsumer(self.settings, UNCHECKED_OUTBOUND, group_id=self.group_id, handler=self.handle,
                                       publisher=self.publisher, max_batch=self.options.batch_size,
-                                      across_partitions=True, batch_window_ms=15, fetch_max_wait_ms=20)
+                                      across_partitions=True, batch_window_ms=15, fetch_max_wait_ms=20,
+                                      service="dispatch")
         await self.consumer.start()
         log.info("dispatch worker %d started", self.worker_id)
 
@@ -276,7 +278,8 @@ class DispatchService(ServiceBase):
         assert self.pool is not None and self.registry is not None
         invalid: list[_Invalid] = []
         valid: list[tuple[Delivery, EmailOutboundV1]] = []
-        seen: set[tuple[UUID, str]] = set()
+        seen: dict[tuple[UUID, str], EmailOutboundV1] = {}
+        repeated: list[tuple[Delivery, EmailOutboundV1]] = []
         for delivery in deliveries:
             data = dict(delivery.event.data.__pydantic_extra__ or {})  # the payload as it came (no fields declared)
             key = data.get("idempotency_key") if isinstance(data.get("idempotency_key"), str) else None
@@ -289,9 +292,14 @@ class DispatchService(ServiceBase):
                 invalid.append(_Invalid(delivery, exc, key if key and _printable(key) else None, data))
                 continue
             natural_key = (delivery.event.organization_id, request.idempotency_key)
-            if natural_key not in seen:  # the same key twice in a batch: the first one stands
-                seen.add(natural_key)
+            first = seen.get(natural_key)
+            if first is None:
+                seen[natural_key] = request
                 valid.append((delivery, request))
+            elif request != first:
+                # The same key twice in a batch: the first one stands, the same request again is a no-op,
+                # and another one is refused as any request reusing a key is (``_accept_transaction``).
+                repeated.append((delivery, request))
 
         senders = [(d.event.organization_id, r.mailbox_id, None if r.mailbox_id else r.sender_email) for d, r in valid]
         async with self.pool.acquire() as conn:
@@ -318,7 +326,7 @@ class DispatchService(ServiceBase):
 
         now = time.monotonic()
         self._works.update({m: (w, now) for m, w in eligible.items()})
-        due = await self._accept(accepted, invalid, orgs)
+        due = await self._accept(accepted, invalid, repeated, orgs)
         self.counts["rejected"] += len(invalid)
         if due:
             self._backlog.update(due)
@@ -336,18 +344,18 @@ class DispatchService(ServiceBase):
                  states: dict[UUID, asyncpg.Record], eligible: dict[UUID, MailboxWork],
                  orgs: dict[UUID, asyncpg.Record], stored: dict[str, int]) -> InvalidInput | None:
         if delivery.event.organization_id not in orgs:
-            return InvalidInput("no such organization", reason="unknown_organization")
+            return Refused("no such organization", reason="unknown_organization")
         if mailbox_id is None:
             who = str(request.mailbox_id) if request.mailbox_id else request.sender_email
-            return InvalidInput(f"no mailbox, user or queue {who} in the organization", reason="unknown_mailbox")
+            return Refused(f"no mailbox, user or queue {who} in the organization", reason="unknown_mailbox")
         if mailbox_id not in eligible:
             refusal = _refusal(states.get(mailbox_id))
             if refusal is not None:
-                return InvalidInput(refusal[1], reason=refusal[0])
+                return Refused(refusal[1], reason=refusal[0])
         for attachment in request.attachments:
             if attachment.content_sha256 and attachment.content_sha256 not in stored:
-                return InvalidInput(f"attachment {attachment.filename!r} refers to content that is not stored",
-                                    reason="attachment_not_found")
+                return Refused(f"attachment {attachment.filename!r} refers to content that is not stored",
+                               reason="attachment_not_found")
         limit = self.options.max_message_bytes
         work = eligible.get(mailbox_id)
         if work is not None and transport_name(work) == "graph":
@@ -360,8 +368,11 @@ class DispatchService(ServiceBase):
         return None
 
     async def _accept(self, accepted: list[tuple[Delivery, EmailOutboundV1, asyncpg.Record, datetime | None]],
-                      invalid: list[_Invalid], orgs: dict[UUID, asyncpg.Record]) -> list[UUID]:
+                      invalid: list[_Invalid], repeated: list[tuple[Delivery, EmailOutboundV1]],
+                      orgs: dict[UUID, asyncpg.Record]) -> list[UUID]:
         """One transaction: ledger rows, rejections, and their status events; returns the rows due now.
+        The requests that reuse a key another request holds (``repeated``: those the batch held
+        back) are added to ``invalid``.
 
         As many due rows as the in-flight limit leaves room for are written claimed, and their sends
         start once the transaction committed (no claim to wait for at low rates, one write less at high).
@@ -370,15 +381,15 @@ class DispatchService(ServiceBase):
         room = max(0, self.options.wave_size - len(self._claimed) - self._reserved)
         self._reserved += room
         try:
-            due, claimed = await self._accept_transaction(accepted, invalid, orgs, room)
+            due, claimed = await self._accept_transaction(accepted, invalid, repeated, orgs, room)
         finally:
             self._reserved -= room
         self._start_sends(claimed)
         return due
 
     async def _accept_transaction(self, accepted: list[tuple[Delivery, EmailOutboundV1, asyncpg.Record, datetime | None]],
-                                  invalid: list[_Invalid], orgs: dict[UUID, asyncpg.Record],
-                                  room: int) -> tuple[list[UUID], list[asyncpg.Record]]:
+                                  invalid: list[_Invalid], repeated: list[tuple[Delivery, EmailOutboundV1]],
+                                  orgs: dict[UUID, asyncpg.Record], room: int) -> tuple[list[UUID], list[asyncpg.Record]]:
         assert self.pool is not None and self.worker_id is not None
         now = utcnow()
         default_deadline = now + timedelta(seconds=self.options.default_deadline_seconds)
@@ -398,7 +409,7 @@ class DispatchService(ServiceBase):
                     message_id=message_id_for(request_id, state["email"]),
                     subject=subject_with_token(request.subject, token) if token else request.subject,
                     tracking_token=token, next_attempt_at=postpone, deadline=request.deadline or default_deadline,
-                    request=request.model_dump_json(exclude_defaults=True), event_id=delivery.event.event_id,
+                    request=_as_stored(request), event_id=delivery.event.event_id,
                     correlation_id=delivery.event.correlation_id, requested_at=delivery.event.occurred_at,
                 ))
             # A request whose deadline passed before it arrived (dispatch was down, say) is not claimed:
@@ -427,6 +438,19 @@ class DispatchService(ServiceBase):
                         idempotency_key=item.key, status="rejected", mailbox_id=item.mailbox_id,  # type: ignore[arg-type]
                         reason=item.error.reason, detail=ledger.storable_text(item.error.message[:1000]),
                     ), item.delivery.event.correlation_id))
+            # A key another request holds: the same request again (a redelivery, a re-publish) is a
+            # no-op, its holder's statuses not repeated even if final; another one (another email under
+            # the key) is refused, not recorded (the holder's row stays as it is) and not announced
+            # (statuses are keyed by the key: a `rejected` would stand for the holder's outcome).
+            # Looked up after the rejections are recorded, so that a key held by a request refused
+            # earlier in this batch has its row.
+            held = [(d, q, r.request) for r, (d, q, _, _) in zip(rows, accepted) if r.id not in inserted]
+            held += [(d, q, _as_stored(q)) for d, q in repeated]
+            if held:
+                holders = await ledger.key_holders(conn, [(d.event.organization_id, q.idempotency_key, stored)
+                                                          for d, q, stored in held])
+                invalid.extend(_Invalid(d, _key_reused(q.idempotency_key, holder["status"]), q.idempotency_key, {})
+                               for (d, q, _), holder in zip(held, holders) if not holder["same"])
             await ledger.enqueue_events(conn, events)
         due = [r.id for r in rows if r.id in inserted and r.next_attempt_at is None and r.id not in claim]
         # The validated requests, so that the sends need not decode and validate them again.
@@ -1069,8 +1093,22 @@ def _validated(data: dict[str, Any]) -> EmailOutboundV1:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'data'}: {e['msg']}" for e in exc.errors()[:5])
         injection = any("header injection" in str(e.get("msg", "")) for e in exc.errors())
-        raise InvalidInput(f"the request does not match email.outbound v1: {problems}",
-                           reason="header_injection" if injection else "schema_error") from exc
+        # A header injection is a request read and refused by a rule; any other mismatch, one not understood.
+        kind = Refused if injection else InvalidInput
+        raise kind(f"the request does not match email.outbound v1: {problems}",
+                   reason="header_injection" if injection else "schema_error") from exc
+
+
+def _as_stored(request: EmailOutboundV1) -> str:
+    """A request as the ledger stores it, and compares it with another under the same key."""
+    return request.model_dump_json(exclude_defaults=True)
+
+
+def _key_reused(key: str, status: str | None) -> Refused:
+    # No row holds the key when the request before it in the batch was refused for an organization
+    # that does not exist.
+    return Refused(f"the idempotency key {key!r} is already used by a different request ({status or 'rejected'}): "
+                   "a different email needs a key of its own", reason="idempotency_key_reused")
 
 
 def _printable(text: str) -> bool:

@@ -48,7 +48,7 @@ from shared.events.envelope import Envelope, decode_event, encode_event
 from shared.events.payloads import MailboxHealthV1
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED, MAILBOX_EVENTS, MAILBOX_HEALTH, dead_letter
 from shared.kafka import bootstrap_servers, ensure_topics, topic_name
-from shared.metrics import MAILBOXES_BY_HEALTH
+from shared.metrics import EVENTS_DEAD_LETTERED, MAILBOXES_BY_HEALTH
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -435,10 +435,11 @@ class HealthAggregate:
         return [(o, source) for o in observations(logical, envelope)]
 
     async def _dead_letter(self, topic: str, message: Any, error: InvalidInput) -> None:
-        self._gate.admit(f"{topic} (health aggregate)")
+        self._gate.admit(f"{topic} (health aggregate)", error)
         headers = dict(self._gate.headers(message.topic, message.partition, message.offset, error, message.headers))
         await self._dead_letters[topic].send(key=message.key, value=message.value or b"", headers=headers)
         self.dead_lettered += 1
+        EVENTS_DEAD_LETTERED.labels("evaluate", topic, error.reason).inc()
 
     async def start(self) -> None:
         s = self.settings

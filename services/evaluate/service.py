@@ -103,7 +103,7 @@ class EvaluateService(ServiceBase):
         self.consumer = EventConsumer(self.settings, EMAIL_RECEIVED, group_id=self.own.group_id, handler=self.handle,
                                       publisher=self.publisher, max_batch=self.max_batch,
                                       across_partitions=True, batch_window_ms=10, fetch_max_wait_ms=20,
-                                      stages=(self.prepare, self.finish))
+                                      stages=(self.prepare, self.finish), service="evaluate")
         await self.consumer.start()
 
     async def on_stop(self) -> None:

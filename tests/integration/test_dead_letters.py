@@ -6,12 +6,16 @@ import asyncio
 import json
 import uuid
 
+import pytest
+from prometheus_client import REGISTRY
+
 from conduit.peers.smtp import CaptureSmtpServer
+from shared.events.envelope import encode_event
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.cli import conduit_cli
-from tests.support.dispatch import dispatch_running, sending_mailbox
+from tests.support.dispatch import dispatch, dispatch_running, finals, outbound, publish, publish_raw, sending_mailbox
 from tests.support.waiting import eventually
 
 
@@ -66,6 +70,44 @@ async def test_a_refused_request_is_listed_replayed_and_sent_once_mended(
                 assert code == 2 and says in err and "Traceback" not in err, (args, err)
         (message,) = capture.messages()
         assert message.header("Subject").startswith("Refused first")
+
+
+async def test_requests_refused_by_a_rule_do_not_count_toward_the_dead_letter_limit(
+        settings: Settings, registry: Registry, org, publisher, tmp_path) -> None:
+    """A client flooding dispatch with requests for a mailbox it does not have is answered, each
+    request, and does not stop dispatch (which, restarted, would meet the same requests again)."""
+    limited = settings.model_copy(update={"dlq_limit_per_minute": 5})
+    counted = ("conduit_events_dead_lettered_total", {"service": "dispatch", "topic": "email.outbound",
+                                                        "reason": "unknown_mailbox"})
+    before = REGISTRY.get_sample_value(*counted) or 0
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        refused = [outbound(org, sender_email="nobody@example.com") for _ in range(12)]
+        good = outbound(org, sender_email=sender.email)
+        await publish(publisher, *refused, good)
+        await dispatch(limited)
+        reader = await finals(limited, [e.data.idempotency_key for e in [*refused, good]])
+        assert {reader.final(e.data.idempotency_key).reason for e in refused} == {"unknown_mailbox"}
+        assert reader.final(good.data.idempotency_key).status == "sent" and len(capture.messages()) == 1
+    letters = await _letters(limited)
+    assert sorted(x["key"] for x in letters) == sorted(e.data.idempotency_key for e in refused)
+    assert {x["reason"] for x in letters} == {"unknown_mailbox"}
+    assert REGISTRY.get_sample_value(*counted) - before == 12
+
+
+async def test_input_dispatch_cannot_read_past_the_dead_letter_limit_stops_it(settings: Settings, org, publisher) -> None:
+    """Undecodable events and requests that do not match the schema still count: a bad deploy stops."""
+    from shared.consumer import DeadLetterLimitExceeded
+
+    limited = settings.model_copy(update={"dlq_limit_per_minute": 5})
+    no_recipients = []
+    for _ in range(3):
+        event = json.loads(encode_event(outbound(org, sender_email="nobody@example.com")))
+        event["data"]["to"] = []
+        no_recipients.append((json.dumps(event).encode(), event["data"]["idempotency_key"]))
+    await publish_raw(publisher, [(b"not json", "garbage")] * 3 + no_recipients)
+    with pytest.raises(DeadLetterLimitExceeded):
+        await dispatch(limited)
 
 
 async def _pair(settings: Settings) -> list[dict] | None:

@@ -180,6 +180,62 @@ async def test_same_key_twice_is_sent_once(settings: Settings, registry: Registr
     assert len(capture.messages()) == 1
 
 
+async def test_a_key_refused_twice_in_a_batch_is_recorded_not_retried_for_ever(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
+    """A requester retrying a request dispatch refuses: both refusals announced, the last one the
+    row's, and the batch goes on (it used to fail on every retry: a row written twice by one statement)."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    key = f"bad-{uuid.uuid4().hex[:8]}"
+    good = outbound(org, sender_email=sender.email)
+    await publish(publisher, outbound(org, sender_email=sender.email, idempotency_key=key, headers={"Sender": "x@example.com"}),
+                  outbound(org, sender_email=sender.email, idempotency_key=key,
+                           attachments=[{"filename": "a.txt", "content_base64": "not base64!"}]), good)
+    await dispatch(settings)
+    reader = await finals(settings, [key, good.data.idempotency_key])
+    assert [(s.status, s.reason) for s in reader.by_key[key]] == [("rejected", "header_not_allowed"), ("rejected", "bad_attachment")]
+    assert reader.final(good.data.idempotency_key).status == "sent"
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT reason FROM outbound_email WHERE organization_id = $1 AND idempotency_key = $2",
+                                   org.id, key) == "bad_attachment"
+
+
+async def test_a_key_reused_for_another_email_is_dead_lettered_and_the_first_email_stands(
+        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, capture) -> None:
+    """The same request again (the event redelivered, or published again with a new event id) is a
+    no-op; another email under a key already used, in the same batch or after the first was sent, is
+    dead-lettered as `idempotency_key_reused`, with no status (the first one's `sent` stays final)."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+    key = f"invoice-{uuid.uuid4().hex[:8]}"
+    first = outbound(org, sender_email=sender.email, idempotency_key=key, subject="Invoice 42", headers={"X-A": "1", "X-B": "2"})
+    in_batch = outbound(org, sender_email=sender.email, idempotency_key=key, subject="Invoice 43")
+    await publish(publisher, first, in_batch)
+    await dispatch(settings)
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM outbound_email WHERE organization_id = $1 AND idempotency_key = $2", org.id, key)
+    assert row["status"] == "sent" and row["request"]["subject"] == "Invoice 42"
+
+    # Published again with a new event id, its headers in another order: the same request.
+    republished = outbound(org, **{**first.data.model_dump(exclude_defaults=True), "headers": {"X-B": "2", "X-A": "1"}})
+    reused = outbound(org, sender_email=sender.email, idempotency_key=key, to=["someone.else@customer.example"],
+                      subject="Invoice 42", text="Another email.\n")
+    await publish(publisher, first, republished, reused)
+    await dispatch(settings)
+
+    reader = await finals(settings, [key])
+    assert reader.statuses(key) == ["pending_send", "sending", "sent"]
+    (message,) = capture.messages()
+    assert message.header("Subject").startswith("Invoice 42") and list(message.rcpt_tos) == ["rcpt@customer.example"]
+    async with pool.acquire() as conn:
+        assert dict(await conn.fetchrow("SELECT * FROM outbound_email WHERE id = $1", row["id"])) == dict(row)
+    # (Each dispatch run reads the topic from its start, in its own group: `in_batch` is refused twice.)
+    dead = [(json.loads(r.value)["event_id"], dict(r.headers)) for r in await _topic_records(settings, "email.outbound.dlq")]
+    assert {event_id for event_id, _ in dead} == {str(in_batch.event_id), str(reused.event_id)}
+    for event_id, headers in dead:
+        assert headers["reason"] == b"idempotency_key_reused"
+        assert key.encode() in headers["error"]
+    assert b"(sent)" in next(h for e, h in dead if e == str(reused.event_id))["error"]
+
+
 async def test_451_is_retried_then_sent(settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
     sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
     capture.fail_next(1, "451")
