@@ -121,6 +121,11 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
     event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer=producer,
                                       organization_id=ctx.org.id, data=payload)
     await ensure_topics(settings)
+    holder = await _held_by_another(ctx, payload)
+    if holder is not None:
+        # Dispatch would dead-letter it as idempotency_key_reused: say so now, not after publishing.
+        raise fail(f"the key {payload.idempotency_key!r} is already used by a different request ({holder}); "
+                   "a different email needs a key of its own (or leave --key out)")
     # A key already sent or failed publishes no new status: the request is a no-op, and its stored
     # status is the answer at once (a rejected key is taken over by the new request: wait for it).
     earlier = await _from_ledger(ctx, payload.idempotency_key) if wait else None
@@ -202,6 +207,16 @@ class _StatusFollower:
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+async def _held_by_another(ctx: Any, payload: Any) -> str | None:
+    """The status of the request holding the payload's key when it is a different request (a rejected
+    one gives its key up), else None."""
+    from services.dispatch.ledger import key_holders, stored_request
+
+    async with ctx.registry.pool.acquire() as conn:
+        (holder,) = await key_holders(conn, [(ctx.org.id, payload.idempotency_key, stored_request(payload))])
+    return holder["status"] if holder["status"] not in (None, "rejected") and not holder["same"] else None
 
 
 async def _from_ledger(ctx: Any, key: str) -> dict[str, Any] | None:

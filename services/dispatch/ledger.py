@@ -16,7 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.events.envelope import Envelope
-from shared.events.payloads import ActivityCreatedV1, EmailStatusV1
+from shared.events.payloads import ActivityCreatedV1, EmailOutboundV1, EmailStatusV1
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_STATUS
 from shared.ids import new_id
 from shared.outbox import enqueue_batch
@@ -137,7 +137,7 @@ class NewRequest:
 
 
 async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], claim: set[UUID] = frozenset(),
-                          worker_id: int | None = None) -> list[asyncpg.Record]:
+                          worker_id: int | None = None, claim_id: UUID | None = None) -> list[asyncpg.Record]:
     """Insert new requests as pending_send, or, for the ids in ``claim``, as claimed (``sending`` for
     ``worker_id``, attempt 1: what ``claim`` would make of them, without a second write); returns the
     rows actually written, with the claimed columns (``request`` left out: the caller has it) and ``status``.
@@ -151,11 +151,12 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
     return await conn.fetch(
         f"""INSERT INTO outbound_email AS o (id, organization_id, idempotency_key, mailbox_id, status, message_id,
                   subject, tracking_token, next_attempt_at, deadline, request, event_id, correlation_id, requested_at,
-                  worker_id, attempts)
+                  worker_id, attempts, claim_id)
            SELECT u.id, u.org, u.key, u.mailbox, CASE WHEN u.claimed THEN 'sending' ELSE 'pending_send' END, u.mid,
                   u.subject, u.token, CASE WHEN u.claimed THEN NULL ELSE coalesce(u.next_at, now()) END,
                   u.deadline, u.request::jsonb, u.event_id, u.corr, u.requested_at,
-                  CASE WHEN u.claimed THEN $15::bigint END, CASE WHEN u.claimed THEN 1 ELSE 0 END
+                  CASE WHEN u.claimed THEN $15::bigint END, CASE WHEN u.claimed THEN 1 ELSE 0 END,
+                  CASE WHEN u.claimed THEN $16::uuid END
            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[],
                        $8::timestamptz[], $9::timestamptz[], $10::text[], $11::uuid[], $12::text[], $13::timestamptz[],
                        $14::bool[])
@@ -167,7 +168,8 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
                 tracking_token = EXCLUDED.tracking_token, next_attempt_at = EXCLUDED.next_attempt_at,
                 deadline = EXCLUDED.deadline, request = EXCLUDED.request, event_id = EXCLUDED.event_id,
                 correlation_id = EXCLUDED.correlation_id, requested_at = EXCLUDED.requested_at,
-                worker_id = EXCLUDED.worker_id, attempts = EXCLUDED.attempts, started_at = NULL, created_at = now(),
+                worker_id = EXCLUDED.worker_id, attempts = EXCLUDED.attempts, claim_id = EXCLUDED.claim_id,
+                started_at = NULL, created_at = now(),
                 updated_at = now()
            WHERE o.status = 'rejected'
            RETURNING {_CLAIMED_COLUMNS.replace("o.request,", "NULL::jsonb AS request,")}, o.status""",
@@ -175,8 +177,14 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
         [r.mailbox_id for r in rows], [r.message_id for r in rows], [r.subject for r in rows],
         [r.tracking_token for r in rows], [r.next_attempt_at for r in rows], [r.deadline for r in rows],
         [r.request for r in rows], [r.event_id for r in rows], [r.correlation_id for r in rows],
-        [r.requested_at for r in rows], [r.id in claim for r in rows], worker_id,
+        [r.requested_at for r in rows], [r.id in claim for r in rows], worker_id, claim_id,
     )
+
+
+def stored_request(request: EmailOutboundV1) -> str:
+    """A request as the ledger stores it (``NewRequest.request``), and compares it with another under
+    the same key (``key_holders``)."""
+    return request.model_dump_json(exclude_defaults=True)
 
 
 async def key_holders(conn: asyncpg.Connection, wanted: Sequence[tuple[UUID, str, str]]) -> list[asyncpg.Record]:
@@ -265,33 +273,47 @@ _CLAIMED_COLUMNS = """o.id, o.organization_id, o.idempotency_key, o.mailbox_id, 
                       o.detail, o.smtp_code, o.smtp_reply, o.deferred_recipients"""
 
 
-async def claim(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int) -> list[asyncpg.Record]:
-    """Mark pending requests `sending` for this worker (committed before any mail transaction)."""
+async def claim(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int, claim_id: UUID) -> list[asyncpg.Record]:
+    """Mark pending requests `sending` for this worker (committed before any mail transaction), as
+    claimed by ``claim_id`` (``unsettled_claims``)."""
     if not ids:
         return []
     return await conn.fetch(
         f"""UPDATE outbound_email o SET status = 'sending', attempts = attempts + 1, worker_id = $2,
-                   next_attempt_at = NULL, started_at = NULL, updated_at = now()
+                   next_attempt_at = NULL, started_at = NULL, claim_id = $3, updated_at = now()
             WHERE o.id = ANY($1::uuid[]) AND o.status = 'pending_send'
             RETURNING {_CLAIMED_COLUMNS}""",
-        list(ids), worker_id,
+        list(ids), worker_id, claim_id,
     )
 
 
-async def claim_due(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID], limit: int, worker_id: int) -> list[asyncpg.Record]:
+async def claim_due(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID], limit: int, worker_id: int,
+                    claim_id: UUID) -> list[asyncpg.Record]:
     """Claim (as ``claim`` does) up to ``limit`` due requests of mailboxes known to be able to send,
     before their deadline, oldest first, skipping rows other workers hold: the common case in one statement."""
     if not mailbox_ids or limit <= 0:
         return []
     return await conn.fetch(
         f"""UPDATE outbound_email o SET status = 'sending', attempts = attempts + 1, worker_id = $3,
-                   next_attempt_at = NULL, started_at = NULL, updated_at = now()
+                   next_attempt_at = NULL, started_at = NULL, claim_id = $4, updated_at = now()
             WHERE o.id IN (SELECT d.id FROM outbound_email d
                            WHERE d.status = 'pending_send' AND d.next_attempt_at <= now()
                              AND d.mailbox_id = ANY($1::uuid[]) AND (d.deadline IS NULL OR d.deadline >= now())
                            ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
             RETURNING {_CLAIMED_COLUMNS}""",
-        list(mailbox_ids), limit, worker_id,
+        list(mailbox_ids), limit, worker_id, claim_id,
+    )
+
+
+async def unsettled_claims(conn: asyncpg.Connection, claim_ids: Sequence[UUID], worker_id: int) -> list[asyncpg.Record]:
+    """The rows that transactions whose COMMIT was never confirmed (``claim_ids``) claimed for this
+    worker, if they committed after all: still `sending`, never cleared to reach a transport."""
+    if not claim_ids:
+        return []
+    return await conn.fetch(
+        f"""SELECT {_CLAIMED_COLUMNS} FROM outbound_email o
+            WHERE o.status = 'sending' AND o.worker_id = $2 AND o.claim_id = ANY($1::uuid[]) AND o.started_at IS NULL""",
+        list(claim_ids), worker_id,
     )
 
 

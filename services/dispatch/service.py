@@ -192,6 +192,9 @@ class DispatchService(ServiceBase):
         self._turn_conns: list[asyncpg.Connection] = []
         self._due_generation = 0  # counts the consumer's acceptances of due requests
         self._reserved = 0  # rows those transactions may claim
+        # Claiming transactions whose COMMIT was never confirmed (the connection broke): claim id ->
+        # the room it holds until a turn has looked for what it claimed (``_unconfirmed``).
+        self._unsettled: dict[UUID, int] = {}
         self._backoff: dict[UUID, datetime] = {}
         self.counts = {"sent": 0, "failed": 0, "rejected": 0, "retried": 0, "outcome_unknown": 0}
         self._starts: StartGate | None = None
@@ -380,8 +383,12 @@ class DispatchService(ServiceBase):
         assert self.pool is not None and self.worker_id is not None
         room = max(0, self.options.wave_size - len(self._claimed) - self._reserved)
         self._reserved += room
+        claim_id = ledger.new_id()
         try:
-            due, claimed = await self._accept_transaction(accepted, invalid, repeated, orgs, room)
+            due, claimed = await self._accept_transaction(accepted, invalid, repeated, orgs, room, claim_id)
+        except Exception:
+            self._unconfirmed(claim_id, room)
+            raise   # the consumer retries the batch: its rows are in the ledger already if it committed
         finally:
             self._reserved -= room
         self._start_sends(claimed)
@@ -389,7 +396,8 @@ class DispatchService(ServiceBase):
 
     async def _accept_transaction(self, accepted: list[tuple[Delivery, EmailOutboundV1, asyncpg.Record, datetime | None]],
                                   invalid: list[_Invalid], repeated: list[tuple[Delivery, EmailOutboundV1]],
-                                  orgs: dict[UUID, asyncpg.Record], room: int) -> tuple[list[UUID], list[asyncpg.Record]]:
+                                  orgs: dict[UUID, asyncpg.Record], room: int,
+                                  claim_id: UUID) -> tuple[list[UUID], list[asyncpg.Record]]:
         assert self.pool is not None and self.worker_id is not None
         now = utcnow()
         default_deadline = now + timedelta(seconds=self.options.default_deadline_seconds)
@@ -409,13 +417,13 @@ class DispatchService(ServiceBase):
                     message_id=message_id_for(request_id, state["email"]),
                     subject=subject_with_token(request.subject, token) if token else request.subject,
                     tracking_token=token, next_attempt_at=postpone, deadline=request.deadline or default_deadline,
-                    request=_as_stored(request), event_id=delivery.event.event_id,
+                    request=ledger.stored_request(request), event_id=delivery.event.event_id,
                     correlation_id=delivery.event.correlation_id, requested_at=delivery.event.occurred_at,
                 ))
             # A request whose deadline passed before it arrived (dispatch was down, say) is not claimed:
             # the send loop fails it as deadline_exceeded, as it does any request that waited too long.
             claim = set([r.id for r in rows if r.next_attempt_at is None and r.deadline >= now][:room])
-            written = await ledger.insert_requests(conn, rows, claim, self.worker_id)
+            written = await ledger.insert_requests(conn, rows, claim, self.worker_id, claim_id)
             inserted = {r["id"] for r in written}
             for row in rows:
                 if row.id in inserted:
@@ -445,7 +453,7 @@ class DispatchService(ServiceBase):
             # Looked up after the rejections are recorded, so that a key held by a request refused
             # earlier in this batch has its row.
             held = [(d, q, r.request) for r, (d, q, _, _) in zip(rows, accepted) if r.id not in inserted]
-            held += [(d, q, _as_stored(q)) for d, q in repeated]
+            held += [(d, q, ledger.stored_request(q)) for d, q in repeated]
             if held:
                 holders = await ledger.key_holders(conn, [(d.event.organization_id, q.idempotency_key, stored)
                                                           for d, q, stored in held])
@@ -484,7 +492,7 @@ class DispatchService(ServiceBase):
                 room = 0 if stopping.is_set() else \
                     self.options.wave_size - len(self._claimed) - self._reserved + len(finished)
                 want = room if self._maybe_due and room > 0 else 0
-                if finished or want:
+                if finished or want or self._unsettled:
                     self._turns += 1
                     self._reserved += want
                     turn = asyncio.ensure_future(self._turn(finished, want, stopping))
@@ -510,10 +518,15 @@ class DispatchService(ServiceBase):
 
     async def _turn(self, finished: list[_Result], want: int, stopping: asyncio.Event) -> None:
         generation = self._due_generation
+        claim_id = ledger.new_id()
+        unsettled, self._unsettled = self._unsettled, {}   # this turn looks for their rows
         try:
-            claimed = await self._record_and_claim(finished, want, generation)
+            claimed = await self._record_and_claim(finished, want, generation, claim_id, list(unsettled))
         except (OSError, asyncpg.PostgresError, ConduitError) as exc:
-            # Nothing of the turn was committed: the results wait for the next turn, after a pause.
+            # Most likely nothing of the turn was committed: the results wait for the next turn, after
+            # a pause (recording them twice is a no-op), and so do the claims to look for.
+            self._unsettled.update(unsettled)
+            self._unconfirmed(claim_id, want)
             self._failures += 1
             delay = min(self.options.poll_seconds * 2 ** self._failures, 1.0 if stopping.is_set() else 30.0)
             delay *= random.uniform(0.5, 1.0)
@@ -524,6 +537,7 @@ class DispatchService(ServiceBase):
                 self._finished = finished + self._finished
             return
         except BaseException:
+            self._unsettled.update(unsettled)
             self._finished = finished + self._finished
             raise
         finally:
@@ -531,6 +545,7 @@ class DispatchService(ServiceBase):
             self._reserved -= want
             self._wakeup.set()
         self._failures = 0
+        self._reserved -= sum(unsettled.values())   # what they claimed, if anything, is in ``claimed`` now
         self._start_sends(claimed)
         try:
             await self._mailbox_recovered(finished)
@@ -543,6 +558,17 @@ class DispatchService(ServiceBase):
                 self._backlog.clear()
                 self._requests.clear()
             self._room.set()
+
+    def _unconfirmed(self, claim_id: UUID, room: int) -> None:
+        """A transaction that claimed up to ``room`` rows failed.  It may have committed all the same:
+        a connection that breaks after the server received the COMMIT loses only its answer.  Then
+        the rows are ``sending`` for this worker, which does not know it: left so, they would wait
+        for this worker to stop.  The next turn looks for them by ``claim_id`` and sends them;
+        meanwhile their room stays reserved, so the in-flight limit holds either way."""
+        if room:
+            self._unsettled[claim_id] = room
+            self._reserved += room
+            self._wakeup.set()
 
     def _start_sends(self, claimed: list[asyncpg.Record]) -> None:
         """Each claimed row goes out at once, on its own; its result waits for the next turn."""
@@ -565,26 +591,33 @@ class DispatchService(ServiceBase):
         self._finished.append(result)
         self._wakeup.set()
 
-    async def _record_and_claim(self, finished: list[_Result], want: int, generation: int) -> list[asyncpg.Record]:
-        """One transaction: the outcomes of ``finished`` (with activities and events), and up to ``want`` claims."""
+    async def _record_and_claim(self, finished: list[_Result], want: int, generation: int, claim_id: UUID,
+                                unsettled: list[UUID]) -> list[asyncpg.Record]:
+        """One transaction: the outcomes of ``finished`` (with activities and events), up to ``want``
+        claims (as ``claim_id``), and the rows claims ``unsettled`` made, if they committed
+        (announced as `sending` by their own transaction)."""
         assert self.pool is not None and self.worker_id is not None
         outcomes, events = await self._outcomes(finished)
-        claimed: list[asyncpg.Record] = []
         async with self._turn_connection() as conn, conn.transaction():
             events = await self._write_outcomes(conn, finished, outcomes, events)
+            claimed = await ledger.unsettled_claims(conn, unsettled, self.worker_id)
+            if claimed:
+                log.warning("%d requests claimed by a transaction whose commit was not confirmed are sent now",
+                            len(claimed))
             if want:
                 # Rows of mailboxes known to send go in one statement; only when those run out does
                 # the turn look at the rest (other mailboxes, deadlines passed, back-offs).
                 now, monotonic = utcnow(), time.monotonic()
                 sending = [m for m, (_, at) in self._works.items() if monotonic - at < self.options.mailbox_refresh_seconds
                            and not (m in self._backoff and self._backoff[m] > now)]
-                claimed = await ledger.claim_due(conn, sending, want, self.worker_id)
-                if len(claimed) < want:
-                    rows = await ledger.lock_due(conn, want - len(claimed))
-                    if len(rows) < want - len(claimed) and generation == self._due_generation:
+                new = await ledger.claim_due(conn, sending, want, self.worker_id, claim_id)
+                if len(new) < want:
+                    rows = await ledger.lock_due(conn, want - len(new))
+                    if len(rows) < want - len(new) and generation == self._due_generation:
                         self._maybe_due = False  # (unless the consumer accepted more since the turn began)
-                    claimed += await self._claim_due(conn, rows, events)
-                events += [self._sending_event(r) for r in claimed]
+                    new += await self._claim_due(conn, rows, events, claim_id)
+                events += [self._sending_event(r) for r in new]
+                claimed += new
             await ledger.enqueue_events(conn, events)
         for result in finished:
             self._claimed.discard(result.row["id"])
@@ -605,7 +638,8 @@ class DispatchService(ServiceBase):
         else:
             self._turn_conns.append(conn)
 
-    async def _claim_due(self, conn: asyncpg.Connection, rows: list[asyncpg.Record], events: list[Any]) -> list[asyncpg.Record]:
+    async def _claim_due(self, conn: asyncpg.Connection, rows: list[asyncpg.Record], events: list[Any],
+                         claim_id: UUID) -> list[asyncpg.Record]:
         """Claim the locked due rows whose mailbox may send; postpone or fail the others."""
         assert self.worker_id is not None
         if not rows:
@@ -651,7 +685,7 @@ class DispatchService(ServiceBase):
                     reason=o.reason, detail=o.detail, smtp_code=o.smtp_code, smtp_reply=o.smtp_reply,
                     message_id=r["message_id"], attempt=r["attempts"]), r["correlation_id"]))
                 self.counts["failed"] += 1
-        return await ledger.claim(conn, to_claim, self.worker_id)
+        return await ledger.claim(conn, to_claim, self.worker_id, claim_id)
 
     async def _mailbox_works(self, mailbox_ids: set[UUID]) -> dict[UUID, MailboxWork]:
         """The sending mailboxes, as the registry last said (at most ``mailbox_refresh_seconds`` ago)."""
@@ -1097,11 +1131,6 @@ def _validated(data: dict[str, Any]) -> EmailOutboundV1:
         kind = Refused if injection else InvalidInput
         raise kind(f"the request does not match email.outbound v1: {problems}",
                    reason="header_injection" if injection else "schema_error") from exc
-
-
-def _as_stored(request: EmailOutboundV1) -> str:
-    """A request as the ledger stores it, and compares it with another under the same key."""
-    return request.model_dump_json(exclude_defaults=True)
 
 
 def _key_reused(key: str, status: str | None) -> Refused:

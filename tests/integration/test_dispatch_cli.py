@@ -28,6 +28,11 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             code, out, err = await _cli(settings, *args, "--timeout", "3600")
             assert code == 0, err
             assert json.loads(out)["message_id"] == status["message_id"]
+            # The same key for another email: refused before anything is published (dispatch would
+            # dead-letter it as idempotency_key_reused), not answered with the first one's status.
+            other = [a if a != "From the CLI" else "Another email" for a in args]
+            code, out, err = await _cli(settings, *other)
+            assert code == 2 and f"the key {key!r} is already used by a different request (sent)" in err, (out, err)
             code, out, err = await _cli(settings, "send", "--org", org.name, "--from", "nobody@example.com", "--to", "x@example.com",
                                         "--wait", "--json")
             assert code == 1 and json.loads(out)["reason"] == "unknown_mailbox"
