@@ -17,6 +17,7 @@ from datetime import datetime
 import asyncpg
 from aiokafka.errors import KafkaError
 
+from services.ingest import state
 from services.ingest.imap_client import ImapClient
 from services.ingest.imap_sync import ImapFolderSync
 from services.ingest.pop3_client import Pop3Client
@@ -166,6 +167,7 @@ class MailboxRunner:
         folders = list(self._work["tracked_folders"]) or ["INBOX"]
         # INBOX last, so that the folder IDLE watches is the one selected when we start idling.
         folders.sort(key=lambda f: f.upper() == "INBOX")
+        await self._bind_server()
         async with self._slot():
             client = await ImapClient.connect(profile["incoming_host"], profile["incoming_port"],
                                               tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
@@ -182,6 +184,17 @@ class MailboxRunner:
             finally:
                 self._client = None
                 await client.close()
+
+    async def _bind_server(self) -> None:
+        """What ingest saved for this mailbox belongs to one server and account; pointed at another
+        (its profile's host edited, another profile, other credentials), it starts afresh there."""
+        profile = self._profile
+        server = (f"{self.protocol}://{self._work.login_name()}@{str(profile['incoming_host']).lower()}:"
+                  f"{profile['incoming_port']}")
+        async with self._ctx.pool.acquire() as conn:
+            if await state.bind_server(conn, self._work.id, server):
+                log.warning("mailbox %s now reads %s: its saved folder states and server places are forgotten, "
+                            "and mail already ingested is recognised by its keys", self._work.id, server)
 
     async def _report_missing(self, missing: set[str]) -> None:
         for folder in sorted(missing):
@@ -254,6 +267,7 @@ class MailboxRunner:
         profile = self._profile
         sync = Pop3Sync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
                         delete_after_processing=bool(self._work["delete_after_processing"]))
+        await self._bind_server()
         async with self._slot():
             client = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
                                               tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))

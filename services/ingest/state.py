@@ -37,6 +37,33 @@ class IngestedMessage(NamedTuple):
     uidvalidity: int | None = None
 
 
+async def bind_server(conn: asyncpg.Connection, mailbox_id: UUID, server: str) -> bool:
+    """Record that ``server`` (protocol, account, host and port) is where the mailbox's mail is read
+    from; True when it replaces another one.  Then everything saved about the old server is
+    forgotten in the same transaction: folder states (the new server is read from its start, and the
+    messages already ingested are recognised by their keys), UIDLs, refusals, and the places of
+    ingested messages (so a queue never deletes by an old UID or UIDL; a message found again on the
+    new server takes its place there)."""
+    async with conn.transaction():
+        previous = await conn.fetchval(
+            """WITH previous AS (SELECT server FROM ingest_server WHERE mailbox_id = $1 FOR UPDATE),
+                    written AS (INSERT INTO ingest_server (mailbox_id, server) VALUES ($1, $2)
+                                ON CONFLICT (mailbox_id) DO UPDATE SET server = EXCLUDED.server, bound_at = now()
+                                WHERE ingest_server.server <> EXCLUDED.server)
+               SELECT server FROM previous""",
+            mailbox_id, server)
+        if previous is None or previous == server:
+            return False   # the same server, or the first session since this was recorded
+        await conn.execute("DELETE FROM imap_folder_state WHERE mailbox_id = $1", mailbox_id)
+        await conn.execute("DELETE FROM pop3_seen WHERE mailbox_id = $1", mailbox_id)
+        await conn.execute("DELETE FROM refused_message WHERE mailbox_id = $1", mailbox_id)
+        await conn.execute(
+            """UPDATE ingested_message SET folder = NULL, uid = NULL, uidl = NULL, uidvalidity = NULL
+               WHERE mailbox_id = $1 AND (folder IS NOT NULL OR uid IS NOT NULL OR uidl IS NOT NULL)""",
+            mailbox_id)
+        return True
+
+
 async def folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: str) -> FolderSyncState | None:
     row = await conn.fetchrow(
         "SELECT uidvalidity, last_uid, highestmodseq FROM imap_folder_state WHERE mailbox_id = $1 AND folder = $2",

@@ -95,6 +95,12 @@ class MailboxWork:
     def __getitem__(self, key: str) -> Any:
         return self.row[key]
 
+    def login_name(self) -> str:
+        """The account the mailbox signs in as (nothing decrypted)."""
+        if self.profile["auth_method"] == "profile_impersonation":
+            return self.profile["profile_username"] or ""
+        return self.row["username"] or self.row["email"]
+
     def login(self) -> tuple[str, SecretStr]:
         """The user name and secret to sign in with, per the profile's authentication method."""
         if self.profile["auth_method"] == "profile_impersonation":

@@ -6,7 +6,9 @@ import uuid
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
+from services.ingest.imap_client import ImapClient
 from services.ingest.service import IngestService
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
@@ -63,6 +65,34 @@ async def test_uidvalidity_change_resyncs_without_duplicates(settings, registry:
     events = await received(settings, 6)
     assert len(events) == 6
     assert len({e["data"]["message_id"] for e in events}) == 6
+
+
+async def test_a_mailbox_pointed_at_another_account_reads_it_from_its_start(
+        settings, registry: Registry, org, dovecot, pool) -> None:
+    """The saved folder state belongs to the account it was read from.  Pointed at another account
+    (new credentials; a profile's host edited is the same case) whose INBOX has the same UIDVALIDITY
+    (Dovecot numbers a folder by its creation time: two created in one second share it), the old
+    state would skip the new account's first messages for ever."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver_many(box.email, [message(f"old{i}") for i in range(3)])
+    await ingest_once(settings)
+    other, password = f"other-{uuid.uuid4().hex[:8]}@example.com", "pw-other"
+    dovecot.add_user(other, password)
+    new = [f"<new{i}-{uuid.uuid4().hex}@customer.example>" for i in range(5)]
+    dovecot.deliver_many(other, [message(f"new{i}", message_id=m) for i, m in enumerate(new)])
+    client = await ImapClient.connect(dovecot.host, dovecot.imap_port, tls="none", ssl_context=None)
+    await client.login(other, password)
+    uidvalidity = (await client.select("INBOX")).uidvalidity
+    await client.logout()
+    async with pool.acquire() as conn:   # the coincidence, made certain
+        await conn.execute("UPDATE imap_folder_state SET uidvalidity = $2 WHERE mailbox_id = $1", box.id, uidvalidity)
+    await registry.set_credentials(org, box.email, other, SecretStr(password))
+    await ingest_once(settings)
+    events = await received(settings, 8)
+    assert sorted(e["data"]["message_id"] for e in events[3:]) == sorted(m.strip("<>") for m in new)
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT last_uid FROM imap_folder_state WHERE mailbox_id = $1", box.id) == 5
 
 
 async def test_message_moved_between_tracked_folders_is_not_ingested_twice(settings, registry: Registry, org, dovecot) -> None:
