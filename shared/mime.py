@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from email.utils import getaddresses
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")   # where the header block ends; _header_end finds it
 # The value of the field whose line starts where it is matched (names hold no colon).
 _FIELD_VALUE = re.compile(rb"[^:]*:[ \t]*(.*(?:\r?\n[ \t].*)*)")
-_ADDRESS = re.compile(r"<([^<>\s]+@[^<>\s]+)>|([^\s<>\"',;]+@[^\s<>\"',;]+)")
 # In UTF-8 bytes, not characters: the id is a key of PostgreSQL btree indexes (ingested_message,
 # email_activity, email_decision), which refuse an entry over 2,704 bytes, and an id of 995
 # characters outside ASCII is up to four times that.  A longer id counts as missing.
@@ -154,8 +154,14 @@ def forwarder_address(raw: bytes) -> str | None:
 
 
 def _first_address(raw: bytes, start: int, end: int) -> str | None:
-    """The first address in the value of the field whose line starts at ``start``, lower-cased."""
-    found = _ADDRESS.search(_FIELD_VALUE.match(raw, start, end).group(1).decode("utf-8", "replace"))
-    if not found:
-        return None
-    return (found.group(1) or found.group(2)).strip().lower()
+    """The first address in the value of the field whose line starts at ``start``, lower-cased.
+
+    Parsed as an address list (RFC 5322 3.4), not searched for something shaped like an address: a
+    display name or a comment may hold one (``"ceo@example.com" <mallory@evil.example>``), and
+    DMARC vouches only for the address itself."""
+    value = _FIELD_VALUE.match(raw, start, end).group(1).decode("utf-8", "replace")
+    # Unfolded (RFC 5322 2.2.3): every line break in a field's value precedes white space.
+    for _, address in getaddresses([value.replace("\r", "").replace("\n", "")]):
+        if "@" in address:
+            return address.strip().lower()
+    return None

@@ -123,3 +123,22 @@ async def test_each_users_redirect_of_one_message_reaches_their_mailbox_once(
     events = [e["data"] for e in await read_topic(settings, EMAIL_RECEIVED.name, 2) if e["data"]["mailbox_id"] == str(box.id)]
     assert sorted((e["message_id"], e["forwarded_by"]) for e in events) == [
         ("redir-1@customer.example", "ann@example.com"), ("redir-1@customer.example", "bob@example.com")]
+
+
+async def test_the_forwarder_is_the_address_not_an_address_in_the_display_name(
+        settings, registry: Registry, org, dovecot, pool) -> None:
+    """DMARC vouches for the address, not the display name: mail from mallory whose display name is
+    the CEO's address is not the CEO's forward; Alice's forward with an old address in a comment is hers."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, owner="forward")
+    ceo = await registry.add_user(org, "CEO", "ceo@example.com", incoming="forward_mailbox")
+    alice = await registry.add_user(org, "Alice", "alice@example.com", incoming="forward_mailbox")
+    for user in (ceo, alice):
+        await registry.update_mailbox(org, user.email, email_approved=True, tracking="all")
+    dovecot.deliver(box.email, message("from mallory", sender='"ceo@example.com" <mallory@evil.example>',
+                                       to=box.email, message_id="<spoof-1@evil.example>"))
+    dovecot.deliver(box.email, message("alice forwards", sender="Alice (formerly al@old.example) <alice@example.com>",
+                                       to=box.email, message_id="<alice-1@example.com>"))
+    await pipeline(settings)
+    assert ceo.email not in [mailbox for mailbox, *_ in await why(registry, org, "spoof-1@evil.example")]
+    assert await why(registry, org, "alice-1@example.com") == [(alice.email, True, "tracked_all")]

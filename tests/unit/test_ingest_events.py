@@ -8,6 +8,7 @@ import hashlib
 import logging
 import re
 from datetime import datetime, timedelta, timezone
+from email.utils import getaddresses
 from uuid import UUID, uuid4
 
 import pytest
@@ -150,7 +151,6 @@ def test_event_ids_are_random_uuid4_text() -> None:
 _OLD_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _OLD_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _OLD_FROM = re.compile(rb"^from:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-_OLD_ADDRESS = re.compile(r"<([^<>\s]+@[^<>\s]+)>|([^\s<>\"',;]+@[^\s<>\"',;]+)")
 
 
 def old_header_block(raw: bytes, limit: int = 256 * 1024) -> bytes:
@@ -171,10 +171,11 @@ def old_from_address(raw: bytes) -> str | None:
     match = _OLD_FROM.search(old_header_block(raw))
     if not match:
         return None
-    found = _OLD_ADDRESS.search(match.group(1).decode("utf-8", "replace"))
-    if not found:
-        return None
-    return (found.group(1) or found.group(2)).strip().lower()
+    # The field as the regular expression found it; its value parsed as an address list.
+    for _, address in getaddresses([match.group(1).decode("utf-8", "replace").replace("\r", "").replace("\n", "")]):
+        if "@" in address:
+            return address.strip().lower()
+    return None
 
 
 PIECES = st.sampled_from([

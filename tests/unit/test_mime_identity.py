@@ -57,6 +57,19 @@ def test_forwarder_is_who_redirected_it():
     assert forwarder_address(b"") is None
 
 
+def test_the_address_is_the_address_not_what_the_display_name_or_a_comment_holds():
+    """DMARC vouches for the address, not the display name: mail from mallory is not the CEO's."""
+    spoof = b'From: "ceo@example.com" <mallory@evil.example>\r\n' + BODY.split(b"\r\n", 1)[1]
+    assert from_address(spoof) == forwarder_address(spoof) == "mallory@evil.example"
+    commented = b"From: Alice (formerly al@old.example) <Alice@Example.com>\r\n" + BODY.split(b"\r\n", 1)[1]
+    assert forwarder_address(commented) == "alice@example.com"
+    redirect = b'Resent-From: "bob@example.com" <alice@example.com>\r\n' + BODY
+    assert forwarder_address(redirect) == "alice@example.com"
+    folded = b"From: \"Alice, the\r\n ceo@example.com one\" <alice@example.com>\r\n" + BODY.split(b"\r\n", 1)[1]
+    assert from_address(folded) == "alice@example.com"
+    assert from_address(b"From: undisclosed-recipients:;\r\n\r\n") is None
+
+
 @settings(max_examples=2000, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from([
     b"From: Alice <alice@example.com>", b"from: bob@example.org", b"Resent-From: r@example.com", b"resent-sender: s@x",
