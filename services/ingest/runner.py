@@ -32,8 +32,6 @@ from shared.tls import client_context
 
 log = logging.getLogger(__name__)
 
-# RFC 2177: re-issue IDLE at least every 29 minutes; we also re-check other folders this often.
-MAX_IDLE_SECONDS = 25 * 60
 
 
 class ServerSlots:
@@ -71,6 +69,10 @@ class RunnerContext:
     slots: ServerSlots
     tokens: TokenProvider
     follow_up: FollowUp = FollowUp()
+    # What a session waits for a server's answer (``IngestSettings.command_timeout_seconds``).
+    command_timeout: float = 30.0
+    # An idling session leaves IDLE this often to look at the Inbox (``IngestSettings.idle_check_seconds``).
+    idle_check: float = 300.0
 
 
 class MailboxRunner:
@@ -170,7 +172,8 @@ class MailboxRunner:
         await self._bind_server()
         async with self._slot():
             client = await ImapClient.connect(profile["incoming_host"], profile["incoming_port"],
-                                              tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
+                                              tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")),
+                                              timeout=self._ctx.command_timeout)
             self._client = client
             try:
                 await sign_in(client, self._work, self._ctx.tokens)
@@ -218,7 +221,10 @@ class MailboxRunner:
         periodic = bool(others) or sync.deletes_processed
         periodic_due = loop.time() + self.interval if periodic else math.inf
         while not stopping.is_set():
-            period = min(periodic_due - loop.time(), MAX_IDLE_SECONDS)
+            # Not longer than the idle check: IDLE alone never notices a connection gone silent (a
+            # NAT or firewall dropped it, the server hung); the Inbox's look-up after it would time
+            # out.  (RFC 2177 asks for a new IDLE at least every 29 minutes anyway.)
+            period = min(periodic_due - loop.time(), self._ctx.idle_check)
             if period > 0:
                 idle = asyncio.ensure_future(client.idle(period))
                 stop = asyncio.ensure_future(stopping.wait())
@@ -270,7 +276,8 @@ class MailboxRunner:
         await self._bind_server()
         async with self._slot():
             client = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
-                                              tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")))
+                                              tls=profile["incoming_tls"], ssl_context=client_context(profile.get("tls_ca_file")),
+                                              timeout=self._ctx.command_timeout)
             try:
                 await sign_in(client, self._work, self._ctx.tokens)
                 await sync.sync(client)

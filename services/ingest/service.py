@@ -51,6 +51,12 @@ class IngestSettings(BaseSettings):
     # 0.1 s rather than 0.05: half the NOOPs for 20 ms more at the median (docs/benchmarks.md).
     follow_up_seconds: float = Field(1.0, ge=0)
     follow_up_poll_seconds: float = Field(0.1, gt=0)
+    # How long a session waits for a mail server's answer before it gives up (a `timeout` alert).
+    command_timeout_seconds: float = Field(30.0, gt=0)
+    # An idling session leaves IDLE this often to look at the Inbox.  IDLE alone never notices a
+    # connection gone silent (a NAT or firewall dropped it, the server hung): new mail would go
+    # unseen until the next look, which then times out and the session starts again.
+    idle_check_seconds: float = Field(300.0, gt=0, le=25 * 60)
 
     @model_validator(mode="after")
     def _renewed_in_time(self) -> IngestSettings:
@@ -84,7 +90,8 @@ class IngestService(ServiceBase):
     def _context(self) -> RunnerContext:
         assert self.pool is not None and self.registry is not None
         return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens,
-                             FollowUp(self.options.follow_up_seconds, self.options.follow_up_poll_seconds))
+                             FollowUp(self.options.follow_up_seconds, self.options.follow_up_poll_seconds),
+                             self.options.command_timeout_seconds, self.options.idle_check_seconds)
 
     async def _claimed(self, leases: Leases, *, fair_share: bool = True) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
         """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""

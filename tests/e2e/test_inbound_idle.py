@@ -183,3 +183,55 @@ async def test_a_mailbox_beyond_the_connection_limit_is_polled_while_the_others_
                        what="the activity of mail in the mailbox added beyond the connection limit")
         idling = [b for b in (first, second, third) if (r := ingest.runners.get(b.id)) and r.runner.idling]
         assert len(idling) <= 1, "one connection is kept free for polling"
+
+
+class _SilentRelay:
+    """A TCP relay in front of Dovecot that can go silent: it keeps both connections open and
+    forwards nothing more (what a NAT or firewall that dropped the flow, or a hung server, looks
+    like to the client; its own kernel still acknowledges, so TCP keepalive cannot tell)."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self.silent = False
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "_SilentRelay":
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if not self.silent:
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+
+
+async def test_an_idling_session_whose_connection_goes_silent_is_noticed_within_the_idle_check(
+        settings: Settings, registry: Registry, org, dovecot) -> None:
+    """IDLE alone never notices a connection that went silent; before, it waited out 25 minutes
+    with new mail unseen.  Now it looks at the Inbox every idle check, and that look times out."""
+    async with _SilentRelay(dovecot.imap_port) as relay:
+        await registry.add_profile(org, imap_profile(dovecot, name="silent", incoming_port=relay.port,
+                                                     min_polling_interval_seconds=POLL_SECONDS))
+        box = await ready_mailbox(registry, org, dovecot, profile="silent")
+        async with _services(settings, idle_check_seconds=1.0, command_timeout_seconds=2.0) as (ingest, _):
+            await _idling(ingest, box)
+            relay.silent = True
+            started = time.monotonic()
+
+            async def noticed() -> bool:
+                mailbox = await registry.mailbox(org, box.email)
+                return mailbox.incoming.error_count >= 1 and mailbox.alerts[0].code == "timeout"
+            await eventually(noticed, timeout=WITHIN_SECONDS, what="the silent connection noticed")
+            print(f"\nsilent connection noticed in {time.monotonic() - started:.1f} s")
