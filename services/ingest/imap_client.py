@@ -271,6 +271,16 @@ class FetchedMessage(NamedTuple):
     modseq: int | None
 
 
+class _WithoutContent(NamedTuple):
+    """A FETCH response naming a UID but carrying no usable message content: ``BODY[] NIL`` (a
+    server that cannot render the message, or Dovecot's answer for one expunged under us), or no
+    body item at all (a flag update, or a server that left the body out)."""
+
+    number: int     # the message sequence number, which an EXPUNGE during the command may name
+    uid: int
+    what: str       # what came instead of the content, for the refusal's reason
+
+
 @dataclass
 class _Reply:
     """A completed command: its tagged status and text, and the untagged responses that came with it."""
@@ -571,7 +581,8 @@ class ImapClient:
     def fetch(self, uids: Sequence[int], *, chunk: int = 500) -> AsyncIterator[FetchedMessage]:
         """Stream whole messages (UID FLAGS INTERNALDATE BODY.PEEK[], MODSEQ with CONDSTORE) for
         ``uids``, in chunks of ``chunk`` UIDs sent as compressed ranges.  UIDs no longer on the
-        server are simply absent from the results."""
+        server are simply absent from the results, and so are those the server answered without
+        their content (``fetch_servable`` reports those)."""
         return _one_by_one(self._fetch(uids, chunk, self._whole_items()))
 
     def fetch_headers(self, uids: Sequence[int], *, chunk: int = 500) -> AsyncIterator[FetchedMessage]:
@@ -589,11 +600,16 @@ class ImapClient:
         halves, down to single UIDs, and those the server still refuses go into ``refused`` (UID ->
         the server's words).  The UIDs after them are fetched as usual, so one message a server
         cannot serve costs a few round trips, not the rest of the folder.  Messages may come out of
-        UID order around a refusal."""
+        UID order around a refusal.
+
+        A UID FETCH answered OK refuses too when its FETCH response for a UID it asked for carries
+        no content (``BODY[] NIL``, or no body item): that UID goes into ``refused`` as well, unless
+        an EXPUNGE or VANISHED before the command's end says the message is gone.  A UID the answer
+        does not name at all is gone too (expunged), and is not refused."""
         pending = sorted(set(uids))
         while pending:
             try:
-                async with aclosing(self._fetch(pending, chunk, self._whole_items())) as fetched:
+                async with aclosing(self._fetch(pending, chunk, self._whole_items(), refused)) as fetched:
                     async for messages in fetched:
                         yield messages
                 return
@@ -610,9 +626,12 @@ class ImapClient:
                             yield messages
                 pending = [u for u in pending if u > exc.uids[-1]]
 
-    async def _fetch(self, uids: Sequence[int], chunk: int, items: bytes) -> AsyncIterator[list[FetchedMessage]]:
+    async def _fetch(self, uids: Sequence[int], chunk: int, items: bytes,
+                     without_content: dict[int, str] | None = None) -> AsyncIterator[list[FetchedMessage]]:
         """The messages of ``uids`` in lists, as ``_fetch_responses`` reads them; a refused command
-        raises ``FetchRefused`` naming what it asked for and what it served before refusing."""
+        raises ``FetchRefused`` naming what it asked for and what it served before refusing.  UIDs a
+        command that ended OK answered without their content go into ``without_content`` (UID ->
+        reason), when given."""
         ordered = sorted(set(uids))
         if not ordered:
             return
@@ -632,15 +651,18 @@ class ImapClient:
             await self._conn.drain()
             while in_flight:
                 served: list[list[FetchedMessage]] = []   # this command's, for a refusal's account
+                missing: dict[int, tuple[int, str]] = {}   # filled only by unusual answers (rare)
                 try:
-                    async for messages in self._fetch_responses(in_flight[0]):
+                    async for messages in self._fetch_responses(in_flight[0], missing):
                         served.append(messages)
                         yield messages
                 except ImapCommandFailed as exc:
                     in_flight.popleft()   # its tagged answer is read: nothing of it is left to drain
                     raise FetchRefused(exc.message, asked[0], {m.uid for ms in served for m in ms}) from None
                 in_flight.popleft()
-                asked.popleft()
+                done = asked.popleft()
+                if missing and without_content is not None:
+                    self._note_without_content(done, missing, served, without_content)
                 if chunks:
                     send_next()
                     await self._conn.drain()
@@ -654,8 +676,24 @@ class ImapClient:
             finally:
                 self._lock.release()
 
-    async def _fetch_responses(self, tag: bytes) -> AsyncIterator[list[FetchedMessage]]:
+    def _note_without_content(self, asked: Sequence[int], missing: dict[int, tuple[int, str]],
+                              served: list[list[FetchedMessage]], sink: dict[int, str]) -> None:
+        """After a UID FETCH ended OK: the UIDs it asked for that the server answered, never with
+        their content, and did not report expunged (``missing``) go into ``sink`` (UID -> reason).
+        A response naming a UID the command did not ask for is an unsolicited flag update, and a
+        UID served in another response of the command (a server may split a message's items) was
+        served."""
+        wanted = set(asked)
+        got = {m.uid for messages in served for m in messages}
+        for uid, (_, what) in missing.items():
+            if uid in wanted and uid not in got:
+                sink[uid] = f"The IMAP server {self._host} answered UID FETCH without the message's content ({what})."
+
+    async def _fetch_responses(self, tag: bytes,
+                               missing: dict[int, tuple[int, str]]) -> AsyncIterator[list[FetchedMessage]]:
         """Yield the messages of one UID FETCH, in lists, until its tagged response; raise on NO/BAD.
+        FETCH responses naming a UID without its content are recorded in ``missing`` (UID ->
+        (sequence number, what came instead)), less those an EXPUNGE or VANISHED then says are gone.
 
         Lists: the usual responses are read straight from the receive buffer, all those a read
         brought at once (~35 of 7 KB), and one async-generator step per message less counts."""
@@ -670,11 +708,15 @@ class ImapClient:
                 continue
             # Anything else (another order, NIL, escapes, a flag update, the tagged end): the general reader.
             text, literals = await read_response()
-            if text[:2] == b"* " and (literals or b"BODY[" in text):
-                message = _fetched_message(text, literals)
-                if message is not None:
-                    yield [message]
+            if text[:2] == b"* ":
+                answer = _fetched_message(text, literals)
+                if type(answer) is FetchedMessage:
+                    yield [answer]
                     continue
+                if answer is not None:
+                    missing[answer.uid] = (answer.number, answer.what)
+                elif missing:
+                    _forget_expunged(text, missing)
             if text[:1] == b"*" or text[:1] == b"+":
                 self._note_untagged(text, literals, None)
                 continue
@@ -1046,13 +1088,15 @@ _UNSEEN = object()
 # The usual shape of a FETCH response to our own command, read without the general tokeniser:
 # "* n FETCH (" then items this client asks for, each with a plain value: a number, a
 # parenthesised list of flags or of one number, a quoted string without escapes, or a literal.
-_FETCH_START = re.compile(rb"\* \d+ FETCH \(")
+_FETCH_START = re.compile(rb"\* (\d+) FETCH \(")
 _FETCH_ITEM = re.compile(
     rb' ?(UID|FLAGS|INTERNALDATE|MODSEQ|BODY\[\]|BODY\[HEADER\]) (?:(\d+)|\(([^()"{}\[\]]*)\)|"([^"\\]*)"|(\{\d+\}))')
 _UNUSUAL = object()
+# What a FETCH response naming a UID had instead of the content, when it had no body item at all.
+_NO_BODY = "no BODY[] in its FETCH response"
 
 
-def _fetched_message_fast(text: bytes, literals: list[bytes]) -> FetchedMessage | None | object:
+def _fetched_message_fast(text: bytes, literals: list[bytes]) -> FetchedMessage | _WithoutContent | None | object:
     """``_fetched_message`` for the usual shape (~1.8x cheaper; reading FETCH responses was a fifth
     of ingest's CPU); ``_UNUSUAL`` for anything else, which the general parser then reads."""
     start = _FETCH_START.match(text)
@@ -1086,36 +1130,70 @@ def _fetched_message_fast(text: bytes, literals: list[bytes]) -> FetchedMessage 
         pos = item.end()
     if used != len(literals):
         return _UNUSUAL
-    if raw is None or uid is None:
+    if uid is None:
         return None
+    if raw is None:
+        return _WithoutContent(int(start.group(1)), uid, _NO_BODY)
     return FetchedMessage(uid=uid, raw=raw, internaldate=internaldate, flags=flags, modseq=modseq)
 
 
-def _fetched_message(text: bytes, literals: list[bytes]) -> FetchedMessage | None:
-    """Turn one FETCH response into a FetchedMessage; None when it carries no body (a flag update)."""
+def _fetched_message(text: bytes, literals: list[bytes]) -> FetchedMessage | _WithoutContent | None:
+    """Turn one untagged response into a FetchedMessage; a ``_WithoutContent`` for a FETCH response
+    that names a UID without the message's content (NIL, or no body item: a flag update, say); None
+    for anything else."""
     fast = _fetched_message_fast(text, literals)
     if fast is not _UNUSUAL:
         return fast  # type: ignore[return-value]
     return _fetched_message_general(text, literals)
 
 
-def _fetched_message_general(text: bytes, literals: list[bytes]) -> FetchedMessage | None:
+def _fetched_message_general(text: bytes, literals: list[bytes]) -> FetchedMessage | _WithoutContent | None:
     """``_fetched_message`` through the general tokeniser: any order, NIL, escapes, lower case."""
-    if text.split(b" ", 3)[2:3] not in ([b"FETCH"], [b"fetch"]):
+    words = text.split(b" ", 3)
+    if words[2:3] not in ([b"FETCH"], [b"fetch"]) or not words[1].isdigit():
         return None
     items = _fetch_items(text, literals)
-    raw = items.get("BODY[]")
-    if raw is None:
-        raw = items.get("BODY[HEADER]")
     uid = items.get("UID")
-    if raw is None or uid is None:
+    if not (isinstance(uid, str) and uid.isdigit()):
         return None
+    name = "BODY[]"
+    raw = items.get(name)
+    if raw is None:
+        name = "BODY[HEADER]"
+        raw = items.get(name)
+    if not isinstance(raw, bytes):
+        # NIL is no message, not an empty one: stored and published, it would be a junk activity
+        # (and every such message would share one generated key).
+        what = _NO_BODY if raw is None else f"{name} {raw[:40] if isinstance(raw, str) else 'unreadable'}"
+        return _WithoutContent(int(words[1]), int(uid), what)
     date = items.get("INTERNALDATE")
     modseq = items.get("MODSEQ")
     return FetchedMessage(
         uid=int(uid),
-        raw=raw if isinstance(raw, bytes) else b"",
+        raw=raw,
         internaldate=parse_internaldate(date) if isinstance(date, bytes) else None,
         flags=tuple(items.get("FLAGS") or ()),
         modseq=int(modseq[0]) if isinstance(modseq, list) and modseq else None,
     )
+
+
+def _forget_expunged(text: bytes, missing: dict[int, tuple[int, str]]) -> None:
+    """Drop from ``missing`` (UID -> (sequence number, what came)) the messages an ``EXPUNGE`` or
+    ``VANISHED`` response says are gone, and renumber the others as an EXPUNGE does (RFC 3501
+    7.4.1).  Dovecot answers ``BODY[] NIL`` for a message expunged after our SEARCH, then reports
+    the expunge before the command's end: that message is gone, not refused."""
+    words = text.split(b" ", 3)
+    if len(words) == 3 and words[1].isdigit() and words[2].upper() == b"EXPUNGE":
+        gone = int(words[1])
+        for uid, (number, what) in list(missing.items()):
+            if number == gone:
+                del missing[uid]
+            elif number > gone:
+                missing[uid] = (number - 1, what)
+    elif len(words) > 2 and words[1].upper() == b"VANISHED":
+        uid_set = text[11:]
+        if uid_set[:10].upper() == b"(EARLIER) ":
+            uid_set = uid_set[10:]
+        for first, last in parse_uid_set(uid_set):
+            for uid in [u for u in missing if first <= u <= last]:
+                del missing[uid]

@@ -17,8 +17,12 @@ is found from UIDNEXT as before, and expunges by others go unnoticed.
 Only a refused SELECT/EXAMINE makes a folder "missing".  A UID FETCH the server refuses (Gmail
 does, for single messages) is narrowed down to the UIDs it refuses (``ImapClient.fetch_servable``);
 what it did serve, before and after them, is ingested, while the saved state stays below the lowest
-refused UID.  Each refusal is counted (``refused_message``) and named in a warning; once refused in
-``state.REFUSALS_BEFORE_SKIP`` syncs a UID is skipped, named again, and the state moves past it.
+refused UID.  A UID FETCH answered OK whose response for a UID carries no content (``BODY[] NIL``, or
+no body item) refuses that UID just the same: it is no message (stored and published as an empty one
+it would be a junk activity), and the state must not pass it.  A UID absent from the answer, or
+reported expunged during it, is gone and refuses nothing.  Each refusal is counted
+(``refused_message``) and named in a warning; once refused in ``state.REFUSALS_BEFORE_SKIP`` syncs a
+UID is skipped, named again, and the state moves past it.
 
 Batches are pipelined: while one batch's events are published and its state saved, the next
 batch's raw bytes are stored and the one after is read from the server.  Each batch still goes raw
@@ -137,7 +141,7 @@ class ImapFolderSync:
         flushes: list[asyncio.Task[int]] = []
         claimed: set[str] = set()   # keys stored by a batch of this sync, not yet recorded as ingested
         batch: list[Pulled] = []
-        refused: dict[int, str] = {}   # UID -> the server's refusal (filled by fetch_servable)
+        refused: dict[int, str] = {}   # UID -> the server's refusal or contentless answer (filled by fetch_servable)
         # ``settled``: every UID up to it was fetched (or is skipped or gone).  A batch saves that,
         # not the highest UID fetched: a refused message may lie below later ones already fetched,
         # and the saved state must not pass a message that was neither ingested nor skipped.

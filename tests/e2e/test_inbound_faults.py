@@ -3,8 +3,9 @@ will not hand over, a tracked folder deleted, a message moved between tracked fo
 queue that deletes after processing may delete.
 
 Dovecot serves every message it has, so the refusals real servers make (Gmail: "NO Some messages
-could not be FETCHed (Failure)" for one message, every time) come from a relay in front of it that
-refuses the messages carrying a marker header.  Both services run for real, in burst mode."""
+could not be FETCHed (Failure)" for one message, every time; or a FETCH answered OK without the
+message's content) come from a relay in front of it that refuses the messages carrying a marker
+header.  Both services run for real, in burst mode."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import contextlib
 import imaplib
 import poplib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -31,15 +32,23 @@ _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
 
 class RefusingRelay:
     """A TCP relay on loopback in front of Dovecot's IMAP or POP3 port that will not hand over the
-    messages whose bytes hold ``MARKER``: IMAP drops their FETCH responses and ends the UID FETCH
-    with NO (after serving the others, as Gmail does); POP3 answers -ERR to their RETR.
-    ``refusals`` counts the refused messages."""
+    messages whose bytes hold ``MARKER``.  IMAP, by ``imap_answer``: "NO" drops their FETCH
+    responses and ends the UID FETCH with NO (after serving the others, as Gmail does); "BODY[] NIL"
+    and "no BODY[]" leave the command's OK and rewrite their FETCH responses to carry ``BODY[] NIL``
+    or no body item at all; "absent" drops their FETCH responses and leaves the OK (what a server
+    may answer for a message expunged after the SEARCH).  POP3 answers -ERR to their RETR.
+    ``refusals`` counts the messages not handed over, ``nil_bodies`` the ``BODY[] NIL`` Dovecot itself
+    sent.  ``before_fetch``, when set, runs (in a thread) once, before the first UID FETCH reaches
+    Dovecot."""
 
-    def __init__(self, host: str, port: int, protocol: str) -> None:
+    def __init__(self, host: str, port: int, protocol: str, imap_answer: str = "NO") -> None:
         self._upstream = (host, port)
         self._relay = self._imap if protocol == "imap" else self._pop3
+        self.imap_answer = imap_answer
         self.refusals = 0
+        self.nil_bodies = 0
         self.uidl_suffix = b""   # appended to every unique id of a UIDL listing
+        self.before_fetch: Callable[[], None] | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -66,6 +75,9 @@ class RefusingRelay:
     async def _imap(self, reader, writer, up_reader, up_writer) -> None:
         async def commands() -> None:   # the client's bytes pass unchanged (IDLE's DONE included)
             while data := await reader.read(65536):
+                if self.before_fetch is not None and b" UID FETCH " in data:
+                    run, self.before_fetch = self.before_fetch, None
+                    await asyncio.to_thread(run)
                 up_writer.write(data)
                 await up_writer.drain()
             up_writer.close()
@@ -75,9 +87,17 @@ class RefusingRelay:
             refused = False
             while response := await _imap_response(up_reader):
                 if response.startswith(b"* ") and b" FETCH " in response[:40] and MARKER in response:
-                    refused = True
                     self.refusals += 1
-                    continue
+                    if self.imap_answer == "NO":
+                        refused = True
+                        continue
+                    if self.imap_answer == "absent":
+                        continue
+                    # Dovecot sends BODY[] last: "... BODY[] {n}\r\n<the message>)\r\n".
+                    head = response[:response.index(b" BODY[] {")]
+                    response = head + (b" BODY[] NIL)\r\n" if self.imap_answer == "BODY[] NIL" else b")\r\n")
+                elif response.startswith(b"* ") and b" FETCH " in response[:40] and b" BODY[] NIL)" in response:
+                    self.nil_bodies += 1   # Dovecot's own: a message expunged under the session
                 # Pipelined commands complete in order: the next tagged answer is that FETCH's own.
                 if refused and not response.startswith((b"*", b"+")):
                     tag, status, _ = response.split(b" ", 2)
@@ -160,11 +180,12 @@ async def alerts(registry, org, box) -> list[tuple[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def relayed(registry, org, dovecot, protocol: str) -> AsyncIterator[tuple[RefusingRelay, ReadyMailbox]]:
+async def relayed(registry, org, dovecot, protocol: str,
+                  imap_answer: str = "NO") -> AsyncIterator[tuple[RefusingRelay, ReadyMailbox]]:
     """A mailbox whose profile reaches Dovecot through a ``RefusingRelay``; made inactive at the end,
     so that later tests' ingest runs do not knock at the closed relay."""
     port = dovecot.imap_port if protocol == "imap" else dovecot.pop3_port
-    async with RefusingRelay(dovecot.host, port, protocol) as relay:
+    async with RefusingRelay(dovecot.host, port, protocol, imap_answer) as relay:
         await registry.add_profile(org, imap_profile(dovecot, f"refusing-{protocol}", server_type=protocol,
                                                      incoming_host="127.0.0.1", incoming_port=relay.port))
         box = await ready_mailbox(registry, org, dovecot, tracking="all")
@@ -179,19 +200,40 @@ async def inbox_last_uid(registry, org, box) -> int:
     return next(f.last_uid for f in sync.folders if f.folder == "INBOX")
 
 
-async def test_imap_message_the_server_refuses_to_fetch_is_retried_then_skipped(settings, registry, org, dovecot, pool) -> None:
-    async with relayed(registry, org, dovecot, "imap") as (relay, box):
+async def ingested_uids(pool, box) -> list[int]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT uid FROM ingested_message WHERE mailbox_id = $1 ORDER BY uid", box.id)
+    return [r["uid"] for r in rows]
+
+
+# How the server does not hand the message over: the words its refusal shows up with in the warning.
+IMAP_REFUSALS = {
+    "NO": "Some messages could not be FETCHed (Failure)",
+    # A UID FETCH answered OK whose response carries no content: before, an empty message was stored
+    # and published (NIL), or the state moved past a message never ingested (no body item).
+    "BODY[] NIL": "without the message's content (BODY[] NIL)",
+    "no BODY[]": "without the message's content (no BODY[] in its FETCH response)",
+}
+
+
+@pytest.mark.parametrize("answer", list(IMAP_REFUSALS), ids=["no", "body-nil", "no-body"])
+async def test_imap_message_the_server_refuses_to_fetch_is_retried_then_skipped(settings, registry, org, dovecot, pool,
+                                                                                 answer: str) -> None:
+    async with relayed(registry, org, dovecot, "imap", answer) as (relay, box):
         dovecot.deliver_many(box.email, [message("before"), REFUSED, message("after 1"), message("after 2")])
         uid = refused_uid(dovecot, box)
         named = f"UID {uid} of the folder 'INBOX'"
 
         await pipeline(settings)
-        # What the server served, before and after the refused message, is ingested ...
+        # What the server served, before and after the refused message, is ingested, and nothing
+        # stands in for the refused one ...
         assert set(await activities(pool, org)) == {"before", "after 1", "after 2"}
+        assert await ingested_uids(pool, box) == [u for u in (1, 2, 3, 4) if u != uid]
         # ... but the saved state stays below the refused message, which is named in a warning.
         assert await inbox_last_uid(registry, org, box) == uid - 1
         first = await alerts(registry, org, box)
         assert [code for code, _ in first] == ["messages_refused"] and named in first[0][1]
+        assert IMAP_REFUSALS[answer] in first[0][1]
 
         await pipeline(settings)
         await pipeline(settings)   # refused in three syncs: skipped, and named again
@@ -206,6 +248,45 @@ async def test_imap_message_the_server_refuses_to_fetch_is_retried_then_skipped(
         assert relay.refusals == refusals, "a skipped message is not asked for again"
         assert await inbox_last_uid(registry, org, box) == 5
         assert all(code != "folder_missing" for code, _ in await alerts(registry, org, box))
+        assert uid not in await ingested_uids(pool, box)
+
+
+async def test_imap_message_absent_from_the_fetch_answer_is_gone_not_refused(settings, registry, org, dovecot, pool) -> None:
+    """The other side: a UID the answer does not name (expunged after the SEARCH, on a server that
+    leaves it out) is no refusal: no warning, and the state moves past it."""
+    async with relayed(registry, org, dovecot, "imap", "absent") as (relay, box):
+        dovecot.deliver_many(box.email, [message("before"), REFUSED, message("after 1"), message("after 2")])
+        await pipeline(settings)
+        assert relay.refusals == 1
+        assert set(await activities(pool, org)) == {"before", "after 1", "after 2"}
+        assert await alerts(registry, org, box) == []
+        assert await inbox_last_uid(registry, org, box) == 4
+
+
+async def test_imap_message_expunged_between_search_and_fetch_is_neither_ingested_nor_refused(
+        settings, registry, org, dovecot, pool) -> None:
+    """Dovecot itself answers ``BODY[] NIL`` for a message expunged after our SEARCH, then reports it
+    expunged (VANISHED, QRESYNC being on) before ``OK [EXPUNGEISSUED]``: the message is gone.  It
+    must not become an empty message (it did), nor a refusal."""
+    async with relayed(registry, org, dovecot, "imap") as (relay, box):
+        dovecot.deliver_many(box.email, [message("before"), REFUSED, message("after 1"), message("after 2")])
+        uid = refused_uid(dovecot, box)
+
+        def expunge_it() -> None:   # by another client, after ingest's SEARCH and before its FETCH
+            with _imap(dovecot, box) as imap:
+                imap.select("INBOX")
+                imap.uid("STORE", str(uid), "+FLAGS.SILENT", r"(\Deleted)")
+                imap.expunge()
+                imap.logout()
+
+        relay.before_fetch = expunge_it
+        await pipeline(settings)
+        assert relay.before_fetch is None and relay.refusals == 0 and relay.nil_bodies == 1, \
+            "Dovecot itself answered BODY[] NIL for the expunged message"
+        assert set(await activities(pool, org)) == {"before", "after 1", "after 2"}
+        assert await ingested_uids(pool, box) == [u for u in (1, 2, 3, 4) if u != uid]
+        assert await alerts(registry, org, box) == []
+        assert await inbox_last_uid(registry, org, box) == 4
 
 
 async def test_pop3_message_the_server_refuses_to_retrieve_is_retried_then_skipped(settings, registry, org, dovecot, pool) -> None:

@@ -546,7 +546,7 @@ async def general_parse(responses: bytes) -> list[FetchedMessage]:
             return messages
         if text[:2] == b"* " and (literals or b"BODY[" in text):
             message = _fetched_message_general(text, literals)
-            if message is not None:
+            if isinstance(message, FetchedMessage):
                 messages.append(message)
 
 
@@ -664,10 +664,83 @@ async def test_fetch_reads_usual_and_unusual_answers_like_the_general_parser(cas
         await client.logout()
     by_uid = {m.uid: m for m in messages}
     if case == "body-nil":
-        assert by_uid[10].raw == b"" and by_uid[11].raw == BODY
+        assert 10 not in by_uid and by_uid[11].raw == BODY      # NIL is no message, not an empty one
     elif case in ("bigger-than-the-read-buffer", "big-and-split"):
         assert by_uid[10].raw == BIG
     elif case == "flags-with-backslashes":
         assert by_uid[10].flags == ("\\Seen", "\\Flagged", "$Label1", "\\*")
     else:
         assert by_uid[10].raw == BODY and by_uid[10].internaldate is not None
+
+
+# -- answers without the message's content ---------------------------------------------------------
+
+
+def _nil(number: int, uid: int, flags: bytes = b"") -> bytes:
+    return b'* %d FETCH (UID %d FLAGS (%s) INTERNALDATE "01-Feb-2024 10:00:00 +0000" BODY[] NIL)\r\n' % (number, uid, flags)
+
+
+# UID FETCH 10:18 answered OK.  The sequence numbers are the folder's (13 was expunged before).
+WITHOUT_CONTENT = [
+    _usual(10, BODY),
+    _nil(2, 11),                                           # refused: NIL is no message
+    b"* 3 FETCH (UID 12 FLAGS (\\Seen))\r\n",              # refused: a UID we asked for, never its body
+    _nil(4, 14, b"\\Deleted"),                             # expunged below (Dovecot's answer for it)
+    b"* 5 FETCH (UID 15 FLAGS (\\Seen))\r\n", _usual(15, BODY),   # its items in two responses: served
+    _nil(6, 16, b"\\Deleted"),                             # expunged below, once renumbered
+    b"* 7 FETCH (UID 99 FLAGS (\\Seen))\r\n",              # not asked for: an unsolicited flag update
+    b"* 1 FETCH (UID 10 FLAGS (\\Seen \\Flagged))\r\n",    # a flag update of a message served
+    _nil(8, 18),                                           # refused, though renumbered to 6 below
+]
+GONE = {"expunge": b"* 4 EXPUNGE\r\n* 5 EXPUNGE\r\n",   # 14, then 16 (number 6 became 5)
+        "vanished": b"* VANISHED 14,16\r\n"}
+
+
+@pytest.mark.parametrize("gone", list(GONE))
+async def test_fetch_servable_refuses_uids_answered_without_content_but_not_uids_gone(gone):
+    """A UID FETCH answered OK whose response for a UID carries no content refuses that UID (it was
+    an empty message, stored and published); a UID absent from the answer, or expunged during it,
+    is gone, not refused."""
+    async with scripted_server(lambda r, w: _fetch_server(r, w, chunks=WITHOUT_CONTENT + [GONE[gone]])) as port:
+        client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
+        await client.login("u", "p")
+        refused: dict[int, str] = {}
+        served = [m async for messages in client.fetch_servable(range(10, 19), refused) for m in messages]
+        assert [(m.uid, m.raw) for m in served] == [(10, BODY), (15, BODY)]
+        assert sorted(refused) == [11, 12, 18]
+        assert refused[11].endswith("answered UID FETCH without the message's content (BODY[] NIL).")
+        assert refused[12].endswith("without the message's content (no BODY[] in its FETCH response).")
+        # The plain fetch leaves them out too: no empty message in place of one not served.
+        assert [m.uid async for m in client.fetch(range(10, 19))] == [10, 15]
+        await client.logout()
+
+
+@pytest.mark.parametrize("qresync", [False, True], ids=["expunge", "vanished"])
+async def test_a_message_expunged_after_the_search_is_gone_not_refused(dovecot, mailbox, qresync):
+    """Dovecot answers ``BODY[] NIL`` for a message another session expunged between our SEARCH and
+    FETCH, then reports the expunge (EXPUNGE, or VANISHED with QRESYNC) before ``OK [EXPUNGEISSUED]``:
+    neither an (empty) message nor a refusal."""
+    dovecot.deliver_many(mailbox, [plain_message(i) for i in range(5)])
+    client = await connected(dovecot, mailbox)
+    try:
+        if qresync:
+            assert await client.enable_quick_resync() == "QRESYNC"
+        await client.select("INBOX")
+        uids = await client.uids_since(0)
+
+        def expunge_elsewhere() -> None:
+            with imaplib.IMAP4(dovecot.host, dovecot.imap_port) as imap:
+                imap.login(mailbox, PASSWORD)
+                imap.select("INBOX")
+                imap.uid("STORE", "3", "+FLAGS.SILENT", "(\\Deleted)")
+                imap.expunge()
+                imap.logout()
+
+        await asyncio.to_thread(expunge_elsewhere)
+        refused: dict[int, str] = {}
+        served = [m async for messages in client.fetch_servable(uids, refused) for m in messages]
+        assert [m.uid for m in served] == [1, 2, 4, 5] and all(m.raw for m in served)
+        assert refused == {}
+        assert await client.uids_since(0) == [1, 2, 4, 5]     # the session is in step
+    finally:
+        await client.logout()
