@@ -17,12 +17,15 @@ one row to insert, lock and delete instead of hundreds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 from collections.abc import Sequence
 from json import dumps
 from typing import Any
 
 import asyncpg
+from aiokafka.errors import KafkaError
 
 from shared.events.envelope import Envelope
 from shared.kafka import Publisher
@@ -34,6 +37,9 @@ CHANNEL = "event_outbox"
 BATCH = ""
 # The advisory lock the publishing relay holds for its batch's transaction ("OutBox").
 _RELAY_LOCK = 0x4F7574426F78
+# What the relay waits out rather than dies of, and the longest wait between its attempts.
+_INFRASTRUCTURE_FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, TimeoutError)
+_MAX_BACKOFF = 30.0
 
 
 async def enqueue(conn: asyncpg.Connection, topic: str, key: str, event: Envelope[Any]) -> None:
@@ -81,9 +87,31 @@ class OutboxRelay:
         self.published = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """Relay until stopped.  A failure of the database or the broker (a restart, a failover, a
+        dropped connection) is waited out with capped exponential back-off, never the end of the
+        relay: the service it runs in goes on producing events, which would otherwise wait in the
+        outbox until the process restarts."""
+        failures = 0
+        while True:
+            try:
+                await self._relay_until(stopping)
+                return
+            except _INFRASTRUCTURE_FAILURES as exc:
+                failures += 1
+                delay = min(_MAX_BACKOFF, 0.5 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+                log.warning("the outbox relay failed (attempt %d: %s: %s); starting again in %.1f s",
+                            failures, type(exc).__name__, exc, delay)
+                if stopping.is_set():
+                    return   # what is left stays in the outbox, for whichever relay runs next
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=delay)   # back-off, or the stop
+                except TimeoutError:
+                    pass
+
+    async def _relay_until(self, stopping: asyncio.Event) -> None:
         listener = await self._pool.acquire()
-        await listener.add_listener(CHANNEL, self._on_notify)
         try:
+            await listener.add_listener(CHANNEL, self._on_notify)
             while not stopping.is_set():
                 if await self.relay_once():
                     continue
@@ -94,8 +122,10 @@ class OutboxRelay:
                     waiter.cancel()
             await self.relay_once()  # publish what the last work in flight wrote
         finally:
-            await listener.remove_listener(CHANNEL, self._on_notify)
-            await self._pool.release(listener)
+            if not listener.is_closed():
+                with contextlib.suppress(*_INFRASTRUCTURE_FAILURES):
+                    await listener.remove_listener(CHANNEL, self._on_notify)
+            await self._pool.release(listener)   # the pool resets or replaces it
             await self.close()
 
     async def close(self) -> None:

@@ -61,3 +61,41 @@ async def test_two_relays_publish_one_requests_statuses_in_order(settings: Setti
             await relay.close()
     seen = [e["data"]["status"] for e in await read_topic(settings, "email.status", 2) if e["data"]["idempotency_key"] == key]
     assert seen == ["sending", "sent"]
+
+
+async def test_a_relay_outlives_a_database_failure(settings: Settings, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    """A PostgreSQL restart or failover cuts the relay's connections: it waits the failure out and
+    relays again.  Before, its task ended, the service ran on, and every event it wrote afterwards
+    (statuses, activities, alerts) stayed in the outbox until the process restarted."""
+    from shared.db.pool import database_url
+
+    name = f"relay-{uuid.uuid4().hex[:8]}"
+    relay_pool = await asyncpg.create_pool(database_url(settings), min_size=1, max_size=3,
+                                           server_settings={"application_name": name})
+    key = f"k-{uuid.uuid4().hex}"
+
+    async def write(value: str) -> None:
+        event = json.dumps({"event_id": str(uuid.uuid4()), "data": {"idempotency_key": key, "status": value}})
+        async with pool.acquire() as conn, conn.transaction():
+            await enqueue_batch(conn, [("email.status", key, event)])
+
+    async def published(values: list[str]) -> bool:
+        events = await read_topic(settings, "email.status", len(values), timeout=1)
+        return [e["data"]["status"] for e in events if e["data"]["idempotency_key"] == key] == values
+
+    stop = asyncio.Event()
+    relay = asyncio.create_task(OutboxRelay(relay_pool, publisher, idle_poll=0.2).run(stop))
+    try:
+        await write("sending")
+        await eventually(lambda: published(["sending"]), what="the first event relayed")
+        async with pool.acquire() as conn:   # the database drops the relay's connections
+            cut = await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                      "WHERE application_name = $1", name)
+        assert cut >= 1
+        await write("sent")
+        await eventually(lambda: published(["sending", "sent"]), timeout=20, what="an event written after the failure relayed")
+        assert not relay.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(relay, 30)
+        await relay_pool.close()
