@@ -485,10 +485,11 @@ async def sending_of(conn: asyncpg.Connection, worker_id: int) -> list[asyncpg.R
 
 async def mark_started(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int) -> set[UUID]:
     """Commit that these claimed rows may now reach their transport; returns those still this worker's
-    (a row another worker took back after this one lost its lock must not be sent)."""
+    and not cleared before (a row another worker took back after this one lost its lock must not be
+    sent, nor a row cleared once be cleared again for a second send)."""
     rows = await conn.fetch(
         """UPDATE outbound_email SET started_at = now()
-           WHERE id = ANY($1::uuid[]) AND status = 'sending' AND worker_id = $2 RETURNING id""",
+           WHERE id = ANY($1::uuid[]) AND status = 'sending' AND worker_id = $2 AND started_at IS NULL RETURNING id""",
         list(ids), worker_id)
     return {r["id"] for r in rows}
 

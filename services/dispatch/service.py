@@ -198,6 +198,7 @@ class DispatchService(ServiceBase):
         self._backoff: dict[UUID, datetime] = {}
         self.counts = {"sent": 0, "failed": 0, "rejected": 0, "retried": 0, "outcome_unknown": 0}
         self._starts: StartGate | None = None
+        self._lock_is_lost = False
 
     # -- lifecycle
 
@@ -206,7 +207,9 @@ class DispatchService(ServiceBase):
         # A connection held for the worker's life: its advisory lock says "this worker is alive".
         self._lock_conn = await self.pool.acquire()
         self.worker_id = await ledger.register_worker(self._lock_conn)
-        self.transports = Transports(timeout=self.options.smtp_timeout_seconds, helo_name=self.options.helo_name)
+        self._lock_conn.add_termination_listener(self._lock_lost)
+        self.transports = Transports(timeout=self.options.smtp_timeout_seconds,
+                                     data_timeout=self.options.smtp_data_timeout_seconds, helo_name=self.options.helo_name)
         self._starts = StartGate(self.pool, self.worker_id)
         # One handler call per fetch across partitions: a batch has a fixed cost (sender look-up,
         # ledger transaction) worth sharing, and Tansu brings a few records per partition per fetch.
@@ -228,8 +231,23 @@ class DispatchService(ServiceBase):
         if self._starts is not None:
             await self._starts.close()
         if self._lock_conn is not None and self.pool is not None:
-            await self.pool.release(self._lock_conn)  # the reset releases the advisory lock
-            self._lock_conn = None
+            conn, self._lock_conn = self._lock_conn, None
+            if not self._lock_is_lost:
+                conn.remove_termination_listener(self._lock_lost)
+                await self.pool.release(conn)  # the reset releases the advisory lock
+
+    def _lock_lost(self, _conn: object) -> None:
+        """The connection holding this worker's advisory lock is gone (a failover, a reset): to the
+        other workers this worker is now dead, and they take its rows back (the unstarted ones to be
+        sent again, possibly by them).  Going on under its number would claim those rows again and
+        have its started rows failed under it: the worker stops claiming at once, finishes and
+        records what it has in flight (only the rows still its own), and ``work`` ends with an error,
+        so that it is started again under a new number."""
+        if self._lock_is_lost:
+            return
+        self._lock_is_lost = True
+        log.warning("dispatch worker %s lost its database connection and with it its lock: stopping", self.worker_id)
+        self._stopping.set()
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
         """The consumer and the send loop side by side; stopping stops both, the loop finishing its sends.
@@ -262,6 +280,9 @@ class DispatchService(ServiceBase):
                 stopping.set()
                 if orphans is not None:
                     await orphans
+        if self._lock_is_lost:
+            raise ConnectionFailed(f"dispatch worker {self.worker_id} lost the database connection that held its lock; "
+                                   "it stopped so that no other worker's rows are sent under its number: start it again")
 
     def status(self) -> dict[str, Any]:
         return {"service": self.name, "worker": self.worker_id, **self.counts}
@@ -573,6 +594,11 @@ class DispatchService(ServiceBase):
     def _start_sends(self, claimed: list[asyncpg.Record]) -> None:
         """Each claimed row goes out at once, on its own; its result waits for the next turn."""
         for row in claimed:
+            if row["id"] in self._claimed:
+                # Already on its way here (claimed before, taken back while this worker seemed dead,
+                # claimed again): one send per row, the task already running sends it.
+                log.warning("request %s is already being sent by this worker; not started twice", row["id"])
+                continue
             self._claimed.add(row["id"])
             entry = self._works.get(row["mailbox_id"])
             task = asyncio.ensure_future(self._send_one(row, entry[0] if entry is not None else None,
@@ -979,7 +1005,7 @@ class DispatchService(ServiceBase):
         while not stopping.is_set():
             try:
                 await self.recover_orphans()
-            except (OSError, asyncpg.PostgresError, ConduitError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ConduitError) as exc:
                 log.warning("looking for the rows of dead workers failed, trying again shortly: %s", exc)
             await _first(stopping.wait(), timeout=self.options.poll_seconds * 5)
 

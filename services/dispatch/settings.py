@@ -27,7 +27,13 @@ class DispatchSettings(BaseSettings):
     mailbox_refresh_seconds: float = Field(2.0, ge=0)
     # How often the retry loop looks for due requests and for orphans of dead workers.
     poll_seconds: float = Field(1.0, gt=0)
+    # The wait for each SMTP reply, for connecting and the TLS handshake, and for progress while the
+    # content is written (the server taking none of it for this long is a stall).
     smtp_timeout_seconds: float = Field(30.0, gt=0)
+    # The wait for the reply to the final dot of DATA (RFC 5321 4.5.3.2.6, "DATA Termination": 10
+    # minutes): servers scan the content before they answer, and a timeout there would make a
+    # delivered message outcome_unknown.
+    smtp_data_timeout_seconds: float = Field(600.0, gt=0)
     # An Exchange send whose answer was lost is looked up in Sent Items, and looked up again after
     # growing pauses until this long has passed: Graph answers sendMail before it has sent, and files
     # its copy seconds later.  0: one look-up.  A dead worker's rows get the rest of this window,

@@ -5,8 +5,13 @@ the content: four round trips and four wake-ups per message), parses every addre
 ``email.utils`` and wraps every read in ``asyncio.wait_for``.  ``bench/smtp_send.py`` keeps the
 numbers.  This module speaks just the part of SMTP that dispatch needs, over an
 ``asyncio.Protocol``: with RFC 2920 PIPELINING, MAIL FROM, every RCPT TO and DATA leave in one
-write and their replies are read in order, then the dot-stuffed content leaves in a second write,
-together with the next message's envelope when one is waiting (``finish``).
+write and their replies are read in order, then the dot-stuffed content leaves in a second write
+(in pieces when it is large), together with the next message's envelope when one is waiting
+(``finish``).
+
+Two waits: ``timeout`` for every reply but one, and for progress while content is written;
+``data_timeout`` for the reply to the final dot, which RFC 5321 4.5.3.2.6 sets at 10 minutes
+because servers scan the content before they answer.
 
 The failure classes here are precise because the caller's send ledger acts on them:
 
@@ -15,7 +20,7 @@ The failure classes here are precise because the caller's send ledger acts on th
   server may have accepted the message), so nobody may resend it blindly;
 - ``ConnectionFailed`` from ``finish`` with reason ``connection_lost_mid_message``: the session
   ended (the server closed it, or stopped reading and we gave up) while the end of the message was
-  provably still in our own buffers: nothing was accepted;
+  provably never written or still in our own buffers: nothing was accepted;
 - ``ConnectionFailed``, ``ProtocolTimeout``, ``AuthenticationFailed``, ``TlsFailed`` from
   ``shared.errors``.
 
@@ -70,6 +75,11 @@ _UNPRINTABLE = dict.fromkeys(
 # 512 bytes of header, MAC or tag and padding (3 %), and a short write makes a short record.  See
 # ``SmtpConnection._content_lost``.
 _TLS_RECORD_SLACK = 4096
+# Content larger than this is written in pieces of this size, each once the transport has taken in
+# the ones before (``SmtpConnection._write_content``).  Over TLS that is what lets a stalled server
+# be seen: asyncio's SSL layer passes a whole write on at once and pauses us only for what it holds
+# itself.  Nearly every message is smaller and still leaves in one write.
+_CONTENT_PIECE = 256 * 1024
 
 
 # --------------------------------------------------------------------------- configuration
@@ -456,10 +466,15 @@ class SmtpConnection:
     Not safe for concurrent use: the pool hands each connection to one sender at a time.
     """
 
-    def __init__(self, server: SmtpServer, *, helo_name: str, timeout: float) -> None:
+    def __init__(
+        self, server: SmtpServer, *, helo_name: str, timeout: float, data_timeout: float | None = None
+    ) -> None:
         self.server = server
         self.helo_name = helo_name
         self.timeout = timeout
+        # The wait for the verdict on a message, once its final dot is written (RFC 5321
+        # 4.5.3.2.6); None: ``timeout``.
+        self.data_timeout = timeout if data_timeout is None else data_timeout
         self.extensions: dict[str, str] = {}
         self.messages_sent = 0
         self._may_be_stale = False
@@ -687,24 +702,32 @@ class SmtpConnection:
         the failure) and the following one's: open for its content, its refusal, or
         ``StaleConnection`` when the session ended before its envelope was answered (nothing of it
         was delivered, so it may go out on another session).  Never raises for a server's answer.
+
+        While the content is written, the server taking none of it for ``timeout`` is a stall;
+        once its end is written, the verdict is waited for ``data_timeout``.
         """
         if following is not None and not self.pipelining:
             raise ValueError("a following envelope needs PIPELINING")
         reader = self._require_reader()
         self._may_be_stale = False
+        envelope = b"" if following is None else b"".join(following.envelope)
         try:
-            self._write(transaction.content if following is None
-                        else transaction.content + b"".join(following.envelope))
+            stopped = await self._write_content(reader, transaction.content, envelope)
         except ConnectionFailed as exc:
-            # Closed before the write: nothing of it was handed to the connection.
+            # Closed before the first write: nothing of it was handed to the connection.
             self.abort()
             return exc, _not_sent(following, exc)
-        after_dot = 0 if following is None else sum(map(len, following.envelope))
+        except BaseException:
+            self.abort()
+            raise
+        if stopped is not None:
+            self.abort()  # in the middle of DATA: the session cannot go on
+            return self._cut_short(reader, transaction, stopped), _not_sent(following, stopped)
         try:
             await reader.drain(self.timeout)
-            (reply,) = await reader.read(1, self.timeout)
+            (reply,) = await reader.read(1, self.data_timeout)
         except (ConnectionFailed, ProtocolTimeout) as exc:
-            failure = self._content_lost(reader, after_dot, exc)
+            failure = self._content_lost(reader, len(envelope), exc)
             self.abort()
             return failure, _not_sent(following, exc)
         except BaseException:
@@ -743,6 +766,58 @@ class SmtpConnection:
             self.abort()
             raise
 
+    async def _write_content(self, reader: _ReplyReader, content: bytes, envelope: bytes) -> Exception | None:
+        """Hand the content to the transport, ``envelope`` (the following message's) right after
+        it: None once all of it is written, or why it stopped before the last piece.  Raises
+        ``ConnectionFailed`` when the session was closed before the first write.
+
+        Content up to ``_CONTENT_PIECE`` is one write.  Larger content goes piece by piece, each
+        after ``_ReplyReader.drain`` (a progress timeout) says the transport took in the ones
+        before; it stops early when the server stopped reading, closed, or answered before the
+        end.  The last piece holds the end of the final CRLF.CRLF: when it stops, the end of the
+        message was never handed to the transport, TLS or not, so the server cannot have
+        accepted the message.
+        """
+        if len(content) <= _CONTENT_PIECE:
+            self._write(content + envelope)
+            return None
+        view = memoryview(content)
+        last = (len(content) - 1) // _CONTENT_PIECE * _CONTENT_PIECE  # where the last piece starts
+        self._write(view[:_CONTENT_PIECE])
+        try:
+            for start in range(_CONTENT_PIECE, last + 1, _CONTENT_PIECE):
+                await reader.drain(self.timeout)
+                if reader.closed:
+                    return ConnectionFailed(reader.close_reason)
+                if reader.replies:
+                    return ConnectionFailed("the server answered before the end of the message")
+                if start < last:
+                    self._write(view[start:start + _CONTENT_PIECE])
+                else:
+                    self._write(b"".join((view[start:], envelope)))  # the end, and what follows it
+        except (ConnectionFailed, ProtocolTimeout) as exc:
+            return exc
+        return None
+
+    def _cut_short(self, reader: _ReplyReader, transaction: OpenTransaction, cause: Exception) -> Exception:
+        """The outcome of a message whose end was never written (``_write_content`` stopped): the
+        server's own verdict when it answered before it closed or stopped reading (a 552 or 421
+        in the middle of DATA), and otherwise nothing accepted."""
+        if not reader.replies:
+            return ConnectionFailed(
+                f"the session ended while the message was being written ({cause}); "
+                "its end never left, so nothing was accepted",
+                reason="connection_lost_mid_message",
+            )
+        reply = reader.replies.popleft()
+        if reply.code < 400:
+            # A yes to something before the end of the message: not "sent", not "not sent".
+            return SmtpOutcomeUnknown(
+                f"the server answered {reply.code} before the end of the message was written; "
+                "it may have accepted something"
+            )
+        return reply_failure(reply, refused_recipients=transaction.refused)
+
     def _content_lost(self, reader: _ReplyReader, after_dot: int, cause: Exception) -> Exception:
         """The outcome of a message whose session ended, with no reply, after its content was
         handed to the transport: unknown, unless the end of the message provably never left.
@@ -759,6 +834,7 @@ class SmtpConnection:
         following envelope (``after_dot`` bytes): if more than those were never handed over, the
         server never saw the end of the data and cannot have accepted the message.
 
+        For the last piece of the content, that is (``_write_content`` settles the earlier ones).
         Over TLS this seldom proves anything: asyncio's SSL layer encrypts a write and passes it
         on to the socket transport at once, whose buffer we cannot see, and resumes us.  When it
         does pause us, what it holds is partly encrypted records; ``_TLS_RECORD_SLACK`` and a

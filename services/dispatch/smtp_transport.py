@@ -98,6 +98,7 @@ class SmtpPool:
         max_connections: int = 10,
         helo_name: str | None = None,
         timeout: float = 30.0,
+        data_timeout: float | None = None,
         max_messages_per_connection: int = 1000,
     ) -> None:
         if max_connections < 1:
@@ -107,6 +108,7 @@ class SmtpPool:
         self.max_connections = max_connections
         self.helo_name = helo_name or socket.gethostname()  # no DNS look-up, unlike getfqdn()
         self.timeout = timeout
+        self.data_timeout = data_timeout  # None: ``timeout`` (see ``SmtpConnection``)
         self.max_messages_per_connection = max_messages_per_connection
         self._queue: collections.deque[_Job] = collections.deque()
         self._workers: set[asyncio.Task[None]] = set()
@@ -160,7 +162,7 @@ class SmtpPool:
         Uses the same client as sending, so a passing check means this code can send.  Called on a
         pool of its own, so its one session does not count against the sending sessions.
         """
-        conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)
+        conn = self._session()
         await conn.open(self.credentials)
         await conn.quit()
 
@@ -311,7 +313,7 @@ class SmtpPool:
     # -- sessions
 
     async def _connect(self) -> SmtpConnection:
-        conn = SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout)
+        conn = self._session()
         try:
             await conn.open(self.credentials)
         except ConduitError as exc:
@@ -321,6 +323,10 @@ class SmtpPool:
             raise
         self._open.add(conn)
         return conn
+
+    def _session(self) -> SmtpConnection:
+        return SmtpConnection(self.server, helo_name=self.helo_name, timeout=self.timeout,
+                              data_timeout=self.data_timeout)
 
     def _give_back(self, conn: SmtpConnection) -> None:
         reusable = (
@@ -352,11 +358,13 @@ class SmtpTransport:
         *,
         helo_name: str | None = None,
         timeout: float = 30.0,
+        data_timeout: float | None = None,
         max_messages_per_connection: int = 1000,
         idle_pool_timeout: float = 300.0,
     ) -> None:
         self.helo_name = helo_name
         self.timeout = timeout
+        self.data_timeout = data_timeout
         self.max_messages_per_connection = max_messages_per_connection
         self.idle_pool_timeout = idle_pool_timeout
         self._pools: dict[tuple[SmtpServer, str | None], SmtpPool] = {}
@@ -385,6 +393,7 @@ class SmtpTransport:
             max_connections=max_connections,
             helo_name=self.helo_name,
             timeout=self.timeout,
+            data_timeout=self.data_timeout,
             max_messages_per_connection=self.max_messages_per_connection,
         )
         self._pools[key] = pool

@@ -45,9 +45,13 @@ def transport_name(work: MailboxWork) -> str:
 class Transports:
     """Every transport of a dispatch worker, created on first use (no I/O in the constructor)."""
 
-    def __init__(self, *, timeout: float = 30.0, helo_name: str | None = None) -> None:
-        self.smtp = SmtpTransport(helo_name=helo_name, timeout=timeout)
+    def __init__(self, *, timeout: float = 30.0, data_timeout: float | None = None,
+                 helo_name: str | None = None) -> None:
+        # ``data_timeout``: the wait for an SMTP server's verdict on a message (``SmtpConnection``);
+        # None: ``timeout``.
+        self.smtp = SmtpTransport(helo_name=helo_name, timeout=timeout, data_timeout=data_timeout)
         self._timeout = timeout
+        self._data_timeout = data_timeout
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._exchange: dict[tuple[Any, ...], _Held] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -86,7 +90,8 @@ class Transports:
         kind = transport_name(work)
         if kind == "smtp":
             credentials = await self._smtp_credentials(work)
-            pool = SmtpPool(self._smtp_server(work), credentials, max_connections=1, timeout=self._timeout)
+            pool = SmtpPool(self._smtp_server(work), credentials, max_connections=1, timeout=self._timeout,
+                            data_timeout=self._data_timeout)
             try:
                 with self._forgetting_refused(credentials):
                     await pool.check()

@@ -3,7 +3,10 @@ capture server (AUTH, STARTTLS with a trustme certificate, scripted 451/550/drop
 and the outcomes read back from `email.status`, the dead-letter topic, the sink and the database."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 import uuid
 from pathlib import Path
@@ -341,14 +344,68 @@ async def test_a_server_that_stops_answering_before_the_data_is_retried_and_sent
 
 async def test_a_server_that_stops_answering_after_the_data_is_failed_not_resent(
         settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
-    """No answer after the final dot: the server may have taken it (here it did), so it is never resent."""
+    """No answer after the final dot within the data timeout: the server may have taken it (here it
+    did), so it is never resent."""
     sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
     capture.fail_next(1, "store-stall")
     event = outbound(org, mailbox_id=sender.mailbox_id)
     await publish(publisher, event)
-    await dispatch(settings, smtp_timeout_seconds=1, burst_horizon_seconds=5)
+    await dispatch(settings, smtp_timeout_seconds=1, smtp_data_timeout_seconds=1, burst_horizon_seconds=5)
     final = (await finals(settings, [event.data.idempotency_key])).final(event.data.idempotency_key)
     assert final.status == "failed" and final.reason == "outcome_unknown", final
+    assert len(capture.messages()) == 1
+
+
+@contextlib.asynccontextmanager
+async def scanning(port: int, scan: float) -> AsyncIterator[int]:
+    """A relay in front of the SMTP server on ``port`` that holds the server's answer to each
+    final dot ``scan`` seconds, as a server that scans the content before it answers; yields the
+    relay's port."""
+    end_of_data = b"\r\n.\r\n"
+
+    async def session(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", port)
+        dots = [0, 0]  # final dots the client sent, and answers held for them
+
+        async def to_server() -> None:
+            tail = b""
+            while data := await client_reader.read(65536):
+                dots[0] += (tail + data).count(end_of_data)  # only a final dot ends a line in a lone "."
+                tail = data[-4:]
+                server_writer.write(data)
+                await server_writer.drain()
+            server_writer.close()
+
+        async def to_client() -> None:
+            while data := await server_reader.read(65536):
+                if dots[1] < dots[0]:
+                    dots[1] = dots[0]
+                    await asyncio.sleep(scan)  # the slow peer under test, not a wait for something
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(to_server(), to_client())
+
+    relay = await asyncio.start_server(session, "127.0.0.1", 0)
+    async with relay:
+        yield relay.sockets[0].getsockname()[1]
+
+
+async def test_a_server_that_scans_before_answering_the_data_is_waited_for_and_sent(
+        settings: Settings, registry: Registry, org, publisher: Publisher, capture) -> None:
+    """The answer to the final dot comes after the SMTP timeout, within the data timeout (RFC 5321
+    4.5.3.2.6 says 10 minutes): the message is sent, not failed as outcome_unknown."""
+    async with scanning(capture.port, scan=2.5) as port:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=port)
+        event = outbound(org, mailbox_id=sender.mailbox_id)
+        await publish(publisher, event)
+        await dispatch(settings, smtp_timeout_seconds=1, smtp_data_timeout_seconds=10, burst_horizon_seconds=5)
+    key = event.data.idempotency_key
+    reader = await finals(settings, [key])
+    assert reader.statuses(key) == ["pending_send", "sending", "sent"], reader.by_key[key]
+    assert reader.final(key).smtp_code == 250
     assert len(capture.messages()) == 1
 
 

@@ -1,8 +1,9 @@
 """The dispatch SMTP transport against real servers started by the tests.
 
 - aiosmtpd (in-process, in its own thread): captures messages byte for byte, AUTH PLAIN/LOGIN and
-  XOAUTH2, STARTTLS and implicit TLS with trustme certificates, scripted 4xx/5xx replies and
-  dropped connections; with and without PIPELINING advertised, so both send paths run.
+  XOAUTH2, STARTTLS and implicit TLS with trustme certificates, scripted 4xx/5xx replies,
+  dropped connections and slow answers to the final dot; with and without PIPELINING advertised,
+  so both send paths run.
 - Postfix ``smtp-sink`` (a subprocess): 1,000 messages, content checked from its ``-D`` dump.
 
 Fixtures live in this file on purpose: the shared peers module is written elsewhere.
@@ -29,6 +30,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from services.dispatch.smtp_client import _CONTENT_PIECE
 from services.dispatch.smtp_transport import (
     SmtpCredentials,
     SmtpOutcomeUnknown,
@@ -37,6 +39,7 @@ from services.dispatch.smtp_transport import (
     SmtpServer,
     SmtpTemporaryFailure,
     SmtpTransport,
+    encode_content,
 )
 from shared.errors import AuthenticationFailed, ConnectionFailed, InvalidInput, TlsFailed
 
@@ -51,6 +54,9 @@ EDGE_BODIES = [
     b"no final newline\r\n.",
     b"line\r\n.\r\n\r\n.\r\nafter a lone dot",
 ]
+# ``X-Script: scan``: the server answers the final dot this long after it arrived, as one that scans
+# the content first: longer than the client's timeout, within its data timeout.
+SCAN_SECONDS = 2.5
 
 
 def message(n: int, body: bytes = b"hello\r\n", *, extra: bytes = b"") -> bytes:
@@ -175,6 +181,8 @@ class CaptureHandler:
         if b"X-Script: drop" in content:
             server.transport.abort()  # the dot arrived; the reply never leaves
             return "250 OK"
+        if b"X-Script: scan" in content:
+            await asyncio.sleep(SCAN_SECONDS)  # the slow peer under test, not a wait for something
         with self.state.lock:
             self.state.messages.append(
                 Captured(envelope.mail_from, list(envelope.rcpt_tos), content,
@@ -310,6 +318,27 @@ async def test_dot_stuffing_and_line_endings_arrive_intact(capture):
     assert sorted(m.content for m in state.messages) == sorted(on_the_wire(r) for r in raws)
 
 
+async def test_large_messages_arrive_intact_whatever_their_size_against_the_write_pieces(capture):
+    """Content above ``_CONTENT_PIECE`` leaves in pieces: sizes on and around piece boundaries, each
+    followed by a message whose envelope rides along with its last piece (with PIPELINING)."""
+    controller, state = capture
+    pool = SmtpPool(plain_server(controller), None, max_connections=1)
+    line = b".dotted " + b"x" * 68 + b"\r\n"  # 79 bytes on the wire, dot-stuffed
+    raws = []
+    for wire in (_CONTENT_PIECE + 1, 2 * _CONTENT_PIECE - 1, 2 * _CONTENT_PIECE, 2 * _CONTENT_PIECE + 1):
+        head = message(len(raws), b"")
+        body = head + line * ((wire - len(head) - 5) // 79)
+        # Padded so that the content on the wire, with its last CRLF and the final ".\r\n", is ``wire``.
+        raw = body + b"y" * (wire - (len(encode_content(body)) - 3) - 5) + b"\r\n"
+        assert len(encode_content(raw)) == wire
+        raws += [raw, message(len(raws) + 1)]
+    try:
+        await asyncio.gather(*(pool.send("s@example.com", ["r@example.net"], raw) for raw in raws))
+    finally:
+        await pool.close()
+    assert [m.content for m in state.messages] == [on_the_wire(r) for r in raws]
+
+
 async def test_eight_bit_and_utf8_parameters(capture):
     controller, state = capture
     pool = SmtpPool(plain_server(controller), None)
@@ -432,6 +461,22 @@ async def test_drop_after_data_is_outcome_unknown_and_not_retried(capture):
     finally:
         await pool.close()
     assert state.total_sessions == 2 and len(state.messages) == 1
+
+
+async def test_a_slow_answer_to_the_final_dot_is_waited_for_up_to_the_data_timeout():
+    """The verdict comes after the transport's timeout, within its data timeout: accepted, and the
+    next message, whose envelope rode along with the content, goes out on the same session."""
+    controller, state = start_capture()
+    state.pipelining = True
+    transport = SmtpTransport(timeout=1, data_timeout=10)
+    pool = transport.pool(plain_server(controller), None, max_connections=1)
+    try:
+        scanned, after = await asyncio.gather(send_ok(pool, 1, extra=b"X-Script: scan\r\n"), send_ok(pool, 2))
+    finally:
+        await transport.close()
+        controller.stop()
+    assert scanned.code == 250 and after.code == 250
+    assert pool.coalesced == 1 and state.total_sessions == 1 and len(state.messages) == 2
 
 
 async def test_a_stream_on_one_session_settles_each_message_as_scripted(capture):
