@@ -221,7 +221,13 @@ class SmtpPool:
         if conn is None:
             try:
                 conn = await self._connect()
-            except ConduitError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the message waiting learns of it
+                if not isinstance(exc, ConduitError):
+                    # A fault of ours or of a library: logged with its traceback, and the message
+                    # fails as a connection failure (retried with back-off).  Left in the queue, it
+                    # would start a new worker at once, failing the same way, in a tight loop.
+                    log.error("opening an smtp session to %s failed unexpectedly", self.server.host, exc_info=exc)
+                    exc = ConnectionFailed(f"could not open an SMTP session to {self.server.host}: {exc!r}")
                 job = self._next_job()   # each message that finds no session fails with why
                 if job is None:
                     log.info("smtp session to %s could not be opened: %s", self.server.host, exc)

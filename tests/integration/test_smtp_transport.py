@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import shutil
 import socket
@@ -305,6 +306,31 @@ async def test_sends_and_reuses_one_connection(capture):
         await pool.close()
     assert [m.mail_from for m in state.messages] == ["sender@example.com"] * 5
     assert state.total_sessions == 1
+
+
+async def test_an_unexpected_failure_opening_a_session_fails_the_message_once_not_in_a_loop(capture, caplog):
+    """A fault of ours or of a library while a session opens (not a server's answer): the message
+    fails as a connection failure, retried by the send loop with back-off.  Before, it stayed queued
+    and each failed worker started the next at once: one core busy, thousands of log lines a second."""
+    controller, state = capture
+    pool = SmtpPool(plain_server(controller), None, max_connections=2)
+    attempts = 0
+
+    async def broken() -> None:   # the fault injected into our own code, the server is real
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("a fault while opening")
+
+    pool._connect = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ConnectionFailed, match="a fault while opening"):
+            await asyncio.wait_for(send_ok(pool, 0), 5)
+    finally:
+        await pool.close()
+    assert attempts == 1 and state.messages == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "failed unexpectedly" in errors[0].getMessage()
+    errors[0].expected = True   # this test provokes it
 
 
 async def test_dot_stuffing_and_line_endings_arrive_intact(capture):
