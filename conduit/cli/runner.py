@@ -22,9 +22,13 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise fail(f"bad setting {where}: {first['msg']}") from None
+        raise _bad_setting(exc) from None
+
+
+def _bad_setting(exc: ValidationError) -> typer.Exit:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    return fail(f"bad setting {where} ({exc.title}): {first['msg']}")
 
 
 def run(factory: Callable[[], Awaitable[T]]) -> T:
@@ -38,6 +42,8 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(factory())
     except ConduitError as exc:
         raise fail(exc.message) from None
+    except ValidationError as exc:   # a service's own settings (CONDUIT_DISPATCH_*, ...), read as it starts
+        raise _bad_setting(exc) from None
     except (ConnectionError, OSError) as exc:
         raise fail(f"cannot reach a server: {exc.strerror or exc}") from None
     except KafkaError as exc:

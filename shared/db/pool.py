@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from shared.errors import InvalidInput
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool with jsonb decoded to Python objects."""
-    return await asyncpg.create_pool(
-        database_url(settings), min_size=min_size, max_size=max_size, init=_init_connection
-    )
+    try:
+        return await asyncpg.create_pool(
+            database_url(settings), min_size=min_size, max_size=max_size, init=_init_connection
+        )
+    except ValueError as exc:   # asyncpg parsing the URL: its words name the part, never the password
+        raise InvalidInput(f"DATABASE_URL is not a PostgreSQL URL asyncpg can use: {exc}", reason="bad_setting") from None

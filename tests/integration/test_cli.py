@@ -97,6 +97,19 @@ def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_a_bad_service_setting_or_database_url_is_one_line_not_a_traceback(cli) -> None:
+    """Settings a service reads as it starts (``CONDUIT_DISPATCH_*``), and a DATABASE_URL asyncpg
+    cannot parse: one line, and the URL's password never in it."""
+    result = cli("run", "dispatch", org_scoped=False,
+                 extra_env={"CONDUIT_DISPATCH_WAVE_SIZE": "abc", "CONDUIT_LOG_LEVEL": "WARNING"})
+    assert result.returncode == 2 and "bad setting wave_size (DispatchSettings)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and len(result.stderr.strip().splitlines()) == 1
+    result = cli("outbound", "list", extra_env={"DATABASE_URL": "postgresql://bob:s3cret-pw@127.0.0.1:notaport/db",
+                                                "CONDUIT_LOG_LEVEL": "WARNING"})
+    assert result.returncode == 2 and "DATABASE_URL is not a PostgreSQL URL" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and "s3cret-pw" not in result.stderr + result.stdout
+
+
 def test_an_out_of_range_option_is_a_usage_error_not_a_traceback(cli) -> None:
     result = cli("activity", "list", "--limit", "-1")
     assert result.returncode == 2 and "greater than or equal to 1" in result.stderr
