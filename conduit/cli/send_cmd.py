@@ -118,8 +118,11 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
     from shared.kafka import Publisher, ensure_topics
 
     settings = ctx.settings
+    # Dispatch carries the correlation id into every status of the request: with it, `--wait` takes
+    # only this request's statuses, never an earlier one's for the same key (a `rejected` re-read
+    # from before the follower's start: Tansu's end offsets may fall inside the last record batch).
     event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer=producer,
-                                      organization_id=ctx.org.id, data=payload)
+                                      organization_id=ctx.org.id, data=payload, correlation_id=f"send-{uuid.uuid4().hex}")
     await ensure_topics(settings)
     holder = await _held_by_another(ctx, payload)
     if holder is not None:
@@ -147,7 +150,7 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
     status = earlier
     if follower is not None:
         try:
-            status = await follower.final(payload.idempotency_key, timeout)
+            status = await follower.final(payload.idempotency_key, event.correlation_id, timeout)
         finally:
             await follower.stop()
     if status is None:
@@ -189,7 +192,7 @@ class _StatusFollower:
         for tp in tps:
             self._consumer.seek(tp, ends[tp])
 
-    async def final(self, key: str, timeout: float) -> dict[str, Any] | None:
+    async def final(self, key: str, correlation_id: str | None, timeout: float) -> dict[str, Any] | None:
         from shared.events.envelope import Envelope
         from shared.events.payloads import EmailStatusV1
 
@@ -200,7 +203,7 @@ class _StatusFollower:
                 for record in records:
                     event = Envelope[EmailStatusV1].model_validate_json(record.value)
                     if event.organization_id == self._org_id and event.data.idempotency_key == key \
-                            and event.data.status in FINAL:
+                            and event.correlation_id == correlation_id and event.data.status in FINAL:
                         return event.data.model_dump(mode="json")
         return None
 

@@ -110,3 +110,25 @@ async def test_conduit_send_attaches_files_small_inline_and_large_by_reference(
     parts = {p.get_filename(): (p.get_content_type(), p.get_content())
              for p in message_from_bytes(message.raw, policy=policy.default).iter_attachments()}
     assert parts == {"note.txt": ("text/plain", "a short note\n"), "scan.pdf": ("application/pdf", large.read_bytes())}
+
+
+async def test_send_wait_reports_this_requests_status_not_an_earlier_one_for_the_key(
+        settings: Settings, registry: Registry, org, publisher, tmp_path) -> None:
+    """A key whose earlier request was rejected may be requested again (once the mailbox is mended,
+    say); `--wait` must not take the earlier `rejected` for the new request's outcome.  Tansu's end
+    offset for a partition can fall inside its last record batch, so a follower that starts there
+    re-reads the batch's later records: here the earlier request's `pending_send` and `rejected`."""
+    from services.dispatch.ledger import status_event
+    from shared.events.payloads import EmailStatusV1
+
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        key = f"again-{uuid.uuid4().hex[:8]}"
+        earlier = [status_event(org.id, EmailStatusV1(idempotency_key=key, status=s, reason=r), "an-earlier-request")
+                   for s, r in (("pending_send", None), ("rejected", "email_not_approved"))]
+        await publisher.publish_many([(topic, event.model_dump_json().encode(), k) for topic, k, event in earlier])
+        async with dispatch_running(settings):
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "b@customer.example",
+                                        "--subject", "Again", "--text", "Mended.", "--key", key, "--wait", "--json")
+        assert code == 0 and json.loads(out)["status"] == "sent", (out, err)
+        assert len(capture.messages()) == 1
