@@ -277,3 +277,15 @@ def test_an_over_long_header_value_is_refused_by_its_length_before_any_encoded_w
         EmailOutboundV1.model_validate({"idempotency_key": "k", "sender_email": "a@example.com", "to": ["b@example.com"],
                                         "headers": {"X-Note": "=?a?q?x" * 150_000}})
     assert [e["type"] for e in caught.value.errors()] == ["string_too_long"]
+
+
+@pytest.mark.parametrize("text", [
+    "Hello,\n" * 10 + "é" * 800_000,                       # quoted-printable: three bytes for each
+    "Grüße " * 50_000, "a=b " * 100_000, "plain ascii line\n" * 20_000, "x" * 5_000,
+    "名前" * 100_000 + "\n",
+])
+def test_the_size_estimate_is_never_below_the_built_message(text: str) -> None:
+    """The size checks on arrival (25 MB, and Graph's 4 MB of base64 MIME) run on the estimate: one
+    below the built message lets a request through that then fails at send time."""
+    request = _request(text=text, html=text if len(text) < 200_000 else None)
+    assert compose_module.estimated_size(request) >= len(_compose(request))
