@@ -260,6 +260,8 @@ class Registry:
             raise InvalidInput("impersonation needs the profile's user name and password")
         if spec.auth_method == "oauth2" and not (spec.oauth_token_url and spec.oauth_client_id and spec.oauth_client_secret):
             raise InvalidInput("OAuth 2.0 needs --oauth-token-url, --oauth-client-id and the client secret")
+        _require_https("--service-url", spec.service_url)
+        _require_https("--oauth-token-url", spec.oauth_token_url)
         if spec.tls_ca_file is not None:
             from pathlib import Path
 
@@ -641,3 +643,23 @@ def _outbound(row: asyncpg.Record) -> models.OutboundRequest:
     to = data["to"]
     data["to"] = [a for a in to if isinstance(a, str)] if isinstance(to, list) else []
     return models.OutboundRequest(**data)
+
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _require_https(option: str, url: str | None) -> None:
+    """A URL that carries credentials (EWS Basic, a Graph token, an OAuth client secret) is https,
+    so they never travel in clear; http only on the loopback (a local simulator, a sidecar)."""
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+        return
+    where = f"{parts.scheme}://{parts.hostname}" if parts.scheme and parts.hostname else "it"
+    raise InvalidInput(f"{option} must be an https:// URL ({where} would send credentials in clear); "
+                       "http:// is taken only for 127.0.0.1, ::1 or localhost")

@@ -85,6 +85,8 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("mailbox", "configure", "nobody@example.com", "--tracking", "all"), "no mailbox"),
     (("user", "add", "eve@example.com", "--name", "Eve =?utf-8?q?x=0D=0ABcc:_a@evil.example?="), "line breaks"),
     (("queue", "add", "q@example.com", "--name", "Q\u2028Bcc: a@evil.example"), "line breaks"),
+    (("profile", "add", "ews", "--type", "exchange_server", "--service-url", "http://mail.example.com/EWS/Exchange.asmx"),
+     "must be an https:// URL"),
     (("org", "set-correlation", "--token-prefix", ""), "tracking token prefix"),
     (("org", "set-correlation", "--token-prefix", "CRM 1"), "tracking token prefix"),
     (("org", "set-correlation", "--token-prefix", "1234"), "tracking token prefix"),

@@ -85,6 +85,17 @@ async def test_clear_errors_for_bad_input(registry: Registry, org) -> None:
         await registry.add_profile(org, ProfileInput(name="p", server_type="imap"))
     with pytest.raises(InvalidInput, match="only a queue"):
         await registry.update_mailbox(org, email, delete_after_processing=True)
+    # URLs that carry credentials are https (http only on the loopback, for a local simulator).
+    with pytest.raises(InvalidInput, match="--service-url must be an https:// URL"):
+        await registry.add_profile(org, ProfileInput(name="ews", server_type="exchange_server",
+                                                     service_url="http://mail.example.com/EWS/Exchange.asmx"))
+    with pytest.raises(InvalidInput, match="--oauth-token-url must be an https:// URL"):
+        await registry.add_profile(org, ProfileInput(
+            name="o365", server_type="exchange_online", service_url="https://graph.microsoft.com/v1.0",
+            auth_method="oauth2", oauth_token_url="http://login.example.com/token", oauth_client_id="c",
+            oauth_client_secret=SecretStr("s")))
+    await registry.add_profile(org, ProfileInput(name="sim", server_type="exchange_server",
+                                                 service_url="http://127.0.0.1:8080/EWS/Exchange.asmx"))
 
 
 async def test_credentials_are_encrypted_at_rest(registry: Registry, org, pool: asyncpg.Pool) -> None:
