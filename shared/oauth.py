@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 
 from shared.errors import AuthenticationFailed, ConnectionFailed
+from shared.tls import client_context
 
 
 class TokenProvider:
@@ -20,7 +22,10 @@ class TokenProvider:
         self._cache: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
-    async def token(self, token_url: str, client_id: str, client_secret: str, scope: str | None) -> str:
+    async def token(self, token_url: str, client_id: str, client_secret: str, scope: str | None, *,
+                    ca_file: str | None = None) -> str:
+        """An access token for the client, cached until a minute before it expires.  ``ca_file``:
+        the profile's CA (``tls_ca_file``), for an identity provider behind a private CA."""
         key = (token_url, client_id, scope or "")
         cached = self._fresh(key)
         if cached is not None:
@@ -31,7 +36,8 @@ class TokenProvider:
             cached = self._fresh(key)
             if cached is not None:
                 return cached
-            token, lifetime = await self._request(token_url, client_id, client_secret, scope)
+            verify = client_context(ca_file) if ca_file else self._verify
+            token, lifetime = await self._request(token_url, client_id, client_secret, scope, verify)
             self._cache[key] = (token, time.monotonic() + lifetime)
             return token
 
@@ -39,12 +45,13 @@ class TokenProvider:
         cached = self._cache.get(key)
         return cached[0] if cached and cached[1] > time.monotonic() + 60 else None
 
-    async def _request(self, token_url: str, client_id: str, client_secret: str, scope: str | None) -> tuple[str, float]:
+    async def _request(self, token_url: str, client_id: str, client_secret: str, scope: str | None,
+                       verify: Any) -> tuple[str, float]:
         data = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
         if scope:
             data["scope"] = scope
         try:
-            async with httpx.AsyncClient(verify=self._verify, timeout=self._timeout) as http:
+            async with httpx.AsyncClient(verify=verify, timeout=self._timeout) as http:
                 response = await http.post(token_url, data=data)
         except httpx.HTTPError as exc:
             raise ConnectionFailed(f"the OAuth token endpoint could not be reached: {type(exc).__name__}") from exc

@@ -144,7 +144,8 @@ class Transports:
         profile = work.profile
         if profile["auth_method"] == "oauth2":
             token = await self._tokens.token(profile["oauth_token_url"], profile["oauth_client_id"],
-                                             _profile_secret(work, "oauth_client_secret"), profile.get("oauth_scope"))
+                                             _profile_secret(work, "oauth_client_secret"), profile.get("oauth_scope"),
+                                             ca_file=profile.get("tls_ca_file"))
             return SmtpCredentials(work.email, token, "xoauth2")
         if profile["auth_method"] == "mailbox_credentials" and work["secret"] is None:
             return None  # a relay that trusts its network (port 25 inside the organization)

@@ -299,7 +299,8 @@ async def sign_in(client: ImapClient | Pop3Client, work: MailboxWork, tokens: To
         await client.login(user, password.get_secret_value())
         return
     secret = work.cipher.decrypt(decode_bytea(profile["oauth_client_secret"])).get_secret_value()
-    token = await tokens.token(profile["oauth_token_url"], profile["oauth_client_id"], secret, profile.get("oauth_scope"))
+    token = await tokens.token(profile["oauth_token_url"], profile["oauth_client_id"], secret, profile.get("oauth_scope"),
+                               ca_file=profile.get("tls_ca_file"))
     try:
         await client.authenticate_xoauth2(work["username"] or work.email, token)
     except AuthenticationFailed:

@@ -3,8 +3,10 @@ once, and an endpoint's failures told apart (throttled or down is not wrong cred
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
+import trustme
 
 from shared.errors import AuthenticationFailed, ConnectionFailed
 from shared.oauth import TokenProvider
@@ -35,3 +37,18 @@ async def test_an_endpoints_failure_says_which_kind_it_is(status: int, body: str
         with pytest.raises(error) as caught:
             await TokenProvider().token(endpoint.url, CLIENT_ID, CLIENT_SECRET, None)
         assert words in caught.value.message and CLIENT_SECRET not in caught.value.message
+
+
+async def test_an_endpoint_behind_the_profiles_private_ca_is_trusted_with_it(tmp_path) -> None:
+    """The profile's `tls_ca_file` counts for its token endpoint too, as for its mail servers:
+    before, the token request ignored it, so XOAUTH2 behind a private CA never signed in."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    async with TokenEndpoint(ssl_context=server) as endpoint:
+        with pytest.raises(ConnectionFailed):   # verified against the system's CAs: refused
+            await TokenProvider().token(endpoint.url, CLIENT_ID, CLIENT_SECRET, None)
+        token = await TokenProvider().token(endpoint.url, CLIENT_ID, CLIENT_SECRET, None, ca_file=str(ca_file))
+    assert token == endpoint.tokens[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 
 from aiohttp import web
 
@@ -14,13 +15,14 @@ CLIENT_ID, CLIENT_SECRET = "conduit-app", "app-secret-1"
 
 
 class TokenEndpoint:
-    def __init__(self, count: int = 1) -> None:
+    def __init__(self, count: int = 1, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.tokens = ["tok-" + secrets.token_hex(8) for _ in range(count)]
         self.issued = 0   # the next issue gives tokens[issued], the last one once all are given
         self.requests = 0
         self.delay = 0.0   # seconds each answer is held back (a slow identity provider)
         self.answer: tuple[int, str] | None = None   # (status, body) instead of a token
         self.url = ""
+        self._ssl_context = ssl_context   # https with it
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> TokenEndpoint:
@@ -28,9 +30,10 @@ class TokenEndpoint:
         app.router.add_post("/token", self._issue)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, 0)
+        site = web.TCPSite(self._runner, LOOPBACK, 0, ssl_context=self._ssl_context)
         await site.start()
-        self.url = f"http://{LOOPBACK}:{self._runner.addresses[0][1]}/token"
+        scheme = "https" if self._ssl_context else "http"
+        self.url = f"{scheme}://{LOOPBACK}:{self._runner.addresses[0][1]}/token"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
