@@ -257,6 +257,8 @@ class DispatchService(ServiceBase):
         """
         assert self.consumer is not None
         self._stopping = stopping
+        if self._lock_is_lost:   # lost between the start and now: ``_lock_lost`` set the event work had then
+            stopping.set()
         consumed = asyncio.Event()
         sending = asyncio.create_task(self._send_loop(stopping, consumed if burst else None), name="dispatch-send")
         # A send loop that died would leave the consumer waiting for room: stop the service instead.
