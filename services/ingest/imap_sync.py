@@ -40,7 +40,7 @@ from datetime import datetime
 
 import asyncpg
 
-from services.ingest import state
+from services.ingest import leases, state
 from services.ingest.imap_client import (
     FolderState,
     FolderUnavailable,
@@ -210,8 +210,13 @@ class ImapFolderSync:
         the saved state): the refusals are counted, and the state stops below the lowest refused
         UID not yet skipped."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             await state.record_ingested(conn, self._mailbox.id, ingested, status.uidvalidity)
             await state.renumber_ingested(conn, self._mailbox.id, folder, status.uidvalidity, found_again)
+            if self._delete and found_again:
+                # Further copies of a message (delivered twice) go with it once it is processed.
+                await state.record_copies(conn, self._mailbox.id, [
+                    state.IngestedMessage(key, "", folder, uid, None, status.uidvalidity) for key, uid in found_again])
             if vanished and status.vanished:
                 gone = await state.mark_vanished(conn, self._mailbox.id, folder, status.uidvalidity, status.vanished)
                 if gone:
@@ -258,15 +263,19 @@ class ImapFolderSync:
         status = await client.select(folder, readonly=False)
         # A UID of an earlier numbering may now name another message: such rows wait until the
         # folder's resync finds their message again under its new UID.
-        items = [i for i in items if i.uidvalidity in (None, status.uidvalidity)]
-        if not items:
+        current = [i for i in items if i.uidvalidity in (None, status.uidvalidity)]
+        if len(current) < len(items):
+            # Further copies are found again, and recorded anew, by the resync itself.
+            async with self._pool.acquire() as conn:
+                await state.forget_renumbered_copies(conn, self._mailbox.id, folder, status.uidvalidity)
+        if not current:
             return 0
-        uids = [i.uid for i in items if i.uid is not None]
+        uids = [i.uid for i in current if i.uid is not None]
         await client.mark_deleted(uids)
         await client.expunge(uids)
         async with self._pool.acquire() as conn:
-            await state.mark_removed(conn, self._mailbox.id, [i.message_key for i in items])
-        return len(items)
+            await state.mark_removed(conn, self._mailbox.id, current)
+        return len(current)
 
 
 def _found_again(mailbox: Mailbox, batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, int]]:

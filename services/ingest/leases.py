@@ -8,6 +8,14 @@ more than its share (because others joined) hands the surplus over.  The hand-ov
 a mailbox is never worked by two replicas at once: ``claim`` names the surplus (still leased, still
 renewed, but no longer to be worked); the caller stops the surplus mailboxes' sessions and only
 then calls ``release``, after which the lease is free for the others.
+
+A replica may still be finishing a session when its lease has been taken over: it could not renew
+in time (the database was away, the process stalled), or a one-shot run outlived its lease.  What
+that session writes is fenced: each transaction that records a mailbox's progress first takes a
+share lock on the lease row and checks that this replica still holds it (``hold``), and the raw
+store checks the same before anything is published (``state.already_ingested``).  A takeover waits
+for such a transaction to commit, and every later one fails with ``LeaseLost``: the stale session
+ends without recording anything, and the refusals it saw are not counted twice.
 """
 from __future__ import annotations
 
@@ -17,6 +25,30 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 import asyncpg
+
+from shared.errors import ConduitError
+
+
+class LeaseLost(ConduitError):
+    """Another replica holds the mailbox's lease now: this replica's session must stop, recording
+    nothing more.  Not a failure of the mailbox (no alert, no back-off)."""
+
+    reason = "lease_lost"
+
+    def __init__(self, mailbox_id: UUID) -> None:
+        super().__init__(f"mailbox {mailbox_id}: another replica holds its lease now")
+
+
+async def hold(conn: asyncpg.Connection, mailbox_id: UUID, holder: str | None) -> None:
+    """Inside a transaction: raise ``LeaseLost`` unless ``holder`` holds the mailbox's lease, and keep
+    it from being taken over until the transaction ends.  ``holder`` None: a run without leases
+    (a test or a benchmark driving a runner directly), nothing to check."""
+    if holder is None:
+        return
+    held = await conn.fetchval("SELECT true FROM mailbox_lease WHERE mailbox_id = $1 AND holder = $2 FOR SHARE",
+                               mailbox_id, holder)
+    if not held:
+        raise LeaseLost(mailbox_id)
 
 
 @dataclass(frozen=True)
@@ -83,6 +115,14 @@ class Leases:
         # so a surplus mailbox stays surplus until released).
         keep = max(share, 0)
         return Claim(work=set(held_ids[:keep]), surplus=set(held_ids[keep:]))
+
+    async def renew(self) -> None:
+        """Extend what we hold, without a heartbeat or a claim (a one-shot run that outlives a lease)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE mailbox_lease SET expires_at = now() + make_interval(secs => $2) WHERE holder = $1",
+                self.holder, self.ttl,
+            )
 
     async def release(self, mailbox_ids: Iterable[UUID]) -> None:
         """Give leases back (their sessions have stopped): free at once for the other replicas."""

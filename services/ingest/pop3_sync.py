@@ -10,9 +10,9 @@ import logging
 
 import asyncpg
 
-from services.ingest import state
+from services.ingest import leases, state
 from services.ingest.pop3_client import Pop3Client, RetrRefused
-from services.ingest.publishing import Mailbox, Pulled, publish_pulled
+from services.ingest.publishing import Mailbox, Pulled, ingest_key, publish_pulled
 from shared.kafka import Publisher
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Pop3Sync:
         self._publisher = publisher
         self._mailbox = mailbox
         self._delete = delete_after_processing
-        self._awaiting_quit: list[str] = []
+        self._awaiting_quit: list[state.IngestedMessage] = []
         # (code, text) of warnings for the mailbox's alerts; the runner raises and clears them.
         self.warnings: list[tuple[str, str]] = []
 
@@ -66,7 +66,14 @@ class Pop3Sync:
             return 0
         ingested = await publish_pulled(self._pool, self._publisher, self._mailbox, "pop3", batch)
         async with self._pool.acquire() as conn, conn.transaction():
+            await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             await state.record_ingested(conn, self._mailbox.id, ingested)
+            if self._delete and len(ingested) < len(batch):
+                # Further copies of a message (delivered twice) go with it once it is processed.
+                new = {i.uidl for i in ingested}
+                await state.record_copies(conn, self._mailbox.id, [
+                    state.IngestedMessage(ingest_key(self._mailbox, p.raw)[0], "", uidl=p.uidl)
+                    for p in batch if p.uidl not in new])
             await state.mark_pop3_seen(conn, self._mailbox.id, [p.uidl for p in batch if p.uidl])
         return len(ingested)
 
@@ -74,6 +81,7 @@ class Pop3Sync:
         """Every message not yet seen was asked for: count the refusals; those skipped now count as
         seen, so they are not asked for again (nor deleted: they were never ingested)."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             counted = await state.count_refusals(conn, self._mailbox.id, "", 0, refused)
             await state.mark_pop3_seen(conn, self._mailbox.id, [r.server_id for r in counted if r.skipped])
         for code, text in state.refusal_warnings(counted, "the message with UIDL", ""):
@@ -87,7 +95,7 @@ class Pop3Sync:
         doomed = [item for item in done if item.uidl in number_of]
         for item in doomed:
             await client.dele(number_of[item.uidl])
-        self._awaiting_quit = [i.message_key for i in doomed]
+        self._awaiting_quit = doomed
 
     async def confirm_removed(self) -> None:
         """After QUIT succeeded: DELE takes effect only then, so only then is it recorded."""

@@ -41,6 +41,9 @@ class Mailbox:
     id: UUID
     organization_id: UUID
     is_forward_mailbox: bool
+    # The replica whose lease fences what is recorded for the mailbox (``leases.hold``); None when
+    # no leases are in play (a runner driven directly by a test or a benchmark).
+    lease_holder: str | None = None
 
 
 class Stored(NamedTuple):
@@ -91,7 +94,7 @@ async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pu
     if not keyed:
         return []
     async with pool.acquire() as conn:
-        seen = await state.already_ingested(conn, mailbox.id, list(keyed))
+        seen = await state.already_ingested(conn, mailbox.id, list(keyed), lease_holder=mailbox.lease_holder)
         new = {k: p for k, p in keyed.items() if k not in seen}
         if not new:
             return []

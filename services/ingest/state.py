@@ -12,6 +12,8 @@ from uuid import UUID
 
 import asyncpg
 
+from services.ingest.leases import LeaseLost
+
 # Syncs in which the server refused to hand over a message before it is skipped (and an IMAP
 # folder's saved state may move past it).  A refusal can be brief; Gmail's "Some messages could not
 # be FETCHed" comes back for the same message every time, and would otherwise hold the folder for ever.
@@ -57,6 +59,7 @@ async def bind_server(conn: asyncpg.Connection, mailbox_id: UUID, server: str) -
         await conn.execute("DELETE FROM imap_folder_state WHERE mailbox_id = $1", mailbox_id)
         await conn.execute("DELETE FROM pop3_seen WHERE mailbox_id = $1", mailbox_id)
         await conn.execute("DELETE FROM refused_message WHERE mailbox_id = $1", mailbox_id)
+        await conn.execute("DELETE FROM ingested_copy WHERE mailbox_id = $1", mailbox_id)
         await conn.execute(
             """UPDATE ingested_message SET folder = NULL, uid = NULL, uidl = NULL, uidvalidity = NULL
                WHERE mailbox_id = $1 AND (folder IS NOT NULL OR uid IS NOT NULL OR uidl IS NOT NULL)""",
@@ -81,12 +84,19 @@ async def save_folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: 
     )
 
 
-async def already_ingested(conn: asyncpg.Connection, mailbox_id: UUID, keys: Sequence[str]) -> set[str]:
-    rows = await conn.fetch(
-        "SELECT message_key FROM ingested_message WHERE mailbox_id = $1 AND message_key = ANY($2::text[])",
-        mailbox_id, list(keys),
+async def already_ingested(conn: asyncpg.Connection, mailbox_id: UUID, keys: Sequence[str], *,
+                           lease_holder: str | None = None) -> set[str]:
+    """The keys already ingested for the mailbox.  With ``lease_holder``: first, in the same
+    statement, that this replica still holds the mailbox's lease (else ``LeaseLost``), so a session
+    whose lease was taken over stores and publishes nothing more."""
+    row = await conn.fetchrow(
+        """SELECT ($3::text IS NULL OR EXISTS (SELECT FROM mailbox_lease WHERE mailbox_id = $1 AND holder = $3)) AS held,
+                  ARRAY(SELECT message_key FROM ingested_message WHERE mailbox_id = $1 AND message_key = ANY($2::text[])) AS seen""",
+        mailbox_id, list(keys), lease_holder,
     )
-    return {r["message_key"] for r in rows}
+    if not row["held"]:
+        raise LeaseLost(mailbox_id)
+    return set(row["seen"])
 
 
 async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: Sequence[IngestedMessage],
@@ -134,6 +144,11 @@ async def mark_vanished(conn: asyncpg.Connection, mailbox_id: UUID, folder: str,
              AND im.uid BETWEEN r.first_uid AND r.last_uid AND NOT im.removed_from_server""",
         mailbox_id, folder, uidvalidity, [first for first, _ in ranges], [last for _, last in ranges],
     )
+    await conn.execute(
+        """DELETE FROM ingested_copy c USING unnest($4::bigint[], $5::bigint[]) AS r(first_uid, last_uid)
+           WHERE c.mailbox_id = $1 AND c.folder = $2 AND c.uidvalidity = $3 AND c.uid BETWEEN r.first_uid AND r.last_uid""",
+        mailbox_id, folder, uidvalidity, [first for first, _ in ranges], [last for _, last in ranges],
+    )
     return int(status.split()[-1])
 
 
@@ -152,27 +167,81 @@ async def mark_pop3_seen(conn: asyncpg.Connection, mailbox_id: UUID, uidls: Sequ
 async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present: Sequence[str]) -> None:
     """Drop bookkeeping for messages no longer on the server, so the table does not grow forever."""
     await conn.execute("DELETE FROM pop3_seen WHERE mailbox_id = $1 AND NOT (uidl = ANY($2::text[]))", mailbox_id, list(present))
+    await conn.execute("DELETE FROM ingested_copy WHERE mailbox_id = $1 AND uidl IS NOT NULL AND NOT (uidl = ANY($2::text[]))",
+                       mailbox_id, list(present))
 
 
 async def deletable(conn: asyncpg.Connection, mailbox_id: UUID) -> list[IngestedMessage]:
-    """Messages still on the server whose activity is durable: evaluate records a decision and its
-    activity in one transaction, and only a decision with an activity (tracked, or already tracked
-    from another mailbox) counts.  Mail that did not become an activity (queue conversion off, no
-    correlation match, unknown sender, inactive mailbox, ...) stays on the server."""
+    """Messages still on the server whose activity is durable, and the further copies of them
+    (``record_copies``): evaluate records a decision and its activity in one transaction, and only a
+    decision with an activity (tracked, or already tracked from another mailbox) counts.  Mail that
+    did not become an activity (queue conversion off, no correlation match, unknown sender, inactive
+    mailbox, ...) stays on the server."""
     rows = await conn.fetch(
         """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity
            FROM ingested_message im
            JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
-           WHERE im.mailbox_id = $1 AND NOT im.removed_from_server AND d.activity_id IS NOT NULL""",
+           WHERE im.mailbox_id = $1 AND NOT im.removed_from_server AND d.activity_id IS NOT NULL
+           UNION ALL
+           SELECT c.message_key, im.raw_sha256, c.folder, c.uid, c.uidl, c.uidvalidity
+           FROM ingested_copy c
+           JOIN ingested_message im ON im.mailbox_id = c.mailbox_id AND im.message_key = c.message_key
+           JOIN email_decision d ON d.mailbox_id = c.mailbox_id AND d.message_id = c.message_key
+           WHERE c.mailbox_id = $1 AND d.activity_id IS NOT NULL""",
         mailbox_id,
     )
     return [IngestedMessage(**dict(r)) for r in rows]
 
 
-async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, keys: Sequence[str]) -> None:
+async def record_copies(conn: asyncpg.Connection, mailbox_id: UUID, copies: Sequence[IngestedMessage]) -> None:
+    """Of messages found again (already ingested), record those at another place than the ingested
+    one: a further copy, to be removed with it by a queue that deletes after processing.  The
+    ingested copy itself, found again after a crash or a renumbering, is not a further copy."""
+    if not copies:
+        return
     await conn.execute(
-        "UPDATE ingested_message SET removed_from_server = true WHERE mailbox_id = $1 AND message_key = ANY($2::text[])",
-        mailbox_id, list(keys),
+        """INSERT INTO ingested_copy (mailbox_id, message_key, folder, uidvalidity, uid, uidl)
+           SELECT $1, f.message_key, f.folder, f.uidvalidity, f.uid, f.uidl
+           FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])
+                AS f(message_key, folder, uidvalidity, uid, uidl)
+           JOIN ingested_message im ON im.mailbox_id = $1 AND im.message_key = f.message_key
+           WHERE (f.uid IS NOT NULL AND im.folder IS NOT DISTINCT FROM f.folder
+                  AND im.uidvalidity IS NOT DISTINCT FROM f.uidvalidity AND im.uid IS DISTINCT FROM f.uid)
+              OR (f.uidl IS NOT NULL AND im.uidl IS DISTINCT FROM f.uidl)
+           ON CONFLICT DO NOTHING""",
+        mailbox_id, [c.message_key for c in copies], [c.folder for c in copies], [c.uidvalidity for c in copies],
+        [c.uid for c in copies], [c.uidl for c in copies],
+    )
+
+
+async def forget_renumbered_copies(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int) -> None:
+    """The folder was renumbered: further copies recorded under another UIDVALIDITY name nothing now."""
+    await conn.execute("DELETE FROM ingested_copy WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity <> $3",
+                       mailbox_id, folder, uidvalidity)
+
+
+async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, removed: Sequence[IngestedMessage]) -> None:
+    """What was removed from the server, by place: an ingested copy is marked removed, a further copy
+    is forgotten."""
+    if not removed:
+        return
+    places = ([r.message_key for r in removed], [r.folder for r in removed], [r.uidvalidity for r in removed],
+              [r.uid for r in removed], [r.uidl for r in removed])
+    await conn.execute(
+        """UPDATE ingested_message im SET removed_from_server = true
+           FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS r(message_key, folder, uidvalidity, uid, uidl)
+           WHERE im.mailbox_id = $1 AND im.message_key = r.message_key AND im.folder IS NOT DISTINCT FROM r.folder
+             AND im.uidvalidity IS NOT DISTINCT FROM r.uidvalidity AND im.uid IS NOT DISTINCT FROM r.uid
+             AND im.uidl IS NOT DISTINCT FROM r.uidl""",
+        mailbox_id, *places,
+    )
+    await conn.execute(
+        """DELETE FROM ingested_copy c
+           USING unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS r(message_key, folder, uidvalidity, uid, uidl)
+           WHERE c.mailbox_id = $1 AND c.message_key = r.message_key AND c.folder IS NOT DISTINCT FROM r.folder
+             AND c.uidvalidity IS NOT DISTINCT FROM r.uidvalidity AND c.uid IS NOT DISTINCT FROM r.uid
+             AND c.uidl IS NOT DISTINCT FROM r.uidl""",
+        mailbox_id, *places,
     )
 
 

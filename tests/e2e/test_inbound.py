@@ -3,6 +3,7 @@ PostgreSQL.  Both services run for real, in burst mode, so nothing waits on a cl
 from __future__ import annotations
 
 import json
+import uuid
 
 import asyncpg
 import pytest
@@ -184,6 +185,23 @@ async def test_pop3_queue_deletes_after_processing(settings, registry: Registry,
     await run_service(IngestService(settings), burst=True)
     assert dovecot.message_count(queue.email) == 0
     assert len(await activities(pool, org)) == 2
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+async def test_a_queue_deletes_every_delivered_copy_of_a_processed_message(settings, registry: Registry, org, dovecot,
+                                                                          pool, protocol: str) -> None:
+    """The same message delivered twice (two distribution lists, a sender's retry) is one activity,
+    and both copies leave the server once it is durable, the second found in a later sync too."""
+    await registry.add_profile(org, imap_profile(dovecot) if protocol == "imap" else pop3_profile(dovecot))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)
+    twice = message("delivered twice", message_id="<twice-%s@customer.example>" % uuid.uuid4().hex[:8])
+    dovecot.deliver_many(queue.email, [twice, message("once"), twice])
+    await pipeline(settings)
+    dovecot.deliver(queue.email, twice)   # a third copy, after the first was ingested
+    await run_service(IngestService(settings), burst=True)
+    await run_service(IngestService(settings), burst=True)
+    assert dovecot.message_count(queue.email) == 0
+    assert sorted(a for a in await activities(pool, org)) == ["delivered twice", "once"]
 
 
 async def test_broken_mime_still_becomes_an_activity(settings, registry: Registry, org, dovecot, pool) -> None:
