@@ -347,7 +347,7 @@ class ImapClient:
     async def _read_greeting(self) -> None:
         line = await self._conn.read_line()
         if line.startswith(b"* BYE"):
-            raise ConnectionFailed(f"The IMAP server {self._host} refused the session: {_text(line[5:])}.")
+            raise ConnectionFailed(f"The IMAP server {self._host} refused the session: {_text(line[5:]).rstrip('.')}.")
         if not (line.startswith(b"* OK") or line.startswith(b"* PREAUTH")):
             raise ConnectionFailed(f"The server at {self._host} did not greet like an IMAP server.")
         self._note_capabilities(line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b"")
@@ -1020,7 +1020,7 @@ class ImapClient:
         elif kind == b"BYE":
             self._broken = "the server ended the session"
             if not self._logging_out:
-                raise ConnectionFailed(f"The IMAP server {self._host} ended the session: {_text(text[6:])}.")
+                raise ConnectionFailed(f"The IMAP server {self._host} ended the session: {_text(text[6:]).rstrip('.')}.")
         elif kind == b"CAPABILITY" and len(words) > 2:
             self.capabilities = frozenset(text[13:].decode("ascii", "replace").upper().split())
 

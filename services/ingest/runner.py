@@ -5,12 +5,20 @@ Failures become mailbox state, not crashes: a wrong password, a refused connecti
 a timeout records an alert, counts the error and backs the mailbox off (exponentially); the runner
 ends and the scheduler starts a new one once the back-off is over.  The first success afterwards
 records the recovery.  One mailbox's trouble never holds up another's.
+
+A server that ends a working session (signed in, synced, idling: its BYE on a restart or shutdown,
+or the connection closed or reset) is no failure of the mailbox: the runner signs in again after a
+short jittered delay, with no alert.  While the server stays away the runner keeps trying, backing
+off (capped), for a grace period (``IngestSettings.reconnect_grace_seconds``); only a reconnection
+that fails past it, or for another reason than the connection (a refused password, TLS), is
+recorded as a failure.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import random
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,10 +28,11 @@ from aiokafka.errors import KafkaError
 from services.ingest import state
 from services.ingest.imap_client import ImapClient
 from services.ingest.imap_sync import ImapFolderSync
+from services.ingest.leases import LeaseLost
 from services.ingest.pop3_client import Pop3Client
 from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
-from shared.errors import AuthenticationFailed, ConduitError, InvalidInput
+from shared.errors import AuthenticationFailed, ConduitError, ConnectionFailed, InvalidInput, ProtocolTimeout
 from shared.kafka import Publisher
 from shared.metrics import FOLLOW_UP_POLLS, INFRASTRUCTURE_FAILURES, MAILBOX_FAILURES
 from shared.oauth import TokenProvider
@@ -32,6 +41,19 @@ from shared.tls import client_context
 
 log = logging.getLogger(__name__)
 
+# Signing in again after the server ended a working session: the first attempt after 0.5-2 s (a
+# restarted server is not met by every mailbox in the same millisecond), each later one after up to
+# twice as long, at most 10 s.
+RECONNECT_FIRST_DELAY_SECONDS = 2.0
+RECONNECT_DELAY_CAP_SECONDS = 10.0
+# A session ended sooner than this after it began working does not start the delays afresh: a server
+# that ends every session at once is met every 10 s, not every second.
+STEADY_SESSION_SECONDS = 60.0
+
+
+class ServerEndedSession(ConnectionFailed):
+    """The server ended a session that worked (signed in, synced, idling or polling in IDLE's loop):
+    its BYE, or the connection closed or reset.  Not a failure of the mailbox by itself."""
 
 
 class ServerSlots:
@@ -73,6 +95,12 @@ class RunnerContext:
     command_timeout: float = 30.0
     # An idling session leaves IDLE this often to look at the Inbox (``IngestSettings.idle_check_seconds``).
     idle_check: float = 300.0
+    # How long a runner tries to sign in again, quietly, after the server ended a working session
+    # (``IngestSettings.reconnect_grace_seconds``).
+    reconnect_grace: float = 60.0
+    # This replica's name on its leases; what a session records is fenced by it (``leases.hold``).
+    # None: no leases in play (a test or a benchmark driving a runner directly).
+    lease_holder: str | None = None
 
 
 class MailboxRunner:
@@ -81,15 +109,26 @@ class MailboxRunner:
         self._work = work
         self._profile = work.profile
         self._idle_allowed = idle_allowed
-        self._mailbox = Mailbox(work.id, work.organization_id, work["owner_kind"] is None)
+        self._mailbox = Mailbox(work.id, work.organization_id, work["owner_kind"] is None, ctx.lease_holder)
         self.last_sync: datetime | None = None
         self.failed = False
         self._client: ImapClient | None = None  # the open IMAP session, if any
+        # After the server ended a working session: when the grace for signing in again ends (loop
+        # time), and the attempts made so far.  None: no reconnection going on.
+        self._grace_ends: float | None = None
+        self._reconnects = 0
+        self._working_since = -math.inf   # loop time the current session began working
 
     @property
     def idling(self) -> bool:
         """True while the session waits in IMAP IDLE for the server to announce new mail."""
         return self._client is not None and self._client.idling
+
+    @property
+    def reconnecting(self) -> bool:
+        """True between the server ending a working session and the next session that works, while
+        the grace for signing in again lasts."""
+        return self._grace_ends is not None
 
     @property
     def idle_allowed(self) -> bool:
@@ -114,9 +153,19 @@ class MailboxRunner:
             if not await self.sync_once(stopping, keep_open=self._idle_allowed):
                 return
             try:
-                await asyncio.wait_for(stopping.wait(), timeout=self.interval)
+                await asyncio.wait_for(stopping.wait(), timeout=self._pause())
             except asyncio.TimeoutError:
                 pass
+
+    def _pause(self) -> float:
+        """How long to wait before the next session: the polling interval, or while reconnecting the
+        next jittered, doubling delay, never past the end of the grace."""
+        if self._grace_ends is None:
+            return self.interval
+        ceiling = min(RECONNECT_DELAY_CAP_SECONDS, RECONNECT_FIRST_DELAY_SECONDS * 2 ** self._reconnects)
+        self._reconnects += 1
+        remaining = self._grace_ends - asyncio.get_running_loop().time()
+        return max(0.0, min(remaining, ceiling * random.uniform(0.25, 1.0)))
 
     async def sync_once(self, stopping: asyncio.Event | None = None, *, keep_open: bool = False) -> bool:
         """One session; with ``keep_open`` (IMAP IDLE) it lasts until stopped.  False on failure."""
@@ -128,7 +177,22 @@ class MailboxRunner:
             else:
                 raise InvalidInput(f"incoming email over {self.protocol} is handled by exchange_sync, not ingest",
                                    reason="unsupported_profile")
+        except LeaseLost as exc:
+            # Another replica works the mailbox now (this one could not renew in time): nothing more
+            # is recorded here, and it is no failure of the mailbox.
+            log.warning("%s; its session here stops", exc.message)
+            return False
+        except ServerEndedSession as exc:
+            now = asyncio.get_running_loop().time()
+            self._grace_ends = now + self._ctx.reconnect_grace
+            if now - self._working_since >= STEADY_SESSION_SECONDS:
+                self._reconnects = 0
+            log.info("mailbox %s: %s Signing in again (a failure only if that fails for %.0f s).",
+                     self._work.id, exc.message, self._ctx.reconnect_grace)
+            return True
         except ConduitError as exc:
+            if self._still_in_grace(exc):
+                return True
             await self._failed(exc.reason, exc.message)
             return False
         except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
@@ -137,6 +201,8 @@ class MailboxRunner:
             # runner tries again after its polling interval, not at once: a mail server is not asked
             # for the same messages in a loop while the broker is away.
             INFRASTRUCTURE_FAILURES.labels("ingest", type(exc).__name__).inc()
+            # A reconnection under way ends with it: the next session waits the interval too.
+            self._grace_ends = None
             log.warning("mailbox %s: ingest could not store or publish (%s: %s); trying again in %.0f s",
                         self._work.id, type(exc).__name__, exc, self.interval)
             return True
@@ -149,13 +215,31 @@ class MailboxRunner:
             log.error("mailbox %s: unexpected failure while syncing", self._work.id, exc_info=exc)
             await self._failed("internal_error", f"unexpected {type(exc).__name__} while syncing (details in the ingest log)")
             return False
+        await self._working()
+        return True
+
+    def _still_in_grace(self, exc: ConduitError) -> bool:
+        """Whether a session that failed to connect is tried again without a failure recorded: the
+        server ended a working session shortly before (a restart takes a while), and the failure is
+        the connection's; a refused password or certificate is recorded at once."""
+        if self._grace_ends is None or not isinstance(exc, (ConnectionFailed, ProtocolTimeout)):
+            return False
+        if asyncio.get_running_loop().time() >= self._grace_ends:
+            return False
+        log.debug("mailbox %s: signing in again failed (%s); trying again", self._work.id, exc.message)
+        return True
+
+    async def _working(self) -> None:
+        """The session signed in and synced: a reconnection is over, a failing mailbox has recovered."""
+        self._grace_ends = None
+        self._working_since = asyncio.get_running_loop().time()
         if self.failed or self._work["incoming_error_count"]:
             await self._ctx.registry.record_success(self._work.id, "incoming")
             self.failed = False
-        return True
 
     async def _failed(self, reason: str, message: str) -> None:
         self.failed = True
+        self._grace_ends = None
         MAILBOX_FAILURES.labels("incoming", reason).inc()
         log.warning("mailbox %s incoming failed: %s", self._work.id, message)
         await self._ctx.registry.record_failure(self._work.id, "incoming", reason, message)
@@ -182,7 +266,12 @@ class MailboxRunner:
                 await self._report(sync.warnings)
                 self.last_sync = datetime.now().astimezone()
                 if keep_open and stopping is not None and "IDLE" in client.capabilities and "INBOX" in (f.upper() for f in folders):
-                    await self._idle_loop(client, sync, folders, stopping)
+                    # Recorded now, not when the session ends: an idling session may last for days.
+                    await self._working()
+                    try:
+                        await self._idle_loop(client, sync, folders, stopping)
+                    except ConnectionFailed as exc:
+                        raise ServerEndedSession(exc.message) from exc
                 await client.logout()
             finally:
                 self._client = None

@@ -57,6 +57,10 @@ class IngestSettings(BaseSettings):
     # connection gone silent (a NAT or firewall dropped it, the server hung): new mail would go
     # unseen until the next look, which then times out and the session starts again.
     idle_check_seconds: float = Field(300.0, gt=0, le=25 * 60)
+    # The server ended a working session (its BYE on a restart, or the connection closed): the
+    # mailbox signs in again within seconds, and only if that has not worked for this long is it a
+    # failure (alert, back-off).  A restart is routine and would otherwise back off every idling mailbox.
+    reconnect_grace_seconds: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
     def _renewed_in_time(self) -> IngestSettings:
@@ -91,7 +95,8 @@ class IngestService(ServiceBase):
         assert self.pool is not None and self.registry is not None
         return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens,
                              FollowUp(self.options.follow_up_seconds, self.options.follow_up_poll_seconds),
-                             self.options.command_timeout_seconds, self.options.idle_check_seconds)
+                             self.options.command_timeout_seconds, self.options.idle_check_seconds,
+                             reconnect_grace=self.options.reconnect_grace_seconds, lease_holder=self.holder)
 
     async def _claimed(self, leases: Leases, *, fair_share: bool = True) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
         """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""
@@ -109,7 +114,11 @@ class IngestService(ServiceBase):
             if burst:
                 claimed, surplus = await self._claimed(leases, fair_share=False)
                 await leases.release(surplus)
-                await self._sync_all_once(claimed)
+                renewing = asyncio.create_task(self._renew(leases))
+                try:
+                    await self._sync_all_once(claimed)
+                finally:
+                    renewing.cancel()
                 return
             renewed = time.monotonic()
             while not stopping.is_set():
@@ -134,6 +143,16 @@ class IngestService(ServiceBase):
         finally:
             await self._stop_runners(list(self.runners))
             await leases.release_all()
+
+    async def _renew(self, leases: Leases) -> None:
+        """A one-shot run's leases outlive its sessions, however long a first sync takes: were they
+        to run out, a replica would take the mailboxes over and the run's saves would be refused."""
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            try:
+                await leases.renew()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log.warning("ingest %s could not renew its leases: %s", self.holder, exc)
 
     async def _sync_all_once(self, claimed: dict[UUID, MailboxWork]) -> None:
         ctx = self._context()

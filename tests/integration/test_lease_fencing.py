@@ -3,6 +3,7 @@ save or count is fenced by the lease (``services.ingest.leases.hold``), so the r
 mailbox over is the only one whose progress counts."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -14,10 +15,17 @@ from services.ingest.leases import LeaseLost, Leases
 from services.ingest.pop3_client import Pop3Client
 from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
+from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
+from services.ingest.service import IngestService, IngestSettings
 from shared.events.topics import EMAIL_RECEIVED
+from shared.crypto import load_cipher
 from shared.kafka import Publisher
+from shared.lifecycle import run_service
+from shared.oauth import TokenProvider
+from shared.registry.service import Registry
 from tests.support.mailboxes import ReadyMailbox, imap_profile, message, pop3_profile, ready_mailbox
 from tests.support.topics import read_topic
+from tests.support.waiting import eventually
 
 
 async def _take_over(pool: asyncpg.Pool, stale: Leases, mailbox_id: uuid.UUID) -> Leases:
@@ -137,3 +145,71 @@ async def test_a_pop3_session_whose_lease_was_taken_over_publishes_and_marks_not
     assert await read_topic(settings, EMAIL_RECEIVED.name, 0, timeout=3) == []
     assert (await _recorded(pool, box.id))["pop3_seen"] == 0
     await other.release_all()
+
+
+async def test_a_runner_whose_lease_was_taken_over_stops_without_a_failure(
+        settings, registry, org, dovecot, pool: asyncpg.Pool, publisher) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver(box.email, message("m"))
+    stale = Leases(pool, f"stale-{uuid.uuid4().hex[:6]}")
+    assert (await stale.claim([box.id], fair_share=False)).work == {box.id}
+    other = await _take_over(pool, stale, box.id)
+    work = (await Registry(pool, load_cipher(settings)).mailboxes_to_process("incoming", mailbox_ids=[box.id]))[0]
+    runner = MailboxRunner(RunnerContext(pool, publisher, registry, ServerSlots(), TokenProvider(),
+                                         lease_holder=stale.holder), work, idle_allowed=False)
+    assert await runner.sync_once() is False, "the session ends: the mailbox is another replica's now"
+    state = await registry.mailbox(org, box.email, sync=True)
+    assert state.incoming.error_count == 0 and state.incoming.backoff_until is None and not state.alerts
+    assert state.sync.ingested == 0
+    await other.release_all()
+
+
+async def test_a_one_shot_run_renews_its_leases_while_its_sessions_last(settings, registry, org, dovecot,
+                                                                       pool: asyncpg.Pool) -> None:
+    """A first sync may outlast the lease's time to live: the run renews its leases meanwhile, so no
+    replica takes the mailbox over (and the run's saves are not refused)."""
+    opened = asyncio.Event()
+    release = asyncio.Event()
+
+    async def gate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relays to Dovecot, holding the session until the test releases it."""
+        opened.set()
+        await release.wait()
+        up_reader, up_writer = await asyncio.open_connection(dovecot.host, dovecot.imap_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    server = await asyncio.start_server(gate, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="127.0.0.1", incoming_port=port))
+    box = await ready_mailbox(registry, org, dovecot)
+    dovecot.deliver(box.email, message("m"))
+
+    async def expires_at():
+        async with pool.acquire() as conn:
+            return await conn.fetchval("SELECT expires_at FROM mailbox_lease WHERE mailbox_id = $1", box.id)
+
+    service = IngestService(settings, IngestSettings(lease_ttl_seconds=1.0, refresh_seconds=0.2))
+    run = asyncio.create_task(run_service(service, burst=True))
+    try:
+        await asyncio.wait_for(opened.wait(), timeout=20)
+        first = await expires_at()
+        await eventually(lambda: _later(expires_at, first, by=1.0), what="the lease renewed past its first time to live")
+        release.set()
+        await asyncio.wait_for(run, timeout=30)
+    finally:
+        release.set()
+        server.close()
+    assert (await registry.mailbox(org, box.email, sync=True)).sync.ingested == 1
+
+
+async def _later(current, first, *, by: float) -> bool:
+    now = await current()
+    return now is not None and (now - first).total_seconds() >= by
