@@ -789,25 +789,42 @@ class ImapClient:
 
     async def add_flags(self, uids: Sequence[int], flags: Sequence[str]) -> None:
         """Add ``flags`` to messages (UID STORE +FLAGS.SILENT)."""
+        await self._store_flags(uids, b"+", flags)
+
+    async def remove_flags(self, uids: Sequence[int], flags: Sequence[str]) -> None:
+        """Take ``flags`` off messages (UID STORE -FLAGS.SILENT)."""
+        await self._store_flags(uids, b"-", flags)
+
+    async def _store_flags(self, uids: Sequence[int], sign: bytes, flags: Sequence[str]) -> None:
         ordered = sorted(set(uids))
         if not ordered:
             return
         flag_list = " ".join(flags).encode("ascii")
-        await self._simple(b"UID STORE " + sequence_set(ordered) + b" +FLAGS.SILENT (" + flag_list + b")",
+        await self._simple(b"UID STORE " + sequence_set(ordered) + b" " + sign + b"FLAGS.SILENT (" + flag_list + b")",
                            what="UID STORE")
 
     async def mark_deleted(self, uids: Sequence[int]) -> None:
         await self.add_flags(uids, ("\\Deleted",))
 
     async def expunge(self, uids: Sequence[int]) -> None:
-        """Remove deleted messages: only ``uids`` with UIDPLUS (UID EXPUNGE), else every message
-        flagged \\Deleted in the folder (plain EXPUNGE: the only form RFC 3501 has)."""
+        """Remove the deleted messages ``uids`` (flagged \\Deleted), and only those.
+
+        With UIDPLUS that is UID EXPUNGE.  Without it, plain EXPUNGE (the only form RFC 3501 has)
+        removes every message flagged \\Deleted in the folder, another client's too (a user who
+        flagged mail to purge it later, or to undo): their flag is taken off for the EXPUNGE and put
+        back after it, UID EXPUNGE's effect with the base protocol's commands (RFC 4315 1).  A
+        session lost in between leaves their messages unflagged, never removed."""
         ordered = sorted(set(uids))
+        if not ordered:
+            return
         if "UIDPLUS" in self.capabilities:
-            if ordered:
-                await self._simple(b"UID EXPUNGE " + sequence_set(ordered), what="UID EXPUNGE")
-        else:
-            await self._simple(b"EXPUNGE", what="EXPUNGE")
+            await self._simple(b"UID EXPUNGE " + sequence_set(ordered), what="UID EXPUNGE")
+            return
+        reply = await self._simple(b"UID SEARCH DELETED", what="UID SEARCH")
+        others = sorted(set(_search_results(reply)) - set(ordered))
+        await self.remove_flags(others, ("\\Deleted",))
+        await self._simple(b"EXPUNGE", what="EXPUNGE")
+        await self.add_flags(others, ("\\Deleted",))
 
     # ---- waiting for changes -------------------------------------------------------------------------
 

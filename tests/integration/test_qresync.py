@@ -13,6 +13,7 @@ import imaplib
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,8 @@ class _LimitedDovecot(Dovecot):
 
 
 _BASE_CAPABILITY = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ UIDPLUS MOVE UNSELECT"
-_LIMITED = {"neither": _BASE_CAPABILITY, "condstore": _BASE_CAPABILITY + " CONDSTORE"}
+_LIMITED = {"neither": _BASE_CAPABILITY, "condstore": _BASE_CAPABILITY + " CONDSTORE",
+            "no-uidplus": _BASE_CAPABILITY.replace(" UIDPLUS", "")}
 
 
 @pytest.fixture(scope="module")
@@ -612,3 +614,25 @@ async def test_servers_without_qresync_ingest_the_same(offer: str, limited_dovec
     finally:
         await client.logout()
         await relay.stop()
+
+
+async def test_without_uidplus_a_queue_removes_its_messages_and_no_one_elses(limited_dovecots) -> None:
+    """Plain EXPUNGE removes every message flagged \\Deleted: another client's flagged mail (a user
+    who marks mail to purge later) keeps its flag and stays; only ours is removed."""
+    server = limited_dovecots["no-uidplus"]
+    email, password = f"nouidplus-{uuid.uuid4().hex[:8]}@example.com", "pw"
+    server.add_user(email, password)
+    server.deliver_many(email, [message(f"m{i}") for i in range(5)])
+    client = await ImapClient.connect(server.host, server.imap_port, tls="none", timeout=10)
+    try:
+        await client.login(email, password)
+        assert "UIDPLUS" not in client.capabilities
+        await client.select("INBOX", readonly=False)
+        await client.mark_deleted([2, 4])          # the user's client flags 2 and 4, to purge later
+        await client.mark_deleted([1, 3])          # ours, processed
+        await client.expunge([1, 3])
+        assert await client.uids_since(0) == [2, 4, 5]
+        flags = {m.uid: m.flags async for m in client.fetch([2, 4, 5])}
+        assert "\\Deleted" in flags[2] and "\\Deleted" in flags[4] and "\\Deleted" not in flags[5]
+    finally:
+        await client.logout()
