@@ -812,8 +812,9 @@ class ImapClient:
         With UIDPLUS that is UID EXPUNGE.  Without it, plain EXPUNGE (the only form RFC 3501 has)
         removes every message flagged \\Deleted in the folder, another client's too (a user who
         flagged mail to purge it later, or to undo): their flag is taken off for the EXPUNGE and put
-        back after it, UID EXPUNGE's effect with the base protocol's commands (RFC 4315 1).  A
-        session lost in between leaves their messages unflagged, never removed."""
+        back after it (also when the EXPUNGE is refused), UID EXPUNGE's effect with the base protocol's
+        commands (RFC 4315 1).  A session lost in between leaves their messages unflagged, never
+        removed."""
         ordered = sorted(set(uids))
         if not ordered:
             return
@@ -823,8 +824,12 @@ class ImapClient:
         reply = await self._simple(b"UID SEARCH DELETED", what="UID SEARCH")
         others = sorted(set(_search_results(reply)) - set(ordered))
         await self.remove_flags(others, ("\\Deleted",))
-        await self._simple(b"EXPUNGE", what="EXPUNGE")
-        await self.add_flags(others, ("\\Deleted",))
+        try:
+            await self._simple(b"EXPUNGE", what="EXPUNGE")
+        finally:
+            # Refused too (no expunge right, a quota): the other client's flags are put back.
+            if others and not self._broken:
+                await self.add_flags(others, ("\\Deleted",))
 
     # ---- waiting for changes -------------------------------------------------------------------------
 

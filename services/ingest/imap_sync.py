@@ -54,6 +54,7 @@ from services.ingest.publishing import (
     Stored,
     announce_stored,
     ingest_key,
+    same_message,
     store_pulled,
 )
 from shared.kafka import Publisher
@@ -203,7 +204,7 @@ class ImapFolderSync:
         return len(ingested)
 
     async def _save(self, folder: str, status: FolderState, last_uid: int, modseq: int | None,
-                    ingested: list[state.IngestedMessage], found_again: list[tuple[str, int]], *,
+                    ingested: list[state.IngestedMessage], found_again: list[tuple[str, int, bytes]], *,
                     vanished: bool = True, refused: dict[int, str] | None = None) -> None:
         """One transaction: what a batch ingested, what vanished (with ``vanished``) and the state
         that says both are done.  With ``refused`` (the end of a sync that asked for every UID past
@@ -212,11 +213,18 @@ class ImapFolderSync:
         async with self._pool.acquire() as conn, conn.transaction():
             await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             await state.record_ingested(conn, self._mailbox.id, ingested, status.uidvalidity)
-            await state.renumber_ingested(conn, self._mailbox.id, folder, status.uidvalidity, found_again)
-            if self._delete and found_again:
+            found = [(state.IngestedMessage(key, "", folder, uid, None, status.uidvalidity), raw)
+                     for key, uid, raw in found_again]
+            places = [place for place, _ in found]
+            if self._delete and found:
+                # A queue deletes by these places: only the ingested message itself may take one, not
+                # another message that reuses its Message-ID (a scanner's fixed one, a forged one).
+                places = await same_message(conn, self._mailbox.id, found)
+            await state.renumber_ingested(conn, self._mailbox.id, folder, status.uidvalidity,
+                                          [(p.message_key, p.uid) for p in places])
+            if self._delete and places:
                 # Further copies of a message (delivered twice) go with it once it is processed.
-                await state.record_copies(conn, self._mailbox.id, [
-                    state.IngestedMessage(key, "", folder, uid, None, status.uidvalidity) for key, uid in found_again])
+                await state.record_copies(conn, self._mailbox.id, places)
             if vanished and status.vanished:
                 gone = await state.mark_vanished(conn, self._mailbox.id, folder, status.uidvalidity, status.vanished)
                 if gone:
@@ -278,10 +286,10 @@ class ImapFolderSync:
         return len(current)
 
 
-def _found_again(mailbox: Mailbox, batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, int]]:
-    """(key, UID) of the batch's messages that were not new: already ingested, maybe under another
-    UIDVALIDITY.  Usually none, so the keys are worked out again only for those few."""
+def _found_again(mailbox: Mailbox, batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, int, bytes]]:
+    """(key, UID, raw bytes) of the batch's messages that were not new: already ingested, maybe
+    under another UIDVALIDITY.  Usually none, so the keys are worked out again only for those few."""
     if len(stored) == len(batch):
         return []
     new = {id(entry.item) for entry in stored}
-    return [(ingest_key(mailbox, p.raw)[0], p.uid) for p in batch if id(p) not in new and p.uid is not None]
+    return [(ingest_key(mailbox, p.raw)[0], p.uid, p.raw) for p in batch if id(p) not in new and p.uid is not None]

@@ -89,14 +89,10 @@ class Leases:
                 "UPDATE mailbox_lease SET expires_at = now() + make_interval(secs => $2) WHERE holder = $1",
                 self.holder, self.ttl,
             )
-            # Leases of mailboxes that are no longer to be processed go back.
-            await conn.execute(
-                "DELETE FROM mailbox_lease WHERE holder = $1 AND NOT (mailbox_id = ANY($2::uuid[]))",
-                self.holder, list(candidates),
-            )
             live = await conn.fetchval("SELECT count(*) FROM ingest_replica WHERE expires_at > now()") if fair_share else 1
             share = math.ceil(len(candidates) / max(live, 1)) if candidates else 0
-            held = await conn.fetchval("SELECT count(*) FROM mailbox_lease WHERE holder = $1", self.holder)
+            held = await conn.fetchval("SELECT count(*) FROM mailbox_lease WHERE holder = $1 AND mailbox_id = ANY($2::uuid[])",
+                                       self.holder, list(candidates))
             if held < share:
                 await conn.execute(
                     """INSERT INTO mailbox_lease (mailbox_id, holder, expires_at)
@@ -110,11 +106,15 @@ class Leases:
                     self.holder, list(candidates), self.ttl, share - held,
                 )
             rows = await conn.fetch("SELECT mailbox_id FROM mailbox_lease WHERE holder = $1 ORDER BY mailbox_id", self.holder)
-        held_ids = [r["mailbox_id"] for r in rows]
+        wanted = set(candidates)
+        held_ids = [r["mailbox_id"] for r in rows if r["mailbox_id"] in wanted]
+        # Leases of mailboxes no longer to be processed (deactivated, backing off) go back like a
+        # surplus: once their sessions have stopped, which may still be recording a batch.
+        gone = {r["mailbox_id"] for r in rows} - wanted
         # Others joined: the highest ids beyond our share are handed over (the same ones every time,
         # so a surplus mailbox stays surplus until released).
         keep = max(share, 0)
-        return Claim(work=set(held_ids[:keep]), surplus=set(held_ids[keep:]))
+        return Claim(work=set(held_ids[:keep]), surplus=set(held_ids[keep:]) | gone)
 
     async def renew(self) -> None:
         """Extend what we hold, without a heartbeat or a claim (a one-shot run that outlives a lease)."""

@@ -12,7 +12,7 @@ import asyncpg
 
 from services.ingest import leases, state
 from services.ingest.pop3_client import Pop3Client, RetrRefused
-from services.ingest.publishing import Mailbox, Pulled, ingest_key, publish_pulled
+from services.ingest.publishing import Mailbox, Pulled, ingest_key, publish_pulled, same_message
 from shared.kafka import Publisher
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ class Pop3Sync:
             if self._delete and len(ingested) < len(batch):
                 # Further copies of a message (delivered twice) go with it once it is processed.
                 new = {i.uidl for i in ingested}
-                await state.record_copies(conn, self._mailbox.id, [
-                    state.IngestedMessage(ingest_key(self._mailbox, p.raw)[0], "", uidl=p.uidl)
-                    for p in batch if p.uidl not in new])
+                await state.record_copies(conn, self._mailbox.id, await same_message(conn, self._mailbox.id, [
+                    (state.IngestedMessage(ingest_key(self._mailbox, p.raw)[0], "", uidl=p.uidl), p.raw)
+                    for p in batch if p.uidl not in new]))
             await state.mark_pop3_seen(conn, self._mailbox.id, [p.uidl for p in batch if p.uidl])
         return len(ingested)
 

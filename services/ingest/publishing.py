@@ -20,7 +20,7 @@ from shared.events.fields import is_email_address
 from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.metrics import MESSAGES_INGESTED
-from shared.mime import forwarder_address, from_address, message_key
+from shared.mime import forwarder_address, from_address, generated_message_id, message_key
 from shared.rawstore import store_raw
 
 
@@ -133,3 +133,20 @@ async def publish_pulled(pool: asyncpg.Pool, publisher: Publisher, mailbox: Mail
                          pulled: Sequence[Pulled]) -> list[state.IngestedMessage]:
     """Store and publish the messages not yet ingested for this mailbox; return what was new."""
     return await announce_stored(publisher, mailbox, source, await store_pulled(pool, mailbox, pulled))
+
+
+async def same_message(conn: asyncpg.Connection, mailbox_id: UUID,
+                       found: Sequence[tuple[state.IngestedMessage, bytes]]) -> list[state.IngestedMessage]:
+    """Of messages found under a key already ingested (with their raw bytes), those that are the
+    ingested message delivered again: the same From, To, Cc, Date, Subject and body
+    (``generated_message_id``, the identity of a message without a Message-ID).  Only those are
+    further copies a queue may delete with it; another message that merely reuses the Message-ID (a
+    scanner's fixed one, a forged one) is not.  Rare, so the ingested bytes are read back for them."""
+    if not found:
+        return []
+    rows = await conn.fetch(
+        """SELECT im.message_key, r.data FROM ingested_message im JOIN raw_message r ON r.sha256 = im.raw_sha256
+           WHERE im.mailbox_id = $1 AND im.message_key = ANY($2::text[])""",
+        mailbox_id, list({copy.message_key for copy, _ in found}))
+    ingested = {r["message_key"]: generated_message_id(r["data"]) for r in rows}
+    return [copy for copy, raw in found if ingested.get(copy.message_key) == generated_message_id(raw)]

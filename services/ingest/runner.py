@@ -25,10 +25,9 @@ from datetime import datetime
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from services.ingest import state
+from services.ingest import leases, state
 from services.ingest.imap_client import ImapClient
 from services.ingest.imap_sync import ImapFolderSync
-from services.ingest.leases import LeaseLost
 from services.ingest.pop3_client import Pop3Client
 from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
@@ -46,9 +45,11 @@ log = logging.getLogger(__name__)
 # twice as long, at most 10 s.
 RECONNECT_FIRST_DELAY_SECONDS = 2.0
 RECONNECT_DELAY_CAP_SECONDS = 10.0
-# A session ended sooner than this after it began working does not start the delays afresh: a server
-# that ends every session at once is met every 10 s, not every second.
+# A session ended sooner than this after it began working is cut short: it does not start the delays
+# afresh (a server that ends every session at once is met every ~10 s, not every second), and this
+# many cut short in a row are a failure of the mailbox (alert, back-off), not a restart.
 STEADY_SESSION_SECONDS = 60.0
+CUT_SHORT_BEFORE_FAILURE = 5
 
 
 class ServerEndedSession(ConnectionFailed):
@@ -118,6 +119,7 @@ class MailboxRunner:
         self._grace_ends: float | None = None
         self._reconnects = 0
         self._working_since = -math.inf   # loop time the current session began working
+        self._cut_short = 0               # sessions in a row the server ended soon after they began working
 
     @property
     def idling(self) -> bool:
@@ -162,10 +164,12 @@ class MailboxRunner:
         next jittered, doubling delay, never past the end of the grace."""
         if self._grace_ends is None:
             return self.interval
-        ceiling = min(RECONNECT_DELAY_CAP_SECONDS, RECONNECT_FIRST_DELAY_SECONDS * 2 ** self._reconnects)
+        ceiling = min(RECONNECT_DELAY_CAP_SECONDS, RECONNECT_FIRST_DELAY_SECONDS * 2 ** min(self._reconnects, 8))
         self._reconnects += 1
         remaining = self._grace_ends - asyncio.get_running_loop().time()
-        return max(0.0, min(remaining, ceiling * random.uniform(0.25, 1.0)))
+        # Never at once, even past the grace: the next attempt is then the one recorded as a failure.
+        floor = RECONNECT_FIRST_DELAY_SECONDS / 4
+        return max(floor, min(remaining, ceiling * random.uniform(0.25, 1.0)))
 
     async def sync_once(self, stopping: asyncio.Event | None = None, *, keep_open: bool = False) -> bool:
         """One session; with ``keep_open`` (IMAP IDLE) it lasts until stopped.  False on failure."""
@@ -177,16 +181,22 @@ class MailboxRunner:
             else:
                 raise InvalidInput(f"incoming email over {self.protocol} is handled by exchange_sync, not ingest",
                                    reason="unsupported_profile")
-        except LeaseLost as exc:
+        except leases.LeaseLost as exc:
             # Another replica works the mailbox now (this one could not renew in time): nothing more
             # is recorded here, and it is no failure of the mailbox.
             log.warning("%s; its session here stops", exc.message)
             return False
         except ServerEndedSession as exc:
             now = asyncio.get_running_loop().time()
-            self._grace_ends = now + self._ctx.reconnect_grace
             if now - self._working_since >= STEADY_SESSION_SECONDS:
-                self._reconnects = 0
+                self._reconnects = self._cut_short = 0
+            else:
+                self._cut_short += 1
+                if self._cut_short >= CUT_SHORT_BEFORE_FAILURE:
+                    await self._failed(exc.reason, f"{exc.message} The server ended {self._cut_short} sessions "
+                                                   f"in a row within {STEADY_SESSION_SECONDS:.0f} s of signing in.")
+                    return False
+            self._grace_ends = now + self._ctx.reconnect_grace
             log.info("mailbox %s: %s Signing in again (a failure only if that fails for %.0f s).",
                      self._work.id, exc.message, self._ctx.reconnect_grace)
             return True
@@ -283,7 +293,9 @@ class MailboxRunner:
         profile = self._profile
         server = (f"{self.protocol}://{self._work.login_name()}@{str(profile['incoming_host']).lower()}:"
                   f"{profile['incoming_port']}")
-        async with self._ctx.pool.acquire() as conn:
+        async with self._ctx.pool.acquire() as conn, conn.transaction():
+            # Fenced like every save: a stale session must not make the holder's mailbox start afresh.
+            await leases.hold(conn, self._work.id, self._ctx.lease_holder)
             if await state.bind_server(conn, self._work.id, server):
                 log.warning("mailbox %s now reads %s: its saved folder states and server places are forgotten, "
                             "and mail already ingested is recognised by its keys", self._work.id, server)

@@ -204,6 +204,24 @@ async def test_a_queue_deletes_every_delivered_copy_of_a_processed_message(setti
     assert sorted(a for a in await activities(pool, org)) == ["delivered twice", "once"]
 
 
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+async def test_a_queue_never_deletes_another_message_that_reuses_a_processed_message_id(
+        settings, registry: Registry, org, dovecot, pool, protocol: str) -> None:
+    """A scanner that gives every message the same Message-ID, or a forged one: the second message
+    is no copy of the first, so it is not deleted with it (it stays on the server)."""
+    await registry.add_profile(org, imap_profile(dovecot) if protocol == "imap" else pop3_profile(dovecot))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)
+    reused = "<static-%s@scanner.example>" % uuid.uuid4().hex[:8]
+    dovecot.deliver_many(queue.email, [message("scan 1", message_id=reused),
+                                       message("scan 2", message_id=reused, body="Another page.\r\n")])
+    await pipeline(settings)
+    dovecot.deliver(queue.email, message("scan 3", message_id=reused, body="A third page.\r\n"))
+    await run_service(IngestService(settings), burst=True)
+    await run_service(IngestService(settings), burst=True)
+    assert dovecot.message_count(queue.email) == 2, "scan 1 is deleted once processed; scans 2 and 3 stay"
+    assert list(await activities(pool, org)) == ["scan 1"]
+
+
 async def test_broken_mime_still_becomes_an_activity(settings, registry: Registry, org, dovecot, pool) -> None:
     await registry.add_profile(org, imap_profile(dovecot))
     box = await ready_mailbox(registry, org, dovecot, tracking="all")

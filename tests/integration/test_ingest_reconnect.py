@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from conduit.peers.dovecot import Dovecot
-from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
+from services.ingest.runner import CUT_SHORT_BEFORE_FAILURE, MailboxRunner, RunnerContext, ServerSlots
 from services.ingest.service import IngestService, IngestSettings
 from shared.lifecycle import run_service
 from shared.oauth import TokenProvider
@@ -214,3 +214,47 @@ async def test_stopping_while_waiting_to_sign_in_again_is_prompt(
         await asyncio.wait_for(task, 60)
     state = await registry.mailbox(org, box.email)
     assert not state.alerts and state.incoming.error_count == 0 and state.incoming.backoff_until is None
+
+
+async def test_a_server_that_ends_every_session_soon_after_sign_in_is_a_failure(settings, registry: Registry, org,
+                                                                             dovecot, pool, publisher) -> None:
+    """A server (or a middlebox) that drops every session as it starts to idle: not a restart to be
+    met quietly for ever, but a failure after a few sessions in a row, and never at once."""
+    sessions: list[float] = []
+
+    async def drop_at_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sessions.append(time.monotonic())
+        up_reader, up_writer = await asyncio.open_connection(dovecot.host, dovecot.imap_port)
+
+        async def to_server() -> None:
+            while line := await reader.readline():
+                if line.endswith(b" IDLE\r\n"):
+                    break
+                up_writer.write(line)
+            writer.close()
+            up_writer.close()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+    relay = await asyncio.start_server(drop_at_idle, "127.0.0.1", 0)
+    port = relay.sockets[0].getsockname()[1]
+    await registry.add_profile(org, imap_profile(dovecot, incoming_host="127.0.0.1", incoming_port=port))
+    box = await ready_mailbox(registry, org, dovecot)
+    work = (await registry.mailboxes_to_process("incoming", mailbox_ids=[box.id]))[0]
+    runner = MailboxRunner(RunnerContext(pool, publisher, registry, ServerSlots(), TokenProvider(), reconnect_grace=0),
+                           work, idle_allowed=True)
+    try:
+        await asyncio.wait_for(runner.run(asyncio.Event()), timeout=60)   # ends by itself, with a failure
+    finally:
+        relay.close()
+    assert len(sessions) == CUT_SHORT_BEFORE_FAILURE
+    assert min(b - a for a, b in zip(sessions, sessions[1:])) >= 0.5, "never signed in again at once"
+    state = await registry.mailbox(org, box.email)
+    assert state.incoming.error_count == 1 and state.incoming.backoff_until is not None
+    assert [a.code for a in state.alerts] == ["connection_failed"]
+    assert "sessions in a row" in state.alerts[0].message

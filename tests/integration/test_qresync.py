@@ -23,7 +23,7 @@ import pytest
 
 from conduit.peers.dovecot import Dovecot
 from services.evaluate.service import EvaluateService
-from services.ingest.imap_client import ImapClient
+from services.ingest.imap_client import ImapClient, ImapCommandFailed
 from services.ingest.imap_sync import ImapFolderSync
 from services.ingest.publishing import Mailbox
 from services.ingest.service import IngestService
@@ -636,3 +636,48 @@ async def test_without_uidplus_a_queue_removes_its_messages_and_no_one_elses(lim
         assert "\\Deleted" in flags[2] and "\\Deleted" in flags[4] and "\\Deleted" not in flags[5]
     finally:
         await client.logout()
+
+
+async def test_without_uidplus_a_refused_expunge_gives_other_clients_their_flags_back(limited_dovecots) -> None:
+    """The server refuses the EXPUNGE (no expunge right, a quota): the \\Deleted flags taken off
+    other clients' messages for it are put back, and the refusal is reported."""
+    server = limited_dovecots["no-uidplus"]
+    email, password = f"nouidplus-{uuid.uuid4().hex[:8]}@example.com", "pw"
+    server.add_user(email, password)
+    server.deliver_many(email, [message(f"m{i}") for i in range(5)])
+
+    async def refusing_expunge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A relay to the server that answers a plain EXPUNGE with NO itself, as a server without
+        the right to expunge there would."""
+        up_reader, up_writer = await asyncio.open_connection(server.host, server.imap_port)
+
+        async def to_server() -> None:
+            while line := await reader.readline():
+                refused = re.fullmatch(rb"(\S+) EXPUNGE\r\n", line)
+                if refused:
+                    writer.write(refused.group(1) + b" NO [CANNOT] Expunge not allowed here\r\n")
+                else:
+                    up_writer.write(line)
+            up_writer.close()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+    relay = await asyncio.start_server(refusing_expunge, "127.0.0.1", 0)
+    client = await ImapClient.connect("127.0.0.1", relay.sockets[0].getsockname()[1], tls="none", timeout=10)
+    try:
+        await client.login(email, password)
+        await client.select("INBOX", readonly=False)
+        await client.mark_deleted([2, 4])          # the user's client flags 2 and 4, to purge later
+        await client.mark_deleted([1, 3])          # ours, processed
+        with pytest.raises(ImapCommandFailed, match="CANNOT"):
+            await client.expunge([1, 3])
+        flags = {m.uid: m.flags async for m in client.fetch([1, 2, 3, 4, 5])}
+        assert all("\\Deleted" in flags[uid] for uid in (1, 2, 3, 4)), flags
+    finally:
+        await client.logout()
+        relay.close()
