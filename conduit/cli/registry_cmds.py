@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import logging
 import os
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Optional
 
 import typer
@@ -476,10 +477,11 @@ def activity_show(ref: str = typer.Argument(..., help="Activity id or Message-ID
         async with command_context(load_settings(), org) as ctx:
             a = await ctx.registry.activity(ctx.org, ref)
             decisions = await ctx.registry.decisions(ctx.org, a.message_id)
+            waiting = await _held_since(ctx, a.message_id)
             if json_:
-                return emit_json({"activity": a.model_dump(mode="json"), "decisions": [d.model_dump(mode="json") for d in decisions]})
+                return emit_json({"activity": a.model_dump(mode="json"), "decisions": _decisions_json(decisions, waiting)})
             fields([(k.replace("_", " "), v) for k, v in a.model_dump().items() if k != "parties"])
-            _print_decisions(decisions)
+            _print_decisions(decisions, waiting)
     run(go)
 
 
@@ -489,8 +491,9 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
     async def go() -> int:
         async with command_context(load_settings(), org) as ctx:
             decisions = await ctx.registry.decisions(ctx.org, message_id)
+            waiting = await _held_since(ctx, message_id) if decisions else {}
             if json_:
-                emit_json(decisions)
+                typer.echo(json.dumps(_decisions_json(decisions, waiting), indent=2))
             elif not decisions:
                 refused = await _dead_lettered(ctx, message_id)
                 if refused:
@@ -501,7 +504,7 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
                     typer.echo(f"no decision recorded for {message_id}: the message has not reached a processed mailbox "
                                "(check `conduit mailbox show` for the mailbox's state and alerts)")
             else:
-                _print_decisions(decisions)
+                _print_decisions(decisions, waiting)
             return 0 if decisions else 1
     if run(go):
         raise typer.Exit(1)
@@ -519,9 +522,26 @@ async def _dead_lettered(ctx: Any, message_id: str) -> list[Any]:
         return []
 
 
-def _print_decisions(decisions: list[models.Decision]) -> None:
+async def _held_since(ctx: Any, message_id: str) -> dict[Any, datetime]:
+    """Mailbox id -> since when evaluate holds this message for it (waiting for the mailbox)."""
+    from services.evaluate.held import held_since
+
+    async with ctx.pool.acquire() as conn:
+        return await held_since(conn, ctx.org.id, message_id.strip())
+
+
+def _decisions_json(decisions: list[models.Decision], waiting: dict[Any, datetime]) -> list[dict[str, Any]]:
+    return [{**d.model_dump(mode="json"), "held": d.mailbox_id in waiting,
+             "held_since": waiting[d.mailbox_id].isoformat() if d.mailbox_id in waiting else None} for d in decisions]
+
+
+def _print_decisions(decisions: list[models.Decision], waiting: dict[Any, datetime]) -> None:
     for d in decisions:
-        verdict = "tracked" if d.tracked else "not tracked"
+        since = waiting.get(d.mailbox_id)
+        if since is not None:
+            verdict = f"held since {since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+        else:
+            verdict = "tracked" if d.tracked else "not tracked"
         typer.echo(f"{d.mailbox_email}: {verdict} [{d.reason}, rule {d.rule}] {d.explanation}")
 
 

@@ -4,7 +4,8 @@ Chains are data, as in GNU Mailman 3's ``chains/builtin.py``: a tuple of rule in
 order until one decides.  Every chain starts with the same guards (may this mailbox process email at
 all?), then the facts that decide whatever the option (already tracked, folder-level tracking rule),
 then the option's own rules, and ends with a rule that always decides, so every message gets a
-reason.
+reason.  The guards that refuse only for now (``PAUSED_MAILBOX``) and the one that keeps a mailbox's
+order behind its held messages hold a message instead of deciding it (``rules.MailboxGuard.holds``).
 
 The options follow the reference: a response to tracked email is tracked under every option
 (the correlation rule comes first in each option's rules); "known records" adds email from leads,
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from . import rules
 from .context import TRACKING_OPTIONS, MailboxContext
 
-__all__ = ["CHAINS", "GUARDS", "PRELUDE", "Chain", "chain_for", "list_rules"]
+__all__ = ["CHAINS", "GUARDS", "PAUSED_MAILBOX", "PRELUDE", "Chain", "chain_for", "list_rules", "may_process"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +28,15 @@ class Chain:
     rules: tuple[rules.Rule, ...]
 
 
-GUARDS: tuple[rules.Rule, ...] = (
+# The mailbox may not process email for now: what a held message waits for.
+PAUSED_MAILBOX: tuple[rules.MailboxGuard, ...] = (
     rules.MailboxInactive(),
     rules.MailboxNoProfile(),
     rules.MailboxNotApproved(),
     rules.IncomingDisabled(),
+)
+GUARDS: tuple[rules.Rule, ...] = PAUSED_MAILBOX + (
+    rules.BehindHeldMessages(),
     rules.QueueConversionOff(),
     rules.ReceivedBeforeCutoff(),
 )
@@ -60,6 +65,11 @@ CHAINS: dict[str, Chain] = {
 def chain_for(mailbox: MailboxContext) -> Chain:
     """The chain of the mailbox's tracking option (a queue's 'convert' option uses the same chains)."""
     return CHAINS[mailbox.tracking]
+
+
+def may_process(mailbox: MailboxContext) -> bool:
+    """Whether the mailbox may process email now, so that its held messages can be evaluated again."""
+    return all(guard.allows(mailbox) for guard in PAUSED_MAILBOX)
 
 
 def list_rules() -> list[tuple[str, str]]:

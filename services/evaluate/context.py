@@ -36,7 +36,8 @@ class MailboxContext:
     """The mailbox a message reached, as far as relevance is concerned.
 
     ``owner_kind`` None is a forward mailbox (it belongs to no user or queue).  ``convert`` is the
-    queue setting "convert incoming email to activities"; users always convert.
+    queue setting "convert incoming email to activities"; users always convert.  ``holds_messages``:
+    older messages of the mailbox are held (waiting for it), so this one waits behind them.
     """
 
     mailbox_id: str
@@ -50,6 +51,7 @@ class MailboxContext:
     tracking: TrackingOption = "responses"  # the reference's default for new users
     convert: bool = True
     received_after: datetime | None = None
+    holds_messages: bool = False
 
     def __post_init__(self) -> None:
         if self.tracking not in TRACKING_OPTIONS:

@@ -26,7 +26,8 @@ class Decision:
     """The answer to "why was this email (not) tracked?".
 
     ``activity_id`` is the existing activity for ``already_tracked``; ``evaluate_batch`` also sets
-    it to the new activity's id for every other tracked message.
+    it to the new activity's id for every other tracked message.  A ``held`` decision is no decision
+    yet: the mailbox may not process email for now, and the message is evaluated again once it may.
     """
 
     tracked: bool
@@ -39,6 +40,7 @@ class Decision:
     direction: Literal["incoming", "outgoing"]
     chain: str
     activity_id: str | None = None
+    held: bool = False
 
     @property
     def creates_activity(self) -> bool:
@@ -84,6 +86,7 @@ def evaluate(
             direction=ctx.direction,
             chain=chain.name,
             activity_id=existing,
+            held=result.held,
         )
     # Unreachable with the built-in chains (each ends with a deciding rule); kept for custom chains.
     return Decision(

@@ -1,5 +1,6 @@
 """Evaluate's SQL: the batch's mailbox contexts, one bulk query per lookup kind, and the one
-transaction that records activities, their mailboxes, every decision and the outbox events."""
+transaction that records activities, their mailboxes, every decision and the outbox events.
+(Held messages have their own: ``held.py``.)"""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.evaluate.context import MailboxContext
 from services.evaluate.lookups import LookupKeys, Lookups, Party, TrackedRef
 
 
@@ -31,6 +33,24 @@ async def mailbox_rows(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) ->
         list(set(mailbox_ids)),
     )
     return {r["id"]: r for r in rows}
+
+
+def mailbox_context(row: asyncpg.Record, *, forwarded: bool, holds_messages: bool = False) -> MailboxContext:
+    """A ``mailbox_rows`` row as the rules see it; ``forwarded``: for a message the mailbox's owner
+    forwarded through a forward mailbox."""
+    if forwarded:
+        # Reached through the forward mailbox: the forwarder's own mailbox holds the options; it is
+        # not polled itself, so its incoming status does not apply.
+        incoming_enabled = row["owner_incoming_method"] == "forward_mailbox"
+    else:
+        incoming_enabled = row["incoming_status"] == "success" and (
+            row["owner_kind"] is None or row["owner_incoming_method"] == "server_side_sync")
+    return MailboxContext(
+        mailbox_id=str(row["id"]), owner_kind=row["owner_kind"], owner_id=str(row["owner_id"]) if row["owner_id"] else None,
+        owner_email=row["email"], active=row["active"] and row["owner_active"], has_profile=row["has_profile"] or forwarded,
+        approved=row["email_approved"], incoming_enabled=incoming_enabled, tracking=row["tracking"],
+        convert=row["convert_to_activities"], received_after=row["received_after"], holds_messages=holds_messages,
+    )
 
 
 async def forwarders(conn: asyncpg.Connection, org_id: UUID, addresses: Sequence[str]) -> dict[str, asyncpg.Record]:
@@ -136,6 +156,7 @@ class DecisionRow:
     explanation: str
     subject: str
     from_address: str | None
+    held: bool = False
 
 
 async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow]) -> tuple[dict[tuple[UUID, str], UUID], set[UUID]]:
@@ -185,15 +206,30 @@ async def link_mailboxes(conn: asyncpg.Connection, links: Sequence[tuple[UUID, U
 
 
 async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow], activity_ids: Sequence[UUID | None]) -> None:
-    """First decision wins: a redelivered message does not rewrite history."""
+    """First decision wins: a redelivered message does not rewrite history.  A held decision is no
+    decision yet: the final one replaces it, and holding again keeps when it was first held."""
+    # One row per key: an upsert may not touch a row twice in one statement.  Within the batch too,
+    # the first final decision wins over a held one.
+    chosen: dict[tuple[UUID, str], int] = {}
+    for i, r in enumerate(rows):
+        first = chosen.get((r.mailbox_id, r.message_id))
+        if first is None or (rows[first].held and not r.held):
+            chosen[(r.mailbox_id, r.message_id)] = i
+    if len(chosen) < len(rows):
+        keep = sorted(chosen.values())
+        rows, activity_ids = [rows[i] for i in keep], [activity_ids[i] for i in keep]
     if rows:
         await conn.execute(
             """INSERT INTO email_decision (organization_id, mailbox_id, message_id, tracked, rule, reason, explanation,
-                                          activity_id, subject, from_address)
+                                          activity_id, subject, from_address, held)
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::text[],
-                                    $8::uuid[], $9::text[], $10::text[])
-               ON CONFLICT (mailbox_id, message_id) DO NOTHING""",
+                                    $8::uuid[], $9::text[], $10::text[], $11::bool[])
+               ON CONFLICT (mailbox_id, message_id) DO UPDATE
+                   SET tracked = excluded.tracked, rule = excluded.rule, reason = excluded.reason,
+                       explanation = excluded.explanation, activity_id = excluded.activity_id, held = excluded.held,
+                       decided_at = CASE WHEN excluded.held THEN email_decision.decided_at ELSE now() END
+                   WHERE email_decision.held""",
             [r.organization_id for r in rows], [r.mailbox_id for r in rows], [r.message_id for r in rows],
             [r.tracked for r in rows], [r.rule for r in rows], [r.reason for r in rows], [r.explanation for r in rows],
-            list(activity_ids), [r.subject[:1000] for r in rows], [r.from_address for r in rows],
+            list(activity_ids), [r.subject[:1000] for r in rows], [r.from_address for r in rows], [r.held for r in rows],
         )

@@ -10,6 +10,12 @@ Direction.  A message whose From is the mailbox's own address (mail the mailbox 
 through a Sent folder, a Bcc to self or a forward) is still evaluated, as *outgoing*: the options
 that look at "who sent it" judge its recipients instead, because the mailbox owner is trivially a
 known, email-enabled record and would otherwise make every such message relevant.
+
+Held.  Some guards refuse only *for now*: an inactive mailbox, one without a profile, one whose
+address is not approved, one with incoming disabled is often so for a minute (an administrator's
+toggle, a Test & Enable re-run) while a backlog of messages already ingested is evaluated.  Such a
+guard (``holds = True``) decides nothing for good: its result is *held*, and the message is evaluated
+again, through the whole chain, once the mailbox may process email again (``release.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from .lookups import KNOWN_RECORD_KINDS
 __all__ = [
     "REASONS",
     "AlreadyTracked",
+    "BehindHeldMessages",
     "Correlated",
     "FolderTracking",
     "FromEmailEnabledRecord",
@@ -45,12 +52,14 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class RuleResult:
-    """A rule's decision.  ``regarding`` overrides the correlation's record when set."""
+    """A rule's decision.  ``regarding`` overrides the correlation's record when set; ``held`` says
+    the message waits for its mailbox instead of being decided (never tracked then)."""
 
     tracked: bool
     reason: str
     explanation: str
     regarding: tuple[str, str] | None = None
+    held: bool = False
 
 
 class Rule:
@@ -76,9 +85,11 @@ def _not_tracked(reason: str, explanation: str) -> RuleResult:
 
 
 class MailboxGuard(Rule):
-    """A guard decides "not tracked" when the mailbox fails ``allows``; its reason code is its name."""
+    """A guard decides "not tracked" when the mailbox fails ``allows``; its reason code is its name.
+    A guard that ``holds`` refuses only for now: the message is held, not decided."""
 
     explanation: ClassVar[str]
+    holds: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -89,38 +100,62 @@ class MailboxGuard(Rule):
         raise NotImplementedError
 
     def check(self, ctx: EvaluationContext) -> RuleResult | None:
-        return None if self.allows(ctx.mailbox) else _not_tracked(self.name, self.explanation)
+        if self.allows(ctx.mailbox):
+            return None
+        return RuleResult(False, self.name, self.explanation, held=self.holds)
+
+
+_UNTIL_IT_MAY = "it will be evaluated when the mailbox may process email again."
 
 
 class MailboxInactive(MailboxGuard):
     name = "mailbox_inactive"
-    description = "An inactive mailbox never processes email (the reference's rule)."
-    explanation = "Not tracked: the mailbox is inactive, and an inactive mailbox never processes email."
+    description = ("An inactive mailbox (or one whose owner is inactive) processes no email (the reference's rule); "
+                   "its messages are held until it is active again.")
+    explanation = f"Held: the mailbox is inactive; {_UNTIL_IT_MAY}"
+    holds = True
     allows = staticmethod(lambda mailbox: mailbox.active)
 
 
 class MailboxNoProfile(MailboxGuard):
     name = "mailbox_no_profile"
-    description = "A mailbox without an email server profile never processes email (the reference's rule)."
-    explanation = "Not tracked: the mailbox has no email server profile, and such a mailbox never processes email."
+    description = ("A mailbox without an email server profile processes no email (the reference's rule); "
+                   "its messages are held until it has one.")
+    explanation = f"Held: the mailbox has no email server profile; {_UNTIL_IT_MAY}"
+    holds = True
     allows = staticmethod(lambda mailbox: mailbox.has_profile)
 
 
 class MailboxNotApproved(MailboxGuard):
     name = "mailbox_not_approved"
-    description = "The mailbox's email address must be approved before its email is processed."
-    explanation = "Not tracked: the mailbox's email address has not been approved yet."
+    description = ("The mailbox's email address must be approved before its email is processed; "
+                   "its messages are held until it is.")
+    explanation = f"Held: the mailbox's email address has not been approved yet; {_UNTIL_IT_MAY}"
+    holds = True
     allows = staticmethod(lambda mailbox: mailbox.approved)
 
 
 class IncomingDisabled(MailboxGuard):
     name = "incoming_disabled"
-    description = "Incoming email is processed only when the mailbox's incoming delivery method is enabled."
-    explanation = "Not tracked: incoming email synchronization is disabled for this mailbox."
+    description = ("Incoming email is processed only when the mailbox's incoming delivery method is enabled; "
+                   "its messages are held until it is again.")
+    explanation = f"Held: incoming email synchronization is disabled for this mailbox; {_UNTIL_IT_MAY}"
+    holds = True
     allows = staticmethod(lambda mailbox: mailbox.incoming_enabled)
 
 
+class BehindHeldMessages(MailboxGuard):
+    name = "behind_held_messages"
+    description = ("While a mailbox has held messages, its newer email waits behind them: a mailbox's email is "
+                   "decided in the order it was received, so a reply is never evaluated before the message it answers.")
+    explanation = ("Held: older messages of this mailbox are held and are evaluated first; "
+                   "it will be evaluated right after them.")
+    holds = True
+    allows = staticmethod(lambda mailbox: not mailbox.holds_messages)
+
+
 class QueueConversionOff(MailboxGuard):
+    # A deliberate setting, not a passing state: decided for good, not held.
     name = "queue_conversion_off"
     description = "A queue mailbox whose 'convert incoming email to activities' setting is off tracks nothing."
     explanation = "Not tracked: the queue does not convert incoming email to activities."
@@ -369,7 +404,7 @@ class NotFromEmailEnabledRecord(Rule):
 
 
 _ALL_RULES: tuple[type[Rule], ...] = (
-    MailboxInactive, MailboxNoProfile, MailboxNotApproved, IncomingDisabled, QueueConversionOff,
+    MailboxInactive, MailboxNoProfile, MailboxNotApproved, IncomingDisabled, BehindHeldMessages, QueueConversionOff,
     ReceivedBeforeCutoff, AlreadyTracked, FolderTracking, TrackAll, Correlated, NoCorrelationMatch,
     FromKnownRecord, NotFromKnownRecord, FromEmailEnabledRecord, NotFromEmailEnabledRecord,
 )

@@ -10,6 +10,10 @@ replays the batch, and the natural keys make the replay a no-op.
 A forward mailbox's message is evaluated for the user or queue that forwarded it; a forward that
 carries messages as attachments becomes one item per attached message (at most
 ``MAX_FORWARDED_MESSAGES``) plus a decision of its own that names them.
+
+A message whose mailbox may not process email for now is held, not decided (``held.py``): the same
+transaction records the held decision and keeps the event, and ``release.py`` evaluates it again
+through the same two steps once the mailbox may process email.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 from uuid import UUID
 
+from services.evaluate import held
 from services.evaluate import repository as repo
 from services.evaluate.context import MailboxContext
 from services.evaluate.correlation import CorrelationSettings, find_tracking_token, normalize_subject
@@ -27,6 +32,7 @@ from services.evaluate.decision import BatchItem, Decision, evaluate_batch
 from services.evaluate.health import start_health
 from services.evaluate.lookups import keys_for
 from services.evaluate.parsing import ForwardedMessages, ParsedEmail, forwarded_messages, parse_email
+from services.evaluate.release import HeldMessageRelease
 from services.evaluate.settings import EvaluateSettings
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput
@@ -69,12 +75,14 @@ class _Item:
 
 @dataclass
 class _Prepared:
-    """A batch loaded and parsed, not yet decided."""
+    """A batch loaded and parsed, not yet decided.  ``released``: the (mailbox, Message-ID) pairs of
+    held messages evaluated again, which do not wait behind their mailbox's held messages."""
 
     items: list[_Item]
     rejections: list[Rejection]
     mailboxes: dict
     raws: dict[str, bytes]
+    released: frozenset[tuple[UUID, str]] = frozenset()
 
 
 # Messages parsed between two yields to the event loop while preparing (~6 ms of CPU).
@@ -94,6 +102,7 @@ class EvaluateService(ServiceBase):
         self.own = evaluate_settings or EvaluateSettings()
         self.max_batch = max_batch or self.own.max_batch
         self.consumer: EventConsumer | None = None
+        self.release: HeldMessageRelease | None = None
 
     async def on_start(self) -> None:
         # One handler call per fetch across partitions: a batch's fixed cost (raw load, look-ups, one
@@ -104,6 +113,9 @@ class EvaluateService(ServiceBase):
                                       publisher=self.publisher, max_batch=self.max_batch,
                                       across_partitions=True, batch_window_ms=10, fetch_max_wait_ms=20,
                                       stages=(self.prepare, self.finish), service="evaluate")
+        assert self.pool is not None
+        self.release = HeldMessageRelease(self.pool, self.evaluate_again, batch=self.own.release_batch,
+                                          interval=self.own.release_seconds)
         await self.consumer.start()
 
     async def on_stop(self) -> None:
@@ -111,15 +123,24 @@ class EvaluateService(ServiceBase):
             await self.consumer.stop()
 
     async def work(self, stopping: asyncio.Event, *, burst: bool) -> None:
-        assert self.consumer is not None
-        if burst or not self.own.health_aggregate:
-            await self.consumer.run(stopping, burst=burst)
+        assert self.consumer is not None and self.release is not None
+        if burst:
+            # Held messages first, so the backlog's newer mail does not wait behind them; and again at
+            # the end, for mailboxes that may process email again since.
+            await self.release.release()
+            await self.consumer.run(stopping, burst=True)
+            await self.release.release()
             return
-        health = await start_health(self.settings)
+        health = await start_health(self.settings) if self.own.health_aggregate else None
+        releasing = asyncio.create_task(self.release.run(stopping), name="evaluate-release")
         try:
             await self.consumer.run(stopping, burst=False)
         finally:
-            await health.stop()
+            if not stopping.is_set():
+                releasing.cancel()  # the consumer failed: nothing to finish gracefully
+            await asyncio.gather(releasing, return_exceptions=True)
+            if health is not None:
+                await health.stop()
 
     async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
         return await self.finish(await self.prepare(deliveries))
@@ -151,6 +172,21 @@ class EvaluateService(ServiceBase):
 
     async def finish(self, prepared: _Prepared) -> Sequence[Rejection]:
         """Attribute, decide and record a prepared batch in one transaction."""
+        rejections, _ = await self._settle(prepared)
+        return rejections
+
+    async def evaluate_again(self, deliveries: Sequence[Delivery], released: frozenset[tuple[UUID, str]]) -> int:
+        """Held messages' events through the same two steps; how many held messages were decided for good."""
+        prepared = await self.prepare(deliveries)
+        prepared.released = released
+        rejections, decided = await self._settle(prepared)
+        for rejection in rejections:
+            # Cannot happen: a held message's raw and mailbox are kept by foreign keys.  It stays held.
+            log.error("a held message of mailbox %s could not be evaluated again: %s",
+                      rejection.delivery.event.data.mailbox_id, rejection.error.message)
+        return decided
+
+    async def _settle(self, prepared: _Prepared) -> tuple[Sequence[Rejection], int]:
         assert self.pool is not None
         mailboxes = prepared.mailboxes
         items = await self._attribute_forwarded(prepared.items, mailboxes, prepared.raws)
@@ -158,11 +194,14 @@ class EvaluateService(ServiceBase):
         for item in items:
             by_org[item.organization_id].append(item)
         async with self.pool.acquire() as conn:
+            # Read here, not while preparing: batches finish one at a time, so what the previous one
+            # held is seen, and a mailbox's newer mail waits behind it.
+            waiting = await held.holding(conn, [i.mailbox_id for i in items])
             for org_id, org_items in by_org.items():
-                await self._decide(conn, org_items, mailboxes)
+                await self._decide(conn, org_items, mailboxes, waiting, prepared.released)
             async with conn.transaction():
-                await self._record(conn, items)
-        return prepared.rejections
+                decided = await self._record(conn, items, waiting)
+        return prepared.rejections, decided
 
     async def _attribute_forwarded(self, items: list[_Item], mailboxes: dict, raws: dict[str, bytes]) -> list[_Item]:
         """A forward mailbox's message belongs to the user or queue that forwarded it, if that user or
@@ -211,7 +250,8 @@ class EvaluateService(ServiceBase):
             out.extend(unpacked.get(id(item), ()))
         return out
 
-    async def _decide(self, conn, items: list[_Item], mailboxes: dict) -> None:
+    async def _decide(self, conn, items: list[_Item], mailboxes: dict, waiting: set[UUID],
+                      released: frozenset[tuple[UUID, str]]) -> None:
         org_row = mailboxes[items[0].delivery.event.data.mailbox_id]
         settings = CorrelationSettings(
             order=tuple(org_row["correlation_order"]), tracking_token_enabled=org_row["tracking_token_enabled"],
@@ -227,7 +267,9 @@ class EvaluateService(ServiceBase):
             # One identity everywhere: the Message-ID key ingest computed (or a hash when there is none).
             if item.parsed.message_id != item.message_id:  # equal for almost every message: no copy then
                 item.parsed = replace(item.parsed, message_id=item.message_id)
-            item.context = _context(mailboxes[item.mailbox_id], forwarded=item.mailbox_id != item.delivery.event.data.mailbox_id)
+            item.context = repo.mailbox_context(
+                mailboxes[item.mailbox_id], forwarded=item.mailbox_id != item.delivery.event.data.mailbox_id,
+                holds_messages=item.mailbox_id in waiting and (item.mailbox_id, item.message_id) not in released)
             batch.append(item)
         lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings))
         decisions = evaluate_batch(
@@ -237,7 +279,8 @@ class EvaluateService(ServiceBase):
         for item, decision in zip(batch, decisions):
             item.decision = decision
 
-    async def _record(self, conn, items: list[_Item]) -> None:
+    async def _record(self, conn, items: list[_Item], waiting: set[UUID]) -> int:
+        """Record the batch; return how many held messages it decided for good."""
         activities: dict[tuple[UUID, str], repo.ActivityRow] = {}
         for item in items:
             d = item.decision
@@ -257,6 +300,8 @@ class EvaluateService(ServiceBase):
             )
         ids, created = await repo.insert_activities(conn, list(activities.values()))
         links, decisions, decision_activities = [], [], []
+        holding: list[held.HeldMessage] = []
+        settled: list[tuple[UUID, str]] = []   # decided for good, in a mailbox with held messages
         decided: Counter[tuple[str, str]] = Counter()
         for item in items:
             d = item.decision
@@ -269,15 +314,27 @@ class EvaluateService(ServiceBase):
                 (d.tracked, d.rule, d.reason, d.explanation) if d is not None
                 else (False, "forward_attribution", *item.attribution)  # type: ignore[misc]
             )
+            on_hold = d is not None and d.held
             decisions.append(repo.DecisionRow(item.organization_id, item.mailbox_id, item.message_id, tracked, rule, reason,
                                               explanation, item.parsed.subject if item.parsed else "",
-                                              item.parsed.from_.email if item.parsed and item.parsed.from_ else None))
+                                              item.parsed.from_.email if item.parsed and item.parsed.from_ else None,
+                                              held=on_hold))
             decision_activities.append(activity_id)
-            decided[(str(tracked).lower(), reason)] += 1
+            if on_hold:
+                event = item.delivery.event
+                holding.append(held.HeldMessage(
+                    item.organization_id, item.mailbox_id, item.message_id,
+                    forwarded=item.mailbox_id != event.data.mailbox_id, raw_sha256=item.raw_sha256,
+                    event=event.model_dump(mode="json")))
+            elif item.mailbox_id in waiting:
+                settled.append((item.mailbox_id, item.message_id))
+            decided[("held" if on_hold else str(tracked).lower(), reason)] += 1
         for labels, count in decided.items():
             DECISIONS.labels(*labels).inc(count)
         await repo.link_mailboxes(conn, links)
         await repo.record_decisions(conn, decisions, decision_activities)
+        await held.hold(conn, holding)
+        released = await held.let_go(conn, settled)
         mailboxes_of: dict[UUID, list[UUID]] = defaultdict(list)
         for activity_id, mailbox_id in links:
             mailboxes_of[activity_id].append(mailbox_id)
@@ -300,6 +357,7 @@ class EvaluateService(ServiceBase):
             events.append((ACTIVITY_CREATED.name, str(row.organization_id), event.model_dump_json()))
             ACTIVITIES_CREATED.labels(row.direction).inc()
         await enqueue_batch(conn, events)
+        return released
 
 
 def _parse_items(items: list[_Item], raws: dict[str, bytes]) -> None:
@@ -338,22 +396,6 @@ def _forward_explanation(outer: _Item, sender: str, inner: list[_Item], attached
                 "the limit of %d%s)", outer.delivery.event.data.mailbox_id, outer.message_id, len(attached.messages),
                 len(attached.omitted), MAX_FORWARDED_MESSAGES, ", MIME parts truncated" if attached.parts_truncated else "")
     return "forwarded_messages_over_limit", text
-
-
-def _context(row, *, forwarded: bool) -> MailboxContext:
-    if forwarded:
-        # Reached through the forward mailbox: the forwarder's own mailbox holds the options; it is
-        # not polled itself, so its incoming status does not apply.
-        incoming_enabled = row["owner_incoming_method"] == "forward_mailbox"
-    else:
-        incoming_enabled = row["incoming_status"] == "success" and (
-            row["owner_kind"] is None or row["owner_incoming_method"] == "server_side_sync")
-    return MailboxContext(
-        mailbox_id=str(row["id"]), owner_kind=row["owner_kind"], owner_id=str(row["owner_id"]) if row["owner_id"] else None,
-        owner_email=row["email"], active=row["active"] and row["owner_active"], has_profile=row["has_profile"] or forwarded,
-        approved=row["email_approved"], incoming_enabled=incoming_enabled, tracking=row["tracking"],
-        convert=row["convert_to_activities"], received_after=row["received_after"],
-    )
 
 
 def _parties(d: Decision) -> list[dict]:

@@ -15,3 +15,7 @@ class EvaluateSettings(BaseSettings):
     # Keep the mailbox health aggregate (faust, `mailbox.health`) in this process.  Not in burst
     # runs, which end when the backlog does.  Off when ops run it elsewhere or do not want it.
     health_aggregate: bool = True
+    # How often (and at start) evaluate looks for mailboxes with held messages that may process email
+    # again, and how many held messages it evaluates again per batch (one transaction each).
+    release_seconds: float = Field(5.0, gt=0, le=3600)
+    release_batch: int = Field(500, ge=1, le=10_000)

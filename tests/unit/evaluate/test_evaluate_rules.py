@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.evaluate.chains import CHAINS, GUARDS, chain_for, list_rules
+from services.evaluate.chains import CHAINS, GUARDS, chain_for, list_rules, may_process
 from services.evaluate.context import MailboxContext
 from services.evaluate.correlation import CorrelationSettings
 from services.evaluate.decision import BatchItem, evaluate, evaluate_batch
@@ -66,23 +66,50 @@ def decide(raw: bytes, box: MailboxContext | None = None, found: Lookups | None 
 
 
 @pytest.mark.parametrize(
-    ("change", "reason"),
+    ("change", "reason", "held"),
     [
-        ({"active": False}, "mailbox_inactive"),
-        ({"has_profile": False}, "mailbox_no_profile"),
-        ({"approved": False}, "mailbox_not_approved"),
-        ({"incoming_enabled": False}, "incoming_disabled"),
-        ({"owner_kind": "queue", "convert": False}, "queue_conversion_off"),
-        ({"received_after": datetime(2025, 2, 1, tzinfo=UTC)}, "received_before_cutoff"),
+        ({"active": False}, "mailbox_inactive", True),
+        ({"has_profile": False}, "mailbox_no_profile", True),
+        ({"approved": False}, "mailbox_not_approved", True),
+        ({"incoming_enabled": False}, "incoming_disabled", True),
+        ({"holds_messages": True}, "behind_held_messages", True),
+        ({"owner_kind": "queue", "convert": False}, "queue_conversion_off", False),
+        ({"received_after": datetime(2025, 2, 1, tzinfo=UTC)}, "received_before_cutoff", False),
     ],
 )
 @pytest.mark.parametrize("option", ["all", "responses", "known_records", "email_enabled_records"])
-def test_guard_stops_every_chain(change, reason, option):
+def test_guard_stops_every_chain(change, reason, held, option):
+    """A mailbox paused for now holds the message (no decision yet); a deliberate setting decides."""
     decision = decide(message(), mailbox(tracking=option, **change))
     assert not decision.tracked
     assert decision.reason == reason
     assert decision.rule == reason
-    assert decision.explanation.startswith("Not tracked:")
+    assert decision.held is held
+    if held:
+        assert decision.explanation.startswith("Held:") and "evaluated" in decision.explanation
+    else:
+        assert decision.explanation.startswith("Not tracked:")
+
+
+def test_a_paused_mailbox_wins_over_waiting_behind_held_messages():
+    decision = decide(message(), mailbox(incoming_enabled=False, holds_messages=True))
+    assert decision.held and decision.reason == "incoming_disabled"
+    assert decision.explanation == ("Held: incoming email synchronization is disabled for this mailbox; "
+                                    "it will be evaluated when the mailbox may process email again.")
+
+
+def test_queue_conversion_off_is_decided_not_held():
+    decision = decide(message(), mailbox(owner_kind="queue", convert=False))
+    assert not decision.held and decision.reason == "queue_conversion_off"
+
+
+def test_may_process_is_what_held_messages_wait_for():
+    assert may_process(mailbox())
+    for change in ({"active": False}, {"has_profile": False}, {"approved": False}, {"incoming_enabled": False}):
+        assert not may_process(mailbox(**change)), change
+    # Neither waiting behind held messages nor a deliberate setting keeps a mailbox from its held mail.
+    assert may_process(mailbox(holds_messages=True))
+    assert may_process(mailbox(owner_kind="queue", convert=False))
 
 
 def test_guards_come_first_in_every_chain():

@@ -1,0 +1,117 @@
+"""Held messages: what evaluate keeps of a message it holds instead of deciding, and its SQL.
+
+A message is held when its mailbox may not process email for now (``chains.PAUSED_MAILBOX``), or
+when older messages of the mailbox are held.  Its decision row says so (``email_decision.held``);
+``held_message`` keeps the ``email.received`` event, so the message can be evaluated again, in the
+order it was held, once the mailbox may process email (``release.py``).  Both are written in the
+batch's transaction, before the consumer commits the offset, and both end in the transaction that
+records the final decision: a crash at any point leaves the message held or decided, never lost.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+# One replica at a time evaluates held messages again: two would do the same work twice (harmlessly,
+# the natural keys see to that, but for nothing).
+_RELEASE_LOCK = 0x48656C64  # "Held"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMessage:
+    """One message held for one mailbox, with the event to evaluate again."""
+
+    organization_id: UUID
+    mailbox_id: UUID
+    message_id: str
+    forwarded: bool
+    raw_sha256: str
+    event: dict[str, Any]
+
+
+async def hold(conn: asyncpg.Connection, rows: Sequence[HeldMessage]) -> None:
+    """Keep the events of messages whose decision is held, in the batch's order.  Only where the
+    recorded decision is held: a message decided for good before (a redelivery) is not held again,
+    and one already held keeps its place and its first event."""
+    if not rows:
+        return
+    await conn.execute(
+        """INSERT INTO held_message (organization_id, mailbox_id, message_id, forwarded, raw_sha256, event)
+           SELECT t.org, t.mailbox, t.mid, t.fwd, t.sha, t.event::jsonb
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::text[], $6::text[])
+                WITH ORDINALITY AS t(org, mailbox, mid, fwd, sha, event, n)
+           WHERE EXISTS (SELECT 1 FROM email_decision d WHERE d.mailbox_id = t.mailbox AND d.message_id = t.mid AND d.held)
+           ORDER BY t.n
+           ON CONFLICT (mailbox_id, message_id) DO NOTHING""",
+        [r.organization_id for r in rows], [r.mailbox_id for r in rows], [r.message_id for r in rows],
+        [r.forwarded for r in rows], [r.raw_sha256 for r in rows], [json.dumps(r.event) for r in rows],
+    )
+
+
+async def let_go(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, str]]) -> int:
+    """Forget the held events of messages decided for good in this transaction; how many there were."""
+    if not keys:
+        return 0
+    rows = await conn.fetch(
+        """DELETE FROM held_message h USING unnest($1::uuid[], $2::text[]) AS k(mailbox, mid)
+           WHERE h.mailbox_id = k.mailbox AND h.message_id = k.mid RETURNING 1""",
+        [m for m, _ in keys], [k for _, k in keys],
+    )
+    return len(rows)
+
+
+async def holding(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) -> set[UUID]:
+    """Those of ``mailbox_ids`` that have held messages (newer mail waits behind them)."""
+    if not mailbox_ids:
+        return set()
+    rows = await conn.fetch(
+        """SELECT m FROM unnest($1::uuid[]) AS m WHERE EXISTS (SELECT 1 FROM held_message h WHERE h.mailbox_id = m)""",
+        list(set(mailbox_ids)),
+    )
+    return {r["m"] for r in rows}
+
+
+async def mailboxes_holding(conn: asyncpg.Connection) -> set[tuple[UUID, bool]]:
+    """Every (mailbox, forwarded) pair with held messages."""
+    rows = await conn.fetch("SELECT DISTINCT mailbox_id, forwarded FROM held_message")
+    return {(r["mailbox_id"], r["forwarded"]) for r in rows}
+
+
+async def oldest(conn: asyncpg.Connection, mailboxes: Sequence[tuple[UUID, bool]], limit: int) -> list[asyncpg.Record]:
+    """The first ``limit`` messages held for these (mailbox, forwarded) pairs, in the order they were held."""
+    return await conn.fetch(
+        """SELECT h.mailbox_id, h.message_id, h.event FROM held_message h
+           JOIN unnest($1::uuid[], $2::bool[]) AS k(mailbox, fwd) ON h.mailbox_id = k.mailbox AND h.forwarded = k.fwd
+           ORDER BY h.seq LIMIT $3""",
+        [m for m, _ in mailboxes], [f for _, f in mailboxes], limit,
+    )
+
+
+@asynccontextmanager
+async def releasing_alone(pool: asyncpg.Pool) -> AsyncIterator[bool]:
+    """True inside when this process may release held messages now; False while another does."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELEASE_LOCK):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _RELEASE_LOCK)
+
+
+async def held_since(conn: asyncpg.Connection, org_id: UUID, message_id: str) -> dict[UUID, datetime]:
+    """Mailbox -> since when this message is held for it: what `conduit message why` says is waiting."""
+    rows = await conn.fetch(
+        """SELECT mailbox_id, held_since FROM held_message
+           WHERE organization_id = $1 AND (message_id = $2 OR message_id = trim(both '<>' from $2))""",
+        org_id, message_id,
+    )
+    return {r["mailbox_id"]: r["held_since"] for r in rows}
