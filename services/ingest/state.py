@@ -220,6 +220,14 @@ async def forget_renumbered_copies(conn: asyncpg.Connection, mailbox_id: UUID, f
                        mailbox_id, folder, uidvalidity)
 
 
+# The places of ``mark_removed``'s messages, and a row of table ``t`` at one of them.
+_PLACES = ("unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])"
+           " AS r(message_key, folder, uidvalidity, uid, uidl)")
+_AT_PLACE = """{t}.mailbox_id = $1 AND {t}.message_key = r.message_key AND {t}.folder IS NOT DISTINCT FROM r.folder
+             AND {t}.uidvalidity IS NOT DISTINCT FROM r.uidvalidity AND {t}.uid IS NOT DISTINCT FROM r.uid
+             AND {t}.uidl IS NOT DISTINCT FROM r.uidl"""
+
+
 async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, removed: Sequence[IngestedMessage]) -> None:
     """What was removed from the server, by place: an ingested copy is marked removed, a further copy
     is forgotten."""
@@ -227,22 +235,10 @@ async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, removed: Sequ
         return
     places = ([r.message_key for r in removed], [r.folder for r in removed], [r.uidvalidity for r in removed],
               [r.uid for r in removed], [r.uidl for r in removed])
-    await conn.execute(
-        """UPDATE ingested_message im SET removed_from_server = true
-           FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS r(message_key, folder, uidvalidity, uid, uidl)
-           WHERE im.mailbox_id = $1 AND im.message_key = r.message_key AND im.folder IS NOT DISTINCT FROM r.folder
-             AND im.uidvalidity IS NOT DISTINCT FROM r.uidvalidity AND im.uid IS NOT DISTINCT FROM r.uid
-             AND im.uidl IS NOT DISTINCT FROM r.uidl""",
-        mailbox_id, *places,
-    )
-    await conn.execute(
-        """DELETE FROM ingested_copy c
-           USING unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[]) AS r(message_key, folder, uidvalidity, uid, uidl)
-           WHERE c.mailbox_id = $1 AND c.message_key = r.message_key AND c.folder IS NOT DISTINCT FROM r.folder
-             AND c.uidvalidity IS NOT DISTINCT FROM r.uidvalidity AND c.uid IS NOT DISTINCT FROM r.uid
-             AND c.uidl IS NOT DISTINCT FROM r.uidl""",
-        mailbox_id, *places,
-    )
+    await conn.execute(f"UPDATE ingested_message im SET removed_from_server = true FROM {_PLACES} "
+                       f"WHERE {_AT_PLACE.format(t='im')}", mailbox_id, *places)
+    await conn.execute(f"DELETE FROM ingested_copy c USING {_PLACES} WHERE {_AT_PLACE.format(t='c')}",
+                       mailbox_id, *places)
 
 
 class Refusal(NamedTuple):

@@ -28,6 +28,13 @@ from tests.support.topics import read_topic
 from tests.support.waiting import eventually
 
 
+async def _taken_over(pool: asyncpg.Pool, mailbox_id: uuid.UUID) -> tuple[Leases, Leases]:
+    """(the replica that held the mailbox, the one that took it over)."""
+    stale = Leases(pool, f"stale-{uuid.uuid4().hex[:6]}")
+    assert (await stale.claim([mailbox_id], fair_share=False)).work == {mailbox_id}
+    return stale, await _take_over(pool, stale, mailbox_id)
+
+
 async def _take_over(pool: asyncpg.Pool, stale: Leases, mailbox_id: uuid.UUID) -> Leases:
     """The stale replica's lease runs out and another replica claims the mailbox."""
     async with pool.acquire() as conn:
@@ -70,9 +77,7 @@ async def test_a_session_whose_lease_was_taken_over_stores_and_publishes_nothing
     await registry.add_profile(org, imap_profile(dovecot))
     box = await ready_mailbox(registry, org, dovecot)
     dovecot.deliver_many(box.email, [message(f"m{i}") for i in range(3)])
-    stale = Leases(pool, f"stale-{uuid.uuid4().hex[:6]}")
-    assert (await stale.claim([box.id], fair_share=False)).work == {box.id}
-    other = await _take_over(pool, stale, box.id)
+    stale, other = await _taken_over(pool, box.id)
 
     client = await _imap_session(box, dovecot)
     try:
@@ -131,9 +136,7 @@ async def test_a_pop3_session_whose_lease_was_taken_over_publishes_and_marks_not
     await registry.add_profile(org, pop3_profile(dovecot))
     box = await ready_mailbox(registry, org, dovecot)
     dovecot.deliver_many(box.email, [message(f"p{i}") for i in range(2)])
-    stale = Leases(pool, f"stale-{uuid.uuid4().hex[:6]}")
-    assert (await stale.claim([box.id], fair_share=False)).work == {box.id}
-    other = await _take_over(pool, stale, box.id)
+    stale, other = await _taken_over(pool, box.id)
 
     client = await Pop3Client.connect(dovecot.host, dovecot.pop3_port, tls="none", ssl_context=None)
     await client.login(box.email, box.password)
@@ -152,9 +155,7 @@ async def test_a_runner_whose_lease_was_taken_over_stops_without_a_failure(
     await registry.add_profile(org, imap_profile(dovecot))
     box = await ready_mailbox(registry, org, dovecot)
     dovecot.deliver(box.email, message("m"))
-    stale = Leases(pool, f"stale-{uuid.uuid4().hex[:6]}")
-    assert (await stale.claim([box.id], fair_share=False)).work == {box.id}
-    other = await _take_over(pool, stale, box.id)
+    stale, other = await _taken_over(pool, box.id)
     work = (await Registry(pool, load_cipher(settings)).mailboxes_to_process("incoming", mailbox_ids=[box.id]))[0]
     runner = MailboxRunner(RunnerContext(pool, publisher, registry, ServerSlots(), TokenProvider(),
                                          lease_holder=stale.holder), work, idle_allowed=False)
