@@ -13,6 +13,7 @@ INFRASTRUCTURE_FAILURES = Counter("conduit_infrastructure_failures_total", "Fail
                                   "met while working a mailbox (no mailbox alert)", ["service", "error"])
 ACTIVITIES_CREATED = Counter("conduit_activities_created_total", "Email activities recorded", ["direction"])
 DECISIONS = Counter("conduit_decisions_total", "Tracking decisions", ["tracked", "reason"])
+HELD_RELEASED = Counter("conduit_held_messages_released_total", "Held messages evaluated again and decided for good")
 EMAILS_SENT = Counter("conduit_emails_sent_total", "Outbound emails by final status", ["status", "transport"])
 SEND_LATENCY = Histogram("conduit_send_latency_seconds", "From request to accepted by the server", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 MAILBOXES_LEASED = Gauge("conduit_mailboxes_leased", "Mailboxes this ingest replica works")

@@ -67,15 +67,37 @@ async def let_go(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, str]]) -> 
     return len(rows)
 
 
-async def holding(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) -> set[UUID]:
-    """Those of ``mailbox_ids`` that have held messages (newer mail waits behind them)."""
-    if not mailbox_ids:
+async def holding(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, bool]]) -> set[tuple[UUID, bool]]:
+    """Those of the (mailbox, forwarded) pairs that have held messages (newer mail of the same kind
+    waits behind them).  By pair: a user's own mail and the mail they forward read different
+    settings, so one kind held must not hold the other."""
+    if not keys:
         return set()
+    unique = list(set(keys))
     rows = await conn.fetch(
-        """SELECT m FROM unnest($1::uuid[]) AS m WHERE EXISTS (SELECT 1 FROM held_message h WHERE h.mailbox_id = m)""",
-        list(set(mailbox_ids)),
+        """SELECT k.m, k.f FROM unnest($1::uuid[], $2::bool[]) AS k(m, f)
+           WHERE EXISTS (SELECT 1 FROM held_message h WHERE h.mailbox_id = k.m AND h.forwarded = k.f)""",
+        [m for m, _ in unique], [f for _, f in unique],
     )
-    return {r["m"] for r in rows}
+    return {(r["m"], r["f"]) for r in rows}
+
+
+async def decide_orphans(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, str]]) -> int:
+    """Held messages evaluated again that no longer belong to the mailbox they were held for (their
+    forwarder is no longer that user or queue) or could not be evaluated: decided for good there,
+    not tracked, and their held events let go.  How many there were."""
+    if not keys:
+        return 0
+    await conn.execute(
+        """UPDATE email_decision d SET held = false, tracked = false, activity_id = NULL, rule = 'forward_attribution',
+               reason = 'no_longer_for_this_mailbox', decided_at = now(),
+               explanation = 'Not tracked here: held for this mailbox, and when evaluated again it no longer belonged '
+                             'to it (its forwarder is no longer this user or queue, or it could not be read again).'
+           FROM unnest($1::uuid[], $2::text[]) AS k(m, mid)
+           WHERE d.mailbox_id = k.m AND d.message_id = k.mid AND d.held""",
+        [m for m, _ in keys], [k for _, k in keys],
+    )
+    return await let_go(conn, keys)
 
 
 async def mailboxes_holding(conn: asyncpg.Connection) -> set[tuple[UUID, bool]]:

@@ -23,6 +23,7 @@ from services.evaluate import repository as repo
 from services.evaluate.chains import may_process
 from shared.consumer import Delivery
 from shared.events.topics import EMAIL_RECEIVED
+from shared.metrics import HELD_RELEASED
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class HeldMessageRelease:
                     break  # all done, or every one held again (paused meanwhile): the next look retries
         if total:
             self.released += total
+            HELD_RELEASED.inc(total)
             log.info("released %d held message(s) of %d mailbox(es)", total, len(mailboxes))
         return total
 

@@ -196,16 +196,17 @@ class EvaluateService(ServiceBase):
         async with self.pool.acquire() as conn:
             # Read here, not while preparing: batches finish one at a time, so what the previous one
             # held is seen, and a mailbox's newer mail waits behind it.
-            waiting = await held.holding(conn, [i.mailbox_id for i in items])
+            waiting = await held.holding(conn, [(i.mailbox_id, _forwarded(i)) for i in items])
             for org_id, org_items in by_org.items():
                 await self._decide(conn, org_items, mailboxes, waiting, prepared.released)
             async with conn.transaction():
-                decided = await self._record(conn, items, waiting)
+                decided = await self._record(conn, items, waiting, prepared.released)
         return prepared.rejections, decided
 
     async def _attribute_forwarded(self, items: list[_Item], mailboxes: dict, raws: dict[str, bytes]) -> list[_Item]:
         """A forward mailbox's message belongs to the user or queue that forwarded it, if that user or
-        queue uses the forward mailbox as its delivery method and is active; never to anyone else.
+        queue uses the forward mailbox as its delivery method; never to anyone else.  An inactive
+        one's message is attributed too, and held by its mailbox's guard until they are active again.
 
         Returns the batch to decide: a forward that carries messages as attachments is replaced by
         its own decision (``forwarded_messages_extracted``) followed by each attached message, in
@@ -230,10 +231,6 @@ class EvaluateService(ServiceBase):
                             f"Not tracked: the forward mailbox received this from {sender or 'an unknown sender'}, "
                             "which is no user or queue whose incoming email is delivered through a forward mailbox.")
                         continue
-                    if not who["active"]:
-                        item.attribution = ("forwarder_inactive",
-                            f"Not tracked: {sender} forwarded it, but that user or queue is inactive.")
-                        continue
                     attached = (forwarded_messages(raws[item.raw_sha256], limit=MAX_FORWARDED_MESSAGES)
                                 if item.parsed is None or item.parsed.has_forwarded_message else ForwardedMessages())
                     if not attached.found:
@@ -250,7 +247,7 @@ class EvaluateService(ServiceBase):
             out.extend(unpacked.get(id(item), ()))
         return out
 
-    async def _decide(self, conn, items: list[_Item], mailboxes: dict, waiting: set[UUID],
+    async def _decide(self, conn, items: list[_Item], mailboxes: dict, waiting: set[tuple[UUID, bool]],
                       released: frozenset[tuple[UUID, str]]) -> None:
         org_row = mailboxes[items[0].delivery.event.data.mailbox_id]
         settings = CorrelationSettings(
@@ -268,8 +265,9 @@ class EvaluateService(ServiceBase):
             if item.parsed.message_id != item.message_id:  # equal for almost every message: no copy then
                 item.parsed = replace(item.parsed, message_id=item.message_id)
             item.context = repo.mailbox_context(
-                mailboxes[item.mailbox_id], forwarded=item.mailbox_id != item.delivery.event.data.mailbox_id,
-                holds_messages=item.mailbox_id in waiting and (item.mailbox_id, item.message_id) not in released)
+                mailboxes[item.mailbox_id], forwarded=_forwarded(item),
+                holds_messages=(item.mailbox_id, _forwarded(item)) in waiting
+                and (item.mailbox_id, item.message_id) not in released)
             batch.append(item)
         lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings))
         decisions = evaluate_batch(
@@ -279,8 +277,10 @@ class EvaluateService(ServiceBase):
         for item, decision in zip(batch, decisions):
             item.decision = decision
 
-    async def _record(self, conn, items: list[_Item], waiting: set[UUID]) -> int:
-        """Record the batch; return how many held messages it decided for good."""
+    async def _record(self, conn, items: list[_Item], waiting: set[tuple[UUID, bool]],
+                      released_keys: frozenset[tuple[UUID, str]] = frozenset()) -> int:
+        """Record the batch; return how many held messages it decided for good.  ``released_keys``:
+        the held messages this batch evaluates again (``evaluate_again``)."""
         activities: dict[tuple[UUID, str], repo.ActivityRow] = {}
         for item in items:
             d = item.decision
@@ -326,7 +326,7 @@ class EvaluateService(ServiceBase):
                     item.organization_id, item.mailbox_id, item.message_id,
                     forwarded=item.mailbox_id != event.data.mailbox_id, raw_sha256=item.raw_sha256,
                     event=event.model_dump(mode="json")))
-            elif item.mailbox_id in waiting:
+            elif (item.mailbox_id, _forwarded(item)) in waiting:
                 settled.append((item.mailbox_id, item.message_id))
             decided[("held" if on_hold else str(tracked).lower(), reason)] += 1
         for labels, count in decided.items():
@@ -335,6 +335,11 @@ class EvaluateService(ServiceBase):
         await repo.record_decisions(conn, decisions, decision_activities)
         await held.hold(conn, holding)
         released = await held.let_go(conn, settled)
+        # Held for a mailbox, and evaluated again for another one (the forwarder it was attributed to
+        # changed) or for none (it could not be read again): no decision of its own replaces the
+        # held one, which would otherwise stay held for ever, and be tried again at every look.
+        evaluated = {(item.mailbox_id, item.message_id) for item in items}
+        released += await held.decide_orphans(conn, [k for k in released_keys if k not in evaluated])
         mailboxes_of: dict[UUID, list[UUID]] = defaultdict(list)
         for activity_id, mailbox_id in links:
             mailboxes_of[activity_id].append(mailbox_id)
@@ -358,6 +363,11 @@ class EvaluateService(ServiceBase):
             ACTIVITIES_CREATED.labels(row.direction).inc()
         await enqueue_batch(conn, events)
         return released
+
+
+def _forwarded(item: _Item) -> bool:
+    """Evaluated for the user or queue that forwarded it, not for the mailbox that received it."""
+    return item.mailbox_id != item.delivery.event.data.mailbox_id
 
 
 def _parse_items(items: list[_Item], raws: dict[str, bytes]) -> None:

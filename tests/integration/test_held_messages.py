@@ -12,7 +12,9 @@ import uuid
 from uuid import UUID
 
 import asyncpg
+from prometheus_client import REGISTRY
 
+from services.evaluate import held
 from services.evaluate.service import EvaluateService
 from services.evaluate.settings import EvaluateSettings
 from shared.events.envelope import Envelope
@@ -132,8 +134,10 @@ async def test_a_message_for_a_mailbox_with_incoming_disabled_is_held_then_track
     assert as_json["held"] is True and as_json["held_since"] and as_json["reason"] == "incoming_disabled"
 
     await registry.record_test(box, "incoming", True, "ok")   # enabled again
+    counted = REGISTRY.get_sample_value("conduit_held_messages_released_total") or 0
     run = await _evaluate(settings)
     assert run.release is not None and run.release.released == 1
+    assert REGISTRY.get_sample_value("conduit_held_messages_released_total") == counted + 1
     [activity] = await _activities(pool, org, key)
     assert activity["mailboxes"] == [box]
     decision = (await _decisions(pool, org, key))[box]
@@ -333,3 +337,83 @@ async def test_a_running_evaluate_releases_held_messages_at_its_next_look(
     _assert_decided(await decision(), "tracked_all", tracked=True)
     assert activity["mailboxes"] == [box]
     assert service.release is not None and service.release.released == 1
+
+
+async def _burst(settings: Settings, **own) -> EvaluateService:
+    service = EvaluateService(settings, evaluate_settings=EvaluateSettings(**own))
+    await run_service(service, burst=True)
+    return service
+
+
+async def test_a_held_message_whose_forwarder_changed_is_decided_and_holds_up_no_one(
+        settings: Settings, registry: Registry, org: Organization, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    """Held for Fran's mailbox (not approved); then Fran's address changes, and her mailbox is
+    approved.  Evaluated again, the forward no longer belongs to her: her held decision becomes a
+    final one, and the held messages behind it, of another mailbox, are released too."""
+    forward_box, forward_email = await _mailbox(registry, org, owner="forward")
+    fran = f"fran-{uuid.uuid4().hex[:8]}@example.com"
+    user = await registry.add_user(org, "Fran", fran, incoming="forward_mailbox")
+    await registry.update_mailbox(org, fran, tracking="all")   # not approved
+    fwd = message("Fwd: inline", sender=fran, to=forward_email)
+    await _received(pool, publisher, org, forward_box, fwd, forwarded_by=fran)
+    await _burst(settings, release_batch=1)
+    _assert_held((await _decisions(pool, org, message_key(fwd)))[user.mailbox_id], "mailbox_not_approved")
+
+    box, email = await _mailbox(registry, org)
+    other = message("Other mailbox", to=email)
+    await registry.record_test(box, "incoming", False, "refused")
+    await _received(pool, publisher, org, box, other)
+    await _burst(settings, release_batch=1)
+    _assert_held((await _decisions(pool, org, message_key(other)))[box], "incoming_disabled")
+
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE crm_user SET email = $2 WHERE id = $1", user.id, f"renamed-{fran}")
+        await conn.execute("UPDATE mailbox SET email_approved = true WHERE id = $1", user.mailbox_id)
+    await registry.record_test(box, "incoming", True, "ok")
+    await _burst(settings, release_batch=1)
+    decided = await _decisions(pool, org, message_key(fwd))
+    _assert_decided(decided[user.mailbox_id], "no_longer_for_this_mailbox", tracked=False)
+    _assert_decided(decided[forward_box], "forwarder_unknown", tracked=False)
+    _assert_decided((await _decisions(pool, org, message_key(other)))[box], "tracked_all", tracked=True)
+    assert await _held_rows(pool, org) == 0
+
+
+async def test_mail_forwarded_while_its_forwarder_is_inactive_is_held_then_tracked(
+        settings: Settings, registry: Registry, org: Organization, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    forward_box, forward_email = await _mailbox(registry, org, owner="forward")
+    gil = f"gil-{uuid.uuid4().hex[:8]}@example.com"
+    user = await registry.add_user(org, "Gil", gil, incoming="forward_mailbox")
+    await registry.update_mailbox(org, gil, tracking="all", email_approved=True)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE crm_user SET active = false WHERE id = $1", user.id)   # deactivated for a minute
+    fwd = message("Fwd: while inactive", sender=gil, to=forward_email)
+    await _received(pool, publisher, org, forward_box, fwd, forwarded_by=gil)
+    await _burst(settings)
+    _assert_held((await _decisions(pool, org, message_key(fwd)))[user.mailbox_id], "mailbox_inactive")
+    assert await _activities(pool, org, message_key(fwd)) == []
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE crm_user SET active = true WHERE id = $1", user.id)
+    await _burst(settings)
+    _assert_decided((await _decisions(pool, org, message_key(fwd)))[user.mailbox_id], "tracked_all", tracked=True)
+    assert len(await _activities(pool, org, message_key(fwd))) == 1
+
+
+async def test_a_users_held_own_mail_does_not_hold_the_mail_they_forward(
+        settings: Settings, registry: Registry, org: Organization, pool: asyncpg.Pool, publisher: Publisher) -> None:
+    """Hal's own mail is held (incoming disabled), then Hal moves to delivery through the forward
+    mailbox: the mail Hal forwards reads other settings, and does not wait behind the held mail."""
+    forward_box, forward_email = await _mailbox(registry, org, owner="forward")
+    box, hal = await _mailbox(registry, org)
+    await registry.record_test(box, "incoming", False, "refused")
+    direct = message("Direct, ingested before the switch", to=hal)
+    await _received(pool, publisher, org, box, direct)
+    await _burst(settings)
+    _assert_held((await _decisions(pool, org, message_key(direct)))[box], "incoming_disabled")
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE crm_user SET incoming_method = 'forward_mailbox' WHERE lower(email) = lower($1)", hal)
+    fwd = message("Fwd: after the switch", sender=hal, to=forward_email)
+    await _received(pool, publisher, org, forward_box, fwd, forwarded_by=hal)
+    async with held.releasing_alone(pool) as alone:      # as between two looks of a running evaluate
+        assert alone
+        await _burst(settings)
+    _assert_decided((await _decisions(pool, org, message_key(fwd)))[box], "tracked_all", tracked=True)

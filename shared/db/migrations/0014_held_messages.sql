@@ -26,4 +26,6 @@ CREATE TABLE held_message (
     PRIMARY KEY (mailbox_id, message_id)
 );
 CREATE INDEX held_message_in_order ON held_message (seq);
+-- Which mailboxes hold messages, of which kind (the consumer's look per batch, the release's per look).
+CREATE INDEX held_message_by_kind ON held_message (mailbox_id, forwarded);
 CREATE INDEX held_message_by_message ON held_message (organization_id, message_id);
