@@ -27,6 +27,7 @@ from shared.oauth import TokenProvider
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.mailboxes import imap_profile, message, ready_mailbox
+from tests.support.relay import CLOSE, line_relay
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.peers
@@ -221,28 +222,9 @@ async def test_a_server_that_ends_every_session_soon_after_sign_in_is_a_failure(
     """A server (or a middlebox) that drops every session as it starts to idle: not a restart to be
     met quietly for ever, but a failure after a few sessions in a row, and never at once."""
     sessions: list[float] = []
-
-    async def drop_at_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sessions.append(time.monotonic())
-        up_reader, up_writer = await asyncio.open_connection(dovecot.host, dovecot.imap_port)
-
-        async def to_server() -> None:
-            while line := await reader.readline():
-                if line.endswith(b" IDLE\r\n"):
-                    break
-                up_writer.write(line)
-            writer.close()
-            up_writer.close()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                writer.write(data)
-            writer.close()
-
-        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
-
-    relay = await asyncio.start_server(drop_at_idle, "127.0.0.1", 0)
-    port = relay.sockets[0].getsockname()[1]
+    relay, port = await line_relay(dovecot.host, dovecot.imap_port,
+                                   lambda line: CLOSE if line.endswith(b" IDLE\r\n") else None,
+                                   on_session=lambda: sessions.append(time.monotonic()))
     await registry.add_profile(org, imap_profile(dovecot, incoming_host="127.0.0.1", incoming_port=port))
     box = await ready_mailbox(registry, org, dovecot)
     work = (await registry.mailboxes_to_process("incoming", mailbox_ids=[box.id]))[0]

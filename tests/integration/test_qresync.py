@@ -30,6 +30,7 @@ from services.ingest.service import IngestService
 from shared.errors import ConnectionFailed
 from shared.lifecycle import run_service
 from tests.support.mailboxes import ReadyMailbox, imap_profile, message, ready_mailbox
+from tests.support.relay import line_relay
 from tests.support.topics import read_topic
 from tests.support.waiting import eventually
 
@@ -646,29 +647,13 @@ async def test_without_uidplus_a_refused_expunge_gives_other_clients_their_flags
     server.add_user(email, password)
     server.deliver_many(email, [message(f"m{i}") for i in range(5)])
 
-    async def refusing_expunge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A relay to the server that answers a plain EXPUNGE with NO itself, as a server without
-        the right to expunge there would."""
-        up_reader, up_writer = await asyncio.open_connection(server.host, server.imap_port)
+    def refuse_expunge(line: bytes) -> bytes | None:
+        """A plain EXPUNGE is answered NO in the server's place, as by one without the right to expunge."""
+        refused = re.fullmatch(rb"(\S+) EXPUNGE\r\n", line)
+        return refused.group(1) + b" NO [CANNOT] Expunge not allowed here\r\n" if refused else None
 
-        async def to_server() -> None:
-            while line := await reader.readline():
-                refused = re.fullmatch(rb"(\S+) EXPUNGE\r\n", line)
-                if refused:
-                    writer.write(refused.group(1) + b" NO [CANNOT] Expunge not allowed here\r\n")
-                else:
-                    up_writer.write(line)
-            up_writer.close()
-
-        async def to_client() -> None:
-            while data := await up_reader.read(65536):
-                writer.write(data)
-            writer.close()
-
-        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
-
-    relay = await asyncio.start_server(refusing_expunge, "127.0.0.1", 0)
-    client = await ImapClient.connect("127.0.0.1", relay.sockets[0].getsockname()[1], tls="none", timeout=10)
+    relay, port = await line_relay(server.host, server.imap_port, refuse_expunge)
+    client = await ImapClient.connect("127.0.0.1", port, tls="none", timeout=10)
     try:
         await client.login(email, password)
         await client.select("INBOX", readonly=False)
