@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 from uuid import UUID
 
@@ -200,7 +200,8 @@ class EvaluateService(ServiceBase):
             for org_id, org_items in by_org.items():
                 await self._decide(conn, org_items, mailboxes, waiting, prepared.released)
             async with conn.transaction():
-                decided = await self._record(conn, items, waiting, prepared.released)
+                decided, counts = await self._record(conn, items, waiting, prepared.released)
+        counts.publish()  # once committed: a batch rolled back and redelivered is counted once
         return prepared.rejections, decided
 
     async def _attribute_forwarded(self, items: list[_Item], mailboxes: dict, raws: dict[str, bytes]) -> list[_Item]:
@@ -278,9 +279,10 @@ class EvaluateService(ServiceBase):
             item.decision = decision
 
     async def _record(self, conn, items: list[_Item], waiting: set[tuple[UUID, bool]],
-                      released_keys: frozenset[tuple[UUID, str]] = frozenset()) -> int:
-        """Record the batch; return how many held messages it decided for good.  ``released_keys``:
-        the held messages this batch evaluates again (``evaluate_again``)."""
+                      released_keys: frozenset[tuple[UUID, str]] = frozenset()) -> tuple[int, _Counts]:
+        """Record the batch; return how many held messages it decided for good, and what to count once
+        it is committed.  ``released_keys``: the held messages this batch evaluates again
+        (``evaluate_again``)."""
         activities: dict[tuple[UUID, str], repo.ActivityRow] = {}
         for item in items:
             d = item.decision
@@ -302,7 +304,7 @@ class EvaluateService(ServiceBase):
         links, decisions, decision_activities = [], [], []
         holding: list[held.HeldMessage] = []
         settled: list[tuple[UUID, str]] = []   # decided for good, in a mailbox with held messages
-        decided: Counter[tuple[str, str]] = Counter()
+        counts = _Counts()
         for item in items:
             d = item.decision
             activity_id = ids.get((item.organization_id, item.message_id)) if d and d.tracked else None
@@ -328,9 +330,10 @@ class EvaluateService(ServiceBase):
                     event=event.model_dump(mode="json")))
             elif (item.mailbox_id, _forwarded(item)) in waiting:
                 settled.append((item.mailbox_id, item.message_id))
-            decided[("held" if on_hold else str(tracked).lower(), reason)] += 1
-        for labels, count in decided.items():
-            DECISIONS.labels(*labels).inc(count)
+            if not released_keys or (item.mailbox_id, item.message_id) in released_keys:
+                # Evaluated again, a forward's own decision (and any message it carries that was not
+                # held) is recorded again, unchanged: it was counted the first time.
+                counts.decisions[("held" if on_hold else str(tracked).lower(), reason)] += 1
         await repo.link_mailboxes(conn, links)
         await repo.record_decisions(conn, decisions, decision_activities)
         await held.hold(conn, holding)
@@ -360,9 +363,23 @@ class EvaluateService(ServiceBase):
             )
             # Serialised here by pydantic (fast): one outbox row for the batch's events.
             events.append((ACTIVITY_CREATED.name, str(row.organization_id), event.model_dump_json()))
-            ACTIVITIES_CREATED.labels(row.direction).inc()
+            counts.activities[row.direction] += 1
         await enqueue_batch(conn, events)
-        return released
+        return released, counts
+
+
+@dataclass(slots=True)
+class _Counts:
+    """A batch's decisions and created activities, counted in the metrics once its transaction commits."""
+
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    activities: Counter[str] = field(default_factory=Counter)
+
+    def publish(self) -> None:
+        for labels, count in self.decisions.items():
+            DECISIONS.labels(*labels).inc(count)
+        for direction, count in self.activities.items():
+            ACTIVITIES_CREATED.labels(direction).inc(count)
 
 
 def _forwarded(item: _Item) -> bool:

@@ -300,9 +300,15 @@ async def test_messages_forwarded_for_an_unapproved_mailbox_are_held_then_tracke
     _assert_decided((await _decisions(pool, org, message_key(outer)))[forward_box], "forwarded_messages_extracted",
                     tracked=False)
 
+    def counted(tracked: str, reason: str) -> float:
+        return REGISTRY.get_sample_value("conduit_decisions_total", {"tracked": tracked, "reason": reason}) or 0
+
+    extracted, tracked_all = counted("false", "forwarded_messages_extracted"), counted("true", "tracked_all")
     await registry.update_mailbox(org, fran, email_approved=True)
     run = await _evaluate(settings)
     assert run.release is not None and run.release.released == 2
+    # The forward's own decision was counted when it was made, not again when its messages are released.
+    assert (counted("false", "forwarded_messages_extracted"), counted("true", "tracked_all")) == (extracted, tracked_all + 2)
     for raw in inner:
         [activity] = await _activities(pool, org, message_key(raw))
         assert activity["mailboxes"] == [user.mailbox_id]
