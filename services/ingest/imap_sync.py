@@ -253,7 +253,7 @@ class ImapFolderSync:
         a message found again in another tracked folder has its row moved there
         (``state.renumber_ingested``), where it is removed."""
         async with self._pool.acquire() as conn:
-            done = await state.deletable(conn, self._mailbox.id)
+            done = await state.deletable(conn, self._mailbox.id, lease_holder=self._mailbox.lease_holder)
         by_folder: dict[str, list[state.IngestedMessage]] = {}
         for item in done:
             if item.folder and item.uid:

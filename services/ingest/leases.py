@@ -12,8 +12,9 @@ then calls ``release``, after which the lease is free for the others.
 A replica may still be finishing a session when its lease has been taken over: it could not renew
 in time (the database was away, the process stalled), or a one-shot run outlived its lease.  What
 that session writes is fenced: each transaction that records a mailbox's progress first takes a
-share lock on the lease row and checks that this replica still holds it (``hold``), and the raw
-store checks the same before anything is published (``state.already_ingested``).  A takeover waits
+share lock on the lease row and checks that this replica still holds it (``hold``); the raw
+store checks the same before anything is published (``state.already_ingested``), and a queue
+before it chooses what to remove from the server (``state.deletable``).  A takeover waits
 for such a transaction to commit, and every later one fails with ``LeaseLost``: the stale session
 ends without recording anything, and the refusals it saw are not counted twice.
 """

@@ -90,7 +90,7 @@ class Pop3Sync:
 
     async def _remove_processed(self, client: Pop3Client, listing: dict[int, str]) -> None:
         async with self._pool.acquire() as conn:
-            done = await state.deletable(conn, self._mailbox.id)
+            done = await state.deletable(conn, self._mailbox.id, lease_holder=self._mailbox.lease_holder)
         number_of = {u: n for n, u in listing.items()}
         doomed = [item for item in done if item.uidl in number_of]
         for item in doomed:

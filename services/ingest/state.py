@@ -12,6 +12,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.ingest import leases
 from services.ingest.leases import LeaseLost
 
 # Syncs in which the server refused to hand over a message before it is skipped (and an IMAP
@@ -171,25 +172,30 @@ async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present:
                        mailbox_id, list(present))
 
 
-async def deletable(conn: asyncpg.Connection, mailbox_id: UUID) -> list[IngestedMessage]:
+async def deletable(conn: asyncpg.Connection, mailbox_id: UUID, *,
+                    lease_holder: str | None = None) -> list[IngestedMessage]:
     """Messages still on the server whose activity is durable, and the further copies of them
     (``record_copies``): evaluate records a decision and its activity in one transaction, and only a
     decision with an activity (tracked, or already tracked from another mailbox) counts.  Mail that
     did not become an activity (queue conversion off, no correlation match, unknown sender, inactive
-    mailbox, ...) stays on the server."""
-    rows = await conn.fetch(
-        """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity
-           FROM ingested_message im
-           JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
-           WHERE im.mailbox_id = $1 AND NOT im.removed_from_server AND d.activity_id IS NOT NULL
-           UNION ALL
-           SELECT c.message_key, im.raw_sha256, c.folder, c.uid, c.uidl, c.uidvalidity
-           FROM ingested_copy c
-           JOIN ingested_message im ON im.mailbox_id = c.mailbox_id AND im.message_key = c.message_key
-           JOIN email_decision d ON d.mailbox_id = c.mailbox_id AND d.message_id = c.message_key
-           WHERE c.mailbox_id = $1 AND d.activity_id IS NOT NULL""",
-        mailbox_id,
-    )
+    mailbox, ...) stays on the server.  With ``lease_holder``: first, in the same transaction, that
+    this replica still holds the mailbox's lease (else ``LeaseLost``): a session whose lease was taken
+    over removes nothing more."""
+    async with conn.transaction():
+        await leases.hold(conn, mailbox_id, lease_holder)
+        rows = await conn.fetch(
+            """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity
+               FROM ingested_message im
+               JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
+               WHERE im.mailbox_id = $1 AND NOT im.removed_from_server AND d.activity_id IS NOT NULL
+               UNION ALL
+               SELECT c.message_key, im.raw_sha256, c.folder, c.uid, c.uidl, c.uidvalidity
+               FROM ingested_copy c
+               JOIN ingested_message im ON im.mailbox_id = c.mailbox_id AND im.message_key = c.message_key
+               JOIN email_decision d ON d.mailbox_id = c.mailbox_id AND d.message_id = c.message_key
+               WHERE c.mailbox_id = $1 AND d.activity_id IS NOT NULL""",
+            mailbox_id,
+        )
     return [IngestedMessage(**dict(r)) for r in rows]
 
 

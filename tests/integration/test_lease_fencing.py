@@ -9,6 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
+from services.evaluate.service import EvaluateService
 from services.ingest.imap_client import ImapClient
 from services.ingest.imap_sync import ImapFolderSync
 from services.ingest.leases import LeaseLost, Leases
@@ -129,6 +130,33 @@ async def test_a_lease_taken_over_before_the_state_is_saved_saves_nothing(
     recorded = await _recorded(pool, box.id)
     assert recorded["ingested_message"] == 0 and recorded["imap_folder_state"] == 0
     await taken[0].release_all()
+
+
+async def test_a_session_whose_lease_was_taken_over_removes_nothing_from_a_queue(
+        settings, registry, org, dovecot, pool: asyncpg.Pool, publisher) -> None:
+    """A queue that deletes after processing: the stale session removes no processed mail (the
+    replica holding the lease now does), so it acts on no state the new holder may have changed."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)
+    dovecot.deliver_many(queue.email, [message(f"q{i}") for i in range(2)])
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)     # both tracked: both may be removed
+    stale, other = await _taken_over(pool, queue.id)
+
+    for holder, removes in ((stale.holder, False), (other.holder, True)):
+        client = await _imap_session(queue, dovecot)
+        try:
+            sync = ImapFolderSync(pool, publisher, Mailbox(queue.id, org.id, False, holder),
+                                  delete_after_processing=True)
+            if removes:
+                assert await sync.remove_processed(client) == 2
+            else:
+                with pytest.raises(LeaseLost):
+                    await sync.remove_processed(client)
+        finally:
+            await client.logout()
+        assert dovecot.message_count(queue.email) == (0 if removes else 2)
+    await other.release_all()
 
 
 async def test_a_pop3_session_whose_lease_was_taken_over_publishes_and_marks_nothing(
