@@ -105,7 +105,7 @@ def profile_add(
     max_connections: int = typer.Option(10, help="Maximum concurrent connections per server."),
     polling_interval: int = typer.Option(60, help="Minimum polling interval, seconds."),
     received_after: Optional[datetime] = typer.Option(None, help="Process only email received after this date."),
-    move_failed: bool = typer.Option(False, help="Move failed email to an Undeliverable folder."),
+    move_failed: bool = typer.Option(False, help="IMAP: move a message the server will not hand over (skipped after 3 refusals) to an Undeliverable folder."),
     default: bool = typer.Option(False, "--default", help="Make it the organization's default profile."),
     org: str = org_option(), json_: bool = JSON,
 ) -> None:
@@ -150,7 +150,7 @@ def profile_set(
                                        help="Replace the OAuth client secret (from CONDUIT_OAUTH_CLIENT_SECRET or a prompt)."),
     tls_ca_file: Optional[str] = typer.Option(None), max_connections: Optional[int] = typer.Option(None),
     polling_interval: Optional[int] = typer.Option(None), received_after: Optional[datetime] = typer.Option(None),
-    move_failed: Optional[bool] = typer.Option(None, "--move-failed/--no-move-failed"),
+    move_failed: Optional[bool] = typer.Option(None, "--move-failed/--no-move-failed", help="IMAP: move messages given up on to an Undeliverable folder."),
     clear: list[str] = typer.Option([], "--clear", help="Reset a setting to none, e.g. tls-ca-file, received-after, "
                                                          "oauth-scope (repeatable)."),
     org: str = org_option(), json_: bool = JSON,

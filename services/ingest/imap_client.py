@@ -831,6 +831,28 @@ class ImapClient:
             if others and not self._broken:
                 await self.add_flags(others, ("\\Deleted",))
 
+    async def move(self, uids: Sequence[int], folder: str) -> None:
+        """Move messages of the selected folder to ``folder``, creating it when the server says it
+        does not exist yet (``[TRYCREATE]``, RFC 3501 6.4.7).  UID MOVE (RFC 6851) where offered;
+        else UID COPY, then \\Deleted and the expunge of just those (``expunge``)."""
+        ordered = sorted(set(uids))
+        if not ordered:
+            return
+        verb = b"UID MOVE" if "MOVE" in self.capabilities else b"UID COPY"
+        parts: list[bytes | _Literal] = [verb, sequence_set(ordered), _astring(encode_mailbox_name(folder))]
+        reply = await self._command(parts)
+        if reply.status != "OK" and b"[TRYCREATE]" in reply.text.upper():
+            created = await self._command([b"CREATE", _astring(encode_mailbox_name(folder))])
+            if created.status != "OK" and b"[ALREADYEXISTS]" not in created.text.upper():
+                raise ImapCommandFailed(f"The IMAP server {self._host} refused to create the folder {folder!r}: "
+                                        f"{_text(created.text)}.")
+            reply = await self._command(parts)
+        if reply.status != "OK":
+            raise ImapCommandFailed(f"The IMAP server {self._host} refused {verb.decode()} to {folder!r}: {_text(reply.text)}.")
+        if verb == b"UID COPY":
+            await self.mark_deleted(ordered)
+            await self.expunge(ordered)
+
     # ---- waiting for changes -------------------------------------------------------------------------
 
     async def idle(self, timeout: float) -> bool:

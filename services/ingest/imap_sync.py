@@ -22,7 +22,8 @@ no body item) refuses that UID just the same: it is no message (stored and publi
 it would be a junk activity), and the state must not pass it.  A UID absent from the answer, or
 reported expunged during it, is gone and refuses nothing.  Each refusal is counted
 (``refused_message``) and named in a warning; once refused in ``state.REFUSALS_BEFORE_SKIP`` syncs a
-UID is skipped, named again, and the state moves past it.
+UID is skipped, named again, and the state moves past it.  Where the profile moves failed email to
+an Undeliverable folder, a skipped message is then moved there (``move_undeliverable``).
 
 Batches are pipelined: while one batch's events are published and its state saved, the next
 batch's raw bytes are stored and the one after is read from the server.  Each batch still goes raw
@@ -64,16 +65,20 @@ log = logging.getLogger(__name__)
 BATCH = 500
 # Batches between fetched and state saved: one being published and saved, one being stored.
 IN_FLIGHT = 2
+# Where the profile's "move failed email to an Undeliverable folder" puts the messages ingest gave up on.
+UNDELIVERABLE_FOLDER = "Undeliverable"
 
 
 class ImapFolderSync:
     def __init__(self, pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, *,
-                 received_after: datetime | None = None, delete_after_processing: bool = False) -> None:
+                 received_after: datetime | None = None, delete_after_processing: bool = False,
+                 undeliverable: str | None = None) -> None:
         self._pool = pool
         self._publisher = publisher
         self._mailbox = mailbox
         self._received_after = received_after
         self._delete = delete_after_processing
+        self._undeliverable = undeliverable   # the folder for messages given up on; None: they stay
         self.missing_folders: set[str] = set()
         # (code, text) of warnings for the mailbox's alerts; the runner raises and clears them.
         self.warnings: list[tuple[str, str]] = []
@@ -102,6 +107,8 @@ class ImapFolderSync:
                 # usable): what was saved stays saved, the next sync tries again, the others sync now.
                 self.warnings.append(("folder_sync_failed", f"the folder {folder!r} could not be synced: {exc.message}"))
                 log.warning("mailbox %s: folder %r could not be synced: %s", self._mailbox.id, folder, exc.message)
+        if self._undeliverable:
+            await self.move_undeliverable(client, folders)
         return published
 
     async def sync_folder(self, client: ImapClient, folder: str) -> int:
@@ -221,7 +228,7 @@ class ImapFolderSync:
                 # another message that reuses its Message-ID (a scanner's fixed one, a forged one).
                 places = await same_message(conn, self._mailbox.id, found)
             await state.renumber_ingested(conn, self._mailbox.id, folder, status.uidvalidity,
-                                          [(p.message_key, p.uid) for p in places])
+                                          [(p.message_key, p.uid) for p in places], copies_elsewhere=self._delete)
             if self._delete and places:
                 # Further copies of a message (delivered twice) go with it once it is processed.
                 await state.record_copies(conn, self._mailbox.id, places)
@@ -266,6 +273,34 @@ class ImapFolderSync:
                 log.warning("mailbox %s: %d processed messages left in the folder %r: %s",
                             self._mailbox.id, len(items), folder, exc.message)
         return removed
+
+    async def move_undeliverable(self, client: ImapClient, folders: Sequence[str]) -> int:
+        """Move the messages skipped after repeated refusals out of the tracked ``folders`` into the
+        Undeliverable folder (created when missing), where their owner sees they were not tracked;
+        return how many moved.  A refused move is a warning, tried again at the next session."""
+        assert self._undeliverable is not None
+        async with self._pool.acquire() as conn:
+            skipped = await state.undeliverable(conn, self._mailbox.id, lease_holder=self._mailbox.lease_holder)
+        moved = 0
+        for (folder, uidvalidity), uids in skipped.items():
+            if folder not in folders or folder == self._undeliverable:
+                continue   # no longer tracked, or already where it would go
+            try:
+                status = await client.select(folder, readonly=False)
+                if status.uidvalidity != uidvalidity:
+                    continue   # renumbered: those UIDs name nothing now, and the resync refuses anew
+                await client.move(uids, self._undeliverable)
+            except ImapCommandFailed as exc:   # the folder gone too, or the server refusing the move
+                text = f"{len(uids)} message(s) given up on could not be moved to {self._undeliverable!r}: {exc.message}"
+                log.warning("mailbox %s: %s", self._mailbox.id, text)
+                self.warnings.append(("undeliverable_not_moved", text))
+                continue
+            async with self._pool.acquire() as conn:
+                await state.mark_moved(conn, self._mailbox.id, folder, uidvalidity, uids)
+            log.info("mailbox %s: %d message(s) given up on moved from %r to %r", self._mailbox.id, len(uids),
+                     folder, self._undeliverable)
+            moved += len(uids)
+        return moved
 
     async def _remove_from(self, client: ImapClient, folder: str, items: list[state.IngestedMessage]) -> int:
         status = await client.select(folder, readonly=False)

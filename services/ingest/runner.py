@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 
 from services.ingest import leases, state
 from services.ingest.imap_client import ImapClient
-from services.ingest.imap_sync import ImapFolderSync
+from services.ingest.imap_sync import UNDELIVERABLE_FOLDER, ImapFolderSync
 from services.ingest.pop3_client import Pop3Client
 from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
@@ -259,7 +259,8 @@ class MailboxRunner:
         sync = ImapFolderSync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
                               received_after=profile.get("process_email_received_after") and
                               datetime.fromisoformat(profile["process_email_received_after"]),
-                              delete_after_processing=bool(self._work["delete_after_processing"]))
+                              delete_after_processing=bool(self._work["delete_after_processing"]),
+                              undeliverable=UNDELIVERABLE_FOLDER if profile.get("move_failed_to_undeliverable") else None)
         folders = list(self._work["tracked_folders"]) or ["INBOX"]
         # INBOX last, so that the folder IDLE watches is the one selected when we start idling.
         folders.sort(key=lambda f: f.upper() == "INBOX")

@@ -115,20 +115,28 @@ async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: 
     )
 
 
+# An ingested message ``im`` found again in another folder while its own place is still on the
+# server: a further copy (a server rule, a user's copy), not a move; a move's place vanished.
+_ELSEWHERE = "(im.folder IS NOT NULL AND im.folder <> {folder} AND NOT im.removed_from_server)"
+
+
 async def renumber_ingested(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
-                            found: Sequence[tuple[str, int]]) -> None:
+                            found: Sequence[tuple[str, int]], *, copies_elsewhere: bool = False) -> None:
     """Messages already ingested and found again in ``folder`` (``found``: message key, UID): under a
     new UIDVALIDITY, or moved there from another tracked folder.  Their rows take the new place and
     count as on the server, so a queue that deletes after processing finds them.  A second copy in
-    the same folder and numbering leaves the row alone."""
+    the same folder and numbering leaves the row alone; with ``copies_elsewhere`` (a queue that
+    deletes, ``record_copies``), so does one in another folder while the row's own place is still on
+    the server: a copy may be anywhere, and both places are removed."""
     if not found:
         return
     await conn.execute(
-        """UPDATE ingested_message im SET folder = $2, uid = f.uid, uidvalidity = $3, removed_from_server = false
+        f"""UPDATE ingested_message im SET folder = $2, uid = f.uid, uidvalidity = $3, removed_from_server = false
            FROM unnest($4::text[], $5::bigint[]) AS f(message_key, uid)
            WHERE im.mailbox_id = $1 AND im.message_key = f.message_key
-             AND (im.folder IS DISTINCT FROM $2 OR im.uidvalidity IS DISTINCT FROM $3)""",
-        mailbox_id, folder, uidvalidity, [k for k, _ in found], [u for _, u in found],
+             AND (im.folder IS DISTINCT FROM $2 OR im.uidvalidity IS DISTINCT FROM $3)
+             AND NOT ($6 AND {_ELSEWHERE.format(folder="$2")})""",
+        mailbox_id, folder, uidvalidity, [k for k, _ in found], [u for _, u in found], copies_elsewhere,
     )
 
 
@@ -201,18 +209,21 @@ async def deletable(conn: asyncpg.Connection, mailbox_id: UUID, *,
 
 async def record_copies(conn: asyncpg.Connection, mailbox_id: UUID, copies: Sequence[IngestedMessage]) -> None:
     """Of messages found again (already ingested), record those at another place than the ingested
-    one: a further copy, to be removed with it by a queue that deletes after processing.  The
-    ingested copy itself, found again after a crash or a renumbering, is not a further copy."""
+    one: a further copy, to be removed with it by a queue that deletes after processing.  Found in
+    another folder, it is a further copy only while the ingested place is still on the server (else
+    it moved, ``renumber_ingested``).  The ingested copy itself, found again after a crash or a
+    renumbering, is not a further copy."""
     if not copies:
         return
     await conn.execute(
-        """INSERT INTO ingested_copy (mailbox_id, message_key, folder, uidvalidity, uid, uidl)
+        f"""INSERT INTO ingested_copy (mailbox_id, message_key, folder, uidvalidity, uid, uidl)
            SELECT $1, f.message_key, f.folder, f.uidvalidity, f.uid, f.uidl
            FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])
                 AS f(message_key, folder, uidvalidity, uid, uidl)
            JOIN ingested_message im ON im.mailbox_id = $1 AND im.message_key = f.message_key
-           WHERE (f.uid IS NOT NULL AND im.folder IS NOT DISTINCT FROM f.folder
+           WHERE (f.uid IS NOT NULL AND ((im.folder IS NOT DISTINCT FROM f.folder
                   AND im.uidvalidity IS NOT DISTINCT FROM f.uidvalidity AND im.uid IS DISTINCT FROM f.uid)
+                  OR {_ELSEWHERE.format(folder="f.folder")}))
               OR (f.uidl IS NOT NULL AND im.uidl IS DISTINCT FROM f.uidl)
            ON CONFLICT DO NOTHING""",
         mailbox_id, [c.message_key for c in copies], [c.folder for c in copies], [c.uidvalidity for c in copies],
@@ -245,6 +256,30 @@ async def mark_removed(conn: asyncpg.Connection, mailbox_id: UUID, removed: Sequ
                        f"WHERE {_AT_PLACE.format(t='im')}", mailbox_id, *places)
     await conn.execute(f"DELETE FROM ingested_copy c USING {_PLACES} WHERE {_AT_PLACE.format(t='c')}",
                        mailbox_id, *places)
+
+
+async def undeliverable(conn: asyncpg.Connection, mailbox_id: UUID, *,
+                        lease_holder: str | None = None) -> dict[tuple[str, int], list[int]]:
+    """Messages skipped after repeated refusals and not yet moved to the Undeliverable folder, by
+    (IMAP folder, UIDVALIDITY): their UIDs.  Fenced by the lease like ``deletable``."""
+    async with conn.transaction():
+        await leases.hold(conn, mailbox_id, lease_holder)
+        rows = await conn.fetch(
+            """SELECT folder, uidvalidity, array_agg(server_id::bigint ORDER BY server_id::bigint) AS uids
+               FROM refused_message WHERE mailbox_id = $1 AND folder <> '' AND skipped_at IS NOT NULL AND moved_at IS NULL
+               GROUP BY folder, uidvalidity""",
+            mailbox_id,
+        )
+    return {(r["folder"], r["uidvalidity"]): list(r["uids"]) for r in rows}
+
+
+async def mark_moved(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
+                     uids: Sequence[int]) -> None:
+    await conn.execute(
+        """UPDATE refused_message SET moved_at = now() WHERE mailbox_id = $1 AND folder = $2 AND uidvalidity = $3
+             AND server_id = ANY($4::text[])""",
+        mailbox_id, folder, uidvalidity, [str(u) for u in uids],
+    )
 
 
 class Refusal(NamedTuple):

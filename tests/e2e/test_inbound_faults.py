@@ -48,6 +48,8 @@ class RefusingRelay:
         self.refusals = 0
         self.nil_bodies = 0
         self.uidl_suffix = b""   # appended to every unique id of a UIDL listing
+        self.hidden_capability = b""   # taken out of the IMAP server's capability lists
+        self.sent = bytearray()   # what IMAP clients sent
         self.before_fetch: Callable[[], None] | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -78,6 +80,7 @@ class RefusingRelay:
                 if self.before_fetch is not None and b" UID FETCH " in data:
                     run, self.before_fetch = self.before_fetch, None
                     await asyncio.to_thread(run)
+                self.sent += data
                 up_writer.write(data)
                 await up_writer.drain()
             up_writer.close()
@@ -98,6 +101,8 @@ class RefusingRelay:
                     response = head + (b" BODY[] NIL)\r\n" if self.imap_answer == "BODY[] NIL" else b")\r\n")
                 elif response.startswith(b"* ") and b" FETCH " in response[:40] and b" BODY[] NIL)" in response:
                     self.nil_bodies += 1   # Dovecot's own: a message expunged under the session
+                elif self.hidden_capability and (b"[CAPABILITY " in response or response.startswith(b"* CAPABILITY ")):
+                    response = re.sub(rb" " + re.escape(self.hidden_capability) + rb"(?=[ \]\r])", b"", response)
                 # Pipelined commands complete in order: the next tagged answer is that FETCH's own.
                 if refused and not response.startswith((b"*", b"+")):
                     tag, status, _ = response.split(b" ", 2)
@@ -180,14 +185,15 @@ async def alerts(registry, org, box) -> list[tuple[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def relayed(registry, org, dovecot, protocol: str,
-                  imap_answer: str = "NO") -> AsyncIterator[tuple[RefusingRelay, ReadyMailbox]]:
-    """A mailbox whose profile reaches Dovecot through a ``RefusingRelay``; made inactive at the end,
-    so that later tests' ingest runs do not knock at the closed relay."""
+async def relayed(registry, org, dovecot, protocol: str, imap_answer: str = "NO",
+                  **profile) -> AsyncIterator[tuple[RefusingRelay, ReadyMailbox]]:
+    """A mailbox whose profile (with ``profile``'s settings) reaches Dovecot through a
+    ``RefusingRelay``; made inactive at the end, so that later tests' ingest runs do not knock at
+    the closed relay."""
     port = dovecot.imap_port if protocol == "imap" else dovecot.pop3_port
     async with RefusingRelay(dovecot.host, port, protocol, imap_answer) as relay:
         await registry.add_profile(org, imap_profile(dovecot, f"refusing-{protocol}", server_type=protocol,
-                                                     incoming_host="127.0.0.1", incoming_port=relay.port))
+                                                     incoming_host="127.0.0.1", incoming_port=relay.port, **profile))
         box = await ready_mailbox(registry, org, dovecot, tracking="all")
         try:
             yield relay, box
@@ -214,6 +220,32 @@ IMAP_REFUSALS = {
     "BODY[] NIL": "without the message's content (BODY[] NIL)",
     "no BODY[]": "without the message's content (no BODY[] in its FETCH response)",
 }
+
+
+@pytest.mark.parametrize("capability", [b"", b"MOVE"], ids=["move", "copy-without-move"])
+async def test_a_message_given_up_on_is_moved_to_the_undeliverable_folder(settings, registry, org, dovecot, pool,
+                                                                          capability: bytes) -> None:
+    """The profile moves failed email to an Undeliverable folder: the message the server would not hand
+    over is moved there once skipped (the folder created; with UID COPY where MOVE is not offered), and
+    the rest of the Inbox, tracked, stays."""
+    async with relayed(registry, org, dovecot, "imap", move_failed_to_undeliverable=True) as (relay, box):
+        relay.hidden_capability = capability
+        dovecot.deliver_many(box.email, [message("before"), REFUSED, message("after")])
+        for _ in range(3):   # refused in three syncs: skipped, then moved
+            assert dovecot.message_count(box.email, "Undeliverable") == 0
+            await pipeline(settings)
+        assert (dovecot.message_count(box.email), dovecot.message_count(box.email, "Undeliverable")) == (2, 1)
+        assert set(await activities(pool, org)) == {"before", "after"}
+        assert (b" UID MOVE " in relay.sent, b" UID COPY " in relay.sent) == (not capability, bool(capability))
+        with _imap(dovecot, box) as imap:
+            imap.select("Undeliverable", readonly=True)
+            assert imap.uid("SEARCH", "HEADER", "X-Test-Refuse", "yes")[1][0]
+            imap.logout()
+        refusals = relay.refusals
+        await pipeline(settings)   # moved once: nothing more to do, and nothing to warn of
+        assert relay.refusals == refusals
+        assert (dovecot.message_count(box.email), dovecot.message_count(box.email, "Undeliverable")) == (2, 1)
+        assert all(code != "undeliverable_not_moved" for code, _ in await alerts(registry, org, box))
 
 
 @pytest.mark.parametrize("answer", list(IMAP_REFUSALS), ids=["no", "body-nil", "no-body"])
@@ -348,24 +380,29 @@ async def test_queue_deletes_only_mail_that_became_an_activity(settings, registr
         imap.logout()
 
 
-async def test_queue_deletes_a_message_moved_to_another_tracked_folder(settings, registry, org, dovecot, pool) -> None:
+@pytest.mark.parametrize("moved", [True, False], ids=["moved", "copied"])
+async def test_queue_deletes_a_message_filed_into_another_tracked_folder(settings, registry, org, dovecot, pool,
+                                                                        moved: bool) -> None:
+    """Moved into another tracked folder, the message is removed from there; copied there (a user's
+    copy, a server rule), from both folders: a copy found elsewhere is not taken for a move."""
     await registry.add_profile(org, imap_profile(dovecot))
     queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True,
                                 tracked_folders=["INBOX", "Projects"])
     await dovecot.append(queue.email, queue.password, message("first in projects"), folder="Projects")
-    dovecot.deliver(queue.email, message("moving"))
+    dovecot.deliver(queue.email, message("filed"))
     await run_service(IngestService(settings), burst=True)   # ingested from the Inbox, not yet decided
     with _imap(dovecot, queue) as imap:   # someone files it into Projects (a move: copy, then expunge)
         imap.select("INBOX")
         assert imap.uid("COPY", "1:*", "Projects")[0] == "OK"
-        imap.uid("STORE", "1:*", "+FLAGS.SILENT", r"(\Deleted)")
-        imap.expunge()
+        if moved:
+            imap.uid("STORE", "1:*", "+FLAGS.SILENT", r"(\Deleted)")
+            imap.expunge()
         imap.logout()
+    await run_service(IngestService(settings), burst=True)   # finds it in Projects, not yet decided
     await run_service(EvaluateService(settings), burst=True)
-    await run_service(IngestService(settings), burst=True)   # finds it in Projects: its row moves there
-    await run_service(IngestService(settings), burst=True)   # and removes it from there
-    assert set(await activities(pool, org)) == {"first in projects", "moving"}
-    assert dovecot.message_count(queue.email, "Projects") == 0
+    await run_service(IngestService(settings), burst=True)   # removes it
+    assert set(await activities(pool, org)) == {"first in projects", "filed"}
+    assert (dovecot.message_count(queue.email), dovecot.message_count(queue.email, "Projects")) == (0, 0)
 
 
 async def test_pop3_unique_ids_too_long_to_keep_are_a_clear_alert_not_a_crash_loop(settings, registry, org, dovecot, pool) -> None:
