@@ -124,6 +124,10 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
     event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer=producer,
                                       organization_id=ctx.org.id, data=payload, correlation_id=f"send-{uuid.uuid4().hex}")
     await ensure_topics(settings)
+    refused = await _refused_now(ctx, payload)
+    if refused is not None:
+        # Dispatch would reject it (and dead-letter it): say so now, before anything is published.
+        raise fail(f"dispatch would refuse this request ({refused[0]}): {refused[1]}")
     holder = await _held_by_another(ctx, payload)
     if holder is not None:
         # Dispatch would dead-letter it as idempotency_key_reused: say so now, not after publishing.
@@ -210,6 +214,27 @@ class _StatusFollower:
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
+
+
+async def _refused_now(ctx: Any, payload: Any) -> tuple[str, str] | None:
+    """(reason, words) when dispatch would refuse the request as things stand: a header outside the
+    allow-list, no such sending mailbox, or one that may not send; else None."""
+    from services.dispatch.compose import check_headers
+    from services.dispatch.ledger import mailbox_states, refusal, resolve_senders
+    from shared.errors import InvalidInput
+
+    try:
+        check_headers(payload.headers)
+    except InvalidInput as exc:
+        return exc.reason, exc.message
+    async with ctx.registry.pool.acquire() as conn:
+        (mailbox_id,) = await resolve_senders(conn, [(ctx.org.id, payload.mailbox_id,
+                                                      None if payload.mailbox_id else payload.sender_email)])
+        if mailbox_id is None:
+            who = payload.mailbox_id or payload.sender_email
+            return "unknown_mailbox", f"no mailbox, user or queue {who} in the organization"
+        states = await mailbox_states(conn, {mailbox_id})
+    return refusal(states.get(mailbox_id))
 
 
 async def _held_by_another(ctx: Any, payload: Any) -> str | None:

@@ -306,6 +306,15 @@ class Dovecot:
             raise ValueError(f"user {address} exists already")
         self._write_passwd_file(path, address, password)
 
+    def add_master_user(self, name: str, password: str) -> None:
+        """Add a master login (a service account): with SASL PLAIN it signs in to any user's mailbox,
+        naming that user as the authorization identity (RFC 4616), the way a profile with
+        impersonation reads every mailbox with one set of credentials."""
+        path = self._passwd_file(name, "masters")
+        if path.exists():
+            raise ValueError(f"master user {name} exists already")
+        self._write_passwd_file(path, name, password)
+
     def set_password(self, address: str, password: str) -> None:
         """Change a user's password; effective for every login after this returns.
 
@@ -323,11 +332,11 @@ class Dovecot:
             while (now := time.time()) < ready_at:
                 time.sleep(ready_at - now)
 
-    def _passwd_file(self, address: str) -> Path:
+    def _passwd_file(self, address: str, kind: str = "passwd") -> Path:
         name = address.lower()
         if not name or any(c in name for c in ":/\n") or name.startswith("."):
             raise ValueError(f"not usable as a login: {address!r}")
-        return self._data / "passwd" / name
+        return self._data / kind / name
 
     def _write_passwd_file(self, path: Path, address: str, password: str) -> None:
         if ":" in password or "\n" in password:
@@ -511,6 +520,14 @@ mailbox_idle_check_interval = 1 secs
 passdb {{
   driver = passwd-file
 {password_mechanisms}  args = scheme=PLAIN {data}/passwd/%u
+}}
+# Master logins (``add_master_user``): SASL PLAIN with the user as authorization identity; the user
+# must exist too (pass = yes: the passdb above is still asked about them).
+passdb {{
+  driver = passwd-file
+  master = yes
+  pass = yes
+{password_mechanisms}  args = scheme=PLAIN {data}/masters/%u
 }}
 {oauth2_passdb}userdb {{
   driver = static

@@ -82,6 +82,27 @@ async def resolve_senders(conn: asyncpg.Connection, wanted: Sequence[tuple[UUID,
     return [r["mailbox_id"] for r in rows]
 
 
+def refusal(state: asyncpg.Record | None) -> tuple[str, str] | None:
+    """Why a mailbox may not send, in the order an administrator would fix it; None if it may."""
+    if state is None:
+        return "unknown_mailbox", "no such mailbox in the organization"
+    if not state["active"]:
+        return "mailbox_inactive", f"the mailbox {state['email']} is inactive"
+    if state["profile_id"] is None:
+        return "no_profile", f"the mailbox {state['email']} has no email server profile"
+    if not state["email_approved"]:
+        return "email_not_approved", f"the email address {state['email']} is not approved"
+    if state["forward"]:
+        return "forward_mailbox", "a forward mailbox receives email only"
+    if not state["owner_active"]:
+        return "owner_inactive", "the mailbox's user or queue is inactive"
+    if state["owner_method"] != "server_side_sync":
+        return "outgoing_not_enabled", "the owner's outgoing email is not delivered by server-side synchronization"
+    if state["outgoing_status"] != "success":
+        return "outgoing_not_enabled", "outgoing email is not enabled for this mailbox (run Test & Enable)"
+    return None
+
+
 async def mailbox_states(conn: asyncpg.Connection, mailbox_ids: Iterable[UUID]) -> dict[UUID, asyncpg.Record]:
     """What decides whether a mailbox may send (for the reason a request is refused)."""
     rows = await conn.fetch(

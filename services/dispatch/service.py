@@ -119,27 +119,6 @@ class _Result:
     postpone_until: datetime | None = None
 
 
-def _refusal(state: asyncpg.Record | None) -> tuple[str, str] | None:
-    """Why a mailbox may not send, in the order an administrator would fix it; None if it may."""
-    if state is None:
-        return "unknown_mailbox", "no such mailbox in the organization"
-    if not state["active"]:
-        return "mailbox_inactive", f"the mailbox {state['email']} is inactive"
-    if state["profile_id"] is None:
-        return "no_profile", f"the mailbox {state['email']} has no email server profile"
-    if not state["email_approved"]:
-        return "email_not_approved", f"the email address {state['email']} is not approved"
-    if state["forward"]:
-        return "forward_mailbox", "a forward mailbox receives email only"
-    if not state["owner_active"]:
-        return "owner_inactive", "the mailbox's user or queue is inactive"
-    if state["owner_method"] != "server_side_sync":
-        return "outgoing_not_enabled", "the owner's outgoing email is not delivered by server-side synchronization"
-    if state["outgoing_status"] != "success":
-        return "outgoing_not_enabled", "outgoing email is not enabled for this mailbox (run Test & Enable)"
-    return None
-
-
 def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
     """A failure of the mailbox or its server, not of this message: back off the mailbox."""
     if isinstance(exc, (AuthenticationFailed, TlsFailed)):
@@ -375,7 +354,7 @@ class DispatchService(ServiceBase):
             who = str(request.mailbox_id) if request.mailbox_id else request.sender_email
             return Refused(f"no mailbox, user or queue {who} in the organization", reason="unknown_mailbox")
         if mailbox_id not in eligible:
-            refusal = _refusal(states.get(mailbox_id))
+            refusal = ledger.refusal(states.get(mailbox_id))
             if refusal is not None:
                 return Refused(refusal[1], reason=refusal[0])
         for attachment in request.attachments:
@@ -694,7 +673,7 @@ class DispatchService(ServiceBase):
                 to_claim.append(row["id"])
             else:
                 state = states.get(mailbox_id) if mailbox_id else None
-                refusal = _refusal(state)
+                refusal = ledger.refusal(state)
                 if refusal is not None:
                     failed.append(ledger.Outcome(row["id"], "failed", reason=refusal[0], detail=refusal[1]))
                 elif state is not None and state["backed_off"]:
@@ -806,7 +785,7 @@ class DispatchService(ServiceBase):
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             state = (await ledger.mailbox_states(conn, {result.row["mailbox_id"]})).get(result.row["mailbox_id"])
-        refusal = _refusal(state)
+        refusal = ledger.refusal(state)
         if refusal is None and state is not None and state["backed_off"]:
             result.postpone_until = state["outgoing_backoff_until"]
         else:

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 from services.ingest.wire import MailConnection, TlsMode, open_session
-from services.ingest.xoauth2 import xoauth2_initial_response
+from services.ingest.sasl import plain_initial_response, xoauth2_initial_response
 from shared.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -393,6 +393,19 @@ class ImapClient:
         else:
             reply = await self._command([b"AUTHENTICATE XOAUTH2"], sasl_response=initial)
         self._check_login(reply, user)
+        await self._after_auth()
+
+    async def authenticate_plain(self, user: str, service_user: str, password: str) -> None:
+        """AUTHENTICATE PLAIN as ``service_user``, acting as ``user`` (the profile's impersonation)."""
+        if "AUTH=PLAIN" not in self.capabilities:
+            raise AuthenticationFailed(f"The IMAP server {self._host} does not offer AUTHENTICATE PLAIN, which "
+                                       "signing in with the profile's credentials for another user needs.")
+        initial = plain_initial_response(user, service_user, password)
+        if "SASL-IR" in self.capabilities:
+            reply = await self._command([b"AUTHENTICATE PLAIN", initial], sasl_response=b"")
+        else:
+            reply = await self._command([b"AUTHENTICATE PLAIN"], sasl_response=initial)
+        self._check_login(reply, f"{service_user} for {user}")
         await self._after_auth()
 
     def _check_login(self, reply: _Reply, user: str) -> None:

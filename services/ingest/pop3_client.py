@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from services.ingest.wire import MailConnection, TlsMode, open_session
-from services.ingest.xoauth2 import xoauth2_initial_response
+from services.ingest.sasl import plain_initial_response, xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConnectionFailed, PermanentError, TlsFailed, TransientError
 
 # RETR commands sent ahead of the replies being read, when the server allows pipelining.
@@ -113,10 +113,17 @@ class Pop3Client:
         if not ok:
             self._raise_login_error(user, text)
 
+    async def authenticate_plain(self, user: str, service_user: str, password: str) -> None:
+        """AUTH PLAIN as ``service_user``, acting as ``user`` (the profile's impersonation)."""
+        await self._authenticate(b"PLAIN", plain_initial_response(user, service_user, password),
+                                 f"{service_user} for {user}")
+
     async def authenticate_xoauth2(self, user: str, access_token: str) -> None:
         """AUTH XOAUTH2 with the initial response on the command line (RFC 5034 allows it)."""
-        initial = xoauth2_initial_response(user, access_token)
-        self._conn.write(b"AUTH XOAUTH2 " + initial + b"\r\n")
+        await self._authenticate(b"XOAUTH2", xoauth2_initial_response(user, access_token), user)
+
+    async def _authenticate(self, mechanism: bytes, initial: bytes, user: str) -> None:
+        self._conn.write(b"AUTH " + mechanism + b" " + initial + b"\r\n")
         await self._conn.drain()
         line = await self._conn.read_line()
         if line.startswith(b"+ ") or line == b"+":

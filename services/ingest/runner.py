@@ -396,6 +396,12 @@ async def sign_in(client: ImapClient | Pop3Client, work: MailboxWork, tokens: To
     XOAUTH2 with a token of the profile's OAuth client.  A refused token is forgotten, so the next
     attempt asks for a new one (it may have been revoked long before it expires)."""
     profile = work.profile
+    if profile["auth_method"] == "profile_impersonation":
+        # The profile's account signs in and acts as the mailbox's user (SASL PLAIN's authorization
+        # identity); a plain LOGIN would open the service account's own mailbox for every user.
+        service_user, password = work.login()
+        await client.authenticate_plain(work["username"] or work.email, service_user, password.get_secret_value())
+        return
     if profile["auth_method"] != "oauth2":
         user, password = work.login()
         await client.login(user, password.get_secret_value())

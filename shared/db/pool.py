@@ -59,5 +59,9 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
         return await asyncpg.create_pool(
             database_url(settings), min_size=min_size, max_size=max_size, init=_init_connection
         )
-    except ValueError as exc:   # asyncpg parsing the URL: its words name the part, never the password
-        raise InvalidInput(f"DATABASE_URL is not a PostgreSQL URL asyncpg can use: {exc}", reason="bad_setting") from None
+    except ValueError:
+        # Not asyncpg's words: a password holding '/', '?' or '#' is cut there, and its rest is then
+        # quoted back as the port or a query field.
+        raise InvalidInput("DATABASE_URL is not a PostgreSQL URL asyncpg can use: postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
+                           "with '/', '?', '#', '@' and ':' in the user name or password percent-encoded",
+                           reason="bad_setting") from None

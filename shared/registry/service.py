@@ -27,6 +27,7 @@ from shared.events.payloads import EmailOutboundV1, MailboxEventV1, RegistryChan
 from shared.events.topics import MAILBOX_EVENTS, REGISTRY_CHANGES
 from shared.outbox import enqueue
 from shared.registry import models, repository as repo
+from shared.tls import check_ca_file
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ class MailboxWork:
         return self.row[key]
 
     def login_name(self) -> str:
-        """The account the mailbox signs in as (nothing decrypted)."""
-        if self.profile["auth_method"] == "profile_impersonation":
-            return self.profile["profile_username"] or ""
+        """The account whose mail the mailbox reads (nothing decrypted): with impersonation too, the
+        mailbox's user, whom the profile's account acts as."""
         return self.row["username"] or self.row["email"]
 
     def login(self) -> tuple[str, SecretStr]:
-        """The user name and secret to sign in with, per the profile's authentication method."""
+        """The user name and secret to sign in with, per the profile's authentication method: with
+        impersonation, the profile's account (IMAP and POP3 then act as the mailbox's user)."""
         if self.profile["auth_method"] == "profile_impersonation":
             secret = self.profile.get("profile_secret")
             if not secret:
@@ -262,11 +263,8 @@ class Registry:
             raise InvalidInput("OAuth 2.0 needs --oauth-token-url, --oauth-client-id and the client secret")
         _require_https("--service-url", spec.service_url)
         _require_https("--oauth-token-url", spec.oauth_token_url)
-        if spec.tls_ca_file is not None:
-            from pathlib import Path
-
-            if not Path(spec.tls_ca_file).is_file():
-                raise InvalidInput(f"TLS CA file not found: {spec.tls_ca_file}")
+        if spec.tls_ca_file is not None and (problem := check_ca_file(spec.tls_ca_file)) is not None:
+            raise InvalidInput(f"--tls-ca-file {spec.tls_ca_file} cannot be used: {problem}")
         fields = {k: v for k, v in spec.__dict__.items() if k not in ("profile_secret", "oauth_client_secret")}
         fields["profile_secret"] = self._cipher.encrypt(spec.profile_secret) if spec.profile_secret else None
         fields["oauth_client_secret"] = self._cipher.encrypt(spec.oauth_client_secret) if spec.oauth_client_secret else None

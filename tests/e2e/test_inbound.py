@@ -165,6 +165,30 @@ async def test_forward_mailbox_attributes_to_the_forwarding_user_only(settings, 
     assert await why(registry, org, "fw-2@else.example") == [(forward.email, False, "forwarder_unknown")]
 
 
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+async def test_a_profile_with_impersonation_reads_each_users_own_mailbox(settings, registry: Registry, org, dovecot,
+                                                                         pool, protocol: str) -> None:
+    """One service account signs in for every mailbox of the profile and acts as each mailbox's user
+    (SASL PLAIN's authorization identity, a Dovecot master user): each mailbox ingests its own mail,
+    not the service account's; a wrong profile password is the mailbox's credentials alert."""
+    service_user, service_password = f"svc-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex[:8]}"
+    dovecot.add_master_user(service_user, service_password)
+    make = imap_profile if protocol == "imap" else pop3_profile
+    profile = await registry.add_profile(org, make(dovecot, f"impersonating-{protocol}", auth_method="profile_impersonation",
+                                                   profile_username=service_user, profile_secret=SecretStr(service_password)))
+    boxes = [await ready_mailbox(registry, org, dovecot, profile=profile.name) for _ in range(2)]
+    for box in boxes:
+        dovecot.deliver(box.email, message(f"for {box.email}", to=box.email))
+    await pipeline(settings)
+    acts = await activities(pool, org)
+    assert {subject: a["mailboxes"] for subject, a in acts.items()} == {f"for {b.email}": [b.id] for b in boxes}
+
+    await registry.update_profile(org, profile.name, profile_secret=SecretStr("wrong"))
+    await run_service(IngestService(settings), burst=True)
+    state = await registry.mailbox(org, boxes[0].email)
+    assert state.incoming.error_count == 1 and [a.code for a in state.alerts][-1:] == ["authentication_failed"], state.alerts
+
+
 async def test_queue_deletes_from_server_only_after_processing(settings, registry: Registry, org, dovecot, pool) -> None:
     await registry.add_profile(org, imap_profile(dovecot))
     queue = await ready_mailbox(registry, org, dovecot, owner="queue", delete_after_processing=True)

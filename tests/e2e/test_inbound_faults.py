@@ -16,6 +16,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import trustme
 
 from services.evaluate.service import EvaluateService
 from services.ingest.service import IngestService
@@ -220,6 +221,21 @@ IMAP_REFUSALS = {
     "BODY[] NIL": "without the message's content (BODY[] NIL)",
     "no BODY[]": "without the message's content (no BODY[] in its FETCH response)",
 }
+
+
+async def test_a_ca_file_that_became_unusable_is_the_mailboxs_tls_alert(settings, registry, org, dovecot, tmp_path) -> None:
+    """The profile's CA file, fine when registered, is later replaced by something that holds no
+    certificate: each session fails as a TLS failure of the mailbox (alert, back-off), not as a fault."""
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    await registry.add_profile(org, imap_profile(dovecot, "private-ca", tls_ca_file=str(ca_file)))
+    box = await ready_mailbox(registry, org, dovecot, profile="private-ca")
+    ca_file.write_text("not a certificate\n")
+    await run_service(IngestService(settings), burst=True)
+    mailbox = await registry.mailbox(org, box.email)
+    assert mailbox.incoming.error_count == 1 and mailbox.incoming.backoff_until is not None
+    assert [(a.code, "holds no PEM certificate" in a.message) for a in mailbox.alerts][-1:] == [("tls_failed", True)]
+    await registry.update_mailbox(org, box.email, active=False)
 
 
 @pytest.mark.parametrize("capability", [b"", b"MOVE"], ids=["move", "copy-without-move"])

@@ -26,15 +26,20 @@ async def _letters(settings: Settings, *args: str) -> list[dict]:
 
 
 async def test_a_refused_request_is_listed_replayed_and_sent_once_mended(
-        settings: Settings, registry: Registry, org, tmp_path) -> None:
+        settings: Settings, registry: Registry, org, publisher, tmp_path) -> None:
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port, approve=False)
         async with dispatch_running(settings):
             key = f"dlq-{uuid.uuid4().hex[:8]}"
+            # `conduit send` refuses it before publishing; another system publishes it all the same.
             code, out, err = await conduit_cli(settings, "send", "--org", org.name, "--from", sender.email, "--to",
                                                "someone@customer.example", "--subject", "Refused first", "--text", "Hello.",
                                                "--key", key, "--wait", "--json")
-            assert code == 1 and json.loads(out)["reason"] == "email_not_approved", (out, err)
+            assert code == 2 and "dispatch would refuse this request (email_not_approved)" in err, (out, err)
+            await publish(publisher, outbound(org, idempotency_key=key, sender_email=sender.email,
+                                              to=["someone@customer.example"], subject="Refused first", text="Hello."))
+            reader = await finals(settings, [key])
+            assert reader.final(key).reason == "email_not_approved"
 
             (first,) = await _letters(settings)
             assert (first["reason"], first["subject"], first["key"], first["event_type"], first["replayed_at"]) == \

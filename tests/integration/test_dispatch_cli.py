@@ -8,11 +8,11 @@ from conduit.peers.smtp import CaptureSmtpServer
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.cli import conduit_cli as _cli
-from tests.support.dispatch import dispatch_running, sending_mailbox
+from tests.support.dispatch import dispatch_running, finals, outbound, publish, sending_mailbox
 
 
 async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
-        settings: Settings, registry: Registry, org, tmp_path) -> None:
+        settings: Settings, registry: Registry, org, publisher, tmp_path) -> None:
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
         async with dispatch_running(settings):
@@ -33,10 +33,18 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             other = [a if a != "From the CLI" else "Another email" for a in args]
             code, out, err = await _cli(settings, *other)
             assert code == 2 and f"the key {key!r} is already used by a different request (sent)" in err, (out, err)
+            # What dispatch would refuse is refused before anything is published.
             code, out, err = await _cli(settings, "send", "--org", org.name, "--from", "nobody@example.com", "--to", "x@example.com",
                                         "--wait", "--json")
-            assert code == 1 and json.loads(out)["reason"] == "unknown_mailbox"
-            rejected_key = json.loads(out)["idempotency_key"]
+            assert code == 2 and "dispatch would refuse this request (unknown_mailbox): no mailbox, user or queue " \
+                                 "nobody@example.com" in err, (out, err)
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@example.com",
+                                        "-H", "Bcc: evil@example.net")
+            assert code == 2 and "(header_not_allowed): header 'Bcc' is not allowed" in err, (out, err)
+            rejected = outbound(org, sender_email="nobody@example.com", to=["x@example.com"])   # another system's
+            rejected_key = rejected.data.idempotency_key
+            await publish(publisher, rejected)
+            assert (await finals(settings, [rejected_key])).final(rejected_key).reason == "unknown_mailbox"
 
             # Where each request stands, as `conduit outbound` reads it from the send ledger.
             code, out, err = await _cli(settings, "outbound", "show", key, "--org", org.name, "--json")

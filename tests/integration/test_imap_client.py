@@ -31,7 +31,7 @@ from services.ingest.imap_client import (
     sequence_set,
 )
 from services.ingest.wire import MailConnection
-from services.ingest.xoauth2 import xoauth2_initial_response
+from services.ingest.sasl import xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConnectionFailed, InvalidInput, ProtocolTimeout, TlsFailed
 
 PASSWORD = "secret-pw-1"

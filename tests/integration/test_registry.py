@@ -152,6 +152,8 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
         ({"clear": ["profile_secret"]}, InvalidInput, "impersonation needs"),
         ({"clear": ["name"]}, InvalidInput, "cannot clear name"),
         ({"clear": ["oauth_scope"], "oauth_scope": "x"}, InvalidInput, "both set and cleared: oauth_scope"),
+        ({"tls_ca_file": "/etc/passwd"}, InvalidInput, "/etc/passwd cannot be used: it holds no PEM certificate"),
+        ({"tls_ca_file": "/nonexistent/ca.pem"}, InvalidInput, "ca.pem cannot be used: No such file"),
     ]:
         with pytest.raises(error, match=message):
             await registry.update_profile(org, "edited", **changes)
