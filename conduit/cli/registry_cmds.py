@@ -128,7 +128,15 @@ def profile_add(
         async with command_context(load_settings(), org) as ctx:
             p = await ctx.registry.add_profile(ctx.org, spec, make_default=default)
             emit_json(p) if json_ else typer.echo(f"profile {p.name} added ({p.id}){' [default]' if p.is_default else ''}")
+            _warn_cleartext(p)
     run(go)
+
+
+def _warn_cleartext(p: models.Profile) -> None:
+    """Allowed (a relay inside the organization), but said: passwords cross the network in clear."""
+    for server in p.cleartext_servers():
+        typer.echo(f"warning: profile {p.name} reaches {server} without TLS: passwords and tokens would cross the "
+                   "network in clear (--incoming-tls / --outgoing-tls starttls or implicit)", err=True)
 
 
 @profile_app.command("set")
@@ -174,6 +182,7 @@ def profile_set(
             p = await ctx.registry.update_profile(ctx.org, ref, clear=clear, **changes)
             emit_json(p) if json_ else typer.echo(f"profile {p.name} changed: "
                                                   f"{', '.join([k for k, v in changes.items() if v is not None] + clear)}")
+            _warn_cleartext(p)
     run(go)
 
 

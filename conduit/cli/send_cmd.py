@@ -161,13 +161,22 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
         status = await _from_ledger(ctx, payload.idempotency_key)
     if status is None:
         typer.echo(payload.idempotency_key)
-        raise fail(f"no final status within {timeout:.0f} s (is the dispatch service running?)", code=1)
+        raise fail(f"no final status within {timeout:.0f} s: {await _where_it_stands(ctx, payload.idempotency_key)}", code=1)
     if json_:
         emit_json(status)
     else:
         typer.echo(payload.idempotency_key)
         fields([(k, v) for k, v in status.items() if v not in (None, "", 0) or k == "status"])
     return 0 if status["status"] == "sent" else 1
+
+
+def progress(status: Any) -> str:
+    """A status on the way, in words: what happened to the last attempt."""
+    words = status.status.replace("_", " ")
+    if status.reason:
+        reply = f": SMTP {status.smtp_code} {status.smtp_reply}" if status.smtp_code else ""
+        words += f", after attempt {status.attempt} failed ({status.reason}){reply or ': ' + (status.detail or '')}"
+    return words.rstrip(": ")
 
 
 class _StatusFollower:
@@ -206,9 +215,14 @@ class _StatusFollower:
             for records in batches.values():
                 for record in records:
                     event = Envelope[EmailStatusV1].model_validate_json(record.value)
-                    if event.organization_id == self._org_id and event.data.idempotency_key == key \
-                            and event.correlation_id == correlation_id and event.data.status in FINAL:
+                    if event.organization_id != self._org_id or event.data.idempotency_key != key \
+                            or event.correlation_id != correlation_id:
+                        continue
+                    if event.data.status in FINAL:
                         return event.data.model_dump(mode="json")
+                    # Progress, on stderr (stdout stays the answer): a retry is seen as it happens,
+                    # not only as a timeout.
+                    typer.echo(f"{key}: {progress(event.data)}", err=True)
         return None
 
     async def stop(self) -> None:
@@ -245,6 +259,17 @@ async def _held_by_another(ctx: Any, payload: Any) -> str | None:
     async with ctx.registry.pool.acquire() as conn:
         (holder,) = await key_holders(conn, [(ctx.org.id, payload.idempotency_key, stored_request(payload))])
     return holder["status"] if holder["status"] not in (None, "rejected") and not holder["same"] else None
+
+
+async def _where_it_stands(ctx: Any, key: str) -> str:
+    """Why a wait ended without a final status: the request's row in the send ledger, or its absence."""
+    from shared.errors import NotFound
+
+    try:
+        r = await ctx.registry.outbound_request(ctx.org, key)
+    except NotFound:
+        return "dispatch has not taken the request yet (is the dispatch service running?)"
+    return f"the send ledger says: {r.explanation()}"
 
 
 async def _from_ledger(ctx: Any, key: str) -> dict[str, Any] | None:

@@ -15,6 +15,8 @@ from shared.events.payloads import OutboundStatus
 ServerType = Literal["imap", "pop3", "exchange_server", "exchange_online", "smtp"]
 TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["mailbox_credentials", "profile_impersonation", "oauth2"]
+# Hosts whose traffic never leaves the machine: credentials may go there without TLS.
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 IncomingMethod = Literal["none", "server_side_sync", "forward_mailbox"]
 OutgoingMethod = Literal["none", "server_side_sync"]
 ActMethod = Literal["none", "server_side_sync"]
@@ -60,6 +62,18 @@ class Profile(BaseModel):
     min_polling_interval_seconds: int
     process_email_received_after: datetime | None
     move_failed_to_undeliverable: bool
+
+    def cleartext_servers(self) -> list[str]:
+        """The mail servers (``host:port``) the profile reaches without TLS, other than the loopback:
+        what it signs in with crosses the network in clear there (Exchange is https only)."""
+        if self.server_type in ("exchange_server", "exchange_online"):
+            return []
+        servers: list[str] = []
+        for host, port, tls in ((self.incoming_host, self.incoming_port, self.incoming_tls),
+                                (self.outgoing_host, self.outgoing_port, self.outgoing_tls)):
+            if host and tls == "none" and host.lower() not in LOOPBACK and f"{host}:{port}" not in servers:
+                servers.append(f"{host}:{port}")
+        return servers
 
 
 class User(BaseModel):

@@ -643,7 +643,6 @@ def _outbound(row: asyncpg.Record) -> models.OutboundRequest:
     return models.OutboundRequest(**data)
 
 
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def _require_https(option: str, url: str | None) -> None:
@@ -656,7 +655,7 @@ def _require_https(option: str, url: str | None) -> None:
     parts = urlsplit(url.strip())
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+    if parts.scheme == "http" and parts.hostname in models.LOOPBACK:
         return
     where = f"{parts.scheme}://{parts.hostname}" if parts.scheme and parts.hostname else "it"
     raise InvalidInput(f"{option} must be an https:// URL ({where} would send credentials in clear); "

@@ -139,3 +139,17 @@ def test_rules_list_shows_each_tracking_options_chain(cli) -> None:
     assert "sender_unknown" in {reason for rules in chains.values() for r in rules for reason in r["reasons"]}
     bad = cli("rules", "list", "--option", "nope", org_scoped=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown tracking option")
+
+
+def test_a_profile_that_would_send_passwords_in_clear_is_added_with_a_warning(cli) -> None:
+    """No TLS to a host beyond the loopback: allowed (a relay inside the organization), but said."""
+    quiet = {"CONDUIT_LOG_LEVEL": "WARNING"}
+    result = cli("profile", "add", "plain", "--type", "imap", "--incoming-host", "imap.example.com", "--incoming-port", "143",
+                 "--incoming-tls", "none", "--outgoing-host", "smtp.example.com", "--outgoing-port", "587",
+                 "--outgoing-tls", "starttls", "--separate-outgoing-settings", extra_env=quiet)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "warning: profile plain reaches imap.example.com:143 without TLS: passwords and tokens would cross the network "
+        "in clear (--incoming-tls / --outgoing-tls starttls or implicit)"]
+    result = cli("profile", "set", "plain", "--incoming-tls", "starttls", extra_env=quiet)
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr

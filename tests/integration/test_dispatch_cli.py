@@ -140,3 +140,20 @@ async def test_send_wait_reports_this_requests_status_not_an_earlier_one_for_the
                                         "--subject", "Again", "--text", "Mended.", "--key", key, "--wait", "--json")
         assert code == 0 and json.loads(out)["status"] == "sent", (out, err)
         assert len(capture.messages()) == 1
+
+
+async def test_conduit_send_wait_shows_each_retry_and_where_the_request_stands_at_its_timeout(
+        settings: Settings, registry: Registry, org, tmp_path) -> None:
+    """A server answering 451: `--wait` says so as each attempt fails (on stderr), and a wait that ends
+    first says where the request stands in the send ledger, not that dispatch may not be running."""
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        capture.fail_next(100, "451")
+        async with dispatch_running(settings):
+            key = f"retry-{uuid.uuid4().hex[:8]}"
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to",
+                                        "x@customer.example", "--subject", "Retried", "--key", key, "--wait", "--timeout", "15")
+    assert code == 1 and out.strip() == key, (out, err)
+    assert f"{key}: pending send, after attempt 1 failed (smtp_temporary): SMTP 451" in err, err
+    assert "no final status within 15 s: the send ledger says: Waiting to be sent at" in err and "451" in err.splitlines()[-1], err
+    assert "is the dispatch service running" not in err and "Traceback" not in err
