@@ -31,7 +31,16 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
 def fields(pairs: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in pairs)
     for key, value in pairs:
-        typer.echo(f"{key.ljust(width)}  {'' if value is None else value}")
+        typer.echo(f"{key.ljust(width)}  {shown(value)}")
+
+
+def shown(value: Any) -> str:
+    """A value as a person reads it: a list as its items, not as Python writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ", ".join(shown(v) for v in value)
+    return str(value)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -501,6 +501,7 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
         async with command_context(load_settings(), org) as ctx:
             decisions = await ctx.registry.decisions(ctx.org, message_id)
             waiting = await _held_since(ctx, message_id) if decisions else {}
+            answered = bool(decisions)
             if json_:
                 typer.echo(json.dumps(_decisions_json(decisions, waiting), indent=2))
             elif not decisions:
@@ -509,14 +510,30 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
                     for x in refused:
                         typer.echo(f"refused by evaluate at {x.logged_at:%Y-%m-%d %H:%M:%S} [{x.reason}] {x.error}; "
                                    f"once mended: conduit dead-letters replay email.received --at {x.at}")
+                elif (sent := await _sent_by_conduit(ctx, message_id)) is not None:
+                    answered = True
+                    typer.echo(f"sent by Conduit, not received: request {sent.idempotency_key} through "
+                               f"{sent.mailbox_email or 'its mailbox'}. {sent.explanation()}"
+                               + (f" Its outgoing activity: {sent.activity_id}." if sent.activity_id else ""))
                 else:
                     typer.echo(f"no decision recorded for {message_id}: the message has not reached a processed mailbox "
                                "(check `conduit mailbox show` for the mailbox's state and alerts)")
             else:
                 _print_decisions(decisions, waiting)
-            return 0 if decisions else 1
+            return 0 if answered else 1
     if run(go):
         raise typer.Exit(1)
+
+
+async def _sent_by_conduit(ctx: Any, message_id: str) -> models.OutboundRequest | None:
+    """The request Conduit sent this message for, when it is one of ours."""
+    from shared.errors import NotFound
+
+    try:
+        request = await ctx.registry.outbound_request(ctx.org, message_id)
+    except NotFound:
+        return None
+    return request if request.message_id == message_id.strip().strip("<>") else None
 
 
 async def _dead_lettered(ctx: Any, message_id: str) -> list[Any]:

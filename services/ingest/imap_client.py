@@ -347,7 +347,7 @@ class ImapClient:
     async def _read_greeting(self) -> None:
         line = await self._conn.read_line()
         if line.startswith(b"* BYE"):
-            raise ConnectionFailed(f"The IMAP server {self._host} refused the session: {_text(line[5:]).rstrip('.')}.")
+            raise ConnectionFailed(f"The IMAP server {self._host} refused the session: {_text(line[5:])}.")
         if not (line.startswith(b"* OK") or line.startswith(b"* PREAUTH")):
             raise ConnectionFailed(f"The server at {self._host} did not greet like an IMAP server.")
         self._note_capabilities(line.split(b" ", 2)[2] if line.count(b" ") >= 2 else b"")
@@ -1077,7 +1077,7 @@ class ImapClient:
         elif kind == b"BYE":
             self._broken = "the server ended the session"
             if not self._logging_out:
-                raise ConnectionFailed(f"The IMAP server {self._host} ended the session: {_text(text[6:]).rstrip('.')}.")
+                raise ConnectionFailed(f"The IMAP server {self._host} ended the session: {_text(text[6:])}.")
         elif kind == b"CAPABILITY" and len(words) > 2:
             self.capabilities = frozenset(text[13:].decode("ascii", "replace").upper().split())
 
@@ -1107,8 +1107,9 @@ async def _one_by_one(lists: AsyncIterator[list[FetchedMessage]]) -> AsyncIterat
 
 
 def _text(raw: bytes) -> str:
-    """Server text for an error message: decoded, one line, bounded."""
-    return raw.decode("utf-8", "replace").strip()[:200] or "no reason given"
+    """Server text for an error message: decoded, one line, bounded, without its final period (the
+    message ends with its own)."""
+    return raw.decode("utf-8", "replace").strip()[:200].rstrip(".") or "no reason given"
 
 
 def _search_results(reply: _Reply) -> list[int]:

@@ -99,9 +99,11 @@ class ImapFolderSync:
                 published += await self.sync_folder(client, folder)
             except FolderUnavailable as exc:
                 # A tracked folder the server does not have: the others still sync; the runner
-                # raises a warning alert once.
+                # raises a warning alert once, and the log says it once a session (an idling
+                # session looks again at every polling interval).
+                level = logging.DEBUG if folder in self.missing_folders else logging.WARNING
                 self.missing_folders.add(folder)
-                log.warning("mailbox %s: folder %r cannot be read: %s", self._mailbox.id, folder, exc.message)
+                log.log(level, "mailbox %s: folder %r cannot be read: %s", self._mailbox.id, folder, exc.message)
             except ImapCommandFailed as exc:
                 # The folder exists but the server refused a command in it (a NO leaves the session
                 # usable): what was saved stays saved, the next sync tries again, the others sync now.

@@ -599,6 +599,14 @@ def _constraint_message(exc: asyncpg.PostgresError) -> str:
         "mailbox_owner_queue_id_key": "this queue already has a mailbox (a queue has at most one)",
         "mailbox_email": "a mailbox with this address already exists",
         "email_server_profile_one_default": "the organization already has a default profile",
+        # Ranges the schema holds, in the words of the options that set them.
+        "email_server_profile_incoming_port_check": "--incoming-port must be between 1 and 65535",
+        "email_server_profile_outgoing_port_check": "--outgoing-port must be between 1 and 65535",
+        "email_server_profile_max_concurrent_connections_check": "--max-connections must be between 1 and 1000",
+        "email_server_profile_min_polling_interval_seconds_check": "--polling-interval must be between 1 and 86400 seconds",
+        "organization_tracking_token_digits_check": "--token-digits must be between 4 and 12",
+        "organization_name_check": "a name must have 1 to 200 characters",
+        "email_server_profile_name_check": "a name must have 1 to 200 characters",
     }
     return known.get(constraint, f"rejected by the database ({constraint or type(exc).__name__})")
 

@@ -93,6 +93,9 @@ async def test_responses_option_tracks_only_correlated_mail(settings, registry: 
     shown = json.loads(out)
     assert code == 0 and shown["activity"]["id"] == str(acts["Re: Quote"]["id"]), out
     assert shown["activity"]["correlated_by"] == "in_reply_to" and [d["tracked"] for d in shown["decisions"]] == [True]
+    code, out, err = await conduit_cli(settings, "activity", "show", "reply-1@customer.example", "--org", org.name)
+    assert code == 0 and ["mailbox", "ids", str(box.id)] in [line.split() for line in out.splitlines()], out
+    assert "UUID(" not in out and "['" not in out, out
     code, out, err = await conduit_cli(settings, "activity", "show", "no-such@customer.example", "--org", org.name)
     assert code == 2 and "Traceback" not in err and err.strip(), err
 

@@ -55,6 +55,10 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             assert shown["explanation"].startswith("Sent: the server accepted it")
             code, out, err = await _cli(settings, "outbound", "show", key, "--org", org.name)
             assert code == 0 and "Sent: the server accepted it" in out and "someone@customer.example" in out
+            # "Why was it not tracked?" asked of an email Conduit sent: it says so, and names its activity.
+            code, out, err = await _cli(settings, "message", "why", f"<{status['message_id']}>", "--org", org.name)
+            assert code == 0 and out.startswith(f"sent by Conduit, not received: request {key} through {sender.email}. "
+                                                "Sent: the server accepted it") and status["activity_id"] in out, (out, err)
             code, out, err = await _cli(settings, "outbound", "list", "--org", org.name, "--json")
             assert code == 0, err
             assert [(r["idempotency_key"], r["status"]) for r in json.loads(out)] == [(rejected_key, "rejected"), (key, "sent")]

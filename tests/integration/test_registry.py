@@ -144,7 +144,8 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
     await registry.add_profile(org, IMAP)
     for changes, error, message in [
         ({"auth_method": "oauth2"}, InvalidInput, "OAuth 2.0 needs"),    # checked as a whole, as a new one
-        ({"max_concurrent_connections": 0}, InvalidInput, "max_concurrent_connections"),
+        ({"max_concurrent_connections": 0}, InvalidInput, "--max-connections must be between 1 and 1000"),
+        ({"incoming_port": 99999}, InvalidInput, "--incoming-port must be between 1 and 65535"),
         ({"name": "imap"}, Conflict, "already exists"),
         ({"colour": "red"}, InvalidInput, "unknown profile settings: colour"),
         ({"incoming_port": None}, InvalidInput, "nothing to change"),
@@ -275,3 +276,12 @@ async def test_back_off_grows_and_recovery_clears_it(registry: Registry, org, po
     mailbox = await registry.mailbox(org, str(mailbox_id))
     assert mailbox.incoming.error_count == 0 and mailbox.incoming.backoff_until is None
     assert [a.code for a in mailbox.alerts][:3] == ["recovered", "authentication_failed", "authentication_failed"]
+
+
+async def test_a_value_out_of_the_schemas_range_is_refused_in_the_options_words(registry: Registry, org) -> None:
+    """The database holds the ranges; its refusal reads as the option's, not as a constraint's name."""
+    with pytest.raises(InvalidInput, match="^--token-digits must be between 4 and 12$"):
+        await registry.configure_correlation(org, tracking_token_digits=99)
+    with pytest.raises(InvalidInput, match="^--polling-interval must be between 1 and 86400 seconds$"):
+        await registry.add_profile(org, ProfileInput(name="slow", server_type="imap", incoming_host="127.0.0.1",
+                                                     incoming_port=143, min_polling_interval_seconds=0))
