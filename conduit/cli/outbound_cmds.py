@@ -55,7 +55,7 @@ def outbound_show(ref: str = typer.Argument(..., help="Idempotency key, request 
 def outbound_resend(ref: str = typer.Argument(..., help="Idempotency key, request id or Message-ID of a failed request."),
                     key: Optional[str] = typer.Option(None, "--key", help="The new idempotency key (default: KEY.resend)."),
                     wait: bool = typer.Option(False, "--wait", help="Wait for the final status and print it."),
-                    timeout: float = typer.Option(60.0, "--timeout", help="Seconds --wait waits."),
+                    timeout: float = typer.Option(60.0, "--timeout", min=1, help="Seconds --wait waits."),
                     org: str = org_option(), json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Send a failed request again, as a new request with a new idempotency key (and a new Message-ID).
 

@@ -36,7 +36,7 @@ def send(
     bcc: list[str] = typer.Option([], "--bcc", help="Bcc recipient (repeatable)."),
     sender: Optional[str] = typer.Option(None, "--from", help="Address of the sending user, queue or mailbox."),
     mailbox: Optional[str] = typer.Option(None, "--mailbox", help="Id of the sending mailbox (instead of --from)."),
-    subject: str = typer.Option("", "--subject", "-s"),
+    subject: str = typer.Option("", "--subject", "-s", help="Subject (the tracking token is added when the organization uses one)."),
     text: Optional[str] = typer.Option(None, "--text", help="Plain-text body."),
     html: Optional[str] = typer.Option(None, "--html", help="HTML body."),
     header: list[str] = typer.Option([], "--header", "-H", help="Extra header 'Name: value' (allow-list: docs/dispatch.md)."),
@@ -46,7 +46,7 @@ def send(
     no_track: bool = typer.Option(False, "--no-track", help="Do not record an outgoing email activity."),
     deadline: Optional[datetime] = typer.Option(None, "--deadline", help="Stop retrying after this time (ISO 8601, with zone)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the final status and print it."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds --wait waits."),
+    timeout: float = typer.Option(60.0, "--timeout", min=1, help="Seconds --wait waits."),
     json_: bool = typer.Option(False, "--json", help="Print JSON."),
     org: str = org_option(),
 ) -> None:

@@ -117,9 +117,10 @@ def test_a_bad_service_setting_or_database_url_is_one_line_not_a_traceback(cli) 
 
 
 def test_an_out_of_range_option_is_a_usage_error_not_a_traceback(cli) -> None:
-    result = cli("activity", "list", "--limit", "-1")
-    assert result.returncode == 2 and "greater than or equal to 1" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    for args in (("activity", "list", "--limit", "-1"), ("send", "--to", "x@example.com", "--wait", "--timeout", "-1")):
+        result = cli(*args)
+        assert result.returncode == 2 and "greater than or equal to 1" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_second_user_with_same_address_and_missing_credentials(cli) -> None:
