@@ -4,13 +4,15 @@ The counterpart of `conduit message why` for outgoing email: "was it sent, and i
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from conduit.cli.output import clip, emit_json, fields, table
+from conduit.cli.output import clip, emit_json, fail, fields, table
 from conduit.cli.runner import load_settings, org_option, run
-from conduit.context import command_context
+from conduit.context import command_context, database
 
 outbound_app = typer.Typer(help="Requests to send email: their status, why, and sending a failed one again.",
                             no_args_is_help=True)
@@ -33,6 +35,32 @@ def outbound_list(status: Optional[str] = typer.Option(None, "--status", help="O
             table([(f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.status, r.reason or "", r.attempts, r.mailbox_email or "",
                     clip(", ".join(r.to), 40), clip(r.subject or "", 40), r.idempotency_key) for r in requests],
                   ["created", "status", "reason", "attempts", "mailbox", "to", "subject", "key"])
+    run(go)
+
+
+@outbound_app.command("store")
+def outbound_store(files: list[Path] = typer.Argument(..., help="Files to attach by reference."),
+                   json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Store attachment content in the raw store and print each file's SHA-256: what an email.outbound
+    request's attachment names as `content_sha256` (content-addressed: storing twice is a no-op)."""
+    contents = []
+    for path in files:
+        try:
+            contents.append((path, path.read_bytes()))
+        except OSError as exc:
+            raise fail(f"{path}: {exc.strerror or exc}") from None
+
+    async def go() -> None:
+        from shared.rawstore import store_raw
+
+        async with database(load_settings()) as pool, pool.acquire() as conn:
+            hashes = await store_raw(conn, [content for _, content in contents])
+        stored = [{"file": str(path), "content_sha256": sha, "size": len(content)}
+                  for (path, content), sha in zip(contents, hashes)]
+        if json_:
+            return typer.echo(json.dumps(stored, indent=2))
+        for item in stored:
+            typer.echo(f"{item['content_sha256']}  {item['size']:>10}  {item['file']}")
     run(go)
 
 

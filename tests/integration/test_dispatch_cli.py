@@ -161,3 +161,33 @@ async def test_conduit_send_wait_shows_each_retry_and_where_the_request_stands_a
     assert f"{key}: pending send, after attempt 1 failed (smtp_temporary): SMTP 451" in err, err
     assert "no final status within 15 s: the send ledger says: Waiting to be sent at" in err and "451" in err.splitlines()[-1], err
     assert "is the dispatch service running" not in err and "Traceback" not in err
+
+
+async def test_another_system_stores_a_large_attachment_then_refers_to_it(
+        settings: Settings, registry: Registry, org, publisher, tmp_path) -> None:
+    """`conduit outbound store` prints the SHA-256 an email.outbound request names the stored content
+    by; the request published afterwards (not by the CLI) is sent with it."""
+    from email import message_from_bytes, policy
+
+    large = tmp_path / "contract.pdf"
+    large.write_bytes(b"%PDF-1.4 " + uuid.uuid4().bytes * 40_000)   # 640 KB
+    code, out, err = await _cli(settings, "outbound", "store", str(large), "--json")
+    assert code == 0, err
+    (stored,) = json.loads(out)
+    assert (stored["size"], len(stored["content_sha256"])) == (large.stat().st_size, 64)
+    code, again, err = await _cli(settings, "outbound", "store", str(large), "--json")
+    assert code == 0 and json.loads(again) == [stored], "content-addressed: stored once"
+    code, out, err = await _cli(settings, "outbound", "store", str(tmp_path / "missing.pdf"))
+    assert code == 2 and "missing.pdf" in err and "Traceback" not in err, err
+
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        async with dispatch_running(settings):
+            request = outbound(org, sender_email=sender.email, attachments=[
+                {"filename": "contract.pdf", "content_type": "application/pdf", "content_sha256": stored["content_sha256"]}])
+            await publish(publisher, request)
+            key = request.data.idempotency_key
+            assert (await finals(settings, [key])).final(key).status == "sent"
+        (message,) = capture.messages()
+    (part,) = message_from_bytes(message.raw, policy=policy.default).iter_attachments()
+    assert (part.get_filename(), part.get_content()) == ("contract.pdf", large.read_bytes())
