@@ -154,3 +154,22 @@ def test_a_profile_that_would_send_passwords_in_clear_is_added_with_a_warning(cl
         "in clear (--incoming-tls / --outgoing-tls starttls or implicit)"]
     result = cli("profile", "set", "plain", "--incoming-tls", "starttls", extra_env=quiet)
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+
+
+def test_a_command_run_from_another_directory_says_it_starts_a_new_registry(tmp_path) -> None:
+    """The state folder is ./.conduit by default: run elsewhere, a command would work on a new, empty
+    registry; it says so the first time, and not again."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONDUIT_", "DATABASE_URL", "KAFKA_"))}
+    env |= {"PYTHONPATH": str(ROOT), "CONDUIT_LOG_LEVEL": "WARNING"}
+    note = tmp_path / "note.txt"
+    note.write_text("hello\n")
+
+    def store() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "conduit", "outbound", "store", str(note)], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+
+    first = store()
+    assert first.returncode == 0, first.stderr
+    assert f"no embedded database in {tmp_path / '.conduit' / 'postgres'} yet: creating a new one" in first.stderr
+    second = store()
+    assert second.returncode == 0 and "creating a new one" not in second.stderr, second.stderr
