@@ -124,10 +124,6 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
     event = Envelope[EmailOutboundV1](type="email.outbound", schema_version=1, producer=producer,
                                       organization_id=ctx.org.id, data=payload, correlation_id=f"send-{uuid.uuid4().hex}")
     await ensure_topics(settings)
-    refused = await _refused_now(ctx, payload)
-    if refused is not None:
-        # Dispatch would reject it (and dead-letter it): say so now, before anything is published.
-        raise fail(f"dispatch would refuse this request ({refused[0]}): {refused[1]}")
     holder = await _held_by_another(ctx, payload)
     if holder is not None:
         # Dispatch would dead-letter it as idempotency_key_reused: say so now, not after publishing.
@@ -135,8 +131,16 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
                    "a different email needs a key of its own (or leave --key out)")
     # A key already sent or failed publishes no new status: the request is a no-op, and its stored
     # status is the answer at once (a rejected key is taken over by the new request: wait for it).
-    earlier = await _from_ledger(ctx, payload.idempotency_key) if wait else None
+    earlier = await _from_ledger(ctx, payload.idempotency_key)
     if earlier is not None and earlier["status"] == "rejected":
+        earlier = None
+    if not await _key_taken(ctx, payload.idempotency_key):
+        # A new request that dispatch would reject (and dead-letter): said now, before anything is
+        # published.  Not for a key already used: its outcome stands whatever the mailbox is now.
+        refused = await _refused_now(ctx, payload)
+        if refused is not None:
+            raise fail(f"dispatch would refuse this request ({refused[0]}): {refused[1]}")
+    if not wait:
         earlier = None
     follower = _StatusFollower(settings, ctx.org.id) if wait and earlier is None else None
     if follower is not None:
@@ -173,7 +177,9 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
 def progress(status: Any) -> str:
     """A status on the way, in words: what happened to the last attempt."""
     words = status.status.replace("_", " ")
-    if status.reason:
+    if status.reason and not status.attempt:
+        words += f" ({status.reason}): {status.detail or ''}"   # held back before any attempt (a back-off)
+    elif status.reason:
         reply = f": SMTP {status.smtp_code} {status.smtp_reply}" if status.smtp_code else ""
         words += f", after attempt {status.attempt} failed ({status.reason}){reply or ': ' + (status.detail or '')}"
     return words.rstrip(": ")
@@ -259,6 +265,17 @@ async def _held_by_another(ctx: Any, payload: Any) -> str | None:
     async with ctx.registry.pool.acquire() as conn:
         (holder,) = await key_holders(conn, [(ctx.org.id, payload.idempotency_key, stored_request(payload))])
     return holder["status"] if holder["status"] not in (None, "rejected") and not holder["same"] else None
+
+
+async def _key_taken(ctx: Any, key: str) -> bool:
+    """The send ledger holds a request under this key (pending, sending, sent or failed)."""
+    from shared.errors import NotFound
+
+    try:
+        r = await ctx.registry.outbound_request(ctx.org, key)
+    except NotFound:
+        return False
+    return r.idempotency_key == key and r.status != "rejected"
 
 
 async def _where_it_stands(ctx: Any, key: str) -> str:

@@ -844,13 +844,14 @@ class ImapClient:
             if others and not self._broken:
                 await self.add_flags(others, ("\\Deleted",))
 
-    async def move(self, uids: Sequence[int], folder: str) -> None:
+    async def move(self, uids: Sequence[int], folder: str) -> bool:
         """Move messages of the selected folder to ``folder``, creating it when the server says it
-        does not exist yet (``[TRYCREATE]``, RFC 3501 6.4.7).  UID MOVE (RFC 6851) where offered;
-        else UID COPY, then \\Deleted and the expunge of just those (``expunge``)."""
+        does not exist yet (``[TRYCREATE]``, RFC 3501 6.4.7): UID MOVE (RFC 6851) where offered, and
+        False.  Without MOVE: UID COPY, and True: the caller, once it has recorded the copy, removes
+        the originals (``remove``), so a failure between the two never copies them twice."""
         ordered = sorted(set(uids))
         if not ordered:
-            return
+            return False
         verb = b"UID MOVE" if "MOVE" in self.capabilities else b"UID COPY"
         parts: list[bytes | _Literal] = [verb, sequence_set(ordered), _astring(encode_mailbox_name(folder))]
         reply = await self._command(parts)
@@ -862,9 +863,12 @@ class ImapClient:
             reply = await self._command(parts)
         if reply.status != "OK":
             raise ImapCommandFailed(f"The IMAP server {self._host} refused {verb.decode()} to {folder!r}: {_text(reply.text)}.")
-        if verb == b"UID COPY":
-            await self.mark_deleted(ordered)
-            await self.expunge(ordered)
+        return verb == b"UID COPY"
+
+    async def remove(self, uids: Sequence[int]) -> None:
+        """\\Deleted, then the expunge of just those messages (``expunge``)."""
+        await self.mark_deleted(uids)
+        await self.expunge(uids)
 
     # ---- waiting for changes -------------------------------------------------------------------------
 

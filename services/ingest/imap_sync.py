@@ -93,6 +93,10 @@ class ImapFolderSync:
         await client.enable_quick_resync()   # first thing after login: ENABLE wants no folder selected
         if self._delete:
             await self.remove_processed(client)
+        if self._undeliverable:
+            # Before the folders' sync, not after: the session must end with the Inbox selected, the
+            # folder an idling session watches.  What is skipped in this sync moves at the next one.
+            await self.move_undeliverable(client, folders)
         published = 0
         for folder in folders:
             try:
@@ -109,8 +113,6 @@ class ImapFolderSync:
                 # usable): what was saved stays saved, the next sync tries again, the others sync now.
                 self.warnings.append(("folder_sync_failed", f"the folder {folder!r} could not be synced: {exc.message}"))
                 log.warning("mailbox %s: folder %r could not be synced: %s", self._mailbox.id, folder, exc.message)
-        if self._undeliverable:
-            await self.move_undeliverable(client, folders)
         return published
 
     async def sync_folder(self, client: ImapClient, folder: str) -> int:
@@ -259,8 +261,8 @@ class ImapFolderSync:
         refuses to flag or expunge is passed over with a warning, and the sync goes on: a removal
         that cannot be done never holds up new mail.  Its rows stay as they are (not removed), so
         each session tries again, at the cost of one refused command: the folder may come back, and
-        a message found again in another tracked folder has its row moved there
-        (``state.renumber_ingested``), where it is removed."""
+        a message found again in another tracked folder is recorded there as a further copy
+        (``state.record_copies``), and removed there."""
         async with self._pool.acquire() as conn:
             done = await state.deletable(conn, self._mailbox.id, lease_holder=self._mailbox.lease_holder)
         by_folder: dict[str, list[state.IngestedMessage]] = {}
@@ -291,18 +293,29 @@ class ImapFolderSync:
                 status = await client.select(folder, readonly=False)
                 if status.uidvalidity != uidvalidity:
                     continue   # renumbered: those UIDs name nothing now, and the resync refuses anew
-                await client.move(uids, self._undeliverable)
+                copied = await client.move(uids, self._undeliverable)
             except ImapCommandFailed as exc:   # the folder gone too, or the server refusing the move
-                text = f"{len(uids)} message(s) given up on could not be moved to {self._undeliverable!r}: {exc.message}"
-                log.warning("mailbox %s: %s", self._mailbox.id, text)
-                self.warnings.append(("undeliverable_not_moved", text))
+                self._undeliverable_warning(f"{len(uids)} message(s) given up on could not be moved to "
+                                            f"{self._undeliverable!r}: {exc.message}")
                 continue
+            # Recorded as soon as the copy is there: a removal that fails below is not a reason to
+            # copy them again at every session.
             async with self._pool.acquire() as conn:
                 await state.mark_moved(conn, self._mailbox.id, folder, uidvalidity, uids)
+            if copied:
+                try:
+                    await client.remove(uids)
+                except ImapCommandFailed as exc:
+                    self._undeliverable_warning(f"{len(uids)} message(s) given up on were copied to "
+                                                f"{self._undeliverable!r} but stay in {folder!r}: {exc.message}")
             log.info("mailbox %s: %d message(s) given up on moved from %r to %r", self._mailbox.id, len(uids),
                      folder, self._undeliverable)
             moved += len(uids)
         return moved
+
+    def _undeliverable_warning(self, text: str) -> None:
+        log.warning("mailbox %s: %s", self._mailbox.id, text)
+        self.warnings.append(("undeliverable_not_moved", text))
 
     async def _remove_from(self, client: ImapClient, folder: str, items: list[state.IngestedMessage]) -> int:
         status = await client.select(folder, readonly=False)
@@ -316,8 +329,7 @@ class ImapFolderSync:
         if not current:
             return 0
         uids = [i.uid for i in current if i.uid is not None]
-        await client.mark_deleted(uids)
-        await client.expunge(uids)
+        await client.remove(uids)
         async with self._pool.acquire() as conn:
             await state.mark_removed(conn, self._mailbox.id, current)
         return len(current)

@@ -71,8 +71,9 @@ class Profile(BaseModel):
         servers: list[str] = []
         for host, port, tls in ((self.incoming_host, self.incoming_port, self.incoming_tls),
                                 (self.outgoing_host, self.outgoing_port, self.outgoing_tls)):
-            if host and tls == "none" and host.lower() not in LOOPBACK and f"{host}:{port}" not in servers:
-                servers.append(f"{host}:{port}")
+            server = f"{host}:{port}" if port else str(host)
+            if host and tls == "none" and host.lower() not in LOOPBACK and server not in servers:
+                servers.append(server)
         return servers
 
 

@@ -51,6 +51,8 @@ class RefusingRelay:
         self.uidl_suffix = b""   # appended to every unique id of a UIDL listing
         self.hidden_capability = b""   # taken out of the IMAP server's capability lists
         self.sent = bytearray()   # what IMAP clients sent
+        self.refuse_expunge = False   # answer NO to EXPUNGE and UID EXPUNGE
+        self._expunge_tags: set[bytes] = set()
         self.before_fetch: Callable[[], None] | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -82,6 +84,9 @@ class RefusingRelay:
                     run, self.before_fetch = self.before_fetch, None
                     await asyncio.to_thread(run)
                 self.sent += data
+                if self.refuse_expunge:
+                    self._expunge_tags.update(line.split(b" ", 1)[0] for line in data.split(b"\r\n")
+                                              if b" EXPUNGE" in line.upper())
                 up_writer.write(data)
                 await up_writer.drain()
             up_writer.close()
@@ -102,6 +107,8 @@ class RefusingRelay:
                     response = head + (b" BODY[] NIL)\r\n" if self.imap_answer == "BODY[] NIL" else b")\r\n")
                 elif response.startswith(b"* ") and b" FETCH " in response[:40] and b" BODY[] NIL)" in response:
                     self.nil_bodies += 1   # Dovecot's own: a message expunged under the session
+                elif not response.startswith((b"*", b"+")) and response.split(b" ", 1)[0] in self._expunge_tags:
+                    response = response.split(b" ", 1)[0] + b" NO [NOPERM] Expunge not allowed\r\n"
                 elif self.hidden_capability and (b"[CAPABILITY " in response or response.startswith(b"* CAPABILITY ")):
                     response = re.sub(rb" " + re.escape(self.hidden_capability) + rb"(?=[ \]\r])", b"", response)
                 # Pipelined commands complete in order: the next tagged answer is that FETCH's own.
@@ -247,7 +254,7 @@ async def test_a_message_given_up_on_is_moved_to_the_undeliverable_folder(settin
     async with relayed(registry, org, dovecot, "imap", move_failed_to_undeliverable=True) as (relay, box):
         relay.hidden_capability = capability
         dovecot.deliver_many(box.email, [message("before"), REFUSED, message("after")])
-        for _ in range(3):   # refused in three syncs: skipped, then moved
+        for _ in range(4):   # refused in three syncs: skipped; moved at the next session's start
             assert dovecot.message_count(box.email, "Undeliverable") == 0
             await pipeline(settings)
         assert (dovecot.message_count(box.email), dovecot.message_count(box.email, "Undeliverable")) == (2, 1)
@@ -262,6 +269,21 @@ async def test_a_message_given_up_on_is_moved_to_the_undeliverable_folder(settin
         assert relay.refusals == refusals
         assert (dovecot.message_count(box.email), dovecot.message_count(box.email, "Undeliverable")) == (2, 1)
         assert all(code != "undeliverable_not_moved" for code, _ in await alerts(registry, org, box))
+
+
+async def test_a_copy_to_the_undeliverable_folder_is_made_once_even_when_the_original_cannot_be_removed(
+        settings, registry, org, dovecot, pool) -> None:
+    """Without MOVE, and with EXPUNGE answered NO: the message is copied once, a warning says it stays
+    where it was, and later sessions do not copy it again.  (The relay rewrites only Dovecot's answer:
+    Dovecot did expunge it, which is why the Inbox holds one message.)"""
+    async with relayed(registry, org, dovecot, "imap", move_failed_to_undeliverable=True) as (relay, box):
+        relay.hidden_capability, relay.refuse_expunge = b"MOVE", True
+        dovecot.deliver_many(box.email, [message("before"), REFUSED])
+        for _ in range(6):
+            await pipeline(settings)
+        assert (dovecot.message_count(box.email), dovecot.message_count(box.email, "Undeliverable")) == (1, 1)
+        [warning] = [text for code, text in await alerts(registry, org, box) if code == "undeliverable_not_moved"]
+        assert "were copied to 'Undeliverable' but stay in 'INBOX'" in warning and "Expunge not allowed" in warning
 
 
 @pytest.mark.parametrize("answer", list(IMAP_REFUSALS), ids=["no", "body-nil", "no-body"])

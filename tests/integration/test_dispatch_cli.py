@@ -28,6 +28,12 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             code, out, err = await _cli(settings, *args, "--timeout", "3600")
             assert code == 0, err
             assert json.loads(out)["message_id"] == status["message_id"]
+            # Still its outcome once the mailbox may no longer send: not "dispatch would refuse it",
+            # which would have the caller send it again under another key.
+            await registry.record_test(sender.mailbox_id, "outgoing", False, "refused")
+            code, out, err = await _cli(settings, *args, "--timeout", "3600")
+            assert code == 0 and json.loads(out)["status"] == "sent", (out, err)
+            await registry.record_test(sender.mailbox_id, "outgoing", True, "ok")
             # The same key for another email: refused before anything is published (dispatch would
             # dead-letter it as idempotency_key_reused), not answered with the first one's status.
             other = [a if a != "From the CLI" else "Another email" for a in args]
