@@ -131,17 +131,15 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
                    "a different email needs a key of its own (or leave --key out)")
     # A key already sent or failed publishes no new status: the request is a no-op, and its stored
     # status is the answer at once (a rejected key is taken over by the new request: wait for it).
-    earlier = await _from_ledger(ctx, payload.idempotency_key)
-    if earlier is not None and earlier["status"] == "rejected":
-        earlier = None
-    if not await _key_taken(ctx, payload.idempotency_key):
+    row = await _ledger_row(ctx, payload.idempotency_key)
+    if row is None or row.status == "rejected":
+        row = None
         # A new request that dispatch would reject (and dead-letter): said now, before anything is
         # published.  Not for a key already used: its outcome stands whatever the mailbox is now.
         refused = await _refused_now(ctx, payload)
         if refused is not None:
             raise fail(f"dispatch would refuse this request ({refused[0]}): {refused[1]}")
-    if not wait:
-        earlier = None
+    earlier = _final(row) if wait else None
     follower = _StatusFollower(settings, ctx.org.id) if wait and earlier is None else None
     if follower is not None:
         await follower.start()
@@ -162,10 +160,11 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
         finally:
             await follower.stop()
     if status is None:
-        status = await _from_ledger(ctx, payload.idempotency_key)
+        row = await _ledger_row(ctx, payload.idempotency_key)
+        status = _final(row)
     if status is None:
         typer.echo(payload.idempotency_key)
-        raise fail(f"no final status within {timeout:.0f} s: {await _where_it_stands(ctx, payload.idempotency_key)}", code=1)
+        raise fail(f"no final status within {timeout:.0f} s: {_where_it_stands(row)}", code=1)
     if json_:
         emit_json(status)
     else:
@@ -267,38 +266,28 @@ async def _held_by_another(ctx: Any, payload: Any) -> str | None:
     return holder["status"] if holder["status"] not in (None, "rejected") and not holder["same"] else None
 
 
-async def _key_taken(ctx: Any, key: str) -> bool:
-    """The send ledger holds a request under this key (pending, sending, sent or failed)."""
-    from shared.errors import NotFound
-
-    try:
-        r = await ctx.registry.outbound_request(ctx.org, key)
-    except NotFound:
-        return False
-    return r.idempotency_key == key and r.status != "rejected"
-
-
-async def _where_it_stands(ctx: Any, key: str) -> str:
-    """Why a wait ended without a final status: the request's row in the send ledger, or its absence."""
-    from shared.errors import NotFound
-
-    try:
-        r = await ctx.registry.outbound_request(ctx.org, key)
-    except NotFound:
-        return "dispatch has not taken the request yet (is the dispatch service running?)"
-    return f"the send ledger says: {r.explanation()}"
-
-
-async def _from_ledger(ctx: Any, key: str) -> dict[str, Any] | None:
-    """A key used before publishes no new status: its final one is in the send ledger (as an
-    ``email.status`` event's fields)."""
+async def _ledger_row(ctx: Any, key: str) -> Any:
+    """The send ledger's request under exactly this key, or None."""
     from shared.errors import NotFound
 
     try:
         r = await ctx.registry.outbound_request(ctx.org, key)
     except NotFound:
         return None
-    if r.idempotency_key != key or r.status not in FINAL:
+    return r if r.idempotency_key == key else None
+
+
+def _where_it_stands(row: Any) -> str:
+    """Why a wait ended without a final status: the request's row in the send ledger, or its absence."""
+    if row is None:
+        return "dispatch has not taken the request yet (is the dispatch service running?)"
+    return f"the send ledger says: {row.explanation()}"
+
+
+def _final(r: Any) -> dict[str, Any] | None:
+    """A key used before publishes no new status: its final one is in the send ledger (as an
+    ``email.status`` event's fields)."""
+    if r is None or r.status not in FINAL:
         return None
     return {"idempotency_key": r.idempotency_key, "status": r.status, "request_id": str(r.id),
             "mailbox_id": str(r.mailbox_id) if r.mailbox_id else None, "reason": r.reason, "detail": r.detail,
