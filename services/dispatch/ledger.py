@@ -311,16 +311,14 @@ async def claim(conn: asyncpg.Connection, ids: Sequence[UUID], worker_id: int, c
 async def claim_due(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID], limit: int, worker_id: int,
                     claim_id: UUID) -> list[asyncpg.Record]:
     """Claim (as ``claim`` does) up to ``limit`` due requests of mailboxes known to be able to send,
-    before their deadline, oldest first, skipping rows other workers hold: the common case in one statement."""
+    before their deadline, oldest first, skipping rows other workers hold: the common case in one statement.
+    Which rows: ``outbound_due`` (migration 0017), which reads them in order whatever the statistics."""
     if not mailbox_ids or limit <= 0:
         return []
     return await conn.fetch(
         f"""UPDATE outbound_email o SET status = 'sending', attempts = attempts + 1, worker_id = $3,
                    next_attempt_at = NULL, started_at = NULL, claim_id = $4, updated_at = now()
-            WHERE o.id IN (SELECT d.id FROM outbound_email d
-                           WHERE d.status = 'pending_send' AND d.next_attempt_at <= now()
-                             AND d.mailbox_id = ANY($1::uuid[]) AND (d.deadline IS NULL OR d.deadline >= now())
-                           ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            WHERE o.id = ANY(ARRAY(SELECT outbound_due($1::uuid[], $2::int)))
             RETURNING {_CLAIMED_COLUMNS}""",
         list(mailbox_ids), limit, worker_id, claim_id,
     )
