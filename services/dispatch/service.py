@@ -96,7 +96,7 @@ class _UncheckedOutbound(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-UNCHECKED_OUTBOUND = dataclasses.replace(EMAIL_OUTBOUND, payload=_UncheckedOutbound)
+UNCHECKED_OUTBOUND = dataclasses.replace(EMAIL_OUTBOUND, payload=_UncheckedOutbound, envelope_checked=False)
 
 
 @dataclass
@@ -289,6 +289,8 @@ class DispatchService(ServiceBase):
             data = dict(delivery.event.data.__pydantic_extra__ or {})  # the payload as it came (no fields declared)
             key = data.get("idempotency_key") if isinstance(data.get("idempotency_key"), str) else None
             try:
+                if problem := EMAIL_OUTBOUND.envelope_problem(delivery.event):
+                    raise InvalidInput(f"the event does not match email.outbound v1: {problem}", reason="schema_error")
                 request = _validated(data)
                 check_headers(request.headers)
                 check_attachments(request)

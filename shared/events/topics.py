@@ -5,10 +5,12 @@ validates against the model, and a dead-letter topic ``<name>.dlq``.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from uuid import UUID
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
 from shared.events.envelope import Envelope
 from shared.events.payloads import (
@@ -31,14 +33,45 @@ class Topic:
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
     description: str
+    # False for a consumer that checks the envelope itself, to answer the sender: dispatch tells a
+    # requesting system, by its idempotency key, that its request was of a version it does not read.
+    envelope_checked: bool = True
 
     @property
     def envelope(self) -> type[Envelope[Any]]:
-        return Envelope[self.payload]  # type: ignore[name-defined]
+        """The model an event on this topic must match: this topic's type and schema version and no
+        other, and an ``event_id`` of the producer's (consumers deduplicate on it)."""
+        if not self.envelope_checked:
+            return Envelope[self.payload]  # type: ignore[name-defined]
+        return _topic_envelope(self.name, self.payload, self.schema_version)
+
+    def envelope_problem(self, event: Envelope[Any]) -> str | None:
+        """Why an event decoded with an unchecked envelope is not one of this topic's, or None."""
+        if event.type != self.name:
+            return f"type: {event.type!r} is not {self.name!r}"
+        if event.schema_version != self.schema_version:
+            return f"schema_version: {event.schema_version} is not known here (this consumer reads v{self.schema_version})"
+        if "event_id" not in event.model_fields_set:
+            return "event_id: Field required"
+        return None
 
     @property
     def schema_name(self) -> str:
         return f"{self.name}.v{self.schema_version}"
+
+
+@functools.cache
+def _topic_envelope(name: str, payload: type[BaseModel], version: int) -> type[Envelope[Any]]:
+    # Without this, an event of another type, or of a version a consumer does not know, would be
+    # read as this one whenever its fields happened to fit: a v2 request sent as if it were v1.
+    # A breaking change publishes a new version beside this one (docs/topics), never in its place.
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        f"{payload.__name__}Envelope",
+        __base__=Envelope[payload],  # type: ignore[valid-type]
+        event_id=(UUID, Field(description="Unique per event, chosen by its producer; consumers deduplicate on it.")),
+        type=(Literal[name], Field(description=f"The event type: always '{name}' on this topic.")),
+        schema_version=(Literal[version], Field(description=f"Version of the payload schema: {version}.")),
+    )
 
 
 EMAIL_RECEIVED = Topic(

@@ -145,19 +145,27 @@ async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
     more = [(reason, outbound(org, mailbox_id=ok.mailbox_id, attachments=[attachment])) for reason, attachment in attachment_cases]
     await publish(publisher, *cases.values(), *(e for _, e in more))
     good = outbound(org, mailbox_id=ok.mailbox_id)
-    # Raw events a model would refuse: a schema error and a header injection.
+    # Raw events a model would refuse: a schema error, a header injection, and envelopes that are
+    # not this topic's v1 (another type, a version dispatch does not know, no event id of their own)
+    # however well their payload would fit.
     schema_key, injection_key = f"schema-{uuid.uuid4().hex}", f"inject-{uuid.uuid4().hex}"
+    foreign = {f"{name}-{uuid.uuid4().hex}": change for name, change in (
+        ("type", {"type": "email.received"}), ("v2", {"schema_version": 2}), ("no-id", {"event_id": None}))}
     raw = []
-    for key, change in ((schema_key, {"to": []}), (injection_key, {"subject": "Hi\r\nBcc: victim@example.com"})):
+    for key, data, envelope in ((schema_key, {"to": []}, {}),
+                                (injection_key, {"subject": "Hi\r\nBcc: victim@example.com"}, {}),
+                                *((key, {}, change) for key, change in foreign.items())):
         body = json.loads(encode_event(outbound(org, mailbox_id=ok.mailbox_id, idempotency_key=key)))
-        body["data"].update(change)
+        body["data"].update(data)
+        body.update(envelope)
+        body = {k: v for k, v in body.items() if v is not None or k == "correlation_id"}
         raw.append((json.dumps(body).encode(), key))
     raw.append((b"not json at all", "garbage"))
     await publish_raw(publisher, raw)
     await publish(publisher, good)
     await dispatch(settings, max_message_bytes=4096)
     expected = {**{e.data.idempotency_key: reason for reason, e in [*cases.items(), *more]},
-                schema_key: "schema_error", injection_key: "header_injection"}
+                schema_key: "schema_error", injection_key: "header_injection", **dict.fromkeys(foreign, "schema_error")}
     reader = await finals(settings, [*expected, good.data.idempotency_key])
     for key, reason in expected.items():
         final = reader.final(key)

@@ -37,6 +37,24 @@ def test_documented_examples_validate(topic: str) -> None:
         assert event.type == topic
 
 
+@pytest.mark.parametrize("topic", sorted(TOPICS))
+@pytest.mark.parametrize("change", [{"type": "email.other"}, {"schema_version": 2}, {"event_id": None}],
+                         ids=["another type", "another version", "no event id"])
+def test_an_event_not_of_the_topics_type_and_version_is_refused(topic: str, change: dict) -> None:
+    from shared.errors import InvalidInput
+    from shared.events.envelope import decode_event
+
+    event = _examples(topic)[0] | change
+    if change.get("event_id", "") is None:
+        del event["event_id"]
+    schema = json.loads((ROOT / "schemas" / f"{TOPICS[topic].schema_name}.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(event, schema)
+    with pytest.raises(InvalidInput) as refused:
+        decode_event(json.dumps(event).encode(), TOPICS[topic].envelope)
+    assert refused.value.reason == "schema_error" and next(iter(change)) in str(refused.value)
+
+
 def test_outbound_rejects_header_injection() -> None:
     from shared.errors import InvalidInput
     from shared.events.envelope import decode_event
