@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from conduit.orphans import stop_with_this_process
 from shared.errors import ConduitError
 
 
@@ -68,7 +69,11 @@ class EmbeddedBroker:
                 self._process = subprocess.Popen(
                     [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                      "--storage-engine", "memory://tansu/"],
+                    # A session of its own, so Ctrl-C reaches only `conduit up`, which stops it after the
+                    # services; SIGTERM when the process that started it dies (conduit/orphans.py), even
+                    # by SIGKILL, so it never outlives that process.  Started from the event loop's thread.
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=stop_with_this_process(),
                 )
             except OSError as exc:   # not executable, not a program for this machine, ...
                 raise BrokerFailed(f"cannot start the embedded Kafka broker {binary}: {exc.strerror or exc}") from None

@@ -10,7 +10,9 @@ One stack per state folder: it holds ``<state>/stack.lock`` while it runs, and a
 (or `conduit demo`) on the same folder refuses to start instead of taking the first one's record and
 mailboxes over.  Ctrl-C or SIGTERM stops the services together (each finishes its work in flight),
 then the broker, then the database.  A service or the embedded broker ending on its own stops the
-stack too, and `conduit up` exits non-zero saying which.
+stack too, and `conduit up` exits non-zero saying which.  Killed with SIGKILL, it leaves nothing
+running: its children are told by the kernel (Linux) and by its guard process, which kills those
+still running after the grace period and stops the embedded database (conduit/orphans.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from typing import IO, Callable
 import aiohttp
 
 from conduit.broker import EmbeddedBroker, free_port
+from conduit.orphans import StackGuard, stop_with_this_process
 from conduit.services import SERVICE_FACTORIES, build_service
 from shared.db.migrate import migrate
 from shared.db.pool import create_pool, database_url
@@ -67,6 +70,7 @@ class Stack:
     children: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     health_ports: dict[str, int] = field(default_factory=dict)
     _lock: IO[str] | None = None
+    _guard: StackGuard = field(default_factory=lambda: StackGuard(0.0, None))   # not started: tells nobody
 
     @property
     def stack_file(self) -> Path:
@@ -75,6 +79,10 @@ class Stack:
     async def start_infrastructure(self) -> None:
         self._make_state_dir()
         await self._claim_state_dir()
+        # Before anything it may have to stop, should this process die without stopping it.
+        pgdata = (self.settings.state_dir / "postgres").resolve() if self.settings.embedded_database else None
+        self._guard = StackGuard(self.settings.stop_grace_seconds, pgdata)
+        self._guard.start()
         started = time.monotonic()
         self.database_url = database_url(self.settings)
         self.say(f"postgres   {'embedded, data in ' + str(self.settings.state_dir / 'postgres') if self.settings.embedded_database else 'DATABASE_URL'}"
@@ -82,6 +90,7 @@ class Stack:
         if self.settings.embedded_broker:
             self.broker = EmbeddedBroker(self.settings.state_dir / "tansu.log")
             await self.broker.start()
+            self._guard.watch(self.broker.pid)
             self.bootstrap_servers = self.broker.bootstrap_servers
             self.say(f"kafka      embedded Tansu broker on {self.bootstrap_servers} (memory storage, pid {self.broker.pid})")
         else:
@@ -151,9 +160,13 @@ class Stack:
         for name in names:
             port = free_port()
             self.health_ports[name] = port
+            # SIGTERM when `conduit up` dies, even by SIGKILL: stopped as on Ctrl-C, not left an orphan.
+            # Forked in the event loop's thread, which lives as long as the process (see conduit/orphans.py).
             self.children[name] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "conduit", "run", name, env=self.child_env(name, port),
+                preexec_fn=stop_with_this_process(),
             )
+            self._guard.watch(self.children[name].pid)
         self.write_record()
         await self.wait_ready()
 
@@ -209,6 +222,7 @@ class Stack:
             self.say("stopping   the embedded Kafka broker")
             await self.broker.stop()
         self._release_state_dir()
+        self._guard.release()
         self.say("stopped")
 
     async def _stop_services(self) -> None:
