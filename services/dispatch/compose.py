@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from shared.errors import InvalidInput, Refused
-from shared.events.fields import breaks_header, is_email_address
+from shared.events.fields import breaks_header, is_sendable_address
 from shared.events.payloads import EmailOutboundV1
 
 # Headers a requester may set.  Everything else (From, Sender, To, Cc, Bcc, Subject, Date,
@@ -75,7 +75,7 @@ def check_headers(headers: dict[str, str]) -> None:
             _check_verbatim(name, value)
         if lower == "reply-to":
             addresses = [a for _, a in getaddresses([value])]
-            if not addresses or not all(is_email_address(a) for a in addresses):
+            if not addresses or not all(is_sendable_address(a) for a in addresses):
                 raise Refused("Reply-To must be a list of email addresses", reason="bad_address")
         if lower in ("in-reply-to", "references"):
             ids = value.split()

@@ -15,7 +15,15 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*"
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]{1,64}@" + _DOMAIN + "$")
+# An address Conduit writes into a header it sends: printable ASCII before the @ as well (RFC 5322's
+# atext and dots).  Written as an encoded word, a local part outside ASCII is no address at all for
+# the recipient's client (RFC 2047 forbids encoded words in an address), and bidirectional or
+# zero-width characters in it can make one address look like another.  Internationalised addresses
+# (RFC 6531, SMTPUTF8 messages) are not sent yet.
+_SENDABLE_PATTERN = r"^[\x21\x23-\x27\x2a\x2b\x2d-\x39\x3d\x3f\x41-\x5a\x5e-\x7e]{1,64}@" + _DOMAIN + "$"
+_SENDABLE = re.compile(_SENDABLE_PATTERN)
 
 # NUL and every character str.splitlines() breaks at: the email package refuses those in a header
 # value when it stores one, so a value holding one could never be sent.
@@ -106,6 +114,28 @@ HeaderText = Annotated[str, AfterValidator(_no_line_breaks), Field(json_schema_e
 def bounded_header_text(max_length: int) -> Any:
     """``HeaderText`` whose length is checked first: the encoded-word scan never sees a longer text."""
     return Annotated[str, Field(max_length=max_length), AfterValidator(_no_line_breaks), Field(json_schema_extra=ONE_LINE)]
+
+
+def _sendable_address(value: str) -> str:
+    value = _email_address(value)
+    if not _SENDABLE.match(value):
+        raise ValueError(f"{value[:80]!r} has characters outside printable ASCII before the @: internationalised "
+                         "addresses (RFC 6531) are not sent yet")
+    return value
+
+
+# Every address a request names (sender, recipients): what can be written into the message's headers.
+SendableAddress = Annotated[str, AfterValidator(_sendable_address),
+                            Field(max_length=254, examples=["alice@example.com"],
+                                  json_schema_extra={"pattern": _SENDABLE_PATTERN})]
+
+
+def is_sendable_address(value: str) -> bool:
+    try:
+        _sendable_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def is_email_address(value: str) -> bool:

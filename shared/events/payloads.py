@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from shared.events.fields import ONE_LINE, EmailAddress, HeaderText, bounded_header_text
+from shared.events.fields import ONE_LINE, EmailAddress, HeaderText, SendableAddress, bounded_header_text
 
 Direction = Literal["incoming", "outgoing", "act"]
 
@@ -115,10 +115,10 @@ class EmailOutboundV1(BaseModel):
 
     idempotency_key: HeaderText = Field(min_length=1, max_length=200, description="Chosen by the client; one send per key.")
     mailbox_id: UUID | None = Field(None, description="The sending mailbox; or give sender_email.")
-    sender_email: EmailAddress | None = Field(None, description="Address of the sending user, queue or mailbox.")
-    to: list[EmailAddress] = Field(default_factory=list, max_length=500)
-    cc: list[EmailAddress] = Field(default_factory=list, max_length=500)
-    bcc: list[EmailAddress] = Field(default_factory=list, max_length=500)
+    sender_email: SendableAddress | None = Field(None, description="Address of the sending user, queue or mailbox.")
+    to: list[SendableAddress] = Field(default_factory=list, max_length=500)
+    cc: list[SendableAddress] = Field(default_factory=list, max_length=500)
+    bcc: list[SendableAddress] = Field(default_factory=list, max_length=500)
     subject: HeaderText = Field("", max_length=998)
     text: Body | None = Field(None, max_length=10_000_000)
     html: Body | None = Field(None, max_length=10_000_000)

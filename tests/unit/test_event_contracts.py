@@ -140,3 +140,35 @@ def test_the_schema_states_the_rules_across_fields(change: dict) -> None:
     schema = json.loads((ROOT / "schemas" / "email.outbound.v1.json").read_text())
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**_examples("email.outbound")[0], "data": data}, schema)
+
+
+@pytest.mark.parametrize("field", ["sender_email", "to.0", "cc.0", "bcc.0", "headers.Reply-To"])
+@pytest.mark.parametrize("address", ["jos\u00e9@customer.example", "ann\u202egro.elpmaxe@example.com",
+                                     "a\u200bnn@example.com", "a@-bad..example", "a b@example.com"])
+def test_an_address_that_cannot_be_written_into_a_header_is_refused(field: str, address: str) -> None:
+    """A local part outside printable ASCII would be written as an encoded word, which is no address
+    for the recipient's client; a bidirectional or zero-width character makes one address look like
+    another.  Dispatch and the published schema refuse both, and malformed domains."""
+    from services.dispatch.compose import check_headers
+    from services.dispatch.service import _validated
+    from shared.errors import InvalidInput
+
+    data = _outbound_data()
+    _set(data, field, address)
+    with pytest.raises(InvalidInput) as refused:
+        check_headers(_validated(data).headers)
+    assert refused.value.reason in ("schema_error", "bad_address")
+    if field != "headers.Reply-To":   # a header's value: its form is dispatch's to check, not the schema's
+        schema = json.loads((ROOT / "schemas" / "email.outbound.v1.json").read_text())
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**_examples("email.outbound")[0], "data": data}, schema)
+
+
+def test_an_address_of_printable_ascii_is_sent() -> None:
+    from services.dispatch.service import _validated
+
+    data = _outbound_data()
+    data["to"] = ["o'brien+invoices@example.com", "a.b-c_d=e{f}~g#h$i%j&k*l/m?n^o`p|q!@sub.example.org"]
+    schema = json.loads((ROOT / "schemas" / "email.outbound.v1.json").read_text())
+    jsonschema.validate({**_examples("email.outbound")[0], "data": data}, schema)
+    assert _validated(data).to == data["to"]
