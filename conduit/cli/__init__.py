@@ -1,8 +1,8 @@
 """The `conduit` command: run the system, run one service, and manage the registry."""
 from __future__ import annotations
 
-import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,8 +12,11 @@ from conduit.cli import deadletter_cmds, outbound_cmds, registry_cmds, send_cmd
 from conduit.cli.output import fail
 from conduit.cli.runner import load_settings, run
 
+# Help as click formats it, not rich's panels: those cut option names and defaults to fit 80 columns
+# (`--same-outgoing…`); click puts a long option on a line of its own and wraps its help instead.
+# The setting is the root's, and typer passes it down to every sub-command.
 app = typer.Typer(help="Conduit: server-side synchronization of email, appointments, contacts and tasks.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Event JSON Schemas.", no_args_is_help=True)
 rules_app = typer.Typer(help="The relevance rules evaluate applies, per tracking option.", no_args_is_help=True)
@@ -120,4 +123,20 @@ def schemas_export(directory: Path = typer.Option(Path("schemas"), help="Where t
 
 
 def main() -> None:
-    app()
+    """`conduit`: a usage error (an unknown option, a bad value) is one `error:` line, like every other
+    error, instead of click's usage block; click's own handling is kept for the rest."""
+    # The vendored click's exceptions are reachable only through typer's (as in the runner).
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = app(standalone_mode=False)   # an Exit's code is returned, not raised
+    except click_exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":   # `conduit outbound`: the group's help
+            exc.show()
+            sys.exit(exc.exit_code)
+        message = " ".join(exc.format_message().split())
+        where = getattr(exc, "ctx", None)
+        hint = f" (`{where.command_path} --help` says more)" if where is not None else ""
+        raise SystemExit(fail(message + hint, code=exc.exit_code).exit_code) from None
+    except typer.Abort:   # Ctrl-D at a prompt
+        raise SystemExit(fail("aborted", code=1).exit_code) from None
+    sys.exit(code if isinstance(code, int) else 0)

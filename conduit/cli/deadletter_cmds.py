@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from conduit.cli.output import clip, emit_json, fail, table
+from conduit.cli.output import emit_json, fail, table
 from conduit.cli.runner import load_settings, run
 from conduit.context import database
 
@@ -30,14 +30,21 @@ def dead_letters_list(topic: Optional[str] = typer.Argument(None, help="The refu
     async def go() -> None:
         settings = load_settings()
         async with database(settings) as pool:
-            found = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(
-                settings, pool, t, keep=lambda x: (not reason or x.reason in reason) and not (pending and x.replayed_at))]
+            every = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(settings, pool, t)]
+        # Reasons are codes each service gives; there is no list of them all, but a reason no dead
+        # letter here has is a typo to say, not an empty list (with no dead letters, none is right).
+        known = sorted({x.reason for x in every})
+        unknown = [r for r in reason if r not in known]
+        if unknown and every:
+            raise fail(f"no dead letter{f' of {topic}' if topic else ''} has the reason {', '.join(map(repr, unknown))}: "
+                       f"the reasons there are {', '.join(known)}")
+        found = [x for x in every if (not reason or x.reason in reason) and not (pending and x.replayed_at)]
         letters = sorted(found, key=lambda x: x.logged_at)[-limit:]
         if json_:
             return emit_json(letters)
-        table([(x.topic, x.at, f"{x.logged_at:%Y-%m-%d %H:%M:%S}", x.reason, clip(x.subject or x.key or "", 36),
-                f"{x.replayed_at:%Y-%m-%d %H:%M:%S}" if x.replayed_at else "-", clip(x.error, 60)) for x in letters],
-              ["topic", "at", "logged", "reason", "about", "replayed", "error"])
+        table([(x.topic, x.at, f"{x.logged_at:%Y-%m-%d %H:%M:%S}", x.reason, x.subject or x.key or "",
+                f"{x.replayed_at:%Y-%m-%d %H:%M:%S}" if x.replayed_at else "-", x.error) for x in letters],
+              ["topic", "at", "logged", "reason", "about", "replayed", "error"], fit=["about", "error"])
         waiting = sum(1 for x in found if not x.replayed_at)
         if found:
             shown = f" (the last {len(letters)} shown: --limit for more)" if len(letters) < len(found) else ""

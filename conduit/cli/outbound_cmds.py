@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from conduit.cli.output import clip, emit_json, fail, fields, table
+from conduit.cli.output import emit_json, fail, fields, table
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context, database
 
@@ -33,8 +33,8 @@ def outbound_list(status: Optional[str] = typer.Option(None, "--status", help="O
             if json_:
                 return emit_json(requests)
             table([(f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.status, r.reason or "", r.attempts, r.mailbox_email or "",
-                    clip(", ".join(r.to), 40), clip(r.subject or "", 40), r.idempotency_key) for r in requests],
-                  ["created", "status", "reason", "attempts", "mailbox", "to", "subject", "key"])
+                    ", ".join(r.to), r.subject or "", r.idempotency_key) for r in requests],
+                  ["created", "status", "reason", "attempts", "mailbox", "to", "subject", "key"], fit=["to", "subject"])
     run(go)
 
 
@@ -89,7 +89,9 @@ def outbound_resend(ref: str = typer.Argument(..., help="Idempotency key, reques
 
     For outcome_unknown, first check that it did not arrive: `conduit outbound show` names the Message-ID.
     """
-    from conduit.cli.send_cmd import publish_request
+    from conduit.cli.send_cmd import checked_key, publish_request
+
+    checked_key(key)
 
     async def go() -> int:
         async with command_context(load_settings(), org) as ctx:

@@ -9,7 +9,9 @@ import asyncio
 import errno
 import logging
 import os
+import select
 import socket
+import sys
 from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncpg
@@ -97,6 +99,27 @@ def _os_error(exc: OSError) -> str:
     return f"the system refused: {reason}"
 
 
+def _output_closed() -> bool:
+    """Whether standard output's reader is gone (`conduit outbound list | head -1`): a BrokenPipeError
+    is then ours to take quietly, not a server's connection broken (also an EPIPE)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):   # no file descriptor behind stdout, or no poll()
+        return False
+
+
+def _quiet_exit() -> typer.Exit:
+    """End as a Unix tool whose reader went away does: no message, status 141 (128 + SIGPIPE, what a
+    shell reports for a command SIGPIPE ended).  Standard output is pointed at /dev/null first, as
+    Python's documentation of SIGPIPE advises, so the flush at exit does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return typer.Exit(141)
+
+
 def _log_level() -> str:
     try:
         return log_level_name(os.environ.get("CONDUIT_LOG_LEVEL", "WARNING"))
@@ -120,6 +143,8 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     except ValidationError as exc:   # a service's own settings (CONDUIT_DISPATCH_*, ...), read as it starts
         raise _bad_setting(exc) from None
     except OSError as exc:   # ConnectionError is one
+        if isinstance(exc, BrokenPipeError) and _output_closed():
+            raise _quiet_exit() from None
         raise fail(_os_error(exc)) from None
     except KafkaError as exc:
         raise fail(f"the Kafka broker failed: {exc}") from None

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import mimetypes
 import time
+import unicodedata
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Optional
 import typer
 from pydantic import ValidationError
 
-from conduit.cli.output import emit_json, fail, fields
+from conduit.cli.output import emit_json, escaped, fail, fields
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
 
@@ -53,6 +54,7 @@ def send(
     """Send an email through a mailbox: publish an email.outbound request (exactly one send per key)."""
     from shared.events.payloads import EmailOutboundV1
 
+    checked_key(key)
     extra: dict[str, str] = {}
     for item in header:
         name, sep, value = item.partition(":")
@@ -60,7 +62,7 @@ def send(
             raise fail(f"--header needs 'Name: value', got {item!r}")
         extra[name.strip()] = value.strip()
     data: dict[str, Any] = {
-        "idempotency_key": key or f"cli-{uuid.uuid4().hex}", "to": to, "cc": cc, "bcc": bcc, "subject": subject,
+        "idempotency_key": key if key is not None else f"cli-{uuid.uuid4().hex}", "to": to, "cc": cc, "bcc": bcc, "subject": subject,
         "text": text, "html": html, "headers": extra, "track": not no_track, "deadline": deadline,
     }
     if mailbox:
@@ -68,6 +70,7 @@ def send(
     if sender:
         data["sender_email"] = sender
     stored: list[bytes] = []   # the large attachments, stored before the request is published
+    stored_sizes: dict[str, int] = {}
     if attach:
         from shared.rawstore import raw_sha256
 
@@ -84,6 +87,7 @@ def send(
             else:
                 item["content_sha256"] = raw_sha256(content)
                 stored.append(content)
+                stored_sizes[item["content_sha256"]] = len(content)
             data["attachments"].append(item)
     if regarding:
         kind, sep, rid = regarding.partition(":")
@@ -97,6 +101,7 @@ def send(
         raise fail(f"{'.'.join(str(p) for p in first['loc']) or 'request'}: {first['msg']}") from None
 
     async def go() -> int:
+        _check_size(payload, stored_sizes)   # before anything is stored or published
         async with command_context(load_settings(), org) as ctx:
             if stored:
                 from shared.rawstore import store_raw
@@ -108,6 +113,34 @@ def send(
     code = run(go)
     if code:
         raise typer.Exit(code)
+
+
+def checked_key(key: str | None) -> None:
+    """Refuse an idempotency key given on the command line that would not do what the user means:
+    an empty one (it used to stand for a new random key: a retry would send twice), one with a
+    control character or line break (dispatch would refuse it; it breaks tables and logs), or with
+    whitespace around it (`conduit outbound show` strips what it is given, and would not find it)."""
+    if key is None:
+        return
+    if not key.strip():
+        raise fail("--key is empty: give a key of your own, or leave --key out for a new one")
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in key):
+        raise fail(f"--key '{escaped(key)}' holds a control character or line break: a key is one line of text")
+    if key != key.strip():
+        raise fail(f"--key {key!r} begins or ends with whitespace: `conduit outbound show` could not find it")
+
+
+def _check_size(payload: Any, stored_sizes: dict[str, int]) -> None:
+    """Refuse what dispatch would reject as too_large (its estimate, against its limit as this
+    environment sets it), before a large attachment is stored in PostgreSQL for nothing."""
+    from services.dispatch.compose import estimated_size
+    from services.dispatch.settings import DispatchSettings
+
+    limit = DispatchSettings().max_message_bytes
+    size = estimated_size(payload, stored_sizes)
+    if size > limit:
+        raise fail(f"the email would be about {size / 2**20:.1f} MB with its attachments encoded, over dispatch's "
+                   f"size limit of {limit / 2**20:.1f} MB ({limit} bytes, CONDUIT_DISPATCH_MAX_MESSAGE_BYTES)")
 
 
 async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, timeout: float, json_: bool) -> int:
@@ -249,11 +282,24 @@ async def _refused_now(ctx: Any, payload: Any) -> tuple[str, str] | None:
     async with ctx.registry.pool.acquire() as conn:
         (mailbox_id,) = await resolve_senders(conn, [(ctx.org.id, payload.mailbox_id,
                                                       None if payload.mailbox_id else payload.sender_email)])
-        if mailbox_id is None:
-            who = payload.mailbox_id or payload.sender_email
-            return "unknown_mailbox", f"no mailbox, user or queue {who} in the organization"
-        states = await mailbox_states(conn, {mailbox_id})
+        states = await mailbox_states(conn, {mailbox_id}) if mailbox_id is not None else {}
+    if mailbox_id is None:
+        who = payload.mailbox_id or payload.sender_email
+        without = None if payload.mailbox_id else await _owner_without_mailbox(ctx, payload.sender_email)
+        return "unknown_mailbox", without or f"no mailbox, user or queue {who} in the organization"
     return refusal(states.get(mailbox_id))
+
+
+async def _owner_without_mailbox(ctx: Any, address: str) -> str | None:
+    """Why a user or queue with this address cannot send (it has no mailbox), or None when there is
+    none: "no such user" would send the user looking for a typo that is not there."""
+    owners = [("user", o) for o in await ctx.registry.users(ctx.org)] + [("queue", o) for o in await ctx.registry.queues(ctx.org)]
+    for kind, owner in owners:
+        if owner.email.lower() == address.lower() and owner.mailbox_id is None:
+            return (f"the {kind} {owner.email} exists but has no mailbox (added with incoming {owner.incoming_method}, "
+                    f"outgoing {owner.outgoing_method}): a {kind} gets one when added with server-side sync, the default "
+                    f"of `conduit {kind} add`; `conduit mailbox list` shows the mailboxes that can send")
+    return None
 
 
 async def _held_by_another(ctx: Any, payload: Any) -> str | None:

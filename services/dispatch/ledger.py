@@ -247,14 +247,19 @@ async def record_rejections(conn: asyncpg.Connection, rows: Sequence[RejectedReq
                SELECT * FROM unnest($1::int[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::uuid[])
                    AS u(n, org, key, mailbox, reason, detail, request, event_id)),
            written AS (
-               INSERT INTO outbound_email AS o (organization_id, idempotency_key, mailbox_id, status, reason, detail, request, event_id)
+               INSERT INTO outbound_email AS o (organization_id, idempotency_key, mailbox_id, status, reason, detail, request,
+                                                 event_id, subject)
                SELECT DISTINCT ON (i.org, i.key) i.org, i.key, (SELECT id FROM mailbox WHERE id = i.mailbox), 'rejected',
-                      i.reason, i.detail, i.request::jsonb, i.event_id
+                      i.reason, i.detail, i.request::jsonb, i.event_id,
+                      -- The subject as requested (never sent, so no tracking token), for `conduit outbound
+                      -- list` and `show`; the request may hold anything, so only a string, cut as detail is.
+                      CASE WHEN jsonb_typeof(i.request::jsonb -> 'subject') = 'string'
+                           THEN left(i.request::jsonb ->> 'subject', 2000) END
                FROM input i JOIN organization g ON g.id = i.org
                ORDER BY i.org, i.key, i.n DESC
                ON CONFLICT (organization_id, idempotency_key) DO UPDATE SET
                    reason = EXCLUDED.reason, detail = EXCLUDED.detail, request = EXCLUDED.request,
-                   event_id = EXCLUDED.event_id, updated_at = now()
+                   event_id = EXCLUDED.event_id, subject = EXCLUDED.subject, updated_at = now()
                WHERE o.status = 'rejected'
                RETURNING o.organization_id, o.idempotency_key)
            SELECT i.n, w.idempotency_key IS NOT NULL OR NOT EXISTS (SELECT 1 FROM organization WHERE id = i.org) AS announce

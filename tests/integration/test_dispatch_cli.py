@@ -5,10 +5,11 @@ import json
 import uuid
 
 from conduit.peers.smtp import CaptureSmtpServer
+from shared.rawstore import raw_sha256
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.cli import conduit_cli as _cli
-from tests.support.dispatch import dispatch_running, finals, outbound, publish, sending_mailbox
+from tests.support.dispatch import dispatch, dispatch_running, finals, outbound, publish, sending_mailbox
 
 
 async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
@@ -197,3 +198,52 @@ async def test_another_system_stores_a_large_attachment_then_refers_to_it(
         (message,) = capture.messages()
     (part,) = message_from_bytes(message.raw, policy=policy.default).iter_attachments()
     assert (part.get_filename(), part.get_content()) == ("contract.pdf", large.read_bytes())
+
+
+async def test_conduit_send_refuses_an_empty_blank_or_multi_line_key(settings: Settings, registry: Registry, org) -> None:
+    """One line, nothing published: an empty key used to mean a random one (a retry would send twice)."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=9)   # never reached: nothing is sent
+    for key, says in [("", "--key is empty"), ("   ", "--key is empty"), ("k-1\r\nBcc: a@evil.example", "control character"),
+                      ("k\x1b[2J", "control character"), (" k-2", "begins or ends with whitespace")]:
+        code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
+                                    "--key", key)
+        assert code == 2 and out == "" and says in err and len(err.strip().splitlines()) == 1, (key, out, err)
+
+
+async def test_conduit_send_from_a_user_without_a_mailbox_says_so(settings: Settings, registry: Registry, org) -> None:
+    """Not "no mailbox, user or queue": the user is there, and looking for a typo would not help."""
+    carl = f"carl-{uuid.uuid4().hex[:8]}@example.com"
+    await registry.add_user(org, "Carl", carl, incoming="none", outgoing="none", act="none")
+    code, out, err = await _cli(settings, "send", "--org", org.name, "--from", carl, "--to", "x@customer.example")
+    assert code == 2 and f"(unknown_mailbox): the user {carl} exists but has no mailbox (added with incoming none, " \
+                         "outgoing none)" in err and "`conduit mailbox list`" in err, (out, err)
+    assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_conduit_send_refuses_an_email_over_the_size_limit_before_storing_its_attachment(
+        settings: Settings, registry: Registry, org, pool, tmp_path) -> None:
+    """Not stored in the raw store (30 MB in PostgreSQL for nothing), then rejected by dispatch."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=9)   # never reached: nothing is sent
+    big = tmp_path / "big.bin"
+    big.write_bytes(uuid.uuid4().bytes * (30 * 2**20 // 16))   # 30 MB, of this test's own content
+    code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
+                                "--attach", str(big))
+    assert code == 2 and out == "" and "over dispatch's size limit of 25.0 MB (26214400 bytes, " \
+                                       "CONDUIT_DISPATCH_MAX_MESSAGE_BYTES)" in err, (out, err)
+    assert len(err.strip().splitlines()) == 1, err
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM raw_message WHERE sha256 = $1", raw_sha256(big.read_bytes())) == 0
+
+
+async def test_outbound_list_shows_the_subject_of_a_rejected_request(settings: Settings, org, publisher) -> None:
+    """A rejected request was never sent, so it has no subject "as sent": the one it asked for is shown."""
+    rejected = outbound(org, sender_email="nobody@example.com", subject="Quote for Bea")
+    key = rejected.data.idempotency_key
+    await publish(publisher, rejected)
+    await dispatch(settings)
+    code, out, err = await _cli(settings, "outbound", "list", "--status", "rejected", "--org", org.name)
+    assert code == 0, err
+    (row,) = [line for line in out.splitlines() if key in line]
+    assert "unknown_mailbox" in row and "Quote for Bea" in row, out
+    code, out, err = await _cli(settings, "outbound", "show", key, "--org", org.name, "--json")
+    assert code == 0 and json.loads(out)["subject"] == "Quote for Bea", (out, err)
