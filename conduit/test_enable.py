@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from uuid import UUID
 
-from shared.errors import ConduitError
+from shared.errors import ConduitError, InvalidInput
 from shared.oauth import TokenProvider
 from shared.registry import models
 from shared.registry.service import MailboxWork, Registry
@@ -20,6 +20,11 @@ CHECK_TIMEOUT = 20.0
 
 async def test_enable(registry: Registry, org: models.Organization, ref: str, directions: list[str]) -> dict[str, tuple[bool, str]]:
     mailbox = await registry.mailbox(org, ref)
+    if "act" in directions:
+        # Refused before anything is tested: recorded as a failed test, it would leave the mailbox
+        # `failing` on mailbox.health, and no later test could clear it.
+        raise InvalidInput("appointments, contacts and tasks synchronization (--direction act) is not available yet "
+                           "for any profile type; test incoming and outgoing", reason="unsupported")
     results: dict[str, tuple[bool, str]] = {}
     for direction in directions:
         ok, message = await _check(registry, mailbox, direction)
@@ -36,8 +41,6 @@ async def _check(registry: Registry, mailbox: models.Mailbox, direction: str) ->
     if not mailbox.email_approved:
         return False, "the mailbox's email address is not approved (`conduit mailbox approve`)"
     work = await _work_item(registry, mailbox.id)
-    if direction == "act":
-        return False, "appointments, contacts and tasks synchronization is not available yet for this profile type"
     try:
         await asyncio.wait_for(_connect(work, direction), CHECK_TIMEOUT)
     except ConduitError as exc:

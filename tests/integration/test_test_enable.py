@@ -149,3 +149,16 @@ async def test_exchange_mailboxes_are_enabled_over_ews_and_graph(registry: Regis
         auth_method="mailbox_credentials"), email=other)
     ok, said = (await check.test_enable(registry, org, other, ["outgoing"]))["outgoing"]
     assert not ok and "\n" not in said and PASSWORD not in said
+
+
+async def test_act_is_refused_before_anything_is_tested_and_nothing_is_recorded(registry: Registry, org, dovecot) -> None:
+    """Appointments, contacts and tasks are not synchronized yet: asking to test them is refused as a
+    whole, rather than recorded as a failed test that would leave the mailbox failing for good."""
+    from shared.errors import InvalidInput
+
+    profile = imap_profile(dovecot, f"imap-{uuid.uuid4().hex[:6]}")
+    email = await _mailbox(registry, org, profile)
+    with pytest.raises(InvalidInput, match="not available yet"):
+        await check.test_enable(registry, org, email, ["incoming", "act"])
+    mailbox = await registry.mailbox(org, email)
+    assert (mailbox.incoming.status, mailbox.act.status) == ("not_run", "not_run")
