@@ -34,6 +34,9 @@ record_app = typer.Typer(help="CRM records that correlation resolves: contacts, 
 activity_app = typer.Typer(help="Email activities.", no_args_is_help=True)
 message_app = typer.Typer(help="Why a message was or was not tracked.", no_args_is_help=True)
 org_app = typer.Typer(help="Organizations and their correlation settings.", no_args_is_help=True)
+folder_rule_app = typer.Typer(help="Folder-level tracking rules: a folder's email tracked regarding a record.",
+                              no_args_is_help=True)
+mailbox_app.add_typer(folder_rule_app, name="folder-rule")
 
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
@@ -195,7 +198,10 @@ def profile_list(org: str = org_option(), json_: bool = JSON) -> None:
             if json_:
                 return emit_json(ps)
             table([(p.name, p.server_type, _endpoint(p.incoming_host, p.incoming_port, p.incoming_tls),
-                    _endpoint(p.outgoing_host, p.outgoing_port, p.outgoing_tls), p.auth_method,
+                    # What dispatch will reach: the incoming host and the TLS mode's port when none is named.
+                    _endpoint(p.outgoing_host or p.incoming_host,
+                              p.outgoing_port or models.DEFAULT_SUBMISSION_PORT[p.outgoing_tls], p.outgoing_tls),
+                    p.auth_method,
                     "yes" if p.is_default else "") for p in ps],
                   ["name", "type", "incoming", "outgoing", "auth", "default"])
     run(go)
@@ -315,12 +321,17 @@ def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or it
                 ("active", m.active), ("email approved", m.email_approved), ("tracking", m.tracking),
                 ("tracked folders", ", ".join(m.tracked_folders)),
             ]
+            pairs += [(f"folder rule {r.folder}", f"regarding {r.regarding_kind} {r.regarding_email} ({r.regarding_id})")
+                      for r in m.folder_rules]
             if m.owner_kind == "queue":
                 pairs += [("convert to activities", m.convert_to_activities), ("delete after processing", m.delete_after_processing)]
+            now = datetime.now(timezone.utc)
             for d in ("incoming", "outgoing", "act"):
                 s = getattr(m, d)
+                # A back-off that has ended is kept until the next success clears it: not news.
+                backing_off = s.backoff_until is not None and s.backoff_until > now
                 pairs.append((d, f"{s.status}; errors {s.error_count}"
-                              + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S}" if s.backoff_until else "")
+                              + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S}" if backing_off else "")
                               + (f"; {s.test_message}" if s.test_message else "")))
             if m.sync is not None:
                 pairs += _sync_lines(m.sync)
@@ -410,10 +421,74 @@ def mailbox_configure(
     delete_after: Optional[bool] = typer.Option(None, "--delete-after-processing/--keep-on-server", help="Queues only."),
     org: str = org_option(),
 ) -> None:
-    """Change a mailbox's profile, tracking option, tracked folders and queue options."""
-    _mailbox_flag(ref, org, "updated", profile=profile, tracking=tracking,
-                  tracked_folders=[f.strip() for f in folders.split(",") if f.strip()] if folders is not None else None,
-                  convert_to_activities=convert, delete_after_processing=delete_after)
+    """Change a mailbox's profile, tracking option, tracked folders and queue options.  Moved to a
+    profile with another server, the mailbox needs Test & Enable again for the directions concerned."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            before = await ctx.registry.mailbox(ctx.org, ref)
+            m = await ctx.registry.update_mailbox(
+                ctx.org, ref, profile=profile, tracking=tracking,
+                tracked_folders=folders.split(",") if folders is not None else None,
+                convert_to_activities=convert, delete_after_processing=delete_after)
+            typer.echo(f"{m.email}: updated" + (f"; tracked folders: {', '.join(m.tracked_folders)}" if folders is not None else ""))
+            for rule in m.folder_rules:
+                if rule.folder not in m.tracked_folders:
+                    typer.echo(f"warning: the folder {rule.folder} has a folder-level tracking rule but is no longer "
+                               "tracked: its mail is not read (`conduit mailbox folder-rule remove` drops the rule)", err=True)
+            reset = [d for d in ("incoming", "outgoing", "act")
+                     if getattr(before, d).status != "not_run" and getattr(m, d).status == "not_run"]
+            if reset:
+                typer.echo(f"{m.email}: moved to the profile {m.profile_name}, whose server it was not tested with: "
+                           f"Test & Enable results reset for {', '.join(reset)}; it is not processed until "
+                           f"`conduit mailbox test-enable {m.email}` succeeds")
+    run(go)
+
+
+# --- folder-level tracking rules --------------------------------------------------------------------
+
+@folder_rule_app.command("add")
+def folder_rule_add(ref: str = typer.Argument(..., help="Mailbox id, address, or its owner's address."),
+                    folder: str = typer.Argument(..., help="The folder, as the server names it (e.g. Customers/Acme)."),
+                    record: str = typer.Argument(..., help="KIND:ID or KIND:ADDRESS, e.g. account:info@acme.example."),
+                    org: str = org_option(), json_: bool = JSON) -> None:
+    """Track a folder's email regarding a record, whatever the tracking option (an untracked folder is added)."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            rule, added = await ctx.registry.add_folder_rule(ctx.org, ref, folder, record)
+            if json_:
+                return emit_json({**rule.model_dump(mode="json"), "added_to_tracked_folders": added})
+            typer.echo(f"{folder}: email in this folder is tracked regarding {rule.regarding_kind} "
+                       f"{rule.regarding_email} ({rule.regarding_id})")
+            if added:
+                typer.echo(f"{folder}: was not tracked; added to the mailbox's tracked folders")
+    run(go)
+
+
+@folder_rule_app.command("list")
+def folder_rule_list(ref: str = typer.Argument(..., help="Mailbox id, address, or its owner's address."),
+                     org: str = org_option(), json_: bool = JSON) -> None:
+    """List a mailbox's folder-level tracking rules."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            rules = await ctx.registry.folder_rules(ctx.org, ref)
+            if json_:
+                return emit_json(rules)
+            table([(r.folder, r.regarding_kind, r.regarding_email, r.regarding_name, r.regarding_id) for r in rules],
+                  ["folder", "kind", "email", "name", "record id"])
+    run(go)
+
+
+@folder_rule_app.command("remove")
+def folder_rule_remove(ref: str = typer.Argument(..., help="Mailbox id, address, or its owner's address."),
+                       folder: str = typer.Argument(..., help="The folder whose rule goes."),
+                       org: str = org_option()) -> None:
+    """Remove a folder's rule; the folder stays tracked (`configure --folders` changes that)."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            rule = await ctx.registry.remove_folder_rule(ctx.org, ref, folder)
+            typer.echo(f"{rule.folder}: no longer tracked regarding {rule.regarding_kind} {rule.regarding_email}; "
+                       "the folder stays tracked")
+    run(go)
 
 
 @mailbox_app.command("test-enable")
@@ -451,6 +526,12 @@ def record_add(kind: models.RecordKind, email: str, name: str = typer.Option(...
         async with command_context(load_settings(), org) as ctx:
             r = await ctx.registry.add_record(ctx.org, kind, name, email, email_enabled=email_enabled)
             emit_json(r) if json_ else typer.echo(f"{r.kind} {r.email} added ({r.id})")
+            others = [o for o in await ctx.registry.records(ctx.org) if o.email.lower() == email.lower() and o.id != r.id]
+            if others:
+                typer.echo(f"warning: {email} is also the address of "
+                           + ", ".join(f"{o.kind} {o.name} ({o.id})" for o in others)
+                           + "; mail from it resolves to all of them, and the rules name the first that fits "
+                             "(users, queues, contacts, accounts, leads, the oldest first)", err=True)
     run(go)
 
 
@@ -581,4 +662,6 @@ def _secret_from(env: str, what: str) -> SecretStr:
 
 
 def _endpoint(host: str | None, port: int | None, tls: str) -> str:
-    return f"{host}:{port} ({tls})" if host else "-"
+    if not host:
+        return "-"
+    return f"{host}:{port} ({tls})" if port else f"{host} ({tls})"

@@ -35,6 +35,20 @@ async def mailbox_rows(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) ->
     return {r["id"]: r for r in rows}
 
 
+async def folder_regarding(conn: asyncpg.Connection,
+                           folders: Sequence[tuple[UUID, str]]) -> dict[tuple[UUID, str], tuple[str, str]]:
+    """The record each (mailbox, folder) of a batch is mapped to by a folder-level tracking rule, in
+    one query for the batch; folders without a rule are missing from the answer."""
+    if not folders:
+        return {}
+    rows = await conn.fetch(
+        """SELECT f.mailbox_id, f.folder, f.regarding_kind, f.regarding_id FROM folder_tracking_rule f
+           JOIN unnest($1::uuid[], $2::text[]) AS k(mailbox_id, folder) ON f.mailbox_id = k.mailbox_id AND f.folder = k.folder""",
+        [m for m, _ in folders], [f for _, f in folders],
+    )
+    return {(r["mailbox_id"], r["folder"]): (r["regarding_kind"], str(r["regarding_id"])) for r in rows}
+
+
 def mailbox_context(row: asyncpg.Record, *, forwarded: bool, holds_messages: bool = False) -> MailboxContext:
     """A ``mailbox_rows`` row as the rules see it; ``forwarded``: for a message the mailbox's owner
     forwarded through a forward mailbox."""
@@ -82,12 +96,19 @@ async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys)
     lookups = Lookups()
     if keys.addresses:
         for r in await conn.fetch(
-            """SELECT 'user' AS kind, id, lower(email) AS email, true AS email_enabled FROM crm_user
-                 WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
-               UNION ALL
-               SELECT 'queue', id, lower(email), true FROM queue WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
-               UNION ALL
-               SELECT kind, id, lower(email), email_enabled FROM crm_record WHERE organization_id = $1 AND lower(email) = ANY($2::text[])""",
+            # Ordered: the rules take an address's first party that fits, so an address shared by
+            # several records resolves the same way every time: users, queues, contacts, accounts,
+            # leads, and within a kind the oldest record first.
+            """SELECT kind, id, email, email_enabled FROM (
+                 SELECT 'user' AS kind, id, lower(email) AS email, true AS email_enabled, 0 AS rank, created_at FROM crm_user
+                   WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
+                 UNION ALL
+                 SELECT 'queue', id, lower(email), true, 1, created_at FROM queue
+                   WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
+                 UNION ALL
+                 SELECT kind, id, lower(email), email_enabled, CASE kind WHEN 'contact' THEN 2 WHEN 'account' THEN 3 ELSE 4 END,
+                        created_at FROM crm_record WHERE organization_id = $1 AND lower(email) = ANY($2::text[])) p
+               ORDER BY rank, created_at, id""",
             org_id, list(keys.addresses),
         ):
             party = Party(r["kind"], str(r["id"]), r["email"], r["email_enabled"])

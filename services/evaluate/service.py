@@ -44,6 +44,7 @@ from shared.metrics import ACTIVITIES_CREATED, DECISIONS
 from shared.mime import message_key
 from shared.outbox import enqueue_batch
 from shared.rawstore import load_raw
+from shared.registry.models import is_inbox
 from shared.runtime import ServiceBase
 from shared.settings import Settings
 
@@ -83,6 +84,8 @@ class _Prepared:
     mailboxes: dict
     raws: dict[str, bytes]
     released: frozenset[tuple[UUID, str]] = frozenset()
+    # (mailbox, folder) -> the record a folder-level tracking rule maps that folder to.
+    folder_rules: dict[tuple[UUID, str], tuple[str, str]] = field(default_factory=dict)
 
 
 # Messages parsed between two yields to the event loop while preparing (~6 ms of CPU).
@@ -152,6 +155,7 @@ class EvaluateService(ServiceBase):
         async with self.pool.acquire() as conn:
             raws = await load_raw(conn, [d.event.data.raw_sha256 for d in deliveries])
             mailboxes = await repo.mailbox_rows(conn, [d.event.data.mailbox_id for d in deliveries])
+            folder_rules = await repo.folder_regarding(conn, _mapped_folders(deliveries))
         items: list[_Item] = []
         for d in deliveries:
             data = d.event.data
@@ -168,7 +172,7 @@ class EvaluateService(ServiceBase):
             if start:
                 await asyncio.sleep(0)  # let the previous batch's transaction move on between slices
             _parse_items(items[start:start + _PARSE_SLICE], raws)
-        return _Prepared(items, rejections, mailboxes, raws)
+        return _Prepared(items, rejections, mailboxes, raws, folder_rules=folder_rules)
 
     async def finish(self, prepared: _Prepared) -> Sequence[Rejection]:
         """Attribute, decide and record a prepared batch in one transaction."""
@@ -198,7 +202,7 @@ class EvaluateService(ServiceBase):
             # held is seen, and a mailbox's newer mail waits behind it.
             waiting = await held.holding(conn, [(i.mailbox_id, _forwarded(i)) for i in items])
             for org_id, org_items in by_org.items():
-                await self._decide(conn, org_items, mailboxes, waiting, prepared.released)
+                await self._decide(conn, org_items, mailboxes, waiting, prepared.released, prepared.folder_rules)
             async with conn.transaction():
                 decided, counts = await self._record(conn, items, waiting, prepared.released)
         counts.publish()  # once committed: a batch rolled back and redelivered is counted once
@@ -249,7 +253,8 @@ class EvaluateService(ServiceBase):
         return out
 
     async def _decide(self, conn, items: list[_Item], mailboxes: dict, waiting: set[tuple[UUID, bool]],
-                      released: frozenset[tuple[UUID, str]]) -> None:
+                      released: frozenset[tuple[UUID, str]],
+                      folder_rules: dict[tuple[UUID, str], tuple[str, str]] | None = None) -> None:
         org_row = mailboxes[items[0].delivery.event.data.mailbox_id]
         settings = CorrelationSettings(
             order=tuple(org_row["correlation_order"]), tracking_token_enabled=org_row["tracking_token_enabled"],
@@ -271,8 +276,13 @@ class EvaluateService(ServiceBase):
                 and (item.mailbox_id, item.message_id) not in released)
             batch.append(item)
         lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings))
+        rules = folder_rules or {}
         decisions = evaluate_batch(
-            [BatchItem(i.parsed, i.context, i.delivery.event.data.received_at) for i in batch],  # type: ignore[arg-type]
+            [BatchItem(i.parsed, i.context, i.delivery.event.data.received_at,  # type: ignore[arg-type]
+                       # A rule maps a folder of the mailbox that read the message; a message evaluated
+                       # for the user who forwarded it was in no folder of theirs.
+                       None if _forwarded(i) else rules.get((i.mailbox_id, i.delivery.event.data.folder)))
+             for i in batch],
             lookups, settings, lambda _: next(_ACTIVITY_IDS),
         )
         for item, decision in zip(batch, decisions):
@@ -385,6 +395,12 @@ class _Counts:
 def _forwarded(item: _Item) -> bool:
     """Evaluated for the user or queue that forwarded it, not for the mailbox that received it."""
     return item.mailbox_id != item.delivery.event.data.mailbox_id
+
+
+def _mapped_folders(deliveries: Sequence[Delivery]) -> list[tuple[UUID, str]]:
+    """The (mailbox, folder) pairs of a batch a folder-level tracking rule could map.  The Inbox
+    never is (the registry refuses it), so a batch read from Inboxes alone costs no query."""
+    return list({(d.event.data.mailbox_id, d.event.data.folder) for d in deliveries if not is_inbox(d.event.data.folder)})
 
 
 def _parse_items(items: list[_Item], raws: dict[str, bytes]) -> None:

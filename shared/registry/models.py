@@ -4,6 +4,8 @@ Secrets are never part of a read model: only whether one is set.
 """
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import datetime
 from typing import Literal
 from uuid import UUID
@@ -24,6 +26,66 @@ Tracking = Literal["all", "responses", "known_records", "email_enabled_records"]
 TestStatus = Literal["not_run", "success", "failure"]
 DirectionName = Literal["incoming", "outgoing", "act"]
 RecordKind = Literal["contact", "account", "lead"]
+# The SMTP port dispatch uses when a profile names none, per TLS mode (submission, RFC 8314 / 6409).
+DEFAULT_SUBMISSION_PORT = {"implicit": 465, "starttls": 587, "none": 25}
+# A folder name longer than this cannot travel in `email.received` (its `folder` field's limit).
+MAX_FOLDER_NAME = 1000
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is no host name or IP address a mail server can be reached at, or None.
+
+    A host name is dot-separated labels of letters, digits, hyphens (not at either end) and
+    underscores (found in internal names), at most 253 characters; an internationalised name is
+    checked in its IDNA form.  An IP address is written bare (::1, not [::1]): it is handed to the
+    socket as it is."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if not host or host != host.strip():
+        return "it is empty or has spaces around it"
+    if any(c.isspace() for c in host):
+        return "it has spaces in it"
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        return "it is not a valid internationalised domain name"
+    name = ascii_host[:-1] if ascii_host.endswith(".") else ascii_host
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        return ("a host name is labels of letters, digits and hyphens separated by dots "
+                "(or an IP address)")
+    return None
+
+
+def is_inbox(folder: str) -> bool:
+    """The Inbox's name is case-insensitive in IMAP (RFC 3501 5.1): inbox, Inbox and INBOX are one."""
+    return folder.upper() == "INBOX"
+
+
+def folder_key(folder: str) -> str:
+    """A folder's name as rules and look-ups compare it: INBOX in capitals, any other name as it is
+    (IMAP names other than the Inbox are case-sensitive)."""
+    return "INBOX" if is_inbox(folder) else folder
+
+
+def folder_name_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be a tracked folder's name, or None.  Names are kept as given (spaces
+    inside are common: "Sent Items"); control characters and IMAP's list wildcards (* and %) are no
+    part of a folder a server can SELECT."""
+    if not folder.strip():
+        return "a folder name cannot be empty"
+    if folder != folder.strip():
+        return f"the folder name {folder!r} has spaces around it"
+    if len(folder) > MAX_FOLDER_NAME:
+        return f"a folder name has at most {MAX_FOLDER_NAME} characters"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in folder):
+        return f"the folder name {folder!r} contains control characters"
+    if "*" in folder or "%" in folder:
+        return f"the folder name {folder!r} contains * or %, IMAP's wildcards"
+    return None
 
 
 class Organization(BaseModel):
@@ -156,8 +218,22 @@ class Mailbox(BaseModel):
     convert_to_activities: bool
     delete_after_processing: bool
     tracked_folders: list[str]
+    folder_rules: list[FolderRule] = []   # with ``Registry.mailbox(...)``
     alerts: list[Alert] = []
     sync: MailboxSync | None = None   # with ``Registry.mailbox(..., sync=True)``
+
+
+class FolderRule(BaseModel):
+    """A folder-level tracking rule: the email of ``folder`` is tracked regarding the record."""
+
+    mailbox_id: UUID
+    folder: str
+    folder_id: str | None = None      # the server's own id for the folder (Exchange), when it has one
+    regarding_kind: RecordKind
+    regarding_id: UUID
+    regarding_name: str
+    regarding_email: str
+    created_at: datetime
 
 
 class Record(BaseModel):

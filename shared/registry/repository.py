@@ -139,6 +139,26 @@ async def insert_record(conn: asyncpg.Connection, org_id: UUID, kind: str, name:
     )
 
 
+async def records_with_address(conn: asyncpg.Connection, org_id: UUID, email: str) -> list[asyncpg.Record]:
+    """The contacts, accounts and leads of the organization with this address (any case), oldest first.
+    Taken under a transaction-long advisory lock on the address, so two concurrent ``record add`` of
+    one address see each other (the table has no unique index on it: kinds may share an address)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"crm_record:{org_id}:{email.lower()}")
+    return await conn.fetch(
+        "SELECT * FROM crm_record WHERE organization_id = $1 AND lower(email) = lower($2) ORDER BY created_at, id",
+        org_id, email,
+    )
+
+
+async def records_by_ref(conn: asyncpg.Connection, org_id: UUID, kind: str, ref: str) -> list[asyncpg.Record]:
+    """Records of ``kind`` in the organization whose id or address is ``ref``."""
+    return await conn.fetch(
+        """SELECT * FROM crm_record WHERE organization_id = $1 AND kind = $2
+             AND (id::text = lower($3) OR lower(email) = lower($3)) ORDER BY created_at, id""",
+        org_id, kind, ref,
+    )
+
+
 async def records(conn: asyncpg.Connection, org_id: UUID, kind: str | None = None) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT * FROM crm_record WHERE organization_id = $1 AND ($2::text IS NULL OR kind = $2) ORDER BY kind, email",
@@ -171,6 +191,12 @@ async def mailbox_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: str) -> as
     )
 
 
+async def lock_mailbox(conn: asyncpg.Connection, mailbox_id: UUID) -> asyncpg.Record:
+    """The mailbox, its row locked until the transaction ends: an edit of its lists reads them fresh."""
+    await conn.execute("SELECT 1 FROM mailbox WHERE id = $1 FOR UPDATE", mailbox_id)
+    return await mailbox_by_id(conn, mailbox_id)
+
+
 async def mailboxes(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]:
     return await conn.fetch(_MAILBOX_SELECT + " WHERE m.organization_id = $1 ORDER BY m.email", org_id)
 
@@ -178,6 +204,51 @@ async def mailboxes(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Reco
 async def update_mailbox(conn: asyncpg.Connection, mailbox_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
     await _update(conn, "mailbox", mailbox_id, {**fields, "updated_at": datetime.now().astimezone()})
     return await mailbox_by_id(conn, mailbox_id)
+
+
+async def reset_tests(conn: asyncpg.Connection, mailbox_id: UUID, directions: list[str], message: str) -> None:
+    """Forget Test & Enable's results (and the failures counted since) for ``directions``: the
+    mailbox no longer reaches the server they were recorded against."""
+    for direction in directions:
+        _check_direction(direction)
+    if directions:
+        await _update(conn, "mailbox", mailbox_id, {
+            **{f"{d}_status": "not_run" for d in directions}, **{f"{d}_tested_at": None for d in directions},
+            **{f"{d}_test_message": message for d in directions}, **{f"{d}_error_count": 0 for d in directions},
+            **{f"{d}_backoff_until": None for d in directions}, "updated_at": datetime.now().astimezone()})
+
+
+# --- folder-level tracking rules ----------------------------------------------------------------------
+
+_FOLDER_RULE_SELECT = """
+SELECT f.mailbox_id, f.folder, f.folder_id, f.regarding_kind, f.regarding_id, f.created_at,
+       r.name AS regarding_name, r.email AS regarding_email
+FROM folder_tracking_rule f JOIN crm_record r ON r.id = f.regarding_id
+"""
+
+
+async def folder_rules(conn: asyncpg.Connection, mailbox_id: UUID) -> list[asyncpg.Record]:
+    return await conn.fetch(_FOLDER_RULE_SELECT + " WHERE f.mailbox_id = $1 ORDER BY f.folder", mailbox_id)
+
+
+async def folder_rule(conn: asyncpg.Connection, mailbox_id: UUID, folder: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(_FOLDER_RULE_SELECT + " WHERE f.mailbox_id = $1 AND f.folder = $2", mailbox_id, folder)
+
+
+async def insert_folder_rule(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, regarding_kind: str,
+                             regarding_id: UUID, folder_id: str | None = None) -> asyncpg.Record:
+    await conn.execute(
+        """INSERT INTO folder_tracking_rule (mailbox_id, folder, folder_id, regarding_kind, regarding_id)
+           VALUES ($1, $2, $3, $4, $5)""",
+        mailbox_id, folder, folder_id, regarding_kind, regarding_id,
+    )
+    return await folder_rule(conn, mailbox_id, folder)
+
+
+async def delete_folder_rule(conn: asyncpg.Connection, mailbox_id: UUID, folder: str) -> bool:
+    return await conn.fetchval(
+        "DELETE FROM folder_tracking_rule WHERE mailbox_id = $1 AND folder = $2 RETURNING true", mailbox_id, folder,
+    ) is not None
 
 
 async def mailbox_alerts(conn: asyncpg.Connection, mailbox_id: UUID, limit: int = 20) -> list[asyncpg.Record]:

@@ -8,6 +8,7 @@ there is none), encrypted credentials, and an event in the outbox for every chan
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from shared.events.fields import breaks_header, is_email_address
 from shared.events.payloads import EmailOutboundV1, MailboxEventV1, RegistryChangeV1
 from shared.events.topics import MAILBOX_EVENTS, REGISTRY_CHANGES
 from shared.outbox import enqueue
-from shared.registry import models, repository as repo
+from shared.registry import folder_rules, models, repository as repo
 from shared.tls import check_ca_file
 
 log = logging.getLogger(__name__)
@@ -263,9 +264,15 @@ class Registry:
             raise InvalidInput("OAuth 2.0 needs --oauth-token-url, --oauth-client-id and the client secret")
         _require_https("--service-url", spec.service_url)
         _require_https("--oauth-token-url", spec.oauth_token_url)
+        for option, host in (("--incoming-host", spec.incoming_host), ("--outgoing-host", spec.outgoing_host)):
+            if host is not None and (problem := models.host_problem(host)) is not None:
+                raise InvalidInput(f"{option} {host!r:.80} is not a host name or IP address: {problem}", reason="bad_host")
         if spec.tls_ca_file is not None and (problem := check_ca_file(spec.tls_ca_file)) is not None:
             raise InvalidInput(f"--tls-ca-file {spec.tls_ca_file} cannot be used: {problem}")
         fields = {k: v for k, v in spec.__dict__.items() if k not in ("profile_secret", "oauth_client_secret")}
+        if spec.tls_ca_file is not None:
+            # Stored absolute: services read it from their own working directory, not the caller's.
+            fields["tls_ca_file"] = os.path.abspath(os.path.expanduser(spec.tls_ca_file))
         fields["profile_secret"] = self._cipher.encrypt(spec.profile_secret) if spec.profile_secret else None
         fields["oauth_client_secret"] = self._cipher.encrypt(spec.oauth_client_secret) if spec.oauth_client_secret else None
         return fields
@@ -389,7 +396,10 @@ class Registry:
         return row
 
     async def _mailbox_model(self, conn: asyncpg.Connection, row: asyncpg.Record, *, alerts: bool = True) -> models.Mailbox:
-        return _mailbox(row, [dict(a) for a in await repo.mailbox_alerts(conn, row["id"])] if alerts else [])
+        mailbox = _mailbox(row, [dict(a) for a in await repo.mailbox_alerts(conn, row["id"])] if alerts else [])
+        if alerts:   # one mailbox shown (not a list): its folder rules too
+            mailbox.folder_rules = [folder_rules.folder_rule(r) for r in await repo.folder_rules(conn, row["id"])]
+        return mailbox
 
     async def update_mailbox(self, org: models.Organization, ref: str, **fields: Any) -> models.Mailbox:
         """Change mailbox settings: profile, tracking, folders, queue options, active, approval."""
@@ -401,17 +411,81 @@ class Registry:
             raise InvalidInput(f"unknown mailbox settings: {', '.join(sorted(unknown))}")
         if "name" in fields:
             _require_name(fields["name"], "a mailbox")
+        if "tracked_folders" in fields:
+            fields["tracked_folders"] = _tracked_folders(fields["tracked_folders"])
         async with self._tx() as conn:
             row = await self._mailbox_row(conn, org, ref)
+            retest: list[str] = []
             if "profile" in fields:
-                fields["profile_id"] = (await self._profile_row(conn, org, fields.pop("profile")))["id"]
-            if "tracked_folders" in fields and not fields["tracked_folders"]:
-                raise InvalidInput("a mailbox tracks at least one folder")
+                new_profile = await self._profile_row(conn, org, fields.pop("profile"))
+                fields["profile_id"] = new_profile["id"]
+                if new_profile["id"] != row["profile_id"]:
+                    old_profile = await repo.profile_by_id(conn, row["profile_id"]) if row["profile_id"] else None
+                    retest = [d for d in repo.DIRECTIONS if row[f"{d}_status"] != "not_run"
+                              and _server_of(old_profile, d) != _server_of(new_profile, d)]
             if "delete_after_processing" in fields and fields["delete_after_processing"] and row["owner_kind"] != "queue":
                 raise InvalidInput("only a queue's mailbox can delete email from the server after processing")
             row = await repo.update_mailbox(conn, row["id"], fields)
+            if retest:
+                # Test & Enable vouched for the old server only: until it is run against the new
+                # one, the mailbox is not processed (mailboxes_to_process wants 'success').
+                await repo.reset_tests(conn, row["id"], retest, f"not tested with the profile {row['profile_name']} "
+                                       "the mailbox moved to: run Test & Enable again")
+                row = await repo.mailbox_by_id(conn, row["id"])
+                await self._mailbox_event(conn, org.id, row["id"], "updated", code="tests_reset",
+                                          message=f"moved to profile {row['profile_name']}: Test & Enable needed again "
+                                                  f"for {', '.join(retest)}")
             await self._mailbox_event(conn, org.id, row["id"], "updated", message=", ".join(sorted(fields)))
             return await self._mailbox_model(conn, row)
+
+    # --- folder-level tracking rules ------------------------------------------------------------
+
+    async def add_folder_rule(self, org: models.Organization, ref: str, folder: str,
+                              record: str) -> tuple[models.FolderRule, bool]:
+        """Map the mailbox's ``folder`` to ``record`` (``KIND:ID`` or ``KIND:ADDRESS``).  Returns the
+        rule and whether the folder was added to the mailbox's tracked folders (a folder not tracked
+        is added: a rule on a folder that is never read would do nothing)."""
+        async with self._tx() as conn:
+            # Locked: two rules added at once must not each write the tracked folders without the other's.
+            row = await repo.lock_mailbox(conn, (await self._mailbox_row(conn, org, ref))["id"])
+            profile = await repo.profile_by_id(conn, row["profile_id"]) if row["profile_id"] else None
+            folder_rules.check_rule_folder(row, profile, folder)
+            target = await folder_rules.resolve_record(conn, org.id, record)
+            existing = await repo.folder_rule(conn, row["id"], folder)
+            if existing is not None:
+                raise Conflict(f"the folder {folder!r} of {row['email']} is already mapped to {existing['regarding_kind']} "
+                               f"{existing['regarding_email']} ({existing['regarding_id']}); remove that rule first")
+            rule = await repo.insert_folder_rule(conn, row["id"], folder, target["kind"], target["id"])
+            tracked = folder_rules.tracked_with(list(row["tracked_folders"]), folder)
+            if tracked is not None:
+                await repo.update_mailbox(conn, row["id"], {"tracked_folders": tracked})
+            await self._mailbox_event(conn, org.id, row["id"], "updated", code="folder_rule_added",
+                                      message=f"folder {folder} tracked regarding {target['kind']} {target['id']}"
+                                              + ("; folder added to the tracked folders" if tracked else ""))
+            await self._changed(conn, org.id, "mailbox", row["id"], "updated",
+                                {"folder_rule": {"folder": folder, "regarding_kind": target["kind"],
+                                                 "regarding_id": str(target["id"])}}
+                                | ({"tracked_folders": tracked} if tracked else {}))
+            return folder_rules.folder_rule(rule), tracked is not None
+
+    async def folder_rules(self, org: models.Organization, ref: str) -> list[models.FolderRule]:
+        async with self._pool.acquire() as conn:
+            row = await self._mailbox_row(conn, org, ref)
+            return [folder_rules.folder_rule(r) for r in await repo.folder_rules(conn, row["id"])]
+
+    async def remove_folder_rule(self, org: models.Organization, ref: str, folder: str) -> models.FolderRule:
+        """Remove the rule of ``folder``; the folder stays tracked (``configure --folders`` changes that)."""
+        async with self._tx() as conn:
+            row = await self._mailbox_row(conn, org, ref)
+            rule = await repo.folder_rule(conn, row["id"], folder)
+            if rule is None or not await repo.delete_folder_rule(conn, row["id"], folder):
+                raise NotFound(f"no folder-level tracking rule for the folder {folder!r} of {row['email']} "
+                               f"(see `conduit mailbox folder-rule list {row['email']}`)")
+            await self._mailbox_event(conn, org.id, row["id"], "updated", code="folder_rule_removed",
+                                      message=f"folder {folder} no longer tracked regarding a record")
+            await self._changed(conn, org.id, "mailbox", row["id"], "updated",
+                                {"folder_rule_removed": {"folder": folder}})
+            return folder_rules.folder_rule(rule)
 
     async def set_credentials(self, org: models.Organization, ref: str, username: str | None, secret: SecretStr) -> models.Mailbox:
         if not secret.get_secret_value():
@@ -486,6 +560,13 @@ class Registry:
                          *, email_enabled: bool = True) -> models.Record:
         _require_address(email)
         async with self._tx() as conn:
+            # One record of a kind per address: a second contact with Bea's address would leave
+            # "which contact sent this?" to chance.  Kinds may share one (a contact and the
+            # account it works for); sender resolution then prefers contact, account, lead.
+            same = [r for r in await repo.records_with_address(conn, org.id, email) if r["kind"] == kind]
+            if same:
+                raise Conflict(f"a {kind} with the address {email} already exists: {same[0]['name']} ({same[0]['id']})",
+                               reason="duplicate_record")
             row = await repo.insert_record(conn, org.id, kind, name, email, email_enabled)
             await self._changed(conn, org.id, kind, row["id"], "created", {"email": email, "name": name})
             return models.Record(**dict(row))
@@ -585,6 +666,41 @@ def _require_name(name: str, who: str) -> None:
     if breaks_header(name):
         raise InvalidInput(f"{who}'s name must not contain line breaks or control characters, "
                            "as such or in an encoded word", reason="bad_name")
+
+
+def _tracked_folders(folders: Iterable[str]) -> list[str]:
+    """The folders to track, as given: blanks dropped, each name once (the Inbox in any case is one
+    folder), first mention first; refused when none is left or a name cannot be a folder's."""
+    kept: dict[str, str] = {}
+    for folder in (f.strip() for f in folders):
+        if not folder:
+            continue
+        if (problem := models.folder_name_problem(folder)) is not None:
+            raise InvalidInput(problem, reason="bad_folder")
+        kept.setdefault(models.folder_key(folder), "INBOX" if models.is_inbox(folder) else folder)
+    if not kept:
+        raise InvalidInput("a mailbox tracks at least one folder: --folders names none (e.g. --folders INBOX,Projects)",
+                           reason="bad_folder")
+    return list(kept.values())
+
+
+def _server_of(profile: asyncpg.Record | None, direction: str) -> tuple[Any, ...] | None:
+    """What Test & Enable checked for ``direction``: the server reached and how the mailbox signs in
+    there.  Two profiles that agree on it need no new test when a mailbox moves between them."""
+    if profile is None:
+        return None
+    sign_in = (profile["auth_method"], profile["profile_username"], profile["oauth_token_url"],
+               profile["oauth_client_id"], profile["tls_ca_file"], profile["service_url"])
+    if direction == "incoming":
+        host = (profile["incoming_host"] or "").lower()
+        return (profile["server_type"], host, profile["incoming_port"], profile["incoming_tls"], *sign_in)
+    if direction == "outgoing":
+        host = (profile["outgoing_host"] or profile["incoming_host"] or "").lower()
+        port = profile["outgoing_port"] or models.DEFAULT_SUBMISSION_PORT[profile["outgoing_tls"]]
+        # IMAP, POP3 and SMTP profiles all send by SMTP: only Exchange sends otherwise.
+        protocol = "smtp" if profile["server_type"] in ("imap", "pop3", "smtp") else profile["server_type"]
+        return (protocol, host, port, profile["outgoing_tls"], *sign_in)
+    return (profile["server_type"], *sign_in)
 
 
 def _require_address(email: str) -> None:

@@ -285,3 +285,136 @@ async def test_a_value_out_of_the_schemas_range_is_refused_in_the_options_words(
     with pytest.raises(InvalidInput, match="^--polling-interval must be between 1 and 86400 seconds$"):
         await registry.add_profile(org, ProfileInput(name="slow", server_type="imap", incoming_host="127.0.0.1",
                                                      incoming_port=143, min_polling_interval_seconds=0))
+
+
+# --- after an audit: folders, CA file paths, host names, profile moves, duplicate records ------------
+
+async def test_tracked_folders_lose_blanks_and_repeats_and_none_is_refused(registry: Registry, org) -> None:
+    await registry.add_profile(org, IMAP)
+    email = (await registry.add_user(org, "Ann", _addr())).email
+    for given, kept in [(["INBOX", "", "INBOX"], ["INBOX"]),
+                        ([" Projects ", "inbox", "Projects", "Sent Items", "INBOX"], ["Projects", "INBOX", "Sent Items"])]:
+        assert (await registry.update_mailbox(org, email, tracked_folders=given)).tracked_folders == kept
+    for given in ([], ["", " "], [",,"][0].split(",")):
+        with pytest.raises(InvalidInput, match="tracks at least one folder: --folders names none"):
+            await registry.update_mailbox(org, email, tracked_folders=given)
+    with pytest.raises(InvalidInput, match="control characters"):
+        await registry.update_mailbox(org, email, tracked_folders=["INBOX", "Bad\x00"])
+    assert (await registry.mailbox(org, email)).tracked_folders == ["Projects", "INBOX", "Sent Items"]
+
+
+async def test_a_relative_ca_file_is_stored_as_an_absolute_path(registry: Registry, org, tls: dict, monkeypatch) -> None:
+    monkeypatch.chdir(tls["ca"].parent)
+    added = await registry.add_profile(org, ProfileInput(**{**IMAP.__dict__, "name": "private-ca", "tls_ca_file": "ca.pem"}))
+    assert added.tls_ca_file == str(tls["ca"])
+    await registry.add_profile(org, ProfileInput(**{**IMAP.__dict__, "name": "other"}))
+    edited = await registry.update_profile(org, "other", tls_ca_file=f"./{tls['ca'].name}")
+    assert edited.tls_ca_file == str(tls["ca"])
+    monkeypatch.chdir("/")   # read from elsewhere, the stored path still names the file
+    assert (await registry.profile(org, "private-ca")).tls_ca_file == str(tls["ca"])
+
+
+@pytest.mark.parametrize("host", ["imap example.com", " imap.example.com", "imap.example.com\n", "imap..example.com",
+                                  "-imap.example.com", "imap.example.com:993", "http://imap.example.com", "[::1]"])
+async def test_a_host_that_is_no_host_name_is_refused(registry: Registry, org, host: str) -> None:
+    with pytest.raises(InvalidInput, match="is not a host name or IP address"):
+        await registry.add_profile(org, ProfileInput(**{**IMAP.__dict__, "incoming_host": host}))
+    await registry.add_profile(org, IMAP)
+    with pytest.raises(InvalidInput, match="--outgoing-host .* is not a host name or IP address"):
+        await registry.update_profile(org, "imap", outgoing_host=host)
+
+
+@pytest.mark.parametrize("host", ["imap.example.com", "IMAP.Example.COM.", "mail-01.corp_internal.example", "localhost",
+                                  "10.0.0.7", "::1", "fe80::1", "bücher.example"])
+async def test_host_names_and_ip_addresses_are_taken(registry: Registry, org, host: str) -> None:
+    assert (await registry.add_profile(org, ProfileInput(**{**IMAP.__dict__, "incoming_host": host}))).incoming_host == host
+
+
+async def test_a_mailbox_moved_to_another_server_needs_test_and_enable_again(registry: Registry, org) -> None:
+    await registry.add_profile(org, IMAP)
+    await registry.add_profile(org, ProfileInput(**{**IMAP.__dict__, "name": "same-server"}))
+    await registry.add_profile(org, ProfileInput(name="pop", server_type="pop3", incoming_host="127.0.0.1",
+                                                 incoming_port=110, incoming_tls="none", outgoing_port=25,
+                                                 outgoing_tls="none"))
+    mailbox_id = await _ready_mailbox(registry, org)
+    await registry.record_failure(mailbox_id, "incoming", "connection_failed", "refused")
+    # Another profile for the very servers it was tested with: nothing to test again.
+    same = await registry.update_mailbox(org, str(mailbox_id), profile="same-server")
+    assert (same.incoming.status, same.outgoing.status) == ("success", "success")
+
+    moved = await registry.update_mailbox(org, str(mailbox_id), profile="pop")
+    # Another incoming server: tested again; the SMTP server is the same one: still enabled.
+    assert (moved.incoming.status, moved.outgoing.status, moved.act.status) == ("not_run", "success", "not_run")
+    assert moved.incoming.test_message == "not tested with the profile pop the mailbox moved to: run Test & Enable again"
+    assert (moved.incoming.error_count, moved.incoming.backoff_until, moved.incoming.tested_at) == (0, None, None)
+    assert mailbox_id not in await _processed(registry, org, "incoming")
+    assert mailbox_id in await _processed(registry, org, "outgoing")
+    await registry.record_test(mailbox_id, "incoming", True, "ok")
+    assert mailbox_id in await _processed(registry, org, "incoming")
+
+
+async def test_a_second_record_of_a_kind_with_one_address_is_refused(registry: Registry, org, pool: asyncpg.Pool) -> None:
+    from services.evaluate.repository import load_lookups
+    from services.evaluate.lookups import LookupKeys
+
+    address = _addr("bea")
+    lead = await registry.add_record(org, "lead", "Bea (lead)", address)
+    account = await registry.add_record(org, "account", "Bea's firm", address)
+    contact = await registry.add_record(org, "contact", "Bea", address.upper())
+    with pytest.raises(Conflict, match=f"a contact with the address .* already exists: Bea \\({contact.id}\\)"):
+        await registry.add_record(org, "contact", "Dup", address)
+    other_org = await registry.add_organization(f"org-{uuid.uuid4().hex[:12]}")
+    await registry.add_record(other_org, "contact", "Bea elsewhere", address)   # another organization's own
+
+    # Kinds may share an address; a sender resolves to them in one documented order every time.
+    async with pool.acquire() as conn:
+        lookups = await load_lookups(conn, org.id, LookupKeys(frozenset({address}), frozenset(), frozenset(),
+                                                              frozenset(), frozenset()))
+    assert [(p.kind, p.id) for p in lookups.parties(address)] == \
+        [("contact", str(contact.id)), ("account", str(account.id)), ("lead", str(lead.id))]
+
+
+async def test_mailbox_show_and_profile_list_print_what_holds_now(settings, registry: Registry, org, pool: asyncpg.Pool) -> None:
+    from tests.support.cli import conduit_cli
+
+    await registry.add_profile(org, ProfileInput(name="no-port", server_type="imap", incoming_host="127.0.0.1",
+                                                 incoming_port=143, incoming_tls="none"))
+    code, out, err = await conduit_cli(settings, "profile", "list", "--org", org.name)
+    assert code == 0 and "127.0.0.1:587 (starttls)" in out and "None" not in out, (out, err)
+
+    mailbox_id = await _ready_mailbox(registry, org)
+    await registry.record_failure(mailbox_id, "incoming", "connection_failed", "refused")
+    code, out, err = await conduit_cli(settings, "mailbox", "show", str(mailbox_id), "--org", org.name)
+    assert code == 0 and "success; errors 1; backing off until" in out, out
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE mailbox SET incoming_backoff_until = now() - interval '40 seconds' WHERE id = $1",
+                           mailbox_id)
+    code, out, err = await conduit_cli(settings, "mailbox", "show", str(mailbox_id), "--org", org.name)
+    assert code == 0 and "success; errors 1; ok" in out and "backing off" not in out, out
+
+
+async def test_configure_says_what_it_kept_and_what_needs_testing_again(settings, registry: Registry, org) -> None:
+    from tests.support.cli import conduit_cli
+
+    await registry.add_profile(org, IMAP)
+    await registry.add_profile(org, ProfileInput(name="elsewhere", server_type="imap", incoming_host="imap.example.com",
+                                                 incoming_port=993))
+    mailbox_id = await _ready_mailbox(registry, org)
+    email = (await registry.mailbox(org, str(mailbox_id))).email
+    code, out, err = await conduit_cli(settings, "mailbox", "configure", email, "--folders", "INBOX,,INBOX", "--org", org.name)
+    assert code == 0 and out.strip() == f"{email}: updated; tracked folders: INBOX", (out, err)
+    code, out, err = await conduit_cli(settings, "mailbox", "configure", email, "--folders", " , ", "--org", org.name)
+    assert code == 2 and err.strip() == "error: a mailbox tracks at least one folder: --folders names none " \
+                                        "(e.g. --folders INBOX,Projects)", err
+    code, out, err = await conduit_cli(settings, "mailbox", "configure", email, "--profile", "elsewhere", "--org", org.name)
+    assert code == 0 and "Test & Enable results reset for incoming, outgoing" in out, (out, err)
+    assert f"`conduit mailbox test-enable {email}`" in out
+    code, out, err = await conduit_cli(settings, "record", "add", "contact", "dup@customer.example", "--name", "A",
+                                       "--org", org.name)
+    assert code == 0 and not err
+    code, out, err = await conduit_cli(settings, "record", "add", "contact", "dup@customer.example", "--name", "Dup",
+                                       "--org", org.name)
+    assert code == 2 and err.startswith("error: a contact with the address dup@customer.example already exists"), err
+    code, out, err = await conduit_cli(settings, "record", "add", "account", "dup@customer.example", "--name", "Firm",
+                                       "--org", org.name)
+    assert code == 0 and "warning: dup@customer.example is also the address of contact A" in err, err
