@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Awaitable, Sequence, TypeVar
 from uuid import UUID
 
 from services.evaluate import held
@@ -88,6 +88,8 @@ class _Prepared:
     folder_rules: dict[tuple[UUID, str], tuple[str, str]] = field(default_factory=dict)
 
 
+T = TypeVar("T")
+
 # Messages parsed between two yields to the event loop while preparing (~6 ms of CPU).
 _PARSE_SLICE = 50
 # Activity ids, drawn in blocks (shared.ids): a uuid4() each cost ~4% of evaluate's CPU.
@@ -134,7 +136,7 @@ class EvaluateService(ServiceBase):
             await self.consumer.run(stopping, burst=True)
             await self.release.release()
             return
-        health = await start_health(self.settings) if self.own.health_aggregate else None
+        health = await unless_stopping(start_health(self.settings), stopping) if self.own.health_aggregate else None
         releasing = asyncio.create_task(self.release.run(stopping), name="evaluate-release")
         try:
             await self.consumer.run(stopping, burst=False)
@@ -390,6 +392,24 @@ class _Counts:
             DECISIONS.labels(*labels).inc(count)
         for direction, count in self.activities.items():
             ACTIVITIES_CREATED.labels(direction).inc(count)
+
+
+async def unless_stopping(starting: Awaitable[T], stopping: asyncio.Event, *, unwind_seconds: float = 5.0) -> T | None:
+    """``starting``'s result, or None once ``stopping`` is set first: then it is cancelled and given
+    ``unwind_seconds`` to undo what it began.  The health aggregate's start waits on the broker for
+    as long as the broker does not answer; a SIGTERM in that window (a stack stopped as it starts,
+    or whose broker died with it) must stop evaluate, not wait behind it."""
+    started = asyncio.ensure_future(starting)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({started, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if started.done():
+        return started.result()
+    started.cancel()
+    await asyncio.wait({started}, timeout=unwind_seconds)
+    return None
 
 
 def _forwarded(item: _Item) -> bool:
