@@ -12,8 +12,8 @@ things take its place:
 - A guard process (``StackGuard``, this module's ``__main__``), started by `conduit up` in a session of
   its own and told each child's pid through a pipe, notices the pipe closing without a "stopped" and
   does what `conduit up` would have done: SIGTERM where the kernel sends none (off Linux), SIGKILL to
-  whatever still runs after the grace period (a service can hang on SIGTERM, as evaluate does while
-  its health aggregate starts and the broker is gone with it), then stops the embedded PostgreSQL if no
+  whatever still runs after the grace period (a service a bug keeps from stopping on SIGTERM; evaluate
+  once waited so on a health aggregate starting against a broker gone with the stack), then stops the embedded PostgreSQL if no
   running process uses it any more (pg_ctl daemonizes it: it is no child, see shared/db/pool.py).
 
 Were the guard killed too, the children still stop by the kernel's signal, and the last service to
