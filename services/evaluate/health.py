@@ -225,7 +225,10 @@ def _signal(health: MailboxHealth, s: MailboxSignal) -> MailboxHealth:
     if s.kind == "tested":  # a failed test; the alert that the registry raises with it counts the failure
         return _direction(health, direction, "failing")
     if s.kind == "backoff":
-        return _direction(health, direction, "backing_off")
+        # Waiting to try again: worse than degraded, not as bad as failing (from the third failure
+        # on, the alert before it made the direction failing, and a back-off does not make it better).
+        now = health.direction_states.get(direction, "healthy")
+        return _direction(health, direction, max(now, "backing_off", key=STATES.index))
     if s.kind == "alert" and s.severity != "information":
         # The registry warns for the first failures and raises an error from the third on.
         state = "failing" if s.severity == "error" else "degraded"

@@ -522,6 +522,11 @@ class Registry:
             severity = "warning" if state["error_count"] < 3 else "error"
             text = f"{message} (failure {state['error_count']}; retrying after {state['backoff_until']:%H:%M:%S} UTC)"
             await self._alert(conn, row["organization_id"], mailbox_id, severity, direction, reason, text)
+            # After the alert, so a reader of mailbox.events (the health aggregate) sees the direction
+            # waiting, not only failed.
+            await self._mailbox_event(conn, row["organization_id"], mailbox_id, "backoff", direction=direction,
+                                      severity=severity, code=reason,
+                                      message=f"retrying after {state['backoff_until']:%Y-%m-%d %H:%M:%S} UTC")
             return state["backoff_until"]
 
     async def raise_alert(self, mailbox_id: UUID, severity: str, direction: str | None, code: str, message: str) -> None:

@@ -276,6 +276,19 @@ async def test_back_off_grows_and_recovery_clears_it(registry: Registry, org, po
     mailbox = await registry.mailbox(org, str(mailbox_id))
     assert mailbox.incoming.error_count == 0 and mailbox.incoming.backoff_until is None
     assert [a.code for a in mailbox.alerts][:3] == ["recovered", "authentication_failed", "authentication_failed"]
+    # mailbox.events says each failure backed the mailbox off, after its alert: what the health
+    # aggregate turns into `backing_off`.
+    async with pool.acquire() as conn:
+        events = [_json(r["payload"])["data"] for r in await conn.fetch(
+            "SELECT payload FROM event_outbox WHERE topic = 'mailbox.events' AND payload->'data'->>'mailbox_id' = $1 "
+            "ORDER BY id", str(mailbox_id))]
+    failures = [(e["kind"], e["code"]) for e in events if e["kind"] in ("alert", "backoff")]
+    assert failures[:4] == [("alert", "authentication_failed"), ("backoff", "authentication_failed")] * 2
+    assert all(e["message"].startswith("retrying after ") for e in events if e["kind"] == "backoff")
+
+
+def _json(value: str | dict) -> dict:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 async def test_a_value_out_of_the_schemas_range_is_refused_in_the_options_words(registry: Registry, org) -> None:

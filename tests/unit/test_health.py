@@ -68,6 +68,18 @@ def test_the_worst_direction_is_the_mailbox_state() -> None:
     assert h.state == "degraded"
 
 
+def test_a_back_off_after_a_warning_is_backing_off_and_after_an_error_still_failing() -> None:
+    """The registry sends its alert, then the back-off: the direction waits to try again."""
+    h = run(signal("alert", 1, direction="incoming", severity="warning", code="connection_failed"),
+            signal("backoff", 1, direction="incoming", severity="warning", code="connection_failed"))
+    assert (h.state, h.failure_count) == ("backing_off", 1)
+    h = run(signal("alert", 2, direction="incoming", severity="error", code="connection_failed"),
+            signal("backoff", 2, direction="incoming", severity="error", code="connection_failed"), health=h)
+    assert (h.state, h.failure_count) == ("failing", 2)
+    h = run(signal("alert", 3, direction="incoming", severity="information", code="recovered"), health=h)
+    assert h.state == "healthy"
+
+
 def test_tests_set_the_direction_but_only_alerts_count_failures() -> None:
     h = run(signal("tested", 1, direction="incoming", severity="error", code="test_failed"))
     assert (h.state, h.failure_count) == ("failing", 0)
