@@ -59,6 +59,23 @@ def check_rule_folder(mailbox: asyncpg.Record, profile: asyncpg.Record | None, f
         raise InvalidInput(f"the mailbox's profile {profile['name']} is POP3, which has no folders", reason="no_folders")
 
 
+def as_tracked(folders: list[str], folder: str) -> str:
+    """``folder`` as the mailbox's tracked folders spell it, which is how ingest names it in
+    `email.received` and so how evaluate finds its rule: Inbox/Acme for a tracked INBOX/Acme.
+    A name that differs from a tracked one only in case is refused: IMAP may hold both as two folders,
+    and a rule on the one not read would silently do nothing."""
+    key = models.folder_key(folder)
+    for tracked in folders:
+        if models.folder_key(tracked) == key:
+            return tracked
+    for tracked in folders:
+        if tracked.casefold() == folder.casefold():
+            raise InvalidInput(f"the mailbox tracks {tracked!r}, not {folder!r}: folder names are case-sensitive. Give "
+                               f"{tracked!r} for that folder; for another folder named {folder!r}, add it to "
+                               "`conduit mailbox configure --folders` first", reason="bad_folder")
+    return folder
+
+
 def tracked_with(folders: list[str], folder: str) -> list[str] | None:
     """The tracked folders with ``folder`` added, or None when it is tracked already."""
     if models.folder_key(folder) in {models.folder_key(f) for f in folders}:

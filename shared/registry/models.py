@@ -66,9 +66,14 @@ def is_inbox(folder: str) -> bool:
 
 
 def folder_key(folder: str) -> str:
-    """A folder's name as rules and look-ups compare it: INBOX in capitals, any other name as it is
-    (IMAP names other than the Inbox are case-sensitive)."""
-    return "INBOX" if is_inbox(folder) else folder
+    """A folder's name as rules and look-ups compare it: INBOX in capitals, also as the first level of
+    a folder under it (Inbox/Acme is INBOX/Acme), any other name as it is (IMAP names other than the
+    Inbox are case-sensitive; RFC 3501 5.1)."""
+    if is_inbox(folder):
+        return "INBOX"
+    if folder[5:6] in ("/", ".") and is_inbox(folder[:5]):   # the usual hierarchy delimiters
+        return "INBOX" + folder[5:]
+    return folder
 
 
 def folder_name_problem(folder: str) -> str | None:

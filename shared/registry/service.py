@@ -23,7 +23,7 @@ from pydantic import SecretStr, ValidationError
 from shared.crypto import CredentialCipher
 from shared.errors import Conflict, InvalidInput, NotFound
 from shared.events.envelope import Envelope
-from shared.events.fields import breaks_header, is_email_address
+from shared.events.fields import breaks_header, is_email_address, is_sendable_address
 from shared.events.payloads import EmailOutboundV1, MailboxEventV1, RegistryChangeV1
 from shared.events.topics import MAILBOX_EVENTS, REGISTRY_CHANGES
 from shared.outbox import enqueue
@@ -309,7 +309,7 @@ class Registry:
     async def add_user(self, org: models.Organization, full_name: str, email: str, *,
                        incoming: models.IncomingMethod = "server_side_sync", outgoing: models.OutgoingMethod = "server_side_sync",
                        act: models.ActMethod = "none") -> models.User:
-        _require_address(email)
+        _require_address(email, sends=True)
         _require_name(full_name, "a user")
         async with self._tx() as conn:
             if any(r["email"].lower() == email.lower() for r in await repo.users(conn, org.id)):
@@ -326,7 +326,7 @@ class Registry:
     async def add_queue(self, org: models.Organization, name: str, email: str, *,
                         incoming: models.IncomingMethod = "server_side_sync",
                         outgoing: models.OutgoingMethod = "server_side_sync") -> models.Queue:
-        _require_address(email)
+        _require_address(email, sends=True)
         _require_name(name, "a queue")
         async with self._tx() as conn:
             if any(r["email"].lower() == email.lower() or r["name"] == name for r in await repo.queues(conn, org.id)):
@@ -362,7 +362,7 @@ class Registry:
     async def add_forward_mailbox(self, org: models.Organization, name: str, email: str,
                                   profile: str | None = None) -> models.Mailbox:
         """A mailbox that belongs to no user or queue and receives mail forwarded by many."""
-        _require_address(email)
+        _require_address(email, sends=True)
         _require_name(name, "a mailbox")
         async with self._tx() as conn:
             profile_row = await self._profile_row(conn, org, profile) if profile else await repo.default_profile(conn, org.id)
@@ -450,6 +450,7 @@ class Registry:
             row = await repo.lock_mailbox(conn, (await self._mailbox_row(conn, org, ref))["id"])
             profile = await repo.profile_by_id(conn, row["profile_id"]) if row["profile_id"] else None
             folder_rules.check_rule_folder(row, profile, folder)
+            folder = folder_rules.as_tracked(list(row["tracked_folders"]), folder)
             target = await folder_rules.resolve_record(conn, org.id, record)
             existing = await repo.folder_rule(conn, row["id"], folder)
             if existing is not None:
@@ -708,9 +709,14 @@ def _server_of(profile: asyncpg.Record | None, direction: str) -> tuple[Any, ...
     return (profile["server_type"], *sign_in)
 
 
-def _require_address(email: str) -> None:
+def _require_address(email: str, *, sends: bool = False) -> None:
+    """``sends``: the address of a user, queue or mailbox, which Conduit writes as From: printable
+    ASCII before the @, as every address it sends (shared.events.fields)."""
     if not is_email_address(email):
         raise InvalidInput(f"not a valid email address: {email!r}", reason="bad_address")
+    if sends and not is_sendable_address(email):
+        raise InvalidInput(f"{email!r} has characters outside printable ASCII before the @: Conduit could not send "
+                           "from it (internationalised addresses, RFC 6531, are not sent yet)", reason="bad_address")
 
 
 def _constraint_message(exc: asyncpg.PostgresError) -> str:

@@ -229,7 +229,7 @@ async def test_conduit_send_refuses_an_email_over_the_size_limit_before_storing_
     code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
                                 "--attach", str(big))
     assert code == 2 and out == "" and "over dispatch's size limit of 25.0 MB (26214400 bytes, " \
-                                       "CONDUIT_DISPATCH_MAX_MESSAGE_BYTES)" in err, (out, err)
+                                       "CONDUIT_DISPATCH_MAX_MESSAGE_BYTES as this environment sets it)" in err, (out, err)
     assert len(err.strip().splitlines()) == 1, err
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM raw_message WHERE sha256 = $1", raw_sha256(big.read_bytes())) == 0
@@ -247,3 +247,14 @@ async def test_outbound_list_shows_the_subject_of_a_rejected_request(settings: S
     assert "unknown_mailbox" in row and "Quote for Bea" in row, out
     code, out, err = await _cli(settings, "outbound", "show", key, "--org", org.name, "--json")
     assert code == 0 and json.loads(out)["subject"] == "Quote for Bea", (out, err)
+
+
+async def test_a_bad_dispatch_setting_in_the_senders_shell_does_not_stop_conduit_send(
+        settings: Settings, registry: Registry, org, monkeypatch) -> None:
+    """The size pre-check reads dispatch's limit from this shell; another wrong CONDUIT_DISPATCH_*
+    value there is dispatch's to report where it runs, not a reason to refuse the email."""
+    sender = await sending_mailbox(registry, org, host="127.0.0.1", port=9)   # nothing is sent: no dispatch runs
+    monkeypatch.setenv("CONDUIT_DISPATCH_RETRY_BASE_SECONDS", "0")
+    code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
+                                "--key", f"shell-{uuid.uuid4().hex}", "--text", "hi")
+    assert code == 0 and "shell-" in out, (out, err)

@@ -55,6 +55,22 @@ async def test_a_rule_maps_a_folder_to_a_record_and_tracks_the_folder(registry: 
         await registry.remove_folder_rule(org, email, "Projects")
 
 
+async def test_a_rule_takes_the_tracked_folders_spelling_and_a_case_only_difference_is_refused(registry: Registry,
+                                                                                                org) -> None:
+    """Ingest names a message's folder as the tracked folders spell it, and evaluate finds the rule by
+    that name: a rule typed another way must be stored their way, or refused."""
+    await registry.add_profile(org, IMAP)
+    email = await _user_mailbox(registry, org)
+    acme = await registry.add_record(org, "account", "Acme", _addr("acme"))
+    await registry.update_mailbox(org, email, tracked_folders=["INBOX", "Inbox/Acme", "Projects"])
+
+    rule, added = await registry.add_folder_rule(org, email, "INBOX/Acme", f"account:{acme.id}")
+    assert (rule.folder, added) == ("Inbox/Acme", False)   # the Inbox's name is case-insensitive, below it too
+    with pytest.raises(InvalidInput, match="tracks 'Projects', not 'projects': folder names are case-sensitive"):
+        await registry.add_folder_rule(org, email, "projects", f"account:{acme.id}")
+    assert (await registry.mailbox(org, email)).tracked_folders == ["INBOX", "Inbox/Acme", "Projects"]
+
+
 async def test_what_a_rule_cannot_map_is_refused_clearly(registry: Registry, org, pool: asyncpg.Pool) -> None:
     await registry.add_profile(org, IMAP)
     email = await _user_mailbox(registry, org)

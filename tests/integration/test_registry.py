@@ -431,3 +431,16 @@ async def test_configure_says_what_it_kept_and_what_needs_testing_again(settings
     code, out, err = await conduit_cli(settings, "record", "add", "account", "dup@customer.example", "--name", "Firm",
                                        "--org", org.name)
     assert code == 0 and "warning: dup@customer.example is also the address of contact A" in err, err
+
+
+async def test_an_address_conduit_could_not_send_from_is_refused_for_users_queues_and_mailboxes(registry: Registry,
+                                                                                               org) -> None:
+    """Dispatch writes a mailbox's address as From; outside printable ASCII before the @ it cannot
+    (shared.events.fields), so the registry refuses it up front.  A contact's address is only
+    matched, never sent from: it may be any address."""
+    address = f"jos\u00e9-{uuid.uuid4().hex[:6]}@example.com"
+    for add in (lambda: registry.add_user(org, "José", address), lambda: registry.add_queue(org, "José", address),
+                lambda: registry.add_forward_mailbox(org, "José", address)):
+        with pytest.raises(InvalidInput, match="outside printable ASCII before the @"):
+            await add()
+    assert (await registry.add_record(org, "contact", "José", address)).email == address
