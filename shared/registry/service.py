@@ -478,6 +478,7 @@ class Registry:
         """Remove the rule of ``folder``; the folder stays tracked (``configure --folders`` changes that)."""
         async with self._tx() as conn:
             row = await self._mailbox_row(conn, org, ref)
+            folder = folder_rules.as_tracked(list(row["tracked_folders"]), folder)   # as the rule was stored
             rule = await repo.folder_rule(conn, row["id"], folder)
             if rule is None or not await repo.delete_folder_rule(conn, row["id"], folder):
                 raise NotFound(f"no folder-level tracking rule for the folder {folder!r} of {row['email']} "

@@ -69,6 +69,7 @@ async def test_a_rule_takes_the_tracked_folders_spelling_and_a_case_only_differe
     with pytest.raises(InvalidInput, match="tracks 'Projects', not 'projects': folder names are case-sensitive"):
         await registry.add_folder_rule(org, email, "projects", f"account:{acme.id}")
     assert (await registry.mailbox(org, email)).tracked_folders == ["INBOX", "Inbox/Acme", "Projects"]
+    assert (await registry.remove_folder_rule(org, email, "inbox/Acme")).folder == "Inbox/Acme"
 
 
 async def test_what_a_rule_cannot_map_is_refused_clearly(registry: Registry, org, pool: asyncpg.Pool) -> None:
