@@ -3,7 +3,9 @@
 Committing the offset is the last step, by construction: a batch's offsets are committed only
 after the handler returned (its effect is durable: database transaction committed, produced events
 acknowledged) and every rejected event is acknowledged on the dead-letter topic.  A crash anywhere
-before that replays the batch, which is why every handler is idempotent.
+before that replays the batch, which is why every handler is idempotent.  So does a group
+rebalance during a batch (a replica joins or leaves): the offsets of partitions the consumer lost
+are not committed, and their new owner handles those events again; the consumer carries on.
 
 Two failure kinds, as in Sentry's Arroyo:
 - ``InvalidInput`` for one event (undecodable, or the handler rejects it): dead-lettered with the
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, RebalanceInProgressError
 
 from shared.deadletters import REPLAYED_FROM, Headers, header_pairs, meant_for_another
 from shared.errors import InvalidInput
@@ -272,9 +275,12 @@ class EventConsumer:
         where = ", ".join(str(tp) for tp in batches)
         deliveries, rejections = decoded or self._decode(batches)
         attempt = 0
+        one_by_one = False
         while True:
             try:
-                if prepared is not _UNPREPARED:
+                if one_by_one:
+                    rejections += await self._handle_one_by_one(deliveries)
+                elif prepared is not _UNPREPARED:
                     # Only the first attempt: a retry prepares afresh, inside the handler.
                     ready, prepared = prepared, _UNPREPARED
                     rejections += list(await self._stages[1](ready))  # type: ignore[index]
@@ -282,9 +288,9 @@ class EventConsumer:
                     rejections += list(await self._handler(deliveries)) if deliveries else []
                 break
             except InvalidInput:
-                # The handler could not say which event was wrong: handle them one by one.
-                rejections += await self._handle_one_by_one(deliveries)
-                break
+                # The handler could not say which event was wrong: handle them one by one (in this
+                # loop, so a transient failure on the way is retried like any other).
+                one_by_one = True
             except Exception as exc:  # noqa: BLE001 - transient or unexpected: retry, never skip
                 if stopping.is_set():
                     log.warning("stopping with a failed batch left uncommitted on %s: %s", where, exc)
@@ -300,8 +306,26 @@ class EventConsumer:
                     pass
         for rejection in rejections:
             await self._dead_letter(rejection)
-        await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        await self._commit({tp: records[-1].offset + 1 for tp, records in batches.items()}, where)
         self.processed += sum(len(records) for records in batches.values())
+
+    async def _commit(self, offsets: dict[TopicPartition, int], where: str) -> None:
+        """Commit a handled batch's offsets, of the partitions this consumer still owns.  The group
+        may have rebalanced while the batch was handled (another replica joined or left): the
+        partitions it lost go to their new owner uncommitted, which handles those events again
+        (every consumer is idempotent); that is no reason to stop."""
+        owned = self.consumer.assignment()
+        kept = {tp: offset for tp, offset in offsets.items() if tp in owned}
+        try:
+            if kept:
+                await self.consumer.commit(kept)
+        except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
+            log.info("offsets of a batch on %s not committed (%s: %s): the group rebalanced, and the "
+                     "partitions' new owner handles the batch again", where, type(exc).__name__, exc)
+            return
+        if len(kept) < len(offsets):
+            log.info("a batch on %s was handled while the group rebalanced: its events of partitions now "
+                     "owned by another replica are handled there again", where)
 
     async def _handle_one_by_one(self, deliveries: list[Delivery]) -> list[Rejection]:
         rejected: list[Rejection] = []

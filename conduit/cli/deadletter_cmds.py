@@ -31,13 +31,7 @@ def dead_letters_list(topic: Optional[str] = typer.Argument(None, help="The refu
         settings = load_settings()
         async with database(settings) as pool:
             every = [x for t in deadletters.dead_letter_topics(topic) for x in await deadletters.read(settings, pool, t)]
-        # Reasons are codes each service gives; there is no list of them all, but a reason no dead
-        # letter here has is a typo to say, not an empty list (with no dead letters, none is right).
-        known = sorted({x.reason for x in every})
-        unknown = [r for r in reason if r not in known]
-        if unknown and every:
-            raise fail(f"no dead letter{f' of {topic}' if topic else ''} has the reason {', '.join(map(repr, unknown))}: "
-                       f"the reasons there are {', '.join(known)}")
+        _refuse_unknown_reasons(reason, every, f" of {topic}" if topic else "")
         found = [x for x in every if (not reason or x.reason in reason) and not (pending and x.replayed_at)]
         letters = sorted(found, key=lambda x: x.logged_at)[-limit:]
         if json_:
@@ -50,6 +44,16 @@ def dead_letters_list(topic: Optional[str] = typer.Argument(None, help="The refu
             shown = f" (the last {len(letters)} shown: --limit for more)" if len(letters) < len(found) else ""
             typer.echo(f"{len(found)} dead letter{'s' * (len(found) != 1)}, {waiting} not replayed{shown}.")
     run(go)
+
+
+def _refuse_unknown_reasons(reasons: list[str], every: list, where: str) -> None:
+    """Reasons are codes each service gives; there is no list of them all, but a reason no dead
+    letter here has is a typo to say, not an empty answer (with no dead letters, none is right)."""
+    known = sorted({x.reason for x in every})
+    unknown = [r for r in reasons if r not in known]
+    if unknown and every:
+        raise fail(f"no dead letter{where} has the reason {', '.join(map(repr, unknown))}: "
+                   f"the reasons there are {', '.join(known)}")
 
 
 @dead_letters_app.command("replay")
@@ -77,6 +81,8 @@ def dead_letters_replay(topic: str = typer.Argument(..., help="The topic the eve
             missing = set(at) - {x.at for x in letters}
             if missing:
                 raise fail(f"no dead letter of {name} at {', '.join(sorted(missing))}")
+            if reason and not at and not letters:   # a typo, or really none: read them all to tell
+                _refuse_unknown_reasons(reason, await deadletters.read(settings, pool, name), f" of {name}")
             letters = [x for x in letters if not reason or x.reason in reason]
             chosen = [x for x in letters if again or x.replayed_at is None]
             if not dry_run:

@@ -184,6 +184,12 @@ def compose(
     bcc_header: bool = False,
 ) -> Composed:
     """The MIME message for a request, sent as the mailbox owner (From = the mailbox address)."""
+    if not is_sendable_address(sender_email):
+        # A mailbox registered before the registry refused such addresses (josé@...): say what is
+        # wrong with it, rather than the header check's "header injection" further down.
+        raise InvalidInput(f"the sending mailbox's address {sender_email!r} cannot be sent from: only printable "
+                           "ASCII before the @ (SMTPUTF8 is not supported); change the mailbox's address",
+                           reason="bad_address")
     date = date or datetime.now(timezone.utc)
     texts = header_texts(request, sender_email, sender_name, subject)
     # An encoded word is looked into whichever path writes it (cheap: most texts hold no "=?").  The

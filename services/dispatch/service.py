@@ -239,7 +239,7 @@ class DispatchService(ServiceBase):
         if self._lock_is_lost:   # lost between the start and now: ``_lock_lost`` set the event work had then
             stopping.set()
         consumed = asyncio.Event()
-        sending = asyncio.create_task(self._send_loop(stopping, consumed if burst else None), name="dispatch-send")
+        sending = asyncio.create_task(self._send_loop(stopping, consumed, burst=burst), name="dispatch-send")
         # A send loop that died would leave the consumer waiting for room: stop the service instead.
         sending.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stopping.set())
         orphans = None if burst else asyncio.create_task(self._orphan_loop(stopping), name="dispatch-orphans")
@@ -476,8 +476,10 @@ class DispatchService(ServiceBase):
             idempotency_key=row["idempotency_key"], status="sending", request_id=row["id"], mailbox_id=row["mailbox_id"],
             message_id=row["message_id"], attempt=row["attempts"]), row["correlation_id"])
 
-    async def _send_loop(self, stopping: asyncio.Event, consumed: asyncio.Event | None) -> None:
+    async def _send_loop(self, stopping: asyncio.Event, consumed: asyncio.Event, *, burst: bool) -> None:
         """Claim, send, record, until stopped (or, in burst mode, until nothing is left to do).
+        Stopped, it ends only once the consumer has returned (``consumed``): the consumer's accept
+        transaction claims rows too, and what it claims while it finishes must still be recorded.
 
         Each turn is one transaction that records every result that came back since the last turn
         and claims due rows up to the in-flight limit; the claimed rows are sent at once, each on
@@ -504,9 +506,9 @@ class DispatchService(ServiceBase):
                     turn.add_done_callback(turns.discard)
                     continue
             if not self._claimed and not self._turns:
-                if stopping.is_set():
+                if stopping.is_set() and consumed.is_set():
                     return
-                if consumed is not None and consumed.is_set():
+                if burst and consumed.is_set():
                     await self.recover_orphans()
                     async with self.pool.acquire() as conn:
                         wait = await ledger.next_due_in(conn)

@@ -18,15 +18,13 @@ from typing import Any
 
 from shared.errors import AuthenticationFailed, InvalidInput
 from shared.oauth import TokenProvider
+from shared.registry.models import DEFAULT_SUBMISSION_PORT
 from shared.registry.service import MailboxWork, decode_bytea
 from shared.tls import client_context
 
 from .smtp_transport import SmtpCredentials, SmtpPool, SmtpServer, SmtpTransport
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SUBMISSION_PORT = {"implicit": 465, "starttls": 587, "none": 25}
-
 
 @dataclass(frozen=True)
 class Accepted:

@@ -2,7 +2,8 @@
 
 Chains are data, as in GNU Mailman 3's ``chains/builtin.py``: a tuple of rule instances tried in
 order until one decides.  Every chain starts with the same guards (may this mailbox process email at
-all?), then the facts that decide whatever the option (already tracked, folder-level tracking rule),
+all?), then the facts that decide whatever the option (a folder-level tracking rule, which also sets the
+regarding record of a message that already is an activity, as the reference does; already tracked),
 then the option's own rules, and ends with a rule that always decides, so every message gets a
 reason.  The guards that refuse only for now (``PAUSED_MAILBOX``) and the one that keeps a mailbox's
 order behind its held messages hold a message instead of deciding it (``rules.MailboxGuard.holds``).
@@ -40,7 +41,7 @@ GUARDS: tuple[rules.Rule, ...] = PAUSED_MAILBOX + (
     rules.QueueConversionOff(),
     rules.ReceivedBeforeCutoff(),
 )
-PRELUDE: tuple[rules.Rule, ...] = (rules.AlreadyTracked(), rules.FolderTracking())
+PRELUDE: tuple[rules.Rule, ...] = (rules.FolderTracking(), rules.AlreadyTracked())
 
 CHAINS: dict[str, Chain] = {
     "all": Chain("all", TRACKING_OPTIONS["all"], GUARDS + PRELUDE + (rules.TrackAll(),)),

@@ -25,9 +25,11 @@ __all__ = ["BatchItem", "Decision", "evaluate", "evaluate_batch"]
 class Decision:
     """The answer to "why was this email (not) tracked?".
 
-    ``activity_id`` is the existing activity for ``already_tracked``; ``evaluate_batch`` also sets
-    it to the new activity's id for every other tracked message.  A ``held`` decision is no decision
-    yet: the mailbox may not process email for now, and the message is evaluated again once it may.
+    ``activity_id`` is the existing activity when the message already is one (``existing_activity``:
+    ``already_tracked``, or a folder rule that sets the regarding record of an activity there is);
+    ``evaluate_batch`` also sets it to the new activity's id for every other tracked message.  A
+    ``held`` decision is no decision yet: the mailbox may not process email for now, and the message
+    is evaluated again once it may.
     """
 
     tracked: bool
@@ -41,10 +43,11 @@ class Decision:
     chain: str
     activity_id: str | None = None
     held: bool = False
+    existing_activity: bool = False
 
     @property
     def creates_activity(self) -> bool:
-        return self.tracked and self.reason != "already_tracked"
+        return self.tracked and not self.existing_activity
 
 
 def evaluate(
@@ -73,8 +76,9 @@ def evaluate(
         if regarding is None and result.tracked and ctx.correlation is not None:
             regarding = ctx.correlation.ref.regarding
         existing = None
-        if result.reason == "already_tracked":
-            existing = lookups.tracked_by_message_id[parsed.message_id].activity_id  # type: ignore[index]
+        if result.tracked and parsed.message_id is not None and (
+                ref := lookups.tracked_by_message_id.get(parsed.message_id)) is not None:
+            existing = ref.activity_id   # one activity per message: a folder rule re-files it
         return Decision(
             tracked=result.tracked,
             rule=rule.name,
@@ -87,6 +91,7 @@ def evaluate(
             chain=chain.name,
             activity_id=existing,
             held=result.held,
+            existing_activity=existing is not None,
         )
     # Unreachable with the built-in chains (each ends with a deciding rule); kept for custom chains.
     return Decision(

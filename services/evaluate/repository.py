@@ -226,15 +226,49 @@ async def link_mailboxes(conn: asyncpg.Connection, links: Sequence[tuple[UUID, U
         )
 
 
+@dataclass(frozen=True)
+class Refiled:
+    """An activity whose regarding record a folder-level tracking rule changed."""
+
+    activity_id: UUID
+    organization_id: UUID
+    message_id: str
+    regarding: tuple[str, UUID]
+    previous: tuple[str, UUID] | None
+
+
+async def set_regarding(conn: asyncpg.Connection, changes: Sequence[tuple[UUID, str, UUID]]) -> list[Refiled]:
+    """Set activities' regarding record ((activity, kind, record id); the last change of an activity
+    wins); return the ones that changed, with what they regarded before."""
+    latest = {activity_id: (kind, record_id) for activity_id, kind, record_id in changes}
+    if not latest:
+        return []
+    rows = await conn.fetch(
+        """WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS t(id, kind, rid)),
+                before AS (SELECT a.id, a.regarding_kind, a.regarding_id FROM email_activity a JOIN t ON t.id = a.id
+                           WHERE (a.regarding_kind, a.regarding_id) IS DISTINCT FROM (t.kind, t.rid) FOR UPDATE OF a)
+           UPDATE email_activity a SET regarding_kind = t.kind, regarding_id = t.rid
+           FROM t JOIN before b ON b.id = t.id WHERE a.id = t.id
+           RETURNING a.id, a.organization_id, a.message_id, a.regarding_kind, a.regarding_id,
+                     b.regarding_kind AS previous_kind, b.regarding_id AS previous_id""",
+        list(latest), [k for k, _ in latest.values()], [r for _, r in latest.values()],
+    )
+    return [Refiled(r["id"], r["organization_id"], r["message_id"], (r["regarding_kind"], r["regarding_id"]),
+                    (r["previous_kind"], r["previous_id"]) if r["previous_kind"] and r["previous_id"] else None)
+            for r in rows]
+
+
 async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow], activity_ids: Sequence[UUID | None]) -> None:
     """First decision wins: a redelivered message does not rewrite history.  A held decision is no
-    decision yet: the final one replaces it, and holding again keeps when it was first held."""
+    decision yet: the final one replaces it, and holding again keeps when it was first held.  A
+    folder-level tracking rule's decision replaces another one: the message was moved into a mapped
+    folder after it was decided (the rule's record, named in the explanation, is what changes)."""
     # One row per key: an upsert may not touch a row twice in one statement.  Within the batch too,
     # the first final decision wins over a held one.
     chosen: dict[tuple[UUID, str], int] = {}
     for i, r in enumerate(rows):
         first = chosen.get((r.mailbox_id, r.message_id))
-        if first is None or (rows[first].held and not r.held):
+        if first is None or not r.held and (rows[first].held or r.rule == "folder_tracking"):
             chosen[(r.mailbox_id, r.message_id)] = i
     if len(chosen) < len(rows):
         keep = sorted(chosen.values())
@@ -249,7 +283,9 @@ async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow]
                    SET tracked = excluded.tracked, rule = excluded.rule, reason = excluded.reason,
                        explanation = excluded.explanation, activity_id = excluded.activity_id, held = excluded.held,
                        decided_at = CASE WHEN excluded.held THEN email_decision.decided_at ELSE now() END
-                   WHERE email_decision.held""",
+                   WHERE email_decision.held OR (excluded.rule = 'folder_tracking' AND NOT excluded.held
+                         AND (email_decision.rule, email_decision.explanation, email_decision.activity_id)
+                             IS DISTINCT FROM (excluded.rule, excluded.explanation, excluded.activity_id))""",
             [r.organization_id for r in rows], [r.mailbox_id for r in rows], [r.message_id for r in rows],
             [r.tracked for r in rows], [r.rule for r in rows], [r.reason for r in rows], [r.explanation for r in rows],
             list(activity_ids), [r.subject[:1000] for r in rows], [r.from_address for r in rows], [r.held for r in rows],

@@ -37,8 +37,8 @@ from services.evaluate.settings import EvaluateSettings
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope
-from shared.events.payloads import ActivityCreatedV1, RegardingRef
-from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED
+from shared.events.payloads import ActivityCreatedV1, ActivityUpdatedV1, RegardingRef
+from shared.events.topics import ACTIVITY_CREATED, ACTIVITY_UPDATED, EMAIL_RECEIVED
 from shared.ids import id_texts
 from shared.metrics import ACTIVITIES_CREATED, DECISIONS
 from shared.mime import message_key
@@ -54,6 +54,7 @@ GROUP = EvaluateSettings.model_fields["group_id"].default  # the default group, 
 
 # Parametrised once: ``Envelope[...]`` looks its class up in pydantic's generic cache at every use.
 ActivityCreatedEvent = Envelope[ActivityCreatedV1]
+ActivityUpdatedEvent = Envelope[ActivityUpdatedV1]
 
 
 @dataclass
@@ -316,6 +317,8 @@ class EvaluateService(ServiceBase):
         links, decisions, decision_activities = [], [], []
         holding: list[held.HeldMessage] = []
         settled: list[tuple[UUID, str]] = []   # decided for good, in a mailbox with held messages
+        refiling: list[tuple[UUID, str, UUID]] = []   # (activity, kind, record) a folder rule files it under
+        filed_from: dict[UUID, _Item] = {}
         counts = _Counts()
         for item in items:
             d = item.decision
@@ -324,6 +327,11 @@ class EvaluateService(ServiceBase):
                 activity_id = UUID(d.activity_id)  # already tracked before this batch
             if activity_id is not None:
                 links.append((activity_id, item.mailbox_id))
+                if d is not None and d.rule == "folder_tracking" and d.regarding:
+                    # Already an activity, or made one by another replica a moment ago: the
+                    # folder's record wins over whatever it regarded (the reference's rule).
+                    refiling.append((activity_id, d.regarding[0], UUID(d.regarding[1])))
+                    filed_from[activity_id] = item
             tracked, rule, reason, explanation = (
                 (d.tracked, d.rule, d.reason, d.explanation) if d is not None
                 else (False, "forward_attribution", *item.attribution)  # type: ignore[misc]
@@ -376,6 +384,18 @@ class EvaluateService(ServiceBase):
             # Serialised here by pydantic (fast): one outbox row for the batch's events.
             events.append((ACTIVITY_CREATED.name, str(row.organization_id), event.model_dump_json()))
             counts.activities[row.direction] += 1
+        for change in await repo.set_regarding(conn, refiling):
+            item = filed_from[change.activity_id]
+            update = ActivityUpdatedEvent(
+                type=ACTIVITY_UPDATED.name, schema_version=1, producer="evaluate", organization_id=change.organization_id,
+                data=ActivityUpdatedV1(
+                    activity_id=change.activity_id, message_id=change.message_id,
+                    regarding=RegardingRef(kind=change.regarding[0], id=change.regarding[1]),
+                    previous_regarding=RegardingRef(kind=change.previous[0], id=change.previous[1]) if change.previous else None,
+                    reason="folder_tracking_rule", mailbox_id=item.mailbox_id, folder=item.delivery.event.data.folder,
+                ),
+            )
+            events.append((ACTIVITY_UPDATED.name, str(change.organization_id), update.model_dump_json()))
         await enqueue_batch(conn, events)
         return released, counts
 

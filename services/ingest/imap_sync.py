@@ -59,6 +59,7 @@ from services.ingest.publishing import (
     store_pulled,
 )
 from shared.kafka import Publisher
+from shared.registry.models import is_inbox
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +208,37 @@ class ImapFolderSync:
         previous batch is done, events published and acknowledged, then the folder state saved.
         The last batch of a sync carries ``refused`` (the other batches None)."""
         stored = await store_pulled(self._pool, self._mailbox, batch, claimed) if batch else []
+        found_again = _found_again(self._mailbox, batch, stored)
+        refiled = await self._refiled(folder, found_again)
         if previous is not None:
             await previous   # raises what it raised: nothing of ours is published after a failure
         ingested = await announce_stored(self._publisher, self._mailbox, "imap", stored)
-        await self._save(folder, status, highest, modseq, ingested, _found_again(self._mailbox, batch, stored),
+        # Before the save that records the new place: a crash in between announces it again, and
+        # evaluate's folder rule decides the same way twice.
+        await announce_stored(self._publisher, self._mailbox, "imap", refiled, new=False)
+        await self._save(folder, status, highest, modseq, ingested, found_again,
                          vanished=refused is not None, refused=refused)
         return len(ingested)
 
+    async def _refiled(self, folder: str, found_again: list[tuple[str, Pulled]]) -> list[Stored]:
+        """Messages ingested from another folder and found now in ``folder``, which a folder-level
+        tracking rule maps to a record: moved (or copied) there by the user or a server rule.  They
+        are announced again from here, so evaluate tracks them regarding the folder's record, as the
+        reference does; a message that only reuses the Message-ID of one ingested is not."""
+        if not found_again or self._mailbox.is_forward_mailbox or is_inbox(folder):
+            return []
+        async with self._pool.acquire() as conn:
+            filed = await state.filed_elsewhere(conn, self._mailbox.id, folder, [key for key, _ in found_again])
+            if not filed:
+                return []
+            pulled = {key: item for key, item in found_again if key in filed}
+            same = await same_message(conn, self._mailbox.id, [
+                (state.IngestedMessage(key, "", folder, item.uid, None), item.raw) for key, item in pulled.items()])
+        # A mailbox that is no forward mailbox keys a message by its Message-ID alone.
+        return [Stored(p.message_key, filed[p.message_key], pulled[p.message_key], p.message_key, None) for p in same]
+
     async def _save(self, folder: str, status: FolderState, last_uid: int, modseq: int | None,
-                    ingested: list[state.IngestedMessage], found_again: list[tuple[str, int, bytes]], *,
+                    ingested: list[state.IngestedMessage], found_again: list[tuple[str, Pulled]], *,
                     vanished: bool = True, refused: dict[int, str] | None = None) -> None:
         """One transaction: what a batch ingested, what vanished (with ``vanished``) and the state
         that says both are done.  With ``refused`` (the end of a sync that asked for every UID past
@@ -224,13 +247,12 @@ class ImapFolderSync:
         async with self._pool.acquire() as conn, conn.transaction():
             await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             await state.record_ingested(conn, self._mailbox.id, ingested, status.uidvalidity)
-            found = [(state.IngestedMessage(key, "", folder, uid, None, status.uidvalidity), raw)
-                     for key, uid, raw in found_again]
-            places = [place for place, _ in found]
-            if self._delete and found:
-                # A queue deletes by these places: only the ingested message itself may take one, not
-                # another message that reuses its Message-ID (a scanner's fixed one, a forged one).
-                places = await same_message(conn, self._mailbox.id, found)
+            found = [(state.IngestedMessage(key, "", folder, item.uid, None, status.uidvalidity), item.raw)
+                     for key, item in found_again]
+            # Only the ingested message itself may take its record's place (which a queue that
+            # deletes after processing, now or once it is set to, deletes by), not another message
+            # that reuses its Message-ID (a scanner's fixed one, a forged one).
+            places = await same_message(conn, self._mailbox.id, found)
             await state.renumber_ingested(conn, self._mailbox.id, folder, status.uidvalidity,
                                           [(p.message_key, p.uid) for p in places], copies_elsewhere=self._delete)
             if self._delete and places:
@@ -335,10 +357,11 @@ class ImapFolderSync:
         return len(current)
 
 
-def _found_again(mailbox: Mailbox, batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, int, bytes]]:
-    """(key, UID, raw bytes) of the batch's messages that were not new: already ingested, maybe
-    under another UIDVALIDITY.  Usually none, so the keys are worked out again only for those few."""
+def _found_again(mailbox: Mailbox, batch: Sequence[Pulled], stored: Sequence[Stored]) -> list[tuple[str, Pulled]]:
+    """(key, message) of the batch's messages that were not new: already ingested, maybe under
+    another UIDVALIDITY or in another folder.  Usually none, so the keys are worked out again only
+    for those few."""
     if len(stored) == len(batch):
         return []
     new = {id(entry.item) for entry in stored}
-    return [(ingest_key(mailbox, p.raw)[0], p.uid, p.raw) for p in batch if id(p) not in new and p.uid is not None]
+    return [(ingest_key(mailbox, p.raw)[0], p) for p in batch if id(p) not in new and p.uid is not None]

@@ -21,7 +21,7 @@ from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.metrics import MESSAGES_INGESTED
 from shared.mime import forwarder_address, from_address, generated_message_id, message_key
-from shared.rawstore import store_raw
+from shared.rawstore import raw_sha256, store_raw
 
 
 # Pulled and Stored are made once per message: named tuples (~0.3 us each) rather than frozen
@@ -106,8 +106,10 @@ async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pu
 
 
 async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
-                          stored: Sequence[Stored]) -> list[state.IngestedMessage]:
-    """Publish `email.received` for stored messages and wait for the broker's acknowledgements."""
+                          stored: Sequence[Stored], *, new: bool = True) -> list[state.IngestedMessage]:
+    """Publish `email.received` for stored messages and wait for the broker's acknowledgements.
+    ``new=False``: messages ingested before, announced again from another folder (not counted as
+    ingested)."""
     if not stored:
         return []
     batch = ReceivedBatch(mailbox.organization_id, mailbox.id, source)
@@ -125,7 +127,8 @@ async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
         events.append((EMAIL_RECEIVED.name, value, key))
         ingested.append(state.IngestedMessage(entry.key, entry.sha256, item.folder, item.uid, item.uidl))
     await publisher.publish_many(events)
-    MESSAGES_INGESTED.labels(source).inc(len(events))
+    if new:
+        MESSAGES_INGESTED.labels(source).inc(len(events))
     return ingested
 
 
@@ -144,9 +147,17 @@ async def same_message(conn: asyncpg.Connection, mailbox_id: UUID,
     scanner's fixed one, a forged one) is not.  Rare, so the ingested bytes are read back for them."""
     if not found:
         return []
-    rows = await conn.fetch(
-        """SELECT im.message_key, r.data FROM ingested_message im JOIN raw_message r ON r.sha256 = im.raw_sha256
-           WHERE im.mailbox_id = $1 AND im.message_key = ANY($2::text[])""",
-        mailbox_id, list({copy.message_key for copy, _ in found}))
-    ingested = {r["message_key"]: generated_message_id(r["data"]) for r in rows}
-    return [copy for copy, raw in found if ingested.get(copy.message_key) == generated_message_id(raw)]
+    hashes = dict(await conn.fetch(
+        "SELECT message_key, raw_sha256 FROM ingested_message WHERE mailbox_id = $1 AND message_key = ANY($2::text[])",
+        mailbox_id, list({copy.message_key for copy, _ in found})))
+    # The same bytes are the same message (a move, a renumbering: the usual case); only the others
+    # are compared by what identifies them, reading the ingested bytes back.
+    differing = [(copy, raw) for copy, raw in found if hashes.get(copy.message_key) not in (None, raw_sha256(raw))]
+    ingested: dict[str, str | None] = {}
+    if differing:
+        ingested = {r["message_key"]: generated_message_id(r["data"]) for r in await conn.fetch(
+            """SELECT im.message_key, r.data FROM ingested_message im JOIN raw_message r ON r.sha256 = im.raw_sha256
+               WHERE im.mailbox_id = $1 AND im.message_key = ANY($2::text[])""",
+            mailbox_id, list({copy.message_key for copy, _ in differing}))}
+    return [copy for copy, raw in found if copy.message_key in hashes and (
+        hashes[copy.message_key] == raw_sha256(raw) or ingested.get(copy.message_key) == generated_message_id(raw))]

@@ -115,6 +115,18 @@ async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: 
     )
 
 
+async def filed_elsewhere(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, keys: Sequence[str]) -> dict[str, str]:
+    """Of messages found in ``folder`` under keys already ingested, those ingested from another
+    folder, when a folder-level tracking rule maps ``folder`` to a record: message key -> hash of the
+    stored raw bytes.  Empty for a folder without a rule."""
+    rows = await conn.fetch(
+        """SELECT im.message_key, im.raw_sha256 FROM ingested_message im
+           WHERE im.mailbox_id = $1 AND im.message_key = ANY($3::text[]) AND im.folder IS DISTINCT FROM $2
+             AND EXISTS (SELECT 1 FROM folder_tracking_rule r WHERE r.mailbox_id = $1 AND r.folder = $2)""",
+        mailbox_id, folder, list(keys))
+    return {r["message_key"]: r["raw_sha256"] for r in rows}
+
+
 # An ingested message ``im`` found again in another folder while its own place is still on the
 # server: a further copy (a server rule, a user's copy), not a move; a move's place vanished.
 _ELSEWHERE = "(im.folder IS NOT NULL AND im.folder <> {folder} AND NOT im.removed_from_server)"

@@ -66,6 +66,22 @@ class ActivityCreatedV1(BaseModel):
     raw_sha256: str | None = None
 
 
+class ActivityUpdatedV1(BaseModel):
+    """An email activity's regarding record changed: a folder-level tracking rule re-filed it (the
+    message was moved or copied into a mapped folder, or read there while already an activity)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    activity_id: UUID
+    message_id: str
+    regarding: RegardingRef
+    previous_regarding: RegardingRef | None = None
+    reason: Literal["folder_tracking_rule"] = Field(
+        description="What changed it: a folder-level tracking rule of the mailbox, for the folder named.")
+    mailbox_id: UUID
+    folder: str
+
+
 def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, create_model
 from shared.events.envelope import Envelope
 from shared.events.payloads import (
     ActivityCreatedV1,
+    ActivityUpdatedV1,
     EmailOutboundV1,
     EmailReceivedV1,
     EmailStatusV1,
@@ -84,6 +85,11 @@ ACTIVITY_CREATED = Topic(
     ("evaluate", "dispatch"), ("external CRM",),
     "An email activity was recorded.",
 )
+ACTIVITY_UPDATED = Topic(
+    "activity.updated", ActivityUpdatedV1, 1, "organization id",
+    ("evaluate",), ("external CRM",),
+    "An email activity's regarding record was changed by a folder-level tracking rule.",
+)
 EMAIL_OUTBOUND = Topic(
     "email.outbound", EmailOutboundV1, 1, "idempotency key",
     ("any system", "conduit send"), ("dispatch",),
@@ -111,7 +117,7 @@ REGISTRY_CHANGES = Topic(
 )
 
 TOPICS: dict[str, Topic] = {
-    t.name: t for t in (EMAIL_RECEIVED, ACTIVITY_CREATED, EMAIL_OUTBOUND, EMAIL_STATUS, MAILBOX_EVENTS,
+    t.name: t for t in (EMAIL_RECEIVED, ACTIVITY_CREATED, ACTIVITY_UPDATED, EMAIL_OUTBOUND, EMAIL_STATUS, MAILBOX_EVENTS,
                         MAILBOX_HEALTH, REGISTRY_CHANGES)
 }
 

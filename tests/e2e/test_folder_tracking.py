@@ -15,6 +15,7 @@ from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from tests.support.cli import conduit_cli
 from tests.support.mailboxes import imap_profile, message, ready_mailbox
+from tests.support.topics import read_topic
 
 pytestmark = pytest.mark.peers
 
@@ -64,26 +65,74 @@ async def test_mail_in_a_mapped_folder_regards_the_mapped_record(settings, regis
     assert json.loads(out)["activity"]["regarding_id"] == str(acme.id), out
 
 
-async def test_a_message_moved_into_a_mapped_folder_after_it_was_processed_is_not_processed_again(
+async def test_a_message_moved_into_a_mapped_folder_after_it_was_processed_is_filed_under_the_record(
         settings, registry: Registry, org, dovecot, pool) -> None:
-    """What docs/inbound.md says: ingest knows the message by its Message-ID, so the move is not a
-    new message, and its first decision stands."""
+    """The reference's folder-level tracking: mail moved into a mapped folder is tracked regarding
+    the folder's record, also after it was first decided in another tracked folder.  A message that
+    was not tracked becomes an activity; one that was tracked regarding something else (or nothing)
+    is re-filed under the record, and `activity.updated` says so."""
     await registry.add_profile(org, imap_profile(dovecot))
     acme = await registry.add_record(org, "account", "Acme", "info@acme.example")
+    await registry.add_record(org, "contact", "Bea", "bea@customer.example")   # her mail is tracked
     box = await ready_mailbox(registry, org, dovecot, tracking="known_records", tracked_folders=["INBOX", "Projects"])
     await registry.add_folder_rule(org, box.email, "Acme", f"account:{acme.id}")
     await dovecot.append(box.email, box.password, message("Order 19", sender="buyer@stranger.example",
                                                           message_id="<moved-1@stranger.example>"), folder="Projects")
+    await dovecot.append(box.email, box.password, message("Quote", sender="bea@customer.example",
+                                                          message_id="<moved-2@customer.example>"), folder="Projects")
     await dovecot.append(box.email, box.password, message("Order 20", sender="buyer@stranger.example",
                                                           message_id="<other-1@stranger.example>"), folder="Acme")
     await pipeline(settings)
+    assert await regarding(pool, org, "moved-1@stranger.example") is None              # a stranger: not tracked
+    assert await regarding(pool, org, "moved-2@customer.example") == (None, None)      # Bea's: tracked, regarding nothing
+    created = await read_topic(settings, "activity.created", 2)
+
     await asyncio.to_thread(_move_all, dovecot, box, "Projects", "Acme")
     await pipeline(settings)
 
-    assert await regarding(pool, org, "moved-1@stranger.example") is None
-    assert [(d.tracked, d.reason) for d in await registry.decisions(org, "moved-1@stranger.example")] == \
-        [(False, "sender_unknown")]
+    assert await regarding(pool, org, "moved-1@stranger.example") == ("account", acme.id)
+    assert await regarding(pool, org, "moved-2@customer.example") == ("account", acme.id)
     assert await regarding(pool, org, "other-1@stranger.example") == ("account", acme.id)
+    for message_id in ("moved-1@stranger.example", "moved-2@customer.example"):
+        assert [(d.tracked, d.reason) for d in await registry.decisions(org, message_id)] == \
+            [(True, "tracked_folder_rule")], message_id
+    created = await read_topic(settings, "activity.created", len(created) + 1)
+    assert sorted(e["data"]["message_id"] for e in created) == \
+        ["moved-1@stranger.example", "moved-2@customer.example", "other-1@stranger.example"]
+    updated = await read_topic(settings, "activity.updated", 1)
+    assert [(e["data"]["message_id"], e["data"]["regarding"], e["data"]["previous_regarding"], e["data"]["folder"])
+            for e in updated] == [("moved-2@customer.example", {"kind": "account", "id": str(acme.id)}, None, "Acme")]
+
+    # Nothing more on the next poll: the new place is recorded, so the move is announced once.
+    await pipeline(settings)
+    assert len(await read_topic(settings, "activity.updated", 1)) == 1
+    assert len(await read_topic(settings, "activity.created", 3)) == 3
+
+
+async def test_an_activity_read_again_from_another_mailboxs_mapped_folder_regards_its_record(
+        settings, registry: Registry, org, dovecot, pool) -> None:
+    """One message reaches two mailboxes: Ann tracks all her mail (an activity regarding nothing);
+    Bob's server files it into a folder mapped to Acme.  Whichever is read first, the activity ends
+    regarding Acme: the folder rule comes before *already tracked*."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    acme = await registry.add_record(org, "account", "Acme", "info@acme.example")
+    ann = await ready_mailbox(registry, org, dovecot, tracking="all")
+    bob = await ready_mailbox(registry, org, dovecot, tracking="known_records", tracked_folders=["INBOX"])
+    await registry.add_folder_rule(org, bob.email, "Acme", f"account:{acme.id}")
+    shared = message("Order 21", sender="buyer@stranger.example", message_id="<both-1@stranger.example>")
+    await dovecot.append(ann.email, ann.password, shared)
+    await dovecot.append(bob.email, bob.password, shared, folder="Acme")
+    await pipeline(settings)
+
+    assert await regarding(pool, org, "both-1@stranger.example") == ("account", acme.id)
+    reasons = {d.mailbox_id: d.reason for d in await registry.decisions(org, "both-1@stranger.example")}
+    assert reasons[bob.id] == "tracked_folder_rule"
+    assert reasons[ann.id] in ("tracked_all", "already_tracked"), reasons   # depends on which was read first
+    async with pool.acquire() as conn:
+        linked = await conn.fetchval("SELECT count(*) FROM email_activity_mailbox l JOIN email_activity a ON a.id = l.activity_id "
+                                     "WHERE a.organization_id = $1 AND a.message_id = 'both-1@stranger.example'", org.id)
+    assert linked == 2
+    assert len(await read_topic(settings, "activity.created", 1)) == 1
 
 
 def _move_all(dovecot, box, source: str, target: str) -> None:

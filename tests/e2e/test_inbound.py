@@ -249,6 +249,25 @@ async def test_a_queue_never_deletes_another_message_that_reuses_a_processed_mes
     assert list(await activities(pool, org)) == ["scan 1"]
 
 
+async def test_a_message_reusing_a_message_id_in_another_folder_does_not_take_its_place(
+        settings, registry: Registry, org, dovecot, pool) -> None:
+    """The same while the queue does not delete yet: the other message found in another tracked
+    folder must not become the ingested message's place, or turning deletion on removes it (it was
+    never ingested nor an activity) and leaves the processed one on the server."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    queue = await ready_mailbox(registry, org, dovecot, owner="queue", tracked_folders=["INBOX", "Scans"])
+    reused = "<static-%s@scanner.example>" % uuid.uuid4().hex[:8]
+    dovecot.deliver(queue.email, message("scan 1", message_id=reused))
+    await pipeline(settings)
+    dovecot.deliver(queue.email, message("scan 2", message_id=reused, body="Another page.\r\n"), folder="Scans")
+    await run_service(IngestService(settings), burst=True)
+    await registry.update_mailbox(org, queue.email, delete_after_processing=True)
+    await run_service(IngestService(settings), burst=True)
+    assert (dovecot.message_count(queue.email), dovecot.message_count(queue.email, "Scans")) == (0, 1), \
+        "scan 1 is deleted once processed; scan 2 stays"
+    assert list(await activities(pool, org)) == ["scan 1"]
+
+
 async def test_broken_mime_still_becomes_an_activity(settings, registry: Registry, org, dovecot, pool) -> None:
     await registry.add_profile(org, imap_profile(dovecot))
     box = await ready_mailbox(registry, org, dovecot, tracking="all")

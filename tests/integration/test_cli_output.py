@@ -173,13 +173,19 @@ async def test_a_table_on_a_terminal_is_as_wide_as_the_terminal(settings: Settin
     assert ERROR[:20] in row, shown
 
 
-async def test_dead_letters_list_of_a_reason_none_has_names_those_there_are(settings: Settings, publisher) -> None:
+async def test_dead_letters_list_or_replay_of_a_reason_none_has_names_those_there_are(settings: Settings, publisher) -> None:
     await _dead_letter(publisher, ERROR, f"key-{uuid.uuid4().hex[:6]}")
     code, out, err = await conduit_cli(settings, "dead-letters", "list", "email.outbound", "--reason", "nonsense")
     assert code == 2 and out == "", (out, err)
     assert "has the reason 'nonsense': the reasons there are schema_error" in err and len(err.strip().splitlines()) == 1, err
     code, out, err = await conduit_cli(settings, "dead-letters", "list", "--reason", "schema_error", "--json")
     assert code == 0 and '"schema_error"' in out, err
+    code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound", "--reason", "nonsense")
+    assert code == 2 and out == "", (out, err)
+    assert "has the reason 'nonsense': the reasons there are schema_error" in err, err
+    code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound", "--reason", "schema_error",
+                                       "--dry-run")
+    assert code == 0 and "would replay 1 dead letter" in out, (out, err)
 
 
 # --- the README ------------------------------------------------------------------------------------

@@ -145,6 +145,15 @@ def test_non_ascii_subject_display_name_and_filename_round_trip() -> None:
     assert [p.get_filename() for p in parsed.iter_attachments()] == ["名前.pdf", "Rechnung März 2026.pdf"]
 
 
+@pytest.mark.parametrize("sender", ["josé@example.com", "ann\u202e@example.com", "a b@example.com", "no-at-sign"])
+def test_a_mailbox_address_that_cannot_be_sent_from_is_refused_as_such(sender: str) -> None:
+    """A mailbox registered before the registry refused such addresses: refused as a bad address of
+    the mailbox, not reported as header injection by the checks further down."""
+    with pytest.raises(InvalidInput) as refused:
+        compose(_request(), sender_email=sender, sender_name="Alice", subject="Invoice", message_id=MESSAGE_ID, date=DATE)
+    assert refused.value.reason == "bad_address" and "sending mailbox's address" in str(refused.value)
+
+
 @pytest.mark.parametrize("text", [
     "=?utf-8?q?Gr=C3=BC=C3=9Fe?=",                  # an encoded word that decodes to plain text
     "=?ISO-2022-JP?B?GyRCJEskWyRzJDQbKEI=?=",       # escape sequences in the bytes, none in the text
