@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from . import rules
 from .context import TRACKING_OPTIONS, MailboxContext
 
-__all__ = ["CHAINS", "GUARDS", "PAUSED_MAILBOX", "PRELUDE", "Chain", "chain_for", "list_rules", "may_process"]
+__all__ = ["CHAINS", "GUARDS", "OPTION_RULES", "PAUSED_MAILBOX", "PRELUDE", "Chain", "chain_for", "list_rules", "may_process"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,13 @@ CHAINS: dict[str, Chain] = {
         GUARDS + PRELUDE + (rules.Correlated(), rules.FromEmailEnabledRecord(), rules.NotFromEmailEnabledRecord()),
     ),
 }
+
+
+# The rules of the tracking options themselves (after the guards and the prelude): what they decide
+# "not tracked" becomes *already tracked* once the message is an activity all the same (another
+# replica's batch made it one at the same moment: ``repository.link_to_activities``).
+OPTION_RULES: frozenset[str] = frozenset(
+    rule.name for chain in CHAINS.values() for rule in chain.rules[len(GUARDS) + len(PRELUDE):])
 
 
 def chain_for(mailbox: MailboxContext) -> Chain:

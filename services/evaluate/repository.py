@@ -226,6 +226,33 @@ async def link_mailboxes(conn: asyncpg.Connection, links: Sequence[tuple[UUID, U
         )
 
 
+async def link_to_activities(conn: asyncpg.Connection, messages: Sequence[tuple[UUID, str]],
+                             option_rules: Sequence[str]) -> int:
+    """Of these (organization, Message-ID) pairs, the decisions a tracking option's rule made "not
+    tracked" while the message is an activity all the same become *already tracked*, linked to it;
+    returns how many.  Two replicas evaluate one message for two mailboxes at once (its events are
+    keyed by mailbox): neither saw the other's activity when it decided.  Run after each batch's
+    commit, so of two such batches the later check sees both; the outcome is the one a sequential
+    evaluation in either order would give."""
+    if not messages:
+        return 0
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """UPDATE email_decision d
+               SET tracked = true, rule = 'already_tracked', reason = 'already_tracked', activity_id = a.id, decided_at = now(),
+                   explanation = 'Tracked: this message (Message-ID <' || d.message_id || '>) is already the email activity '
+                                 || a.id || ' (an activity made at the same moment through another mailbox).'
+               FROM unnest($1::uuid[], $2::text[]) AS k(org, mid)
+               JOIN email_activity a ON a.organization_id = k.org AND a.message_id = k.mid
+               WHERE d.organization_id = k.org AND d.message_id = k.mid
+                 AND NOT d.tracked AND NOT d.held AND d.rule = ANY($3::text[])
+               RETURNING d.mailbox_id, a.id AS activity_id""",
+            [org for org, _ in messages], [mid for _, mid in messages], list(option_rules),
+        )
+        await link_mailboxes(conn, [(r["activity_id"], r["mailbox_id"]) for r in rows])
+    return len(rows)
+
+
 @dataclass(frozen=True)
 class Refiled:
     """An activity whose regarding record a folder-level tracking rule changed."""

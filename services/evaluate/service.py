@@ -26,6 +26,7 @@ from uuid import UUID
 
 from services.evaluate import held
 from services.evaluate import repository as repo
+from services.evaluate.chains import OPTION_RULES
 from services.evaluate.context import MailboxContext
 from services.evaluate.correlation import CorrelationSettings, find_tracking_token, normalize_subject
 from services.evaluate.decision import BatchItem, Decision, evaluate_batch
@@ -208,6 +209,13 @@ class EvaluateService(ServiceBase):
                 await self._decide(conn, org_items, mailboxes, waiting, prepared.released, prepared.folder_rules)
             async with conn.transaction():
                 decided, counts = await self._record(conn, items, waiting, prepared.released)
+            # After the commit (a crash before the offset commit repeats it with the batch).
+            linked = await repo.link_to_activities(
+                conn, list({(i.organization_id, i.message_id) for i in items if i.decision and not i.decision.held}),
+                OPTION_RULES)
+            if linked:
+                log.info("%d message(s) decided not tracked are already tracked: another batch made them "
+                         "activities at the same moment", linked)
         counts.publish()  # once committed: a batch rolled back and redelivered is counted once
         return prepared.rejections, decided
 
