@@ -138,16 +138,47 @@ class EvaluateService(ServiceBase):
             await self.consumer.run(stopping, burst=True)
             await self.release.release()
             return
-        health = await unless_stopping(start_health(self.settings), stopping) if self.own.health_aggregate else None
+        # The health aggregate (mailbox.health) is monitoring: it runs beside the consumer and never in
+        # its way.  Its start waits on the broker and on its table's recovery, which may take long or
+        # never end (a broker restarted without the changelog): mail is evaluated meanwhile.
+        aggregate = asyncio.create_task(self._health_aggregate(stopping), name="evaluate-health") \
+            if self.own.health_aggregate else None
         releasing = asyncio.create_task(self.release.run(stopping), name="evaluate-release")
         try:
             await self.consumer.run(stopping, burst=False)
         finally:
             if not stopping.is_set():
                 releasing.cancel()  # the consumer failed: nothing to finish gracefully
-            await asyncio.gather(releasing, return_exceptions=True)
-            if health is not None:
+                if aggregate is not None:
+                    aggregate.cancel()
+            await asyncio.gather(releasing, *([aggregate] if aggregate else []), return_exceptions=True)
+
+    async def _health_aggregate(self, stopping: asyncio.Event) -> None:
+        """Run the health aggregate until stopped.  A start that fails, or does not finish within
+        ``health_start_seconds``, is logged and tried again later (with back-off)."""
+        delay = 5.0
+        while not stopping.is_set():
+            try:
+                # The state folder holds the aggregate's table (a pod's /tmp starts empty).
+                self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+                health = await unless_stopping(
+                    asyncio.wait_for(start_health(self.settings), self.own.health_start_seconds), stopping)
+            except Exception as exc:  # noqa: BLE001 - monitoring: report, retry, never stop evaluating mail
+                log.warning("the mailbox health aggregate did not start (%s: %s); mail is evaluated all the same; "
+                            "trying again in %.0f s", type(exc).__name__, str(exc) or "no answer in time", delay)
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 300.0)
+                continue
+            if health is None:
+                return   # stopped while it started
+            try:
+                await stopping.wait()
+            finally:
                 await health.stop()
+            return
 
     async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
         return await self.finish(await self.prepare(deliveries))

@@ -15,6 +15,9 @@ class EvaluateSettings(BaseSettings):
     # Keep the mailbox health aggregate (faust, `mailbox.health`) in this process.  Not in burst
     # runs, which end when the backlog does.  Off when ops run it elsewhere or do not want it.
     health_aggregate: bool = True
+    # How long its start may take (broker answers, table recovered) before it is given up and tried
+    # again later; mail is evaluated meanwhile either way.
+    health_start_seconds: float = Field(120.0, gt=0, le=3600)
     # How often (and at start) evaluate looks for mailboxes with held messages that may process email
     # again, and how many held messages it evaluates again per batch (one transaction each).
     release_seconds: float = Field(5.0, gt=0, le=3600)
