@@ -46,7 +46,7 @@ from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
 from shared.kafka import Publisher, client_options, topic_name
-from shared.metrics import EVENTS_DEAD_LETTERED
+from shared.metrics import EVENTS_CONSUMED, EVENTS_DEAD_LETTERED
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,9 @@ class EventConsumer:
         for rejection in rejections:
             await self._dead_letter(rejection)
         await self._commit({tp: records[-1].offset + 1 for tp, records in batches.items()}, where)
-        self.processed += sum(len(records) for records in batches.values())
+        count = sum(len(records) for records in batches.values())
+        self.processed += count
+        EVENTS_CONSUMED.labels(self._service, self._topic.name).inc(count)
 
     async def _commit(self, offsets: dict[TopicPartition, int], where: str) -> None:
         """Commit a handled batch's offsets, of the partitions this consumer still owns.  The group

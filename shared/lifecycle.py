@@ -44,6 +44,8 @@ class HealthServer:
         self._host = host
         self._runner: web.AppRunner | None = None
         self.started = False
+        # Set once a stop began: a draining service takes no new work, so it says it is not ready.
+        self.stopping: asyncio.Event | None = None
         self.bound_port: int | None = None
 
     async def start(self) -> None:
@@ -68,6 +70,8 @@ class HealthServer:
     async def _readyz(self, _: web.Request) -> web.Response:
         if not self.started:
             return web.json_response({"status": "starting"}, status=503)
+        if self.stopping is not None and self.stopping.is_set():
+            return web.json_response({"status": "stopping"}, status=503)
         try:
             checks = await asyncio.wait_for(self._service.readiness(), timeout=5)
         except Exception as exc:  # noqa: BLE001 - a probe answers, it never raises
@@ -92,6 +96,8 @@ async def run_service(service: Service, *, health_port: int | None = None, burst
         except (NotImplementedError, RuntimeError):  # not the main thread: the caller stops us
             pass
     health = HealthServer(service, health_port) if health_port is not None else None
+    if health is not None:
+        health.stopping = stopping
     try:
         if health is not None:
             await health.start()

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 
 from shared.events.envelope import Envelope
 from shared.kafka import Publisher
+from shared.metrics import OUTBOX_PUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,13 @@ async def enqueue_batch(conn: asyncpg.Connection, events: Sequence[tuple[str, st
 class OutboxRelay:
     """Publishes outbox rows in id order and deletes them once the broker has them."""
 
-    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, *, batch: int = 500, idle_poll: float = 1.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, *, batch: int = 500, idle_poll: float = 1.0,
+                 service: str = "conduit") -> None:
         self._pool = pool
         self._publisher = publisher
         self._batch = batch
         self._idle_poll = idle_poll
+        self._service = service   # the metrics' label
         self._wakeup = asyncio.Event()
         self._conn: asyncpg.Connection | None = None  # held while running: no pool reset per batch
         self.published = 0
@@ -149,6 +152,8 @@ class OutboxRelay:
             await self._pool.release(conn)  # the pool resets or replaces it
             raise
         self.published += count
+        if count:
+            OUTBOX_PUBLISHED.labels(self._service).inc(count)
         return count
 
     async def _relay_batch(self, conn: asyncpg.Connection) -> int:

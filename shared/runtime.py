@@ -12,6 +12,7 @@ import logging
 import asyncpg
 
 from shared.crypto import load_cipher
+from shared.db.migrate import check_schema
 from shared.db.pool import create_pool
 from shared.kafka import Publisher, ensure_topics
 from shared.outbox import OutboxRelay
@@ -37,10 +38,15 @@ class ServiceBase:
 
     async def start(self) -> None:
         self.pool = await create_pool(self.settings, max_size=self.pool_size)
+        async with self.pool.acquire() as conn:
+            unknown = await check_schema(conn)
+        if unknown:
+            log.warning("the database has migrations this %s does not know (%s): an older version running "
+                        "on a newer schema", self.name, ", ".join(unknown))
         await ensure_topics(self.settings)
         await self.publisher.start()
         self.registry = Registry(self.pool, load_cipher(self.settings), producer=self.name)
-        self.relay = OutboxRelay(self.pool, self.publisher)
+        self.relay = OutboxRelay(self.pool, self.publisher, service=self.name)
         await self.on_start()
 
     async def on_start(self) -> None:

@@ -21,6 +21,7 @@ import asyncpg
 from services.evaluate import held
 from services.evaluate import repository as repo
 from services.evaluate.chains import may_process
+from shared.batching import by_size
 from shared.consumer import Delivery
 from shared.events.topics import EMAIL_RECEIVED
 from shared.metrics import HELD_RELEASED
@@ -35,10 +36,12 @@ EvaluateAgain = Callable[[Sequence[Delivery], frozenset[tuple[UUID, str]]], Awai
 class HeldMessageRelease:
     """The periodic look for held messages whose mailbox may process email again."""
 
-    def __init__(self, pool: asyncpg.Pool, evaluate_again: EvaluateAgain, *, batch: int, interval: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, evaluate_again: EvaluateAgain, *, batch: int, interval: float,
+                 max_bytes: int = 32 * 1024 * 1024) -> None:
         self._pool = pool
         self._evaluate_again = evaluate_again
         self.batch = batch
+        self.max_bytes = max_bytes   # of raw mail per batch, as the consumer's batches (max_batch_bytes)
         self.interval = interval
         self.released = 0  # held messages decided for good by this process
 
@@ -69,11 +72,18 @@ class HeldMessageRelease:
                 rows = await self._next_batch()
                 if not rows:
                     break
+                deliveries, event_ids = _deliveries(rows)
+                # Large mail: the first part alone, the rest in the next turns (in order either way).
+                part = by_size(deliveries, lambda d: d.event.data.size, self.max_bytes)[0]
+                whole = len(part) == len(deliveries)
+                if not whole:
+                    kept = {d.event.event_id for d in part}
+                    rows = [row for row, event_id in zip(rows, event_ids) if event_id in kept]
                 keys = frozenset((r["mailbox_id"], r["message_id"]) for r in rows)
-                decided = await self._evaluate_again(_deliveries(rows), keys)
+                decided = await self._evaluate_again(part, keys)
                 total += decided
                 mailboxes.update(m for m, _ in keys)
-                if decided == 0 or len(rows) < self.batch:
+                if decided == 0 or whole and len(rows) < self.batch:
                     break  # all done, or every one held again (paused meanwhile): the next look retries
         if total:
             self.released += total
@@ -92,11 +102,14 @@ class HeldMessageRelease:
             return await held.oldest(conn, ready, self.batch) if ready else []
 
 
-def _deliveries(rows: Sequence[asyncpg.Record]) -> list[Delivery]:
-    """The held events as deliveries, in order, each once (a forward's attached messages share one)."""
+def _deliveries(rows: Sequence[asyncpg.Record]) -> tuple[list[Delivery], list[UUID]]:
+    """The held events as deliveries, in order, each once (a forward's attached messages share one),
+    and the event id of each row."""
     deliveries: dict[UUID, Delivery] = {}
+    event_ids = []
     for row in rows:
         event = EMAIL_RECEIVED.envelope.model_validate(row["event"])
         # Not from the topic: there is no record to commit or dead-letter.
         deliveries.setdefault(event.event_id, Delivery(event, None))  # type: ignore[arg-type]
-    return list(deliveries.values())
+        event_ids.append(event.event_id)
+    return list(deliveries.values()), event_ids

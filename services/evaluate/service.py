@@ -35,6 +35,7 @@ from services.evaluate.lookups import keys_for
 from services.evaluate.parsing import ForwardedMessages, ParsedEmail, forwarded_messages, parse_email
 from services.evaluate.release import HeldMessageRelease
 from services.evaluate.settings import EvaluateSettings
+from shared.batching import by_size
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput
 from shared.events.envelope import Envelope
@@ -122,7 +123,7 @@ class EvaluateService(ServiceBase):
                                       stages=(self.prepare, self.finish), service="evaluate")
         assert self.pool is not None
         self.release = HeldMessageRelease(self.pool, self.evaluate_again, batch=self.own.release_batch,
-                                          interval=self.own.release_seconds)
+                                          interval=self.own.release_seconds, max_bytes=self.own.max_batch_bytes)
         await self.consumer.start()
 
     async def on_stop(self) -> None:
@@ -183,8 +184,15 @@ class EvaluateService(ServiceBase):
     async def handle(self, deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
         return await self.finish(await self.prepare(deliveries))
 
-    async def prepare(self, deliveries: Sequence[Delivery]) -> _Prepared:
-        """Load and parse a batch: reads and CPU only, so it may run while the previous batch commits."""
+    async def prepare(self, deliveries: Sequence[Delivery]) -> _Prepared | _Parts:
+        """Load and parse a batch: reads and CPU only, so it may run while the previous batch commits.
+        A batch of more raw mail than ``max_batch_bytes`` is left in parts, each loaded as it is settled."""
+        parts = by_size(deliveries, lambda d: d.event.data.size, self.own.max_batch_bytes)
+        if len(parts) > 1:
+            return _Parts(parts)
+        return await self._load(deliveries)
+
+    async def _load(self, deliveries: Sequence[Delivery]) -> _Prepared:
         assert self.pool is not None
         rejections: list[Rejection] = []
         async with self.pool.acquire() as conn:
@@ -209,14 +217,20 @@ class EvaluateService(ServiceBase):
             _parse_items(items[start:start + _PARSE_SLICE], raws)
         return _Prepared(items, rejections, mailboxes, raws, folder_rules=folder_rules)
 
-    async def finish(self, prepared: _Prepared) -> Sequence[Rejection]:
-        """Attribute, decide and record a prepared batch in one transaction."""
+    async def finish(self, prepared: _Prepared | _Parts) -> Sequence[Rejection]:
+        """Attribute, decide and record a prepared batch in one transaction (a batch in parts: a
+        part at a time, in order, so a part's reply finds the message a part before it answers)."""
+        if isinstance(prepared, _Parts):
+            rejections: list[Rejection] = []
+            for part in prepared.parts:
+                rejections += (await self._settle(await self._load(part)))[0]
+            return rejections
         rejections, _ = await self._settle(prepared)
         return rejections
 
     async def evaluate_again(self, deliveries: Sequence[Delivery], released: frozenset[tuple[UUID, str]]) -> int:
         """Held messages' events through the same two steps; how many held messages were decided for good."""
-        prepared = await self.prepare(deliveries)
+        prepared = await self._load(deliveries)   # release.py keeps a release batch within max_batch_bytes
         prepared.released = released
         rejections, decided = await self._settle(prepared)
         for rejection in rejections:
@@ -437,6 +451,13 @@ class EvaluateService(ServiceBase):
             events.append((ACTIVITY_UPDATED.name, str(change.organization_id), update.model_dump_json()))
         await enqueue_batch(conn, events)
         return released, counts
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """A batch of more raw mail than evaluate holds at once, settled a part at a time."""
+
+    parts: list[list[Delivery]]
 
 
 @dataclass(slots=True)

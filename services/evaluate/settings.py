@@ -12,6 +12,10 @@ class EvaluateSettings(BaseSettings):
     group_id: str = "conduit-evaluate"
     # `email.received` events per batch: one raw load, one look-up per key kind, one transaction.
     max_batch: int = Field(500, ge=1, le=10_000)
+    # The raw mail a batch loads at once: a larger batch (large attachments) is evaluated a part at a
+    # time, each part its own transaction, so memory stays bounded (about twice this, with the next
+    # batch prepared meanwhile, plus what parsing takes).
+    max_batch_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
     # Keep the mailbox health aggregate (faust, `mailbox.health`) in this process.  Not in burst
     # runs, which end when the backlog does.  Off when ops run it elsewhere or do not want it.
     health_aggregate: bool = True

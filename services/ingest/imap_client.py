@@ -663,15 +663,17 @@ class ImapClient:
                 send_next()
             await self._conn.drain()
             while in_flight:
-                served: list[list[FetchedMessage]] = []   # this command's, for a refusal's account
+                # This command's UIDs, for a refusal's account: the UIDs only, since the messages
+                # themselves must be free to go once stored (a chunk of large mail is gigabytes).
+                served: set[int] = set()
                 missing: dict[int, tuple[int, str]] = {}   # filled only by unusual answers (rare)
                 try:
                     async for messages in self._fetch_responses(in_flight[0], missing):
-                        served.append(messages)
+                        served.update([m.uid for m in messages])
                         yield messages
                 except ImapCommandFailed as exc:
                     in_flight.popleft()   # its tagged answer is read: nothing of it is left to drain
-                    raise FetchRefused(exc.message, asked[0], {m.uid for ms in served for m in ms}) from None
+                    raise FetchRefused(exc.message, asked[0], served) from None
                 in_flight.popleft()
                 done = asked.popleft()
                 if missing and without_content is not None:
@@ -690,16 +692,15 @@ class ImapClient:
                 self._lock.release()
 
     def _note_without_content(self, asked: Sequence[int], missing: dict[int, tuple[int, str]],
-                              served: list[list[FetchedMessage]], sink: dict[int, str]) -> None:
+                              served: set[int], sink: dict[int, str]) -> None:
         """After a UID FETCH ended OK: the UIDs it asked for that the server answered, never with
         their content, and did not report expunged (``missing``) go into ``sink`` (UID -> reason).
         A response naming a UID the command did not ask for is an unsolicited flag update, and a
         UID served in another response of the command (a server may split a message's items) was
         served."""
         wanted = set(asked)
-        got = {m.uid for messages in served for m in messages}
         for uid, (_, what) in missing.items():
-            if uid in wanted and uid not in got:
+            if uid in wanted and uid not in served:
                 sink[uid] = f"The IMAP server {self._host} answered UID FETCH without the message's content ({what})."
 
     async def _fetch_responses(self, tag: bytes,

@@ -64,6 +64,9 @@ from shared.registry.models import is_inbox
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# A batch also ends at this many bytes of raw mail: batches of large messages (20 MB attachments)
+# would otherwise hold gigabytes between the fetch and the store (IN_FLIGHT of them at once).
+BATCH_BYTES = 32 * 1024 * 1024
 # Batches between fetched and state saved: one being published and saved, one being stored.
 IN_FLIGHT = 2
 # Where the profile's "move failed email to an Undeliverable folder" puts the messages ingest gave up on.
@@ -154,6 +157,7 @@ class ImapFolderSync:
         flushes: list[asyncio.Task[int]] = []
         claimed: set[str] = set()   # keys stored by a batch of this sync, not yet recorded as ingested
         batch: list[Pulled] = []
+        batch_bytes = 0
         refused: dict[int, str] = {}   # UID -> the server's refusal or contentless answer (filled by fetch_servable)
         # ``settled``: every UID up to it was fetched (or is skipped or gone).  A batch saves that,
         # not the highest UID fetched: a refused message may lie below later ones already fetched,
@@ -185,9 +189,10 @@ class ImapFolderSync:
                         if self._received_after and message.internaldate and message.internaldate < self._received_after:
                             continue  # "process email received after": older mail is skipped, never fetched again
                         batch.append(Pulled(message.raw, folder, message.uid, None, message.internaldate))
-                        if len(batch) >= BATCH:
+                        batch_bytes += len(message.raw)
+                        if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
                             await flush()
-                            batch = []
+                            batch, batch_bytes = [], 0
             await flush(last=True)
             return sum([await task for task in flushes])
         except asyncio.CancelledError:

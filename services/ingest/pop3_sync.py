@@ -18,6 +18,7 @@ from shared.kafka import Publisher
 log = logging.getLogger(__name__)
 
 BATCH = 200
+BATCH_BYTES = 32 * 1024 * 1024   # as IMAP's (imap_sync.BATCH_BYTES): large messages make smaller batches
 
 
 class Pop3Sync:
@@ -38,15 +39,17 @@ class Pop3Sync:
         published = 0
         uidl_of = dict(new)
         batch: list[Pulled] = []
+        batch_bytes = 0
         numbers = [n for n, _ in new]
         refused: dict[str, str] = {}   # UIDL -> the server's refusal
         while numbers:
             try:
                 async for number, raw in client.retr_many(numbers):
                     batch.append(Pulled(raw, None, None, uidl_of[number]))
-                    if len(batch) >= BATCH:
+                    batch_bytes += len(raw)
+                    if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
                         published += await self._flush(batch)
-                        batch = []
+                        batch, batch_bytes = [], 0
                 numbers = []
             except RetrRefused as exc:
                 if exc.temporary:

@@ -11,7 +11,15 @@ from importlib import resources
 
 import asyncpg
 
+from shared.errors import PermanentError
+
 _LOCK_ID = 0x436F6E64  # "Cond"
+
+
+class SchemaMismatch(PermanentError):
+    """The database's schema and this code's migrations disagree: mend it, retrying cannot help."""
+
+    reason = "schema_mismatch"
 
 
 def available_migrations() -> list[tuple[str, str]]:
@@ -36,7 +44,9 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             checksum = hashlib.sha256(sql.encode()).hexdigest()
             if version in done:
                 if done[version] != checksum:
-                    raise RuntimeError(f"migration {version} changed after it was applied; add a new migration instead")
+                    raise SchemaMismatch(f"migration {version} was changed after it was applied to this database (its "
+                                         "checksum differs): ship changes as a new migration, and put the applied "
+                                         "one back as it was")
                 continue
             async with conn.transaction():
                 await conn.execute(sql)
@@ -45,6 +55,18 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+
+
+async def check_schema(conn: asyncpg.Connection) -> list[str]:
+    """For a service starting: refuse a database that lacks migrations this code needs (it would
+    fail later, query by query, while its probes said ready); return the versions applied there
+    that this code does not know (a rollback after an upgrade: worth a warning, not a refusal)."""
+    pending = await pending_migrations(conn)
+    if pending:
+        raise SchemaMismatch(f"the database needs migrations {', '.join(pending)}: run `conduit db migrate` first")
+    known = {version for version, _ in available_migrations()}
+    return [r["version"] for r in await conn.fetch("SELECT version FROM schema_migration ORDER BY version")
+            if r["version"] not in known]
 
 
 async def pending_migrations(conn: asyncpg.Connection) -> list[str]:

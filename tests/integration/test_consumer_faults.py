@@ -12,6 +12,8 @@ import asyncio
 import uuid
 from typing import Sequence
 
+from prometheus_client import REGISTRY
+
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput, TransientError
 from shared.events.envelope import Envelope
@@ -106,7 +108,7 @@ async def test_a_transient_failure_while_handling_one_by_one_is_retried(settings
         return []
 
     consumer = EventConsumer(settings, MAILBOX_EVENTS, group_id=f"one-by-one-{uuid.uuid4().hex[:8]}", handler=handler,
-                             publisher=publisher, across_partitions=True, max_backoff=0.2)
+                             publisher=publisher, across_partitions=True, max_backoff=0.2, service="one-by-one")
     await consumer.start()
     stopping = asyncio.Event()
     running = asyncio.create_task(consumer.run(stopping))
@@ -116,6 +118,8 @@ async def test_a_transient_failure_while_handling_one_by_one_is_retried(settings
         await eventually(done, timeout=30, what="the batch handled and committed")
         assert not running.done(), running.exception()
         assert sorted(handled) == sorted(e for e in events if e != bad) and failures["transient"] == 0
+        assert REGISTRY.get_sample_value("conduit_events_consumed_total",
+                                         {"service": "one-by-one", "topic": MAILBOX_EVENTS.name}) == 3
     finally:
         stopping.set()
         await asyncio.gather(running, return_exceptions=True)

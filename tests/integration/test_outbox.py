@@ -7,6 +7,7 @@ import json
 import uuid
 
 import asyncpg
+from prometheus_client import REGISTRY
 
 from shared.kafka import Publisher
 from shared.outbox import OutboxRelay, enqueue_batch
@@ -61,6 +62,21 @@ async def test_two_relays_publish_one_requests_statuses_in_order(settings: Setti
             await relay.close()
     seen = [e["data"]["status"] for e in await read_topic(settings, "email.status", 2) if e["data"]["idempotency_key"] == key]
     assert seen == ["sending", "sent"]
+
+
+async def test_what_a_relay_publishes_is_counted_for_its_service(pool: asyncpg.Pool, publisher: Publisher) -> None:
+    service = f"svc-{uuid.uuid4().hex[:6]}"
+    async with pool.acquire() as conn, conn.transaction():
+        await enqueue_batch(conn, [("email.status", "k", json.dumps({"event_id": str(uuid.uuid4()), "data": {}}))] * 3)
+    relay = OutboxRelay(pool, publisher, service=service)
+    try:
+        published = 0
+        while (count := await relay.relay_once()):
+            published += count
+    finally:
+        await relay.close()
+    assert published >= 3
+    assert REGISTRY.get_sample_value("conduit_outbox_published_total", {"service": service}) == published
 
 
 async def test_a_relay_outlives_a_database_failure(settings: Settings, pool: asyncpg.Pool, publisher: Publisher) -> None:
