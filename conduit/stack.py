@@ -158,17 +158,20 @@ class Stack:
 
     async def start_services(self, names: tuple[str, ...] = SERVICE_NAMES) -> None:
         for name in names:
-            port = free_port()
-            self.health_ports[name] = port
-            # SIGTERM when `conduit up` dies, even by SIGKILL: stopped as on Ctrl-C, not left an orphan.
-            # Forked in the event loop's thread, which lives as long as the process (see conduit/orphans.py).
-            self.children[name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "conduit", "run", name, env=self.child_env(name, port),
-                preexec_fn=stop_with_this_process(),
-            )
-            self._guard.watch(self.children[name].pid)
+            await self._start_service(name)
         self.write_record()
         await self.wait_ready()
+
+    async def _start_service(self, name: str) -> None:
+        port = free_port()
+        self.health_ports[name] = port
+        # SIGTERM when `conduit up` dies, even by SIGKILL: stopped as on Ctrl-C, not left an orphan.
+        # Forked in the event loop's thread, which lives as long as the process (see conduit/orphans.py).
+        self.children[name] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "conduit", "run", name, env=self.child_env(name, port),
+            preexec_fn=stop_with_this_process(),
+        )
+        self._guard.watch(self.children[name].pid)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -193,26 +196,47 @@ class Stack:
             raise StackFailed(f"not ready within {timeout:.0f} s: {', '.join(sorted(pending))}")
 
     async def wait_until_stopped(self, stopping: asyncio.Event) -> str | None:
-        """Until Ctrl-C/SIGTERM (None), or until a service or the embedded broker ends on its own (what ended)."""
-        watched: dict[asyncio.Future, str] = {asyncio.ensure_future(stopping.wait()): ""}
-        for name, proc in self.children.items():
-            watched[asyncio.ensure_future(proc.wait())] = f"service {name}"
-        if self.broker is not None:
-            watched[asyncio.ensure_future(self.broker.exited())] = "the embedded Kafka broker"
-        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        for w in watched:
-            w.cancel()
-        ended = [(watched[w], w.result()) for w in done if watched[w] and not w.cancelled()]
-        if not ended:
-            return None
-        what, code = ended[0]
-        failure = f"{what} exited on its own (code {code})"
-        if self.broker is not None and what == "the embedded Kafka broker":
-            # Memory storage: a new broker would have none of the topics or offsets, so the services
-            # are stopped rather than left retrying against nothing.
-            failure += f"; see {self.broker.log_path}"
-        self.say(f"{failure}; stopping the stack")
-        return failure
+        """Until Ctrl-C/SIGTERM (None), or until the embedded broker ends on its own (what ended).  A
+        service that ends on its own (dispatch after losing the database, a crash) is started again,
+        after 1 s, then twice as long each time it ends again within a minute (at most 60 s): as a
+        Kubernetes Deployment would, so one service's restart does not stop the whole system."""
+        delays: dict[str, float] = {}
+        started_at = {name: time.monotonic() for name in self.children}
+        while True:
+            watched: dict[asyncio.Future, str] = {asyncio.ensure_future(stopping.wait()): ""}
+            for name, proc in self.children.items():
+                watched[asyncio.ensure_future(proc.wait())] = name
+            if self.broker is not None:
+                watched[asyncio.ensure_future(self.broker.exited())] = BROKER
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for w in watched:
+                w.cancel()
+            ended = [(watched[w], w.result()) for w in done if watched[w] and not w.cancelled()]
+            if not ended:
+                return None
+            if any(what == BROKER for what, _ in ended):
+                # Memory storage: a new broker would have none of the topics or offsets, so the services
+                # are stopped rather than left retrying against nothing.
+                code = next(code for what, code in ended if what == BROKER)
+                failure = f"the embedded Kafka broker exited on its own (code {code}); see {self.broker.log_path}"  # type: ignore[union-attr]
+                self.say(f"{failure}; stopping the stack")
+                return failure
+            for name, code in ended:
+                quick = time.monotonic() - started_at[name] < 60
+                delay = min(60.0, delays.get(name, 0.5) * 2) if quick else 1.0
+                delays[name] = delay
+                self.say(f"{name:<10} exited on its own (code {code}; its own error is above): starting it again in "
+                         f"{delay:g} s")
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                    return None
+                except asyncio.TimeoutError:
+                    pass
+                await self._start_service(name)
+                started_at[name] = time.monotonic()
+                self.write_record()
+                self.say(f"{name:<10} started again (pid {self.children[name].pid}), "
+                         f"health on http://127.0.0.1:{self.health_ports[name]}/readyz")
 
     async def stop(self) -> None:
         if self._lock is None:
@@ -250,6 +274,9 @@ class Stack:
         self.stack_file.unlink(missing_ok=True)
         self._lock.close()   # closing releases the lock; the file stays (removing it would race a new stack)
         self._lock = None
+
+
+BROKER = "the embedded Kafka broker"
 
 
 async def run_up(settings: Settings, say: Callable[[str], None] = say_now) -> None:

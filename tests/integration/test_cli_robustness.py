@@ -379,6 +379,24 @@ async def test_shutdown_stops_the_services_together_and_says_what_it_waits_for(u
     assert record.get("services") == services   # recorded for operators (and `kill -STOP` in tests)
 
 
+async def test_up_starts_a_service_again_when_it_ends_on_its_own(up, env, send_args) -> None:
+    """dispatch exits when it loses the database that holds its worker lock, and any service may
+    crash: `conduit up` starts it again (as Kubernetes would), instead of stopping the whole system."""
+    stack = await up(CONDUIT_STOP_GRACE_SECONDS="10")
+    dispatch = stack.children()["dispatch"]
+    os.kill(dispatch, signal.SIGKILL)
+    await stack.wait_for_output("dispatch   started again", timeout=60)
+    assert any(line.startswith("dispatch") and "exited on its own (code -9" in line and "starting it again in 1 s" in line
+               for line in stack.out), stack.out
+    again = stack.record()["services"]["dispatch"]
+    assert again != dispatch and stack.children()["dispatch"] == again
+    # The new dispatch works: a request is sent.
+    code, out, err = await conduit(env, *send_args, "--wait", "--timeout", "60")
+    assert code == 0 and "sent" in out, out + err
+    stack.proc.send_signal(signal.SIGTERM)
+    assert await stack.exited(timeout=30) == 0, stack.err
+
+
 async def test_up_reports_and_stops_when_the_embedded_broker_dies(up) -> None:
     stack = await up(CONDUIT_STOP_GRACE_SECONDS="5")
     broker = stack.children()["broker"]
