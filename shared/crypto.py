@@ -18,13 +18,16 @@ from shared.settings import Settings
 
 
 class CredentialCipher:
-    """Encrypts and decrypts credential secrets; several comma-separated keys allow rotation."""
+    """Encrypts and decrypts credential secrets; several comma-separated keys allow rotation: the
+    first encrypts, any decrypts, and ``rotate`` moves a secret to the first (`conduit secrets rotate`)."""
 
     def __init__(self, keys: str) -> None:
         try:
-            self._fernet = MultiFernet([Fernet(k.strip().encode()) for k in keys.split(",") if k.strip()])
+            fernets = [Fernet(k.strip().encode()) for k in keys.split(",") if k.strip()]
+            self._fernet = MultiFernet(fernets)
         except (ValueError, TypeError) as exc:
             raise InvalidInput("CONDUIT_SECRET_KEY is not a valid Fernet key (32 url-safe base64 bytes)") from exc
+        self._first = fernets[0]
 
     def encrypt(self, secret: SecretStr | str) -> bytes:
         plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
@@ -35,6 +38,22 @@ class CredentialCipher:
             return SecretStr(self._fernet.decrypt(bytes(token)).decode())
         except InvalidToken as exc:
             raise InvalidInput("stored credentials cannot be decrypted with the current CONDUIT_SECRET_KEY") from exc
+
+    def rotate(self, token: bytes) -> bytes:
+        """``token``'s secret encrypted anew with the first key (its time stamp kept); InvalidInput
+        when no key decrypts it.  The secret itself is never returned."""
+        try:
+            return self._fernet.rotate(bytes(token))
+        except InvalidToken as exc:
+            raise InvalidInput("stored credentials cannot be decrypted with the current CONDUIT_SECRET_KEY") from exc
+
+    def is_current(self, token: bytes) -> bool:
+        """Whether ``token`` is encrypted with the first key already (the others could then go)."""
+        try:
+            self._first.decrypt(bytes(token))
+        except InvalidToken:
+            return False
+        return True
 
 
 def load_cipher(settings: Settings) -> CredentialCipher:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,7 @@ from shared.events.topics import TOPICS, dead_letter
 from shared.errors import ConnectionFailed, InvalidInput
 from shared.partitioning import partition_for
 from shared.settings import Settings
+from shared.tls import ca_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +125,21 @@ def client_options(settings: Settings) -> dict[str, Any]:
             settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
         )
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        import ssl
-
-        options["ssl_context"] = ssl.create_default_context()
+        options["ssl_context"] = tls_context(settings)
     return options
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of every Kafka connection (aiokafka's clients here, faust's in evaluate's health
+    aggregate): it verifies the broker's chain and host name against ``KAFKA_SSL_CA_FILE`` when set,
+    which then replaces the system's CAs as a Kafka truststore does, else against the system's CAs."""
+    ca_file = settings.kafka_ssl_ca_file
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        # Settings checked the file at start; this is one that changed on disk since.
+        raise InvalidInput(f"KAFKA_SSL_CA_FILE {ca_file} cannot be used: {ca_file_problem(exc)}",
+                           reason="bad_setting") from None
 
 
 def topic_name(settings: Settings, name: str) -> str:

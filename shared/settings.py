@@ -7,11 +7,14 @@ without a real credentials key.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.tls import check_ca_file
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str | None = Field(None, validation_alias=_env("KAFKA_SASL_MECHANISM"))
     kafka_sasl_username: str | None = Field(None, validation_alias=_env("KAFKA_SASL_USERNAME"))
     kafka_sasl_password: SecretStr | None = Field(None, validation_alias=_env("KAFKA_SASL_PASSWORD"))
+    # The CA bundle (PEM) that Kafka brokers' certificates are verified against, in place of the
+    # system's CAs: a cluster's own CA (Strimzi's cluster CA).  Verification itself is never off.
+    kafka_ssl_ca_file: Path | None = Field(None, validation_alias=_env("KAFKA_SSL_CA_FILE"))
     topic_partitions: int = Field(4, ge=1, validation_alias=_env("CONDUIT_TOPIC_PARTITIONS"))
     # Copies of each topic Conduit creates; a real cluster wants 3 (the embedded broker has one node).
     topic_replication_factor: int = Field(1, ge=1, validation_alias=_env("CONDUIT_TOPIC_REPLICATION_FACTOR"))
@@ -110,6 +116,24 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(SASL_MECHANISMS)}, not {value!r}")
         return value.strip().upper()
 
+    @field_validator("kafka_ssl_ca_file", mode="before")
+    @classmethod
+    def _blank_ca_file_is_unset(cls, value: object) -> object:
+        # An empty variable (a ConfigMap entry left blank) means none, not the working directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("kafka_ssl_ca_file")
+    @classmethod
+    def _usable_ca_file(cls, value: Path | None) -> Path | None:
+        # Checked at start: otherwise each Kafka client would fail as it connects, in ssl's words.
+        if value is None:
+            return None
+        value = Path(os.path.abspath(value.expanduser()))   # services may run from another directory
+        problem = check_ca_file(str(value))
+        if problem is not None:
+            raise ValueError(f"the CA bundle {value} cannot be used: {problem}")
+        return value
+
     @model_validator(mode="after")
     def _sasl_complete(self) -> "Settings":
         # aiokafka checks these only as a client starts (a ValueError then), and silently ignores a
@@ -120,6 +144,9 @@ class Settings(BaseSettings):
                              "and KAFKA_SASL_PASSWORD")
         if self.kafka_sasl_mechanism and not sasl:
             raise ValueError("KAFKA_SASL_MECHANISM needs KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT or SASL_SSL")
+        if self.kafka_ssl_ca_file is not None and self.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+            # Without TLS the file would go unused while the operator believes the broker is verified.
+            raise ValueError("KAFKA_SSL_CA_FILE needs KAFKA_SECURITY_PROTOCOL SSL or SASL_SSL")
         return self
 
     @model_validator(mode="after")

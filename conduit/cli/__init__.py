@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from conduit.cli import deadletter_cmds, outbound_cmds, registry_cmds, send_cmd
+from conduit.cli import deadletter_cmds, outbound_cmds, registry_cmds, secrets_cmds, send_cmd
 from conduit.cli.output import fail
 from conduit.cli.runner import load_settings, run
 
@@ -35,6 +35,7 @@ app.add_typer(registry_cmds.message_app, name="message")
 app.command("send")(send_cmd.send)
 app.add_typer(outbound_cmds.outbound_app, name="outbound")
 app.add_typer(deadletter_cmds.dead_letters_app, name="dead-letters")
+app.add_typer(secrets_cmds.secrets_app, name="secrets")
 
 
 @rules_app.command("list")

@@ -47,7 +47,7 @@ from shared.errors import InvalidInput
 from shared.events.envelope import Envelope, decode_event, encode_event
 from shared.events.payloads import MailboxHealthV1
 from shared.events.topics import ACTIVITY_CREATED, EMAIL_RECEIVED, MAILBOX_EVENTS, MAILBOX_HEALTH, dead_letter
-from shared.kafka import bootstrap_servers, ensure_topics, topic_name
+from shared.kafka import bootstrap_servers, ensure_topics, tls_context, topic_name
 from shared.metrics import EVENTS_DEAD_LETTERED, MAILBOXES_BY_HEALTH
 from shared.settings import Settings
 
@@ -497,12 +497,11 @@ class HealthAggregate:
 
 
 def _credentials(settings: Settings) -> Any:
-    import ssl
-
     import faust
 
     protocol = settings.kafka_security_protocol
-    context = ssl.create_default_context() if protocol in ("SSL", "SASL_SSL") else None
+    # The same context as every other Kafka client: KAFKA_SSL_CA_FILE's CAs, verified.
+    context = tls_context(settings) if protocol in ("SSL", "SASL_SSL") else None
     if protocol.startswith("SASL_"):
         # PLAIN when no mechanism is named, as the other Kafka clients (shared.kafka.client_options).
         password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
