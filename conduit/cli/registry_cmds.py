@@ -299,11 +299,23 @@ def mailbox_list(org: str = org_option(), json_: bool = JSON) -> None:
             ms = await ctx.registry.mailboxes(ctx.org)
             if json_:
                 return emit_json(ms)
+            now = datetime.now(timezone.utc)
+            # A direction backing off says so here: its Test & Enable result alone read "success"
+            # while every attempt failed (`mailbox show` has the why; `test-enable` retries at once).
             table([(m.email, m.owner_kind or "forward", m.profile_name or "-", "yes" if m.active else "no",
-                    "yes" if m.email_approved else "no", m.incoming.status, m.outgoing.status, m.act.status,
+                    "yes" if m.email_approved else "no", *(_direction(getattr(m, d), now) for d in ("incoming", "outgoing", "act")),
                     m.incoming.error_count + m.outgoing.error_count) for m in ms],
                   ["email", "owner", "profile", "active", "approved", "incoming", "outgoing", "act", "errors"])
     run(go)
+
+
+def _backing_off(state: models.DirectionState, now: datetime) -> bool:
+    # A back-off that has ended is kept until the next success clears it: not news.
+    return state.backoff_until is not None and state.backoff_until > now
+
+
+def _direction(state: models.DirectionState, now: datetime) -> str:
+    return f"{state.status}, backing off" if _backing_off(state, now) else state.status
 
 
 @mailbox_app.command("show")
@@ -328,10 +340,9 @@ def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or it
             now = datetime.now(timezone.utc)
             for d in ("incoming", "outgoing", "act"):
                 s = getattr(m, d)
-                # A back-off that has ended is kept until the next success clears it: not news.
-                backing_off = s.backoff_until is not None and s.backoff_until > now
                 pairs.append((d, f"{s.status}; errors {s.error_count}"
-                              + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S}" if backing_off else "")
+                              + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S} (`conduit mailbox "
+                                 f"test-enable` tries now)" if _backing_off(s, now) else "")
                               + (f"; {s.test_message}" if s.test_message else "")))
             if m.sync is not None:
                 pairs += _sync_lines(m.sync)

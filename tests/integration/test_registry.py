@@ -399,11 +399,15 @@ async def test_mailbox_show_and_profile_list_print_what_holds_now(settings, regi
     await registry.record_failure(mailbox_id, "incoming", "connection_failed", "refused")
     code, out, err = await conduit_cli(settings, "mailbox", "show", str(mailbox_id), "--org", org.name)
     assert code == 0 and "success; errors 1; backing off until" in out, out
+    code, out, err = await conduit_cli(settings, "mailbox", "list", "--org", org.name)
+    assert code == 0 and "success, backing off" in out, out     # not "success" alone, while every attempt fails
     async with pool.acquire() as conn:
         await conn.execute("UPDATE mailbox SET incoming_backoff_until = now() - interval '40 seconds' WHERE id = $1",
                            mailbox_id)
     code, out, err = await conduit_cli(settings, "mailbox", "show", str(mailbox_id), "--org", org.name)
     assert code == 0 and "success; errors 1; ok" in out and "backing off" not in out, out
+    code, out, err = await conduit_cli(settings, "mailbox", "list", "--org", org.name)
+    assert code == 0 and "backing off" not in out, out
 
 
 async def test_configure_says_what_it_kept_and_what_needs_testing_again(settings, registry: Registry, org) -> None:
