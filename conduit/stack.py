@@ -150,6 +150,7 @@ class Stack:
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "CONDUIT_STATE_DIR": str(self.settings.state_dir),
             "CONDUIT_HEALTH_PORT": str(port),
+            "CONDUIT_HEALTH_HOST": "127.0.0.1",   # a laptop's stack: its probes are not the network's
             "CONDUIT_TOPIC_PREFIX": self.settings.topic_prefix,
         })
         if not self.settings.embedded_database:

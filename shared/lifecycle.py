@@ -84,7 +84,7 @@ class HealthServer:
 
 
 async def run_service(service: Service, *, health_port: int | None = None, burst: bool = False,
-                      stopping: asyncio.Event | None = None) -> None:
+                      stopping: asyncio.Event | None = None, health_host: str = "0.0.0.0") -> None:
     """Start, run until stopped (SIGTERM/SIGINT) or, in burst mode, until idle; then stop cleanly."""
     stopping = stopping or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,7 +95,7 @@ async def run_service(service: Service, *, health_port: int | None = None, burst
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # not the main thread: the caller stops us
             pass
-    health = HealthServer(service, health_port) if health_port is not None else None
+    health = HealthServer(service, health_port, health_host) if health_port is not None else None
     if health is not None:
         health.stopping = stopping
     try:

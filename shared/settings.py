@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # The Fernet key that encrypts mailbox and profile credentials at rest.
     secret_key: SecretStr | None = Field(None, validation_alias=_env("CONDUIT_SECRET_KEY"))
     health_port: int = Field(8080, ge=0, le=65535, validation_alias=_env("CONDUIT_HEALTH_PORT"))
+    # Where the probes and metrics listen: every interface in a pod (the kubelet and Prometheus reach
+    # it there); `conduit up` gives its services the loopback address (a laptop shares its network).
+    health_host: str = Field("0.0.0.0", min_length=1, validation_alias=_env("CONDUIT_HEALTH_HOST"))
     log_level: str = Field("INFO", validation_alias=_env("CONDUIT_LOG_LEVEL"))
     log_format: Literal["text", "json"] = Field("text", validation_alias=_env("CONDUIT_LOG_FORMAT"))
     # Dead-letter limit: a bad deploy must not drain a whole topic into its DLQ.

@@ -88,7 +88,8 @@ def run_one(service: str = typer.Argument(..., help="ingest, evaluate, dispatch 
         raise fail(f"unknown service {service!r}: choose from {', '.join(SERVICE_FACTORIES)}")
     settings = load_settings()
     configure_logging(settings, service)
-    run(lambda: run_service(build_service(service, settings), health_port=settings.health_port, burst=burst))
+    run(lambda: run_service(build_service(service, settings), health_port=settings.health_port, burst=burst,
+                            health_host=settings.health_host))
 
 
 @db_app.command("migrate")

@@ -19,6 +19,7 @@ from shared.db.migrate import SchemaMismatch
 from shared.db.pool import database_url
 from shared.lifecycle import run_service
 from shared.settings import Settings
+from tests.support.waiting import eventually
 
 
 async def test_a_service_refuses_a_database_that_lacks_migrations(settings: Settings, pool: asyncpg.Pool) -> None:
@@ -66,14 +67,12 @@ async def test_readyz_says_stopping_while_the_service_drains() -> None:
             async def status() -> int:
                 async with http.get(url) as reply:
                     return reply.status
-            for _ in range(200):
+            async def ready() -> bool:
                 try:
-                    if await status() == 200:
-                        break
+                    return await status() == 200
                 except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            assert await status() == 200
+                    return False
+            await eventually(ready, timeout=10, what="/readyz to answer 200")
             stopping.set()                       # SIGTERM: the service drains
             async with http.get(url) as reply:
                 assert reply.status == 503 and (await reply.json())["status"] == "stopping"
@@ -114,3 +113,23 @@ async def test_a_migration_changed_after_it_was_applied_is_named(settings: Setti
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_the_probes_listen_where_they_are_told(host: str) -> None:
+    """`conduit up` gives its services the loopback address (a laptop's probes are not the
+    network's); a pod listens on every interface, where the kubelet and Prometheus reach it."""
+    import psutil
+
+    port = free_port()
+    service, stopping = Draining(), asyncio.Event()
+    service.drained.set()
+    running = asyncio.create_task(run_service(service, health_port=port, stopping=stopping, health_host=host))
+    try:
+        async def listening() -> list[str]:
+            return [c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert await eventually(listening, timeout=10, what="the health server to listen") == [host]
+    finally:
+        stopping.set()
+        await asyncio.wait_for(running, 10)
