@@ -465,16 +465,13 @@ def folder_rule_add(ref: str = typer.Argument(..., help="Mailbox id, address, or
     """Track a folder's email regarding a record, whatever the tracking option (an untracked folder is added)."""
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
-            rule, added, refiled = await ctx.registry.add_folder_rule(ctx.org, ref, folder, record)
+            rule, added = await ctx.registry.add_folder_rule(ctx.org, ref, folder, record)
             if json_:
-                return emit_json({**rule.model_dump(mode="json"), "added_to_tracked_folders": added, "refiled": refiled})
+                return emit_json({**rule.model_dump(mode="json"), "added_to_tracked_folders": added})
             typer.echo(f"{folder}: email in this folder is tracked regarding {rule.regarding_kind} "
                        f"{rule.regarding_email} ({rule.regarding_id})")
             if added:
-                typer.echo(f"{folder}: was not tracked; added to the mailbox's tracked folders (read from the start)")
-            if refiled:
-                typer.echo(f"{folder}: {refiled} message(s) already read from it are filed under the record "
-                           "as evaluate handles them again")
+                typer.echo(f"{folder}: was not tracked; added to the mailbox's tracked folders")
     run(go)
 
 

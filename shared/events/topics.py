@@ -77,7 +77,7 @@ def _topic_envelope(name: str, payload: type[BaseModel], version: int) -> type[E
 
 EMAIL_RECEIVED = Topic(
     "email.received", EmailReceivedV1, 1, "mailbox id",
-    ("ingest", "registry"), ("evaluate",),
+    ("ingest",), ("evaluate",),
     "A message pulled from a mailbox, its raw MIME already stored.",
 )
 ACTIVITY_CREATED = Topic(

@@ -15,26 +15,12 @@ Choices, each for a reason:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, get_args
-from uuid import UUID, uuid4
+from typing import get_args
 
 import asyncpg
 
 from shared.errors import Conflict, InvalidInput, NotFound
-from shared.events.envelope import Envelope
-from shared.events.payloads import EmailReceivedV1
-from shared.events.topics import EMAIL_RECEIVED
-from shared.outbox import enqueue_batch
 from shared.registry import models, repository as repo
-
-# Events per outbox row when a rule's folder is filed anew (one row holds a JSON array of them).
-_REFILE_ROW = 500
-
-
-class RuleAdded(NamedTuple):
-    rule: models.FolderRule
-    folder_added: bool   # the folder was not tracked, and now is (ingest reads it from the start)
-    refiled: int         # messages already read from the folder, announced again to be filed
 
 
 def parse_record_ref(ref: str) -> tuple[models.RecordKind, str]:
@@ -99,26 +85,3 @@ def tracked_with(folders: list[str], folder: str) -> list[str] | None:
 
 def folder_rule(row: asyncpg.Record) -> models.FolderRule:
     return models.FolderRule(**dict(row))
-
-
-async def refile_folder(conn: asyncpg.Connection, org_id: UUID, mailbox_id: UUID, folder: str) -> int:
-    """Announce on `email.received` again (through the outbox, in the caller's transaction) the
-    messages ingest has already read from ``folder`` and that are still there, so evaluate files them
-    under the folder's new rule: the reference's onboarding of a tracking rule, for a folder that
-    was tracked before it had one.  Returns how many.  (The Inbox has no rules, so these are IMAP
-    messages with their UIDs; their arrival time is not kept, so evaluate takes their Date.)"""
-    rows = await conn.fetch(
-        """SELECT im.message_key, im.raw_sha256, im.uid, r.size FROM ingested_message im
-           JOIN raw_message r ON r.sha256 = im.raw_sha256
-           WHERE im.mailbox_id = $1 AND im.folder = $2 AND NOT im.removed_from_server ORDER BY im.uid""",
-        mailbox_id, folder)
-    envelope = EMAIL_RECEIVED.envelope
-    events = [(EMAIL_RECEIVED.name, str(mailbox_id), envelope(
-        event_id=uuid4(), type=EMAIL_RECEIVED.name, schema_version=EMAIL_RECEIVED.schema_version, producer="registry",
-        organization_id=org_id, data=EmailReceivedV1(
-            mailbox_id=mailbox_id, source="imap", folder=folder, uid=r["uid"], raw_sha256=r["raw_sha256"],
-            size=r["size"], message_id=r["message_key"]),
-    ).model_dump_json()) for r in rows]
-    for start in range(0, len(events), _REFILE_ROW):
-        await enqueue_batch(conn, events[start:start + _REFILE_ROW])
-    return len(events)

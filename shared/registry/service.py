@@ -441,12 +441,10 @@ class Registry:
     # --- folder-level tracking rules ------------------------------------------------------------
 
     async def add_folder_rule(self, org: models.Organization, ref: str, folder: str,
-                              record: str) -> folder_rules.RuleAdded:
+                              record: str) -> tuple[models.FolderRule, bool]:
         """Map the mailbox's ``folder`` to ``record`` (``KIND:ID`` or ``KIND:ADDRESS``).  Returns the
-        rule, whether the folder was added to the mailbox's tracked folders (a folder not tracked is
-        added: a rule on a folder that is never read would do nothing; ingest reads it from the
-        start), and how many messages already read from a tracked folder are announced again, to be
-        filed under the record."""
+        rule and whether the folder was added to the mailbox's tracked folders (a folder not tracked
+        is added: a rule on a folder that is never read would do nothing)."""
         async with self._tx() as conn:
             # Locked: two rules added at once must not each write the tracked folders without the other's.
             row = await repo.lock_mailbox(conn, (await self._mailbox_row(conn, org, ref))["id"])
@@ -462,18 +460,14 @@ class Registry:
             tracked = folder_rules.tracked_with(list(row["tracked_folders"]), folder)
             if tracked is not None:
                 await repo.update_mailbox(conn, row["id"], {"tracked_folders": tracked})
-                refiled = 0
-            else:
-                refiled = await folder_rules.refile_folder(conn, org.id, row["id"], folder)
             await self._mailbox_event(conn, org.id, row["id"], "updated", code="folder_rule_added",
                                       message=f"folder {folder} tracked regarding {target['kind']} {target['id']}"
-                                              + ("; folder added to the tracked folders" if tracked else "")
-                                              + (f"; {refiled} message(s) already in it to be filed" if refiled else ""))
+                                              + ("; folder added to the tracked folders" if tracked else ""))
             await self._changed(conn, org.id, "mailbox", row["id"], "updated",
                                 {"folder_rule": {"folder": folder, "regarding_kind": target["kind"],
                                                  "regarding_id": str(target["id"])}}
                                 | ({"tracked_folders": tracked} if tracked else {}))
-            return folder_rules.RuleAdded(folder_rules.folder_rule(rule), tracked is not None, refiled)
+            return folder_rules.folder_rule(rule), tracked is not None
 
     async def folder_rules(self, org: models.Organization, ref: str) -> list[models.FolderRule]:
         async with self._pool.acquire() as conn:

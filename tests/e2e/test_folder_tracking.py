@@ -38,7 +38,7 @@ async def test_mail_in_a_mapped_folder_regards_the_mapped_record(settings, regis
     await registry.add_record(org, "contact", "Bea", "bea@customer.example")
     # "Known records": a stranger's mail is not tracked, except where a folder rule says so.
     box = await ready_mailbox(registry, org, dovecot, tracking="known_records", tracked_folders=["INBOX", "Projects"])
-    _, added, _ = await registry.add_folder_rule(org, box.email, "Acme", "account:info@acme.example")
+    _, added = await registry.add_folder_rule(org, box.email, "Acme", "account:info@acme.example")
     assert added   # the mapped folder became a tracked one
 
     await dovecot.append(box.email, box.password, message("Order 17", sender="buyer@stranger.example",
@@ -133,31 +133,6 @@ async def test_an_activity_read_again_from_another_mailboxs_mapped_folder_regard
                                      "WHERE a.organization_id = $1 AND a.message_id = 'both-1@stranger.example'", org.id)
     assert linked == 2
     assert len(await read_topic(settings, "activity.created", 1)) == 1
-
-
-async def test_a_rule_added_to_a_folder_read_before_files_the_mail_already_there(
-        settings, registry: Registry, org, dovecot, pool) -> None:
-    """The reference's onboarding of a rule: the folder was tracked (and read) before it had a rule;
-    the mail already in it is filed under the record once the rule is added, and only that mail."""
-    await registry.add_profile(org, imap_profile(dovecot))
-    acme = await registry.add_record(org, "account", "Acme", "info@acme.example")
-    box = await ready_mailbox(registry, org, dovecot, tracking="known_records", tracked_folders=["INBOX", "Projects"])
-    await dovecot.append(box.email, box.password, message("Order 23", sender="buyer@stranger.example",
-                                                          message_id="<onboard-1@stranger.example>"), folder="Projects")
-    await dovecot.append(box.email, box.password, message("Order 24", sender="buyer@stranger.example",
-                                                          message_id="<onboard-2@stranger.example>"))
-    await pipeline(settings)
-    assert await regarding(pool, org, "onboard-1@stranger.example") is None
-
-    code, out, err = await conduit_cli(settings, "mailbox", "folder-rule", "add", box.email, "Projects",
-                                       f"account:{acme.id}", "--org", org.name)
-    assert code == 0 and "1 message(s) already read from it are filed under the record" in out, (out, err)
-    await pipeline(settings)
-
-    assert await regarding(pool, org, "onboard-1@stranger.example") == ("account", acme.id)
-    assert await regarding(pool, org, "onboard-2@stranger.example") is None      # the Inbox's: not touched
-    assert [(d.tracked, d.reason) for d in await registry.decisions(org, "onboard-1@stranger.example")] == \
-        [(True, "tracked_folder_rule")]
 
 
 def _move_all(dovecot, box, source: str, target: str) -> None:

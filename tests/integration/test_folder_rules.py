@@ -30,7 +30,7 @@ async def test_a_rule_maps_a_folder_to_a_record_and_tracks_the_folder(registry: 
     email = await _user_mailbox(registry, org)
     acme = await registry.add_record(org, "account", "Acme", _addr("acme"))
 
-    rule, added, _ = await registry.add_folder_rule(org, email, "Customers/Acme", f"account:{acme.email.upper()}")
+    rule, added = await registry.add_folder_rule(org, email, "Customers/Acme", f"account:{acme.email.upper()}")
     assert (rule.folder, rule.regarding_kind, rule.regarding_id, rule.regarding_name) == \
         ("Customers/Acme", "account", acme.id, "Acme")
     assert added
@@ -40,7 +40,7 @@ async def test_a_rule_maps_a_folder_to_a_record_and_tracks_the_folder(registry: 
 
     # A folder tracked already stays as it is; a record named by its id works as by its address.
     await registry.update_mailbox(org, email, tracked_folders=["INBOX", "Projects"])
-    rule, added, _ = await registry.add_folder_rule(org, email, "Projects", f"account:{acme.id}")
+    rule, added = await registry.add_folder_rule(org, email, "Projects", f"account:{acme.id}")
     assert not added and (await registry.mailbox(org, email)).tracked_folders == ["INBOX", "Projects"]
     assert [r.folder for r in await registry.folder_rules(org, email)] == ["Customers/Acme", "Projects"]
 
@@ -64,7 +64,7 @@ async def test_a_rule_takes_the_tracked_folders_spelling_and_a_case_only_differe
     acme = await registry.add_record(org, "account", "Acme", _addr("acme"))
     await registry.update_mailbox(org, email, tracked_folders=["INBOX", "Inbox/Acme", "Projects"])
 
-    rule, added, _ = await registry.add_folder_rule(org, email, "INBOX/Acme", f"account:{acme.id}")
+    rule, added = await registry.add_folder_rule(org, email, "INBOX/Acme", f"account:{acme.id}")
     assert (rule.folder, added) == ("Inbox/Acme", False)   # the Inbox's name is case-insensitive, below it too
     with pytest.raises(InvalidInput, match="tracks 'Projects', not 'projects': folder names are case-sensitive"):
         await registry.add_folder_rule(org, email, "projects", f"account:{acme.id}")
