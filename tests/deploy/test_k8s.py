@@ -5,19 +5,24 @@ and every rendered object is validated against the Kubernetes OpenAPI schemas sh
 `kubernetes_validate` package, strictly (an unknown or misspelt field fails, where a cluster would
 silently drop it). Then the contract between the manifests and the application is asserted: which
 command each workload runs, where the probes point, that no secret value lives in a manifest, and
-that every container is locked down. The Containerfile cannot be built here (no container engine),
-so it gets text checks for the parts the manifests rely on.
+that every container is locked down. Each workload's environment (its ConfigMap, its env entries,
+placeholders for the Secret's keys) is handed to the `conduit` code it runs, which must accept it.
+Argo CD's order (migrations before the services) and the drain time dispatch needs are checked
+against the application's own settings. The Containerfile cannot be built here (no container
+engine), so it gets text checks for the parts the manifests rely on.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 import yaml
@@ -47,6 +52,35 @@ SECRET_NAME = "conduit-secrets"
 CONTAINER_UID = 10001
 # An env var whose name says it carries a credential must come from the Secret, never be a literal.
 SECRET_LOOKING = re.compile(r"PASSWORD|SECRET|KEY|DATABASE_URL")
+
+# Keys a workload reads with `optional: true`, each with when the settings need it (the README's Secret
+# table says the same): an operator who leaves it out otherwise must still get a working pod.
+OPTIONAL_SECRETS: dict[str, Callable[[Mapping[str, str]], bool]] = {
+    "KAFKA_SASL_PASSWORD": lambda env: env.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").startswith("SASL_"),
+}
+# What `conduit db migrate` and `conduit run SERVICE` do with their settings before the first
+# connection (conduit/cli/__init__.py): the same calls, so a setting they would refuse fails here.
+# The arguments after `conduit` come as sys.argv[1:].
+SETTINGS_CHECK = """
+import sys
+import typer
+from pydantic import ValidationError
+from conduit.cli.runner import load_settings
+args = sys.argv[1:]
+try:
+    settings = load_settings()
+    if args[:1] == ["run"] and len(args) == 2:
+        from conduit.services import build_service
+        from shared.logs import configure_logging
+        configure_logging(settings, args[1])
+        build_service(args[1], settings)   # reads the service's own CONDUIT_<SERVICE>_* settings
+    elif args != ["db", "migrate"]:
+        sys.exit("no settings check for `conduit " + " ".join(args) + "`: add one to tests/deploy/test_k8s.py")
+except typer.Exit as exc:   # load_settings has printed its one-line error
+    sys.exit(exc.exit_code)
+except ValidationError as exc:
+    sys.exit(f"bad settings: {exc}")
+"""
 
 # The cluster version the manifests target (kubectl here is v1.32) and the newest schemas the package
 # ships, so that an API removed since is caught too.
@@ -109,6 +143,86 @@ def config_data(objects: tuple[dict[str, Any], ...]) -> dict[str, str]:
     maps = of_kind(objects, "ConfigMap")
     assert len(maps) == 1, f"expected one ConfigMap (conduit-config), found {[m['metadata']['name'] for m in maps]}"
     return maps[0]["data"]
+
+
+@functools.lru_cache(maxsize=None)
+def placeholder_secrets() -> dict[str, str]:
+    """Stand-ins for every key of the operator's `conduit-secrets`, shaped as the application checks them."""
+    from cryptography.fernet import Fernet
+
+    return {
+        "DATABASE_URL": "postgresql://u:p@db:5432/conduit",
+        "CONDUIT_SECRET_KEY": Fernet.generate_key().decode(),
+        "KAFKA_SASL_PASSWORD": "placeholder-kafka-password",
+    }
+
+
+def optional_secret_keys(container: dict[str, Any]) -> list[str]:
+    refs = [e.get("valueFrom", {}).get("secretKeyRef", {}) for e in container.get("env", [])]
+    return sorted({ref["key"] for ref in refs if ref.get("optional")})
+
+
+def container_environment(
+    objects: tuple[dict[str, Any], ...], container: dict[str, Any], secrets: Mapping[str, str]
+) -> dict[str, str]:
+    """The variables Kubernetes gives ``container``: its ConfigMaps' entries (envFrom), then its env
+    entries, which win; a secretKeyRef reads ``secrets``, and an optional one whose key is not there is
+    left out, as Kubernetes leaves it out when the Secret lacks the key."""
+    maps = {m["metadata"]["name"]: m.get("data", {}) for m in of_kind(objects, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) <= {"configMapRef", "prefix"}, f"{container['name']}: envFrom {source} not resolved here"
+        name = source["configMapRef"]["name"]
+        assert name in maps, f"{container['name']}: envFrom names ConfigMap {name}, which is not rendered"
+        env.update({source.get("prefix", "") + key: value for key, value in maps[name].items()})
+    for entry in container.get("env", []):
+        source = entry.get("valueFrom")
+        if source is None:
+            env[entry["name"]] = entry.get("value", "")
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            if ref["key"] in secrets:
+                env[entry["name"]] = secrets[ref["key"]]
+            else:
+                assert ref.get("optional"), f"{container['name']}: no placeholder for Secret key {ref['key']}"
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[entry["name"]] = maps[ref["name"]][ref["key"]]
+        else:
+            raise AssertionError(f"{container['name']}: {entry['name']} comes from {source}, not resolved here")
+    return env
+
+
+def conduit_settings_check(command: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the settings checks of ``command`` (`conduit ...`) with exactly ``env`` (and PATH)."""
+    assert command[:1] == ["conduit"], f"not a conduit command: {command}"
+    return subprocess.run(
+        [sys.executable, "-c", SETTINGS_CHECK, *command[1:]],
+        env={**env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "(no output)"
+
+
+# Argo CD applies hooks and resources phase by phase, each phase wave by wave (lowest first); a
+# resource without a hook annotation belongs to the Sync phase.
+ARGO_PHASES = ("PreSync", "Sync", "PostSync")
+
+
+def argo_step(obj: dict[str, Any]) -> tuple[int, int]:
+    """(phase, wave) in which Argo CD applies ``obj``."""
+    annotations = obj["metadata"].get("annotations", {})
+    phase = annotations.get("argocd.argoproj.io/hook", "Sync")
+    assert phase in ARGO_PHASES, f"{obj['kind']}/{obj['metadata']['name']}: hook {phase!r} not ordered here"
+    return ARGO_PHASES.index(phase), int(annotations.get("argocd.argoproj.io/sync-wave", "0"))
 
 
 # --- rendering and schema validation ------------------------------------------------------------
@@ -187,6 +301,66 @@ def test_migration_job_runs_conduit_db_migrate(kustomization: str) -> None:
     assert [c["command"] + c.get("args", []) for c in pod["containers"]] == [["conduit", "db", "migrate"]]
     assert pod["restartPolicy"] == "Never"
     assert "DATABASE_URL" in {e["name"] for e in pod["containers"][0].get("env", [])}
+
+
+@kubectl_missing
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_conduit_accepts_the_settings_every_workload_is_given(kustomization: str) -> None:
+    # A workload whose environment the application refuses exits at once ("bad settings"): the
+    # migration Job once lacked the SASL password that the production overlay's Kafka settings need.
+    objects = render(kustomization)
+    secrets = placeholder_secrets()
+    problems = []
+    for workload, spec in pod_specs(objects):
+        for container in containers(spec):
+            command = container.get("command", []) + container.get("args", [])
+            where = f"{workload}/{container['name']} (`{' '.join(command)}`)"
+            optional = optional_secret_keys(container)
+            unexplained = [key for key in optional if key not in OPTIONAL_SECRETS]
+            assert not unexplained, f"{where}: say in OPTIONAL_SECRETS when {unexplained} may be left out"
+            # Every key of the Secret present: the workload must start.
+            result = conduit_settings_check(command, container_environment(objects, container, secrets))
+            if result.returncode != 0:
+                problems.append(f"{where}, every Secret key present: exit {result.returncode}: {last_line(result.stderr)}")
+            # An optional key left out: fine where the settings do not need it; refused, naming the
+            # key, where they do (the operator must be told what is missing).
+            for key in optional:
+                env = container_environment(objects, container, {k: v for k, v in secrets.items() if k != key})
+                result = conduit_settings_check(command, env)
+                if OPTIONAL_SECRETS[key](env):
+                    if result.returncode == 0 or key not in result.stderr:
+                        problems.append(f"{where}, without {key}: expected a refusal naming it, got exit "
+                                        f"{result.returncode}: {last_line(result.stderr)}")
+                elif result.returncode != 0:
+                    problems.append(f"{where}, without {key} (not needed here): exit {result.returncode}: "
+                                    f"{last_line(result.stderr)}")
+    assert not problems, f"{kustomization}:\n" + "\n".join(problems)
+
+
+@kubectl_missing
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_argo_cd_runs_the_migration_job_as_a_hook_before_the_services(kustomization: str) -> None:
+    objects = render(kustomization)
+    (job,) = of_kind(objects, "Job")
+    annotations = job["metadata"].get("annotations", {})
+    # A hook is deleted and created anew on each sync (BeforeHookCreation): a plain Job would be
+    # patched, and a new image in its immutable pod template fails the sync.
+    assert annotations.get("argocd.argoproj.io/hook") in {"PreSync", "Sync"}, "the Job must be an Argo CD hook"
+    policies = annotations.get("argocd.argoproj.io/hook-delete-policy", "").split(",")
+    assert "BeforeHookCreation" in [p.strip() for p in policies]
+    # What the Job's pod needs must exist before it: a PreSync hook runs before the Sync phase creates
+    # the ServiceAccount and the (hash-named) ConfigMap, and would wait for them until its deadline.
+    pod = job["spec"]["template"]["spec"]
+    needed = {("ServiceAccount", pod["serviceAccountName"])}
+    for container in containers(pod):
+        needed |= {("ConfigMap", s["configMapRef"]["name"]) for s in container.get("envFrom", []) if "configMapRef" in s}
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    for kind, name in sorted(needed):
+        assert (kind, name) in by_name, f"the Job needs {kind}/{name}, which is not rendered"
+        assert argo_step(by_name[kind, name]) < argo_step(job), f"{kind}/{name} must be applied before the Job"
+    # The services roll out only once the migrations have completed.
+    for deployment in of_kind(objects, "Deployment"):
+        assert argo_step(job) < argo_step(deployment), f"{deployment['metadata']['name']} must come after the Job"
 
 
 @kubectl_missing
@@ -303,10 +477,54 @@ def test_production_autoscales_the_kafka_consumers() -> None:
         # CPU utilisation is a percentage of the request, so the request must exist.
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         assert "cpu" in container["resources"]["requests"], name
-    for name in ("conduit-ingest", "conduit-exchange-sync"):
-        assert deployments[name]["spec"].get("replicas", 1) >= 2, f"{name}: keep a spare in production"
+    # ingest divides mailboxes between replicas by lease: a spare takes a lost pod's mailboxes over.
+    assert deployments["conduit-ingest"]["spec"].get("replicas", 1) >= 2, "conduit-ingest: keep a spare in production"
     assert config_data(objects)["CONDUIT_ENV"] == "production"
     assert {o["metadata"].get("namespace") for o in objects} == {"conduit"}
+
+
+@kubectl_missing
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_dispatch_is_given_time_to_finish_its_slowest_send(kustomization: str) -> None:
+    # On SIGTERM dispatch finishes every send in flight; a kill before a send's last reply leaves the
+    # request failed/outcome_unknown. The longest wait is one command (connection, RCPT, ...) plus the
+    # reply to the final dot of DATA, with the application's defaults unless the manifests set them.
+    from services.dispatch.settings import DispatchSettings
+
+    objects = render(kustomization)
+    dispatch = deployments_by_component(objects)["dispatch"]
+    (container,) = dispatch["spec"]["template"]["spec"]["containers"]
+    env = container_environment(objects, container, placeholder_secrets())
+    prefix = DispatchSettings.model_config["env_prefix"]
+    longest = 0.0
+    for field in ("smtp_timeout_seconds", "smtp_data_timeout_seconds"):
+        longest += float(env.get(f"{prefix}{field}".upper(), DispatchSettings.model_fields[field].default))
+    grace = dispatch["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= longest, f"dispatch's grace {grace} s is below its longest send, {longest:g} s"
+
+
+@kubectl_missing
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_exchange_sync_runs_one_replica_until_it_leases_mailboxes(kustomization: str) -> None:
+    # services/exchange_sync/service.py is a placeholder without mailbox leases: a second replica would
+    # only do the same again. Lift this once it divides mailboxes between replicas like ingest.
+    objects = render(kustomization)
+    deployment = deployments_by_component(objects)["exchange-sync"]
+    name = deployment["metadata"]["name"]
+    assert deployment["spec"].get("replicas", 1) <= 1, f"{name}: {deployment['spec']['replicas']} replicas"
+    for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"]["name"] == name:
+            assert hpa["spec"]["maxReplicas"] <= 1, f"{hpa['metadata']['name']} scales {name} above one replica"
+
+
+def test_readme_names_the_topics_conduit_creates() -> None:
+    # With Kafka ACLs the operator either grants CreateTopics or creates these beforehand.
+    from shared.events.topics import TOPICS, dead_letter
+
+    readme = (K8S / "README.md").read_text()
+    missing = [name for name in TOPICS if f"`{name}`" not in readme]
+    assert not missing, f"deploy/k8s/README.md does not name the topics {missing}"
+    assert f"`{dead_letter('')}`" in readme, "deploy/k8s/README.md does not name the dead-letter topics"
 
 
 # --- the image -----------------------------------------------------------------------------------
