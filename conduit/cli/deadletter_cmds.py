@@ -75,14 +75,14 @@ def dead_letters_replay(topic: str = typer.Argument(..., help="The topic the eve
         settings = load_settings()
         (name,) = deadletters.dead_letter_topics(topic)
         async with database(settings) as pool:
+            if reason and not at:   # a typo among the reasons is said, as `list` says it
+                _refuse_unknown_reasons(reason, await deadletters.read(settings, pool, name), f" of {name}")
             # Only the named ones (or those of the reason) are kept, with their events' bytes.
             letters = await deadletters.read(settings, pool, name, values=True,
                                              keep=lambda x: x.at in at if at else not reason or x.reason in reason)
             missing = set(at) - {x.at for x in letters}
             if missing:
                 raise fail(f"no dead letter of {name} at {', '.join(sorted(missing))}")
-            if reason and not at and not letters:   # a typo, or really none: read them all to tell
-                _refuse_unknown_reasons(reason, await deadletters.read(settings, pool, name), f" of {name}")
             letters = [x for x in letters if not reason or x.reason in reason]
             chosen = [x for x in letters if again or x.replayed_at is None]
             if not dry_run:

@@ -1,10 +1,11 @@
-"""Evaluate's SQL: the batch's mailbox contexts, one bulk query per lookup kind, and the one
-transaction that records activities, their mailboxes, every decision and the outbox events.
-(Held messages have their own: ``held.py``.)"""
+"""Evaluate's SQL: the batch's mailbox contexts, one bulk query per lookup kind, the one transaction
+that records activities, their mailboxes, every decision and the outbox events, and the link made
+after it (``link_to_activities``).  (Held messages have their own: ``held.py``.)"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Sequence
 from uuid import UUID
 
@@ -164,6 +165,7 @@ class ActivityRow:
     correlated_by: str | None
     raw_sha256: str
     preview: str
+    regarding_at: datetime | None = None   # a folder rule's filing: when its event was published
 
 
 @dataclass
@@ -178,6 +180,7 @@ class DecisionRow:
     subject: str
     from_address: str | None
     held: bool = False
+    event_at: datetime | None = None   # when the event it was made from was published
 
 
 async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow]) -> tuple[dict[tuple[UUID, str], UUID], set[UUID]]:
@@ -190,13 +193,14 @@ async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow
     inserted = await conn.fetch(
         """INSERT INTO email_activity (id, organization_id, message_id, direction, status, subject, normalized_subject,
                from_address, to_addresses, cc_addresses, parties, regarding_kind, regarding_id, tracking_token,
-               thread_root, correlated_by, raw_sha256, preview)
+               thread_root, correlated_by, raw_sha256, preview, regarding_at)
            SELECT t.id, t.org, t.mid, t.dir, CASE WHEN t.dir = 'outgoing' THEN 'sent' ELSE 'received' END, t.subj, t.nsubj,
                   t.frm, string_to_array(t.tos, E'\\x1f'), string_to_array(t.ccs, E'\\x1f'),
-                  t.parties::jsonb, t.rk, t.rid, t.tok, t.root, t.corr, t.sha, t.preview
+                  t.parties::jsonb, t.rk, t.rid, t.tok, t.root, t.corr, t.sha, t.preview, t.rat
            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                       $9::text[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])
-                AS t(id, org, mid, dir, subj, nsubj, frm, tos, ccs, parties, rk, rid, tok, root, corr, sha, preview)
+                       $9::text[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                       $18::timestamptz[])
+                AS t(id, org, mid, dir, subj, nsubj, frm, tos, ccs, parties, rk, rid, tok, root, corr, sha, preview, rat)
            ON CONFLICT (organization_id, message_id) DO NOTHING
            RETURNING id, organization_id, message_id""",
         [r.id for r in rows], [r.organization_id for r in rows], [r.message_id for r in rows], [r.direction for r in rows],
@@ -204,6 +208,7 @@ async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow
         ["\x1f".join(r.to_addresses) for r in rows], ["\x1f".join(r.cc_addresses) for r in rows], [json.dumps(r.parties) for r in rows],
         [r.regarding_kind for r in rows], [r.regarding_id for r in rows], [r.tracking_token for r in rows],
         [r.thread_root for r in rows], [r.correlated_by for r in rows], [r.raw_sha256 for r in rows], [r.preview for r in rows],
+        [r.regarding_at for r in rows],
     )
     ids = {(r["organization_id"], r["message_id"]): r["id"] for r in inserted}
     missing = [r for r in rows if (r.organization_id, r.message_id) not in ids]
@@ -229,28 +234,37 @@ async def link_mailboxes(conn: asyncpg.Connection, links: Sequence[tuple[UUID, U
 async def link_to_activities(conn: asyncpg.Connection, messages: Sequence[tuple[UUID, str]],
                              option_rules: Sequence[str]) -> int:
     """Of these (organization, Message-ID) pairs, the decisions a tracking option's rule made "not
-    tracked" while the message is an activity all the same become *already tracked*, linked to it;
-    returns how many.  Two replicas evaluate one message for two mailboxes at once (its events are
-    keyed by mailbox): neither saw the other's activity when it decided.  Run after each batch's
-    commit, so of two such batches the later check sees both; the outcome is the one a sequential
-    evaluation in either order would give."""
+    tracked" as the message was becoming an activity through another mailbox (decided no earlier than
+    ``_AT_ONCE`` before the activity was made) become *already tracked*, linked to it; returns how
+    many.  Two replicas evaluate one message for two mailboxes at once (its events are keyed by
+    mailbox), and neither saw the other's activity when it decided; or one batch held both and
+    decided the other mailbox first.  Run after each batch's commit, so of two such batches the later
+    check sees both: mail that reaches several mailboxes together is one activity linked to each,
+    whichever is decided first.  An older decision stands (first decision wins): a queue that kept a
+    message it did not track must not delete it days later because someone else tracked it."""
     if not messages:
         return 0
     async with conn.transaction():
         rows = await conn.fetch(
-            """UPDATE email_decision d
+            f"""UPDATE email_decision d
                SET tracked = true, rule = 'already_tracked', reason = 'already_tracked', activity_id = a.id, decided_at = now(),
                    explanation = 'Tracked: this message (Message-ID <' || d.message_id || '>) is already the email activity '
-                                 || a.id || ' (an activity made at the same moment through another mailbox).'
+                                 || a.id || ', made through another mailbox as this one was evaluated.'
                FROM unnest($1::uuid[], $2::text[]) AS k(org, mid)
                JOIN email_activity a ON a.organization_id = k.org AND a.message_id = k.mid
                WHERE d.organization_id = k.org AND d.message_id = k.mid
                  AND NOT d.tracked AND NOT d.held AND d.rule = ANY($3::text[])
+                 AND d.decided_at >= a.created_at - interval '{_AT_ONCE}'
                RETURNING d.mailbox_id, a.id AS activity_id""",
             [org for org, _ in messages], [mid for _, mid in messages], list(option_rules),
         )
         await link_mailboxes(conn, [(r["activity_id"], r["mailbox_id"]) for r in rows])
     return len(rows)
+
+
+# How far apart a decision and an activity's creation count as "together" for ``link_to_activities``:
+# longer than a batch takes to decide and commit, far shorter than mail that arrives another day.
+_AT_ONCE = "1 minute"
 
 
 @dataclass(frozen=True)
@@ -264,32 +278,40 @@ class Refiled:
     previous: tuple[str, UUID] | None
 
 
-async def set_regarding(conn: asyncpg.Connection, changes: Sequence[tuple[UUID, str, UUID]]) -> list[Refiled]:
-    """Set activities' regarding record ((activity, kind, record id); the last change of an activity
-    wins); return the ones that changed, with what they regarded before."""
-    latest = {activity_id: (kind, record_id) for activity_id, kind, record_id in changes}
+async def set_regarding(conn: asyncpg.Connection, changes: Sequence[tuple[UUID, str, UUID, datetime]]) -> list[Refiled]:
+    """File activities under a folder rule's record ((activity, kind, record id, when the rule's event
+    was published)): only where that event is newer than the filing the activity has (or it has
+    none), so an old event handled late never files it back; return the activities whose regarding
+    record changed, with what they regarded before."""
+    latest: dict[UUID, tuple[str, UUID, datetime]] = {}
+    for activity_id, kind, record_id, at in changes:
+        if activity_id not in latest or at > latest[activity_id][2]:
+            latest[activity_id] = (kind, record_id, at)
     if not latest:
         return []
     rows = await conn.fetch(
-        """WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS t(id, kind, rid)),
+        """WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[]) AS t(id, kind, rid, at)),
                 before AS (SELECT a.id, a.regarding_kind, a.regarding_id FROM email_activity a JOIN t ON t.id = a.id
-                           WHERE (a.regarding_kind, a.regarding_id) IS DISTINCT FROM (t.kind, t.rid) FOR UPDATE OF a)
-           UPDATE email_activity a SET regarding_kind = t.kind, regarding_id = t.rid
-           FROM t JOIN before b ON b.id = t.id WHERE a.id = t.id
+                           WHERE a.regarding_at IS NULL OR t.at > a.regarding_at FOR UPDATE OF a)
+           UPDATE email_activity a SET regarding_kind = t.kind, regarding_id = t.rid, regarding_at = t.at
+           FROM t JOIN before b ON b.id = t.id WHERE a.id = t.id AND (a.regarding_at IS NULL OR t.at > a.regarding_at)
            RETURNING a.id, a.organization_id, a.message_id, a.regarding_kind, a.regarding_id,
                      b.regarding_kind AS previous_kind, b.regarding_id AS previous_id""",
-        list(latest), [k for k, _ in latest.values()], [r for _, r in latest.values()],
+        list(latest), [k for k, _, _ in latest.values()], [r for _, r, _ in latest.values()],
+        [at for _, _, at in latest.values()],
     )
     return [Refiled(r["id"], r["organization_id"], r["message_id"], (r["regarding_kind"], r["regarding_id"]),
                     (r["previous_kind"], r["previous_id"]) if r["previous_kind"] and r["previous_id"] else None)
-            for r in rows]
+            for r in rows
+            if (r["previous_kind"], r["previous_id"]) != (r["regarding_kind"], r["regarding_id"])]
 
 
 async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow], activity_ids: Sequence[UUID | None]) -> None:
     """First decision wins: a redelivered message does not rewrite history.  A held decision is no
     decision yet: the final one replaces it, and holding again keeps when it was first held.  A
-    folder-level tracking rule's decision replaces another one: the message was moved into a mapped
-    folder after it was decided (the rule's record, named in the explanation, is what changes)."""
+    folder-level tracking rule's decision replaces another one made from an older event: the message
+    was moved into a mapped folder after it was decided (the rule's record, named in the explanation,
+    is what changes); an older event handled late replaces nothing."""
     # One row per key: an upsert may not touch a row twice in one statement.  Within the batch too,
     # the first final decision wins over a held one.
     chosen: dict[tuple[UUID, str], int] = {}
@@ -303,17 +325,20 @@ async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow]
     if rows:
         await conn.execute(
             """INSERT INTO email_decision (organization_id, mailbox_id, message_id, tracked, rule, reason, explanation,
-                                          activity_id, subject, from_address, held)
+                                          activity_id, subject, from_address, held, event_at)
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::text[],
-                                    $8::uuid[], $9::text[], $10::text[], $11::bool[])
+                                    $8::uuid[], $9::text[], $10::text[], $11::bool[], $12::timestamptz[])
                ON CONFLICT (mailbox_id, message_id) DO UPDATE
                    SET tracked = excluded.tracked, rule = excluded.rule, reason = excluded.reason,
                        explanation = excluded.explanation, activity_id = excluded.activity_id, held = excluded.held,
+                       event_at = excluded.event_at,
                        decided_at = CASE WHEN excluded.held THEN email_decision.decided_at ELSE now() END
                    WHERE email_decision.held OR (excluded.rule = 'folder_tracking' AND NOT excluded.held
+                         AND (email_decision.event_at IS NULL OR excluded.event_at > email_decision.event_at)
                          AND (email_decision.rule, email_decision.explanation, email_decision.activity_id)
                              IS DISTINCT FROM (excluded.rule, excluded.explanation, excluded.activity_id))""",
             [r.organization_id for r in rows], [r.mailbox_id for r in rows], [r.message_id for r in rows],
             [r.tracked for r in rows], [r.rule for r in rows], [r.reason for r in rows], [r.explanation for r in rows],
             list(activity_ids), [r.subject[:1000] for r in rows], [r.from_address for r in rows], [r.held for r in rows],
+            [r.event_at for r in rows],
         )

@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Awaitable, Sequence, TypeVar
 from uuid import UUID
 
@@ -365,12 +366,13 @@ class EvaluateService(ServiceBase):
                 regarding_id=_uuid(regarding_id), tracking_token=find_tracking_token(p.subject, item.settings),
                 thread_root=p.thread_root, correlated_by=d.correlation.method if d.correlation else None,
                 raw_sha256=item.raw_sha256, preview=p.preview,
+                regarding_at=item.delivery.event.occurred_at if d.rule == "folder_tracking" else None,
             )
         ids, created = await repo.insert_activities(conn, list(activities.values()))
         links, decisions, decision_activities = [], [], []
         holding: list[held.HeldMessage] = []
         settled: list[tuple[UUID, str]] = []   # decided for good, in a mailbox with held messages
-        refiling: list[tuple[UUID, str, UUID]] = []   # (activity, kind, record) a folder rule files it under
+        refiling: list[tuple[UUID, str, UUID, datetime]] = []   # (activity, kind, record, event time): folder rules
         filed_from: dict[UUID, _Item] = {}
         counts = _Counts()
         for item in items:
@@ -383,7 +385,7 @@ class EvaluateService(ServiceBase):
                 if d is not None and d.rule == "folder_tracking" and d.regarding:
                     # Already an activity, or made one by another replica a moment ago: the
                     # folder's record wins over whatever it regarded (the reference's rule).
-                    refiling.append((activity_id, d.regarding[0], UUID(d.regarding[1])))
+                    refiling.append((activity_id, d.regarding[0], UUID(d.regarding[1]), item.delivery.event.occurred_at))
                     filed_from[activity_id] = item
             tracked, rule, reason, explanation = (
                 (d.tracked, d.rule, d.reason, d.explanation) if d is not None
@@ -393,7 +395,7 @@ class EvaluateService(ServiceBase):
             decisions.append(repo.DecisionRow(item.organization_id, item.mailbox_id, item.message_id, tracked, rule, reason,
                                               explanation, item.parsed.subject if item.parsed else "",
                                               item.parsed.from_.email if item.parsed and item.parsed.from_ else None,
-                                              held=on_hold))
+                                              held=on_hold, event_at=item.delivery.event.occurred_at))
             decision_activities.append(activity_id)
             if on_hold:
                 event = item.delivery.event

@@ -4,7 +4,8 @@ Per folder, the state persisted after each batch (UIDVALIDITY, highest UID seen,
 makes a restart resume exactly.  A UIDVALIDITY change means the server renumbered the folder: the
 folder is read again from the start, and the per-mailbox record of ingested Message-IDs keeps that
 from producing duplicates (it also keeps a message moved between tracked folders from being
-processed twice); messages found again take their new UIDs.
+processed twice, except into a folder a folder-level tracking rule maps: ``_refiled``); messages found
+again take their new UIDs.
 
 Where the server offers QRESYNC (RFC 7162), the folder is opened with the saved UIDVALIDITY and
 HIGHESTMODSEQ and the server's answer to that one command says what happened since: an unchanged

@@ -109,30 +109,36 @@ async def test_a_message_moved_into_a_mapped_folder_after_it_was_processed_is_fi
     assert len(await read_topic(settings, "activity.created", 3)) == 3
 
 
+@pytest.mark.parametrize("first", ["ann", "bob"])
 async def test_an_activity_read_again_from_another_mailboxs_mapped_folder_regards_its_record(
-        settings, registry: Registry, org, dovecot, pool) -> None:
+        settings, registry: Registry, org, dovecot, pool, first: str) -> None:
     """One message reaches two mailboxes: Ann tracks all her mail (an activity regarding nothing);
     Bob's server files it into a folder mapped to Acme.  Whichever is read first, the activity ends
-    regarding Acme: the folder rule comes before *already tracked*."""
+    regarding Acme: the folder rule comes before *already tracked* (read after Ann's, Bob's rule
+    re-files the activity, and `activity.updated` says so)."""
     await registry.add_profile(org, imap_profile(dovecot))
     acme = await registry.add_record(org, "account", "Acme", "info@acme.example")
     ann = await ready_mailbox(registry, org, dovecot, tracking="all")
     bob = await ready_mailbox(registry, org, dovecot, tracking="known_records", tracked_folders=["INBOX"])
     await registry.add_folder_rule(org, bob.email, "Acme", f"account:{acme.id}")
     shared = message("Order 21", sender="buyer@stranger.example", message_id="<both-1@stranger.example>")
-    await dovecot.append(ann.email, ann.password, shared)
-    await dovecot.append(bob.email, bob.password, shared, folder="Acme")
-    await pipeline(settings)
+    deliveries = {"ann": (ann, "INBOX"), "bob": (bob, "Acme")}
+    for name in (first, "bob" if first == "ann" else "ann"):   # each read and evaluated on its own
+        box, folder = deliveries[name]
+        await dovecot.append(box.email, box.password, shared, folder=folder)
+        await pipeline(settings)
 
     assert await regarding(pool, org, "both-1@stranger.example") == ("account", acme.id)
     reasons = {d.mailbox_id: d.reason for d in await registry.decisions(org, "both-1@stranger.example")}
-    assert reasons[bob.id] == "tracked_folder_rule"
-    assert reasons[ann.id] in ("tracked_all", "already_tracked"), reasons   # depends on which was read first
+    assert reasons == {bob.id: "tracked_folder_rule",
+                       ann.id: "tracked_all" if first == "ann" else "already_tracked"}, reasons
     async with pool.acquire() as conn:
         linked = await conn.fetchval("SELECT count(*) FROM email_activity_mailbox l JOIN email_activity a ON a.id = l.activity_id "
                                      "WHERE a.organization_id = $1 AND a.message_id = 'both-1@stranger.example'", org.id)
     assert linked == 2
     assert len(await read_topic(settings, "activity.created", 1)) == 1
+    updated = await read_topic(settings, "activity.updated", 1 if first == "ann" else 0, timeout=5 if first == "bob" else 15)
+    assert len(updated) == (1 if first == "ann" else 0), updated
 
 
 def _move_all(dovecot, box, source: str, target: str) -> None:

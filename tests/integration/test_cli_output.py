@@ -184,6 +184,9 @@ async def test_dead_letters_list_or_replay_of_a_reason_none_has_names_those_ther
     assert code == 2 and out == "", (out, err)
     assert "has the reason 'nonsense': the reasons there are schema_error" in err, err
     code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound", "--reason", "schema_error",
+                                       "--reason", "shema_error", "--dry-run")   # one right, one mistyped
+    assert code == 2 and "has the reason 'shema_error'" in err, (out, err)
+    code, out, err = await conduit_cli(settings, "dead-letters", "replay", "email.outbound", "--reason", "schema_error",
                                        "--dry-run")
     assert code == 0 and "would replay 1 dead letter" in out, (out, err)
 
