@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from shared.events.envelope import Envelope, encode_event
 from shared.events.topics import TOPICS, dead_letter
@@ -163,13 +163,29 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) 
         wanted = [n for n in (names or all_topic_names(settings)) if n not in existing]
         if wanted:
             try:
-                await admin.create_topics(
+                response = await admin.create_topics(
                     [NewTopic(n, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication_factor) for n in wanted]
                 )
             except TopicAlreadyExistsError:
-                pass  # another process created it first
+                return  # another process created it first
+            # The broker answers per topic, and aiokafka returns the answer rather than raising: a
+            # creation refused (no CreateTopics right, a replication factor above the brokers) would
+            # pass silently, and the service would fail later on a topic that does not exist.
+            refused = refused_topics(response.topic_errors)
+            if refused:
+                raise InvalidInput(f"the Kafka broker refused to create the topics {refused}: grant Conduit's Kafka "
+                                   "user the right to create them, or create them beforehand (deploy/k8s/README.md)",
+                                   reason="topics_not_created")
     finally:
         await admin.close()
+
+
+def refused_topics(topic_errors: Iterable[tuple]) -> str | None:
+    """A CreateTopics answer's refusals, as one text (None when there are none): its entries are
+    (topic, error code[, error message]); a topic that exists already is no refusal."""
+    refused = [f"{error[0]} ({for_code(error[1]).__name__}{f': {error[2]}' if len(error) > 2 and error[2] else ''})"
+               for error in topic_errors if error[1] not in (0, TopicAlreadyExistsError.errno)]
+    return ", ".join(refused) or None
 
 
 class Publisher:
