@@ -9,8 +9,9 @@ its own health port.  Where things are (the broker, the topic prefix, the pids) 
 One stack per state folder: it holds ``<state>/stack.lock`` while it runs, and a second `conduit up`
 (or `conduit demo`) on the same folder refuses to start instead of taking the first one's record and
 mailboxes over.  Ctrl-C or SIGTERM stops the services together (each finishes its work in flight),
-then the broker, then the database.  A service or the embedded broker ending on its own stops the
-stack too, and `conduit up` exits non-zero saying which.  Killed with SIGKILL, it leaves nothing
+then the broker, then the database.  A service ending on its own is started again (back-off 1 s,
+doubling to 60 s), as a Kubernetes Deployment would; the embedded broker ending on its own stops the
+stack, and `conduit up` exits non-zero saying so.  Killed with SIGKILL, it leaves nothing
 running: its children are told by the kernel (Linux) and by its guard process, which kills those
 still running after the grace period and stops the embedded database (conduit/orphans.py).
 """

@@ -313,11 +313,12 @@ async def record_decisions(conn: asyncpg.Connection, rows: Sequence[DecisionRow]
     was moved into a mapped folder after it was decided (the rule's record, named in the explanation,
     is what changes); an older event handled late replaces nothing."""
     # One row per key: an upsert may not touch a row twice in one statement.  Within the batch too,
-    # the first final decision wins over a held one.
+    # the first final decision wins over a held one, and a folder rule's from a newer event over both.
     chosen: dict[tuple[UUID, str], int] = {}
     for i, r in enumerate(rows):
         first = chosen.get((r.mailbox_id, r.message_id))
-        if first is None or not r.held and (rows[first].held or r.rule == "folder_tracking"):
+        if first is None or not r.held and (rows[first].held or r.rule == "folder_tracking" and (
+                rows[first].event_at is None or r.event_at is not None and r.event_at > rows[first].event_at)):
             chosen[(r.mailbox_id, r.message_id)] = i
     if len(chosen) < len(rows):
         keep = sorted(chosen.values())

@@ -485,6 +485,12 @@ async def unless_stopping(starting: Awaitable[T], stopping: asyncio.Event, *, un
     stop = asyncio.ensure_future(stopping.wait())
     try:
         await asyncio.wait({started, stop}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # Cancelled itself (the consumer failed): the start must not go on alone and leave a
+        # running aggregate that nothing stops.
+        started.cancel()
+        await asyncio.wait({started}, timeout=unwind_seconds)
+        raise
     finally:
         stop.cancel()
     if started.done():

@@ -35,3 +35,23 @@ async def test_a_stop_during_the_health_aggregates_start_is_not_kept_waiting(bas
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_aggregate_start_cancelled_from_outside_is_cancelled_too() -> None:
+    """The consumer failed while the aggregate was starting: work() cancels the aggregate's task,
+    and the start inside must end with it, not finish alone and leave a running app nobody stops."""
+    began, ended = asyncio.Event(), asyncio.Event()
+
+    async def start() -> str:
+        began.set()
+        try:
+            await asyncio.Event().wait()   # a start that waits on the broker
+        finally:
+            ended.set()
+        return "handle"
+
+    waiting = asyncio.ensure_future(unless_stopping(start(), asyncio.Event(), unwind_seconds=2))
+    await asyncio.wait_for(began.wait(), 5)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert ended.is_set()
