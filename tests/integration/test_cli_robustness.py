@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -27,11 +26,11 @@ from pydantic import SecretStr
 
 from conduit.peers.smtp import CaptureSmtpServer
 from shared.crypto import load_cipher
-from shared.db.migrate import migrate
 from shared.db.pool import create_pool, database_url
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.dispatch import sending_mailbox
+from tests.support.databases import scratch_database
 from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,26 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 async def db_url(base_settings: Settings) -> AsyncIterator[str]:
     """A fresh database on the session's PostgreSQL: the stacks here run ingest over every mailbox."""
-    server = database_url(base_settings)
-    name = f"robust_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
-    pool = await create_pool(base_settings.model_copy(update={"database_url": SecretStr(url)}), max_size=1)
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)   # as an operator would have (a DATABASE_URL is never migrated implicitly)
-    finally:
-        await pool.close()
-    yield url
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(database_url(base_settings), "robust", migrated=True) as url:
+        yield url
 
 
 @pytest.fixture

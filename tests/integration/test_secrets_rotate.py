@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -24,12 +23,12 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
 from shared.crypto import CredentialCipher
-from shared.db.migrate import migrate
 from shared.db.pool import create_pool, database_url
 from shared.errors import InvalidInput
 from shared.registry.secrets import rotate_secrets
 from shared.registry.service import MailboxWork, ProfileInput, Registry, decode_bytea
 from shared.settings import Settings
+from tests.support.databases import database_name, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD, NEW, STRAY = (Fernet.generate_key().decode() for _ in range(3))
@@ -37,48 +36,17 @@ OLD, NEW, STRAY = (Fernet.generate_key().decode() for _ in range(3))
 
 # --- a database per test ---------------------------------------------------------------------------
 
-def _url(server: str, name: str) -> str:
-    return urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="module")
 async def template(base_settings: Settings) -> AsyncIterator[str]:
     """A migrated database that each test's database is cloned from (CREATE DATABASE ... TEMPLATE)."""
-    server = database_url(base_settings)
-    name = f"rotate_tpl_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(_url(server, name))
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    yield name
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(database_url(base_settings), "rotate_tpl", migrated=True) as url:
+        yield database_name(url)
 
 
 @pytest.fixture
 async def db(base_settings: Settings, template: str) -> AsyncIterator[str]:
-    server = database_url(base_settings)
-    name = f"rotate_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await conn.close()
-    yield _url(server, name)
-    conn = await asyncpg.connect(server)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with scratch_database(database_url(base_settings), "rotate", template=template) as url:
+        yield url
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from urllib.parse import urlsplit, urlunsplit
+import os
+import sys
 
 import aiohttp
 import asyncpg
@@ -19,22 +19,17 @@ from shared.db.migrate import SchemaMismatch
 from shared.db.pool import database_url
 from shared.lifecycle import run_service
 from shared.settings import Settings
+from tests.support.cli import ROOT
+from tests.support.databases import scratch_database
 from tests.support.waiting import eventually
 
 
-async def test_a_service_refuses_a_database_that_lacks_migrations(settings: Settings, pool: asyncpg.Pool) -> None:
-    name = f"old_{uuid.uuid4().hex[:8]}"
-    async with pool.acquire() as conn:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(database_url(settings))._replace(path=f"/{name}"))
-    try:
+async def test_a_service_refuses_a_database_that_lacks_migrations(settings: Settings) -> None:
+    async with scratch_database(database_url(settings), "old") as url:
         with pytest.raises(SchemaMismatch) as refused:
             await run_service(IngestService(settings.model_copy(update={"database_url": SecretStr(url)})), burst=True)
-        assert "the database needs migrations 0001_registry" in str(refused.value)
-        assert "run `conduit db migrate` first" in str(refused.value)
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    assert "the database needs migrations 0001_registry" in str(refused.value)
+    assert "run `conduit db migrate` first" in str(refused.value)
 
 
 class Draining:
@@ -82,25 +77,16 @@ async def test_readyz_says_stopping_while_the_service_drains() -> None:
         await asyncio.wait_for(running, 10)
 
 
-async def test_a_migration_changed_after_it_was_applied_is_named(settings: Settings, pool: asyncpg.Pool) -> None:
+async def test_a_migration_changed_after_it_was_applied_is_named(settings: Settings) -> None:
     """`conduit db migrate` (the Kubernetes Job) said only "unexpected RuntimeError (a bug ...)"."""
-    import os
-    import sys
+    async with scratch_database(database_url(settings), "changed") as url:
+        async def migrate() -> tuple[int, str]:
+            env = {**os.environ, "DATABASE_URL": url, "CONDUIT_STATE_DIR": str(settings.state_dir), "PYTHONPATH": str(ROOT)}
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "conduit", "db", "migrate", env=env, cwd=ROOT,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 120)
+            return proc.returncode, err.decode()
 
-    from tests.support.cli import ROOT
-
-    name = f"changed_{uuid.uuid4().hex[:8]}"
-    async with pool.acquire() as conn:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(database_url(settings))._replace(path=f"/{name}"))
-
-    async def migrate() -> tuple[int, str]:
-        env = {**os.environ, "DATABASE_URL": url, "CONDUIT_STATE_DIR": str(settings.state_dir), "PYTHONPATH": str(ROOT)}
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "conduit", "db", "migrate", env=env, cwd=ROOT,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, err = await asyncio.wait_for(proc.communicate(), 120)
-        return proc.returncode, err.decode()
-    try:
         assert (await migrate())[0] == 0
         changed = await asyncpg.connect(url)
         try:
@@ -108,11 +94,8 @@ async def test_a_migration_changed_after_it_was_applied_is_named(settings: Setti
         finally:
             await changed.close()
         code, err = await migrate()
-        assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert "migration 0003_outbound was changed after it was applied" in err, err
-    finally:
-        async with pool.acquire() as conn:
-            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "migration 0003_outbound was changed after it was applied" in err, err
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
