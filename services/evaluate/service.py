@@ -385,8 +385,10 @@ class EvaluateService(ServiceBase):
                 if d is not None and d.rule == "folder_tracking" and d.regarding:
                     # Already an activity, or made one by another replica a moment ago: the
                     # folder's record wins over whatever it regarded (the reference's rule).
-                    refiling.append((activity_id, d.regarding[0], UUID(d.regarding[1]), item.delivery.event.occurred_at))
-                    filed_from[activity_id] = item
+                    at = item.delivery.event.occurred_at
+                    refiling.append((activity_id, d.regarding[0], UUID(d.regarding[1]), at))
+                    if activity_id not in filed_from or at > filed_from[activity_id].delivery.event.occurred_at:
+                        filed_from[activity_id] = item   # the filing set_regarding keeps: the newest, first on ties
             tracked, rule, reason, explanation = (
                 (d.tracked, d.rule, d.reason, d.explanation) if d is not None
                 else (False, "forward_attribution", *item.attribution)  # type: ignore[misc]
