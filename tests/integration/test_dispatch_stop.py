@@ -8,23 +8,41 @@ import uuid
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from conduit.peers.smtp import CaptureSmtpServer
 from services.dispatch import ledger
 from services.dispatch.service import DispatchService
 from services.dispatch.settings import DispatchSettings
+from shared.crypto import load_cipher
+from shared.db.pool import create_pool, database_url
 from shared.kafka import Publisher
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
+from tests.support.databases import scratch_database
 from tests.support.dispatch import outbound, publish, sending_mailbox
 
 pytestmark = pytest.mark.peers
 
 
 async def test_a_stop_during_the_accept_transaction_records_what_that_transaction_claimed(
-        settings: Settings, registry: Registry, org, publisher: Publisher, pool: asyncpg.Pool, tmp_path,
-        monkeypatch) -> None:
+        settings: Settings, publisher: Publisher, tmp_path, monkeypatch) -> None:
+    # A ledger of its own: the accept transaction claims the oldest due rows of the whole ledger, and
+    # the session's holds other tests' leftovers, which it would claim instead of this request.
+    async with scratch_database(database_url(settings), "stop", migrated=True) as url:
+        own = settings.model_copy(update={"database_url": SecretStr(url)})
+        pool = await create_pool(own, max_size=4)
+        try:
+            registry = Registry(pool, load_cipher(own), producer="tests")
+            org = await registry.add_organization(f"org-{uuid.uuid4().hex[:12]}")
+            await _stop_during_the_accept_transaction(own, registry, org, publisher, pool, tmp_path, monkeypatch)
+        finally:
+            await pool.close()
+
+
+async def _stop_during_the_accept_transaction(settings: Settings, registry: Registry, org, publisher: Publisher,
+                                              pool: asyncpg.Pool, tmp_path, monkeypatch) -> None:
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
         stopping = asyncio.Event()
