@@ -51,6 +51,7 @@ from services.ingest.imap_client import (
     KnownFolder,
 )
 from services.ingest.publishing import (
+    BATCH_BYTES,
     Mailbox,
     Pulled,
     Stored,
@@ -65,9 +66,6 @@ from shared.registry.models import is_inbox
 log = logging.getLogger(__name__)
 
 BATCH = 500
-# A batch also ends at this many bytes of raw mail: batches of large messages (20 MB attachments)
-# would otherwise hold gigabytes between the fetch and the store (IN_FLIGHT of them at once).
-BATCH_BYTES = 32 * 1024 * 1024
 # Batches between fetched and state saved: one being published and saved, one being stored.
 IN_FLIGHT = 2
 # Where the profile's "move failed email to an Undeliverable folder" puts the messages ingest gave up on.

@@ -12,13 +12,12 @@ import asyncpg
 
 from services.ingest import leases, state
 from services.ingest.pop3_client import Pop3Client, RetrRefused
-from services.ingest.publishing import Mailbox, Pulled, ingest_key, publish_pulled, same_message
+from services.ingest.publishing import BATCH_BYTES, Mailbox, Pulled, ingest_key, publish_pulled, same_message
 from shared.kafka import Publisher
 
 log = logging.getLogger(__name__)
 
 BATCH = 200
-BATCH_BYTES = 32 * 1024 * 1024   # as IMAP's (imap_sync.BATCH_BYTES): large messages make smaller batches
 
 
 class Pop3Sync:

@@ -24,6 +24,11 @@ from shared.mime import forwarder_address, from_address, generated_message_id, m
 from shared.rawstore import raw_sha256, store_raw
 
 
+# A batch of pulled messages also ends at this many bytes of raw mail (IMAP and POP3): batches of
+# large messages (20 MB attachments) would otherwise hold gigabytes between the fetch and the store.
+BATCH_BYTES = 32 * 1024 * 1024
+
+
 # Pulled and Stored are made once per message: named tuples (~0.3 us each) rather than frozen
 # dataclasses (~1.1 us: a frozen dataclass sets each field through object.__setattr__).
 class Pulled(NamedTuple):
@@ -152,12 +157,14 @@ async def same_message(conn: asyncpg.Connection, mailbox_id: UUID,
         mailbox_id, list({copy.message_key for copy, _ in found})))
     # The same bytes are the same message (a move, a renumbering: the usual case); only the others
     # are compared by what identifies them, reading the ingested bytes back.
-    differing = [(copy, raw) for copy, raw in found if hashes.get(copy.message_key) not in (None, raw_sha256(raw))]
+    digests = [raw_sha256(raw) for _, raw in found]
+    differing = [(copy, raw) for (copy, raw), digest in zip(found, digests)
+                 if hashes.get(copy.message_key) not in (None, digest)]
     ingested: dict[str, str | None] = {}
     if differing:
         ingested = {r["message_key"]: generated_message_id(r["data"]) for r in await conn.fetch(
             """SELECT im.message_key, r.data FROM ingested_message im JOIN raw_message r ON r.sha256 = im.raw_sha256
                WHERE im.mailbox_id = $1 AND im.message_key = ANY($2::text[])""",
             mailbox_id, list({copy.message_key for copy, _ in differing}))}
-    return [copy for copy, raw in found if copy.message_key in hashes and (
-        hashes[copy.message_key] == raw_sha256(raw) or ingested.get(copy.message_key) == generated_message_id(raw))]
+    return [copy for (copy, raw), digest in zip(found, digests) if copy.message_key in hashes and (
+        hashes[copy.message_key] == digest or ingested.get(copy.message_key) == generated_message_id(raw))]

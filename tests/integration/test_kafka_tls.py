@@ -176,6 +176,16 @@ def _mailbox_created(org: uuid.UUID, mailbox: uuid.UUID) -> Envelope[MailboxEven
                                     data=MailboxEventV1(mailbox_id=mailbox, kind="created"))
 
 
+async def _publish_mailbox_created(settings: Settings, org: uuid.UUID, mailbox: uuid.UUID) -> None:
+    """One `mailbox.events` event, through Conduit's own publisher (over the settings' TLS)."""
+    publisher = Publisher(settings, client_id="tests")
+    await publisher.start()
+    try:
+        await publisher.publish(MAILBOX_EVENTS.name, _mailbox_created(org, mailbox), str(mailbox))
+    finally:
+        await publisher.stop()
+
+
 # --- end to end: aiokafka and faust over TLS, trusting the private CA ------------------------------
 
 async def test_topics_produce_and_consume_over_tls_with_the_private_ca(tls_broker: TlsBroker, pki: Pki,
@@ -184,12 +194,7 @@ async def test_topics_produce_and_consume_over_tls_with_the_private_ca(tls_broke
     before = len(tls_broker.terminator.sessions)
     await ensure_topics(settings, [topic_name(settings, MAILBOX_EVENTS.name)])   # the admin client
     org, mailbox = uuid.uuid4(), uuid.uuid4()
-    publisher = Publisher(settings, client_id="tests")
-    await publisher.start()
-    try:
-        await publisher.publish(MAILBOX_EVENTS.name, _mailbox_created(org, mailbox), str(mailbox))
-    finally:
-        await publisher.stop()
+    await _publish_mailbox_created(settings, org, mailbox)
     consumer = AIOKafkaConsumer(topic_name(settings, MAILBOX_EVENTS.name), **client_options(settings),
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
     await consumer.start()
@@ -210,12 +215,7 @@ async def test_the_health_aggregate_runs_over_tls_with_the_private_ca(tls_broker
     org, mailbox = uuid.uuid4(), uuid.uuid4()
     health = await start_health(settings)   # faust: its consumer group, table and changelog
     try:
-        publisher = Publisher(settings, client_id="tests")
-        await publisher.start()
-        try:
-            await publisher.publish(MAILBOX_EVENTS.name, _mailbox_created(org, mailbox), str(mailbox))
-        finally:
-            await publisher.stop()
+        await _publish_mailbox_created(settings, org, mailbox)
 
         async def recorded() -> bool:
             return health.health(mailbox) is not None
