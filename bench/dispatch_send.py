@@ -22,8 +22,10 @@ times the profile's connections.
 
 Every dispatch run is checked at the sink, which appends each transaction to a dump file on tmpfs
 (on this machine's disk the dumping sink itself topped out below 2,000 msg/s): every request's
-Message-ID (from the ledger) arrived exactly once.  The peers' baselines go to a second sink that
-does not dump.
+Message-ID (from the ledger) arrived exactly once.  smtp-source is measured into that same sink (the
+issue's comparison: the sink's work per message is the same for both) and into a second sink that
+does not dump (a faster peer, so a stricter ratio); both ratios are printed.  aiosmtplib goes to the
+second sink.
 
     .venv/bin/python bench/dispatch_send.py [--messages 10000] [--rate 200] [--seconds 15]
         [--processes N [--rounds R] [--timeline]] [--skip-latency] [--profile FILE]
@@ -311,6 +313,9 @@ def main() -> None:
                 await aiosmtplib_reused(plain.port, args.messages, 10, make_message())
                 baseline = args.messages / (time.perf_counter() - start)
                 source = await asyncio.to_thread(smtp_source, plain.port, args.messages, 10)
+                sink.clear_dumps()
+                source_same = await asyncio.to_thread(smtp_source, sink.port, args.messages, 10)
+                sink.clear_dumps()
                 print(f"\nthroughput, {args.messages} requests of ~2 KB, email.outbound -> accepted at smtp-sink "
                       f"(each request arrived exactly once)")
                 print(f"  dispatch (first request in the ledger -> last accepted): {ledger_rate:8.0f} msg/s")
@@ -319,9 +324,11 @@ def main() -> None:
                 seconds, busy, programs = run.machine  # type: ignore[misc]
                 print(report(busy, seconds, programs, args.messages, "request"))
                 print(f"  aiosmtplib sendmail loop, 10 reused connections:         {baseline:8.0f} msg/s")
-                print(f"  Postfix smtp-source -s 10 -l 2000:                       {source:8.0f} msg/s")
+                print(f"  Postfix smtp-source -s 10 -l 2000, into dispatch's sink: {source_same:8.0f} msg/s")
+                print(f"  the same into a sink that does not dump:                 {source:8.0f} msg/s")
                 print(f"  ratio dispatch / aiosmtplib:  {ledger_rate / baseline:5.2f}x  (target >= 2.4x)")
-                print(f"  ratio dispatch / smtp-source: {ledger_rate / source:5.2f}x  (target >= 0.25x)")
+                print(f"  ratio dispatch / smtp-source: {ledger_rate / source_same:5.2f}x into the same sink  (target >= 0.25x); "
+                      f"{ledger_rate / source:5.2f}x against the sink that does not dump")
                 if runs:
                     print(f"\n{'processes':>9}  {'ledger -> last':>14}  {'first -> last':>13}  {'whole run':>9}  "
                           f"{'CPU s per process':>17}  load before/after   (msg/s; target >= 2,000 from the ledger)")
