@@ -12,8 +12,14 @@ Two failure kinds, as in Sentry's Arroyo:
   original topic, partition, offset and reason in headers; a per-minute limit stops a bad deploy
   from draining a whole topic into the dead-letter topic.  A handler's ``Refused`` (a request it
   understood and refused by a rule) is dead-lettered too, but not counted toward that limit.
-- ``TransientError`` (or an unexpected exception): the batch is retried with capped exponential
-  back-off and jitter, without committing; the consumer holds its position meanwhile.
+- ``TransientError``, or a failure of Conduit's own database or broker: the batch is retried with
+  capped exponential back-off and jitter, without committing; the consumer holds its position
+  meanwhile, for as long as the failure lasts.
+- Any other exception is a bug that some input meets (Python's address parser recursing on a
+  thousand nested comments), and a retry does not mend it: after ``_ATTEMPTS_BEFORE_ISOLATING``
+  attempts the batch is handled one event at a time, and an event that still fails so is
+  dead-lettered as ``internal_error`` (counted toward the limit; replayable once the bug is mended),
+  so one event never holds its partitions, and every request batched with it, for ever.
 
 By default the handler gets one partition's records at a time.  ``across_partitions=True`` gathers
 what the fetches returned across every assigned partition (topping up for ``batch_window_ms``, up to
@@ -38,11 +44,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, RebalanceInProgressError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, RebalanceInProgressError
 
 from shared.deadletters import REPLAYED_FROM, Headers, header_pairs, meant_for_another
-from shared.errors import InvalidInput
+from shared.errors import ConduitError, InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
 from shared.kafka import Publisher, client_options, topic_name
@@ -71,6 +78,10 @@ class Rejection:
 Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Rejection]]]
 Stages = tuple[Callable[[Sequence[Delivery]], Awaitable[Any]], Callable[[Any], Awaitable[Sequence[Rejection]]]]
 _UNPREPARED = object()
+# What a retry may mend: Conduit's own failures and those of its database and broker.  Anything else
+# a handler raises is a bug met by its input (see the module's docstring).
+_RETRIABLE = (ConduitError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError)
+_ATTEMPTS_BEFORE_ISOLATING = 3
 
 
 class DeadLetterLimitExceeded(RuntimeError):
@@ -296,6 +307,11 @@ class EventConsumer:
                     log.warning("stopping with a failed batch left uncommitted on %s: %s", where, exc)
                     return
                 attempt += 1
+                if not isinstance(exc, _RETRIABLE) and attempt >= _ATTEMPTS_BEFORE_ISOLATING and not one_by_one:
+                    log.error("batch on %s failed %d times with an unexpected %s: handling its events one by one "
+                              "to set aside the one that causes it", where, attempt, type(exc).__name__, exc_info=exc)
+                    one_by_one = True
+                    continue
                 if self._burst and attempt > 3:
                     raise  # a one-shot run reports the failure instead of retrying for ever
                 delay = min(self._max_backoff, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
@@ -336,6 +352,16 @@ class EventConsumer:
                 rejected += list(await self._handler([delivery]))
             except InvalidInput as exc:
                 rejected.append(Rejection(delivery, exc))
+            except _RETRIABLE:
+                raise   # the whole pass is retried: the events handled before this one are no-ops then
+            except Exception as exc:  # noqa: BLE001 - a bug this event meets: set it aside, go on
+                record = delivery.record
+                log.error("event at %s:%d@%d fails with an unexpected %s: dead-lettered as internal_error (replay "
+                          "it once the cause is mended)", record.topic, record.partition, record.offset,
+                          type(exc).__name__, exc_info=exc)
+                rejected.append(Rejection(delivery, InvalidInput(
+                    f"handling it failed with an unexpected {type(exc).__name__}: {str(exc)[:200]}",
+                    reason="internal_error")))
         return rejected
 
     async def _dead_letter(self, rejection: Rejection) -> None:

@@ -161,7 +161,11 @@ def _first_address(raw: bytes, start: int, end: int) -> str | None:
     DMARC vouches only for the address itself."""
     value = _FIELD_VALUE.match(raw, start, end).group(1).decode("utf-8", "replace")
     # Unfolded (RFC 5322 2.2.3): every line break in a field's value precedes white space.
-    for _, address in getaddresses([value.replace("\r", "").replace("\n", "")]):
+    try:
+        pairs = getaddresses([value.replace("\r", "").replace("\n", "")])
+    except Exception:  # noqa: BLE001 - the stdlib parser recurses on nested comments: no address here
+        return None
+    for _, address in pairs:
         if "@" in address:
             return address.strip().lower()
     return None

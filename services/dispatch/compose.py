@@ -74,7 +74,10 @@ def check_headers(headers: dict[str, str]) -> None:
         if lower in VERBATIM_HEADERS:
             _check_verbatim(name, value)
         if lower == "reply-to":
-            addresses = [a for _, a in getaddresses([value])]
+            try:
+                addresses = [a for _, a in getaddresses([value])]
+            except Exception:  # noqa: BLE001 - the stdlib parser recurses on nested comments: no address list
+                addresses = []
             if not addresses or not all(is_sendable_address(a) for a in addresses):
                 raise Refused("Reply-To must be a list of email addresses", reason="bad_address")
         if lower in ("in-reply-to", "references"):

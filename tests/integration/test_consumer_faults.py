@@ -5,7 +5,10 @@
   events again.  aiokafka refuses the old owner's commit (IllegalStateError, CommitFailedError),
   which used to end the service.
 - A transient failure while a batch is handled one event at a time (after the handler could not say
-  which event was invalid) is retried like any other, instead of ending the service."""
+  which event was invalid) is retried like any other, instead of ending the service.
+- An event that makes the handler fail with an unexpected exception (a bug its input meets) is set
+  aside as ``internal_error`` after a few attempts; it used to hold its partitions, and every event
+  batched with it, for ever."""
 from __future__ import annotations
 
 import asyncio
@@ -120,6 +123,54 @@ async def test_a_transient_failure_while_handling_one_by_one_is_retried(settings
         assert sorted(handled) == sorted(e for e in events if e != bad) and failures["transient"] == 0
         assert REGISTRY.get_sample_value("conduit_events_consumed_total",
                                          {"service": "one-by-one", "topic": MAILBOX_EVENTS.name}) == 3
+    finally:
+        stopping.set()
+        await asyncio.gather(running, return_exceptions=True)
+        await consumer.stop()
+
+
+async def test_an_event_a_bug_meets_is_dead_lettered_and_the_others_go_on(settings, publisher, caplog) -> None:
+    events = []
+    for n in range(4):
+        event = Envelope[MailboxEventV1](type=MAILBOX_EVENTS.name, schema_version=1, producer="tests",
+                                         organization_id=uuid.uuid4(),
+                                         data=MailboxEventV1(mailbox_id=uuid.uuid4(), kind="tested"))
+        await publisher.publish(MAILBOX_EVENTS.name, event, key="one-partition")
+        events.append(event.event_id)
+    poison = events[2]
+    handled: list[uuid.UUID] = []
+    failures = {"transient": 1}
+
+    async def handler(deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
+        ids = [d.event.event_id for d in deliveries]
+        if poison in ids:
+            raise RecursionError("maximum recursion depth exceeded")   # as email.utils on nested comments
+        if failures["transient"] and len(ids) == 1:
+            failures["transient"] -= 1
+            raise TransientError("the database restarted")     # during the one-by-one pass: retried
+        handled.extend(ids)
+        return []
+
+    service = f"bug-{uuid.uuid4().hex[:6]}"
+    consumer = EventConsumer(settings, MAILBOX_EVENTS, group_id=f"bug-{uuid.uuid4().hex[:8]}", handler=handler,
+                             publisher=publisher, across_partitions=True, max_backoff=0.2, service=service)
+    await consumer.start()
+    stopping = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stopping))
+    try:
+        async def done() -> bool:
+            return consumer.processed == 4 or running.done()
+        await eventually(done, timeout=30, what="the batch handled and committed")
+        assert not running.done(), running.exception()
+        assert sorted(handled) == sorted(e for e in events if e != poison) and failures["transient"] == 0
+        assert consumer.dead_lettered == 1
+        assert REGISTRY.get_sample_value("conduit_events_dead_lettered_total", {
+            "service": service, "topic": MAILBOX_EVENTS.name, "reason": "internal_error"}) == 1
+        # Said as errors, with the event's place (these are expected here).
+        logged = [r for r in caplog.get_records("call") if r.levelname == "ERROR" and "RecursionError" in r.getMessage()]
+        assert any("dead-lettered as internal_error" in r.getMessage() for r in logged)
+        for record in logged:
+            record.expected = True
     finally:
         stopping.set()
         await asyncio.gather(running, return_exceptions=True)

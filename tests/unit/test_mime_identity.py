@@ -81,3 +81,11 @@ def test_forwarder_is_from_unless_redirected(pieces: list[bytes]) -> None:
     if b"resent-" not in raw.lower():
         assert found == from_address(raw)
     assert found is None or found == found.lower()
+
+
+def test_an_address_the_parser_cannot_read_is_no_address():
+    # email.utils recurses on nested comments: 3,000 "(" raised RecursionError, which failed the
+    # whole batch of a forward mailbox at every sync, so no later mail of it was ever ingested.
+    raw = b"From: " + b"(" * 3000 + b"\r\nResent-From: " + b"(" * 3000 + b"\r\nSubject: x\r\n\r\nbody\r\n"
+    assert from_address(raw) is None
+    assert forwarder_address(raw) is None
