@@ -38,6 +38,7 @@ import base64
 import email.policy
 import http.client
 import logging
+import re
 import ssl
 import threading
 import time
@@ -189,7 +190,14 @@ class EwsTransport:
         if self._closed:
             raise ConnectionFailed("the EWS transport is closed", reason="transport_closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _translating(fn), *args)
+        try:
+            return await loop.run_in_executor(self._executor, _translating(fn), *args)
+        except ConduitError as e:
+            # A server's or library's text may repeat what it was sent (a gateway echoing the token
+            # request's form): the message goes into status events, the ledger and logs.
+            secret = self._credentials.client_secret if isinstance(self._credentials, EwsOAuth) else self._credentials[1]
+            e.args = (_redacted(e.message, secret), *e.args[1:])
+            raise
 
     def _send_blocking(self, address: str, message: bytes, message_id: str, impersonate: bool) -> str:
         from exchangelib import Message
@@ -382,7 +390,22 @@ def _ews_error(e: Exception) -> Exception:
         return ConnectionFailed(f"could not reach the EWS server ({code})")
     if code == "TokenExpiredError":
         return AuthenticationFailed("the EWS OAuth token could not be renewed")
+    if type(e).__module__.startswith("oauthlib."):
+        # oauthlib's text carries the token endpoint's description, which may repeat the request.
+        return AuthenticationFailed(f"the EWS OAuth token request failed ({code})")
     return ExchangeTransientError(f"unexpected EWS failure: {code}: {text}", reason="protocol_error", code=code)
+
+
+# An OAuth 2.0 error code (RFC 6749 5.2: "invalid_client"); anything else is not repeated.
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _redacted(text: str, secret: str) -> str:
+    """``text`` without ``secret``, nor its URL-encoded form (a form body echoed back)."""
+    for form in {secret, quote(secret, safe=""), quote(secret, safe="").replace("%20", "+")}:
+        if len(form) >= 4:
+            text = text.replace(form, "[redacted]")
+    return text
 
 
 def _ews_wire_error(e: BaseException) -> Exception | None:
@@ -575,7 +598,7 @@ class GraphTransport:
                 "grant_type": "client_credentials", "client_id": self.client_id,
                 "client_secret": self._client_secret, "scope": self._scope}), "token endpoint")
             if response.status_code != 200:
-                raise _token_error(response)
+                raise _token_error(response, self._client_secret)
             try:
                 payload = response.json()
                 token, lifetime = str(payload["access_token"]), float(payload.get("expires_in", 3599))
@@ -672,14 +695,16 @@ def _graph_error(response: httpx.Response, action: str) -> Exception:
     return ExchangePermanentError(f"Graph {action}: {status} {code}: {message}", code=code)
 
 
-def _token_error(response: httpx.Response) -> Exception:
+def _token_error(response: httpx.Response, secret: str) -> Exception:
     code, description = f"HTTP{response.status_code}", response.reason_phrase
     try:
         payload = response.json()
-        code = str(payload.get("error") or code)
-        # The first line of an AADSTS description names the problem; it never repeats the secret.
-        description = str(payload.get("error_description") or description).splitlines()[0]
-    except (ValueError, AttributeError):
+        if _ERROR_CODE.fullmatch(str(payload.get("error"))):
+            code = str(payload["error"])
+        # The first line of an AADSTS description names the problem.  Azure AD never repeats the
+        # secret, but a gateway or another identity provider may echo the form it was sent.
+        description = _redacted(str(payload.get("error_description") or description).splitlines()[0], secret)[:300]
+    except (ValueError, AttributeError, IndexError):
         pass
     if response.status_code == 429 or response.status_code >= 500:
         return ExchangeTransientError(f"token endpoint: {response.status_code} {code}", reason="throttled",

@@ -419,3 +419,28 @@ async def test_graph_refused_connection_is_temporary_not_unknown(sim: ExchangeSi
     assert getattr(caught.value, "request_sent", False) is False, repr(caught.value)
     assert isinstance(caught.value, ConnectionFailed) and "could not reach" in str(caught.value)
     assert not sim.sent
+
+
+async def test_a_token_endpoint_echoing_the_secret_does_not_put_it_in_errors(tls: tuple[ssl.SSLContext, str]) -> None:
+    # Azure AD never repeats the secret, but a gateway or another identity provider may echo the form
+    # it was sent; the error's text goes into email.status, the ledger and the logs.
+    server_ctx, ca_file = tls
+    echoed = f"client_secret {APP_SECRET!r} is not valid for client {APP_ID}"
+    async with ExchangeSimulator(ssl_context=server_ctx) as sim:
+        populate(sim)
+        sim.faults.add("token", Fault(400, "invalid_request", message=echoed, times=2))
+        graph = GraphTransport(graph_url=sim.graph_url, token_url=sim.token_url, client_id=APP_ID,
+                               client_secret=APP_SECRET, verify_tls=ca_file)
+        ews = EwsTransport(service_url=sim.ews_url, ca_file=ca_file, credentials=EwsOAuth(
+            client_id=APP_ID, client_secret=APP_SECRET, tenant_id=sim.org.tenant, token_url=sim.token_url))
+        try:
+            with pytest.raises(ExchangePermanentError) as by_graph:
+                await graph.send("alice@contoso.test", mime(30))
+            with pytest.raises(AuthenticationFailed) as by_ews:
+                await ews.check("alice@contoso.test")
+        finally:
+            await graph.close()
+            await ews.close()
+    for caught in (by_graph, by_ews):
+        assert APP_SECRET not in str(caught.value), caught.value
+    assert "invalid_request" in str(by_graph.value) and "[redacted]" in str(by_graph.value)
