@@ -1,8 +1,17 @@
 """The dispatch service's own settings (``CONDUIT_DISPATCH_*``), beside the process-wide ones."""
 from __future__ import annotations
 
-from pydantic import Field
+import ipaddress
+import re
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.registry.models import host_problem
+
+
+# An address literal (RFC 5321 4.1.3): [192.0.2.1] or [IPv6:2001:db8::1].
+_ADDRESS_LITERAL = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
 
 
 class DispatchSettings(BaseSettings):
@@ -39,6 +48,28 @@ class DispatchSettings(BaseSettings):
     # its copy seconds later.  0: one look-up.  A dead worker's rows get the rest of this window,
     # counted from when they were created.
     sent_items_window_seconds: float = Field(10.0, ge=0, le=300)
+    # The name dispatch gives itself in EHLO (default: this host's name).
     helo_name: str | None = None
     # Burst mode (tests): also wait for retries due within this many seconds before returning.
     burst_horizon_seconds: float = Field(0.0, ge=0)
+
+    @field_validator("helo_name")
+    @classmethod
+    def _helo_is_a_host(cls, value: str | None) -> str | None:
+        # Written into the EHLO line as it is: a line break would be another SMTP command.
+        if value is None or _ADDRESS_LITERAL.fullmatch(value):
+            return value
+        problem = host_problem(value)
+        if problem is None and _is_ip_address(value):
+            problem = "an IP address goes in brackets"
+        if problem is not None:
+            raise ValueError(f"must be a host name or an address literal such as [192.0.2.1] (RFC 5321 4.1.3): {problem}")
+        return value
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True

@@ -240,6 +240,9 @@ SEND = ("send", "--from", "nobody@example.com", "--to", "bea@customer.example", 
     (SEND, {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
             "KAFKA_SASL_MECHANISM": "PLAIN"}, ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")),
     (("run", "dispatch"), {"CONDUIT_DISPATCH_WAVE_SIZE": "abc"}, ("CONDUIT_DISPATCH_WAVE_SIZE",)),
+    # Written into EHLO as it is: a line break would send another SMTP command.
+    (("run", "dispatch"), {"CONDUIT_DISPATCH_HELO_NAME": "relay.example\r\nMAIL FROM:<x@evil.example>"},
+     ("CONDUIT_DISPATCH_HELO_NAME", "host name or an address literal")),
 ])
 async def test_a_bad_setting_is_one_line_naming_the_variable(env, args, extra, needles) -> None:
     code, out, err = await conduit({**env, **extra}, *args)
