@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -166,6 +167,9 @@ class Settings(BaseSettings):
             ]
             if missing:
                 raise ValueError(f"production needs {', '.join(missing)} set")
+            problem = database_tls_problem(self.database_url.get_secret_value())  # type: ignore[union-attr]
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property
@@ -175,3 +179,28 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return not self.kafka_bootstrap_servers
+
+
+# Loopback or a Unix socket: nothing on the way to verify.
+_LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
+# sslmode values that say what happens: the certificate verified, or no TLS by the operator's choice
+# (a service mesh's mTLS).  asyncpg's default, prefer, falls back to plaintext without a word, and
+# require takes any certificate.
+_DECIDED_SSLMODES = {"verify-ca", "verify-full", "disable"}
+
+
+def database_tls_problem(url: str) -> str | None:
+    """Why production may not use this PostgreSQL URL as it is, or None: a remote server's certificate
+    must be verified (sslmode verify-full or verify-ca) unless TLS is turned off on purpose."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    hosts = query.get("host", []) or [h.rsplit(":", 1)[0] if not h.startswith("[") else h.split("]")[0] + "]"
+                                      for h in (parts.netloc.rsplit("@", 1)[-1]).split(",")]
+    if all(h.startswith("/") or h.lower() in _LOCAL_HOSTS for h in hosts):
+        return None
+    mode = (query.get("sslmode") or [os.environ.get("PGSSLMODE", "")])[-1]
+    if mode in _DECIDED_SSLMODES:
+        return None
+    return (f"production needs DATABASE_URL to verify PostgreSQL's certificate: add sslmode=verify-full (with "
+            f"sslrootcert=PATH for a private CA), or sslmode=disable if TLS is not wanted on that network "
+            f"(now: sslmode={mode or 'prefer, the default, which falls back to plaintext silently'})")

@@ -151,7 +151,7 @@ def placeholder_secrets() -> dict[str, str]:
     from cryptography.fernet import Fernet
 
     return {
-        "DATABASE_URL": "postgresql://u:p@db:5432/conduit",
+        "DATABASE_URL": "postgresql://u:p@db:5432/conduit?sslmode=verify-full&sslrootcert=/etc/conduit/pg-ca.crt",
         "CONDUIT_SECRET_KEY": Fernet.generate_key().decode(),
         "KAFKA_SASL_PASSWORD": "placeholder-kafka-password",
     }
