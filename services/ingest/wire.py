@@ -17,6 +17,12 @@ from shared.registry.models import TlsMode
 _READ_SIZE = 256 * 1024
 # A response line (without its literals) longer than this is a broken or hostile server.
 _MAX_LINE = 64 * 1024 * 1024
+# The largest message Conduit reads, as an IMAP literal or a POP3 reply: more than any mail service
+# delivers (Exchange Online's limit is 150 MB, Gmail's 50 MB).  Without a bound a broken or hostile
+# server announcing a huge literal, or a RETR that never ends, would grow the buffer until the
+# replica (every mailbox it works) is killed for its memory; with it, that one mailbox fails its
+# sync with this reason and backs off.
+MAX_MESSAGE_BYTES = 200 * 1024 * 1024
 
 
 async def open_session(host: str, port: int, *, tls: TlsMode, ssl_context: ssl.SSLContext | None,
@@ -134,6 +140,9 @@ class MailConnection:
             raise ConnectionFailed(f"The connection to the {self._peer} failed ({exc}).") from None
         if not data:
             raise ConnectionFailed(f"The {self._peer} closed the connection.")
+        if len(self._buf) + len(data) > MAX_MESSAGE_BYTES + _MAX_LINE:
+            raise ConnectionFailed(f"The {self._peer} sent more than {MAX_MESSAGE_BYTES // 2**20} MiB without ending "
+                                   "a response: a message larger than Conduit reads, or a broken server.")
         self._buf += data
 
     async def read_line(self, timeout: float | None = None) -> bytes:
@@ -154,7 +163,10 @@ class MailConnection:
             search_from = self._pos + offset
 
     async def read_exact(self, size: int) -> bytes:
-        """Return exactly ``size`` bytes."""
+        """Return exactly ``size`` bytes (an IMAP literal: at most ``MAX_MESSAGE_BYTES``)."""
+        if size > MAX_MESSAGE_BYTES:
+            raise ConnectionFailed(f"The {self._peer} announced {size} bytes at once, more than the "
+                                   f"{MAX_MESSAGE_BYTES // 2**20} MiB Conduit reads as one message.")
         while len(self._buf) - self._pos < size:
             await self._fill()
         start = self._pos
