@@ -588,31 +588,35 @@ def activity_show(ref: str = typer.Argument(..., help="Activity id or Message-ID
 
 @message_app.command("why")
 def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) -> None:
-    """Why was this email (not) tracked?  One answer per mailbox it reached."""
+    """Why was this email (not) tracked?  One answer per mailbox it reached, and, for an email
+    Conduit sent, the request it sent it for and its outgoing activity."""
     async def go() -> int:
         async with command_context(load_settings(), org) as ctx:
             decisions = await ctx.registry.decisions(ctx.org, message_id)
             waiting = await _held_since(ctx, message_id) if decisions else {}
-            answered = bool(decisions)
+            sent = await _sent_by_conduit(ctx, message_id)
+            activity = await _activity(ctx, sent.activity_id) if sent is not None and sent.activity_id else None
+            refused = [] if decisions else await _dead_lettered(ctx, message_id)
             if json_:
-                typer.echo(json.dumps(_decisions_json(decisions, waiting), indent=2))
-            elif not decisions:
-                refused = await _dead_lettered(ctx, message_id)
-                if refused:
-                    for x in refused:
-                        typer.echo(f"refused by evaluate at {x.logged_at:%Y-%m-%d %H:%M:%S} [{x.reason}] {x.error}; "
-                                   f"once mended: conduit dead-letters replay email.received --at {x.at}")
-                elif (sent := await _sent_by_conduit(ctx, message_id)) is not None:
-                    answered = True
-                    typer.echo(f"sent by Conduit, not received: request {sent.idempotency_key} through "
-                               f"{sent.mailbox_email or 'its mailbox'}. {sent.explanation()}"
-                               + (f" Its outgoing activity: {sent.activity_id}." if sent.activity_id else ""))
-                else:
-                    typer.echo(f"no decision recorded for {message_id}: the message has not reached a processed mailbox "
-                               "(check `conduit mailbox show` for the mailbox's state and alerts)")
+                answers = [{"kind": "decision", **d} for d in _decisions_json(decisions, waiting)]
+                if sent is not None:
+                    answers.append(_sent_json(sent, activity))
+                typer.echo(json.dumps(answers, indent=2))
             else:
                 _print_decisions(decisions, waiting)
-            return 0 if answered else 1
+            for x in refused:   # standard error with --json, which keeps standard output to the JSON
+                typer.echo(f"refused by evaluate at {x.logged_at:%Y-%m-%d %H:%M:%S} [{x.reason}] {x.error}; "
+                           f"once mended: conduit dead-letters replay email.received --at {x.at}", err=json_)
+            if sent is not None and not json_:
+                typer.echo(_sent_text(sent, activity, received=bool(decisions)))
+            if decisions or sent is not None:
+                return 0
+            if refused:
+                return 1
+            raise fail(f"no message {message_id.strip()} is known in organization {ctx.org.name}: no mailbox decided "
+                       "it (no mailbox that Conduit processes received it), no dead letter of it was found, and "
+                       "Conduit did not send it. Check the Message-ID and --org; `conduit mailbox show` says whether "
+                       "a mailbox that should have received it is processed", code=1)
     if run(go):
         raise typer.Exit(1)
 
@@ -626,6 +630,44 @@ async def _sent_by_conduit(ctx: Any, message_id: str) -> models.OutboundRequest 
     except NotFound:
         return None
     return request if request.message_id == message_id.strip().strip("<>") else None
+
+
+async def _activity(ctx: Any, activity_id: Any) -> models.Activity | None:
+    """The activity by its id; None when it is gone since (deleted in the database)."""
+    from shared.errors import NotFound
+
+    try:
+        return await ctx.registry.activity(ctx.org, str(activity_id))
+    except NotFound:
+        return None
+
+
+def _sent_text(sent: models.OutboundRequest, activity: models.Activity | None, *, received: bool) -> str:
+    """One line: the request Conduit sent the message for, where it stands, and its outgoing activity."""
+    what = "sent by Conduit" if sent.status == "sent" else f"an email Conduit was asked to send ({sent.status})"
+    line = (f"{what}{'' if received else ', not received'}: request {sent.idempotency_key} through "
+            f"{sent.mailbox_email or 'its mailbox'}. {sent.explanation()}")
+    if sent.activity_id is None:
+        return line
+    line += f" Its outgoing activity: {sent.activity_id}"
+    if activity is not None:
+        line += (f", regarding {activity.regarding_kind} {activity.regarding_id}"
+                 if activity.regarding_kind else ", regarding no record")
+    return line + "."
+
+
+def _sent_json(sent: models.OutboundRequest, activity: models.Activity | None) -> dict[str, Any]:
+    """The send's answer in `message why --json`, beside the decisions (``kind`` tells them apart)."""
+    return {
+        "kind": "sent", "message_id": sent.message_id, "idempotency_key": sent.idempotency_key,
+        "status": sent.status, "sent_at": sent.sent_at.isoformat() if sent.sent_at else None,
+        "mailbox_id": str(sent.mailbox_id) if sent.mailbox_id else None, "mailbox_email": sent.mailbox_email,
+        "explanation": sent.explanation(), "activity_id": str(sent.activity_id) if sent.activity_id else None,
+        "regarding": {"kind": activity.regarding_kind, "id": str(activity.regarding_id)}
+        if activity is not None and activity.regarding_kind else None,
+        "request": sent.model_dump(mode="json"),
+        "activity": activity.model_dump(mode="json") if activity is not None else None,
+    }
 
 
 async def _dead_lettered(ctx: Any, message_id: str) -> list[Any]:
@@ -649,18 +691,28 @@ async def _held_since(ctx: Any, message_id: str) -> dict[Any, datetime]:
 
 
 def _decisions_json(decisions: list[models.Decision], waiting: dict[Any, datetime]) -> list[dict[str, Any]]:
+    """``held``: an event of the message waits for its mailbox (its decision is held; or, after a
+    decision for good, a newer event of it, announced again from another folder, is)."""
     return [{**d.model_dump(mode="json"), "held": d.mailbox_id in waiting,
              "held_since": waiting[d.mailbox_id].isoformat() if d.mailbox_id in waiting else None} for d in decisions]
 
 
 def _print_decisions(decisions: list[models.Decision], waiting: dict[Any, datetime]) -> None:
+    from services.evaluate.chains import GUARDS
+
+    holding = {g.name for g in GUARDS if getattr(g, "holds", False)}
     for d in decisions:
         since = waiting.get(d.mailbox_id)
-        if since is not None:
-            verdict = f"held since {since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
-        else:
-            verdict = "tracked" if d.tracked else "not tracked"
-        typer.echo(f"{d.mailbox_email}: {verdict} [{d.reason}, rule {d.rule}] {d.explanation}")
+        when = f"{since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC" if since is not None else ""
+        verdict = f"held since {when}" if since is not None and d.rule in holding else \
+            "tracked" if d.tracked else "not tracked"
+        line = f"{d.mailbox_email}: {verdict} [{d.reason}, rule {d.rule}] {d.explanation}"
+        if since is not None and d.rule not in holding:
+            # Decided before; announced again since (moved into a mapped folder) while its mailbox
+            # may not process email: that event waits, and may change the decision.
+            line += (f" A newer event of it (announced again, from another folder) is held since {when}; "
+                     "it will be evaluated when the mailbox may process email again.")
+        typer.echo(line)
 
 
 def _secret_from(env: str, what: str) -> SecretStr:

@@ -81,6 +81,7 @@ class HeldMessageRelease:
                     rows = [row for row, event_id in zip(rows, event_ids) if event_id in kept]
                 keys = frozenset((r["mailbox_id"], r["message_id"]) for r in rows)
                 decided = await self._evaluate_again(part, keys)
+                decided += await self._let_go_evaluated(rows)
                 total += decided
                 mailboxes.update(m for m, _ in keys)
                 if decided == 0 or whole and len(rows) < self.batch:
@@ -90,6 +91,13 @@ class HeldMessageRelease:
             HELD_RELEASED.inc(total)
             log.info("released %d held message(s) of %d mailbox(es)", total, len(mailboxes))
         return total
+
+    async def _let_go_evaluated(self, rows: Sequence[asyncpg.Record]) -> int:
+        """The held events just evaluated again and decided for good that the batch's transaction
+        kept (``held.let_go_evaluated``); how many."""
+        evaluated = [(r["mailbox_id"], r["message_id"], UUID(r["event"]["event_id"])) for r in rows]
+        async with self._pool.acquire() as conn:
+            return await held.let_go_evaluated(conn, evaluated)
 
     async def _next_batch(self) -> list[asyncpg.Record]:
         async with self._pool.acquire() as conn:
