@@ -25,6 +25,8 @@ from datetime import datetime
 from typing import Awaitable, Sequence, TypeVar
 from uuid import UUID
 
+import asyncpg
+
 from services.evaluate import held
 from services.evaluate import repository as repo
 from services.evaluate.chains import OPTION_RULES
@@ -221,13 +223,19 @@ class EvaluateService(ServiceBase):
     async def finish(self, prepared: _Prepared | _Parts) -> Sequence[Rejection]:
         """Attribute, decide and record a prepared batch in one transaction (a batch in parts: a
         part at a time, in order, so a part's reply finds the message a part before it answers)."""
-        if isinstance(prepared, _Parts):
-            rejections: list[Rejection] = []
-            for part in prepared.parts:
-                rejections += (await self._settle(await self._load(part)))[0]
+        try:
+            if isinstance(prepared, _Parts):
+                rejections: list[Rejection] = []
+                for part in prepared.parts:
+                    rejections += (await self._settle(await self._load(part)))[0]
+                return rejections
+            rejections, _ = await self._settle(prepared)
             return rejections
-        rejections, _ = await self._settle(prepared)
-        return rejections
+        except asyncpg.DataError as exc:
+            # PostgreSQL refused a value (SQLSTATE class 22: a NUL another producer put in a Message-ID):
+            # every retry would fail the same way.  InvalidInput makes the consumer handle the batch
+            # one event at a time, so the one that cannot be stored is dead-lettered and the others go on.
+            raise InvalidInput(f"the message could not be stored: {exc}", reason="unstorable") from exc
 
     async def evaluate_again(self, deliveries: Sequence[Delivery], released: frozenset[tuple[UUID, str]]) -> int:
         """Held messages' events through the same two steps; how many held messages were decided for good."""

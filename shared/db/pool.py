@@ -141,7 +141,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
         return await asyncpg.create_pool(
             database_url(settings), min_size=min_size, max_size=max_size, init=_init_connection
         )
-    except ValueError:
+    except (ValueError, OverflowError):   # OverflowError: a port over 65535
         # Not asyncpg's words: a password holding '/', '?' or '#' is cut there, and its rest is then
         # quoted back as the port or a query field.
         raise InvalidInput("DATABASE_URL is not a PostgreSQL URL asyncpg can use: postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "

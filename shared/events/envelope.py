@@ -38,7 +38,10 @@ class Envelope(BaseModel, Generic[DataT]):
     @field_validator("occurred_at")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        return value.astimezone(timezone.utc)
+        try:
+            return value.astimezone(timezone.utc)
+        except OverflowError:   # 0001-01-01T00:00+01:00 is before year 1 in UTC: pydantic only reports ValueError
+            raise ValueError("is out of range once in UTC") from None
 
 
 def encode_event(event: Envelope[Any]) -> bytes:
@@ -56,3 +59,7 @@ def decode_event(raw: bytes | None, model: type[Envelope[Any]]) -> Envelope[Any]
             f"{'.'.join(str(p) for p in err['loc']) or 'event'}: {err['msg']}" for err in exc.errors()[:5]
         )
         raise InvalidInput(f"event does not match its schema: {problems}", reason="schema_error") from exc
+    except Exception as exc:  # noqa: BLE001 - a validator's own failure: still this one event's fault
+        # Anything else would leave the consumer's decoding, stop the service, and stop it again at
+        # every restart on the same uncommitted event.
+        raise InvalidInput(f"event could not be read ({type(exc).__name__})", reason="schema_error") from exc

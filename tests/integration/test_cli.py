@@ -109,7 +109,7 @@ def test_a_bad_service_setting_or_database_url_is_one_line_not_a_traceback(cli) 
     # A port that is no number; a password with '/' or '?' not percent-encoded (its rest read as the
     # port, or as a query field, which asyncpg's own message would quote).
     for url in ("postgresql://bob:s3cret-pw@127.0.0.1:notaport/db", "postgresql://bob:s3cret/pw@127.0.0.1:5432/db",
-                "postgresql://bob:s3cret?pw@127.0.0.1:5432/db"):
+                "postgresql://bob:s3cret?pw@127.0.0.1:5432/db", "postgresql://bob:s3cret-pw@127.0.0.1:99999/db"):
         result = cli("outbound", "list", extra_env={"DATABASE_URL": url, "CONDUIT_LOG_LEVEL": "WARNING"})
         assert result.returncode == 2 and "DATABASE_URL is not a PostgreSQL URL" in result.stderr, result.stderr
         output = result.stderr + result.stdout

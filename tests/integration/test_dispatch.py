@@ -164,6 +164,11 @@ async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
         body = {k: v for k, v in body.items() if v is not None or k == "correlation_id"}
         raw.append((json.dumps(body).encode(), key))
     raw.append((b"not json at all", "garbage"))
+    # A time before year 1 once in UTC: astimezone raised OverflowError, which ended the service at
+    # every restart (pydantic turns only ValueError into a validation error).
+    early = json.loads(encode_event(outbound(org, mailbox_id=ok.mailbox_id)))
+    early["occurred_at"] = "0001-01-01T00:00:00+01:00"
+    raw.append((json.dumps(early).encode(), "early"))
     await publish_raw(publisher, raw)
     await publish(publisher, good)
     await dispatch(settings, max_message_bytes=4096)
@@ -177,7 +182,7 @@ async def test_every_invalid_kind_is_rejected_with_its_reason_and_dead_lettered(
     assert reader.final(good.data.idempotency_key).status == "sent"
     dead = await _topic_records(settings, "email.outbound.dlq")
     reasons = sorted(dict(r.headers)["reason"].decode() for r in dead)
-    assert reasons == sorted([*expected.values(), "schema_error"])  # + the undecodable one
+    assert reasons == sorted([*expected.values(), "schema_error", "schema_error"])  # + the two undecodable ones
     assert len(capture.messages()) == 1
 
 

@@ -1,0 +1,52 @@
+"""An email.received event PostgreSQL cannot store (a NUL in its Message-ID, from a producer other than
+ingest, which strips it) is dead-lettered by evaluate, and the mail beside it is decided.  The
+DataError used to count as a failure of the database, retried for ever: the partition stalled."""
+from __future__ import annotations
+
+import uuid
+
+from aiokafka import AIOKafkaConsumer
+
+from services.evaluate.service import EvaluateService
+from shared.events.envelope import Envelope
+from shared.events.payloads import EmailReceivedV1
+from shared.events.topics import EMAIL_RECEIVED, dead_letter
+from shared.kafka import client_options, topic_name
+from shared.lifecycle import run_service
+from shared.rawstore import store_raw
+from tests.support.mailboxes import message
+
+
+async def dead_letter_reasons(settings) -> list[str]:
+    consumer = AIOKafkaConsumer(topic_name(settings, dead_letter(EMAIL_RECEIVED.name)), **client_options(settings),
+                                group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        batches = await consumer.getmany(timeout_ms=2000)
+        return [dict(r.headers)["reason"].decode() for records in batches.values() for r in records]
+    finally:
+        await consumer.stop()
+
+
+async def test_an_unstorable_event_is_dead_lettered_and_the_mail_beside_it_is_decided(
+        settings, registry, org, pool, publisher) -> None:
+    email = f"u-{uuid.uuid4().hex[:8]}@example.com"
+    await registry.add_user(org, "U", email)
+    await registry.update_mailbox(org, email, email_approved=True, tracking="all")
+    mailbox = await registry.mailbox(org, email)
+    events = []
+    for subject, message_id in (("bad", "a\x00b@example.com"), ("good", "good@example.com")):
+        raw = message(subject, to=email, message_id=f"<{message_id.replace(chr(0), '')}>")
+        async with pool.acquire() as conn:
+            (sha,) = await store_raw(conn, [raw])
+        events.append(Envelope[EmailReceivedV1](
+            type=EMAIL_RECEIVED.name, schema_version=1, producer="another-system", organization_id=org.id,
+            data=EmailReceivedV1(mailbox_id=mailbox.id, source="imap", uid=len(events) + 1, raw_sha256=sha,
+                                 size=len(raw), message_id=message_id)))
+    for event in events:
+        await publisher.publish(EMAIL_RECEIVED.name, event, key=str(mailbox.id))
+    await run_service(EvaluateService(settings), burst=True)
+    assert await dead_letter_reasons(settings) == ["unstorable"]
+    async with pool.acquire() as conn:
+        decided = await conn.fetch("SELECT message_id FROM email_decision WHERE mailbox_id = $1", mailbox.id)
+    assert [r["message_id"] for r in decided] == ["good@example.com"]
