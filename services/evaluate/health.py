@@ -1,9 +1,10 @@
 """The mailbox health aggregate: the monitoring view of every mailbox's health.
 
-It reads `mailbox.events` (tests, alerts, back-offs, recoveries), `email.received` and
-`activity.created`, keeps one health record per mailbox and publishes it on `mailbox.health` after
-each batch of events that changed it (key: the mailbox id, so the topic's latest event per key is
-the current view).  The rules are in ``docs/topics/mailbox.health.md``.
+It reads `mailbox.events` (tests, alerts, back-offs, recoveries), `email.received` (new mail only:
+an event marked ``refiled`` announces again a message received before) and `activity.created`,
+keeps one health record per mailbox and publishes it on `mailbox.health` after each batch of events
+that changed it (key: the mailbox id, so the topic's latest event per key is the current view).
+The rules are in ``docs/topics/mailbox.health.md``.
 
 Two halves:
 
@@ -279,6 +280,10 @@ def observations(topic: str, envelope: Envelope[Any]) -> list[Observation]:
         return [MailboxSignal(data.mailbox_id, org, at, data.kind, data.direction, data.severity, data.code,
                               data.message, corr)]
     if topic == EMAIL_RECEIVED.name:
+        if data.refiled:
+            # A message received before, announced again to be filed under a folder rule's record:
+            # counted once already, when it arrived (and its activity, if new, is counted as one).
+            return []
         return [MessageReceived(data.mailbox_id, org, at, corr)]
     if topic == ACTIVITY_CREATED.name:
         return [ActivityRecorded(m, org, at, data.activity_id, corr) for m in dict.fromkeys(data.mailbox_ids)]

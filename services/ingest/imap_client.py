@@ -589,6 +589,44 @@ class ImapClient:
         reply = await self._simple(b"UID SEARCH MODSEQ %d" % (modseq + 1), what="UID SEARCH")
         return sorted(_search_results(reply))
 
+    async def still_there(self, uids: Sequence[int]) -> dict[int, datetime | None]:
+        """Of ``uids`` (of the selected folder), those the folder holds now and that are not flagged
+        \\Deleted, each with its INTERNALDATE: one UID FETCH of UID, FLAGS and INTERNALDATE, no
+        content.  A UID no longer there is simply absent from the answer (RFC 3501 6.4.8: a UID
+        FETCH of UIDs that do not exist is no error), and one reported expunged before the answer
+        ends is gone too.  What the server answers for the UIDs asked is no change of the folder: it
+        does not wake an IDLE that follows (anything else that came with it still does)."""
+        ordered = sorted(set(uids))
+        if not ordered:
+            return {}
+        asked = set(ordered)
+        changed_before = self._changed
+        reply = await self._simple(b"UID FETCH " + sequence_set(ordered) + b" (UID FLAGS INTERNALDATE)",
+                                   what="UID FETCH")
+        found: dict[int, tuple[int, datetime | None]] = {}   # UID -> (sequence number, INTERNALDATE)
+        deleted: set[int] = set()
+        other_change = False
+        for text, literals in reply.untagged:
+            words = text.split(b" ", 3)
+            if len(words) > 2 and words[1].isdigit() and words[2].upper() == b"FETCH":
+                items = _fetch_items(text, literals)
+                uid, date = items.get("UID"), items.get("INTERNALDATE")
+                if isinstance(uid, str) and uid.isdigit() and int(uid) in asked and isinstance(date, bytes):
+                    found[int(uid)] = (int(words[1]), parse_internaldate(date))
+                    if any(str(f).upper() == "\\DELETED" for f in items.get("FLAGS") or ()):
+                        deleted.add(int(uid))
+                    continue
+                other_change = True    # an unsolicited flag update of another client's
+                continue
+            _forget_expunged(text, found)
+            if len(words) > 2 and words[1].isdigit():
+                kind = words[2].upper()               # "* 5 EXPUNGE"
+            else:
+                kind = words[1].upper() if len(words) > 1 else b""
+            other_change = other_change or kind in _CHANGE_KINDS
+        self._changed = changed_before or other_change
+        return {uid: date for uid, (_, date) in found.items() if uid not in deleted}
+
     # ---- fetching -----------------------------------------------------------------------------------
 
     def fetch(self, uids: Sequence[int], *, chunk: int = 500) -> AsyncIterator[FetchedMessage]:

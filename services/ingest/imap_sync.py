@@ -15,6 +15,14 @@ records everything it stands for (the last batch, and the vanished UIDs), so a r
 server again for whatever was not recorded.  Without QRESYNC (CONDSTORE only, or neither) new mail
 is found from UIDNEXT as before, and expunges by others go unnoticed.
 
+A folder-level tracking rule added to a folder ingest has read already is *onboarded* at the next
+sync of that folder (``_onboard``), once per rule: the messages read from the folder before, up to
+the saved state, that the server says are still there (one UID FETCH of flags and arrival times a
+batch, no content) are announced again, marked ``refiled``, so evaluate files them under the rule's
+record; its progress is recorded on the rule, in a transaction after each batch's events are
+acknowledged.  A folder read from its start (renumbered, or new to ingest) needs no such asking: the
+messages found again in it that were read from it before are announced again as they are found.
+
 Only a refused SELECT/EXAMINE makes a folder "missing".  A UID FETCH the server refuses (Gmail
 does, for single messages) is narrowed down to the UIDs it refuses (``ImapClient.fetch_servable``);
 what it did serve, before and after them, is ingested, while the saved state stays below the lowest
@@ -121,7 +129,9 @@ class ImapFolderSync:
     async def sync_folder(self, client: ImapClient, folder: str) -> int:
         await client.enable_quick_resync()   # a no-op after the first call of the session
         async with self._pool.acquire() as conn:
-            saved = await state.folder_state(conn, self._mailbox.id, folder)
+            saved, onboarding = await state.folder_sync_start(conn, self._mailbox.id, folder)
+        if self._mailbox.is_forward_mailbox:
+            onboarding = None   # no rules there (its folders hold many users' mail), as for ``_refiled``
         known = None
         if saved is not None and saved.highestmodseq:
             known = KnownFolder(saved.uidvalidity, saved.highestmodseq, saved.last_uid)
@@ -135,6 +145,14 @@ class ImapFolderSync:
             else:
                 log.warning("mailbox %s folder %s: UIDVALIDITY changed %d -> %d, resynchronising",
                             self._mailbox.id, folder, saved.uidvalidity, status.uidvalidity)
+        # While the folder's rule is not onboarded, a message found again in the folder that was read
+        # from it under an earlier numbering is mail from before the rule: announced again too.
+        earlier_numbering = status.uidvalidity if onboarding is not None else None
+        if onboarding is not None and saved is not None and not renumbered:
+            # The folder's new rule files what ingest read from the folder before it (and what a move
+            # brought there), up to the saved state; what comes after is read below, as always.
+            await self._onboard(client, folder, status, saved.last_uid, onboarding)
+            onboarding = None
         if saved is not None and not renumbered and status.uidnext - 1 <= last_uid:
             # Nothing arrived since: no SEARCH, no FETCH (the common case when polling).  With
             # QRESYNC a new HIGHESTMODSEQ means flags changed or mail vanished: recorded, still no I/O.
@@ -151,7 +169,7 @@ class ImapFolderSync:
                 highest = max(u for u in uids if u in skipped)
                 uids = [u for u in uids if u not in skipped]
         if not uids:
-            await self._save(folder, status, highest, status.highestmodseq, [], [], refused={})
+            await self._save(folder, status, highest, status.highestmodseq, [], [], refused={}, onboarding=onboarding)
             return 0
         flushes: list[asyncio.Task[int]] = []
         claimed: set[str] = set()   # keys stored by a batch of this sync, not yet recorded as ingested
@@ -174,7 +192,7 @@ class ImapFolderSync:
             settled = highest if unserved == len(uids) else max(last_uid, uids[unserved] - 1)
             flushes.append(asyncio.create_task(self._flush(
                 folder, status, highest if last else settled, modseq, batch, claimed, previous,
-                refused if last else None)))
+                refused if last else None, onboarding, earlier_numbering)))
 
         try:
             async with aclosing(client.fetch_servable(uids, refused, chunk=BATCH)) as fetched:
@@ -207,32 +225,39 @@ class ImapFolderSync:
 
     async def _flush(self, folder: str, status: FolderState, highest: int, modseq: int | None,
                      batch: list[Pulled], claimed: set[str], previous: asyncio.Task[int] | None,
-                     refused: dict[int, str] | None) -> int:
+                     refused: dict[int, str] | None, onboarding: state.RuleOnboarding | None = None,
+                     earlier_numbering: int | None = None) -> int:
         """One batch: raw stored (while the previous batch is published and saved), then, once the
         previous batch is done, events published and acknowledged, then the folder state saved.
-        The last batch of a sync carries ``refused`` (the other batches None)."""
+        The last batch of a sync carries ``refused`` (the other batches None).  ``onboarding``: the
+        folder is read from its start while its rule's onboarding is not done (``_onboard``);
+        ``earlier_numbering``: see ``_refiled``'s ``renumbered_to``."""
         stored = await store_pulled(self._pool, self._mailbox, batch, claimed) if batch else []
         found_again = _found_again(self._mailbox, batch, stored)
-        refiled = await self._refiled(folder, found_again)
+        refiled = await self._refiled(folder, found_again, renumbered_to=earlier_numbering)
         if previous is not None:
             await previous   # raises what it raised: nothing of ours is published after a failure
         ingested = await announce_stored(self._publisher, self._mailbox, "imap", stored)
         # Before the save that records the new place: a crash in between announces it again, and
         # evaluate's folder rule decides the same way twice.
-        await announce_stored(self._publisher, self._mailbox, "imap", refiled, new=False)
+        await announce_stored(self._publisher, self._mailbox, "imap", refiled, refiled=True)
         await self._save(folder, status, highest, modseq, ingested, found_again,
-                         vanished=refused is not None, refused=refused)
+                         vanished=refused is not None, refused=refused, onboarding=onboarding)
         return len(ingested)
 
-    async def _refiled(self, folder: str, found_again: list[tuple[str, Pulled]]) -> list[Stored]:
+    async def _refiled(self, folder: str, found_again: list[tuple[str, Pulled]], *,
+                       renumbered_to: int | None = None) -> list[Stored]:
         """Messages ingested from another folder and found now in ``folder``, which a folder-level
         tracking rule maps to a record: moved (or copied) there by the user or a server rule.  They
         are announced again from here, so evaluate tracks them regarding the folder's record, as the
-        reference does; a message that only reuses the Message-ID of one ingested is not."""
+        reference does; a message that only reuses the Message-ID of one ingested is not.  With
+        ``renumbered_to`` (the rule's onboarding, when the folder is read again from its start), also
+        the messages read from ``folder`` itself before, under another UIDVALIDITY."""
         if not found_again or self._mailbox.is_forward_mailbox or is_inbox(folder):
             return []
         async with self._pool.acquire() as conn:
-            filed = await state.filed_elsewhere(conn, self._mailbox.id, folder, [key for key, _ in found_again])
+            filed = await state.filed_elsewhere(conn, self._mailbox.id, folder, [key for key, _ in found_again],
+                                                renumbered_to=renumbered_to)
             if not filed:
                 return []
             pulled = {key: item for key, item in found_again if key in filed}
@@ -243,11 +268,13 @@ class ImapFolderSync:
 
     async def _save(self, folder: str, status: FolderState, last_uid: int, modseq: int | None,
                     ingested: list[state.IngestedMessage], found_again: list[tuple[str, Pulled]], *,
-                    vanished: bool = True, refused: dict[int, str] | None = None) -> None:
+                    vanished: bool = True, refused: dict[int, str] | None = None,
+                    onboarding: state.RuleOnboarding | None = None) -> None:
         """One transaction: what a batch ingested, what vanished (with ``vanished``) and the state
         that says both are done.  With ``refused`` (the end of a sync that asked for every UID past
         the saved state): the refusals are counted, and the state stops below the lowest refused
-        UID not yet skipped."""
+        UID not yet skipped.  With ``onboarding`` (the folder read from its start while its rule's
+        onboarding is not done): the onboarding has come as far as the state, and is done at the end."""
         async with self._pool.acquire() as conn, conn.transaction():
             await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             await state.record_ingested(conn, self._mailbox.id, ingested, status.uidvalidity)
@@ -275,10 +302,48 @@ class ImapFolderSync:
                     last_uid = min(last_uid, min(waiting) - 1)
             await state.save_folder_state(conn, self._mailbox.id, folder,
                                           state.FolderSyncState(status.uidvalidity, last_uid, modseq))
+            if onboarding is not None:
+                await state.onboarding_progress(conn, self._mailbox.id, folder, onboarding, status.uidvalidity,
+                                                last_uid, done=refused is not None)
         if refused:
             for code, text in state.refusal_warnings(counted, "UID", f"of the folder {folder!r}"):
                 log.warning("mailbox %s: %s", self._mailbox.id, text)
                 self.warnings.append((code, text))
+
+    async def _onboard(self, client: ImapClient, folder: str, status: FolderState, through_uid: int,
+                       onboarding: state.RuleOnboarding) -> int:
+        """The onboarding of the folder's new rule (the reference files the mail already in a folder
+        when its rule is added): the messages ingest read from ``folder`` before, up to the saved
+        state (``through_uid``), and that the server says are still there, are announced again from
+        the folder (``refiled``), so evaluate files them under the rule's record.  Asking the server
+        matters: without QRESYNC (Gmail, Exchange) ingest never learns of mail deleted or moved out
+        since, and filing it would put mail the user threw away into the CRM.  A batch at a time:
+        ``BATCH`` rows read, one UID FETCH of their flags and arrival times (no content: the raw
+        bytes are stored already), their events acknowledged, then the progress recorded, so memory
+        stays bounded and a crash repeats at most the batch in flight.  Returns how many were announced."""
+        after = onboarding.uid if onboarding.uidvalidity == status.uidvalidity else 0
+        announced = 0
+        while True:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
+                read = await state.read_before(conn, self._mailbox.id, folder, status.uidvalidity, after,
+                                               through_uid, BATCH)
+            done = len(read) < BATCH
+            if read:
+                there = await client.still_there([r.uid for r in read])
+                again = [Stored(r.message_key, r.raw_sha256, Pulled(b"", folder, r.uid, None, there[r.uid]),
+                                r.message_key, None, r.size) for r in read if r.uid in there]
+                await announce_stored(self._publisher, self._mailbox, "imap", again, refiled=True)
+                announced += len(again)
+                after = read[-1].uid
+            async with self._pool.acquire() as conn, conn.transaction():
+                await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
+                await state.onboarding_progress(conn, self._mailbox.id, folder, onboarding, status.uidvalidity,
+                                                after, done=done)
+            if done:
+                log.info("mailbox %s folder %s: the folder's tracking rule files %d message(s) read from it before",
+                         self._mailbox.id, folder, announced)
+                return announced
 
     async def remove_processed(self, client: ImapClient) -> int:
         """Queues that delete after processing: expunge what became a durable activity.

@@ -55,13 +55,15 @@ class Stored(NamedTuple):
     """A message whose raw bytes are committed and whose event is not yet published.
 
     ``key`` is what this mailbox records it as ingested under (``ingest_key``); ``message_id`` is
-    the message's identity (``message_key``), the one its event carries."""
+    the message's identity (``message_key``), the one its event carries.  ``size``: the stored raw
+    bytes' length, for a message announced again without them (``item.raw`` empty); else None."""
 
     key: str
     sha256: str
     item: Pulled
     message_id: str
     forwarded_by: str | None
+    size: int | None = None
 
 
 def ingest_key(mailbox: Mailbox, raw: bytes) -> tuple[str, str, str | None]:
@@ -111,10 +113,11 @@ async def store_pulled(pool: asyncpg.Pool, mailbox: Mailbox, pulled: Sequence[Pu
 
 
 async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
-                          stored: Sequence[Stored], *, new: bool = True) -> list[state.IngestedMessage]:
+                          stored: Sequence[Stored], *, refiled: bool = False) -> list[state.IngestedMessage]:
     """Publish `email.received` for stored messages and wait for the broker's acknowledgements.
-    ``new=False``: messages ingested before, announced again from another folder (not counted as
-    ingested)."""
+    ``refiled``: messages ingested before, announced again from another folder, to be filed under its
+    folder-level tracking rule's record: their events say so (``refiled``), and they are not counted
+    as ingested."""
     if not stored:
         return []
     batch = ReceivedBatch(mailbox.organization_id, mailbox.id, source)
@@ -126,13 +129,14 @@ async def announce_stored(publisher: Publisher, mailbox: Mailbox, source: str,
         # forwarded_by: the user who forwarded it (From) or redirected it (Resent-From) to a forward
         # mailbox; evaluate attributes it to them.
         value = batch.encode(
-            item.folder or "INBOX", item.uid, item.uidl, entry.sha256, len(item.raw), entry.message_id,
-            item.received_at, entry.forwarded_by,
+            item.folder or "INBOX", item.uid, item.uidl, entry.sha256,
+            len(item.raw) if entry.size is None else entry.size, entry.message_id,
+            item.received_at, entry.forwarded_by, refiled=refiled,
         )
         events.append((EMAIL_RECEIVED.name, value, key))
         ingested.append(state.IngestedMessage(entry.key, entry.sha256, item.folder, item.uid, item.uidl))
     await publisher.publish_many(events)
-    if new:
+    if not refiled:
         MESSAGES_INGESTED.labels(source).inc(len(events))
     return ingested
 

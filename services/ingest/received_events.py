@@ -90,18 +90,20 @@ class ReceivedBatch:
         )
 
     def encode(self, folder: str, uid: int | None, uidl: str | None, raw_sha256: str, size: int,
-               message_id: str | None, received_at: datetime | None, forwarded_by: str | None) -> bytes:
-        """One event; raises ``ValidationError`` for fields the model refuses."""
+               message_id: str | None, received_at: datetime | None, forwarded_by: str | None, *,
+               refiled: bool = False) -> bytes:
+        """One event; raises ``ValidationError`` for fields the model refuses.  ``refiled``: a
+        message ingested before, announced again from another folder (``EmailReceivedV1.refiled``)."""
         event_id = next(self._ids)
         fast = self._template and self._fill(event_id, folder, uid, uidl, raw_sha256, size, message_id,
-                                             received_at, forwarded_by)
+                                             received_at, forwarded_by, refiled)
         if not fast:
             return self._through_model(event_id, folder, uid, uidl, raw_sha256, size, message_id,
-                                       received_at, forwarded_by)
+                                       received_at, forwarded_by, refiled)
         if not self._checked:
             self._checked = True
             expected = self._through_model(event_id, folder, uid, uidl, raw_sha256, size, message_id,
-                                           received_at, forwarded_by)
+                                           received_at, forwarded_by, refiled)
             if fast != expected:
                 log.error("email.received template differs from the model's encoding; batch encoded "
                           "through the model: %r != %r", fast[:300], expected[:300])
@@ -111,9 +113,11 @@ class ReceivedBatch:
 
     def _fill(self, event_id: str, folder: str, uid: int | None, uidl: str | None, raw_sha256: str,
               size: int, message_id: str | None, received_at: datetime | None,
-              forwarded_by: str | None) -> bytes | None:
+              forwarded_by: str | None, refiled: bool = False) -> bytes | None:
         """The event written into the template, or None when a field needs the model's judgement."""
         if type(folder) is not str or len(folder) > MAX_FOLDER:
+            return None
+        if type(refiled) is not bool:
             return None
         if uid is not None and (type(uid) is not int or uid < 1):
             return None
@@ -141,19 +145,19 @@ class ReceivedBatch:
             f'{{"event_id":"{event_id}{self._shared}{_json_text(folder)},'
             f'"uid":{"null" if uid is None else uid},"uidl":{uidl_json},"raw_sha256":"{raw_sha256}",'
             f'"size":{size},"message_id":{message_id_json},"received_at":{received_json},'
-            f'"forwarded_by":{forwarded_json}}}}}'
+            f'"forwarded_by":{forwarded_json},"refiled":{"true" if refiled else "false"}}}}}'
         ).encode()
 
     def _through_model(self, event_id: str, folder: str, uid: int | None, uidl: str | None, raw_sha256: str,
                        size: int, message_id: str | None, received_at: datetime | None,
-                       forwarded_by: str | None) -> bytes:
+                       forwarded_by: str | None, refiled: bool = False) -> bytes:
         return encode_event(EmailReceivedEvent(
             event_id=UUID(event_id), occurred_at=self._occurred_at,
             type=EMAIL_RECEIVED.name, schema_version=1, producer=PRODUCER, organization_id=self._organization_id,
             data=EmailReceivedV1(
                 mailbox_id=self._mailbox_id, source=self._source, folder=folder, uid=uid, uidl=uidl,
                 raw_sha256=raw_sha256, size=size, message_id=message_id, received_at=received_at,
-                forwarded_by=forwarded_by,
+                forwarded_by=forwarded_by, refiled=refiled,
             ),
         ))
 

@@ -7,6 +7,7 @@ must not name (and so mark or delete) whatever message now has that number."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import NamedTuple, Sequence
 from uuid import UUID
 
@@ -68,12 +69,71 @@ async def bind_server(conn: asyncpg.Connection, mailbox_id: UUID, server: str) -
         return True
 
 
-async def folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: str) -> FolderSyncState | None:
+class RuleOnboarding(NamedTuple):
+    """A folder's folder-level tracking rule whose onboarding is not done: the messages ingest read
+    from the folder before the rule was added, and that are still there, are still to be announced
+    again (``refiled``), so evaluate files them under the rule's record."""
+
+    created_at: datetime       # which rule: one removed and added again is another, onboarded anew
+    uidvalidity: int | None    # progress: under this UIDVALIDITY, the messages up to ``uid`` are done
+    uid: int
+
+
+async def folder_sync_start(conn: asyncpg.Connection, mailbox_id: UUID,
+                            folder: str) -> tuple[FolderSyncState | None, RuleOnboarding | None]:
+    """The folder's saved sync state, and its rule's onboarding when that is not done: one query,
+    as a poll costs one (a folder without a rule, or whose rule is onboarded, has None)."""
     row = await conn.fetchrow(
-        "SELECT uidvalidity, last_uid, highestmodseq FROM imap_folder_state WHERE mailbox_id = $1 AND folder = $2",
+        """SELECT s.uidvalidity, s.last_uid, s.highestmodseq, r.created_at, r.onboarded_uidvalidity, r.onboarded_uid
+           FROM (SELECT $1::uuid AS mailbox_id, $2::text AS folder) k
+           LEFT JOIN imap_folder_state s ON s.mailbox_id = k.mailbox_id AND s.folder = k.folder
+           LEFT JOIN folder_tracking_rule r ON r.mailbox_id = k.mailbox_id AND r.folder = k.folder
+                                           AND r.onboarded_at IS NULL""",
         mailbox_id, folder,
     )
-    return FolderSyncState(row["uidvalidity"], row["last_uid"], row["highestmodseq"]) if row else None
+    saved = (FolderSyncState(row["uidvalidity"], row["last_uid"], row["highestmodseq"])
+             if row["uidvalidity"] is not None else None)
+    onboarding = (RuleOnboarding(row["created_at"], row["onboarded_uidvalidity"], row["onboarded_uid"] or 0)
+                  if row["created_at"] is not None else None)
+    return saved, onboarding
+
+
+class ReadBefore(NamedTuple):
+    """A message ingest read from a folder (where it still was at the last sync), for onboarding."""
+
+    message_key: str
+    raw_sha256: str
+    uid: int
+    size: int
+
+
+async def read_before(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, uidvalidity: int,
+                      after_uid: int, through_uid: int, limit: int) -> list[ReadBefore]:
+    """The messages ingested and placed in ``folder`` under ``uidvalidity`` with UIDs in
+    (``after_uid``, ``through_uid``], not known to be gone from the server: the first ``limit`` by UID."""
+    rows = await conn.fetch(
+        """SELECT im.message_key, im.raw_sha256, im.uid, r.size
+           FROM ingested_message im JOIN raw_message r ON r.sha256 = im.raw_sha256
+           WHERE im.mailbox_id = $1 AND im.folder = $2 AND im.uid > $4 AND im.uid <= $5 AND im.uidvalidity = $3
+             AND NOT im.removed_from_server
+           ORDER BY im.uid LIMIT $6""",
+        mailbox_id, folder, uidvalidity, after_uid, through_uid, limit,
+    )
+    return [ReadBefore(**dict(r)) for r in rows]
+
+
+async def onboarding_progress(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, rule: RuleOnboarding,
+                              uidvalidity: int, uid: int, *, done: bool) -> None:
+    """Record how far the rule's onboarding has come (the messages of ``folder`` up to ``uid``
+    under ``uidvalidity`` are done), and with ``done`` that it is over.  In the transaction that
+    records the sync progress those messages' announcements stand for, so a crash repeats at most
+    what was announced and not yet recorded."""
+    await conn.execute(
+        """UPDATE folder_tracking_rule SET onboarded_uidvalidity = $4, onboarded_uid = $5,
+                  onboarded_at = CASE WHEN $6 THEN now() END
+           WHERE mailbox_id = $1 AND folder = $2 AND created_at = $3 AND onboarded_at IS NULL""",
+        mailbox_id, folder, rule.created_at, uidvalidity, uid, done,
+    )
 
 
 async def save_folder_state(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, state: FolderSyncState) -> None:
@@ -115,15 +175,19 @@ async def record_ingested(conn: asyncpg.Connection, mailbox_id: UUID, messages: 
     )
 
 
-async def filed_elsewhere(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, keys: Sequence[str]) -> dict[str, str]:
+async def filed_elsewhere(conn: asyncpg.Connection, mailbox_id: UUID, folder: str, keys: Sequence[str], *,
+                          renumbered_to: int | None = None) -> dict[str, str]:
     """Of messages found in ``folder`` under keys already ingested, those ingested from another
     folder, when a folder-level tracking rule maps ``folder`` to a record: message key -> hash of the
-    stored raw bytes.  Empty for a folder without a rule."""
+    stored raw bytes.  Empty for a folder without a rule.  With ``renumbered_to`` (the folder is read
+    again from its start, under that UIDVALIDITY, while its rule's onboarding is not done), also
+    those read from ``folder`` itself under another numbering: the folder's mail from before the rule."""
     rows = await conn.fetch(
         """SELECT im.message_key, im.raw_sha256 FROM ingested_message im
-           WHERE im.mailbox_id = $1 AND im.message_key = ANY($3::text[]) AND im.folder IS DISTINCT FROM $2
+           WHERE im.mailbox_id = $1 AND im.message_key = ANY($3::text[])
+             AND (im.folder IS DISTINCT FROM $2 OR ($4::bigint IS NOT NULL AND im.uidvalidity IS DISTINCT FROM $4))
              AND EXISTS (SELECT 1 FROM folder_tracking_rule r WHERE r.mailbox_id = $1 AND r.folder = $2)""",
-        mailbox_id, folder, list(keys))
+        mailbox_id, folder, list(keys), renumbered_to)
     return {r["message_key"]: r["raw_sha256"] for r in rows}
 
 

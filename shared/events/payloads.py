@@ -34,6 +34,10 @@ class EmailReceivedV1(BaseModel):
     forwarded_by: EmailAddress | None = Field(
         None, description="Forward mailbox: the address of the user or queue that forwarded the message."
     )
+    refiled: bool = Field(
+        False, description="A message ingested before, announced again from the folder named (moved or copied into a "
+                           "folder a folder-level tracking rule maps, or already there when its rule was added): "
+                           "to be filed under the rule's record; not newly received mail.")
 
 
 class PartyRef(BaseModel):
