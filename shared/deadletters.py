@@ -13,6 +13,11 @@ A replay is recorded in PostgreSQL (``dead_letter_replay``) after the broker ack
 ``list`` can say which dead letters were replayed and a second replay skips them.  A crash in
 between leaves one unmarked, and the next replay publishes it again: harmless, as said.  An event
 refused again is dead-lettered again, as a new dead letter carrying ``replayed_from``.
+
+An outbox relay dead-letters too: an event larger than the producer or the broker takes, which no
+topic can hold, stays in the outbox, and its dead letter stands for it (``kept_in_outbox``).  Its
+replay puts the event back in the outbox's queue (``shared.outbox.release_set_aside``) instead of
+publishing the stand-in.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pydantic import BaseModel, Field
 from shared.errors import InvalidInput, TransientError
 from shared.events.topics import EMAIL_RECEIVED, TOPICS, dead_letter
 from shared.kafka import Publisher, client_options, topic_name
+from shared.outbox import KEPT_IN, KEPT_IN_HEADER, release_set_aside
 from shared.settings import Settings
 
 REPLAYED_FROM = "replayed_from"   # header on a replayed event, carried onto its dead letter if refused again
@@ -55,6 +61,8 @@ class DeadLetter(BaseModel):
     subject: str | None = Field(None, description="what the event is about: an idempotency key, a Message-ID")
     replay_of: str | None = Field(None, description="the dead letter this event was a replay of, if it was one")
     replayed_at: datetime | None = None
+    kept_in_outbox: bool = Field(False, description="an event too large for the broker, kept in the outbox: "
+                                                    "this dead letter stands for it, and its replay queues it again")
     value: bytes = Field(b"", exclude=True, repr=False)
     raw_key: bytes | None = Field(None, exclude=True, repr=False)   # replayed as it was, so to the same partition
 
@@ -153,21 +161,28 @@ async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UU
 
 
 async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadLetter]) -> None:
-    """Publish each dead letter's event to its original topic, then record that it was replayed."""
+    """Publish each dead letter's event to its original topic (or, for one kept in the outbox, put it
+    back in the outbox's queue), then record that it was replayed."""
     if not letters:
         return
-    publisher = Publisher(settings, client_id="conduit-dead-letters")
-    await publisher.start()
-    try:
-        sent = [await publisher.producer.send(
-            topic_name(settings, letter.topic), letter.value, key=letter.raw_key or None,
-            headers=[(REPLAYED_FROM, f"{dead_letter(letter.topic)}:{letter.at}".encode())]
-            + ([(REPLAYED_FOR, letter.consumer_group.encode())] if letter.consumer_group else [])) for letter in letters]
-        for acknowledged in sent:
-            await acknowledged
-    finally:
-        await publisher.stop()
+    publishing = [x for x in letters if not x.kept_in_outbox]
+    if publishing:
+        publisher = Publisher(settings, client_id="conduit-dead-letters")
+        await publisher.start()
+        try:
+            sent = [await publisher.producer.send(
+                topic_name(settings, letter.topic), letter.value, key=letter.raw_key or None,
+                headers=[(REPLAYED_FROM, f"{dead_letter(letter.topic)}:{letter.at}".encode())]
+                + ([(REPLAYED_FOR, letter.consumer_group.encode())] if letter.consumer_group else []))
+                for letter in publishing]
+            for acknowledged in sent:
+                await acknowledged
+        finally:
+            await publisher.stop()
     async with pool.acquire() as conn:
+        for topic in {x.topic for x in letters if x.kept_in_outbox}:
+            await release_set_aside(conn, topic, [x.event_id for x in letters
+                                                  if x.kept_in_outbox and x.topic == topic and x.event_id])
         for topic in {x.topic for x in letters}:
             mine = [x for x in letters if x.topic == topic]
             await conn.execute(
@@ -188,6 +203,7 @@ def _letter(topic: str, record: Any, replayed: Mapping[tuple[int, int, datetime]
         original_partition=_int(headers.get("original_partition")), original_offset=_int(headers.get("original_offset")),
         key=record.key.decode(errors="replace") if record.key is not None else None,
         replay_of=headers.get(REPLAYED_FROM), replayed_at=replayed.get((record.partition, record.offset, logged_at)),
+        kept_in_outbox=headers.get(KEPT_IN_HEADER) == KEPT_IN,
         value=(record.value or b"") if values else b"", raw_key=record.key, **event,
     )
 

@@ -7,20 +7,35 @@ advisory lock the kernel releases when that process dies, however it dies) for a
 Producers use ``acks="all"`` without idempotence: the embedded Tansu broker cannot do idempotent
 producers (see real-peers), and every consumer is idempotent anyway, so at-least-once publishing
 with deduplication downstream gives an exactly-once effect on both Tansu and Kafka.
+
+A publisher also says in the logs when the broker cannot be reached and when it can again
+(``BrokerConnection``): aiokafka retries on its own, and says nothing in the services.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import json
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+    for_code,
+)
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from shared.events.envelope import Envelope, encode_event
 from shared.events.topics import TOPICS, dead_letter
@@ -34,6 +49,15 @@ log = logging.getLogger(__name__)
 
 STACK_FILE = "stack.json"
 STACK_LOCK = "stack.lock"
+
+# The largest message a publisher sends (a broker must accept as much: Kafka's message.max.bytes,
+# or the topic's max.message.bytes), and the largest record batch it builds.
+MAX_REQUEST_SIZE = 8 * 1024 * 1024
+_MAX_BATCH_SIZE = 1024 * 1024
+# What a message too large for the producer or the broker fails with: sending it again cannot help.
+TOO_LARGE: tuple[type[KafkaError], ...] = (MessageSizeTooLargeError, RecordListTooLargeError)
+# Seconds between a publisher's looks at whether the broker can be reached.
+BROKER_CHECK_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -191,24 +215,39 @@ def refused_topics(topic_errors: Iterable[tuple]) -> str | None:
 class Publisher:
     """Publishes enveloped events and waits for the broker's acknowledgement."""
 
-    def __init__(self, settings: Settings, *, client_id: str) -> None:
+    def __init__(self, settings: Settings, *, client_id: str, max_request_size: int = MAX_REQUEST_SIZE) -> None:
         self._settings = settings
         self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
+        self.max_request_size = max_request_size
+        # A batch never larger than a message may be: ``publish_many`` checks only what exceeds one.
+        self._batch_size = min(_MAX_BATCH_SIZE, max_request_size)
+        self.broker_check_interval = BROKER_CHECK_INTERVAL
+        self.connection: BrokerConnection | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        options = client_options(self._settings)
         self._producer = AIOKafkaProducer(
-            **client_options(self._settings),
+            **options,
             client_id=self._client_id,
             acks="all",
             enable_idempotence=False,
             linger_ms=2,
-            max_batch_size=1024 * 1024,
-            max_request_size=8 * 1024 * 1024,
+            max_batch_size=self._batch_size,
+            max_request_size=self.max_request_size,
         )
         await self._producer.start()
+        self.connection = BrokerConnection(self._producer.client, servers_for_logs(options["bootstrap_servers"]))
+        self._watch = asyncio.create_task(self.connection.watch(self.broker_check_interval),
+                                          name=f"{self._client_id}-broker-connection")
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -236,8 +275,22 @@ class Publisher:
         The partition is the default partitioner's choice for the key (``shared.partitioning``, the
         same murmur2 computed cheaper), so per-key order and placement are exactly what ``send``
         gives; order within a partition is the items' order.
+
+        A message larger than ``max_request_size`` fails the call with ``MessageSizeTooLargeError``
+        before anything is sent (aiokafka checks only what goes through ``send``: a batch takes its
+        first record whatever its size).  The broker refuses what exceeds its own limit the same way,
+        for a whole record batch, once it has been sent.  Neither can succeed on a retry (``TOO_LARGE``).
         """
         producer = self.producer
+        items = list(items)
+        for topic, value, key in items:
+            # Cheap first: a key's UTF-8 takes at most 4 bytes a character; a record's overhead < 256.
+            if len(value) + 4 * len(key) + 256 > self.max_request_size:
+                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key.encode(), value, [])
+                if size > self.max_request_size:
+                    raise MessageSizeTooLargeError(
+                        f"an event for {topic} is {size} bytes, more than the producer's max_request_size "
+                        f"({self.max_request_size})")
         partitions: dict[str, list[int]] = {}
         # (topic, key) -> (physical topic, key bytes, partition): a batch's items mostly share one
         # key (ingest: the mailbox), so the name, the encoding and murmur2 are done once per key.
@@ -258,13 +311,11 @@ class Publisher:
             if batch is None:
                 batch = batches[(physical, partition)] = producer.create_batch()
             if batch.append(key=key_bytes, value=value, timestamp=None) is None:
-                # Full (and so closed): send what it holds, in order, and start the next one.
+                # Full (and so closed): send what it holds, in order, and start the next one (an empty
+                # batch takes its first record whatever its size: one larger than a batch goes alone).
                 futures.append(await producer.send_batch(batch, physical, partition=partition))
                 batch = batches[(physical, partition)] = producer.create_batch()
-                if batch.append(key=key_bytes, value=value, timestamp=None) is None:
-                    # Larger than a whole batch: the per-message path checks the size limit.
-                    futures.append(await producer.send(physical, value, key=key_bytes, partition=partition))
-                    del batches[(physical, partition)]
+                batch.append(key=key_bytes, value=value, timestamp=None)
         for (physical, partition), batch in batches.items():
             # Closed, the sender takes it at once; an open batch waits out linger_ms first (in
             # case ``send`` adds to it), and ingest publishes its batches one after another.
@@ -272,3 +323,63 @@ class Publisher:
             futures.append(await producer.send_batch(batch, physical, partition=partition))
         for future in futures:
             await future
+
+
+def servers_for_logs(servers: str | list[str]) -> str:
+    """The bootstrap servers as a log line names them: host and port, never a user or password that
+    someone wrote into them (``user:secret@host:9092``)."""
+    entries = servers.split(",") if isinstance(servers, str) else servers
+    return ",".join(entry.strip().rsplit("@", 1)[-1] for entry in entries if entry.strip())
+
+
+class BrokerConnection:
+    """Whether the broker can be reached, said in the logs once per change: a WARNING when it is
+    lost, an INFO when it is back, with the bootstrap servers named.
+
+    aiokafka retries on its own, and in the services says nothing (``conduit run`` silences its
+    logger: at WARNING it writes a line per retry, several a second), so an outage showed only on
+    ``/readyz``.  This asks the broker for its metadata (no topic: a few bytes) every few seconds.
+    """
+
+    def __init__(self, client: AIOKafkaClient, servers: str, *, timeout: float = 10.0) -> None:
+        self._client = client
+        self.servers = servers
+        self._timeout = timeout
+        self.lost_since: float | None = None   # time.monotonic() of the first failed check of an outage
+        self.checks = 0
+        self.failed_checks = 0
+
+    async def watch(self, every: float) -> None:
+        """Check every ``every`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            await self.check()
+
+    async def check(self) -> bool:
+        """Whether a broker answers; logged when that changes."""
+        problem = await self._problem()
+        self.checks += 1
+        if problem is None:
+            if self.lost_since is not None:
+                log.info("the Kafka broker at %s can be reached again (after %.0f s without it)",
+                         self.servers, time.monotonic() - self.lost_since)
+                self.lost_since = None
+            return True
+        self.failed_checks += 1
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
+            log.warning("lost the connection to the Kafka broker at %s (%s): publishing and consuming wait until "
+                        "it is back, which a line will say (this one is not repeated at each retry)", self.servers, problem)
+        return False
+
+    async def _problem(self) -> str | None:
+        """None when one of the known brokers answers, else what the last one failed with."""
+        problem = "no broker known"
+        for broker in self._client.cluster.brokers():
+            try:
+                await asyncio.wait_for(self._client.send(broker.nodeId, MetadataRequest([])), self._timeout)
+                return None
+            except (KafkaError, OSError, TimeoutError) as exc:
+                text = str(exc)   # aiokafka's errors begin with their name already
+                problem = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+        return problem
