@@ -52,7 +52,7 @@ from shared.deadletters import REPLAYED_FROM, Headers, header_pairs, meant_for_a
 from shared.errors import ConduitError, InvalidInput
 from shared.events.envelope import Envelope, decode_event
 from shared.events.topics import Topic, dead_letter
-from shared.kafka import Publisher, client_options, topic_name
+from shared.kafka import TOO_LARGE, Publisher, client_options, topic_name
 from shared.metrics import EVENTS_CONSUMED, EVENTS_DEAD_LETTERED
 from shared.settings import Settings
 
@@ -369,8 +369,17 @@ class EventConsumer:
         record = rejection.delivery.record
         headers = self._dead_letters.headers(record.topic, record.partition, record.offset, rejection.error,
                                              record.headers)
-        await self._publisher.publish_raw(
-            dead_letter(self._topic.name), record.value or b"", (record.key or b"").decode(errors="replace"), headers
-        )
+        key = (record.key or b"").decode(errors="replace")
+        try:
+            await self._publisher.publish_raw(dead_letter(self._topic.name), record.value or b"", key, headers)
+        except TOO_LARGE:
+            # More than the producer or the dead-letter topic takes (a source topic that allows more):
+            # raised here, outside the retries, it would stop the consumer at the same event at every
+            # start.  The event stays on its topic, where the headers say, for its retention.
+            size = len(record.value or b"")
+            log.error("event at %s:%d@%d (%d bytes) is too large for the dead-letter topic: dead-lettered without "
+                      "its content, which stays on its own topic", record.topic, record.partition, record.offset, size)
+            await self._publisher.publish_raw(dead_letter(self._topic.name), b"", key,
+                                              headers + [("too_large", str(size).encode())])
         self.dead_lettered += 1
         EVENTS_DEAD_LETTERED.labels(self._service, self._topic.name, rejection.error.reason).inc()

@@ -225,6 +225,10 @@ def parse_internaldate(value: bytes) -> datetime | None:
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}$")
 _RESP_CODE = re.compile(rb"^\[([^\]]*)\]")
+# UIDs and UIDVALIDITY are 32-bit (RFC 3501 2.3.1.1), mod-sequences at most 2^63 - 1 (RFC 7162 7): a
+# server past them is broken, and PostgreSQL's bigint could not hold the mod-sequence either.
+MAX_UID = 2**32 - 1
+_RANGES = {"UIDVALIDITY": (1, MAX_UID), "UIDNEXT": (1, MAX_UID + 1), "HIGHESTMODSEQ": (0, 2**63 - 1)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,7 +535,7 @@ class ImapClient:
         for text, literals in reply.untagged:
             words = text.split(b" ", 3)
             kind = words[2].upper() if len(words) >= 3 else b""
-            if kind == b"EXISTS":
+            if kind == b"EXISTS" and words[1].isdigit():
                 exists = int(words[1])
             elif kind == b"FETCH" and known is not None:
                 uid = _fetch_items(text, literals).get("UID")
@@ -556,6 +560,11 @@ class ImapClient:
                         values.clear()
         if "UIDVALIDITY" not in values:
             raise ImapCommandFailed(f"The IMAP server {self._host} did not report UIDVALIDITY for {folder!r}.")
+        for name, (low, high) in _RANGES.items():
+            value = values.get(name)
+            if value is not None and not low <= value <= high:
+                raise ImapCommandFailed(f"The IMAP server {self._host} reported {name} {value} for {folder!r}, "
+                                        "outside the range IMAP allows (RFC 3501, RFC 7162).")
         uidnext = values.get("UIDNEXT") or await self._highest_uid_plus_one(exists)
         # Another UIDVALIDITY: the folder was renumbered and the server ignored our parameters.
         quick = known is not None and known.uidvalidity == values["UIDVALIDITY"] and "HIGHESTMODSEQ" in values
@@ -570,7 +579,7 @@ class ImapClient:
             return 1
         reply = await self._simple(b"FETCH * (UID)", what="FETCH")
         uids = [_fetch_items(text, lits).get("UID") for text, lits in reply.untagged if b"FETCH" in text]
-        return max((int(u) for u in uids if u), default=0) + 1
+        return max((int(u) for u in uids if isinstance(u, str) and u.isdigit() and int(u) <= MAX_UID), default=0) + 1
 
     # ---- searching ----------------------------------------------------------------------------------
 
@@ -683,7 +692,8 @@ class ImapClient:
         raises ``FetchRefused`` naming what it asked for and what it served before refusing.  UIDs a
         command that ended OK answered without their content go into ``without_content`` (UID ->
         reason), when given."""
-        ordered = sorted(set(uids))
+        requested = set(uids)
+        ordered = sorted(requested)
         if not ordered:
             return
         chunks = deque(ordered[i:i + chunk] for i in range(0, len(ordered), chunk))
@@ -707,8 +717,17 @@ class ImapClient:
                 missing: dict[int, tuple[int, str]] = {}   # filled only by unusual answers (rare)
                 try:
                     async for messages in self._fetch_responses(in_flight[0], missing):
+                        stray = [m.uid for m in messages if m.uid not in requested]
+                        if stray:
+                            # A message no command asked for (a broken server): taken, its UID would
+                            # move the folder's state past mail never fetched.  (Not by command: a
+                            # server may answer pipelined commands' FETCHes interleaved.)
+                            log.warning("the IMAP server %s answered UID FETCH with messages it was not asked "
+                                        "for (UIDs %s): left out", self._host, stray[:10])
+                            messages = [m for m in messages if m.uid in requested]
                         served.update([m.uid for m in messages])
-                        yield messages
+                        if messages:
+                            yield messages
                 except ImapCommandFailed as exc:
                     in_flight.popleft()   # its tagged answer is read: nothing of it is left to drain
                     raise FetchRefused(exc.message, asked[0], served) from None
@@ -1156,13 +1175,17 @@ def _text(raw: bytes) -> str:
 
 
 def _search_results(reply: _Reply) -> list[int]:
+    """The UIDs a SEARCH answered; a number no UID can be (0, or past 32 bits) is left out: such a
+    message could never be fetched by its UID, nor stored (the state would stop at it for ever)."""
     uids: list[int] = []
     for text, _ in reply.untagged:
         if text[2:8].upper() == b"SEARCH":
             for word in text[9:].split():
                 if not word.isdigit():
                     break           # "(MODSEQ n)" trails the numbers with CONDSTORE
-                uids.append(int(word))
+                uid = int(word)
+                if 0 < uid <= MAX_UID:
+                    uids.append(uid)
     return uids
 
 

@@ -205,6 +205,12 @@ class MailboxRunner:
                 return True
             await self._failed(exc.reason, exc.message)
             return False
+        except asyncpg.DataError as exc:
+            # PostgreSQL refused a value the server sent (SQLSTATE class 22: a UID past 64 bits, say):
+            # the same session would fail the same way, so this is the mailbox's failure, with an
+            # alert and back-off, not the database's (retried at every interval without a word).
+            await self._failed("unstorable", f"the server sent a value Conduit cannot store: {exc}")
+            return False
         except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
             # Conduit's own database or broker failed, not the mailbox: no alert, no back-off of the
             # mailbox.  The session ends (nothing past the last saved batch counts as done) and the

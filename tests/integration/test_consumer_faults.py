@@ -15,13 +15,15 @@ import asyncio
 import uuid
 from typing import Sequence
 
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
 
 from shared.consumer import Delivery, EventConsumer, Rejection
 from shared.errors import InvalidInput, TransientError
-from shared.events.envelope import Envelope
+from shared.events.envelope import Envelope, encode_event
 from shared.events.payloads import MailboxEventV1
-from shared.events.topics import MAILBOX_EVENTS
+from shared.events.topics import MAILBOX_EVENTS, dead_letter
+from shared.kafka import Publisher, client_options, topic_name
 from tests.support.waiting import eventually
 
 EVENTS = 40
@@ -175,3 +177,50 @@ async def test_an_event_a_bug_meets_is_dead_lettered_and_the_others_go_on(settin
         stopping.set()
         await asyncio.gather(running, return_exceptions=True)
         await consumer.stop()
+
+
+async def test_an_event_too_large_for_the_dead_letter_topic_is_dead_lettered_without_its_content(
+        settings, publisher, caplog) -> None:
+    large = Envelope[MailboxEventV1](type=MAILBOX_EVENTS.name, schema_version=1, producer="tests",
+                                     organization_id=uuid.uuid4(),
+                                     data=MailboxEventV1(mailbox_id=uuid.uuid4(), kind="tested", message="x" * 200_000))
+    await publisher.publish(MAILBOX_EVENTS.name, large, key="one-partition")
+
+    async def refuse(deliveries: Sequence[Delivery]) -> Sequence[Rejection]:
+        return [Rejection(d, InvalidInput("refused by a rule", reason="refused")) for d in deliveries]
+
+    # The consumer's own publisher takes less than the topic held (as a dead-letter topic may).
+    small = Publisher(settings, client_id="small", max_request_size=64 * 1024)
+    await small.start()
+    consumer = EventConsumer(settings, MAILBOX_EVENTS, group_id=f"large-{uuid.uuid4().hex[:8]}", handler=refuse,
+                             publisher=small, across_partitions=True, max_backoff=0.2)
+    await consumer.start()
+    stopping = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stopping))
+    try:
+        async def done() -> bool:
+            return consumer.processed == 1 or running.done()
+        await eventually(done, timeout=30, what="the batch dead-lettered and committed")
+        assert not running.done(), running.exception()   # it used to end the consumer at every start
+        letters = await dead_letters(settings, MAILBOX_EVENTS.name)
+        assert [(r.value, dict(r.headers)["reason"], int(dict(r.headers)["too_large"])) for r in letters] == \
+            [(b"", b"refused", len(encode_event(large)))]
+        for record in caplog.get_records("call"):
+            if "too large for the dead-letter topic" in record.getMessage():
+                record.expected = True
+    finally:
+        stopping.set()
+        await asyncio.gather(running, return_exceptions=True)
+        await consumer.stop()
+        await small.stop()
+
+
+async def dead_letters(settings, topic: str) -> list:
+    reader = AIOKafkaConsumer(topic_name(settings, dead_letter(topic)), **client_options(settings), group_id=None,
+                              auto_offset_reset="earliest", enable_auto_commit=False)
+    await reader.start()
+    try:
+        batches = await reader.getmany(timeout_ms=2000)
+        return [r for records in batches.values() for r in records]
+    finally:
+        await reader.stop()
