@@ -285,7 +285,7 @@ class EventConsumer:
         """Decode, handle (retrying transient failures), dead-letter the rejections, then commit."""
         where = ", ".join(str(tp) for tp in batches)
         deliveries, rejections = decoded or self._decode(batches)
-        attempt = 0
+        attempt = unexpected = 0
         one_by_one = False
         while True:
             try:
@@ -307,11 +307,14 @@ class EventConsumer:
                     log.warning("stopping with a failed batch left uncommitted on %s: %s", where, exc)
                     return
                 attempt += 1
-                if not isinstance(exc, _RETRIABLE) and attempt >= _ATTEMPTS_BEFORE_ISOLATING and not one_by_one:
-                    log.error("batch on %s failed %d times with an unexpected %s: handling its events one by one "
-                              "to set aside the one that causes it", where, attempt, type(exc).__name__, exc_info=exc)
-                    one_by_one = True
-                    continue
+                if not isinstance(exc, _RETRIABLE):
+                    unexpected += 1   # counted apart: a long database outage before it is no reason
+                    if unexpected >= _ATTEMPTS_BEFORE_ISOLATING and not one_by_one:
+                        log.error("batch on %s failed %d times with an unexpected %s: handling its events one by "
+                                  "one to set aside the one that causes it", where, unexpected, type(exc).__name__,
+                                  exc_info=exc)
+                        one_by_one = True
+                        continue
                 if self._burst and attempt > 3:
                     raise  # a one-shot run reports the failure instead of retrying for ever
                 delay = min(self._max_backoff, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)

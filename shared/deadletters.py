@@ -63,6 +63,9 @@ class DeadLetter(BaseModel):
     replayed_at: datetime | None = None
     kept_in_outbox: bool = Field(False, description="an event too large for the broker, kept in the outbox: "
                                                     "this dead letter stands for it, and its replay queues it again")
+    content_left_out: int | None = Field(None, description="the event's size, when it was too large for the "
+                                                           "dead-letter topic: it stays on its own topic, at the "
+                                                           "original place, and cannot be replayed from here")
     value: bytes = Field(b"", exclude=True, repr=False)
     raw_key: bytes | None = Field(None, exclude=True, repr=False)   # replayed as it was, so to the same partition
 
@@ -162,7 +165,9 @@ async def of_message(settings: Settings, pool: asyncpg.Pool, organization_id: UU
 
 async def replay(settings: Settings, pool: asyncpg.Pool, letters: Sequence[DeadLetter]) -> None:
     """Publish each dead letter's event to its original topic (or, for one kept in the outbox, put it
-    back in the outbox's queue), then record that it was replayed."""
+    back in the outbox's queue), then record that it was replayed.  One whose content was left out
+    (``content_left_out``) is neither published nor recorded."""
+    letters = [x for x in letters if x.content_left_out is None]   # nothing here to publish: see the model
     if not letters:
         return
     publishing = [x for x in letters if not x.kept_in_outbox]
@@ -203,7 +208,7 @@ def _letter(topic: str, record: Any, replayed: Mapping[tuple[int, int, datetime]
         original_partition=_int(headers.get("original_partition")), original_offset=_int(headers.get("original_offset")),
         key=record.key.decode(errors="replace") if record.key is not None else None,
         replay_of=headers.get(REPLAYED_FROM), replayed_at=replayed.get((record.partition, record.offset, logged_at)),
-        kept_in_outbox=headers.get(KEPT_IN_HEADER) == KEPT_IN,
+        kept_in_outbox=headers.get(KEPT_IN_HEADER) == KEPT_IN, content_left_out=_int(headers.get("too_large")),
         value=(record.value or b"") if values else b"", raw_key=record.key, **event,
     )
 

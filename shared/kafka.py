@@ -245,7 +245,8 @@ class Publisher:
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Whatever ended the watch (it only logs), the producer below must still stop.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch
             self._watch = None
         if self._producer is not None:
@@ -353,7 +354,10 @@ class BrokerConnection:
         """Check every ``every`` seconds until cancelled."""
         while True:
             await asyncio.sleep(every)
-            await self.check()
+            try:
+                await self.check()
+            except Exception as exc:  # noqa: BLE001 - a watch that dies would say nothing of the next outage
+                log.debug("the broker check failed unexpectedly: %r", exc)
 
     async def check(self) -> bool:
         """Whether a broker answers; logged when that changes."""

@@ -196,9 +196,11 @@ def database_tls_problem(url: str) -> str | None:
     query = parse_qs(parts.query)
     hosts = query.get("host", []) or [h.rsplit(":", 1)[0] if not h.startswith("[") else h.split("]")[0] + "]"
                                       for h in (parts.netloc.rsplit("@", 1)[-1]).split(",")]
+    if hosts == [""]:   # no host in the URL: the client takes PGHOST's (or a pg_service.conf entry's)
+        hosts = os.environ.get("PGHOST", "").split(",") if "service" not in query else ["a service's host"]
     if all(h.startswith("/") or h.lower() in _LOCAL_HOSTS for h in hosts):
         return None
-    mode = (query.get("sslmode") or [os.environ.get("PGSSLMODE", "")])[-1]
+    mode = (query.get("sslmode") or [os.environ.get("PGSSLMODE", "")])[-1].lower()
     if mode in _DECIDED_SSLMODES:
         return None
     return (f"production needs DATABASE_URL to verify PostgreSQL's certificate: add sslmode=verify-full (with "

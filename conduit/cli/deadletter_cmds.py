@@ -85,6 +85,11 @@ def dead_letters_replay(topic: str = typer.Argument(..., help="The topic the eve
                 raise fail(f"no dead letter of {name} at {', '.join(sorted(missing))}")
             letters = [x for x in letters if not reason or x.reason in reason]
             chosen = [x for x in letters if again or x.replayed_at is None]
+            for x in [x for x in chosen if x.content_left_out is not None]:
+                typer.echo(f"{x.at}: the event ({x.content_left_out} bytes) was too large for {name}; it is on "
+                           f"{x.topic} at partition {x.original_partition}, offset {x.original_offset}, and is not "
+                           "replayed from here", err=True)
+            chosen = [x for x in chosen if x.content_left_out is None]
             if not dry_run:
                 await deadletters.replay(settings, pool, chosen)
         if json_:

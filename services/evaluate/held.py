@@ -81,21 +81,22 @@ async def hold(conn: asyncpg.Connection, rows: Sequence[HeldMessage]) -> None:
     )
 
 
-async def let_go(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, str]]) -> int:
+async def let_go(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, str]], *, whatever_event: bool = False) -> int:
     """Forget the held events of messages decided for good in this transaction; how many there were.
 
-    A held event newer than the decision recorded stays: it took the place of the one decided while
-    that one was evaluated (the message's move announced as a release evaluated its older event), and
-    is evaluated at the next look (``let_go_evaluated`` forgets it then, whatever it decides)."""
+    A held event newer than the decision recorded stays (unless ``whatever_event``): it took the place
+    of the one decided while that one was evaluated (the message's move announced as a release
+    evaluated its older event), and is evaluated at the next look (``let_go_evaluated`` forgets it
+    then, whatever it decides)."""
     if not keys:
         return 0
     rows = await conn.fetch(
         """DELETE FROM held_message h USING unnest($1::uuid[], $2::text[]) AS k(mailbox, mid)
            WHERE h.mailbox_id = k.mailbox AND h.message_id = k.mid
-             AND NOT EXISTS (SELECT 1 FROM email_decision d WHERE d.mailbox_id = h.mailbox_id
-                             AND d.message_id = h.message_id AND d.event_at < (h.event->>'occurred_at')::timestamptz)
+             AND ($3 OR NOT EXISTS (SELECT 1 FROM email_decision d WHERE d.mailbox_id = h.mailbox_id
+                                   AND d.message_id = h.message_id AND d.event_at < (h.event->>'occurred_at')::timestamptz))
            RETURNING 1""",
-        [m for m, _ in keys], [k for _, k in keys],
+        [m for m, _ in keys], [k for _, k in keys], whatever_event,
     )
     return len(rows)
 
@@ -152,12 +153,7 @@ async def decide_orphans(conn: asyncpg.Connection, keys: Sequence[tuple[UUID, st
     )
     # Every one, whatever its event: each was evaluated again and is no longer this mailbox's (or cannot
     # be read), so nothing of it waits here.
-    rows = await conn.fetch(
-        """DELETE FROM held_message h USING unnest($1::uuid[], $2::text[]) AS k(mailbox, mid)
-           WHERE h.mailbox_id = k.mailbox AND h.message_id = k.mid RETURNING 1""",
-        [m for m, _ in keys], [k for _, k in keys],
-    )
-    return len(rows)
+    return await let_go(conn, keys, whatever_event=True)
 
 
 async def mailboxes_holding(conn: asyncpg.Connection) -> set[tuple[UUID, bool]]:

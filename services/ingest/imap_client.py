@@ -226,9 +226,10 @@ def parse_internaldate(value: bytes) -> datetime | None:
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}$")
 _RESP_CODE = re.compile(rb"^\[([^\]]*)\]")
 # UIDs and UIDVALIDITY are 32-bit (RFC 3501 2.3.1.1), mod-sequences at most 2^63 - 1 (RFC 7162 7): a
-# server past them is broken, and PostgreSQL's bigint could not hold the mod-sequence either.
+# server past them is broken, and PostgreSQL's bigint could not hold the mod-sequence either.  Zero is
+# let through: some servers send [UIDNEXT 0] (then found from the last message) or [UIDVALIDITY 0].
 MAX_UID = 2**32 - 1
-_RANGES = {"UIDVALIDITY": (1, MAX_UID), "UIDNEXT": (1, MAX_UID + 1), "HIGHESTMODSEQ": (0, 2**63 - 1)}
+_RANGES = {"UIDVALIDITY": MAX_UID, "UIDNEXT": MAX_UID + 1, "HIGHESTMODSEQ": 2**63 - 1}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,9 +561,9 @@ class ImapClient:
                         values.clear()
         if "UIDVALIDITY" not in values:
             raise ImapCommandFailed(f"The IMAP server {self._host} did not report UIDVALIDITY for {folder!r}.")
-        for name, (low, high) in _RANGES.items():
+        for name, highest in _RANGES.items():
             value = values.get(name)
-            if value is not None and not low <= value <= high:
+            if value is not None and value > highest:
                 raise ImapCommandFailed(f"The IMAP server {self._host} reported {name} {value} for {folder!r}, "
                                         "outside the range IMAP allows (RFC 3501, RFC 7162).")
         uidnext = values.get("UIDNEXT") or await self._highest_uid_plus_one(exists)

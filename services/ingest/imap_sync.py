@@ -148,15 +148,32 @@ class ImapFolderSync:
         # While the folder's rule is not onboarded, a message found again in the folder that was read
         # from it under an earlier numbering is mail from before the rule: announced again too.
         earlier_numbering = status.uidvalidity if onboarding is not None else None
-        if onboarding is not None and saved is not None and not renumbered:
+        # A read of the folder from its start (renumbered) that was cut short records its rule's
+        # progress with the state, as far as the state: it goes on below, and ends the onboarding
+        # at its end.  Asking the server (``_onboard``) would find nothing up to the state, and end
+        # the onboarding before the rest of the folder's earlier mail was found again.
+        resuming = (onboarding is not None and saved is not None and not renumbered
+                    and onboarding.uidvalidity == status.uidvalidity and onboarding.uid >= saved.last_uid)
+        if onboarding is not None and saved is not None and not renumbered and not resuming:
             # The folder's new rule files what ingest read from the folder before it (and what a move
             # brought there), up to the saved state; what comes after is read below, as always.
-            await self._onboard(client, folder, status, saved.last_uid, onboarding)
-            onboarding = None
+            try:
+                await self._onboard(client, folder, status, saved.last_uid, onboarding)
+                onboarding = None
+            except ImapCommandFailed as exc:
+                # Refused (a NO leaves the session usable): the folder's new mail is read all the
+                # same, and the onboarding is tried again at the next sync.
+                text = f"the folder {folder!r}'s tracking rule could not file its earlier mail yet: {exc.message}"
+                self.warnings.append(("folder_sync_failed", text))
+                log.warning("mailbox %s: %s", self._mailbox.id, text)
+                onboarding = earlier_numbering = None
         if saved is not None and not renumbered and status.uidnext - 1 <= last_uid:
             # Nothing arrived since: no SEARCH, no FETCH (the common case when polling).  With
             # QRESYNC a new HIGHESTMODSEQ means flags changed or mail vanished: recorded, still no I/O.
-            if status.quick_resync and status.highestmodseq != saved_modseq:
+            if onboarding is not None:   # a read from the start, cut short after its last message
+                await self._save(folder, status, last_uid, status.highestmodseq, [], [], refused={},
+                                 onboarding=onboarding)
+            elif status.quick_resync and status.highestmodseq != saved_modseq:
                 await self._save(folder, status, last_uid, status.highestmodseq, [], [])
             return 0
         uids = await client.uids_since(last_uid)

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import uuid
 
-from aiokafka import AIOKafkaConsumer
-
 from services.evaluate.service import EvaluateService
 from shared.events.envelope import Envelope
 from shared.events.payloads import EmailReceivedV1
-from shared.events.topics import EMAIL_RECEIVED, dead_letter
-from shared.kafka import client_options, topic_name
+from shared.events.topics import EMAIL_RECEIVED
 from shared.lifecycle import run_service
 from shared.rawstore import store_raw
+from tests.integration.test_consumer_faults import dead_letters
 from tests.support.mailboxes import message
 
 
 async def dead_letter_reasons(settings) -> list[str]:
-    consumer = AIOKafkaConsumer(topic_name(settings, dead_letter(EMAIL_RECEIVED.name)), **client_options(settings),
-                                group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        batches = await consumer.getmany(timeout_ms=2000)
-        return [dict(r.headers)["reason"].decode() for records in batches.values() for r in records]
-    finally:
-        await consumer.stop()
+    return [dict(r.headers)["reason"].decode() for r in await dead_letters(settings, EMAIL_RECEIVED.name)]
 
 
 async def test_an_unstorable_event_is_dead_lettered_and_the_mail_beside_it_is_decided(

@@ -176,8 +176,107 @@ async def test_a_resync_killed_after_a_batch_files_the_rest_of_the_folders_mail_
 
         assert await sync.sync(client, ["Archive"]) == 0
         assert await refiled(settings, 3 + 2) == ["kill-2@x.example", "kill-3@x.example"]
-        assert await rule_progress(pool, box, "Archive") == (1, True)
+        assert await rule_progress(pool, box, "Archive") == (3, True)   # it went on with the read, to its end
         assert await sync.sync(client, ["Archive"]) == 0
         assert len(await read_topic(settings, "email.received", 5)) == 5
     finally:
         await client.logout()
+
+
+async def test_a_renumbered_folders_read_cut_short_twice_still_files_all_its_earlier_mail(
+        settings, registry, org, dovecot, pool, publisher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resync of a renumbered folder was cut after its first batch, then the next sync after its
+    own first batch: the rule's onboarding must go on with the read of the folder, not end when the
+    server is asked about what the state already covers (it used to, so the third sync refiled nothing)."""
+    monkeypatch.setattr(imap_sync, "BATCH", 1)
+    box = await ready_mailbox(registry, org, dovecot, tracked_folders=["INBOX", "Archive"])
+    acme = await registry.add_record(org, "account", "Acme", f"info@{org.name}.example")
+    raws = [message(f"t{i}", message_id=f"<twice-{i}@x.example>") for i in range(1, 5)]
+    for raw in raws:
+        await dovecot.append(box.email, box.password, raw, folder="Archive")
+    sync = ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False))
+    client = await session(dovecot.host, dovecot.imap_port, box)
+    try:
+        assert await sync.sync(client, ["Archive"]) == 4
+        await asyncio.to_thread(other_client, dovecot, box, lambda imap: imap.delete('"Archive"'))
+        for raw in raws:
+            await dovecot.append(box.email, box.password, raw, folder="Archive")
+        await registry.add_folder_rule(org, box.email, "Archive", f"account:{acme.id}")
+        renumbered = (await client.select("Archive")).uidvalidity
+    finally:
+        await client.logout()
+    # What the first cut left: its first batch (UID 1) recorded under the new numbering, progress and all.
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE imap_folder_state SET uidvalidity = $2, last_uid = 1, highestmodseq = NULL "
+                           "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
+        await conn.execute("UPDATE ingested_message SET uidvalidity = $2, uid = 1 "
+                           "WHERE mailbox_id = $1 AND message_key = 'twice-1@x.example'", box.id, renumbered)
+        await conn.execute("UPDATE folder_tracking_rule SET onboarded_uidvalidity = $2, onboarded_uid = 1 "
+                           "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
+    fetches = []
+
+    def cut_at_third_content_fetch(line: bytes) -> bytes | None:
+        if b"UID FETCH" in line and b"BODY.PEEK[]" in line:
+            fetches.append(line)
+            if len(fetches) == 3:
+                return CLOSE
+        return None
+
+    relay, port = await line_relay(dovecot.host, dovecot.imap_port, cut_at_third_content_fetch)
+    try:
+        cut = await session("127.0.0.1", port, box)
+        with pytest.raises(ConnectionFailed):
+            await sync.sync(cut, ["Archive"])
+        await cut.close()
+    finally:
+        relay.close()
+    assert (await rule_progress(pool, box, "Archive"))[1] is False
+
+    client = await session(dovecot.host, dovecot.imap_port, box)
+    try:
+        await sync.sync(client, ["Archive"])
+    finally:
+        await client.logout()
+    assert set(await refiled(settings, 4 + 3)) == {"twice-2@x.example", "twice-3@x.example", "twice-4@x.example"}
+    assert (await rule_progress(pool, box, "Archive"))[1] is True
+
+
+async def test_a_refused_onboarding_does_not_hold_back_the_folders_new_mail(
+        settings, registry, org, dovecot, pool, publisher) -> None:
+    box = await ready_mailbox(registry, org, dovecot, tracked_folders=["INBOX", "Projects"])
+    acme = await registry.add_record(org, "account", "Acme", f"info@{org.name}.example")
+    await dovecot.append(box.email, box.password, message("old", message_id="<old@x.example>"), folder="Projects")
+    sync = ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False))
+    client = await session(dovecot.host, dovecot.imap_port, box)
+    try:
+        assert await sync.sync(client, ["Projects"]) == 1
+    finally:
+        await client.logout()
+    await registry.add_folder_rule(org, box.email, "Projects", f"account:{acme.id}")
+    await dovecot.append(box.email, box.password, message("new", message_id="<new@x.example>"), folder="Projects")
+
+    def refuse(line: bytes) -> bytes | None:
+        if ONBOARDING_FETCH in line:   # as Gmail refuses some UID FETCHes
+            return line.split(b" ")[0] + b" NO [SERVERBUG] Some messages could not be FETCHed (Failure)\r\n"
+        return None
+
+    relay, port = await line_relay(dovecot.host, dovecot.imap_port, refuse)
+    try:
+        refusing = await session("127.0.0.1", port, box)
+        try:
+            assert await sync.sync(refusing, ["Projects"]) == 1   # the new message: it used to wait for ever
+        finally:
+            await refusing.logout()
+    finally:
+        relay.close()
+    assert any("could not file its earlier mail yet" in text for _, text in sync.warnings), sync.warnings
+    assert (await rule_progress(pool, box, "Projects"))[1] is False
+    client = await session(dovecot.host, dovecot.imap_port, box)
+    try:
+        assert await sync.sync(client, ["Projects"]) == 0
+    finally:
+        await client.logout()
+    # The new message, read while the onboarding waited, may be announced again with it: the same
+    # rule files it under the same record, which changes nothing.
+    assert "old@x.example" in await refiled(settings, 3)
+    assert (await rule_progress(pool, box, "Projects"))[1] is True

@@ -39,6 +39,17 @@ def test_a_verified_local_or_deliberately_plain_database_is_accepted(url: str) -
     assert production(url).database_url is not None
 
 
+def test_a_host_from_the_environment_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "db.example.net")
+    with pytest.raises(ValidationError):
+        production("postgresql://conduit:pw@/conduit")
+    with pytest.raises(ValidationError):
+        production("postgresql://conduit:pw@/conduit?service=conduit")
+    assert production("postgresql://conduit:pw@/conduit?sslmode=VERIFY-FULL").database_url is not None
+    monkeypatch.setenv("PGHOST", "/var/run/postgresql")
+    assert production("postgresql://conduit:pw@/conduit").database_url is not None
+
+
 def test_development_does_not_ask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CONDUIT_ENV", raising=False)
     assert Settings(DATABASE_URL="postgresql://u:p@db.example.net/c").env == "development"
