@@ -146,34 +146,50 @@ async def test_a_folder_renumbered_before_its_rule_is_onboarded_files_its_mail_o
         await client.logout()
 
 
-async def test_a_resync_killed_after_a_batch_files_the_rest_of_the_folders_mail_from_before(
-        settings, registry, org, dovecot, pool, publisher) -> None:
-    """The renumbered folder's resync was killed after its first batch was saved (progress and all),
-    before the next batch's events went out: the next sync, no longer a resync, still announces again
-    the messages it finds that were read from the folder under the earlier numbering."""
+async def renumbered_under_a_new_rule(registry, org, dovecot, pool, publisher, prefix: str,
+                                     count: int) -> tuple[object, ImapFolderSync, int]:
+    """``count`` messages read from Archive, the folder then rebuilt by another client (renumbered,
+    the same messages in it) and given a rule: (the mailbox, its sync, the new UIDVALIDITY)."""
     box = await ready_mailbox(registry, org, dovecot, tracked_folders=["INBOX", "Archive"])
     acme = await registry.add_record(org, "account", "Acme", f"info@{org.name}.example")
-    raws = [message(f"k{i}", message_id=f"<kill-{i}@x.example>") for i in range(1, 4)]
+    raws = [message(f"{prefix}{i}", message_id=f"<{prefix}-{i}@x.example>") for i in range(1, count + 1)]
     for raw in raws:
         await dovecot.append(box.email, box.password, raw, folder="Archive")
     sync = ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False))
     client = await session(dovecot.host, dovecot.imap_port, box)
     try:
-        assert await sync.sync(client, ["Archive"]) == 3
+        assert await sync.sync(client, ["Archive"]) == count
         await asyncio.to_thread(other_client, dovecot, box, lambda imap: imap.delete('"Archive"'))
         for raw in raws:
             await dovecot.append(box.email, box.password, raw, folder="Archive")
         await registry.add_folder_rule(org, box.email, "Archive", f"account:{acme.id}")
         renumbered = (await client.select("Archive")).uidvalidity
-        # What the killed resync left: its first batch (UID 1) recorded under the new numbering.
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("UPDATE imap_folder_state SET uidvalidity = $2, last_uid = 1, highestmodseq = NULL "
-                               "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
-            await conn.execute("UPDATE ingested_message SET uidvalidity = $2, uid = 1 "
-                               "WHERE mailbox_id = $1 AND message_key = 'kill-1@x.example'", box.id, renumbered)
-            await conn.execute("UPDATE folder_tracking_rule SET onboarded_uidvalidity = $2, onboarded_uid = 1 "
-                               "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
+    finally:
+        await client.logout()
+    return box, sync, renumbered
 
+
+async def left_by_a_resync_cut_after_its_first_batch(pool, box, renumbered: int, first_key: str) -> None:
+    """What a resync cut after its first batch leaves: that batch (UID 1) recorded under the new
+    numbering, with the rule's progress."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE imap_folder_state SET uidvalidity = $2, last_uid = 1, highestmodseq = NULL "
+                           "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
+        await conn.execute("UPDATE ingested_message SET uidvalidity = $2, uid = 1 "
+                           "WHERE mailbox_id = $1 AND message_key = $3", box.id, renumbered, first_key)
+        await conn.execute("UPDATE folder_tracking_rule SET onboarded_uidvalidity = $2, onboarded_uid = 1 "
+                           "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
+
+
+async def test_a_resync_killed_after_a_batch_files_the_rest_of_the_folders_mail_from_before(
+        settings, registry, org, dovecot, pool, publisher) -> None:
+    """The renumbered folder's resync was killed after its first batch was saved (progress and all),
+    before the next batch's events went out: the next sync, no longer a resync, still announces again
+    the messages it finds that were read from the folder under the earlier numbering."""
+    box, sync, renumbered = await renumbered_under_a_new_rule(registry, org, dovecot, pool, publisher, "kill", 3)
+    await left_by_a_resync_cut_after_its_first_batch(pool, box, renumbered, "kill-1@x.example")
+    client = await session(dovecot.host, dovecot.imap_port, box)
+    try:
         assert await sync.sync(client, ["Archive"]) == 0
         assert await refiled(settings, 3 + 2) == ["kill-2@x.example", "kill-3@x.example"]
         assert await rule_progress(pool, box, "Archive") == (3, True)   # it went on with the read, to its end
@@ -189,30 +205,8 @@ async def test_a_renumbered_folders_read_cut_short_twice_still_files_all_its_ear
     own first batch: the rule's onboarding must go on with the read of the folder, not end when the
     server is asked about what the state already covers (it used to, so the third sync refiled nothing)."""
     monkeypatch.setattr(imap_sync, "BATCH", 1)
-    box = await ready_mailbox(registry, org, dovecot, tracked_folders=["INBOX", "Archive"])
-    acme = await registry.add_record(org, "account", "Acme", f"info@{org.name}.example")
-    raws = [message(f"t{i}", message_id=f"<twice-{i}@x.example>") for i in range(1, 5)]
-    for raw in raws:
-        await dovecot.append(box.email, box.password, raw, folder="Archive")
-    sync = ImapFolderSync(pool, publisher, Mailbox(box.id, org.id, False))
-    client = await session(dovecot.host, dovecot.imap_port, box)
-    try:
-        assert await sync.sync(client, ["Archive"]) == 4
-        await asyncio.to_thread(other_client, dovecot, box, lambda imap: imap.delete('"Archive"'))
-        for raw in raws:
-            await dovecot.append(box.email, box.password, raw, folder="Archive")
-        await registry.add_folder_rule(org, box.email, "Archive", f"account:{acme.id}")
-        renumbered = (await client.select("Archive")).uidvalidity
-    finally:
-        await client.logout()
-    # What the first cut left: its first batch (UID 1) recorded under the new numbering, progress and all.
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("UPDATE imap_folder_state SET uidvalidity = $2, last_uid = 1, highestmodseq = NULL "
-                           "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
-        await conn.execute("UPDATE ingested_message SET uidvalidity = $2, uid = 1 "
-                           "WHERE mailbox_id = $1 AND message_key = 'twice-1@x.example'", box.id, renumbered)
-        await conn.execute("UPDATE folder_tracking_rule SET onboarded_uidvalidity = $2, onboarded_uid = 1 "
-                           "WHERE mailbox_id = $1 AND folder = 'Archive'", box.id, renumbered)
+    box, sync, renumbered = await renumbered_under_a_new_rule(registry, org, dovecot, pool, publisher, "twice", 4)
+    await left_by_a_resync_cut_after_its_first_batch(pool, box, renumbered, "twice-1@x.example")
     fetches = []
 
     def cut_at_third_content_fetch(line: bytes) -> bytes | None:
