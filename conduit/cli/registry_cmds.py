@@ -333,7 +333,8 @@ def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or it
                 ("active", m.active), ("email approved", m.email_approved), ("tracking", m.tracking),
                 ("tracked folders", ", ".join(m.tracked_folders)),
             ]
-            pairs += [(f"folder rule {r.folder}", f"regarding {r.regarding_kind} {r.regarding_email} ({r.regarding_id})")
+            pairs += [(f"folder rule {r.folder}", f"regarding {r.regarding_kind} {r.regarding_email} ({r.regarding_id}); "
+                                                  f"earlier mail {r.earlier_mail()}")
                       for r in m.folder_rules]
             if m.owner_kind == "queue":
                 pairs += [("convert to activities", m.convert_to_activities), ("delete after processing", m.delete_after_processing)]
@@ -472,6 +473,8 @@ def folder_rule_add(ref: str = typer.Argument(..., help="Mailbox id, address, or
                        f"{rule.regarding_email} ({rule.regarding_id})")
             if added:
                 typer.echo(f"{folder}: was not tracked; added to the mailbox's tracked folders")
+            typer.echo(f"{folder}: the email already in it is filed at the folder's next sync "
+                       "(`conduit mailbox folder-rule list` shows how far)")
     run(go)
 
 
@@ -484,8 +487,8 @@ def folder_rule_list(ref: str = typer.Argument(..., help="Mailbox id, address, o
             rules = await ctx.registry.folder_rules(ctx.org, ref)
             if json_:
                 return emit_json(rules)
-            table([(r.folder, r.regarding_kind, r.regarding_email, r.regarding_name, r.regarding_id) for r in rules],
-                  ["folder", "kind", "email", "name", "record id"])
+            table([(r.folder, r.regarding_kind, r.regarding_email, r.regarding_name, r.regarding_id, r.earlier_mail())
+                   for r in rules], ["folder", "kind", "email", "name", "record id", "earlier mail"])
     run(go)
 
 

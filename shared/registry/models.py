@@ -239,6 +239,18 @@ class FolderRule(BaseModel):
     regarding_name: str
     regarding_email: str
     created_at: datetime
+    # The mail read from the folder before the rule came is filed once (ingest's onboarding):
+    # done at ``onboarded_at``; until then, done up to ``onboarded_uid`` (None: not begun).
+    onboarded_at: datetime | None = None
+    onboarded_uid: int | None = None
+
+    def earlier_mail(self) -> str:
+        """Where the filing of the folder's earlier mail stands, as the CLI says it."""
+        if self.onboarded_at is not None:
+            return "filed"
+        if self.onboarded_uid is not None:
+            return f"being filed (up to UID {self.onboarded_uid})"
+        return "filed at the folder's next sync"
 
 
 class Record(BaseModel):

@@ -222,7 +222,7 @@ async def reset_tests(conn: asyncpg.Connection, mailbox_id: UUID, directions: li
 
 _FOLDER_RULE_SELECT = """
 SELECT f.mailbox_id, f.folder, f.folder_id, f.regarding_kind, f.regarding_id, f.created_at,
-       r.name AS regarding_name, r.email AS regarding_email
+       f.onboarded_at, f.onboarded_uid, r.name AS regarding_name, r.email AS regarding_email
 FROM folder_tracking_rule f JOIN crm_record r ON r.id = f.regarding_id
 """
 

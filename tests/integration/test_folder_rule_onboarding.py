@@ -91,6 +91,7 @@ async def test_onboarding_goes_a_batch_at_a_time_and_resumes_where_a_broken_sess
     assert b"UID FETCH 1:4 " + ONBOARDING_FETCH in asked[0]
     assert await refiled(settings, 12 + 3) == ["onb-1@x.example", "onb-3@x.example", "onb-4@x.example"]
     assert await rule_progress(pool, box, "Projects") == (4, False)
+    assert [r.earlier_mail() for r in await registry.folder_rules(org, box.email)] == ["being filed (up to UID 4)"]
 
     # The next session goes on after the first batch: each message still there once, none twice.
     seen: list[bytes] = []
@@ -106,6 +107,7 @@ async def test_onboarding_goes_a_batch_at_a_time_and_resumes_where_a_broken_sess
     assert not [line for line in seen if b"BODY" in line], "no content is fetched again"
     assert await refiled(settings, 12 + 10) == [f"onb-{i}@x.example" for i in (1, 3, 4, 5, 6, 8, 9, 10, 11, 12)]
     assert await rule_progress(pool, box, "Projects") == (12, True)
+    assert [r.earlier_mail() for r in await registry.folder_rules(org, box.email)] == ["filed"]
 
     again = await session(dovecot.host, dovecot.imap_port, box)
     try:

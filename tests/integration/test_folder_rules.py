@@ -129,11 +129,13 @@ async def test_folder_rule_commands(settings, registry: Registry, org) -> None:
     assert code == 0, err
     assert f"tracked regarding account {acme.email} ({acme.id})" in out
     assert "was not tracked; added to the mailbox's tracked folders" in out
+    assert "the email already in it is filed at the folder's next sync" in out
 
     code, out, err = await conduit_cli(settings, "mailbox", "folder-rule", "list", email, "--org", org.name, "--json")
     assert code == 0 and [(r["folder"], r["regarding_id"]) for r in json.loads(out)] == [("Customers/Acme", str(acme.id))]
     code, out, err = await conduit_cli(settings, "mailbox", "folder-rule", "list", email, "--org", org.name)
     assert code == 0 and "Customers/Acme" in out and "Acme Ltd" in out
+    assert "filed at the folder's next sync" in out, out   # the mail already in the folder, not read yet
 
     code, out, err = await conduit_cli(settings, "mailbox", "show", email, "--org", org.name)
     assert code == 0 and "INBOX, Customers/Acme" in out
