@@ -597,7 +597,7 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
         async with command_context(load_settings(), org) as ctx:
             decisions = await ctx.registry.decisions(ctx.org, message_id)
             waiting = await _held_since(ctx, message_id) if decisions else {}
-            sent = await _sent_by_conduit(ctx, message_id)
+            sent = await ctx.registry.sent_message(ctx.org, message_id)
             activity = await _activity(ctx, sent.activity_id) if sent is not None and sent.activity_id else None
             refused = [] if decisions else await _dead_lettered(ctx, message_id)
             if json_:
@@ -622,17 +622,6 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
                        "a mailbox that should have received it is processed", code=1)
     if run(go):
         raise typer.Exit(1)
-
-
-async def _sent_by_conduit(ctx: Any, message_id: str) -> models.OutboundRequest | None:
-    """The request Conduit sent this message for, when it is one of ours."""
-    from shared.errors import NotFound
-
-    try:
-        request = await ctx.registry.outbound_request(ctx.org, message_id)
-    except NotFound:
-        return None
-    return request if request.message_id == message_id.strip().strip("<>") else None
 
 
 async def _activity(ctx: Any, activity_id: Any) -> models.Activity | None:

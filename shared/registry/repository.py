@@ -403,6 +403,15 @@ async def outbound_request_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: s
     )
 
 
+async def outbound_request_by_message_id(conn: asyncpg.Connection, org_id: UUID, message_id: str) -> asyncpg.Record | None:
+    """The request whose email carries this Message-ID (with or without its angle brackets)."""
+    return await conn.fetchrow(
+        _OUTBOUND + """ WHERE o.organization_id = $1 AND o.message_id = trim(both '<>' from $2)
+                        ORDER BY o.created_at DESC LIMIT 1""",
+        org_id, message_id,
+    )
+
+
 async def outbound_request_body(conn: asyncpg.Connection, request_id: UUID) -> dict[str, Any] | None:
     """The request as dispatch accepted it (the ``email.outbound`` event's data)."""
     return await conn.fetchval("SELECT request FROM outbound_email WHERE id = $1", request_id)

@@ -609,6 +609,12 @@ class Registry:
             raise NotFound(f"no request to send {ref!r} (give its idempotency key, request id or Message-ID)")
         return _outbound(row)
 
+    async def sent_message(self, org: models.Organization, message_id: str) -> models.OutboundRequest | None:
+        """The request Conduit sent (or was asked to send) this Message-ID for; None when it is not ours."""
+        async with self._pool.acquire() as conn:
+            row = await repo.outbound_request_by_message_id(conn, org.id, message_id.strip())
+        return None if row is None else _outbound(row)
+
     async def resend_request(self, org: models.Organization, ref: str, key: str | None = None) -> EmailOutboundV1:
         """A failed request, as a new request to publish on ``email.outbound``: the same data as
         dispatch accepted it, under ``key`` (by default the first key + ``.resend``), without the

@@ -75,6 +75,14 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             assert code == 2 and "no request to send 'no-such-key'" in err and "Traceback" not in err
             code, out, err = await _cli(settings, "outbound", "list", "--status", "lost", "--org", org.name)
             assert code == 2 and "is not one of" in err and "Traceback" not in err
+            # A request whose key is, by chance, that email's Message-ID does not hide the email.
+            lookalike = outbound(org, sender_email="nobody@example.com", to=["x@example.com"],
+                                 idempotency_key=status["message_id"])
+            await publish(publisher, lookalike)
+            assert (await finals(settings, [status["message_id"]])).final(status["message_id"]).reason == "unknown_mailbox"
+            for asked in (status["message_id"], f"<{status['message_id']}>"):
+                code, out, err = await _cli(settings, "message", "why", asked, "--org", org.name)
+                assert code == 0 and out.startswith(f"sent by Conduit, not received: request {key} through"), (out, err)
         assert len(capture.messages()) == 1
         (message,) = capture.messages()
         assert message.header("X-Source") == "cli" and message.header("Subject").startswith("From the CLI CRM:")
