@@ -49,6 +49,7 @@ _EMAIL_ADDRESS = TypeAdapter(EmailAddress)
 MAX_FOLDER = 1000
 MAX_UIDL = 200
 MAX_MESSAGE_ID = 1000
+MAX_UID = 2**32 - 1
 SOURCES = frozenset(get_args(EmailReceivedV1.model_fields["source"].annotation))
 
 
@@ -62,7 +63,7 @@ def _optional_text(value: str | None, limit: int) -> str | None:
     """The JSON of an optional string field with a length limit, or None if the model must decide."""
     if value is None:
         return "null"
-    if type(value) is str and len(value) <= limit:
+    if type(value) is str and len(value) <= limit and "\x00" not in value:
         return _json_text(value)
     return None
 
@@ -115,11 +116,11 @@ class ReceivedBatch:
               size: int, message_id: str | None, received_at: datetime | None,
               forwarded_by: str | None, refiled: bool = False) -> bytes | None:
         """The event written into the template, or None when a field needs the model's judgement."""
-        if type(folder) is not str or len(folder) > MAX_FOLDER:
+        if type(folder) is not str or len(folder) > MAX_FOLDER or "\x00" in folder:
             return None
         if type(refiled) is not bool:
             return None
-        if uid is not None and (type(uid) is not int or uid < 1):
+        if uid is not None and (type(uid) is not int or not 1 <= uid <= MAX_UID):
             return None
         if type(size) is not int or size < 0:
             return None

@@ -17,6 +17,17 @@ from shared.events.fields import ONE_LINE, EmailAddress, HeaderText, SendableAdd
 Direction = Literal["incoming", "outgoing", "act"]
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# Text without NUL: PostgreSQL cannot store it, so an event carrying one is refused as it is read
+# (a schema error naming the field) rather than where it would be stored.
+Text = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+
+
 class EmailReceivedV1(BaseModel):
     """A message pulled from a mailbox; the raw MIME is stored before this is published."""
 
@@ -24,12 +35,12 @@ class EmailReceivedV1(BaseModel):
 
     mailbox_id: UUID
     source: Literal["imap", "pop3", "ews", "graph"]
-    folder: str = Field("INBOX", max_length=1000)
-    uid: int | None = Field(None, ge=1, description="IMAP UID in the folder, when IMAP.")
-    uidl: str | None = Field(None, max_length=200, description="POP3 unique id, when POP3.")
+    folder: Text = Field("INBOX", max_length=1000)
+    uid: int | None = Field(None, ge=1, le=2**32 - 1, description="IMAP UID in the folder, when IMAP.")
+    uidl: Text | None = Field(None, max_length=200, description="POP3 unique id, when POP3.")
     raw_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Reference to the stored raw MIME.")
     size: int = Field(ge=0)
-    message_id: str | None = Field(None, max_length=1000, description="The Message-ID header, when present.")
+    message_id: Text | None = Field(None, max_length=1000, description="The Message-ID header, when present.")
     received_at: AwareDatetime | None = Field(None, description="Server's arrival time (IMAP INTERNALDATE).")
     forwarded_by: EmailAddress | None = Field(
         None, description="Forward mailbox: the address of the user or queue that forwarded the message."
@@ -86,14 +97,8 @@ class ActivityUpdatedV1(BaseModel):
     folder: str
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
-# No NUL in a body: SMTP cannot carry it (RFC 5321 4.1.1.4) and PostgreSQL cannot store it.
-Body = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+# No NUL in a body: SMTP cannot carry it (RFC 5321 4.1.1.4).
+Body = Text
 
 
 def _only(present: str, absent: str) -> dict:

@@ -46,7 +46,7 @@ def outcome(produce) -> bytes | type[Exception]:
 
 
 TEXT = st.one_of(
-    st.sampled_from(["INBOX", "Entwürfe", 'say "hi"', "back\\slash", "tab\there", "\x01", "\x7f", "\u2028",
+    st.sampled_from(["INBOX", "Entwürfe", 'say "hi"', "back\\slash", "tab\there", "\x01", "\x00", "a\x00b", "\x7f", "\u2028",
                      "😀", "", " padded ", "x" * 1000, "x" * 1001, "<a@b>", "a@b"]),
     st.text(max_size=30),
 )
@@ -132,6 +132,8 @@ def test_template_limits_are_the_models() -> None:
     assert limits == {"folder": received_events.MAX_FOLDER, "uidl": received_events.MAX_UIDL,
                       "message_id": received_events.MAX_MESSAGE_ID}
     assert received_events.SOURCES == {"imap", "pop3", "ews", "graph"}
+    (uid_limit,) = [m.le for m in EmailReceivedV1.model_fields["uid"].metadata if hasattr(m, "le")]
+    assert uid_limit == received_events.MAX_UID
 
 
 def test_event_ids_are_random_uuid4_text() -> None:
