@@ -367,6 +367,11 @@ def _sync_lines(sync: models.MailboxSync) -> list[tuple[str, object]]:
                + f"; changed {f.changed_at:%Y-%m-%d %H:%M:%S}") for f in sync.folders]
     if sync.pop3_seen:
         lines.append(("POP3 messages seen", sync.pop3_seen))
+    if sync.held:
+        # Held messages never expire: an administrator who leaves a mailbox off for good sees them here.
+        lines.append(("held", f"{sync.held} message(s) since {sync.held_since:%Y-%m-%d %H:%M:%S}, "
+                              f"waiting for the mailbox ({sync.held_for or 'behind_held_messages'}); evaluated "
+                              "again once it may process email"))
     return lines
 
 

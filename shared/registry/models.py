@@ -200,6 +200,9 @@ class MailboxSync(BaseModel):
     pop3_seen: int              # POP3 unique ids recorded as read
     ingested: int               # messages stored and announced from this mailbox
     last_ingested_at: datetime | None
+    held: int = 0               # messages evaluate holds until the mailbox may process email again
+    held_since: datetime | None = None
+    held_for: str | None = None  # the guard that holds the oldest (mailbox_inactive, incoming_disabled ...)
 
 
 class Mailbox(BaseModel):

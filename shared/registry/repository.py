@@ -369,8 +369,13 @@ async def mailbox_sync(conn: asyncpg.Connection, mailbox_id: UUID) -> tuple[asyn
         """SELECT l.holder AS worked_by, l.expires_at AS lease_expires_at,
                   (SELECT count(*) FROM pop3_seen WHERE mailbox_id = $1) AS pop3_seen,
                   (SELECT count(*) FROM ingested_message WHERE mailbox_id = $1) AS ingested,
-                  (SELECT max(ingested_at) FROM ingested_message WHERE mailbox_id = $1) AS last_ingested_at
-           FROM (SELECT 1) one LEFT JOIN mailbox_lease l ON l.mailbox_id = $1 AND l.expires_at > now()""",
+                  (SELECT max(ingested_at) FROM ingested_message WHERE mailbox_id = $1) AS last_ingested_at,
+                  h.held, h.held_since, d.rule AS held_for
+           FROM (SELECT 1) one LEFT JOIN mailbox_lease l ON l.mailbox_id = $1 AND l.expires_at > now()
+           -- evaluate's held messages: how many wait for the mailbox, since when, and what the oldest waits for
+           CROSS JOIN (SELECT count(*) AS held, min(held_since) AS held_since FROM held_message WHERE mailbox_id = $1) h
+           LEFT JOIN LATERAL (SELECT message_id FROM held_message WHERE mailbox_id = $1 ORDER BY seq LIMIT 1) oldest ON true
+           LEFT JOIN email_decision d ON d.mailbox_id = $1 AND d.message_id = oldest.message_id AND d.held""",
         mailbox_id,
     )
     folders = await conn.fetch(

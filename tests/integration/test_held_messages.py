@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import uuid
 from uuid import UUID
 
@@ -132,6 +133,8 @@ async def test_a_message_for_a_mailbox_with_incoming_disabled_is_held_then_track
     assert "incoming email synchronization is disabled for this mailbox" in out and WAITING in out, out
     [as_json] = json.loads(await _why(settings, org, key, "--json"))
     assert as_json["held"] is True and as_json["held_since"] and as_json["reason"] == "incoming_disabled"
+    code, out, err = await conduit_cli(settings, "mailbox", "show", email, "--org", org.name)
+    assert code == 0 and re.search(r"^held +1 message\(s\) since .*\(incoming_disabled\)", out, re.M), (out, err)
 
     await registry.record_test(box, "incoming", True, "ok")   # enabled again
     counted = REGISTRY.get_sample_value("conduit_held_messages_released_total") or 0
@@ -147,6 +150,7 @@ async def test_a_message_for_a_mailbox_with_incoming_disabled_is_held_then_track
     out = await _why(settings, org, key)
     assert f"{email}: tracked [tracked_all, rule track_all]" in out and "held" not in out, out
     assert await _created_events(settings, key) == 1
+    assert (await registry.mailbox(org, email, sync=True)).sync.held == 0
 
 
 async def test_a_held_message_redelivered_while_held_and_while_released_becomes_one_activity(
