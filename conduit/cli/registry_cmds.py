@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from conduit.cli.output import clip, emit_json, fail, fields, table
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
-from shared.errors import ConduitError
+from shared.errors import ConduitError, NotFound
 from shared.registry import models
 from shared.registry.service import ProfileInput
 
@@ -80,7 +80,7 @@ def org_set_correlation(
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
             o = await ctx.registry.configure_correlation(
-                ctx.org, correlation_order=[p.strip() for p in order.split(",")] if order else None,
+                ctx.org, correlation_order=[p.strip() for p in order.split(",") if p.strip()] if order is not None else None,
                 tracking_token_enabled=tracking_token, tracking_token_prefix=token_prefix,
                 tracking_token_digits=token_digits, smart_matching=smart_matching)
             typer.echo(f"correlation order: {', '.join(o.correlation_order)}")
@@ -182,9 +182,20 @@ def profile_set(
 
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
+            try:
+                before = await ctx.registry.profile(ctx.org, ref)
+            except NotFound:
+                before = None   # the edit below says what is wrong, its input first
             p = await ctx.registry.update_profile(ctx.org, ref, clear=clear, **changes)
-            emit_json(p) if json_ else typer.echo(f"profile {p.name} changed: "
-                                                  f"{', '.join([k for k, v in changes.items() if v is not None] + clear)}")
+            if json_:
+                emit_json(p)
+            else:
+                # What really changed, a setting that follows another (the outgoing host) included.
+                changed = [k for k in p.model_fields
+                           if not k.startswith("has_") and getattr(p, k) != getattr(before, k)]
+                changed += [k for k in ("profile_secret", "oauth_client_secret") if changes[k] is not None]
+                typer.echo(f"profile {p.name} changed: {', '.join(changed)}" if changed
+                           else f"profile {p.name}: already so, nothing changed")
             _warn_cleartext(p)
     run(go)
 
@@ -447,7 +458,8 @@ def mailbox_configure(
                 ctx.org, ref, profile=profile, tracking=tracking,
                 tracked_folders=folders.split(",") if folders is not None else None,
                 convert_to_activities=convert, delete_after_processing=delete_after)
-            typer.echo(f"{m.email}: updated" + (f"; tracked folders: {', '.join(m.tracked_folders)}" if folders is not None else ""))
+            typer.echo(f"{m.email}: " + ("already so, nothing changed" if m == before else "updated")
+                       + (f"; tracked folders: {', '.join(m.tracked_folders)}" if folders is not None else ""))
             for rule in m.folder_rules:
                 if rule.folder not in m.tracked_folders:
                     typer.echo(f"warning: the folder {rule.folder} has a folder-level tracking rule but is no longer "
@@ -631,7 +643,6 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
 
 async def _activity(ctx: Any, activity_id: Any) -> models.Activity | None:
     """The activity by its id; None when it is gone since (deleted in the database)."""
-    from shared.errors import NotFound
 
     try:
         return await ctx.registry.activity(ctx.org, str(activity_id))

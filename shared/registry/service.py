@@ -177,6 +177,8 @@ class Registry:
         unknown = set(fields) - allowed
         if unknown:
             raise InvalidInput(f"unknown correlation settings: {', '.join(sorted(unknown))}")
+        if not fields:
+            raise InvalidInput("nothing to change (see `conduit org set-correlation --help`)")
         order = fields.get("correlation_order")
         valid = {"in_reply_to", "tracking_token", "thread_index", "smart_matching"}
         if order is not None and (not order or set(order) - valid or len(set(order)) != len(order)):
@@ -241,7 +243,10 @@ class Registry:
             # A secret kept stands for itself in the check: only its presence matters there.
             kept = {k: SecretStr("kept") for k in _PROFILE_SECRETS if row[k] is not None}
             fields = self._profile_fields(ProfileInput(**{**current, **kept, **changes}))
-            fields = {k: v for k, v in fields.items() if k in changes}
+            # Only what differs is written and announced (a new secret always does: it is encrypted anew).
+            fields = {k: v for k, v in fields.items() if k in changes and (k in _PROFILE_SECRETS or row[k] != v)}
+            if not fields:
+                return _profile(row)
             row = await repo.update_profile(conn, row["id"], fields)
             await self._changed(conn, org.id, "profile", row["id"], "updated",
                                 {k: "changed" if k in _PROFILE_SECRETS and v is not None else v for k, v in fields.items()})
@@ -413,6 +418,8 @@ class Registry:
             _require_name(fields["name"], "a mailbox")
         if "tracked_folders" in fields:
             fields["tracked_folders"] = _tracked_folders(fields["tracked_folders"])
+        if not fields:
+            raise InvalidInput("nothing to change (see `conduit mailbox configure --help`)")
         async with self._tx() as conn:
             row = await self._mailbox_row(conn, org, ref)
             retest: list[str] = []
@@ -425,6 +432,13 @@ class Registry:
                               and _server_of(old_profile, d) != _server_of(new_profile, d)]
             if "delete_after_processing" in fields and fields["delete_after_processing"] and row["owner_kind"] != "queue":
                 raise InvalidInput("only a queue's mailbox can delete email from the server after processing")
+            if "convert_to_activities" in fields and row["owner_kind"] != "queue":
+                raise InvalidInput("only a queue's mailbox converts its email to activities or not (a user's "
+                                   "mailbox follows its tracking option)")
+            # Only what differs is written and announced: deactivating an inactive mailbox changes nothing.
+            fields = {k: v for k, v in fields.items() if row[k] != v}
+            if not fields:
+                return await self._mailbox_model(conn, row)
             row = await repo.update_mailbox(conn, row["id"], fields)
             if retest:
                 # Test & Enable vouched for the old server only: until it is run against the new

@@ -53,7 +53,7 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     shown = json.loads(ok("mailbox", "show", "ann@example.com", "--json"))
     assert shown["has_credentials"] and shown["email_approved"] and shown["profile_name"] == "corp"
     assert shown["sync"] == {"worked_by": None, "lease_expires_at": None, "folders": [], "pop3_seen": 0,
-                             "ingested": 0, "last_ingested_at": None}
+                             "ingested": 0, "last_ingested_at": None, "held": 0, "held_since": None, "held_for": None}
     assert "no ingest replica holds it now" in ok("mailbox", "show", "ann@example.com")
     profile = json.loads(ok("profile", "show", "corp", "--json"))
     assert profile["is_default"] and profile["has_profile_secret"]
@@ -63,6 +63,15 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     ok("profile", "set", "corp", "--received-after", "2026-01-01T00:00:00+00:00")
     ok("profile", "set", "corp", "--clear", "received-after")
     assert json.loads(ok("profile", "show", "corp", "--json"))["process_email_received_after"] is None
+    assert "profile corp: already so, nothing changed" in ok("profile", "set", "corp", "--clear", "received-after")
+    # A setting that follows another is named too: the outgoing host follows the incoming one.
+    assert "changed: incoming_host, outgoing_host" in ok("profile", "set", "corp", "--incoming-host", "localhost")
+    convert = cli("mailbox", "configure", "ann@example.com", "--convert")
+    assert convert.returncode == 2 and "only a queue's mailbox converts" in convert.stderr
+    nothing = cli("mailbox", "configure", "ann@example.com")
+    assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+    assert "ann@example.com: already so, nothing changed" in ok("mailbox", "configure", "ann@example.com",
+                                                                "--tracking", shown["tracking"])
     for verb in (("profile", "list"), ("user", "list"), ("queue", "list"), ("record", "list"), ("activity", "list")):
         ok(*verb)
         ok(*verb, "--json")
@@ -88,6 +97,8 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("profile", "add", "ews", "--type", "exchange_server", "--service-url", "http://mail.example.com/EWS/Exchange.asmx"),
      "must be an https:// URL"),
     (("org", "set-correlation", "--token-prefix", ""), "tracking token prefix"),
+    (("org", "set-correlation"), "nothing to change"),
+    (("org", "set-correlation", "--order", ""), "correlation order must list"),
     (("org", "set-correlation", "--token-prefix", "CRM 1"), "tracking token prefix"),
     (("org", "set-correlation", "--token-prefix", "1234"), "tracking token prefix"),
 ])

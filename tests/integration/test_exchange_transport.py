@@ -26,8 +26,10 @@ from services.dispatch.exchange_transport import (
 )
 from shared.errors import (
     AuthenticationFailed,
+    ConduitError,
     ConnectionFailed,
     InvalidInput,
+    ProtocolTimeout,
     TlsFailed,
     TransientError,
 )
@@ -109,6 +111,45 @@ async def test_ews_sends_concurrently_within_the_pool(sim: ExchangeSimulator, ew
     ids = await asyncio.gather(*(ews.send("alice@contoso.test", mime(100 + n)) for n in range(12)))
     assert len(set(ids)) == 12
     assert len(sim.items("bob@contoso.test")) == 12
+
+
+async def test_ews_busy_answers_under_concurrency_never_hang_a_send(sim: ExchangeSimulator) -> None:
+    """Many sends at once while Exchange answers half of them ErrorServerBusy: every send returns,
+    with its message sent or with the busy answer and its back-off.  exchangelib shrinks its session
+    pool on each busy answer under a lock it then takes again when no session is idle, which hung
+    most of the sends (and the service's stop) for good."""
+    t = EwsTransport(service_url=sim.ews_url, credentials=("alice@contoso.test", PASSWORD), max_connections=6)
+    await t.check("alice@contoso.test")
+    outcomes: list[str] = []
+    for round_ in range(3):
+        sim.ews_server_busy(back_off=0.01, operation="CreateItem", times=20)
+        sends = [asyncio.create_task(t.send("alice@contoso.test", mime(1000 * (round_ + 1) + n))) for n in range(40)]
+        _, hung = await asyncio.wait(sends, timeout=30)  # a deadline for a hang, not a pause
+        assert not hung, f"round {round_}: {len(hung)} of 40 sends never returned"
+        for send in sends:
+            error = send.exception()
+            assert error is None or isinstance(error, ExchangeTransientError) and error.code == "ErrorServerBusy", error
+            outcomes.append("busy" if error else "sent")
+    await t.close()
+    assert outcomes.count("busy") == 60 and outcomes.count("sent") == 60
+    assert len(sim.sent) == 60
+
+
+async def test_ews_call_that_does_not_finish_is_given_up_as_a_lost_answer(sim: ExchangeSimulator) -> None:
+    """A send whose call does not finish within the transport's bound comes back as a timeout that
+    says the request may have gone (the caller looks in Sent Items); one still waiting for a worker
+    thread says it was not sent, and is never started afterwards."""
+    t = EwsTransport(service_url=sim.ews_url, credentials=("alice@contoso.test", PASSWORD), max_connections=1,
+                     timeout=10, call_timeout=1.0)
+    await t.check("alice@contoso.test")
+    sim.answer_late("ews", 3.0, operation="CreateItem")  # served, answered after the bound
+    started, queued = await asyncio.gather(t.send("alice@contoso.test", mime(70)),
+                                           t.send("alice@contoso.test", mime(71)), return_exceptions=True)
+    await t.close()  # waits for the worker thread: the late answer has come
+    assert isinstance(started, ProtocolTimeout) and getattr(started, "request_sent", False) is True, started
+    assert isinstance(queued, ProtocolTimeout) and getattr(queued, "request_sent", None) is False, queued
+    assert "never started" in str(queued)
+    assert [r.message_id for r in sim.sent] == ["<d70.dispatch@conduit.test>"]
 
 
 async def test_ews_impersonation(sim: ExchangeSimulator) -> None:

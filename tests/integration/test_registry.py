@@ -140,6 +140,12 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
     moved = await registry.update_profile(org, "edited", incoming_host="imap2.example.com", oauth_scope="mail")
     assert (moved.incoming_host, moved.outgoing_host) == ("imap2.example.com", "imap2.example.com")   # same settings
     assert (await registry.update_profile(org, "edited", clear=["oauth-scope"])).oauth_scope is None
+    # An edit that changes nothing (cleared again, the same value again) is neither written nor announced.
+    async with pool.acquire() as conn:
+        announced = await conn.fetchval("SELECT count(*) FROM event_outbox WHERE topic = 'registry.changes'")
+        await registry.update_profile(org, "edited", clear=["oauth-scope"])
+        await registry.update_profile(org, "edited", max_concurrent_connections=2)
+        assert await conn.fetchval("SELECT count(*) FROM event_outbox WHERE topic = 'registry.changes'") == announced
 
     await registry.add_profile(org, IMAP)
     for changes, error, message in [
@@ -366,6 +372,26 @@ async def test_a_mailbox_moved_to_another_server_needs_test_and_enable_again(reg
     assert mailbox_id in await _processed(registry, org, "incoming")
 
 
+async def test_a_mailbox_edit_that_changes_nothing_is_not_announced(registry: Registry, org, pool: asyncpg.Pool) -> None:
+    await registry.add_profile(org, IMAP)
+    mailbox_id = await _ready_mailbox(registry, org)
+
+    async def events() -> list[str]:
+        async with pool.acquire() as conn:
+            return [_json(r["payload"])["data"]["message"] for r in await conn.fetch(
+                "SELECT payload FROM event_outbox WHERE topic = 'mailbox.events' "
+                "AND payload->'data'->>'mailbox_id' = $1 ORDER BY id", str(mailbox_id))]
+
+    before = await events()
+    for _ in range(2):   # deactivated twice: one change
+        assert not (await registry.update_mailbox(org, str(mailbox_id), active=False)).active
+    now = await registry.mailbox(org, str(mailbox_id))
+    await registry.update_mailbox(org, str(mailbox_id), tracking=now.tracking, tracked_folders=now.tracked_folders)
+    assert (await events())[len(before):] == ["active"]
+    with pytest.raises(InvalidInput, match="nothing to change"):
+        await registry.update_mailbox(org, str(mailbox_id))
+
+
 async def test_a_second_record_of_a_kind_with_one_address_is_refused(registry: Registry, org, pool: asyncpg.Pool) -> None:
     from services.evaluate.repository import load_lookups
     from services.evaluate.lookups import LookupKeys
@@ -419,7 +445,9 @@ async def test_configure_says_what_it_kept_and_what_needs_testing_again(settings
     mailbox_id = await _ready_mailbox(registry, org)
     email = (await registry.mailbox(org, str(mailbox_id))).email
     code, out, err = await conduit_cli(settings, "mailbox", "configure", email, "--folders", "INBOX,,INBOX", "--org", org.name)
-    assert code == 0 and out.strip() == f"{email}: updated; tracked folders: INBOX", (out, err)
+    assert code == 0 and out.strip() == f"{email}: already so, nothing changed; tracked folders: INBOX", (out, err)
+    code, out, err = await conduit_cli(settings, "mailbox", "configure", email, "--folders", "INBOX,Projects", "--org", org.name)
+    assert code == 0 and out.strip() == f"{email}: updated; tracked folders: INBOX, Projects", (out, err)
     code, out, err = await conduit_cli(settings, "mailbox", "configure", email, "--folders", " , ", "--org", org.name)
     assert code == 2 and err.strip() == "error: a mailbox tracks at least one folder: --folders names none " \
                                         "(e.g. --folders INBOX,Projects)", err
