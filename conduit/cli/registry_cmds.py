@@ -616,7 +616,7 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
             waiting = await _held_since(ctx, message_id) if decisions else {}
             sent = await ctx.registry.sent_message(ctx.org, message_id)
             activity = await _activity(ctx, sent.activity_id) if sent is not None and sent.activity_id else None
-            refused = [] if decisions else await _dead_lettered(ctx, message_id)
+            refused, unread = ([], None) if decisions else await _dead_lettered(ctx, message_id)
             if json_:
                 answers = [{"kind": "decision", **d} for d in _decisions_json(decisions, waiting)]
                 if sent is not None:
@@ -633,9 +633,12 @@ def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) ->
                 return 0
             if refused:
                 return 1
+            dead_letters = (f"the dead letters could not be read ({unread}: run it again where the broker is "
+                            "reachable to know whether evaluate refused it)" if unread
+                            else "no dead letter of it was found")
             raise fail(f"no message {message_id.strip()} is known in organization {ctx.org.name}: no mailbox decided "
-                       "it (no mailbox that Conduit processes received it), no dead letter of it was found, and "
-                       "Conduit did not send it. Check the Message-ID and --org; `conduit mailbox show` says whether "
+                       f"it (no mailbox that Conduit processes received it), Conduit did not send it, and "
+                       f"{dead_letters}. Check the Message-ID and --org; `conduit mailbox show` says whether "
                        "a mailbox that should have received it is processed", code=1)
     if run(go):
         raise typer.Exit(1)
@@ -678,16 +681,16 @@ def _sent_json(sent: models.OutboundRequest, activity: models.Activity | None) -
     }
 
 
-async def _dead_lettered(ctx: Any, message_id: str) -> list[Any]:
-    """Dead letters of this message on email.received; none when the broker cannot say (it may be
-    stopped: the registry's answer stands on its own)."""
+async def _dead_lettered(ctx: Any, message_id: str) -> tuple[list[Any], str | None]:
+    """Dead letters of this message on email.received, and why they could not be read, if so (the
+    broker may be stopped: the registry's answer stands on its own, but "none found" would be untrue)."""
     from shared import deadletters
 
     try:
-        return await asyncio.wait_for(deadletters.of_message(ctx.settings, ctx.pool, ctx.org.id, message_id), 15)
+        return await asyncio.wait_for(deadletters.of_message(ctx.settings, ctx.pool, ctx.org.id, message_id), 15), None
     except (ConduitError, KafkaError, OSError, asyncio.TimeoutError) as exc:
         log.info("could not read email.received's dead letters: %s", exc)
-        return []
+        return [], str(exc) or type(exc).__name__
 
 
 async def _held_since(ctx: Any, message_id: str) -> dict[Any, datetime]:

@@ -78,10 +78,6 @@ TOKEN_RENEW_MARGIN = 120.0
 # accepted a message.  Dispatch's CONDUIT_DISPATCH_SENT_ITEMS_WINDOW_SECONDS has the same default.
 SENT_ITEMS_WINDOW = 10.0
 SENT_ITEMS_FIRST_PAUSE = 0.5
-# An EWS call makes up to four HTTP requests (the version probe, GetFolder, CreateItem, FindItem), each
-# bounded by the transport's timeout; the whole call, its wait for a worker thread included, by this
-# many timeouts.
-EWS_REQUESTS_PER_CALL = 5
 
 
 class ExchangeTransientError(TransientError):
@@ -146,9 +142,7 @@ class EwsTransport:
 
     def __init__(self, *, service_url: str, credentials: tuple[str, str] | EwsOAuth, verify_tls: bool = True,
                  ca_file: str | None = None, max_connections: int = 10, auth_type: str = "basic",
-                 timeout: float = 60.0, call_timeout: float | None = None) -> None:
-        """``timeout``: each HTTP request's; ``call_timeout``: a whole call's (send, look-up, check), its
-        wait for a worker thread included (default ``EWS_REQUESTS_PER_CALL`` times ``timeout``)."""
+                 timeout: float = 60.0) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.service_url = service_url
@@ -158,7 +152,6 @@ class EwsTransport:
         self._verify: bool | str = (ca_file or True) if verify_tls else False
         self._auth_type = auth_type
         self._timeout = timeout
-        self._call_timeout = EWS_REQUESTS_PER_CALL * timeout if call_timeout is None else call_timeout
         self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="ews-transport")
         self._lock = threading.Lock()
         self._protocol: Any = None  # built on first use, in a worker thread (exchangelib setup is blocking)
@@ -173,13 +166,7 @@ class EwsTransport:
         """
         _check_address(mailbox_address)
         message_id = _message_id(message)
-        try:
-            return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
-        except ProtocolTimeout as e:
-            # Given up on while its thread was inside exchangelib: CreateItem may be on its way.
-            if not hasattr(e, "request_sent"):
-                e.request_sent = getattr(e, "after_write", False)  # type: ignore[attr-defined]
-            raise
+        return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
 
     async def find_sent(self, mailbox_address: str, message_id: str, *, impersonate: bool = False) -> bool:
         """Whether the mailbox's Sent Items holds a message with this ``Message-ID`` (with its angle
@@ -203,19 +190,8 @@ class EwsTransport:
         if self._closed:
             raise ConnectionFailed("the EWS transport is closed", reason="transport_closed")
         loop = asyncio.get_running_loop()
-        call = _Call(_translating(fn))
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._executor, call.run, *args), self._call_timeout)
-        except TimeoutError:
-            # A call that never returns (an Exchange that stops answering mid-stream, a library
-            # deadlock) must not hold its message and the service's stop forever.
-            began = call.abandon()
-            raise _after_write(ProtocolTimeout(
-                f"the EWS call did not finish within {self._call_timeout:g} s"
-                + ("" if began else " (it never started: every connection was busy)")), began) from None
-        except asyncio.CancelledError:
-            call.abandon()  # a call still queued is not started later, when nobody waits for it
-            raise
+            return await loop.run_in_executor(self._executor, _translating(fn), *args)
         except ConduitError as e:
             # A server's or library's text may repeat what it was sent (a gateway echoing the token
             # request's form): the message goes into status events, the ledger and logs.
@@ -340,43 +316,7 @@ def _protocol_class(verify: bool | str) -> type:
     class _VerifyingProtocol(Protocol):
         HTTP_ADAPTER_CLS = _VerifyingAdapter
 
-        def decrease_poolsize(self) -> None:
-            # exchangelib shrinks its session pool on every ErrorServerBusy (and ErrorTimeoutExpired...)
-            # while holding the pool's non-reentrant lock, and takes a session to close under it; if
-            # none is idle it grows the pool, which takes the same lock: the thread deadlocks, and
-            # every other one queues behind it.  The transport bounds concurrency itself (its thread
-            # pool), and the busy answer goes back to the caller with its back-off, so the pool
-            # keeps its size.  exchangelib ignores this error.
-            from exchangelib.errors import SessionPoolMinSizeReached
-
-            raise SessionPoolMinSizeReached("the EWS transport bounds its own concurrency")
-
     return _VerifyingProtocol
-
-
-class _Call:
-    """One call handed to the transport's thread pool, which can be given up on: once abandoned, a call
-    still waiting for a thread never starts, and one already started says so (it may have reached
-    Exchange)."""
-
-    def __init__(self, fn: Callable[..., T]) -> None:
-        self._fn = fn
-        self._lock = threading.Lock()
-        self._began = False
-        self._abandoned = False
-
-    def run(self, *args: Any) -> Any:
-        with self._lock:
-            if self._abandoned:
-                raise ConnectionFailed("the EWS call was given up on before it started")
-            self._began = True
-        return self._fn(*args)
-
-    def abandon(self) -> bool:
-        """Give the call up; whether it had started."""
-        with self._lock:
-            self._abandoned = True
-            return self._began
 
 
 def _translating(fn: Callable[..., T]) -> Callable[..., T]:

@@ -241,6 +241,34 @@ async def test_ews_https_verified_and_oauth(tls: tuple[ssl.SSLContext, str]) -> 
     assert sent_id == sim.sent[-1].sent_item_id
 
 
+async def test_ews_app_refused_for_one_mailbox_fails_that_mailbox_alone(tls: tuple[ssl.SSLContext, str]) -> None:
+    """App-only EWS: a mailbox the app may not impersonate (outside its access policy, or no such
+    mailbox), used first after a start, is refused with Exchange's own code, and every other mailbox
+    of the profile still sends.  Before, the transport's version probe kept impersonating that first
+    mailbox: every mailbox failed as "could not reach the EWS server" until a restart."""
+    server_ctx, ca_file = tls
+    async with ExchangeSimulator(ssl_context=server_ctx) as sim:
+        populate(sim)
+        sim.add_mailbox("carol@contoso.test")
+        sim.add_app("scoped-app", "scoped-secret", mailboxes={"alice@contoso.test", "bob@contoso.test"})
+        app = EwsTransport(service_url=sim.ews_url, ca_file=ca_file, credentials=EwsOAuth(
+            client_id="scoped-app", client_secret="scoped-secret", tenant_id=sim.org.tenant, token_url=sim.token_url))
+        try:
+            with pytest.raises(ExchangePermanentError) as denied:
+                await app.send("carol@contoso.test", mime(80, sender="carol@contoso.test"))
+            with pytest.raises(ExchangePermanentError) as unknown:
+                await app.check("nobody@contoso.test")
+            await app.send("bob@contoso.test", mime(81, sender="bob@contoso.test", to="alice@contoso.test"))
+            await app.send("alice@contoso.test", mime(82))
+            with pytest.raises(ExchangePermanentError) as again:  # still refused, still alone
+                await app.send("carol@contoso.test", mime(83, sender="carol@contoso.test"))
+        finally:
+            await app.close()
+    assert denied.value.code == again.value.code == "ErrorImpersonateUserDenied", (denied.value, again.value)
+    assert unknown.value.code == "ErrorNonExistentMailbox", unknown.value
+    assert [r.message_id for r in sim.sent] == ["<d81.dispatch@conduit.test>", "<d82.dispatch@conduit.test>"]
+
+
 # ----------------------------------------------------------------------------------------- Graph
 
 

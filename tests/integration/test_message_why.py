@@ -115,3 +115,12 @@ async def test_why_says_clearly_that_it_knows_no_such_message(settings: Settings
     assert err.startswith(f"error: no message <{unknown}> is known in organization {org.name}: ") and \
         "Conduit did not send it" in err and "Traceback" not in err, err
     assert (json.loads(out) == []) if as_json else out == "", out
+    assert "no dead letter of it was found" in err, err
+
+
+async def test_why_does_not_claim_no_dead_letter_when_it_could_not_read_them(settings: Settings, org) -> None:
+    unknown = f"never-{uuid.uuid4().hex[:8]}@nowhere.example"
+    no_broker = settings.model_copy(update={"kafka_bootstrap_servers": "127.0.0.1:9"})   # nothing listens there
+    code, out, err = await _why(no_broker, org, unknown)
+    assert code == 1 and "the dead letters could not be read (" in err, (out, err)
+    assert "no dead letter of it was found" not in err and "Traceback" not in err, err
