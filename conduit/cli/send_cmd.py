@@ -178,16 +178,17 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
         refused = await _refused_now(ctx, payload)
         if refused is not None:
             raise fail(f"dispatch would refuse this request ({refused[0]}): {refused[1]}")
-    earlier = _final(row) if wait else None
+    earlier = _final(row)
     follower = _StatusFollower(settings, ctx.org.id) if wait and earlier is None else None
     if follower is not None:
         await follower.start()
-    publisher = Publisher(settings, client_id="conduit-send")
-    await publisher.start()
-    try:
-        await publisher.publish("email.outbound", event, payload.idempotency_key)
-    finally:
-        await publisher.stop()
+    if earlier is None:   # a request already sent or failed is answered from the ledger: nothing to publish
+        publisher = Publisher(settings, client_id="conduit-send")
+        await publisher.start()
+        try:
+            await publisher.publish("email.outbound", event, payload.idempotency_key)
+        finally:
+            await publisher.stop()
     if follower is None and earlier is None:
         emit_json({"idempotency_key": payload.idempotency_key, "event_id": str(event.event_id)}) if json_ \
             else typer.echo(payload.idempotency_key)

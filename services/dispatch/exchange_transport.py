@@ -78,6 +78,10 @@ TOKEN_RENEW_MARGIN = 120.0
 # accepted a message.  Dispatch's CONDUIT_DISPATCH_SENT_ITEMS_WINDOW_SECONDS has the same default.
 SENT_ITEMS_WINDOW = 10.0
 SENT_ITEMS_FIRST_PAUSE = 0.5
+# An EWS call makes up to four HTTP requests (the version probe, GetFolder, CreateItem, FindItem), each
+# bounded by the transport's timeout; the whole call, its wait for a worker thread included, by this
+# many timeouts.
+EWS_REQUESTS_PER_CALL = 5
 
 
 class ExchangeTransientError(TransientError):
@@ -142,7 +146,9 @@ class EwsTransport:
 
     def __init__(self, *, service_url: str, credentials: tuple[str, str] | EwsOAuth, verify_tls: bool = True,
                  ca_file: str | None = None, max_connections: int = 10, auth_type: str = "basic",
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, call_timeout: float | None = None) -> None:
+        """``timeout``: each HTTP request's; ``call_timeout``: a whole call's (send, look-up, check), its
+        wait for a worker thread included (default ``EWS_REQUESTS_PER_CALL`` times ``timeout``)."""
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self.service_url = service_url
@@ -152,6 +158,7 @@ class EwsTransport:
         self._verify: bool | str = (ca_file or True) if verify_tls else False
         self._auth_type = auth_type
         self._timeout = timeout
+        self._call_timeout = EWS_REQUESTS_PER_CALL * timeout if call_timeout is None else call_timeout
         self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="ews-transport")
         self._lock = threading.Lock()
         self._protocol: Any = None  # built on first use, in a worker thread (exchangelib setup is blocking)
@@ -166,7 +173,13 @@ class EwsTransport:
         """
         _check_address(mailbox_address)
         message_id = _message_id(message)
-        return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
+        try:
+            return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
+        except ProtocolTimeout as e:
+            # Given up on while its thread was inside exchangelib: CreateItem may be on its way.
+            if not hasattr(e, "request_sent"):
+                e.request_sent = getattr(e, "after_write", False)  # type: ignore[attr-defined]
+            raise
 
     async def find_sent(self, mailbox_address: str, message_id: str, *, impersonate: bool = False) -> bool:
         """Whether the mailbox's Sent Items holds a message with this ``Message-ID`` (with its angle
@@ -190,8 +203,19 @@ class EwsTransport:
         if self._closed:
             raise ConnectionFailed("the EWS transport is closed", reason="transport_closed")
         loop = asyncio.get_running_loop()
+        call = _Call(_translating(fn))
         try:
-            return await loop.run_in_executor(self._executor, _translating(fn), *args)
+            return await asyncio.wait_for(loop.run_in_executor(self._executor, call.run, *args), self._call_timeout)
+        except TimeoutError:
+            # A call that never returns (an Exchange that stops answering mid-stream, a library
+            # deadlock) must not hold its message and the service's stop forever.
+            began = call.abandon()
+            raise _after_write(ProtocolTimeout(
+                f"the EWS call did not finish within {self._call_timeout:g} s"
+                + ("" if began else " (it never started: every connection was busy)")), began) from None
+        except asyncio.CancelledError:
+            call.abandon()  # a call still queued is not started later, when nobody waits for it
+            raise
         except ConduitError as e:
             # A server's or library's text may repeat what it was sent (a gateway echoing the token
             # request's form): the message goes into status events, the ledger and logs.
@@ -239,9 +263,8 @@ class EwsTransport:
             if account is not None:
                 return account
             protocol = self._ensure_protocol()
-            if self._oauth and protocol.credentials.identity is None:
-                # Protocol-level calls (the version probe) impersonate this identity; app tokens need one.
-                protocol.credentials.identity = Identity(primary_smtp_address=address)
+            if self._oauth:
+                _probe_version_as(protocol, Identity(primary_smtp_address=address))
             account = Account(primary_smtp_address=address, config=protocol.config, autodiscover=False,
                               access_type=IMPERSONATION if impersonate else DELEGATE, default_timezone=UTC)
             # Account() fetched a shared, process-wide cached Protocol; use ours (our TLS settings, our
@@ -282,6 +305,27 @@ class EwsTransport:
             self._accounts.clear()
 
 
+def _probe_version_as(protocol: Any, identity: Any) -> None:
+    """Learn the server's version, if not known yet, impersonating ``identity``.
+
+    exchangelib's version probe is a protocol-level call, and app-only tokens must impersonate a
+    mailbox in every call: it impersonates ``protocol.credentials.identity``.  The probe runs here, as
+    the mailbox being opened (under the transport's lock), and a refusal leaves no identity behind: a
+    mailbox the app may not impersonate fails alone, with Exchange's code, instead of every later
+    mailbox of the profile probing as it and failing the same way.
+    """
+    version = protocol.config.version
+    if version is not None and version.build is not None:
+        return
+    known = protocol.credentials.identity
+    protocol.credentials.identity = identity
+    try:
+        protocol.version  # noqa: B018 - the probe (ConvertId), once per protocol
+    except Exception:
+        protocol.credentials.identity = known
+        raise
+
+
 def _oauth_credentials(oauth: EwsOAuth) -> Any:
     from exchangelib import OAuth2Credentials
 
@@ -316,7 +360,43 @@ def _protocol_class(verify: bool | str) -> type:
     class _VerifyingProtocol(Protocol):
         HTTP_ADAPTER_CLS = _VerifyingAdapter
 
+        def decrease_poolsize(self) -> None:
+            # exchangelib shrinks its session pool on every ErrorServerBusy (and ErrorTimeoutExpired...)
+            # while holding the pool's non-reentrant lock, and takes a session to close under it; if
+            # none is idle it grows the pool, which takes the same lock: the thread deadlocks, and
+            # every other one queues behind it.  The transport bounds concurrency itself (its thread
+            # pool), and the busy answer goes back to the caller with its back-off, so the pool
+            # keeps its size.  exchangelib ignores this error.
+            from exchangelib.errors import SessionPoolMinSizeReached
+
+            raise SessionPoolMinSizeReached("the EWS transport bounds its own concurrency")
+
     return _VerifyingProtocol
+
+
+class _Call:
+    """One call handed to the transport's thread pool, which can be given up on: once abandoned, a call
+    still waiting for a thread never starts, and one already started says so (it may have reached
+    Exchange)."""
+
+    def __init__(self, fn: Callable[..., T]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._began = False
+        self._abandoned = False
+
+    def run(self, *args: Any) -> Any:
+        with self._lock:
+            if self._abandoned:
+                raise ConnectionFailed("the EWS call was given up on before it started")
+            self._began = True
+        return self._fn(*args)
+
+    def abandon(self) -> bool:
+        """Give the call up; whether it had started."""
+        with self._lock:
+            self._abandoned = True
+            return self._began
 
 
 def _translating(fn: Callable[..., T]) -> Callable[..., T]:
@@ -361,6 +441,9 @@ def _ews_error(e: Exception) -> Exception:
     wire = _ews_wire_error(e)
     if wire is not None:
         return wire
+    refusal = _probe_refusal(e)
+    if refusal is not None:
+        return _ews_error(refusal)
     if isinstance(e, ErrorServerBusy):
         return ExchangeTransientError(f"EWS server busy: {text}", reason="server_busy", code="ErrorServerBusy",
                                       retry_after=e.back_off)
@@ -384,10 +467,15 @@ def _ews_error(e: Exception) -> Exception:
         # Sent Items, never simply sent again).
         return _after_write(ExchangeTransientError(f"EWS answered with something that is not EWS: {text[:200]}",
                                                    reason="protocol_error", code=code))
-    if isinstance(e, TransportError) or "ConnectionError" in text or "ConnectTimeout" in text:
+    if "ConnectionError" in text or "ConnectTimeout" in text:  # a connection failure known only by its text
         if "ReadTimeout" in text:
             return ProtocolTimeout("the EWS server did not answer in time")
         return ConnectionFailed(f"could not reach the EWS server ({code})")
+    if isinstance(e, TransportError):
+        # The server answered (no failed HTTP exchange underneath), but not as EWS should: no version
+        # header, an unknown response code.  Not "unreachable", which backs the mailbox off.
+        return ExchangeTransientError(f"EWS answered unexpectedly: {code}: {text[:200]}", reason="protocol_error",
+                                      code=code)
     if code == "TokenExpiredError":
         return AuthenticationFailed("the EWS OAuth token could not be renewed")
     if type(e).__module__.startswith("oauthlib."):
@@ -437,6 +525,17 @@ def _ews_wire_error(e: BaseException) -> Exception | None:
                                                                    ssl.SSLError))), causes[-1])
     return _after_write(ConnectionFailed(
         f"the connection to the EWS server dropped after the request was sent ({type(dropped).__name__})"))
+
+
+def _probe_refusal(e: BaseException) -> Exception | None:
+    """The error response under a failed version probe: exchangelib raises ``TransportError("No valid
+    version headers found in response (ErrorImpersonateUserDenied(...))")`` with Exchange's own error
+    (the mailbox may not be impersonated, does not exist) as its context."""
+    from exchangelib.errors import ResponseMessageError, TransportError
+
+    if not isinstance(e, TransportError) or isinstance(e, ResponseMessageError):
+        return None
+    return next((c for c in _causes(e)[1:] if isinstance(c, ResponseMessageError)), None)
 
 
 def _causes(e: BaseException) -> list[BaseException]:

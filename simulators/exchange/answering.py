@@ -6,6 +6,8 @@ and change only what the client gets back:
 - ``LATE``: the answer is held back ``delay`` seconds, a reply lost to a client whose timeout is shorter;
 - ``DROP``: no answer at all, the connection is closed (FIN) or, with ``reset``, aborted (RST) instead,
   as when a load balancer or a network failure cuts the connection while Exchange has already acted;
+- ``GARBLED``: a 200 whose body does not match its ``Content-Encoding: gzip``, as a broken proxy
+  answers, which the client cannot read;
 - a ``served`` fault with an error status: the fault's error instead of the real answer, as when a
   gateway gives up waiting (504) although Exchange went on and sent the message.
 
@@ -22,15 +24,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .store import DROP, LATE, Fault
+from .store import DROP, GARBLED, LATE, Fault
 
 _HELD = web.RequestKey("held_answer", Fault)  # the fault that applies to this request's answer, not its work
 
 
 def hold(request: web.Request, fault: Fault | None) -> Fault | None:
-    """Keep a LATE, DROP or ``served`` ``fault`` for ``request``'s answer (the request is served as
-    usual) and return None; return any other fault, for the handler to fail the request with now."""
-    if fault is None or (fault.status not in (LATE, DROP) and not fault.served):
+    """Keep a LATE, DROP, GARBLED or ``served`` ``fault`` for ``request``'s answer (the request is served
+    as usual) and return None; return any other fault, for the handler to fail the request with now."""
+    if fault is None or (fault.status not in (LATE, DROP, GARBLED) and not fault.served):
         return fault
     request[_HELD] = fault
     return None
@@ -43,6 +45,9 @@ async def answer(request: web.Request, response: web.StreamResponse,
     fault = request.get(_HELD)
     if fault is None:
         return response
+    if fault.status == GARBLED:
+        return web.Response(status=200, body=b"this is not gzip", headers={
+            "Content-Encoding": "gzip", "Content-Type": response.content_type or "text/xml"})
     if fault.status not in (LATE, DROP):
         return error(fault)  # the work is done; the client hears only of a failure
     if fault.status == LATE:
@@ -51,6 +56,14 @@ async def answer(request: web.Request, response: web.StreamResponse,
     _hang_up(request, reset=fault.reset)
     # aiohttp cannot write this response to a closing transport: it notes a client disconnection
     # (at debug level) and moves on, so nothing of the answer reaches the client.
+    return response
+
+
+def closing(response: web.Response, fault: Fault) -> web.Response:
+    """``response``, an injected failure's answer, sent with ``Connection: close`` (and the connection
+    closed after it) if ``fault.close`` asks so."""
+    if fault.close:
+        response.force_close()
     return response
 
 

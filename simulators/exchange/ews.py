@@ -280,7 +280,9 @@ class EwsEndpoint:
         headers = {"Retry-After": str(int(fault.retry_after))} if fault.retry_after is not None else {}
         if fault.status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="sim.exchange.test"'
-        return web.Response(status=fault.status, text=fault.message, headers=headers)
+        # Not SOAP: the page of IIS or of a gateway in front of Exchange.
+        return answering.closing(web.Response(status=fault.status, text=fault.message, content_type="text/html",
+                                              headers=headers), fault)
 
     @staticmethod
     def _message(messages: etree._Element, operation: str) -> etree._Element:

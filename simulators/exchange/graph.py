@@ -407,7 +407,7 @@ class _BadRequest(Exception):
 
 def _injected(fault: Fault) -> web.Response:
     headers = {"Retry-After": str(max(int(fault.retry_after), 0))} if fault.retry_after is not None else None
-    return _error(fault.status, fault.code, fault.message, headers)
+    return answering.closing(_error(fault.status, fault.code, fault.message, headers), fault)
 
 
 def _select(request: web.Request) -> set[str] | None:

@@ -11,6 +11,8 @@ and demos that run the simulator out of process.  In process, the same controls 
         sim.inject("ews", Fault(500, "ErrorServerBusy", retry_after=2))
         sim.drop_connection("graph", operation="sendMail")  # sent, but the client never hears so
         sim.fail_after_serving("graph", 504, operation="sendMail")  # sent, but the client hears 504
+        sim.gateway_error("ews", 502, operation="CreateItem")  # sent; a gateway's page, Connection: close
+        sim.garble_answer("ews", operation="CreateItem")  # sent; an answer the client cannot decode
         sim.file_sent_late("graph", 2.0)  # answered 202 at once, in Sent Items (and delivered) 2 s later
         ... sim.ews_url, sim.graph_url, sim.token_url ...
         sim.sent  # what was submitted
@@ -33,6 +35,7 @@ from .ews import EwsEndpoint
 from .graph import GraphApi, TokenEndpoint
 from .store import (
     DROP,
+    GARBLED,
     LATE,
     App,
     Fault,
@@ -196,6 +199,21 @@ class ExchangeSimulator:
         answer for a call that was not served."""
         self.inject(api, Fault(status, code, message, operation=operation, times=times, served=True))
 
+    def gateway_error(self, api: str, status: int = 504, *, served: bool = True, retry_after: float | None = None,
+                      operation: str | None = None, times: int = 1) -> None:
+        """The next ``times`` calls to ``api`` are answered as a gateway in front of Exchange answers its own
+        error page: ``status`` (a bare page on EWS), with ``Connection: close``, and the connection closed
+        after it; with ``Retry-After`` when ``retry_after`` is set.  ``served``: Exchange got the call and
+        carried it out (a send is filed and delivered) before the gateway gave up on its answer."""
+        self.inject(api, Fault(status, "GatewayError", "<html><body>Gateway error</body></html>",
+                               retry_after=retry_after, operation=operation, times=times, served=served, close=True))
+
+    def garble_answer(self, api: str, *, operation: str | None = None, times: int = 1) -> None:
+        """The next ``times`` calls to ``api`` are served, then answered 200 with a body that does not match
+        its ``Content-Encoding: gzip``, as a broken proxy answers: the client cannot read the answer."""
+        self.inject(api, Fault(GARBLED, "Garbled", "Served; the answer cannot be decoded.", operation=operation,
+                               times=times))
+
     def file_sent_late(self, api: str, seconds: float, *, times: int = 1) -> None:
         """The next ``times`` sends through ``api`` (``ews``, ``graph``) are accepted and answered as usual, but
         their copy lands in Sent Items, and their recipients' copies in their Inboxes, ``seconds`` later: Graph
@@ -243,7 +261,7 @@ def _control_routes(sim: ExchangeSimulator) -> list[web.RouteDef]:
             status=int(data["status"]), code=data["code"], message=data.get("message", "Injected."),
             retry_after=data.get("retry_after"), operation=data.get("operation"), times=int(data.get("times", 1)),
             delay=float(data.get("delay", 0.0)), reset=bool(data.get("reset", False)),
-            served=bool(data.get("served", False))))
+            served=bool(data.get("served", False)), close=bool(data.get("close", False))))
         return web.json_response({}, status=201)
 
     async def file_late(request: web.Request) -> web.Response:

@@ -578,7 +578,11 @@ class Fault:
     connection instead (aborts it with a TCP reset when ``reset``).  Both make a send's outcome
     unknown to the client.  ``served`` does the same with an error status: the call is served as
     usual (a send is stored, filed in Sent Items and delivered) and only then answered with this
-    failure, as a gateway answers 504 after Exchange acted but was slow to say so.
+    failure, as a gateway answers 504 after Exchange acted but was slow to say so.  ``GARBLED`` (-2)
+    is served too, and answered 200 with a body its ``Content-Encoding: gzip`` does not match, as a
+    broken proxy answers: the client cannot read it.  ``close``: the error answer carries
+    ``Connection: close`` and the connection is closed after it, as many gateways and load balancers
+    (HAProxy, F5, ARR) answer their own error pages.
     """
 
     status: int
@@ -590,10 +594,12 @@ class Fault:
     delay: float = 0.0
     reset: bool = False
     served: bool = False
+    close: bool = False
 
 
 LATE = 0
 DROP = -1
+GARBLED = -2
 
 
 class Faults:

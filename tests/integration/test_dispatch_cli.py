@@ -29,6 +29,9 @@ async def test_conduit_send_waits_for_sent_and_a_replay_is_not_sent_again(
             code, out, err = await _cli(settings, *args, "--timeout", "3600")
             assert code == 0, err
             assert json.loads(out)["message_id"] == status["message_id"]
+            # Without --wait too: the stored status, not just the key of a request published again.
+            code, out, err = await _cli(settings, *[a for a in args if a != "--wait"])
+            assert code == 0 and json.loads(out)["status"] == "sent", (out, err)
             # Still its outcome once the mailbox may no longer send: not "dispatch would refuse it",
             # which would have the caller send it again under another key.
             await registry.record_test(sender.mailbox_id, "outgoing", False, "refused")

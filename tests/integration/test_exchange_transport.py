@@ -8,10 +8,13 @@ says so (``request_sent``: the caller must not send again); one that fails befor
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
+import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trustme
@@ -33,6 +36,8 @@ from shared.errors import (
     TlsFailed,
     TransientError,
 )
+from shared.logs import configure_logging
+from shared.settings import Settings
 from simulators.exchange import ExchangeSimulator, Fault
 
 PASSWORD = "mailbox-password-123"
@@ -488,6 +493,49 @@ async def test_graph_refused_connection_is_temporary_not_unknown(sim: ExchangeSi
     assert getattr(caught.value, "request_sent", False) is False, repr(caught.value)
     assert isinstance(caught.value, ConnectionFailed) and "could not reach" in str(caught.value)
     assert not sim.sent
+
+
+@pytest.fixture
+def service_log() -> Iterator[io.StringIO]:
+    """The services' own logging set-up (``configure_logging``), writing into a buffer; undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    libraries = {name: logging.getLogger(name).level for name in ("exchangelib", "requests_oauthlib", "oauthlib")}
+    configure_logging(Settings(), "dispatch")
+    written = io.StringIO()
+    for handler in root.handlers:
+        handler.setStream(written)  # type: ignore[attr-defined]
+    yield written
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, was in libraries.items():
+        logging.getLogger(name).setLevel(was)
+
+
+async def test_a_failed_ews_request_logs_neither_the_token_nor_the_message(
+        tls: tuple[ssl.SSLContext, str], service_log: io.StringIO) -> None:
+    """exchangelib logs a request that failed in a way it did not expect (here an answer whose gzip
+    body is broken) at ERROR with its headers (the bearer token) and its SOAP body (the message's
+    MIME); the services' logging drops those records: the transport reports the failure itself."""
+    server_ctx, ca_file = tls
+    async with ExchangeSimulator(ssl_context=server_ctx) as sim:
+        populate(sim)
+        app = EwsTransport(service_url=sim.ews_url, ca_file=ca_file, credentials=EwsOAuth(
+            client_id=APP_ID, client_secret=APP_SECRET, tenant_id=sim.org.tenant, token_url=sim.token_url))
+        sim.garble_answer("ews", operation="CreateItem")
+        try:
+            with pytest.raises(ConnectionFailed) as caught:
+                await app.send("bob@contoso.test", mime(90, sender="bob@contoso.test", to="alice@contoso.test",
+                                                        extra="X-Secret-Content: body-marker-4711\r\n"))
+        finally:
+            await app.close()
+        tokens = list(sim.org.tokens)
+    logged = service_log.getvalue()
+    assert getattr(caught.value, "request_sent", False) is True  # the failure itself still reaches the caller
+    assert tokens and not any(token in logged for token in tokens), logged
+    marker = base64.b64encode(mime(90, sender="bob@contoso.test", to="alice@contoso.test",
+                                   extra="X-Secret-Content: body-marker-4711\r\n")).decode()[:40]
+    assert "MimeContent" not in logged and marker not in logged and "Bearer" not in logged, logged
 
 
 async def test_a_token_endpoint_echoing_the_secret_does_not_put_it_in_errors(tls: tuple[ssl.SSLContext, str]) -> None:
