@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -102,6 +102,9 @@ class RunnerContext:
     # This replica's name on its leases; what a session records is fenced by it (``leases.hold``).
     # None: no leases in play (a test or a benchmark driving a runner directly).
     lease_holder: str | None = None
+    # Mailbox -> the tracked folders its alerts said are missing: said once, not at every session
+    # (a reconnect or a profile edit starts new sessions, and other alerts come in between).
+    missing_reported: dict[object, frozenset[str]] = field(default_factory=dict)
 
 
 class MailboxRunner:
@@ -308,7 +311,11 @@ class MailboxRunner:
                             "and mail already ingested is recognised by its keys", self._work.id, server)
 
     async def _report_missing(self, missing: set[str]) -> None:
-        for folder in sorted(missing):
+        """A warning alert for each tracked folder the server lacks, once: again only after the
+        folder was found in between (or ingest restarted)."""
+        reported = self._ctx.missing_reported.get(self._work.id, frozenset())
+        self._ctx.missing_reported[self._work.id] = frozenset(missing)
+        for folder in sorted(missing - reported):
             await self._ctx.registry.raise_alert(self._work.id, "warning", "incoming", "folder_missing",
                                                  f"the tracked folder {folder!r} does not exist on the server; it is skipped")
 

@@ -90,13 +90,15 @@ class IngestService(ServiceBase):
         self.runners: dict[UUID, _Running] = {}
         self._slots = ServerSlots()
         self._tokens = TokenProvider()
+        self._missing_reported: dict[UUID, frozenset[str]] = {}
 
     def _context(self) -> RunnerContext:
         assert self.pool is not None and self.registry is not None
         return RunnerContext(self.pool, self.publisher, self.registry, self._slots, self._tokens,
                              FollowUp(self.options.follow_up_seconds, self.options.follow_up_poll_seconds),
                              self.options.command_timeout_seconds, self.options.idle_check_seconds,
-                             reconnect_grace=self.options.reconnect_grace_seconds, lease_holder=self.holder)
+                             reconnect_grace=self.options.reconnect_grace_seconds, lease_holder=self.holder,
+                             missing_reported=self._missing_reported)
 
     async def _claimed(self, leases: Leases, *, fair_share: bool = True) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
         """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""

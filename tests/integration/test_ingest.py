@@ -2,6 +2,8 @@
 failures and back-off, POP3, and mailboxes that must not be touched."""
 from __future__ import annotations
 
+import asyncio
+import imaplib
 import uuid
 
 import asyncpg
@@ -110,6 +112,39 @@ async def test_message_moved_between_tracked_folders_is_not_ingested_twice(setti
     mailbox = await registry.mailbox(org, box.email)
     assert mailbox.incoming.error_count == 0
     assert [a.code for a in mailbox.alerts] == ["folder_missing"]  # once, not at every pass
+
+
+async def test_a_missing_folder_is_said_once_across_sessions(settings, registry: Registry, org, dovecot, pool,
+                                                             publisher) -> None:
+    """Sessions of one ingest process (a reconnect, a profile edit) with other alerts in between: one
+    ``folder_missing``; again only once the folder was found in between."""
+    from services.ingest.runner import MailboxRunner, RunnerContext, ServerSlots
+    from shared.crypto import load_cipher
+    from shared.oauth import TokenProvider
+
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracked_folders=["INBOX", "Later"])
+    work = (await Registry(pool, load_cipher(settings)).mailboxes_to_process("incoming", mailbox_ids=[box.id]))[0]
+    ctx = RunnerContext(pool, publisher, registry, ServerSlots(), TokenProvider())
+
+    async def session_with_an_alert_before() -> list[str]:
+        await registry.raise_alert(box.id, "information", "incoming", "other", f"another alert {uuid.uuid4()}")
+        assert await MailboxRunner(ctx, work, idle_allowed=False).sync_once() is True
+        return [a.code for a in (await registry.mailbox(org, box.email)).alerts if a.code != "other"]
+
+    assert await session_with_an_alert_before() == ["folder_missing"]
+    assert await session_with_an_alert_before() == ["folder_missing"]   # not again
+    dovecot.deliver(box.email, message("now it exists"), folder="Later")
+    assert await session_with_an_alert_before() == ["folder_missing"]
+
+    def delete_later() -> None:
+        with imaplib.IMAP4(dovecot.host, dovecot.imap_port, timeout=30) as imap:
+            imap.login(box.email, box.password)
+            assert imap.delete("Later")[0] == "OK"
+            imap.logout()
+
+    await asyncio.to_thread(delete_later)
+    assert await session_with_an_alert_before() == ["folder_missing", "folder_missing"]   # gone again: said again
 
 
 async def test_pop3_uidl_bookkeeping(settings, registry: Registry, org, dovecot) -> None:
