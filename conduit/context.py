@@ -10,7 +10,7 @@ import asyncpg
 from shared.crypto import load_cipher
 from shared.db.migrate import migrate, pending_migrations
 from shared.db.pool import create_pool
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, NotFound
 from shared.registry.models import Organization
 from shared.registry.service import Registry
 from shared.settings import Settings
@@ -37,7 +37,13 @@ async def prepare_database(settings: Settings, pool: asyncpg.Pool) -> list[str]:
 
 @asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """A small pool for one command, on a database that is up to date."""
+    """A small pool for one command, on a database that is up to date.  Embedded: only one that
+    exists (a command run outside the folder `conduit up` uses would otherwise answer from a new,
+    empty registry, as if everything were gone)."""
+    if settings.embedded_database and not (settings.state_dir / "postgres").exists():
+        raise NotFound(f"no Conduit state in {settings.state_dir.resolve()}: set CONDUIT_STATE_DIR to the folder "
+                       "`conduit up` uses (by default .conduit in the folder it was started from), or DATABASE_URL; "
+                       "`conduit up` or `conduit db migrate` creates a new one here")
     pool = await create_pool(settings, max_size=4)
     try:
         await prepare_database(settings, pool)

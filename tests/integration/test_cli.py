@@ -134,6 +134,19 @@ def test_an_out_of_range_option_is_a_usage_error_not_a_traceback(cli) -> None:
         assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_a_command_outside_the_stacks_folder_does_not_make_a_new_registry(cli, tmp_path) -> None:
+    """Run where no `conduit up` ever ran (no CONDUIT_STATE_DIR, another folder): said so, and no
+    new, empty database that would answer as if everything were gone."""
+    elsewhere = tmp_path / "elsewhere"
+    for args in (("profile", "list"), ("outbound", "list"), ("dead-letters", "list")):
+        result = cli(*args, org_scoped=args[0] != "dead-letters", extra_env={"CONDUIT_STATE_DIR": str(elsewhere)})
+        assert result.returncode == 2 and f"no Conduit state in {elsewhere}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (elsewhere / "postgres").exists()
+    assert cli("db", "migrate", org_scoped=False, extra_env={"CONDUIT_STATE_DIR": str(elsewhere)}).returncode == 0
+    assert cli("profile", "list", extra_env={"CONDUIT_STATE_DIR": str(elsewhere)}).returncode == 2   # no such org there
+
+
 def test_second_user_with_same_address_and_missing_credentials(cli) -> None:
     assert cli("user", "add", "dup@example.com", "--name", "A").returncode == 0
     dup = cli("user", "add", "DUP@example.com", "--name", "B")
@@ -167,20 +180,16 @@ def test_a_profile_that_would_send_passwords_in_clear_is_added_with_a_warning(cl
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
-def test_a_command_run_from_another_directory_says_it_starts_a_new_registry(tmp_path) -> None:
+def test_a_command_run_from_another_directory_does_not_start_a_new_registry(tmp_path) -> None:
     """The state folder is ./.conduit by default: run elsewhere, a command would work on a new, empty
-    registry; it says so the first time, and not again."""
+    registry, as if everything were gone; it says where it looked and what to do instead."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONDUIT_", "DATABASE_URL", "KAFKA_"))}
     env |= {"PYTHONPATH": str(ROOT), "CONDUIT_LOG_LEVEL": "WARNING"}
     note = tmp_path / "note.txt"
     note.write_text("hello\n")
-
-    def store() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "conduit", "outbound", "store", str(note)], capture_output=True,
-                              text=True, env=env, cwd=tmp_path, timeout=120)
-
-    first = store()
-    assert first.returncode == 0, first.stderr
-    assert f"no embedded database in {tmp_path / '.conduit' / 'postgres'} yet: creating a new one" in first.stderr
-    second = store()
-    assert second.returncode == 0 and "creating a new one" not in second.stderr, second.stderr
+    result = subprocess.run([sys.executable, "-m", "conduit", "outbound", "store", str(note)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: no Conduit state in {tmp_path / '.conduit'}: set CONDUIT_STATE_DIR"), \
+        result.stderr
+    assert not (tmp_path / ".conduit" / "postgres").exists()
