@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from email.utils import getaddresses
+
+from shared.addresses import address_pairs
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")   # where the header block ends; _header_end finds it
@@ -162,7 +163,7 @@ def _first_address(raw: bytes, start: int, end: int) -> str | None:
     value = _FIELD_VALUE.match(raw, start, end).group(1).decode("utf-8", "replace")
     # Unfolded (RFC 5322 2.2.3): every line break in a field's value precedes white space.
     try:
-        pairs = getaddresses([value.replace("\r", "").replace("\n", "")])
+        pairs = address_pairs(value.replace("\r", "").replace("\n", ""))
     except Exception:  # noqa: BLE001 - the stdlib parser recurses on nested comments: no address here
         return None
     for _, address in pairs:

@@ -31,11 +31,12 @@ import html
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import unquote
 
 # One identity for ingest and evaluate: the same limit and the same id for a message without one.
+from shared.addresses import address_pairs
 from shared.mime import MAX_ID_LENGTH, generated_message_id
 
 __all__ = [
@@ -361,45 +362,16 @@ def normalize_email_address(address: str) -> str | None:
     return f"{local.lower()}@{domain}"
 
 
-_ADDR_SPEC = r"[^<>\s\"(),;:\\@\[\]]+@[^<>\s\"(),;:\\@]+"
-_SIMPLE_ADDRESS = re.compile(
-    rf'(?:"((?:[^"\\]|\\.)*)"|([^"<>,;:()\\]*?))\s*<\s*({_ADDR_SPEC})\s*>|({_ADDR_SPEC})'
-)
-_COMMA_OUTSIDE_QUOTES = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^,"])+')
 _QUOTED_PAIR = re.compile(r"\\(.)")
-
-
-def _pairs_fast(value: str) -> list[tuple[str, str]] | None:
-    """Split the common shapes (``a@b``, ``Name <a@b>``, ``"Last, First" <a@b>``) quickly."""
-    if "(" in value or ":" in value:  # comments and groups: leave them to the stdlib
-        return None
-    pairs = []
-    for item in _COMMA_OUTSIDE_QUOTES.findall(value):
-        item = item.strip()
-        if not item:
-            continue
-        m = _SIMPLE_ADDRESS.fullmatch(item)
-        if m is None:
-            return None
-        quoted, plain, bracketed, bare = m.groups()
-        if bare is not None:
-            pairs.append(("", bare))
-        elif quoted is not None:
-            pairs.append((_QUOTED_PAIR.sub(r"\1", quoted), bracketed))
-        else:
-            pairs.append((plain.strip(), bracketed))
-    return pairs
 
 
 @lru_cache(maxsize=8192)
 def _parse_address_value(value: str) -> tuple[tuple[Address, ...], bool]:
     """(valid addresses, any invalid one seen).  Cached: To: the mailbox recurs in every message."""
-    pairs = _pairs_fast(value)
-    if pairs is None:
-        try:
-            pairs = getaddresses([value])
-        except Exception:  # noqa: BLE001 - stdlib parser bugs on hostile input mean "invalid"
-            return (), True
+    try:
+        pairs = address_pairs(value)
+    except Exception:  # noqa: BLE001 - stdlib parser bugs on hostile input mean "invalid"
+        return (), True
     found: list[Address] = []
     invalid = False
     seen: set[str] = set()

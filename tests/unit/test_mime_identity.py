@@ -68,6 +68,11 @@ def test_the_address_is_the_address_not_what_the_display_name_or_a_comment_holds
     folded = b"From: \"Alice, the\r\n ceo@example.com one\" <alice@example.com>\r\n" + BODY.split(b"\r\n", 1)[1]
     assert from_address(folded) == "alice@example.com"
     assert from_address(b"From: undisclosed-recipients:;\r\n\r\n") is None
+    # An address in an unquoted display name, and a quoted display name with no address at all.
+    rest = BODY.split(b"\r\n", 1)[1]
+    assert forwarder_address(b"From: ceo@example.com <mallory@evil.example>\r\n" + rest) == "mallory@evil.example"
+    assert from_address(b'From: "ceo@example.com"\r\n' + rest) is None
+    assert forwarder_address(b'Resent-From: "ceo@example.com", bob@example.org\r\n' + BODY) == "bob@example.org"
 
 
 @settings(max_examples=2000, deadline=None)
