@@ -43,7 +43,7 @@ def send(
     header: list[str] = typer.Option([], "--header", "-H", help="Extra header 'Name: value' (allow-list: docs/dispatch.md)."),
     attach: list[Path] = typer.Option([], "--attach", help="Attach a file (repeatable); a large one goes by reference."),
     key: Optional[str] = typer.Option(None, "--key", help="Idempotency key (default: a new one); one send per key."),
-    regarding: Optional[str] = typer.Option(None, "--regarding", help="The record it regards, as KIND:ID."),
+    regarding: Optional[str] = typer.Option(None, "--regarding", help="The record it regards, as KIND:ID or KIND:ADDRESS (a contact, account or lead)."),
     no_track: bool = typer.Option(False, "--no-track", help="Do not record an outgoing email activity."),
     deadline: Optional[datetime] = typer.Option(None, "--deadline", help="Stop retrying after this time (ISO 8601, with zone)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the final status and print it."),
@@ -89,20 +89,26 @@ def send(
                 stored.append(content)
                 stored_sizes[item["content_sha256"]] = len(content)
             data["attachments"].append(item)
+    record_ref = None   # a contact, account or lead named by its address: looked up below
     if regarding:
         kind, sep, rid = regarding.partition(":")
         if not sep:
-            raise fail("--regarding needs KIND:ID, e.g. account:1c2d3e4f-...")
-        data["regarding"] = {"kind": kind, "id": rid}
+            raise fail("--regarding needs KIND:ID or KIND:ADDRESS, e.g. account:1c2d3e4f-... or account:info@acme.example")
+        if "@" in rid:
+            record_ref = regarding
+        else:
+            data["regarding"] = {"kind": kind, "id": rid}
     try:
         payload = EmailOutboundV1.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise fail(f"{'.'.join(str(p) for p in first['loc']) or 'request'}: {first['msg']}") from None
+        raise fail(_in_options_words(exc)) from None
 
     async def go() -> int:
+        nonlocal payload
         _check_size(payload, stored_sizes)   # before anything is stored or published
         async with command_context(load_settings(), org) as ctx:
+            if record_ref is not None:
+                payload = payload.model_copy(update={"regarding": await _regarding(ctx, record_ref)})
             if stored:
                 from shared.rawstore import store_raw
 
@@ -113,6 +119,33 @@ def send(
     code = run(go)
     if code:
         raise typer.Exit(code)
+
+
+# The request's fields as `conduit send` names them, for its errors.
+_OPTIONS = {"to": "--to", "cc": "--cc", "bcc": "--bcc", "sender_email": "--from", "mailbox_id": "--mailbox",
+            "subject": "--subject", "text": "--text", "html": "--html", "headers": "--header", "attachments": "--attach",
+            "idempotency_key": "--key", "regarding": "--regarding", "deadline": "--deadline"}
+
+
+def _in_options_words(exc: ValidationError) -> str:
+    """The request's first validation error, naming the option rather than the field."""
+    first = exc.errors()[0]
+    where = _OPTIONS.get(str(first["loc"][0]), ".".join(str(p) for p in first["loc"])) if first["loc"] else ""
+    message = first["msg"].removeprefix("Value error, ")
+    for field, option in _OPTIONS.items():
+        if "_" in field:   # only names that are no English word ("to", "text" are)
+            message = message.replace(field, option)
+    return f"{where}: {message}" if where else message
+
+
+async def _regarding(ctx: Any, ref: str) -> Any:
+    """``--regarding KIND:ADDRESS``: the organization's contact, account or lead with that address."""
+    from shared.events.payloads import RegardingRef
+    from shared.registry.folder_rules import resolve_record
+
+    async with ctx.registry.pool.acquire() as conn:
+        record = await resolve_record(conn, ctx.org.id, ref)
+    return RegardingRef(kind=record["kind"], id=record["id"])
 
 
 def checked_key(key: str | None) -> None:

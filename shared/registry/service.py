@@ -255,16 +255,17 @@ class Registry:
     def _profile_fields(self, spec: ProfileInput) -> dict[str, Any]:
         if not spec.name.strip():
             raise InvalidInput("a profile needs a name")
-        if spec.server_type in ("imap", "pop3") and not (spec.incoming_host and spec.incoming_port):
+        if spec.server_type in ("imap", "pop3") and not (spec.incoming_host and spec.incoming_port is not None):
             raise InvalidInput(f"an {spec.server_type.upper()} profile needs --incoming-host and --incoming-port")
-        if spec.server_type in ("imap", "pop3", "smtp") and not spec.use_same_settings_for_outgoing and not (spec.outgoing_host and spec.outgoing_port):
+        if spec.server_type in ("imap", "pop3", "smtp") and not spec.use_same_settings_for_outgoing and not (spec.outgoing_host and spec.outgoing_port is not None):
             raise InvalidInput("outgoing settings differ from incoming: give --outgoing-host and --outgoing-port")
-        if spec.server_type == "smtp" and not (spec.outgoing_host and spec.outgoing_port):
+        if spec.server_type == "smtp" and not (spec.outgoing_host and spec.outgoing_port is not None):
             raise InvalidInput("an SMTP profile needs --outgoing-host and --outgoing-port")
         if spec.server_type in ("exchange_server", "exchange_online") and not spec.service_url:
             raise InvalidInput("an Exchange profile needs --service-url (the EWS URL, or the Graph base URL)")
         if spec.auth_method == "profile_impersonation" and not (spec.profile_username and spec.profile_secret):
-            raise InvalidInput("impersonation needs the profile's user name and password")
+            raise InvalidInput("impersonation needs the profile's user name and password (--profile-user, and the "
+                               "password from CONDUIT_PROFILE_SECRET or the prompt)")
         if spec.auth_method == "oauth2" and not (spec.oauth_token_url and spec.oauth_client_id and spec.oauth_client_secret):
             raise InvalidInput("OAuth 2.0 needs --oauth-token-url, --oauth-client-id and the client secret")
         _require_https("--service-url", spec.service_url)

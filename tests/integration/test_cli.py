@@ -79,6 +79,9 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     failed = cli("mailbox", "test-enable", "ann@example.com")
     outputs.append(failed.stdout + failed.stderr)
     assert failed.returncode == 1 and "failure" in failed.stdout
+    quiet = cli("mailbox", "test-enable", "ann@example.com", extra_env={"CONDUIT_LOG_LEVEL": "WARNING"})
+    assert quiet.returncode == 1 and "incoming  failure" in quiet.stdout
+    assert "test_failed" not in quiet.stderr, quiet.stderr   # said once, not again as a log line
     for text in outputs:
         assert SECRET not in text
 
@@ -89,6 +92,10 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("mailbox", "show", "nobody@example.com"), "no mailbox"),
     (("mailbox", "approve", "nobody@example.com"), "no mailbox"),
     (("profile", "add", "p", "--type", "imap"), "incoming-host"),
+    (("profile", "add", "p", "--type", "imap", "--incoming-host", "h.example", "--incoming-port", "0"),
+     "--incoming-port must be between 1 and 65535"),
+    (("profile", "add", "p", "--type", "imap", "--incoming-host", "h.example", "--incoming-port", "993",
+      "--auth", "profile_impersonation"), "no profile password: set CONDUIT_PROFILE_SECRET"),
     (("profile", "set", "missing", "--max-connections", "2"), "no email server profile"),
     (("profile", "set", "missing", "--clear", "name"), "cannot clear name"),
     (("mailbox", "configure", "nobody@example.com", "--tracking", "all"), "no mailbox"),

@@ -136,7 +136,21 @@ async def test_conduit_send_attaches_files_small_inline_and_large_by_reference(
             code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
                                         "--attach", str(tmp_path / "missing.pdf"))
             assert code == 2 and "missing.pdf" in err and "Traceback" not in err, err
-        (message,) = capture.messages()
+            # The record it regards, named by its address as folder rules name it; and errors in
+            # the options' words, not the request's field names.
+            acme = await registry.add_record(org, "account", "Acme", f"info@acme-{uuid.uuid4().hex[:6]}.example")
+            code, out, err = await _cli(settings, "send", "--org", org.name, "--from", sender.email, "--to", "x@customer.example",
+                                        "--regarding", f"account:{acme.email.upper()}", "--wait", "--json")
+            assert code == 0, (out, err)
+            assert (await registry.activity(org, json.loads(out)["activity_id"])).regarding_id == acme.id
+            for args, says in [(("--from", sender.email, "--regarding", "account:nobody@nowhere.example"),
+                                "no account 'nobody@nowhere.example'"),
+                               (("--from", sender.email, "--to", "not-an-address"), "error: --to: "),
+                               (("--to", "x@customer.example",), "error: one of --mailbox and --from is required")]:
+                code, out, err = await _cli(settings, "send", "--org", org.name, "--to", "x@customer.example", *args)
+                assert code == 2 and says in err, (args, err)
+                assert "Traceback" not in err and "sender_email" not in err and "to.0" not in err, err
+        message = next(m for m in capture.messages() if m.header("Subject").startswith("Files"))
     parts = {p.get_filename(): (p.get_content_type(), p.get_content())
              for p in message_from_bytes(message.raw, policy=policy.default).iter_attachments()}
     assert parts == {"note.txt": ("text/plain", "a short note\n"), "scan.pdf": ("application/pdf", large.read_bytes())}
