@@ -18,8 +18,10 @@ hint in ``retry_after`` (seconds); a refused message (an EWS error response, a G
 with any other 5xx (a gateway's 504, a 500) may have been sent all the same: it is looked for in Sent
 Items first, and is an error (to be retried) only if it is not there (``GraphTransport.send``).  TLS is
 verified unless a profile turns it off; no error or log line carries a password, secret or token.
-Note that exchangelib's DEBUG logging prints request headers (the Basic ``Authorization`` among
-them): keep the ``exchangelib`` logger above DEBUG in production.
+exchangelib logs request headers (an ``Authorization``) and bodies at DEBUG, and at ERROR when a
+request fails unexpectedly: ``shared/logs.py`` drops its records (and oauthlib's).  An EWS answer that
+is not EWS (a gateway's page) is classified by its real HTTP status, which the transport's adapter
+records, not by exchangelib's label (``_http_answer_error``).
 
 A failed connection is classified by whether the request can have reached Exchange.  Before it was
 written (refused, unresolvable, a failed TLS handshake, a connect or pool timeout) nothing was sent:
@@ -30,6 +32,8 @@ which the caller resolves by looking in Sent Items (``find_sent``) instead of se
 
 Retries are the caller's (the send ledger's): a transport never resends.  A send cancelled while its
 thread is inside exchangelib still completes or fails in that thread; its outcome is then unknown.
+An EWS call is bounded as a whole (``call_timeout``): given up on inside exchangelib, a send is a lost
+answer (``request_sent``); given up on while waiting for a thread, it never starts.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -355,7 +359,13 @@ def _protocol_class(verify: bool | str) -> type:
     class _VerifyingAdapter(requests.adapters.HTTPAdapter):
         def send(self, request, *args, **kwargs):  # type: ignore[no-untyped-def]
             kwargs["verify"] = verify
-            return super().send(request, *args, **kwargs)
+            # EWS requests are SOAP; the other requests on these sessions are OAuth token requests (a
+            # form), made again as exchangelib retires a session after an error answer.
+            slot = "ews" if request.headers.get("Content-Type", "").startswith("text/xml") else "token"
+            setattr(_answers, slot, None)  # no answer yet: a request that fails leaves none behind
+            response = super().send(request, *args, **kwargs)
+            setattr(_answers, slot, _HttpAnswer(response.status_code, response.headers))
+            return response
 
     class _VerifyingProtocol(Protocol):
         HTTP_ADAPTER_CLS = _VerifyingAdapter
@@ -399,8 +409,27 @@ class _Call:
             return self._began
 
 
+@dataclass(frozen=True)
+class _HttpAnswer:
+    """What the server (or a gateway in front of it) really answered: exchangelib's error says less."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    @property
+    def soap(self) -> bool:
+        """An answer exchangelib reads as EWS: a 200, or a SOAP fault (500, XML)."""
+        return self.status == 200 or self.status == 500 and "xml" in self.headers.get("Content-Type", "")
+
+
+# The last EWS answer (``ews``) and token endpoint answer (``token``) of each worker thread's current
+# call (a call runs in one thread, start to end).
+_answers = threading.local()
+
+
 def _translating(fn: Callable[..., T]) -> Callable[..., T]:
     def run(*args: Any) -> T:
+        _answers.ews = _answers.token = None
         try:
             return fn(*args)
         except (InvalidInput, TransientError, PermanentError):
@@ -433,6 +462,9 @@ def _ews_error(e: Exception) -> Exception:
     code = type(e).__name__
     text = str(e)
     chain = [e, e.__cause__, e.__context__]
+    unavailable = _ews_token_unavailable(e)
+    if unavailable is not None:
+        return unavailable
     if isinstance(e, UnauthorizedError) or code in ("InvalidClientIdError", "InvalidClientError",
                                                      "UnauthorizedClientError"):
         return AuthenticationFailed(f"EWS refused the credentials ({code})")
@@ -441,6 +473,9 @@ def _ews_error(e: Exception) -> Exception:
     wire = _ews_wire_error(e)
     if wire is not None:
         return wire
+    page = _http_answer_error(e)
+    if page is not None:
+        return page
     refusal = _probe_refusal(e)
     if refusal is not None:
         return _ews_error(refusal)
@@ -525,6 +560,64 @@ def _ews_wire_error(e: BaseException) -> Exception | None:
                                                                    ssl.SSLError))), causes[-1])
     return _after_write(ConnectionFailed(
         f"the connection to the EWS server dropped after the request was sent ({type(dropped).__name__})"))
+
+
+def _ews_token_unavailable(e: BaseException) -> Exception | None:
+    """oauthlib's error for a token endpoint that throttles or is down (429 or 5xx, RFC 6749's
+    ``temporarily_unavailable`` and ``server_error``): the credentials may be fine, so it is what the
+    Graph path makes of it (``_token_endpoint_busy``), not a refused login; None for any other error.
+    The token request went through the transport's adapter, which kept its status and ``Retry-After``."""
+    if not type(e).__module__.startswith("oauthlib."):
+        return None
+    answer: _HttpAnswer | None = getattr(_answers, "token", None)
+    status = answer.status if answer is not None else None
+    error = str(getattr(e, "error", "") or "")  # the token endpoint's RFC 6749 code, as oauthlib read it
+    code = error if _ERROR_CODE.fullmatch(error) else type(e).__name__
+    temporary = code in ("temporarily_unavailable", "server_error") or status is not None and _busy_status(status)
+    if not temporary:
+        return None
+    return _token_endpoint_busy(status, code, _retry_after(answer.headers) if answer is not None else None)
+
+
+def _busy_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def _token_endpoint_busy(status: int | None, code: str, retry_after: float | None) -> Exception:
+    """A token endpoint throttling or briefly down (Microsoft's identity platform answers 429 with a
+    Retry-After when overloaded): retried after that time, never an authentication failure."""
+    return ExchangeTransientError(f"token endpoint: {status or 'error'} {code}", reason="throttled", code=code,
+                                  retry_after=retry_after)
+
+
+def _http_answer_error(e: BaseException) -> Exception | None:
+    """The error an HTTP answer that is not EWS makes, by its real status; None for an EWS answer.
+
+    exchangelib labels such answers by their headers first: any of them with ``Connection: close`` (a
+    gateway's 502 or 504 page often has it, even a 401) becomes ``ErrorServerBusy("Caused by closed
+    connection")``, retried as if nothing was done, and a 503 loses its ``Retry-After`` (only
+    exchangelib's fault-tolerant policy keeps it).  By status: 401 is a refused login; 429, and 503
+    with ``Retry-After``, a request refused before any work, to be repeated after that time; any other
+    5xx may come after Exchange did the work (a gateway that gave up waiting), so a send it answers is
+    a lost answer (looked for in Sent Items, never simply resent).
+    """
+    from exchangelib.errors import EWSError
+
+    answer: _HttpAnswer | None = getattr(_answers, "ews", None)
+    if answer is None or answer.soap or not isinstance(e, EWSError):
+        return None
+    status, retry_after = answer.status, _retry_after(answer.headers)
+    if status == 401:
+        return AuthenticationFailed("EWS refused the credentials (HTTP 401)")
+    if status == 429 or status == 503 and retry_after is not None:
+        return ExchangeTransientError(f"EWS answered HTTP {status}: throttled or unavailable",
+                                      reason="throttled" if status == 429 else "server_busy", code=f"HTTP{status}",
+                                      retry_after=retry_after)
+    if status >= 500:
+        return _after_write(ExchangeTransientError(
+            f"EWS answered HTTP {status} with no EWS answer (a gateway's page?): the request may have been "
+            "carried out", reason="protocol_error", code=f"HTTP{status}", retry_after=retry_after))
+    return None
 
 
 def _probe_refusal(e: BaseException) -> Exception | None:
@@ -743,8 +836,9 @@ def _is_tls_failure(e: BaseException) -> bool:
     return False
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """A ``Retry-After`` header in seconds (either form), from httpx's or requests' headers."""
+    value = headers.get("Retry-After")
     if not value:
         return None
     try:
@@ -787,10 +881,12 @@ def _graph_error(response: httpx.Response, action: str) -> Exception:
     status = response.status_code
     if status == 401:
         return AuthenticationFailed(f"Graph refused the access token ({code})")
+    if status == 413:  # "Submission attempts that exceed this limit will result in an HTTP 413"
+        return ExchangePermanentError(f"Graph {action}: 413 {code}: {message}", code=code, reason="message_too_large")
     if status in (429, 503, 504) or status >= 500:
         return ExchangeTransientError(f"Graph {action}: {status} {code}: {message}", reason="throttled"
                                       if status == 429 else "server_busy", code=code,
-                                      retry_after=_retry_after(response))
+                                      retry_after=_retry_after(response.headers))
     return ExchangePermanentError(f"Graph {action}: {status} {code}: {message}", code=code)
 
 
@@ -805,9 +901,8 @@ def _token_error(response: httpx.Response, secret: str) -> Exception:
         description = _redacted(str(payload.get("error_description") or description).splitlines()[0], secret)[:300]
     except (ValueError, AttributeError, IndexError):
         pass
-    if response.status_code == 429 or response.status_code >= 500:
-        return ExchangeTransientError(f"token endpoint: {response.status_code} {code}", reason="throttled",
-                                      code=code, retry_after=_retry_after(response))
+    if _busy_status(response.status_code):
+        return _token_endpoint_busy(response.status_code, code, _retry_after(response.headers))
     if code in ("invalid_client", "unauthorized_client", "invalid_grant", "invalid_tenant") or \
             response.status_code == 401:
         return AuthenticationFailed(f"the token endpoint refused the app: {code}: {description}")

@@ -20,7 +20,8 @@ Follows the published contracts:
 - Errors as ``{"error": {"code", "message", "innerError"}}``: 401 ``InvalidAuthenticationToken`` (missing,
   unknown, expired, wrong audience), 403 ``ErrorAccessDenied`` (an application access policy excludes the
   mailbox), 404 ``ErrorInvalidUser``/``ErrorItemNotFound``, 400 ``ErrorInvalidRecipients``,
-  ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``; and
+  ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``, 413
+  ``RequestEntityTooLarge`` for a ``sendMail`` payload over 4 MB (``GraphApi.max_request_bytes``); and
   injected 429/503 with ``Retry-After``, or a served call answered late, not at all, or with an error
   such as a gateway's 504 (``answering``).
   A ``sendMail`` may also be told to file its Sent Items copy late (``Organization.file_late``), as Graph
@@ -61,6 +62,7 @@ from .store import (
 )
 
 DEFAULT_PAGE = 10  # Graph's default page size for messages
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a sendMail payload (JSON, or the base64 MIME), as Graph limits it
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -147,6 +149,9 @@ class GraphApi:
         self.org = org
         self.faults = faults
         self.requests: list[str] = []
+        # Graph refuses a sendMail payload over 4 MB with 413 ("Submission attempts that exceed this
+        # limit will result in an HTTP 413 Request Entity Too Large"); a test may lower it.
+        self.max_request_bytes = MAX_REQUEST_BYTES
 
     def routes(self, prefix: str = "/v1.0") -> list[web.RouteDef]:
         u = f"{prefix}/users/{{user}}"
@@ -207,6 +212,9 @@ class GraphApi:
             return failure
         assert box is not None
         raw = await request.read()
+        if len(raw) > self.max_request_bytes:
+            return _error(413, "RequestEntityTooLarge", f"The request is {len(raw)} bytes; sendMail takes at most "
+                                                        f"{self.max_request_bytes}.")
         if request.content_type == "text/plain":
             return self._send_mime(box, raw)
         try:

@@ -272,6 +272,33 @@ async def test_a_dropped_connection_is_served_and_never_answered(sim: ExchangeSi
     assert [i.internet_message_id for i in sim.items("bob@contoso.test")] == sent
 
 
+async def test_gateway_pages_garbled_answers_and_oversized_payloads(sim: ExchangeSimulator) -> None:
+    """``gateway_error``: a bare page with ``Connection: close`` (the call served or not, with
+    ``Retry-After`` when asked); ``garble_answer``: served, answered with a body its gzip encoding does
+    not match; and Graph's 413 for a sendMail payload over its limit."""
+    account = ews_account(sim)
+    await asyncio.to_thread(lambda: account.sent)
+    sim.gateway_error("ews", 504, operation="CreateItem")
+    with pytest.raises(ErrorServerBusy, match="closed connection"):  # how exchangelib labels it
+        await asyncio.to_thread(Message(account=account, folder=account.sent, mime_content=mime(20)).send_and_save)
+    async with httpx.AsyncClient(base_url=sim.graph_url) as client:
+        headers = {"Authorization": "Bearer " + (await token(client, sim)).json()["access_token"],
+                   "Content-Type": "text/plain"}
+        sim.gateway_error("graph", 503, served=False, retry_after=30, operation="sendMail")
+        page = await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(21)),
+                                 headers=headers)
+        assert (page.status_code, page.headers["Connection"], page.headers["Retry-After"]) == (503, "close", "30")
+        sim.garble_answer("graph", operation="sendMail")
+        with pytest.raises(httpx.DecodingError):
+            await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(22)),
+                              headers=headers)
+        sim.graph.max_request_bytes = 100
+        too_large = await client.post("/users/alice@contoso.test/sendMail", content=base64.b64encode(mime(23)),
+                                      headers=headers)
+        assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "RequestEntityTooLarge"
+    assert [r.message_id for r in sim.sent] == ["<m20.sim@conduit.test>", "<m22.sim@conduit.test>"]
+
+
 async def test_a_send_filed_late_shows_up_once_its_time_comes() -> None:
     """``file_sent_late``: the send is accepted and answered at once, as Graph answers ``sendMail`` 202
     before Exchange has sent; its Sent Items copy and the recipient's copy appear only once the delay

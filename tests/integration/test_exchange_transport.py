@@ -20,6 +20,7 @@ import pytest
 import trustme
 from exchangelib.protocol import CachingProtocol
 
+from services.dispatch.compose import check_size, compose
 from services.dispatch.exchange_transport import (
     EwsOAuth,
     EwsTransport,
@@ -27,6 +28,7 @@ from services.dispatch.exchange_transport import (
     ExchangeTransientError,
     GraphTransport,
 )
+from services.dispatch.service import GRAPH_MAX_MESSAGE_BYTES
 from shared.errors import (
     AuthenticationFailed,
     ConduitError,
@@ -36,6 +38,7 @@ from shared.errors import (
     TlsFailed,
     TransientError,
 )
+from shared.events.payloads import EmailOutboundV1
 from shared.logs import configure_logging
 from shared.settings import Settings
 from simulators.exchange import ExchangeSimulator, Fault
@@ -155,6 +158,57 @@ async def test_ews_call_that_does_not_finish_is_given_up_as_a_lost_answer(sim: E
     assert isinstance(queued, ProtocolTimeout) and getattr(queued, "request_sent", None) is False, queued
     assert "never started" in str(queued)
     assert [r.message_id for r in sim.sent] == ["<d70.dispatch@conduit.test>"]
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_ews_gateway_page_with_connection_close_is_a_lost_answer(
+        sim: ExchangeSimulator, ews: EwsTransport, status: int) -> None:
+    """Exchange sent the message, then a gateway answered its own 502/504 page with ``Connection:
+    close``: the send says its request may have gone (looked for in Sent Items, not resent).
+    exchangelib labels any answer with that header ErrorServerBusy, which read as "busy, nothing done"."""
+    await ews.check("alice@contoso.test")
+    sim.gateway_error("ews", status, operation="CreateItem")
+    with pytest.raises(ExchangeTransientError) as caught:
+        await ews.send("alice@contoso.test", mime(status))
+    assert getattr(caught.value, "request_sent", False) is True, repr(caught.value)
+    assert caught.value.code == f"HTTP{status}"
+    assert [r.message_id for r in sim.sent] == [f"<d{status}.dispatch@conduit.test>"]
+    assert await ews.find_sent("alice@contoso.test", f"<d{status}.dispatch@conduit.test>")
+
+
+async def test_ews_gateway_page_is_a_lost_answer_with_app_tokens_too(tls: tuple[ssl.SSLContext, str]) -> None:
+    """With app-only OAuth, exchangelib fetches a new token as it retires the session the page came
+    on: the page, not that token's answer, decides."""
+    server_ctx, ca_file = tls
+    async with ExchangeSimulator(ssl_context=server_ctx) as sim:
+        populate(sim)
+        app = EwsTransport(service_url=sim.ews_url, ca_file=ca_file, credentials=EwsOAuth(
+            client_id=APP_ID, client_secret=APP_SECRET, tenant_id=sim.org.tenant, token_url=sim.token_url))
+        try:
+            await app.check("bob@contoso.test")
+            sim.gateway_error("ews", 504, operation="CreateItem")
+            with pytest.raises(ExchangeTransientError) as caught:
+                await app.send("bob@contoso.test", mime(98, sender="bob@contoso.test", to="alice@contoso.test"))
+        finally:
+            await app.close()
+    assert getattr(caught.value, "request_sent", False) is True and caught.value.code == "HTTP504", repr(caught.value)
+    assert [r.message_id for r in sim.sent] == ["<d98.dispatch@conduit.test>"]
+
+
+async def test_ews_gateway_refusals_keep_their_meaning(sim: ExchangeSimulator, ews: EwsTransport) -> None:
+    """A 503 or 429 with ``Retry-After`` is a refusal before any work: retried after that time (not
+    exchangelib's default); a 401 is a refused login, ``Connection: close`` or not."""
+    await ews.check("alice@contoso.test")
+    for status in (503, 429):
+        sim.gateway_error("ews", status, served=False, retry_after=120, operation="CreateItem")
+        with pytest.raises(ExchangeTransientError) as refused:
+            await ews.send("alice@contoso.test", mime(status))
+        assert refused.value.retry_after == 120.0, refused.value
+        assert getattr(refused.value, "request_sent", False) is False, refused.value
+    sim.gateway_error("ews", 401, served=False, operation="CreateItem")
+    with pytest.raises(AuthenticationFailed):
+        await ews.send("alice@contoso.test", mime(401))
+    assert not sim.sent
 
 
 async def test_ews_impersonation(sim: ExchangeSimulator) -> None:
@@ -320,6 +374,39 @@ async def test_graph_errors_are_mapped(sim: ExchangeSimulator, graph: GraphTrans
                          b"Message-ID: <x@y>\r\nSubject: none\r\n\r\nbody\r\n")
     assert no_rcpt.value.code == "ErrorInvalidRecipients"
     assert not sim.sent
+
+
+async def test_graph_413_is_a_message_too_large(sim: ExchangeSimulator, graph: GraphTransport) -> None:
+    """Graph answers a sendMail payload over its limit with 413: a permanent refusal saying why, as the
+    transport's own check says it."""
+    sim.graph.max_request_bytes = 1000  # a limit below what the transport checks itself
+    with pytest.raises(ExchangePermanentError) as caught:
+        await graph.send("alice@contoso.test", mime(19, extra=f"X-Padding: {'x' * 2000}\r\n"))
+    assert caught.value.reason == "message_too_large" and caught.value.code == "RequestEntityTooLarge", caught.value
+    assert not sim.sent
+
+
+@pytest.mark.parametrize("attachment_bytes", [2_200_000, 2_260_000, 2_280_000, 2_300_000])
+async def test_a_message_accepted_for_graph_fits_graph(
+        sim: ExchangeSimulator, graph: GraphTransport, attachment_bytes: int) -> None:
+    """What intake accepts for a Graph mailbox (``check_size`` with ``GRAPH_MAX_MESSAGE_BYTES``) is
+    sent by Graph: the estimate counts the line breaks MIME puts into base64.  Before, a 2.3 MB
+    attachment was accepted, then refused at the send for its size."""
+    content = bytes(range(256)) * (attachment_bytes // 256)
+    request = EmailOutboundV1.model_validate({
+        "idempotency_key": f"k{attachment_bytes}", "sender_email": "alice@contoso.test", "to": ["bob@contoso.test"],
+        "subject": "sized", "text": "see the attachment", "attachments": [{
+            "filename": "f.bin", "content_type": "application/octet-stream",
+            "content_base64": base64.b64encode(content).decode()}]})
+    try:
+        check_size(request, GRAPH_MAX_MESSAGE_BYTES)
+    except InvalidInput as refused:
+        assert refused.reason == "too_large"
+        return
+    composed = compose(request, sender_email="alice@contoso.test", sender_name="Alice", subject="sized",
+                       message_id=f"d{attachment_bytes}.dispatch@conduit.test", bcc_header=True)
+    await graph.send("alice@contoso.test", composed.raw)
+    assert [r.message_id for r in sim.sent] == [f"<d{attachment_bytes}.dispatch@conduit.test>"]
 
 
 async def test_graph_bad_secret_is_authentication_failed(sim: ExchangeSimulator) -> None:
@@ -536,6 +623,38 @@ async def test_a_failed_ews_request_logs_neither_the_token_nor_the_message(
     marker = base64.b64encode(mime(90, sender="bob@contoso.test", to="alice@contoso.test",
                                    extra="X-Secret-Content: body-marker-4711\r\n")).decode()[:40]
     assert "MimeContent" not in logged and marker not in logged and "Bearer" not in logged, logged
+
+
+@pytest.mark.parametrize(("status", "code"), [(429, "temporarily_unavailable"), (503, "temporarily_unavailable"),
+                                            (500, "server_error")])
+async def test_an_unavailable_token_endpoint_is_temporary_for_ews_as_for_graph(
+        tls: tuple[ssl.SSLContext, str], status: int, code: str) -> None:
+    """The identity platform throttling or down is no refused login: EWS and Graph both make it a
+    temporary failure retried after its ``Retry-After``, not an authentication failure (which would
+    alert every mailbox of the profile and tell Test & Enable the credentials are wrong)."""
+    server_ctx, ca_file = tls
+    async with ExchangeSimulator(ssl_context=server_ctx) as sim:
+        populate(sim)
+        sim.inject("token", Fault(status, code, "AADSTS90033: A transient error has occurred.", retry_after=60,
+                                  times=2))  # the EWS and the Graph token request
+        ews = EwsTransport(service_url=sim.ews_url, ca_file=ca_file, credentials=EwsOAuth(
+            client_id=APP_ID, client_secret=APP_SECRET, tenant_id=sim.org.tenant, token_url=sim.token_url))
+        graph = GraphTransport(graph_url=sim.graph_url, token_url=sim.token_url, client_id=APP_ID,
+                               client_secret=APP_SECRET, verify_tls=ca_file)
+        try:
+            with pytest.raises(ConduitError) as by_ews:
+                await ews.send("bob@contoso.test", mime(95, sender="bob@contoso.test", to="alice@contoso.test"))
+            with pytest.raises(ConduitError) as by_graph:
+                await graph.send("bob@contoso.test", mime(96, sender="bob@contoso.test", to="alice@contoso.test"))
+            await ews.send("bob@contoso.test", mime(97, sender="bob@contoso.test", to="alice@contoso.test"))
+        finally:
+            await ews.close()
+            await graph.close()
+    for caught in (by_ews.value, by_graph.value):
+        assert isinstance(caught, ExchangeTransientError), repr(caught)
+        assert caught.retry_after == 60.0 and caught.code == code and caught.reason == "throttled", repr(caught)
+        assert getattr(caught, "request_sent", False) is False
+    assert [r.message_id for r in sim.sent] == ["<d97.dispatch@conduit.test>"]  # the next attempt goes
 
 
 async def test_a_token_endpoint_echoing_the_secret_does_not_put_it_in_errors(tls: tuple[ssl.SSLContext, str]) -> None:
