@@ -646,11 +646,10 @@ class Registry:
             raise Conflict(f"{request.idempotency_key!r} is still {request.status}: dispatch is working on it")
         key = key or f"{request.idempotency_key}.resend"
         async with self._pool.acquire() as conn:
-            earlier = await repo.outbound_request_by_ref(conn, org.id, key)
             body = await repo.outbound_request_body(conn, request.id)
-        if earlier is not None and earlier["idempotency_key"] == key:
-            raise Conflict(f"already resent as {key!r} ({earlier['status']}); `conduit outbound show {key}` says where "
-                           "it stands, and --key names a new resend")
+        # A resend under a key already used is the same request again: `conduit send`'s ledger check
+        # answers it with where that resend stands, and publishes nothing (or refuses a key that a
+        # different request holds).
         if not body:
             raise NotFound(f"request {request.idempotency_key!r} has no stored request to send again")
         body = {**body, "idempotency_key": key}

@@ -109,8 +109,11 @@ async def test_a_failed_request_is_resent_once_under_a_new_key(settings: Setting
             assert (resent["status"], resent["idempotency_key"]) == ("sent", f"{key}.resend")
             assert resent["message_id"] != first["message_id"]
 
-            # Neither a second resend nor a resend of what was sent publishes anything.
-            for ref, says in [(key, f"already resent as '{key}.resend' (sent)"), (f"{key}.resend", "sending it again would deliver it twice"),
+            # A second resend answers with where the first stands (exit 0: it was sent) and publishes
+            # nothing; a resend of what was sent is refused.
+            code, out, err = await _cli(settings, "outbound", "resend", key, "--org", org.name, "--json")
+            assert code == 0 and json.loads(out)["message_id"] == resent["message_id"], (out, err)
+            for ref, says in [(f"{key}.resend", "sending it again would deliver it twice"),
                               ("no-such-key", "no request to send 'no-such-key'")]:
                 code, out, err = await _cli(settings, "outbound", "resend", ref, "--org", org.name)
                 assert code == 2 and says in err and "Traceback" not in err, (ref, err)
