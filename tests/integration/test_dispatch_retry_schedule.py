@@ -17,7 +17,6 @@ import asyncio
 import time
 
 import asyncpg
-import pytest
 
 from conduit.peers.smtp import CaptureSmtpServer
 from shared.kafka import Publisher

@@ -62,7 +62,7 @@ class HoldingSmtpServer:
                 elif verb == "MAIL":
                     transaction = Transaction(line[10:].strip().decode(errors="replace"), commands=["MAIL"])
                     self.transactions.append(transaction)
-                    while not pending or not pending[-1][:4].upper() == b"DATA":
+                    while not pending or pending[-1][:4].upper() != b"DATA":
                         try:
                             ahead = await asyncio.wait_for(reader.readline(), self.hold)
                         except TimeoutError:
