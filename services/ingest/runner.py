@@ -19,8 +19,9 @@ import asyncio
 import logging
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 import asyncpg
 from aiokafka.errors import KafkaError
@@ -57,23 +58,78 @@ class ServerEndedSession(ConnectionFailed):
     its BYE, or the connection closed or reset.  Not a failure of the mailbox by itself."""
 
 
+class ConnectionSlots:
+    """At most ``limit`` sessions open to one server at once; the limit may change while they are open.
+
+    A lowered limit opens no new session until enough of the open ones have ended; a raised one lets
+    waiting sessions in at once.  (An ``asyncio.Semaphore`` per limit would count the sessions of the
+    old limit and of the new one apart, and let both sets open at once.)"""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        while self.in_use >= self.limit:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._wake()   # woken, then cancelled: the free slot goes to the next in line
+                else:
+                    self._waiting.remove(turn)
+                raise
+        self.in_use += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.in_use -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.in_use
+        while free > 0 and self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                free -= 1
+
+
+def _edited(profile: dict) -> str:
+    """When the profile was last edited, as text that sorts in time ("" when unknown)."""
+    try:
+        return datetime.fromisoformat(profile["updated_at"]).astimezone(timezone.utc).isoformat(timespec="microseconds")
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 class ServerSlots:
     """At most the profile's max concurrent connections per server, per replica.
 
     Counted per profile and server: two profiles that name one server each keep their own limit
-    (one count shared by both would be reset by each in turn, and enforce neither)."""
+    (one count shared by both would be reset by each in turn, and enforce neither).  An edited limit
+    resizes the count: the sessions of runners started before the edit still count against it."""
 
     def __init__(self) -> None:
-        self._slots: dict[tuple[object, str, int], tuple[int, asyncio.Semaphore]] = {}
+        self._slots: dict[tuple[object, str, int], tuple[str, ConnectionSlots]] = {}
 
-    def for_server(self, profile_id: object, host: str, port: int, limit: int) -> asyncio.Semaphore:
-        """The server's slots.  An edited limit starts a new count: the mailboxes' runners restart
-        on a profile change, so sessions holding a slot of the old count end soon after."""
+    def for_server(self, profile_id: object, host: str, port: int, limit: int, edited: str = "") -> ConnectionSlots:
+        """The server's slots.  ``edited``: the profile's updated_at, so that a runner still on the
+        profile before an edit does not set its old limit back."""
         key = (profile_id, host, port)
-        slots = self._slots.get(key)
-        if slots is None or slots[0] != limit:
-            slots = self._slots[key] = (limit, asyncio.Semaphore(limit))
-        return slots[1]
+        found = self._slots.get(key)
+        if found is None:
+            found = self._slots[key] = (edited, ConnectionSlots(limit))
+        elif edited > found[0]:
+            found[1].resize(limit)
+            found = self._slots[key] = (edited, found[1])
+        return found[1]
 
 
 @dataclass(frozen=True)
@@ -148,9 +204,10 @@ class MailboxRunner:
     def interval(self) -> float:
         return float(self._profile["min_polling_interval_seconds"])
 
-    def _slot(self) -> asyncio.Semaphore:
+    def _slot(self) -> ConnectionSlots:
         return self._ctx.slots.for_server(self._profile["id"], self._profile["incoming_host"],
-                                          self._profile["incoming_port"], self._profile["max_concurrent_connections"])
+                                          self._profile["incoming_port"], self._profile["max_concurrent_connections"],
+                                          _edited(self._profile))
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Sync until stopped or until a failure puts the mailbox into back-off."""
