@@ -12,8 +12,8 @@ forward mailbox) read addresses, so the two never disagree.  The usual shapes (`
   reading is asked for where the parameter exists, so both read mail alike.
 - **No address out of a display name.**  The lenient reading takes ``"ceo@example.com"`` (a quoted
   display name and no address) as the address ceo@example.com, which the strict reading and
-  ``email.policy.default`` do not: a sender could pose as anyone.  An address whose domain appears
-  only inside quotes is returned as a display name without an address.
+  ``email.policy.default`` do not: a sender could pose as anyone.  An address that appears only
+  inside quotes or comments is returned as a display name without an address.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ _SIMPLE_ADDRESS = re.compile(
 )
 _COMMA_OUTSIDE_QUOTES = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^,"])+')
 _QUOTED_PAIR = re.compile(r"\\(.)")
-_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?')
 _LENIENT = {"strict": False} if "strict" in inspect.signature(getaddresses).parameters else {}
 
 
@@ -39,18 +38,35 @@ def address_pairs(value: str) -> list[tuple[str, str]]:
     if pairs is not None:
         return pairs
     pairs = getaddresses([value], **_LENIENT)
-    if '"' not in value:
+    if '"' not in value and "(" not in value:
         return pairs
-    outside = _QUOTED_STRING.sub('""', value).lower()
-    return [(name, address) if _outside_quotes(address, outside) else (name or address, "")
-            for name, address in pairs]
+    bare = _bare(value)
+    return [(name, address) if "@" not in address or "".join(address.split()).lower() in bare
+            else (address, "") for name, address in pairs]   # a name holding "@": an invalid address
 
 
-def _outside_quotes(address: str, outside: str) -> bool:
-    """Whether an address the lenient parser found has its domain in the value outside quoted strings."""
-    if "@" not in address:
-        return True
-    return "@" + address.rsplit("@", 1)[1].lower() in outside
+def _bare(value: str) -> str:
+    """The value without its quoted strings, comments and white space, lower-cased: where an address
+    the lenient parser found must be, as it joined it (it drops the spaces and comments between an
+    address's parts).  One pass, whatever the nesting of comments."""
+    kept: list[str] = []
+    depth, quoted, escaped = 0, False, False
+    for c in value:
+        if escaped:
+            escaped = False
+        elif c == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(c, 0)
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            depth = 1
+        elif not c.isspace():
+            kept.append(c)
+    return "".join(kept).lower()
 
 
 def _pairs_fast(value: str) -> list[tuple[str, str]] | None:

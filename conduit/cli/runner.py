@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings
 
 from conduit.cli.output import fail
 from shared.errors import ConduitError
+from shared.logs import keep_secrets_out
 from shared.settings import Settings, log_level_name
 
 T = TypeVar("T")
@@ -131,6 +132,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     """Run the coroutine; ConduitError and connection failures print one line and exit 2."""
     level = _log_level()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    keep_secrets_out()   # tokens and message bodies that exchangelib logs, Test & Enable included
     if level != "DEBUG":
         # A broker it cannot reach is the command's one-line error (below), not aiokafka's log lines too.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -177,12 +177,15 @@ class EwsTransport:
         """
         _check_address(mailbox_address)
         message_id = _message_id(message)
+        submitted = threading.Event()   # set by the worker thread as CreateItem starts
         try:
-            return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate)
+            return await self._run(self._send_blocking, mailbox_address, bytes(message), message_id, impersonate,
+                                   submitted)
         except ProtocolTimeout as e:
-            # Given up on while its thread was inside exchangelib: CreateItem may be on its way.
+            # Given up on, or timed out, once CreateItem was on its way: the message may have gone out.
+            # Before it (the version probe, the Sent Items folder's GetFolder) nothing was sent.
             if not hasattr(e, "request_sent"):
-                e.request_sent = getattr(e, "after_write", False)  # type: ignore[attr-defined]
+                e.request_sent = submitted.is_set() and getattr(e, "after_write", False)  # type: ignore[attr-defined]
             raise
 
     async def find_sent(self, mailbox_address: str, message_id: str, *, impersonate: bool = False) -> bool:
@@ -213,10 +216,14 @@ class EwsTransport:
         except TimeoutError:
             # A call that never returns (an Exchange that stops answering mid-stream, a library
             # deadlock) must not hold its message and the service's stop forever.
-            began = call.abandon()
+            if call.abandon():
+                raise _after_write(ProtocolTimeout(f"the EWS call did not finish within {self._call_timeout:g} s")) \
+                    from None
+            # Queued behind this transport's other calls: Conduit's own congestion, not the server's
+            # fault (no back-off of the mailbox), and certainly not sent.
             raise _after_write(ProtocolTimeout(
-                f"the EWS call did not finish within {self._call_timeout:g} s"
-                + ("" if began else " (it never started: every connection was busy)")), began) from None
+                f"the EWS call did not start within {self._call_timeout:g} s: every connection was busy",
+                reason="transport_busy"), False) from None
         except asyncio.CancelledError:
             call.abandon()  # a call still queued is not started later, when nobody waits for it
             raise
@@ -227,11 +234,13 @@ class EwsTransport:
             e.args = (_redacted(e.message, secret), *e.args[1:])
             raise
 
-    def _send_blocking(self, address: str, message: bytes, message_id: str, impersonate: bool) -> str:
+    def _send_blocking(self, address: str, message: bytes, message_id: str, impersonate: bool,
+                       submitted: threading.Event) -> str:
         from exchangelib import Message
 
         account = self._account(address, impersonate)
         sent_items = account.sent  # GetFolder on first use; a failure up to here: nothing was sent
+        submitted.set()
         try:
             Message(account=account, folder=sent_items, mime_content=message).send_and_save()
         except Exception as e:  # noqa: BLE001 - mapped once, marked: the request may have reached Exchange
@@ -302,7 +311,9 @@ class EwsTransport:
         return self._protocol
 
     def _shutdown_blocking(self) -> None:
-        self._executor.shutdown(wait=True)
+        # Not waiting for calls given up on (a server that drips its answer): they end with their
+        # HTTP timeouts, and the service's stop must not wait for them.
+        self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             if self._protocol is not None:
                 self._protocol.close()
@@ -596,8 +607,8 @@ def _http_answer_error(e: BaseException) -> Exception | None:
     exchangelib labels such answers by their headers first: any of them with ``Connection: close`` (a
     gateway's 502 or 504 page often has it, even a 401) becomes ``ErrorServerBusy("Caused by closed
     connection")``, retried as if nothing was done, and a 503 loses its ``Retry-After`` (only
-    exchangelib's fault-tolerant policy keeps it).  By status: 401 is a refused login; 429, and 503
-    with ``Retry-After``, a request refused before any work, to be repeated after that time; any other
+    exchangelib's fault-tolerant policy keeps it).  By status: 401 is a refused login; 429 and 503
+    a request refused before any work, to be repeated (after ``Retry-After`` if given); any other
     5xx may come after Exchange did the work (a gateway that gave up waiting), so a send it answers is
     a lost answer (looked for in Sent Items, never simply resent).
     """
@@ -609,7 +620,10 @@ def _http_answer_error(e: BaseException) -> Exception | None:
     status, retry_after = answer.status, _retry_after(answer.headers)
     if status == 401:
         return AuthenticationFailed("EWS refused the credentials (HTTP 401)")
-    if status == 429 or status == 503 and retry_after is not None:
+    # A 503, with or without Retry-After, is a server refusing work it has not begun (IIS answers so
+    # while Exchange's application pool recycles or is stopped): resent, not a lost answer, or an
+    # Exchange restart would fail every message sent meanwhile for good.
+    if status in (429, 503):
         return ExchangeTransientError(f"EWS answered HTTP {status}: throttled or unavailable",
                                       reason="throttled" if status == 429 else "server_busy", code=f"HTTP{status}",
                                       retry_after=retry_after)

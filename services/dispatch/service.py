@@ -128,7 +128,9 @@ def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
     if transport in ("ews", "graph"):
         # Nothing was written: the server (or its token endpoint) could not be reached at all.  A
         # transport closed under the call (its profile was edited) is not the server's fault.
-        return not getattr(exc, "after_write", False) and getattr(exc, "reason", None) != "transport_closed"
+        # Nor is a call that waited in vain for one of the transport's own connections (transport_busy).
+        return not getattr(exc, "after_write", False) and getattr(exc, "reason", None) not in ("transport_closed",
+                                                                                                "transport_busy")
     return getattr(exc, "opening_session", False)
 
 

@@ -371,10 +371,11 @@ class MailboxRunner:
         """A warning alert for each tracked folder the server lacks, once: again only after the
         folder was found in between (or ingest restarted)."""
         reported = self._ctx.missing_reported.get(self._work.id, frozenset())
-        self._ctx.missing_reported[self._work.id] = frozenset(missing)
         for folder in sorted(missing - reported):
             await self._ctx.registry.raise_alert(self._work.id, "warning", "incoming", "folder_missing",
                                                  f"the tracked folder {folder!r} does not exist on the server; it is skipped")
+        # Only once said (an alert that failed to be raised is raised at the next session).
+        self._ctx.missing_reported[self._work.id] = frozenset(missing)
 
     async def _report(self, warnings: list[tuple[str, str]]) -> None:
         """Raise (and clear) the warnings a sync collected: messages refused or skipped, a folder

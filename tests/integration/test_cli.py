@@ -46,7 +46,9 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     ok("user", "add", "ann@example.com", "--name", "Ann")
     ok("queue", "add", "support@example.com", "--name", "Support")
     ok("mailbox", "set-credentials", "ann@example.com", "--password-stdin", stdin=SECRET + "\n")
-    ok("mailbox", "approve", "ann@example.com")
+    assert ok("mailbox", "approve", "ann@example.com").strip() == "ann@example.com: email address approved"
+    assert ok("mailbox", "approve", "ann@example.com").strip() == \
+        "ann@example.com: email address approved already; nothing changed"
     ok("record", "add", "contact", "bea@customer.example", "--name", "Bea")
     mailboxes = json.loads(ok("mailbox", "list", "--json"))
     assert {m["email"] for m in mailboxes} == {"ann@example.com", "support@example.com"}

@@ -39,7 +39,7 @@ from shared.errors import (
     TransientError,
 )
 from shared.events.payloads import EmailOutboundV1
-from shared.logs import configure_logging
+from shared.logs import configure_logging, keep_secrets_out
 from shared.settings import Settings
 from simulators.exchange import ExchangeSimulator, Fault
 
@@ -150,14 +150,34 @@ async def test_ews_call_that_does_not_finish_is_given_up_as_a_lost_answer(sim: E
     t = EwsTransport(service_url=sim.ews_url, credentials=("alice@contoso.test", PASSWORD), max_connections=1,
                      timeout=10, call_timeout=1.0)
     await t.check("alice@contoso.test")
-    sim.answer_late("ews", 3.0, operation="CreateItem")  # served, answered after the bound
+    sim.answer_late("ews", 6.0, operation="CreateItem")  # served, answered after the bound
     started, queued = await asyncio.gather(t.send("alice@contoso.test", mime(70)),
                                            t.send("alice@contoso.test", mime(71)), return_exceptions=True)
-    await t.close()  # waits for the worker thread: the late answer has come
+    loop = asyncio.get_running_loop()
+    closing = loop.time()
+    await t.close()   # does not wait for the call given up on (its answer is 5 s away)
+    assert loop.time() - closing < 3.0
     assert isinstance(started, ProtocolTimeout) and getattr(started, "request_sent", False) is True, started
     assert isinstance(queued, ProtocolTimeout) and getattr(queued, "request_sent", None) is False, queued
-    assert "never started" in str(queued)
+    assert "did not start" in str(queued) and queued.reason == "transport_busy"   # not the server's fault
     assert [r.message_id for r in sim.sent] == ["<d70.dispatch@conduit.test>"]
+
+
+async def test_ews_timeout_before_createitem_sent_nothing(sim: ExchangeSimulator) -> None:
+    """The first send of a mailbox opens its Sent Items (GetFolder) before CreateItem: a timeout
+    there sent nothing, so it is a temporary failure to retry, not a lost answer to look up."""
+    t = EwsTransport(service_url=sim.ews_url, credentials=("alice@contoso.test", PASSWORD), max_connections=2,
+                     timeout=1.0)
+    sim.answer_late("ews", 3.0, operation="GetFolder")
+    try:
+        with pytest.raises(ProtocolTimeout) as caught:
+            await t.send("alice@contoso.test", mime(80))
+        assert getattr(caught.value, "request_sent", None) is False, caught.value
+        assert not sim.sent
+        await t.send("alice@contoso.test", mime(81))   # retried: sent once
+    finally:
+        await t.close()
+    assert [r.message_id for r in sim.sent] == ["<d81.dispatch@conduit.test>"]
 
 
 @pytest.mark.parametrize("status", [502, 504])
@@ -205,6 +225,11 @@ async def test_ews_gateway_refusals_keep_their_meaning(sim: ExchangeSimulator, e
             await ews.send("alice@contoso.test", mime(status))
         assert refused.value.retry_after == 120.0, refused.value
         assert getattr(refused.value, "request_sent", False) is False, refused.value
+    # IIS while Exchange's application pool recycles: a bare 503, nothing done, to be resent.
+    sim.gateway_error("ews", 503, served=False, operation="CreateItem")
+    with pytest.raises(ExchangeTransientError) as recycling:
+        await ews.send("alice@contoso.test", mime(5031))
+    assert getattr(recycling.value, "request_sent", False) is False, recycling.value
     sim.gateway_error("ews", 401, served=False, operation="CreateItem")
     with pytest.raises(AuthenticationFailed):
         await ews.send("alice@contoso.test", mime(401))
@@ -582,16 +607,23 @@ async def test_graph_refused_connection_is_temporary_not_unknown(sim: ExchangeSi
     assert not sim.sent
 
 
-@pytest.fixture
-def service_log() -> Iterator[io.StringIO]:
-    """The services' own logging set-up (``configure_logging``), writing into a buffer; undone afterwards."""
+@pytest.fixture(params=["service", "cli"])
+def service_log(request: pytest.FixtureRequest) -> Iterator[io.StringIO]:
+    """The services' own logging set-up (``configure_logging``), or the CLI's (its handler, then
+    ``keep_secrets_out``: Test & Enable runs the transports in the CLI), writing into a buffer;
+    undone afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     libraries = {name: logging.getLogger(name).level for name in ("exchangelib", "requests_oauthlib", "oauthlib")}
-    configure_logging(Settings(), "dispatch")
     written = io.StringIO()
-    for handler in root.handlers:
-        handler.setStream(written)  # type: ignore[attr-defined]
+    if request.param == "service":
+        configure_logging(Settings(), "dispatch")
+        for handler in root.handlers:
+            handler.setStream(written)  # type: ignore[attr-defined]
+    else:
+        root.handlers[:] = [logging.StreamHandler(written)]
+        root.setLevel(logging.WARNING)
+        keep_secrets_out()
     yield written
     root.handlers[:] = handlers
     root.setLevel(level)

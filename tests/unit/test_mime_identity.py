@@ -73,6 +73,11 @@ def test_the_address_is_the_address_not_what_the_display_name_or_a_comment_holds
     assert forwarder_address(b"From: ceo@example.com <mallory@evil.example>\r\n" + rest) == "mallory@evil.example"
     assert from_address(b'From: "ceo@example.com"\r\n' + rest) is None
     assert forwarder_address(b'Resent-From: "ceo@example.com", bob@example.org\r\n' + BODY) == "bob@example.org"
+    # Nor out of a quoted name followed by a comment; an address with spaces and a comment inside
+    # (obsolete, but valid) is one.
+    assert from_address(b'From: "ceo@bank.example" (@bank.example)\r\n' + rest) is None
+    assert forwarder_address(b'Resent-From: "ceo@bank.example" (x), me@bank.example\r\n' + BODY) == "me@bank.example"
+    assert from_address(b'From: Bob <bob @ (work) example.com>\r\n' + rest) == "bob@example.com"
 
 
 @settings(max_examples=2000, deadline=None)
