@@ -8,7 +8,6 @@ request refers to it, as any system sending a large attachment would.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import mimetypes
 import time

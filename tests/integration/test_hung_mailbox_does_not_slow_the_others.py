@@ -14,20 +14,16 @@ delay.
 Against Dovecot, PostgreSQL and the broker; ingest runs as a long-lived service in this process."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import asyncpg
 import pytest
 
-from services.ingest.service import IngestService, IngestSettings
-from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.counting_relay import CountingRelay
+from tests.support.inbound import ingest_running
 from tests.support.mailboxes import imap_profile, message, ready_mailbox
 from tests.support.waiting import eventually
 
@@ -37,19 +33,6 @@ pytestmark = pytest.mark.peers
 # within it (a fresh runner: the scheduler's next pass, a sign-in and a sync).
 COMMAND_TIMEOUT = 6.0
 PROMPTLY = 3.0
-
-
-@contextlib.asynccontextmanager
-async def _ingest_running(settings: Settings) -> AsyncIterator[IngestService]:
-    stopping = asyncio.Event()
-    ingest = IngestService(settings, IngestSettings(refresh_seconds=0.5, lease_ttl_seconds=5.0,
-                                                    command_timeout_seconds=COMMAND_TIMEOUT))
-    task = asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")
-    try:
-        yield ingest
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, 60)
 
 
 async def _ingested(pool: asyncpg.Pool, mailbox_id: UUID) -> int:
@@ -82,7 +65,7 @@ async def test_a_hung_server_does_not_slow_a_mailbox_on_another_profile(
                                                      incoming_port=hung_server.port))
         await registry.add_profile(org, imap_profile(dovecot, name="healthy"))
         bad = await ready_mailbox(registry, org, dovecot, tracking="all", profile="hung")
-        async with _ingest_running(settings):
+        async with ingest_running(settings, command_timeout_seconds=COMMAND_TIMEOUT):
             took, still_hung = await _healthy_mail_ingested_after(registry, org, dovecot, pool, hung_server,
                                                                   profile="healthy", wait=PROMPTLY)
             assert took < PROMPTLY and still_hung, "the healthy mailbox waited for the hung one"
@@ -97,7 +80,7 @@ async def test_a_session_hung_on_one_account_does_not_slow_another_mailbox_of_th
                                                      incoming_port=relay.port, max_concurrent_connections=2))
         bad = await ready_mailbox(registry, org, dovecot, tracking="all", profile="shared")
         relay.hang_when(lambda line: b" LOGIN " in line.upper() and bad.email.encode() in line)
-        async with _ingest_running(settings):
+        async with ingest_running(settings, command_timeout_seconds=COMMAND_TIMEOUT):
             took, still_hung = await _healthy_mail_ingested_after(registry, org, dovecot, pool, relay,
                                                                   profile="shared", wait=PROMPTLY)
             assert took < PROMPTLY and still_hung, "the healthy mailbox waited for the hung one"
@@ -114,7 +97,7 @@ async def test_a_session_hung_on_one_account_does_not_slow_another_mailbox_when_
                                                      incoming_port=relay.port, max_concurrent_connections=1))
         bad = await ready_mailbox(registry, org, dovecot, tracking="all", profile="single")
         relay.hang_when(lambda line: b" LOGIN " in line.upper() and bad.email.encode() in line)
-        async with _ingest_running(settings):
+        async with ingest_running(settings, command_timeout_seconds=COMMAND_TIMEOUT):
             # Waited for beyond the timeout, to measure the delay (it is then no longer hung).
             took, _ = await _healthy_mail_ingested_after(registry, org, dovecot, pool, relay,
                                                          profile="single", wait=COMMAND_TIMEOUT + 15)

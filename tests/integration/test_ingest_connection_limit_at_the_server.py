@@ -9,19 +9,16 @@ Against Dovecot, PostgreSQL and the broker; ingest runs in this process, so the 
 every mailbox has started its new session."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from services.ingest.service import IngestService, IngestSettings
+from services.ingest.service import IngestService
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from shared.settings import Settings
 from tests.support.counting_relay import CountingRelay
-from tests.support.inbound import ingested_count
+from tests.support.inbound import ingest_running, ingested_count
 from tests.support.mailboxes import imap_profile, message, ready_mailbox
 from tests.support.waiting import eventually
 
@@ -30,18 +27,6 @@ pytestmark = pytest.mark.peers
 MAILBOXES = 6
 PER_MAILBOX = 15
 LIMIT = 2
-
-
-@contextlib.asynccontextmanager
-async def _ingest_running(settings: Settings) -> AsyncIterator[IngestService]:
-    stopping = asyncio.Event()
-    ingest = IngestService(settings, IngestSettings(refresh_seconds=0.5, lease_ttl_seconds=5.0))
-    task = asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")
-    try:
-        yield ingest
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, 60)
 
 
 def _deliver(dovecot, boxes, round_: int) -> None:
@@ -71,7 +56,7 @@ async def test_ingest_never_opens_more_connections_to_a_server_than_its_profile_
         assert relay.peak == LIMIT, "at most the limit, and the limit used (so the count is no accident)"
 
         relay.reset_peak()
-        async with _ingest_running(settings) as ingest:
+        async with ingest_running(settings) as ingest:
             _deliver(dovecot, boxes, 2)
             await _all_ingested(pool, org, 2 * MAILBOXES * PER_MAILBOX)
             assert relay.peak == LIMIT  # one idling, one for the others to poll through

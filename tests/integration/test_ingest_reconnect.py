@@ -10,7 +10,7 @@ session, after which nothing listens until it starts again on the same ports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,11 +21,11 @@ import pytest
 
 from conduit.peers.dovecot import Dovecot
 from services.ingest.runner import CUT_SHORT_BEFORE_FAILURE, MailboxRunner, RunnerContext, ServerSlots
-from services.ingest.service import IngestService, IngestSettings
-from shared.lifecycle import run_service
+from services.ingest.service import IngestService
 from shared.oauth import TokenProvider
 from shared.registry.service import Registry
 from shared.settings import Settings
+from tests.support.inbound import ingest_running
 from tests.support.mailboxes import imap_profile, message, ready_mailbox
 from tests.support.relay import CLOSE, line_relay
 from tests.support.waiting import eventually
@@ -63,17 +63,8 @@ def _logins(dovecot: Dovecot, email: str) -> int:
     return text.count(f"Login: user=<{email}>")
 
 
-@contextlib.asynccontextmanager
-async def _ingest(settings: Settings, **options: float) -> AsyncIterator[IngestService]:
-    """Ingest running as a long-lived service for the block, then stopped."""
-    stopping = asyncio.Event()
-    ingest = IngestService(settings, IngestSettings(refresh_seconds=1.0, lease_ttl_seconds=10.0, **options))
-    task = asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")
-    try:
-        yield ingest
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, 60)
+# Ingest running as a long-lived service for the block, then stopped.
+_ingest = functools.partial(ingest_running, refresh_seconds=1.0, lease_ttl_seconds=10.0)
 
 
 async def _idling(ingest: IngestService, box, *, after=None):

@@ -3,10 +3,11 @@ kill them with SIGKILL), and the counts that say how far mail has come, read fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from uuid import UUID
 
@@ -14,9 +15,25 @@ import aiohttp
 import asyncpg
 
 from conduit.peers.ports import free_port
+from services.ingest.service import IngestService, IngestSettings
+from shared.lifecycle import run_service
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def ingest_running(settings: Settings, **options: float) -> AsyncIterator[IngestService]:
+    """Ingest as a long-lived service in this process for the block (refreshing its work every 0.5 s
+    unless ``options`` say otherwise), then stopped."""
+    stopping = asyncio.Event()
+    ingest = IngestService(settings, IngestSettings(**{"refresh_seconds": 0.5, "lease_ttl_seconds": 5.0, **options}))
+    task = asyncio.create_task(run_service(ingest, stopping=stopping), name="ingest")
+    try:
+        yield ingest
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 60)
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
