@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.policy
 import http.client
 import logging
@@ -46,7 +47,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -75,6 +76,10 @@ E = TypeVar("E", bound=Exception)
 
 # Graph refuses sendMail requests over 4 MB; larger messages need an upload session (not done here).
 GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Outlook's Graph limit: at most 4 requests at once per app and mailbox; more are refused with 429
+# MailboxConcurrency, each costing the message an attempt and a Retry-After wait
+# (learn.microsoft.com/graph/throttling-limits, "Outlook service limits").
+GRAPH_MAILBOX_CONCURRENCY = 4
 # Renew a token this long before it expires, so a request never leaves with a token about to die.
 TOKEN_RENEW_MARGIN = 120.0
 # A sendMail answered with an error after which it may have gone out is looked for in Sent Items this
@@ -688,6 +693,8 @@ class GraphTransport:
         self._token: str | None = None
         self._token_expires = 0.0  # time.monotonic() deadline
         self._token_lock = asyncio.Lock()
+        # Mailbox -> (its requests' gate, how many wait for it or hold it): dropped when unused.
+        self._mailboxes: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
 
     async def send(self, mailbox_address: str, message: bytes) -> str | None:
         """Send ``message`` (MIME) as ``mailbox_address``; Graph saves a copy in its Sent Items.
@@ -704,7 +711,8 @@ class GraphTransport:
                 f"the message is {len(message)} bytes; Graph sendMail takes at most 4 MB of base64 MIME",
                 code="RequestEntityTooLarge", reason="message_too_large")
         url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/sendMail"
-        response = await self._call("POST", url, content=body, headers={"Content-Type": "text/plain"})
+        async with self._mailbox_turn(mailbox_address):
+            response = await self._call("POST", url, content=body, headers={"Content-Type": "text/plain"})
         if response.status_code == 202:
             return None
         error = _graph_error(response, "sendMail")
@@ -754,8 +762,9 @@ class GraphTransport:
         _check_address(mailbox_address)
         url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/mailFolders/sentitems/messages"
         literal = message_id.replace("'", "''")
-        response = await self._call("GET", url, params={"$filter": f"internetMessageId eq '{literal}'",
-                                                        "$select": "id", "$top": "1"})
+        async with self._mailbox_turn(mailbox_address):
+            response = await self._call("GET", url, params={"$filter": f"internetMessageId eq '{literal}'",
+                                                            "$select": "id", "$top": "1"})
         if response.status_code != 200:
             raise _graph_error(response, "messages")
         try:
@@ -776,6 +785,21 @@ class GraphTransport:
         await self._client.aclose()
 
     # -- HTTP and tokens
+
+    @contextlib.asynccontextmanager
+    async def _mailbox_turn(self, mailbox_address: str) -> AsyncIterator[None]:
+        """One of the mailbox's ``GRAPH_MAILBOX_CONCURRENCY`` requests at once: a profile's connections
+        may be more, and Graph counts per mailbox."""
+        key = mailbox_address.lower()
+        gate, users = self._mailboxes.setdefault(key, (asyncio.Semaphore(GRAPH_MAILBOX_CONCURRENCY), [0]))
+        users[0] += 1
+        try:
+            async with gate:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._mailboxes[key]
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         token = await self._access_token()

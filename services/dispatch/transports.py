@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,11 @@ class Accepted:
 def transport_name(work: MailboxWork) -> str:
     server_type = work.profile["server_type"]
     return {"exchange_server": "ews", "exchange_online": "graph"}.get(server_type, "smtp")
+
+
+# An Exchange transport unused this long is closed (its worker threads and pooled connections): a
+# profile whose mailboxes sign in with their own credentials has one per mailbox that ever sent.
+IDLE_TRANSPORT_SECONDS = 600.0
 
 
 class Transports:
@@ -202,6 +208,7 @@ class Transports:
     def _exchange_for(self, key: tuple[Any, ...], settings: tuple[Any, ...], build: Callable[[], Any]) -> _Held:
         """The transport for a profile (and login), built again when the profile's settings changed
         (a rotated secret, a new connection limit); the one it replaces closes once its calls end."""
+        self._close_idle()
         held = self._exchange.get(key)
         if held is not None and held.settings == settings:
             return held
@@ -212,12 +219,20 @@ class Transports:
         held = self._exchange[key] = _Held(settings, build())
         return held
 
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for key, held in list(self._exchange.items()):
+            if held.calls == 0 and now - held.last_used > IDLE_TRANSPORT_SECONDS:
+                del self._exchange[key]
+                self._close_later(held)
+
     @contextlib.contextmanager
     def _using(self, held: _Held) -> Iterator[Any]:
         held.calls += 1
         try:
             yield held.transport
         finally:
+            held.last_used = time.monotonic()
             held.calls -= 1
             if held.replaced and held.calls == 0:
                 self._close_later(held)
@@ -236,6 +251,7 @@ class _Held:
     transport: Any
     calls: int = 0
     replaced: bool = False
+    last_used: float = field(default_factory=time.monotonic)
 
 
 async def _close_exchange(transport: Any) -> None:

@@ -63,6 +63,9 @@ from .store import (
 
 DEFAULT_PAGE = 10  # Graph's default page size for messages
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a sendMail payload (JSON, or the base64 MIME), as Graph limits it
+# Outlook's limit per app and mailbox: "4 concurrent requests"; more are refused with 429
+# (learn.microsoft.com/graph/throttling-limits, "Outlook service limits").
+MAILBOX_CONCURRENCY = 4
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -152,6 +155,9 @@ class GraphApi:
         # Graph refuses a sendMail payload over 4 MB with 413 ("Submission attempts that exceed this
         # limit will result in an HTTP 413 Request Entity Too Large"); a test may lower it.
         self.max_request_bytes = MAX_REQUEST_BYTES
+        # (access token, mailbox) -> requests being served or answered now; refusals for going over.
+        self.in_flight: dict[tuple[str, str], int] = {}
+        self.over_concurrency = 0
 
     def routes(self, prefix: str = "/v1.0") -> list[web.RouteDef]:
         u = f"{prefix}/users/{{user}}"
@@ -398,10 +404,23 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _answered(handler: _Handler) -> _Handler:
-    """``handler`` whose answer follows an injected LATE, DROP or ``served`` fault, once it has done its work."""
+    """``handler`` whose answer follows an injected LATE, DROP or ``served`` fault, once it has done its
+    work; a request over the mailbox's concurrency limit (per app, here per access token) is refused."""
+    api: GraphApi = handler.__self__  # type: ignore[attr-defined]
 
     async def serve(request: web.Request) -> web.StreamResponse:
-        return await answering.answer(request, await handler(request), _injected)
+        key = (request.headers.get("Authorization", ""), request.match_info.get("user", "").lower())
+        api.in_flight[key] = api.in_flight.get(key, 0) + 1
+        try:
+            if api.in_flight[key] > MAILBOX_CONCURRENCY:
+                api.over_concurrency += 1
+                return _error(429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.",
+                              {"Retry-After": "1"})
+            return await answering.answer(request, await handler(request), _injected)
+        finally:
+            api.in_flight[key] -= 1
+            if not api.in_flight[key]:
+                del api.in_flight[key]
 
     return serve
 

@@ -582,6 +582,39 @@ async def test_an_edited_profile_gets_a_new_transport_and_the_old_one_closes(kin
     assert sorted(r.protocol for r in exchange.sim.sent) == [kind, kind]
 
 
+@pytest.mark.parametrize("kind", ["ews", "graph"])
+async def test_an_exchange_transport_unused_for_a_while_is_closed(kind: str, exchange: ExchangeDispatch,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """White-box: a profile whose mailboxes sign in with their own credentials has an EWS transport
+    per mailbox (threads, pooled connections); one unused for ``IDLE_TRANSPORT_SECONDS`` is closed
+    rather than kept for the worker's life, and a later send builds a new one."""
+    from services.dispatch import transports as transports_module
+
+    registry, org = exchange.registry, exchange.org
+    sender = await exchange.sender(kind)
+    mailbox = await registry.mailbox(org, sender)
+
+    async def send(subject: str) -> None:
+        (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox.id])
+        raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
+               f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
+        await transports.send(work, raw, ["buyer@customer.example"])
+
+    transports = Transports(timeout=10)
+    try:
+        await send("first")
+        (first,) = transports._exchange.values()
+        monkeypatch.setattr(transports_module, "IDLE_TRANSPORT_SECONDS", 0.0)   # idle for long enough
+        await send("later")
+        (later,) = transports._exchange.values()
+        await asyncio.gather(*transports._closing)
+        assert later.transport is not first.transport
+        assert first.transport._closed if kind == "ews" else first.transport._client.is_closed
+    finally:
+        await transports.close()
+    assert sorted(r.protocol for r in exchange.sim.sent) == [kind, kind]
+
+
 async def test_a_rotated_ews_app_secret_is_used_at_once(registry: Registry, org: Organization, tmp_path) -> None:
     """App-only EWS (OAuth 2.0, so over TLS): the app's secret rotated in the directory and in the
     profile; the old secret no longer gets a token, and the next send uses the new one at once."""

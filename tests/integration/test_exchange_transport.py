@@ -401,6 +401,20 @@ async def test_graph_errors_are_mapped(sim: ExchangeSimulator, graph: GraphTrans
     assert not sim.sent
 
 
+async def test_graph_sends_at_most_four_requests_at_once_to_a_mailbox(sim: ExchangeSimulator,
+                                                                       graph: GraphTransport) -> None:
+    """Graph takes 4 requests at once per app and mailbox (429 MailboxConcurrency beyond): a profile
+    allowing 10 connections sends 10 messages from one mailbox without one refusal, while another
+    mailbox's sends are not held back by them."""
+    await graph.check("alice@contoso.test")
+    sim.answer_late("graph", 0.3, operation="sendMail", times=12)   # so that they overlap
+    await asyncio.gather(*(graph.send("alice@contoso.test", mime(200 + n)) for n in range(10)),
+                         *(graph.send("bob@contoso.test", mime(300 + n, sender="bob@contoso.test",
+                                                               to="alice@contoso.test")) for n in range(2)))
+    assert sim.graph.over_concurrency == 0
+    assert len(sim.sent) == 12 and not graph._mailboxes   # the gates of idle mailboxes are dropped
+
+
 async def test_graph_413_is_a_message_too_large(sim: ExchangeSimulator, graph: GraphTransport) -> None:
     """Graph answers a sendMail payload over its limit with 413: a permanent refusal saying why, as the
     transport's own check says it."""
