@@ -59,6 +59,7 @@ class Transports:
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._exchange: dict[tuple[Any, ...], _Held] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._swept_at = time.monotonic()   # when idle Exchange transports were last looked for
         self._tokens = TokenProvider()
 
     async def send(self, work: MailboxWork, raw: bytes, recipients: list[str]) -> Accepted:
@@ -221,6 +222,9 @@ class Transports:
 
     def _close_idle(self) -> None:
         now = time.monotonic()
+        if now - self._swept_at < IDLE_TRANSPORT_SECONDS / 10:   # not a walk over them all at every send
+            return
+        self._swept_at = now
         for key, held in list(self._exchange.items()):
             if held.calls == 0 and now - held.last_used > IDLE_TRANSPORT_SECONDS:
                 del self._exchange[key]
