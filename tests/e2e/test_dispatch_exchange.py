@@ -551,6 +551,14 @@ async def test_a_dead_workers_send_filed_late_is_found_within_the_window(
     assert len(exchange.submitted(message_id)) == 1  # nothing was resent
 
 
+async def _send_directly(transports: Transports, registry: Registry, mailbox_id, sender: str, subject: str) -> None:
+    """A message through one dispatch worker's transports, as dispatch hands it over (white-box)."""
+    (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox_id])
+    raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
+    await transports.send(work, raw, ["buyer@customer.example"])
+
+
 @pytest.mark.parametrize("kind", ["ews", "graph"])
 async def test_an_edited_profile_gets_a_new_transport_and_the_old_one_closes(kind: str, exchange: ExchangeDispatch) -> None:
     """White-box (the transports of one dispatch worker): a profile edited while dispatch runs (here its
@@ -561,10 +569,7 @@ async def test_an_edited_profile_gets_a_new_transport_and_the_old_one_closes(kin
     mailbox = await registry.mailbox(org, sender)
 
     async def send(subject: str) -> None:
-        (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox.id])
-        raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
-               f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
-        await transports.send(work, raw, ["buyer@customer.example"])
+        await _send_directly(transports, registry, mailbox.id, sender, subject)
 
     transports = Transports(timeout=10)
     try:
@@ -595,10 +600,7 @@ async def test_an_exchange_transport_unused_for_a_while_is_closed(kind: str, exc
     mailbox = await registry.mailbox(org, sender)
 
     async def send(subject: str) -> None:
-        (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox.id])
-        raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
-               f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
-        await transports.send(work, raw, ["buyer@customer.example"])
+        await _send_directly(transports, registry, mailbox.id, sender, subject)
 
     transports = Transports(timeout=10)
     try:
@@ -638,10 +640,7 @@ async def test_a_rotated_ews_app_secret_is_used_at_once(registry: Registry, org:
         await registry.record_test(mailbox.id, "outgoing", True, "ok")
 
         async def send(subject: str) -> None:
-            (work,) = await registry.mailboxes_to_process("outgoing", mailbox_ids=[mailbox.id])
-            raw = (f"From: {sender}\r\nTo: buyer@customer.example\r\nSubject: {subject}\r\n"
-                   f"Message-ID: <{uuid.uuid4().hex}@conduit.test>\r\n\r\nHello.\r\n").encode()
-            await transports.send(work, raw, ["buyer@customer.example"])
+            await _send_directly(transports, registry, mailbox.id, sender, subject)
 
         transports = Transports(timeout=10)
         try:

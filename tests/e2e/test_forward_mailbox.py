@@ -3,38 +3,22 @@ burst mode.  A forward carrying several messages as attachments, and one message
 several users."""
 from __future__ import annotations
 
-import base64
 import json
 
 import asyncpg
 import pytest
 
 from services.evaluate.service import MAX_FORWARDED_MESSAGES, EvaluateService
-from services.ingest.service import IngestService
 from shared.events.topics import EMAIL_RECEIVED
 from shared.kafka import Publisher
 from shared.lifecycle import run_service
 from shared.registry.service import Registry
 from tests.e2e.test_inbound import activities, pipeline, why
 from tests.support.cli import conduit_cli
-from tests.support.mailboxes import imap_profile, message, ready_mailbox
+from tests.support.mailboxes import forward, imap_profile, message, ready_mailbox
 from tests.support.topics import read_topic
 
 pytestmark = pytest.mark.peers
-
-
-def forward(sender: str, to: str, message_id: str, attached: list[bytes], *, base64_parts: int = 0) -> bytes:
-    """A message from ``sender`` carrying ``attached`` as message/rfc822 parts (the first
-    ``base64_parts`` of them base64-encoded, as some clients do)."""
-    parts = [b"--b1\r\nContent-Type: text/plain\r\n\r\nFYI\r\n"]
-    for n, raw in enumerate(attached):
-        if n < base64_parts:
-            parts.append(b"--b1\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                         + base64.encodebytes(raw).replace(b"\n", b"\r\n") + b"\r\n")
-        else:
-            parts.append(b"--b1\r\nContent-Type: message/rfc822\r\n\r\n" + raw + b"\r\n")
-    return (f"From: {sender}\r\nTo: {to}\r\nSubject: Fwd: several\r\nMessage-ID: <{message_id}>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n").encode() + b"".join(parts) + b"--b1--\r\n"
 
 
 async def decision_count(pool: asyncpg.Pool, org) -> int:

@@ -1,8 +1,11 @@
 """Registry set-ups the inbound tests share: a profile on the test Dovecot and ready mailboxes."""
 from __future__ import annotations
 
+import base64
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import SecretStr
 
@@ -53,3 +56,26 @@ def message(subject: str = "Hello", *, sender: str = "someone@customer.example",
     return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {message_id}\r\n"
             f"Date: Fri, 27 Nov 2026 09:00:00 +0000\r\n{extra}MIME-Version: 1.0\r\n"
             f"Content-Type: text/plain; charset=utf-8\r\n\r\n{body}").encode()
+
+
+def forward(sender: str, to: str, message_id: str, attached: list[bytes], *, base64_parts: int = 0) -> bytes:
+    """A message from ``sender`` carrying ``attached`` as message/rfc822 parts (the first
+    ``base64_parts`` of them base64-encoded, as some clients do)."""
+    parts = [b"--b1\r\nContent-Type: text/plain\r\n\r\nFYI\r\n"]
+    for n, raw in enumerate(attached):
+        if n < base64_parts:
+            parts.append(b"--b1\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                         + base64.encodebytes(raw).replace(b"\n", b"\r\n") + b"\r\n")
+        else:
+            parts.append(b"--b1\r\nContent-Type: message/rfc822\r\n\r\n" + raw + b"\r\n")
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: Fwd: several\r\nMessage-ID: <{message_id}>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n").encode() + b"".join(parts) + b"--b1--\r\n"
+
+
+def cpython_email_messages() -> list[Path]:
+    """CPython's own email test messages (``test.test_email``'s data), when the stdlib's tests are installed."""
+    try:
+        import test.test_email as suite
+    except ImportError:
+        return []
+    return sorted((Path(os.path.dirname(suite.__file__)) / "data").glob("msg_*.txt"))

@@ -30,7 +30,6 @@ import binascii
 import email
 import email.utils
 import html
-import os
 import re
 from datetime import UTC, datetime, timedelta
 from email import headerregistry, policy
@@ -46,7 +45,7 @@ from hypothesis import strategies as st
 from bench import evaluate_parse, idle_latency, imap_fetch, smtp_send
 from services.evaluate.parsing import forwarded_messages, normalize_email_address, parse_email
 from shared.mime import MAX_ID_LENGTH
-from tests.support.mailboxes import message
+from tests.support.mailboxes import cpython_email_messages, forward, message
 
 # --------------------------------------------------------------------------------------------
 # The reference: the stdlib parser, normalised as Conduit normalises
@@ -277,15 +276,7 @@ def differences(raw: bytes, *, ignore: tuple[str, ...] = ()) -> dict[str, tuple[
 # (a) CPython's email test corpus
 
 
-def _cpython_email_data() -> list[Path]:
-    try:
-        import test.test_email as suite  # the stdlib's own test data, when installed
-    except ImportError:
-        return []
-    return sorted((Path(os.path.dirname(suite.__file__)) / "data").glob("msg_*.txt"))
-
-
-CPYTHON_MESSAGES = _cpython_email_data()
+CPYTHON_MESSAGES = cpython_email_messages()
 
 # Messages of the corpus whose MIME or header structure is broken, on which the two parsers cut a
 # different preview (the preview is shown with the activity; no rule reads it).  Every other field
@@ -328,19 +319,6 @@ def test_the_preview_exceptions_still_differ() -> None:
 # (b) The messages the project's tests and benchmarks build
 
 
-def _forward(sender: str, to: str, message_id: str, attached: list[bytes], *, base64_parts: int = 0) -> bytes:
-    """A forward carrying ``attached`` as message/rfc822 parts, as tests/e2e/test_forward_mailbox.py builds it."""
-    parts = [b"--b1\r\nContent-Type: text/plain\r\n\r\nFYI\r\n"]
-    for n, raw in enumerate(attached):
-        if n < base64_parts:
-            parts.append(b"--b1\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                         + base64.encodebytes(raw).replace(b"\n", b"\r\n") + b"\r\n")
-        else:
-            parts.append(b"--b1\r\nContent-Type: message/rfc822\r\n\r\n" + raw + b"\r\n")
-    return (f"From: {sender}\r\nTo: {to}\r\nSubject: Fwd: several\r\nMessage-ID: <{message_id}>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n").encode() + b"".join(parts) + b"--b1--\r\n"
-
-
 def _project_messages() -> list[bytes]:
     inner = [message(f"Attached {n}", sender=f"c{n}@customer.example", message_id=f"<att-{n}@customer.example>")
              for n in range(3)]
@@ -357,8 +335,8 @@ def _project_messages() -> list[bytes]:
                 message_id="<alice-1@example.com>"),
         message("long id", message_id="<" + "i" * 1200 + "@customer.example>"),
         b"Resent-From: Bob <bob@example.com>\r\nResent-Date: Fri, 27 Nov 2026 10:01:00 +0000\r\n" + original,
-        _forward("Fran <fran@example.com>", "forward@example.com", "outer-3@example.com", inner, base64_parts=1),
-        _forward("Fran <fran@example.com>", "forward@example.com", "outer-4@example.com", inner[:1]),
+        forward("Fran <fran@example.com>", "forward@example.com", "outer-3@example.com", inner, base64_parts=1),
+        forward("Fran <fran@example.com>", "forward@example.com", "outer-4@example.com", inner[:1]),
         imap_fetch.make_messages(1, 2000)[0],
         smtp_send.make_message(),
         idle_latency.message(1, "run")[1],

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,17 +15,9 @@ from services.evaluate.parsing import (
     normalize_email_address,
     parse_email,
 )
+from tests.support.mailboxes import cpython_email_messages
 
-
-def _cpython_email_data() -> list[Path]:
-    try:
-        import test.test_email as suite  # the stdlib's own test data, when installed
-    except ImportError:
-        return []
-    return sorted((Path(os.path.dirname(suite.__file__)) / "data").glob("msg_*.txt"))
-
-
-CPYTHON_MESSAGES = _cpython_email_data()
+CPYTHON_MESSAGES = cpython_email_messages()
 DATA = Path(__file__).parent / "data"
 
 # Hostile samples of our own, so the suite means something where the stdlib tests are not installed.
