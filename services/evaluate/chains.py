@@ -2,11 +2,13 @@
 
 Chains are data, as in GNU Mailman 3's ``chains/builtin.py``: a tuple of rule instances tried in
 order until one decides.  Every chain starts with the same guards (may this mailbox process email at
-all?), then the facts that decide whatever the option (a folder-level tracking rule, which also sets the
-regarding record of a message that already is an activity, as the reference does; already tracked),
+all?), then the facts that decide whatever the option (a copy of an email Conduit is still recording
+as sent waits for it; a folder-level tracking rule, which also sets the regarding record of a message
+that already is an activity, as the reference does; already tracked),
 then the option's own rules, and ends with a rule that always decides, so every message gets a
-reason.  The guards that refuse only for now (``PAUSED_MAILBOX``) and the one that keeps a mailbox's
-order behind its held messages hold a message instead of deciding it (``rules.MailboxGuard.holds``).
+reason.  The guards that refuse only for now (``PAUSED_MAILBOX``), the one that keeps a mailbox's
+order behind its held messages (``rules.MailboxGuard.holds``) and ``rules.BeingSent`` hold a message
+instead of deciding it.
 
 The options follow the reference: a response to tracked email is tracked under every option
 (the correlation rule comes first in each option's rules); "known records" adds email from leads,
@@ -41,7 +43,7 @@ GUARDS: tuple[rules.Rule, ...] = PAUSED_MAILBOX + (
     rules.QueueConversionOff(),
     rules.ReceivedBeforeCutoff(),
 )
-PRELUDE: tuple[rules.Rule, ...] = (rules.FolderTracking(), rules.AlreadyTracked())
+PRELUDE: tuple[rules.Rule, ...] = (rules.BeingSent(), rules.FolderTracking(), rules.AlreadyTracked())
 
 CHAINS: dict[str, Chain] = {
     "all": Chain("all", TRACKING_OPTIONS["all"], GUARDS + PRELUDE + (rules.TrackAll(),)),

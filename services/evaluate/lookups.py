@@ -63,6 +63,9 @@ class LookupKeys:
     tracking_tokens: frozenset[str]
     thread_roots: frozenset[str]
     normalized_subjects: frozenset[str]
+    # The batch's own Message-IDs (not those it answers): the ones a send of Conduit's may still be
+    # recording (``Lookups.being_sent``).
+    own_message_ids: frozenset[str] = frozenset()
 
 
 def keys_for(parsed: Iterable[ParsedEmail], settings: CorrelationSettings) -> LookupKeys:
@@ -70,6 +73,7 @@ def keys_for(parsed: Iterable[ParsedEmail], settings: CorrelationSettings) -> Lo
     a message tracked earlier (through another mailbox) is found as already tracked."""
     addresses: set[str] = set()
     message_ids: set[str] = set()
+    own: set[str] = set()
     tokens: set[str] = set()
     roots: set[str] = set()
     subjects: set[str] = set()
@@ -80,7 +84,7 @@ def keys_for(parsed: Iterable[ParsedEmail], settings: CorrelationSettings) -> Lo
     for email in parsed:
         addresses.update(a.email for a in email.all_addresses)
         if email.message_id is not None:
-            message_ids.add(email.message_id)
+            own.add(email.message_id)
         if use_ids:
             message_ids.update(email.in_reply_to)
             message_ids.update(email.references)
@@ -96,10 +100,11 @@ def keys_for(parsed: Iterable[ParsedEmail], settings: CorrelationSettings) -> Lo
                 subjects.add(subject)
     return LookupKeys(
         addresses=frozenset(addresses),
-        message_ids=frozenset(message_ids),
+        message_ids=frozenset(message_ids | own),
         tracking_tokens=frozenset(tokens),
         thread_roots=frozenset(roots),
         normalized_subjects=frozenset(subjects),
+        own_message_ids=frozenset(own),
     )
 
 
@@ -112,6 +117,10 @@ class Lookups:
     tracked_by_token: dict[str, TrackedRef] = field(default_factory=dict)
     tracked_by_thread_root: dict[str, TrackedRef] = field(default_factory=dict)
     tracked_by_subject: dict[str, tuple[TrackedRef, ...]] = field(default_factory=dict)
+    # Message-IDs of sends of Conduit's under way (on their way to the server, or accepted and not yet
+    # recorded as sent), each with its request's idempotency key: a copy delivered to a tracked
+    # mailbox waits for the send's outgoing activity (``rules.BeingSent``).
+    being_sent: dict[str, str] = field(default_factory=dict)
 
     def parties(self, email: str) -> tuple[Party, ...]:
         return self.parties_by_address.get(email, ())

@@ -93,7 +93,10 @@ def _ref(row: asyncpg.Record) -> TrackedRef:
 _TRACKED_COLUMNS = "id, message_id, regarding_kind, regarding_id, subject, from_address, to_addresses, cc_addresses, tracking_token, thread_root, normalized_subject"
 
 
-async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys) -> Lookups:
+async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys, *,
+                       send_wait_seconds: float = 0.0) -> Lookups:
+    """What the registry says about a batch's keys.  ``send_wait_seconds``: how long after a send of
+    Conduit's was cleared to reach its server a copy of it waits for the send to be recorded."""
     lookups = Lookups()
     if keys.addresses:
         for r in await conn.fetch(
@@ -120,6 +123,17 @@ async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys)
             org_id, list(keys.message_ids),
         ):
             lookups.tracked_by_message_id[r["message_id"]] = _ref(r)
+    if keys.own_message_ids and send_wait_seconds > 0:
+        # `started_at`: dispatch commits it just before it hands the request to its transport, so a
+        # copy cannot exist before it.  Not `pending_send`: a request sent to some recipients and
+        # owed to others (4xx to RCPT) may wait hours; its copies are evaluated as they come.
+        for r in await conn.fetch(
+            """SELECT message_id, idempotency_key FROM outbound_email
+               WHERE organization_id = $1 AND message_id = ANY($2::text[]) AND status = 'sending'
+                 AND started_at > now() - make_interval(secs => $3::float8)""",
+            org_id, list(keys.own_message_ids), send_wait_seconds,
+        ):
+            lookups.being_sent[r["message_id"]] = r["idempotency_key"]
     if keys.tracking_tokens:
         for r in await conn.fetch(
             f"""SELECT DISTINCT ON (tracking_token) {_TRACKED_COLUMNS} FROM email_activity

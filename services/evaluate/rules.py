@@ -30,6 +30,7 @@ __all__ = [
     "REASONS",
     "AlreadyTracked",
     "BehindHeldMessages",
+    "BeingSent",
     "Correlated",
     "FolderTracking",
     "FromEmailEnabledRecord",
@@ -190,6 +191,26 @@ class ReceivedBeforeCutoff(Rule):
 
 # --------------------------------------------------------------------------------------------
 # Before the option: facts that decide whatever the option says.
+
+
+class BeingSent(Rule):
+    name = "being_sent"
+    description = (
+        "A copy of an email Conduit is sending (delivered to a tracked mailbox of the organization, or "
+        "seen in the sender's Sent folder) before dispatch has recorded the send is held until it has: "
+        "then it is linked to the send's outgoing activity, as one activity per message, not tracked "
+        "on its own as incoming mail."
+    )
+    reasons = ("being_sent",)
+
+    def check(self, ctx: EvaluationContext) -> RuleResult | None:
+        message_id = ctx.parsed.message_id
+        key = ctx.lookups.being_sent.get(message_id) if message_id is not None else None
+        if key is None:
+            return None
+        return RuleResult(False, "being_sent",
+                          f"Held: Conduit is sending this message (request {key}) and has not recorded it as sent "
+                          "yet; it will be evaluated once the send is recorded.", held=True)
 
 
 class AlreadyTracked(Rule):
@@ -405,7 +426,7 @@ class NotFromEmailEnabledRecord(Rule):
 
 _ALL_RULES: tuple[type[Rule], ...] = (
     MailboxInactive, MailboxNoProfile, MailboxNotApproved, IncomingDisabled, BehindHeldMessages, QueueConversionOff,
-    ReceivedBeforeCutoff, AlreadyTracked, FolderTracking, TrackAll, Correlated, NoCorrelationMatch,
+    ReceivedBeforeCutoff, BeingSent, AlreadyTracked, FolderTracking, TrackAll, Correlated, NoCorrelationMatch,
     FromKnownRecord, NotFromKnownRecord, FromEmailEnabledRecord, NotFromEmailEnabledRecord,
 )
 # Every reason code a Decision can carry, for docs, metrics labels and tests.

@@ -340,7 +340,8 @@ class EvaluateService(ServiceBase):
                 holds_messages=(item.mailbox_id, _forwarded(item)) in waiting
                 and (item.mailbox_id, item.message_id) not in released)
             batch.append(item)
-        lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings))
+        lookups = await repo.load_lookups(conn, items[0].organization_id, keys_for([i.parsed for i in batch], settings),
+                                          send_wait_seconds=self.own.send_wait_seconds)
         rules = folder_rules or {}
         decisions = evaluate_batch(
             [BatchItem(i.parsed, i.context, i.delivery.event.data.received_at,  # type: ignore[arg-type]

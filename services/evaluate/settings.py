@@ -26,3 +26,8 @@ class EvaluateSettings(BaseSettings):
     # again, and how many held messages it evaluates again per batch (one transaction each).
     release_seconds: float = Field(5.0, gt=0, le=3600)
     release_batch: int = Field(500, ge=1, le=10_000)
+    # How long a copy of an email Conduit is sending (to a tracked mailbox of the organization) waits
+    # for dispatch to record the send, counted from when the send was cleared to reach its server:
+    # normally milliseconds; longer only when dispatch stopped mid-send, and then the copy is
+    # evaluated as any mail once this has passed.  0: never wait.
+    send_wait_seconds: float = Field(120.0, ge=0, le=86_400)

@@ -112,6 +112,21 @@ def test_may_process_is_what_held_messages_wait_for():
     assert may_process(mailbox(owner_kind="queue", convert=False))
 
 
+@pytest.mark.parametrize("option", ["all", "responses", "known_records", "email_enabled_records"])
+def test_a_copy_of_an_email_conduit_is_still_recording_as_sent_is_held(option):
+    """Whatever the option, and before a folder rule or the correlation: once the send is recorded,
+    its outgoing activity is what the copy is linked to (already tracked), not an activity of its own."""
+    sending = lookups(being_sent={"m1@customer.example": "quote-17"})
+    decision = decide(message(), mailbox(tracking=option), sending, folder_regarding=("account", "a-1"))
+    assert (decision.tracked, decision.reason, decision.held) == (False, "being_sent", True)
+    assert decision.explanation == ("Held: Conduit is sending this message (request quote-17) and has not recorded "
+                                    "it as sent yet; it will be evaluated once the send is recorded.")
+    # Another message of the batch is not held for it; the paused mailbox's own guard comes first.
+    other = decide(message(message_id="<m2@customer.example>"), mailbox(tracking=option), sending)
+    assert not other.held and other.reason != "being_sent"
+    assert decide(message(), mailbox(active=False), sending).reason == "mailbox_inactive"
+
+
 def test_guards_come_first_in_every_chain():
     for chain in CHAINS.values():
         assert chain.rules[: len(GUARDS)] == GUARDS
