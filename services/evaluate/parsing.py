@@ -59,7 +59,7 @@ _HTML_SOURCE_BYTES = 32 * 1024
 _MAX_MIME_PARTS = 64
 _MAX_MIME_DEPTH = 8
 _MAX_PART_HEADER_BYTES = 16 * 1024
-# A thread can carry hundreds of References; the newest ones are the useful correlation keys.
+# A thread can carry hundreds of References; the newest ones and the root are the useful correlation keys.
 _MAX_REFERENCES = 50
 THREAD_ROOT_BYTES = 22  # Outlook Thread-Index: 6 bytes FILETIME + 16 bytes conversation GUID
 
@@ -407,7 +407,10 @@ def _addresses(values: list[str] | None, header: str, defects: list[str]) -> tup
 # --------------------------------------------------------------------------------------------
 # Identifiers, dates, Outlook conversation index
 
-_ANGLE_ID = re.compile(r"<\s*([^<>]*?)\s*>")
+# No "\s*" around the group: with a lazy group between them, a "<" followed by thousands of blanks
+# and no ">" took cubic time (one crafted In-Reply-To held evaluate for hours).  Blanks are dropped
+# below instead.
+_ANGLE_ID = re.compile(r"<([^<>]*)>")
 _WS = re.compile(r"\s+")
 
 
@@ -420,10 +423,10 @@ def _id_fits(value: str) -> bool:
 def _message_ids(value: str) -> list[str]:
     ids = []
     for found in _ANGLE_ID.findall(value):
+        if _WS.search(found):
+            found = _WS.sub("", found)  # blanks around the id, or folded inside the brackets
         if not found:
             continue
-        if " " in found or "\t" in found:
-            found = _WS.sub("", found)  # folded inside the brackets
         if len(found) <= MAX_ID_LENGTH:  # too many characters is too many bytes: no copy to find out
             found = _safe_text(found)
             if _id_fits(found):
@@ -792,7 +795,8 @@ def _parse_into(raw: bytes, max_header_bytes: int, preview_chars: int, f: dict, 
     value = _first(headers, "references")
     if value:
         refs = _reference_ids(value)
-        f["references"] = tuple(refs[-_MAX_REFERENCES:])
+        # The first id (the thread's root, RFC 5322 3.6.4 keeps it when trimming) and the newest.
+        f["references"] = tuple(refs if len(refs) <= _MAX_REFERENCES else refs[:1] + refs[1 - _MAX_REFERENCES:])
 
     value = _first(headers, "subject")
     f["subject"] = decode_header_value(value, defects) if value else ""
