@@ -136,8 +136,12 @@ async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys,
             lookups.being_sent[r["message_id"]] = r["idempotency_key"]
     if keys.tracking_tokens:
         for r in await conn.fetch(
+            # The email Conduit sent with the token first: another sender's mail that carried the same
+            # text in its subject earlier (another CRM's default "CRM:" prefix, a guessed number) must
+            # not take the replies to ours.  Then the most recent, as the reference looks it up.
             f"""SELECT DISTINCT ON (tracking_token) {_TRACKED_COLUMNS} FROM email_activity
-                WHERE organization_id = $1 AND tracking_token = ANY($2::text[]) ORDER BY tracking_token, created_at""",
+                WHERE organization_id = $1 AND tracking_token = ANY($2::text[])
+                ORDER BY tracking_token, direction = 'outgoing' DESC, created_at DESC""",
             org_id, list(keys.tracking_tokens),
         ):
             lookups.tracked_by_token[r["tracking_token"]] = _ref(r)

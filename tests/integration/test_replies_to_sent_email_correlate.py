@@ -77,3 +77,41 @@ async def test_a_reply_to_an_email_conduit_sent_correlates_to_it(
     assert (reply["regarding_kind"], reply["regarding_id"]) == ("account", acme.id)
     assert await _activity(pool, org, other_id) is None
     assert [(d.tracked, d.reason) for d in await registry.decisions(org, other_id)] == [(False, "no_correlation_match")]
+
+
+async def test_a_token_another_sender_used_first_does_not_take_the_replies_to_the_email_conduit_sent(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool, tmp_path) -> None:
+    """Mail from elsewhere with the next tracking tokens in its subject (another CRM's default "CRM:"
+    prefix, or numbers guessed) is tracked first; the reply to the email Conduit then sends with one
+    of those tokens still regards the sent email's record, not the stranger's mail."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    acme = await registry.add_record(org, "account", "Acme", f"acme-{uuid.uuid4().hex[:6]}@customer.example")
+    shared = await ready_mailbox(registry, org, dovecot, tracking="all", profile="dovecot-imap")
+    async with pool.acquire() as conn:
+        last, called = await conn.fetchrow("SELECT last_value, is_called FROM tracking_token_seq")
+    upcoming = last + 1 if called else last
+    for n in range(upcoming, upcoming + 5):   # tests running beside this one may take a number or two
+        dovecot.deliver(shared.email, message(f"Our ticket CRM:{n:07d}", sender="x@other.example", to=shared.email))
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)
+
+    with CaptureSmtpServer(tmp_path / "capture") as capture:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
+        box = await ready_mailbox(registry, org, dovecot, tracking="responses", profile="dovecot-imap")
+        async with dispatch_running(settings):
+            code, out, err = await conduit_cli(
+                settings, "send", "--org", org.name, "--from", sender.email, "--to", BUYER, "--subject", "Quote 7",
+                "--text", "Here it is.", "--key", f"token-{uuid.uuid4().hex[:8]}", "--wait", "--json",
+                "--regarding", f"account:{acme.id}")
+        assert code == 0, (out, err)
+        [copy] = capture.messages()
+    subject = copy.header("Subject")
+    token = subject.split("CRM:")[1]
+    assert upcoming <= int(token) < upcoming + 5, "the stranger's mail did not carry the token dispatch used"
+    reply_id = f"r-{uuid.uuid4().hex[:8]}@customer.example"
+    dovecot.deliver(box.email, message(f"RE: {subject}", sender=BUYER, to=box.email, message_id=f"<{reply_id}>"))
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)
+    reply = await _activity(pool, org, reply_id)
+    assert reply is not None and reply["correlated_by"] == "tracking_token"
+    assert (reply["regarding_kind"], reply["regarding_id"]) == ("account", acme.id)
