@@ -35,6 +35,8 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import unquote
 
+import idna
+
 # One identity for ingest and evaluate: the same limit and the same id for a message without one.
 from shared.addresses import address_pairs
 from shared.mime import MAX_ID_LENGTH, generated_message_id
@@ -332,6 +334,14 @@ _DOMAIN = re.compile(
 )
 _LITERAL_DOMAIN = re.compile(r"\[[0-9a-f:.]{2,45}\]|\[ipv6:[0-9a-f:.]{2,45}\]")
 _LOCAL_FORBIDDEN = re.compile(r'[\s<>(),;:\\"\[\]@\x00-\x1f\x7f]')
+# Full stops other than "." that IDNA processing takes as one.
+_OTHER_DOTS = frozenset("\u3002\uff0e\uff61")
+
+
+def _folds_into_ascii(text: str) -> bool:
+    """Whether lower-casing turns a character that is not ASCII into ASCII (the Kelvin sign into
+    "k"): such an address would be read as one it only looks like."""
+    return any(not c.isascii() and c.lower().isascii() for c in text)
 
 
 @lru_cache(maxsize=65536)
@@ -347,14 +357,24 @@ def normalize_email_address(address: str) -> str | None:
     at = address.rfind("@")
     if at <= 0 or at == len(address) - 1:
         return None
-    local, domain = address[:at], address[at + 1 :].rstrip(".").lower()
+    local, domain = address[:at], address[at + 1 :].rstrip(".")
     if len(local) > 64 or _LOCAL_FORBIDDEN.search(local) or local.startswith(".") or local.endswith("."):
         return None
     if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except (UnicodeError, ValueError):
+        # IDNA 2008, which maps nothing: the stdlib's IDNA 2003 codec read fullwidth letters, soft
+        # hyphens, zero-width spaces and ideographic full stops as the ASCII they look like (a
+        # stranger's ceo@ｅｘａｍｐｌｅ.com resolved to the CEO), and straße.de as strasse.de, which is
+        # another domain.  Such a domain is no address of anyone's.
+        if _folds_into_ascii(domain) or any(c in _OTHER_DOTS for c in domain):
             return None
+        try:
+            domain = idna.encode(domain.lower(), uts46=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            return None
+    else:
+        domain = domain.lower()
+    if not local.isascii() and _folds_into_ascii(local):
+        return None
     if len(domain) > 253:
         return None
     if not (_DOMAIN.fullmatch(domain) or _LITERAL_DOMAIN.fullmatch(domain)):

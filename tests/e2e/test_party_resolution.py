@@ -75,3 +75,51 @@ async def test_from_to_and_cc_resolve_to_their_records_and_an_unknown_address_st
     assert event["cc_addresses"] == list(row["cc_addresses"]) == [
         f"support-{tag}@example.com", f"accounts-{tag}@customer.example", f"lead-{tag}@prospect.example", unknown]
     assert event["mailbox_ids"] == [str(box.id)]
+
+
+async def _decisions(registry: Registry, org, message_id: str) -> list[tuple[bool, str]]:
+    return [(d.tracked, d.reason) for d in await registry.decisions(org, message_id)]
+
+
+async def test_a_domain_that_only_looks_like_a_colleagues_resolves_to_nobody(
+        settings: Settings, registry: Registry, org, dovecot) -> None:
+    """Fullwidth letters, a soft hyphen, a zero-width space, an ideographic full stop, a Kelvin sign:
+    each is another address (which DMARC checked as it is), never the CEO's it looks like."""
+    tag = uuid.uuid4().hex[:8]
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracking="email_enabled_records")
+    await registry.add_user(org, "Kim (CEO)", f"kim-{tag}@example.com")
+    lookalikes = [f"kim-{tag}@ｅｘａｍｐｌｅ.com", f"kim-{tag}@exam\u00adple.com", f"kim-{tag}@exa\u200bmple.com",
+                  f"kim-{tag}@example\u3002com", f"\u212aim-{tag}@example.com"]
+    ids = [f"lookalike{n}-{tag}@attacker.example" for n in range(len(lookalikes))]
+    for sender, message_id in zip(lookalikes, ids):
+        dovecot.deliver(box.email, message("Wire transfer today", sender=sender, to=box.email,
+                                           message_id=f"<{message_id}>"))
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)
+    for sender, message_id in zip(lookalikes, ids):
+        assert await _decisions(registry, org, message_id) == [(False, "sender_missing")], sender
+
+
+async def test_an_internationalised_domain_resolves_in_either_form(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    """straße.de is xn--strae-oqa.de in DNS (IDNA 2008), not strasse.de (IDNA 2003's mapping); the
+    registry takes the A-label form, mail may name it in either."""
+    tag = uuid.uuid4().hex[:8]
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracking="known_records")
+    grete = await registry.add_record(org, "contact", "Grete", f"grete-{tag}@xn--strae-oqa.de")
+    await registry.add_record(org, "contact", "Another Grete", f"grete-{tag}@strasse.de")
+    ids = {form: f"idn-{form[:3]}-{tag}@customer.example" for form in ("straße.de", "xn--strae-oqa.de")}
+    for form, message_id in ids.items():
+        dovecot.deliver(box.email, message("Angebot", sender=f"Grete <grete-{tag}@{form}>", to=box.email,
+                                           message_id=f"<{message_id}>"))
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)
+    for message_id in ids.values():
+        assert await _decisions(registry, org, message_id) == [(True, "sender_known_record")]
+        async with pool.acquire() as conn:
+            parties = await conn.fetchval("SELECT parties FROM email_activity WHERE organization_id = $1 "
+                                          "AND message_id = $2", org.id, message_id)
+        assert parties[0] == {"role": "from", "email": f"grete-{tag}@xn--strae-oqa.de",
+                              "records": [{"kind": "contact", "id": str(grete.id)}]}
