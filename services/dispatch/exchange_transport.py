@@ -33,7 +33,14 @@ which the caller resolves by looking in Sent Items (``find_sent``) instead of se
 Retries are the caller's (the send ledger's): a transport never resends.  A send cancelled while its
 thread is inside exchangelib still completes or fails in that thread; its outcome is then unknown.
 An EWS call is bounded as a whole (``call_timeout``): given up on inside exchangelib, a send is a lost
-answer (``request_sent``); given up on while waiting for a thread, it never starts.
+answer (``request_sent``); given up on while waiting for a thread, it never starts.  A Graph call is
+bounded the same way, its token, its request and the reading of its answer: given up on once the
+``sendMail`` request began to be written, a lost answer; before (the token endpoint, the connection,
+a wait for one of the transport's own connections), nothing was sent.
+
+Graph's Outlook limits per app and mailbox are kept, not only answered: at most 4 requests at once
+(``_mailbox_turn``) and at most 150 MB of uploads in 5 minutes (``_upload_room``); a send waits for its
+mailbox's turn, outside the call's time bound, instead of being refused with 429.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ import re
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +88,16 @@ GRAPH_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # MailboxConcurrency, each costing the message an attempt and a Retry-After wait
 # (learn.microsoft.com/graph/throttling-limits, "Outlook service limits").
 GRAPH_MAILBOX_CONCURRENCY = 4
+# Outlook's Graph limit per app ID and mailbox: "150 megabytes (MB) upload (PATCH, POST, PUT) in a 5
+# minute period" (https://learn.microsoft.com/en-us/graph/throttling-limits, "Outlook service limits";
+# beyond it, 429 ApplicationThrottled "Application is over its IncomingBytes limit").  Counted here
+# as a sendMail's body, in decimal megabytes: the smaller reading of "MB", so that either reading holds.
+GRAPH_UPLOAD_BUDGET = 150 * 1000 * 1000
+GRAPH_UPLOAD_WINDOW = 300.0
+# A Graph call makes up to four HTTP requests (a token, the request, and after a 401 a fresh token and
+# the request again), each step bounded by the transport's timeout; the whole call by this many
+# timeouts.  httpx's timeouts are per step: a server that trickles its answer never trips them.
+GRAPH_TIMEOUTS_PER_CALL = 5
 # Renew a token this long before it expires, so a request never leaves with a token about to die.
 TOKEN_RENEW_MARGIN = 120.0
 # A sendMail answered with an error after which it may have gone out is looked for in Sent Items this
@@ -673,9 +691,19 @@ class GraphTransport:
     def __init__(self, *, graph_url: str = "https://graph.microsoft.com/v1.0", token_url: str, client_id: str,
                  client_secret: str, verify_tls: bool | str = True, max_connections: int = 10,
                  timeout: float = 30.0, scope: str = "https://graph.microsoft.com/.default",
-                 sent_items_window: float | None = None) -> None:
+                 sent_items_window: float | None = None, call_timeout: float | None = None,
+                 upload_budget: int = GRAPH_UPLOAD_BUDGET, upload_window: float = GRAPH_UPLOAD_WINDOW,
+                 upload_wait_limit: float = GRAPH_UPLOAD_WINDOW) -> None:
+        """``timeout``: each step of an HTTP request (connect, write, each read, a pooled connection);
+        ``call_timeout``: a whole call's (default ``GRAPH_TIMEOUTS_PER_CALL`` times ``timeout``), its
+        wait for the mailbox's turn and upload budget left out.  ``upload_budget`` bytes of sendMail
+        bodies per mailbox in any ``upload_window`` seconds (Graph's Outlook limit); a send waits at
+        most ``upload_wait_limit`` seconds for room in it (the default, 5 minutes, keeps a send within
+        dispatch's stop grace), then fails as a temporary failure, sent to no one."""
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if upload_budget < 1 or upload_window <= 0:
+            raise ValueError("upload_budget and upload_window must be positive")
         self.graph_url = graph_url.rstrip("/")
         self.sent_items_window = SENT_ITEMS_WINDOW if sent_items_window is None else sent_items_window
         self.token_url = token_url
@@ -693,8 +721,15 @@ class GraphTransport:
         self._token: str | None = None
         self._token_expires = 0.0  # time.monotonic() deadline
         self._token_lock = asyncio.Lock()
+        self._call_timeout = GRAPH_TIMEOUTS_PER_CALL * timeout if call_timeout is None else call_timeout
         # Mailbox -> (its requests' gate, how many wait for it or hold it): dropped when unused.
         self._mailboxes: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        # Mailbox -> its uploads of the last ``upload_window`` seconds: forgotten once idle that long.
+        self._uploads: dict[str, _UploadWindow] = {}
+        self._upload_budget = upload_budget
+        self._upload_window = upload_window
+        self._upload_wait_limit = upload_wait_limit
+        self._uploads_swept = time.monotonic()
 
     async def send(self, mailbox_address: str, message: bytes) -> str | None:
         """Send ``message`` (MIME) as ``mailbox_address``; Graph saves a copy in its Sent Items.
@@ -711,8 +746,11 @@ class GraphTransport:
                 f"the message is {len(message)} bytes; Graph sendMail takes at most 4 MB of base64 MIME",
                 code="RequestEntityTooLarge", reason="message_too_large")
         url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/sendMail"
-        async with self._mailbox_turn(mailbox_address):
-            response = await self._call("POST", url, content=body, headers={"Content-Type": "text/plain"})
+        progress = _Progress()
+        # Room in the upload budget first, then one of the 4 places: a send waiting for the budget
+        # holds no place, so the mailbox's look-ups (and its sends that fit) go on meanwhile.
+        async with self._upload_room(mailbox_address, len(body), progress), self._mailbox_turn(mailbox_address):
+            response = await self._call("POST", url, progress, content=body, headers={"Content-Type": "text/plain"})
         if response.status_code == 202:
             return None
         error = _graph_error(response, "sendMail")
@@ -763,8 +801,9 @@ class GraphTransport:
         url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/mailFolders/sentitems/messages"
         literal = message_id.replace("'", "''")
         async with self._mailbox_turn(mailbox_address):
-            response = await self._call("GET", url, params={"$filter": f"internetMessageId eq '{literal}'",
-                                                            "$select": "id", "$top": "1"})
+            response = await self._call("GET", url, _Progress(),
+                                        params={"$filter": f"internetMessageId eq '{literal}'", "$select": "id",
+                                                "$top": "1"})
         if response.status_code != 200:
             raise _graph_error(response, "messages")
         try:
@@ -777,7 +816,7 @@ class GraphTransport:
         """Test & Enable: get a token and read one message id from the mailbox (needs Mail.ReadBasic or more)."""
         _check_address(mailbox_address)
         url = f"{self.graph_url}/users/{quote(mailbox_address, safe='@')}/mailFolders/inbox/messages"
-        response = await self._call("GET", url, params={"$top": "1", "$select": "id"})
+        response = await self._call("GET", url, _Progress(), params={"$top": "1", "$select": "id"})
         if response.status_code != 200:
             raise _graph_error(response, "messages")
 
@@ -801,19 +840,97 @@ class GraphTransport:
             if not users[0]:
                 del self._mailboxes[key]
 
-    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        token = await self._access_token()
-        response = await self._request(method, url, token, **kwargs)
-        if response.status_code == 401:
-            # A cached token can be revoked or expire early; one fresh token, then the answer is final.
-            self._forget_token(token)
-            response = await self._request(method, url, await self._access_token(), **kwargs)
-        return response
-
-    async def _request(self, method: str, url: str, token: str, **kwargs: Any) -> httpx.Response:
-        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+    @contextlib.asynccontextmanager
+    async def _upload_room(self, mailbox_address: str, size: int, progress: _Progress) -> AsyncIterator[None]:
+        """Room for ``size`` bytes in the mailbox's upload budget: wait (in turn, first come first
+        served) until its uploads of the last ``upload_window`` seconds leave room, then hold it until
+        the call ends, when the bytes really written (once per attempt that began to go out, none for
+        one that never did) are counted from that moment.  A message over the whole budget goes alone,
+        once the window is empty (Graph's 4 MB per request refuses larger ones before they get here).
+        """
+        now = time.monotonic()
+        if now - self._uploads_swept >= self._upload_window / 10:   # not a walk over them all at every send
+            self._uploads_swept = now
+            for key in [k for k, w in self._uploads.items() if w.idle(now)]:
+                del self._uploads[key]
+        key = mailbox_address.lower()
+        window = self._uploads.get(key)
+        if window is None:
+            window = self._uploads[key] = _UploadWindow(self._upload_budget, self._upload_window)
+        window.users += 1
         try:
-            return await self._http(self._client.request(method, url, headers=headers, **kwargs), "Graph")
+            try:
+                async with asyncio.timeout(self._upload_wait_limit):
+                    await window.reserve(size)
+            except TimeoutError:
+                wait = window.room_in(size, time.monotonic())
+                raise ExchangeTransientError(
+                    f"the mailbox's Graph upload budget ({self._upload_budget} bytes in {self._upload_window:g} s) "
+                    f"had no room for {size} bytes within {self._upload_wait_limit:g} s; not sent",
+                    reason="upload_budget", retry_after=wait) from None
+            try:
+                yield
+            finally:
+                window.settle(size, size * progress.writes, time.monotonic())
+        finally:
+            window.users -= 1
+
+    async def _call(self, method: str, url: str, progress: _Progress, **kwargs: Any) -> httpx.Response:
+        """One Graph call, token included, bounded as a whole by ``call_timeout``; ``progress`` says how
+        far it got, which decides what a call given up on may have done."""
+        bound = asyncio.timeout(self._call_timeout)
+        try:
+            async with bound:
+                token = await self._access_token()
+                response = await self._request(method, url, token, progress, **kwargs)
+                if response.status_code == 401:
+                    # A cached token can be revoked or expire early; one fresh token, then the answer is final.
+                    self._forget_token(token)
+                    progress.stage = "token"
+                    response = await self._request(method, url, await self._access_token(), progress, **kwargs)
+                return response
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise self._given_up(method, progress) from None
+
+    def _given_up(self, method: str, progress: _Progress) -> ProtocolTimeout:
+        """The error of a call not finished within ``call_timeout``, by how far it got."""
+        within = f"within {self._call_timeout:g} s"
+        if progress.stage == "written":
+            # The request went out, or began to: Graph may have acted on it.  A POST's outcome is
+            # unknown (looked for in Sent Items, never simply resent); a GET changed nothing.
+            error = _after_write(ProtocolTimeout(f"Graph did not finish answering {within}"))
+            error.request_sent = method == "POST"  # type: ignore[attr-defined]
+            return error
+        if progress.stage == "queued":
+            # Waiting for one of this transport's own connections: Conduit's congestion, not the
+            # server's fault (no back-off of the mailbox), and certainly not sent.
+            error = _after_write(ProtocolTimeout(f"the Graph request did not start {within}: every connection "
+                                                 "was busy", reason="transport_busy"), False)
+        else:
+            # The token endpoint, or the connection to Graph, did not get anywhere: nothing was sent.
+            error = _after_write(ProtocolTimeout(f"the Graph request was not sent {within}: the "
+                                                 f"{'token endpoint' if progress.stage == 'token' else 'server'} "
+                                                 "did not answer in time"), False)
+        error.request_sent = False  # type: ignore[attr-defined]
+        return error
+
+    async def _request(self, method: str, url: str, token: str, progress: _Progress, **kwargs: Any) -> httpx.Response:
+        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+        progress.stage = "queued"
+
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            # httpcore's steps of this request: a connection opened for it, then its headers written.
+            if event.endswith("connect_tcp.started") and progress.stage == "queued":
+                progress.stage = "connecting"
+            elif event.endswith("send_request_headers.started"):
+                progress.stage = "written"
+                progress.writes += 1
+
+        try:
+            return await self._http(self._client.request(method, url, headers=headers, extensions={"trace": trace},
+                                                         **kwargs), "Graph")
         except (ProtocolTimeout, ConnectionFailed) as exc:
             # Written but unanswered: a POST may have been acted on (its outcome is unknown); a GET
             # changed nothing and may simply be asked again.
@@ -851,8 +968,11 @@ class GraphTransport:
                 raise TlsFailed(f"TLS with the {peer} failed: certificate not trusted or handshake refused") from None
             raise ConnectionFailed(f"could not reach the {peer}") from None
         except httpx.TimeoutException as e:
-            # Connect and pool timeouts come before the request is written; read and write ones after
-            # (some of) it was.
+            if isinstance(e, httpx.PoolTimeout):
+                # No connection of the transport's own came free: Conduit's congestion, nothing sent.
+                raise _after_write(ProtocolTimeout(f"no connection to the {peer} came free in time",
+                                                   reason="transport_busy"), False) from None
+            # Connect timeouts come before the request is written; read and write ones after (some of) it was.
             raise _after_write(ProtocolTimeout(f"the {peer} did not answer in time"),
                                isinstance(e, (httpx.ReadTimeout, httpx.WriteTimeout))) from None
         except (httpx.ProxyError, httpx.UnsupportedProtocol) as e:  # no connection to the server itself
@@ -863,6 +983,75 @@ class GraphTransport:
             # server may have acted on it.
             raise _after_write(ConnectionFailed(
                 f"the connection to the {peer} dropped after the request was sent ({type(e).__name__})")) from None
+
+
+@dataclass
+class _Progress:
+    """How far one Graph call got: ``token`` (getting a token), ``queued`` (its request waiting for a
+    connection of the transport's pool), ``connecting``, ``written`` (its request began to go out);
+    ``writes``: how many of its requests began to go out (a 401 sends the request a second time)."""
+
+    stage: str = "token"
+    writes: int = 0
+
+
+class _UploadWindow:
+    """One mailbox's sendMail uploads in the last ``period`` seconds, against Graph's ``budget``.
+
+    ``reserve`` waits, in turn, for room and holds it (``pending``) until ``settle`` counts what was
+    really written, as of the moment the call ended: later than Graph saw the bytes arrive, so the
+    window here empties no earlier than Graph's does.
+    """
+
+    def __init__(self, budget: int, period: float) -> None:
+        self.budget = budget
+        self.period = period
+        self.uploads: deque[tuple[float, int]] = deque()   # (when the call ended, bytes), oldest first
+        self.counted = 0     # the bytes in ``uploads``
+        self.pending = 0     # held by calls under way
+        self.users = 0       # calls waiting for room or holding it
+        self._turn = asyncio.Lock()       # first come, first served: a large message is not overtaken for ever
+        self._changed = asyncio.Event()   # a call ended: room may have come sooner than the window says
+
+    async def reserve(self, size: int) -> None:
+        async with self._turn:
+            while (wait := self.room_in(size, time.monotonic())) > 0:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
+            self.pending += size
+
+    def settle(self, size: int, written: int, now: float) -> None:
+        self.pending -= size
+        if written:
+            self.uploads.append((now, written))
+            self.counted += written
+        self._changed.set()
+
+    def room_in(self, size: int, now: float) -> float:
+        """Seconds until ``size`` more bytes fit, if nothing else is sent meanwhile (0: they fit now).
+        Bytes held by calls under way count as if written now."""
+        self._forget(now)
+        used = self.counted + self.pending
+        excess = used if size > self.budget else used + size - self.budget   # a message over the budget goes alone
+        if excess <= 0:
+            return 0.0
+        freed = 0
+        for at, written in self.uploads:
+            freed += written
+            if freed >= excess:
+                return at + self.period - now
+        return self.period
+
+    def idle(self, now: float) -> bool:
+        """Nothing sent in the last ``period`` seconds and nobody sending: nothing left to remember."""
+        self._forget(now)
+        return not self.uploads and not self.users
+
+    def _forget(self, now: float) -> None:
+        while self.uploads and self.uploads[0][0] <= now - self.period:
+            self.counted -= self.uploads.popleft()[1]
 
 
 def _is_tls_failure(e: BaseException) -> bool:

@@ -21,7 +21,10 @@ Follows the published contracts:
   unknown, expired, wrong audience), 403 ``ErrorAccessDenied`` (an application access policy excludes the
   mailbox), 404 ``ErrorInvalidUser``/``ErrorItemNotFound``, 400 ``ErrorInvalidRecipients``,
   ``InvalidInternetMessageHeader``, ``ErrorMimeContentInvalidBase64String``, ``RequestBodyRead``, 413
-  ``RequestEntityTooLarge`` for a ``sendMail`` payload over 4 MB (``GraphApi.max_request_bytes``); and
+  ``RequestEntityTooLarge`` for a ``sendMail`` payload over 4 MB (``GraphApi.max_request_bytes``); 429
+  ``ApplicationThrottled`` with ``Retry-After`` for a fifth request at once to one mailbox
+  (``MailboxConcurrency``) and for a ``sendMail`` over the app's upload budget for the mailbox
+  (``IncomingBytes``: 150 MB in 5 minutes, ``GraphApi.upload_budget`` and ``upload_window``); and
   injected 429/503 with ``Retry-After``, or a served call answered late, not at all, or with an error
   such as a gateway's 504 (``answering``).
   A ``sendMail`` may also be told to file its Sent Items copy late (``Organization.file_late``), as Graph
@@ -38,7 +41,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import urlencode
@@ -66,6 +71,12 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a sendMail payload (JSON, or the base64 M
 # Outlook's limit per app and mailbox: "4 concurrent requests"; more are refused with 429
 # (learn.microsoft.com/graph/throttling-limits, "Outlook service limits").
 MAILBOX_CONCURRENCY = 4
+# Outlook's limit per app ID and mailbox: "150 megabytes (MB) upload (PATCH, POST, PUT) in a 5 minute
+# period" (https://learn.microsoft.com/en-us/graph/throttling-limits, "Outlook service limits"); more
+# is refused with 429 ApplicationThrottled, "Application is over its IncomingBytes limit".  Decimal
+# megabytes, the stricter reading of "MB", and a request's body only (what Graph counts is not published).
+UPLOAD_BUDGET = 150 * 1000 * 1000
+UPLOAD_WINDOW = 300.0
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -158,6 +169,12 @@ class GraphApi:
         # (access token, mailbox) -> requests being served or answered now; refusals for going over.
         self.in_flight: dict[tuple[str, str], int] = {}
         self.over_concurrency = 0
+        # Bytes of sendMail bodies per app and mailbox in any ``upload_window`` seconds (None: no limit);
+        # (app, mailbox) -> (arrival, bytes) of the uploads in the window; refusals for going over.
+        self.upload_budget: int | None = UPLOAD_BUDGET
+        self.upload_window = UPLOAD_WINDOW
+        self.uploads: dict[tuple[str, str], deque[tuple[float, int]]] = {}
+        self.over_upload_budget = 0
 
     def routes(self, prefix: str = "/v1.0") -> list[web.RouteDef]:
         u = f"{prefix}/users/{{user}}"
@@ -221,6 +238,9 @@ class GraphApi:
         if len(raw) > self.max_request_bytes:
             return _error(413, "RequestEntityTooLarge", f"The request is {len(raw)} bytes; sendMail takes at most "
                                                         f"{self.max_request_bytes}.")
+        over = self._over_upload_budget(request, box, len(raw))
+        if over is not None:
+            return over
         if request.content_type == "text/plain":
             return self._send_mime(box, raw)
         try:
@@ -253,6 +273,33 @@ class GraphApi:
             return _error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")
         self.org.submit("graph", box, mime, save_copy=True)
         return web.Response(status=202)
+
+    def _over_upload_budget(self, request: web.Request, box: Mailbox, size: int) -> web.Response | None:
+        """Count ``size`` uploaded bytes against the app's budget for ``box``, or refuse them (uncounted)
+        with 429 and the seconds until they would fit."""
+        if self.upload_budget is None:
+            return None
+        app, _ = self._authenticate(request)
+        assert app is not None  # _begin authenticated the request
+        key = (app.client_id, box.address.lower())
+        now = self.org.clock()
+        uploads = self.uploads.setdefault(key, deque())
+        while uploads and uploads[0][0] <= now - self.upload_window:
+            uploads.popleft()
+        used = sum(n for _, n in uploads)
+        # A budget made smaller than one message (for a test) still lets it through alone.
+        if used + size <= self.upload_budget or not used:
+            uploads.append((now, size))
+            return None
+        freed, wait = 0, self.upload_window
+        for at, n in uploads:
+            freed += n
+            if used - freed + size <= self.upload_budget:
+                wait = at + self.upload_window - now
+                break
+        self.over_upload_budget += 1
+        return _error(429, "ApplicationThrottled", "Application is over its IncomingBytes limit.",
+                      {"Retry-After": str(max(math.ceil(wait), 1))})
 
     def _app_may_send_as(self, request: web.Request, sender: str) -> bool:
         # Application Mail.Send lets an app send as any mailbox it may reach.

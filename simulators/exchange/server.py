@@ -13,6 +13,8 @@ and demos that run the simulator out of process.  In process, the same controls 
         sim.fail_after_serving("graph", 504, operation="sendMail")  # sent, but the client hears 504
         sim.gateway_error("ews", 502, operation="CreateItem")  # sent; a gateway's page, Connection: close
         sim.garble_answer("ews", operation="CreateItem")  # sent; an answer the client cannot decode
+        sim.trickle_answer("graph", 0.2, operation="sendMail")  # sent; answered one byte every 0.2 s
+        sim.graph.upload_budget, sim.graph.upload_window = 10**6, 2.0  # Graph's 150 MB in 5 min, made small
         sim.file_sent_late("graph", 2.0)  # answered 202 at once, in Sent Items (and delivered) 2 s later
         ... sim.ews_url, sim.graph_url, sim.token_url ...
         sim.sent  # what was submitted
@@ -37,6 +39,7 @@ from .store import (
     DROP,
     GARBLED,
     LATE,
+    TRICKLE,
     App,
     Fault,
     Faults,
@@ -181,6 +184,13 @@ class ExchangeSimulator:
         """The next ``times`` calls to ``api`` (``ews``, ``graph``, ``token``) are served, but answered ``seconds``
         late."""
         self.inject(api, Fault(LATE, "Late", "Served; answered late.", operation=operation, times=times, delay=seconds))
+
+    def trickle_answer(self, api: str, pause: float, *, operation: str | None = None, times: int = 1) -> None:
+        """The next ``times`` calls to ``api`` (``ews``, ``graph``, ``token``) are served, and their answer is
+        written one byte every ``pause`` seconds (status line and headers too), as a server that stalls
+        mid-answer: a client whose timeouts are per read never gives up."""
+        self.inject(api, Fault(TRICKLE, "Trickle", "Served; answered a byte at a time.", operation=operation,
+                               times=times, delay=pause))
 
     def drop_connection(self, api: str, *, operation: str | None = None, times: int = 1, reset: bool = False) -> None:
         """The next ``times`` calls to ``api`` (``ews``, ``graph``, ``token``) are served (a send is filed in

@@ -580,7 +580,9 @@ class Fault:
     usual (a send is stored, filed in Sent Items and delivered) and only then answered with this
     failure, as a gateway answers 504 after Exchange acted but was slow to say so.  ``GARBLED`` (-2)
     is served too, and answered 200 with a body its ``Content-Encoding: gzip`` does not match, as a
-    broken proxy answers: the client cannot read it.  ``close``: the error answer carries
+    broken proxy answers: the client cannot read it.  ``TRICKLE`` (-3) is served too, and its answer
+    written one byte every ``delay`` seconds, as a server or middlebox that stalls mid-answer: every
+    read gets something, so a client's per-read timeout never trips.  ``close``: the error answer carries
     ``Connection: close`` and the connection is closed after it, as many gateways and load balancers
     (HAProxy, F5, ARR) answer their own error pages.
     """
@@ -600,6 +602,7 @@ class Fault:
 LATE = 0
 DROP = -1
 GARBLED = -2
+TRICKLE = -3
 
 
 class Faults:
