@@ -95,14 +95,25 @@ class ResolvedParties:
         return tuple(m.address.email for m in head + self.recipients if not m.parties)
 
 
+# The reference leaves a sender whose address more records than this share unresolved.
+MAX_SENDER_MATCHES = 100
+
+
 def resolve_parties(parsed: ParsedEmail, lookups: Lookups) -> ResolvedParties:
+    """Every record each recipient's address belongs to; the sender, as the reference resolves the
+    From field, to one record only: the first of users, contacts, accounts, leads, queues (the order
+    ``parties_by_address`` keeps), none when more than ``MAX_SENDER_MATCHES`` share the address."""
     table = lookups.parties_by_address
 
     def match(address: Address) -> PartyMatch:
         return PartyMatch(address, table.get(address.email, ()))
 
+    def sender(address: Address) -> PartyMatch:
+        found = table.get(address.email, ())
+        return PartyMatch(address, found[:1] if len(found) <= MAX_SENDER_MATCHES else ())
+
     return ResolvedParties(
-        from_=match(parsed.from_) if parsed.from_ is not None else None,
+        from_=sender(parsed.from_) if parsed.from_ is not None else None,
         to=tuple(match(a) for a in parsed.to),
         cc=tuple(match(a) for a in parsed.cc),
         bcc=tuple(match(a) for a in parsed.bcc),

@@ -100,17 +100,17 @@ async def load_lookups(conn: asyncpg.Connection, org_id: UUID, keys: LookupKeys,
     lookups = Lookups()
     if keys.addresses:
         for r in await conn.fetch(
-            # Ordered: the rules take an address's first party that fits, so an address shared by
-            # several records resolves the same way every time: users, queues, contacts, accounts,
-            # leads, and within a kind the oldest record first.
+            # Ordered as the reference resolves a sender shared by several records (its first only:
+            # ``context.resolve_parties``): users, contacts, accounts, leads, then email-enabled
+            # tables such as queues; within a kind the oldest record first.  Every time the same way.
             """SELECT kind, id, email, email_enabled FROM (
                  SELECT 'user' AS kind, id, lower(email) AS email, true AS email_enabled, 0 AS rank, created_at FROM crm_user
                    WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
                  UNION ALL
-                 SELECT 'queue', id, lower(email), true, 1, created_at FROM queue
+                 SELECT 'queue', id, lower(email), true, 4, created_at FROM queue
                    WHERE organization_id = $1 AND lower(email) = ANY($2::text[])
                  UNION ALL
-                 SELECT kind, id, lower(email), email_enabled, CASE kind WHEN 'contact' THEN 2 WHEN 'account' THEN 3 ELSE 4 END,
+                 SELECT kind, id, lower(email), email_enabled, CASE kind WHEN 'contact' THEN 1 WHEN 'account' THEN 2 ELSE 3 END,
                         created_at FROM crm_record WHERE organization_id = $1 AND lower(email) = ANY($2::text[])) p
                ORDER BY rank, created_at, id""",
             org_id, list(keys.addresses),

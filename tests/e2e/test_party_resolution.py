@@ -123,3 +123,35 @@ async def test_an_internationalised_domain_resolves_in_either_form(
                                           "AND message_id = $2", org.id, message_id)
         assert parties[0] == {"role": "from", "email": f"grete-{tag}@xn--strae-oqa.de",
                               "records": [{"kind": "contact", "id": str(grete.id)}]}
+
+
+async def test_a_sender_several_records_share_is_the_first_of_users_contacts_accounts_leads_queues(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool) -> None:
+    """As the reference resolves the From field: a colleague's address that a contact also has is the
+    colleague's (so not mail from a known record), a queue's that a contact has is the contact's.
+    Recipients resolve to every record of their address."""
+    tag = uuid.uuid4().hex[:8]
+    await registry.add_profile(org, imap_profile(dovecot))
+    box = await ready_mailbox(registry, org, dovecot, tracking="known_records")
+    colleague = f"pat-{tag}@example.com"
+    user = await registry.add_user(org, "Pat", colleague)
+    private = await registry.add_record(org, "contact", "Pat (private)", colleague)
+    helpdesk = f"help-{tag}@partner.example"
+    queue = await registry.add_queue(org, f"Help {tag}", helpdesk)
+    partner = await registry.add_record(org, "contact", "Partner helpdesk", helpdesk)
+    from_colleague, from_helpdesk = f"u-{tag}@example.com", f"q-{tag}@partner.example"
+    dovecot.deliver(box.email, message("Lunch?", sender=colleague, to=box.email, message_id=f"<{from_colleague}>"))
+    dovecot.deliver(box.email, message("Ticket", sender=helpdesk, to=f"{box.email}, {colleague}",
+                                       message_id=f"<{from_helpdesk}>"))
+    await run_service(IngestService(settings), burst=True)
+    await run_service(EvaluateService(settings), burst=True)
+
+    assert await _decisions(registry, org, from_colleague) == [(False, "sender_not_known_record")]
+    assert await _decisions(registry, org, from_helpdesk) == [(True, "sender_known_record")]
+    async with pool.acquire() as conn:
+        parties = await conn.fetchval("SELECT parties FROM email_activity WHERE organization_id = $1 AND message_id = $2",
+                                      org.id, from_helpdesk)
+    records = {p["email"]: p["records"] for p in parties}
+    assert records[helpdesk] == [{"kind": "contact", "id": str(partner.id)}]
+    assert records[colleague] == [{"kind": "user", "id": str(user.id)}, {"kind": "contact", "id": str(private.id)}]
+    assert str(queue.id) not in str(parties)

@@ -260,11 +260,34 @@ def test_email_enabled_refuses_unknown_sender():
     assert not decision.tracked and decision.reason == "sender_unknown"
 
 
-def test_any_of_several_parties_for_one_address_counts():
+def test_a_sender_shared_by_several_records_is_the_first_of_users_contacts_accounts_leads_queues():
+    """The reference resolves the From field to one record: a colleague's address that a lead also
+    has is the colleague's, and mail from it is not from a known record."""
     shared = (Party("user", "u-9", "shared@customer.example"), Party("lead", "l-9", "shared@customer.example"))
     found = lookups(parties_by_address={"shared@customer.example": shared})
     decision = decide(message(sender="shared@customer.example"), mailbox(tracking="known_records"), found)
-    assert decision.tracked and "lead l-9" in decision.explanation
+    assert not decision.tracked and decision.reason == "sender_not_known_record"
+    assert decision.parties.from_.parties == shared[:1]
+    contact_first = (Party("contact", "c-9", "shared@customer.example"), Party("lead", "l-9", "shared@customer.example"))
+    found = lookups(parties_by_address={"shared@customer.example": contact_first})
+    decision = decide(message(sender="shared@customer.example"), mailbox(tracking="known_records"), found)
+    assert decision.tracked and "contact c-9" in decision.explanation
+
+
+def test_a_sender_more_than_a_hundred_records_share_is_unresolved():
+    shared = tuple(Party("contact", f"c-{n}", "noreply@customer.example") for n in range(101))
+    found = lookups(parties_by_address={"noreply@customer.example": shared})
+    decision = decide(message(sender="noreply@customer.example"), mailbox(tracking="known_records"), found)
+    assert not decision.tracked and decision.reason == "sender_unknown"
+    assert decide(message(sender="noreply@customer.example"), mailbox(tracking="known_records"),
+                  lookups(parties_by_address={"noreply@customer.example": shared[:100]})).tracked
+
+
+def test_any_of_several_records_of_a_recipient_counts():
+    shared = (Party("user", "u-9", "shared@customer.example"), Party("lead", "l-9", "shared@customer.example"))
+    found = lookups(parties_by_address={"shared@customer.example": shared})
+    decision = decide(message(sender=OWNER, to="shared@customer.example"), mailbox(tracking="known_records"), found)
+    assert decision.tracked and decision.reason == "recipient_known_record"
 
 
 # ---------------------------------------------------------------------------------------------
