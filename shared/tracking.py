@@ -49,15 +49,17 @@ def subject_with_token(subject: str, token: str) -> str:
 # Subject normalisation (smart matching key)
 
 # Reply and forward markers of the common mail clients and languages, with optional counters
-# ("Re[2]:", "AW(3):"), plus bracketed tags that gateways and lists prepend ("[EXTERNAL]").  Used
-# with ``match`` from a position (hence no ``^``), so stripping many markers costs one pass.
+# ("Re[2]:", "AW(3):"), plus bracketed tags that gateways and lists prepend ("[EXTERNAL]").  A tag
+# with a digit in it ("[Ticket #1001]", "[Bug 4711]") names the conversation and is kept: two tickets
+# with one title are two threads.  Used with ``match`` from a position (hence no ``^``), so stripping
+# many markers costs one pass.
 _SUBJECT_PREFIX = re.compile(
     r"\s*(?:"
     r"(?:re|fw|fwd|aw|wg|sv|vs|vb|antw|antwort|tr|rif|r|ref|res|enc|odp|pd|vl|ynt|ilt|ats|atb|"
     r"bls|yan|doorst|rv|"
     r"回复|答复|转发|回覆|轉寄|返信|転送)"
     r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]"
-    r"|\[[^\[\]]{0,64}\]"
+    r"|\[[^\[\]0-9]{0,64}\]"
     r")\s*",
     re.IGNORECASE,
 )

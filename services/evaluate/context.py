@@ -153,7 +153,7 @@ class EvaluationContext:
             lookups=lookups,
             settings=settings,
             parties=resolve_parties(parsed, lookups),
-            correlation=correlate(parsed, lookups, settings),
+            correlation=correlate(parsed, lookups, settings, own),
             direction="outgoing" if outgoing else "incoming",
             received_at=received_at if received_at is not None else parsed.date,
             folder_regarding=folder_regarding,

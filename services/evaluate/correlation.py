@@ -118,8 +118,10 @@ def normalize_subject(subject: str, settings: CorrelationSettings | None = None)
 # Correlate
 
 
-def correlate(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings) -> Correlation | None:
-    """The first match of the configured methods, in the configured order, or None."""
+def correlate(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings,
+              own_address: str | None = None) -> Correlation | None:
+    """The first match of the configured methods, in the configured order, or None.
+    ``own_address``: the receiving mailbox's, which smart matching does not count as shared."""
     for method in settings.order:
         if not settings.uses(method):
             continue
@@ -130,7 +132,7 @@ def correlate(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettin
         elif method == "thread_index":
             found = _by_thread_root(parsed, lookups)
         else:
-            found = _by_smart_matching(parsed, lookups, settings)
+            found = _by_smart_matching(parsed, lookups, settings, own_address)
         if found is not None:
             return found
     return None
@@ -168,7 +170,8 @@ def _by_thread_root(parsed: ParsedEmail, lookups: Lookups) -> Correlation | None
     return Correlation("thread_index", ref) if ref is not None else None
 
 
-def _by_smart_matching(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings) -> Correlation | None:
+def _by_smart_matching(parsed: ParsedEmail, lookups: Lookups, settings: CorrelationSettings,
+                       own_address: str | None = None) -> Correlation | None:
     if not lookups.tracked_by_subject:
         return None
     subject = normalize_subject(parsed.subject, settings)
@@ -177,7 +180,9 @@ def _by_smart_matching(parsed: ParsedEmail, lookups: Lookups, settings: Correlat
     candidates = lookups.tracked_by_subject.get(subject)
     if not candidates:
         return None
-    participants = parsed.participants
+    # The mailbox that received both is no evidence that they are one conversation: every customer's
+    # "Invoice" to the support queue shares the queue's address.
+    participants = parsed.participants - {own_address}
     needed = settings.smart_matching_min_shared_recipients
     for ref in candidates:  # newest first, by the Lookups contract
         if len(ref.participants & participants) >= needed:

@@ -101,6 +101,25 @@ def test_smart_matching_needs_enough_shared_participants():
     assert found.ref is A  # D shares only one participant
 
 
+def test_smart_matching_does_not_count_the_receiving_mailbox_as_shared():
+    """Every customer's "Offer" to one mailbox shares the mailbox's address: that is no thread."""
+    only_the_mailbox = TrackedRef("act-e", "account", "acc-2", "Offer", frozenset({"owner@conduit.example"}))
+    found = Lookups(tracked_by_subject={"offer": (only_the_mailbox,)})
+    settings = CorrelationSettings(smart_matching=True)
+    assert correlate(parse_email(reply()), found, settings, own_address="owner@conduit.example") is None
+    assert correlate(parse_email(reply()), found, settings).ref is only_the_mailbox   # another mailbox's copy
+    with_carla = Lookups(tracked_by_subject={"offer": (only_the_mailbox, D)})
+    assert correlate(parse_email(reply()), with_carla, settings, own_address="owner@conduit.example").ref is D
+
+
+def test_a_bracketed_tag_with_a_number_names_the_conversation():
+    assert normalize_subject("RE: [Ticket #1001] Printer broken") == "[ticket #1001] printer broken"
+    assert normalize_subject("[Ticket #2002] Printer broken") != normalize_subject("[Ticket #1001] Printer broken")
+    assert normalize_subject("RE: [EXTERNAL] [sales-list] Printer broken") == "printer broken"
+    assert normalize_subject("Fw: [TKT#00042] help", CorrelationSettings(tracking_token_prefix="TKT#",
+                                                                       tracking_token_digits=5)) == "help"
+
+
 def test_smart_matching_never_on_blank_subject():
     found = Lookups(tracked_by_subject={"": (A,)})
     assert correlate(parse_email(reply(subject="RE:")), found, CorrelationSettings(smart_matching=True)) is None
