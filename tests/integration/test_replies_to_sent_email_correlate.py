@@ -35,22 +35,29 @@ async def _activity(pool: asyncpg.Pool, org, message_id: str) -> asyncpg.Record 
                WHERE organization_id = $1 AND message_id = $2""", org.id, message_id)
 
 
-@pytest.mark.parametrize("how", ["in_reply_to", "tracking_token"])
-async def test_a_reply_to_an_email_conduit_sent_correlates_to_it(
-        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool, tmp_path, how: str) -> None:
-    await registry.add_profile(org, imap_profile(dovecot))
-    acme = await registry.add_record(org, "account", "Acme", f"acme-{uuid.uuid4().hex[:6]}@customer.example")
+async def _quote_sent(settings: Settings, registry: Registry, org, dovecot, tmp_path, regarding) -> tuple[dict, object, object]:
+    """"Quote 7" sent by a running dispatch to the buyer with `conduit send --wait`, regarding
+    ``regarding``: what the command answered, the copy the server took, and a mailbox on "responses"
+    (which tracks only mail that answers tracked mail) for the buyer's reply."""
     with CaptureSmtpServer(tmp_path / "capture") as capture:
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
         box = await ready_mailbox(registry, org, dovecot, tracking="responses", profile="dovecot-imap")
         async with dispatch_running(settings):
             code, out, err = await conduit_cli(
                 settings, "send", "--org", org.name, "--from", sender.email, "--to", BUYER, "--subject", "Quote 7",
-                "--text", "Here it is.", "--key", f"reply-{uuid.uuid4().hex[:8]}", "--wait", "--json",
-                "--regarding", f"account:{acme.id}")
+                "--text", "Here it is.", "--key", f"quote-{uuid.uuid4().hex[:8]}", "--wait", "--json",
+                "--regarding", f"account:{regarding.id}")
         assert code == 0, (out, err)
-        sent = json.loads(out)
         [copy] = capture.messages()
+    return json.loads(out), copy, box
+
+
+@pytest.mark.parametrize("how", ["in_reply_to", "tracking_token"])
+async def test_a_reply_to_an_email_conduit_sent_correlates_to_it(
+        settings: Settings, registry: Registry, org, dovecot, pool: asyncpg.Pool, tmp_path, how: str) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    acme = await registry.add_record(org, "account", "Acme", f"acme-{uuid.uuid4().hex[:6]}@customer.example")
+    sent, copy, box = await _quote_sent(settings, registry, org, dovecot, tmp_path, acme)
     assert sent["status"] == "sent", sent
     outgoing = await _activity(pool, org, sent["message_id"])
     assert outgoing is not None and outgoing["direction"] == "outgoing"
@@ -95,16 +102,7 @@ async def test_a_token_another_sender_used_first_does_not_take_the_replies_to_th
     await run_service(IngestService(settings), burst=True)
     await run_service(EvaluateService(settings), burst=True)
 
-    with CaptureSmtpServer(tmp_path / "capture") as capture:
-        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
-        box = await ready_mailbox(registry, org, dovecot, tracking="responses", profile="dovecot-imap")
-        async with dispatch_running(settings):
-            code, out, err = await conduit_cli(
-                settings, "send", "--org", org.name, "--from", sender.email, "--to", BUYER, "--subject", "Quote 7",
-                "--text", "Here it is.", "--key", f"token-{uuid.uuid4().hex[:8]}", "--wait", "--json",
-                "--regarding", f"account:{acme.id}")
-        assert code == 0, (out, err)
-        [copy] = capture.messages()
+    _, copy, box = await _quote_sent(settings, registry, org, dovecot, tmp_path, acme)
     subject = copy.header("Subject")
     token = subject.split("CRM:")[1]
     assert upcoming <= int(token) < upcoming + 5, "the stranger's mail did not carry the token dispatch used"
