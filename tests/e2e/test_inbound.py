@@ -299,6 +299,21 @@ async def test_smart_matching_links_a_reply_without_thread_headers(settings, reg
         assert await why(registry, org, "sm-2@customer.example") == [(box.email, False, "no_correlation_match")]
 
 
+async def test_smart_matching_does_not_tie_two_customers_through_the_mailbox_they_wrote_to(
+        settings, registry: Registry, org, dovecot, pool) -> None:
+    """Two customers' "Invoice" to one support queue share only the queue's address: two threads."""
+    await registry.add_profile(org, imap_profile(dovecot))
+    org = await registry.configure_correlation(org, smart_matching=True)
+    support = await ready_mailbox(registry, org, dovecot, owner="queue", tracking="all")
+    dovecot.deliver(support.email, message("Invoice", sender="ann@acme.example", to=support.email,
+                                           message_id="<inv-1@acme.example>"))
+    await pipeline(settings)
+    dovecot.deliver(support.email, message("RE: Invoice", sender="bob@globex.example", to=support.email,
+                                           message_id="<inv-2@globex.example>"))
+    await pipeline(settings)
+    assert (await activities(pool, org))["RE: Invoice"]["correlated_by"] is None
+
+
 async def test_queue_convert_setting_and_its_tracking_option(settings, registry: Registry, org, dovecot, pool) -> None:
     """A queue converts with the same choices as a user's tracking options, and not at all when
     'convert incoming email to activities' is off."""
