@@ -39,6 +39,8 @@ folder_rule_app = typer.Typer(help="Folder-level tracking rules: a folder's emai
 mailbox_app.add_typer(folder_rule_app, name="folder-rule")
 
 JSON = typer.Option(False, "--json", help="Print JSON.")
+STOP_HELP = ("Stop a mailbox's direction after this many refused sign-ins in a row (1-100), until Test & Enable "
+             "succeeds again; 0: never stop, back off and retry (the default).")
 
 
 # --- organizations ------------------------------------------------------------------------------
@@ -109,6 +111,7 @@ def profile_add(
     polling_interval: int = typer.Option(60, help="Minimum polling interval, seconds."),
     received_after: Optional[datetime] = typer.Option(None, help="Process only email received after this date."),
     move_failed: bool = typer.Option(False, help="IMAP: move a message the server will not hand over (skipped after 3 refusals) to an Undeliverable folder."),
+    stop_after_refused_logins: int = typer.Option(0, help=STOP_HELP),
     default: bool = typer.Option(False, "--default", help="Make it the organization's default profile."),
     org: str = org_option(), json_: bool = JSON,
 ) -> None:
@@ -124,7 +127,7 @@ def profile_add(
         oauth_scope=oauth_scope, tls_ca_file=tls_ca_file, max_concurrent_connections=max_connections,
         min_polling_interval_seconds=polling_interval,
         process_email_received_after=received_after.astimezone() if received_after else None,
-        move_failed_to_undeliverable=move_failed,
+        move_failed_to_undeliverable=move_failed, stop_after_refused_logins=stop_after_refused_logins,
     )
 
     async def go() -> None:
@@ -162,6 +165,7 @@ def profile_set(
     tls_ca_file: Optional[str] = typer.Option(None), max_connections: Optional[int] = typer.Option(None),
     polling_interval: Optional[int] = typer.Option(None), received_after: Optional[datetime] = typer.Option(None),
     move_failed: Optional[bool] = typer.Option(None, "--move-failed/--no-move-failed", help="IMAP: move messages given up on to an Undeliverable folder."),
+    stop_after_refused_logins: Optional[int] = typer.Option(None, help=STOP_HELP),
     clear: list[str] = typer.Option([], "--clear", help="Reset a setting to none, e.g. tls-ca-file, received-after, "
                                                          "oauth-scope (repeatable)."),
     org: str = org_option(), json_: bool = JSON,
@@ -175,7 +179,7 @@ def profile_set(
         oauth_scope=oauth_scope, tls_ca_file=tls_ca_file, max_concurrent_connections=max_connections,
         min_polling_interval_seconds=polling_interval,
         process_email_received_after=received_after.astimezone() if received_after else None,
-        move_failed_to_undeliverable=move_failed,
+        move_failed_to_undeliverable=move_failed, stop_after_refused_logins=stop_after_refused_logins,
         profile_secret=_secret_from("CONDUIT_PROFILE_SECRET", "profile password") if profile_secret else None,
         oauth_client_secret=_secret_from("CONDUIT_OAUTH_CLIENT_SECRET", "OAuth client secret") if client_secret else None,
     )
@@ -212,9 +216,9 @@ def profile_list(org: str = org_option(), json_: bool = JSON) -> None:
                     # What dispatch will reach: the incoming host and the TLS mode's port when none is named.
                     _endpoint(p.outgoing_host or p.incoming_host,
                               p.outgoing_port or models.DEFAULT_SUBMISSION_PORT[p.outgoing_tls], p.outgoing_tls),
-                    p.auth_method,
+                    p.auth_method, _stop_after(p, short=True),
                     "yes" if p.is_default else "") for p in ps],
-                  ["name", "type", "incoming", "outgoing", "auth", "default"])
+                  ["name", "type", "incoming", "outgoing", "auth", "refused sign-ins", "default"])
     run(go)
 
 
@@ -224,8 +228,18 @@ def profile_show(ref: str = typer.Argument(..., help="Profile name or id."), org
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
             p = await ctx.registry.profile(ctx.org, ref)
-            emit_json(p) if json_ else fields([(k.replace("_", " "), v) for k, v in p.model_dump().items()])
+            emit_json(p) if json_ else fields([(k.replace("_", " "), _stop_after(p) if k == "stop_after_refused_logins" else v)
+                                               for k, v in p.model_dump().items()])
     run(go)
+
+
+def _stop_after(p: models.Profile, *, short: bool = False) -> str:
+    """What the profile does when a mailbox's sign-ins are refused."""
+    n = p.stop_after_refused_logins
+    if short:
+        return f"stop after {n}" if n else "retry"
+    return (f"after {n} in a row, the direction stops until Test & Enable" if n
+            else "never (backs off and retries)")
 
 
 @profile_app.command("set-default")
@@ -326,6 +340,8 @@ def _backing_off(state: models.DirectionState, now: datetime) -> bool:
 
 
 def _direction(state: models.DirectionState, now: datetime) -> str:
+    if state.stopped:
+        return f"{state.status}, stopped"
     return f"{state.status}, backing off" if _backing_off(state, now) else state.status
 
 
@@ -352,7 +368,14 @@ def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or it
             now = datetime.now(timezone.utc)
             for d in ("incoming", "outgoing", "act"):
                 s = getattr(m, d)
+                if s.stopped:
+                    # Not backing off: nothing will try again until Test & Enable (the message says how).
+                    pairs.append((d, f"{s.status}: STOPPED at {s.stopped_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} "
+                                     f"UTC, not processed until Test & Enable succeeds; errors {s.error_count}"
+                                     + (f"; {s.test_message}" if s.test_message else "")))
+                    continue
                 pairs.append((d, f"{s.status}; errors {s.error_count}"
+                              + (f"; refused sign-ins in a row {s.refused_logins}" if s.refused_logins else "")
                               + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S} (`conduit mailbox "
                                  f"test-enable` tries now)" if _backing_off(s, now) else "")
                               + (f"; {s.test_message}" if s.test_message else "")))
@@ -410,6 +433,10 @@ def mailbox_set_credentials(
         async with command_context(load_settings(), org) as ctx:
             m = await ctx.registry.set_credentials(ctx.org, ref, username, secret)
             typer.echo(f"credentials stored for {m.email} (encrypted)")
+            stopped = [d for d in ("incoming", "outgoing", "act") if getattr(m, d).stopped]
+            if stopped:
+                typer.echo(f"{m.email}: {', '.join(stopped)} stopped after refused sign-ins: not processed until "
+                           f"`conduit mailbox test-enable {m.email}` succeeds with these credentials")
     run(go)
 
 
@@ -566,8 +593,8 @@ def record_add(kind: models.RecordKind, email: str, name: str = typer.Option(...
             if others:
                 typer.echo(f"warning: {email} is also the address of "
                            + ", ".join(f"{o.kind} {o.name} ({o.id})" for o in others)
-                           + "; mail from it resolves to all of them, and the rules name the first that fits "
-                             "(users, queues, contacts, accounts, leads, the oldest first)", err=True)
+                           + "; mail from it is resolved to the first of users, contacts, accounts, leads, "
+                             "queues (the oldest first), mail to it to all of them", err=True)
     run(go)
 
 

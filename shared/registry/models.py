@@ -129,6 +129,9 @@ class Profile(BaseModel):
     min_polling_interval_seconds: int
     process_email_received_after: datetime | None
     move_failed_to_undeliverable: bool
+    # A mailbox's direction stops after this many refused sign-ins in a row, until Test & Enable
+    # succeeds again; None: never (it backs off and retries, and recovers by itself).
+    stop_after_refused_logins: int | None = None
 
     def cleartext_servers(self) -> list[str]:
         """The mail servers (``host:port``) the profile reaches without TLS, other than the loopback:
@@ -181,6 +184,12 @@ class DirectionState(BaseModel):
     test_message: str | None
     error_count: int
     backoff_until: datetime | None
+    refused_logins: int = 0     # sign-ins the server refused in a row (counted toward the profile's stop)
+    stopped_at: datetime | None = None   # stopped after refused sign-ins (status failure) until Test & Enable
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
 
 
 class FolderSync(BaseModel):

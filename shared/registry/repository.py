@@ -215,7 +215,25 @@ async def reset_tests(conn: asyncpg.Connection, mailbox_id: UUID, directions: li
         await _update(conn, "mailbox", mailbox_id, {
             **{f"{d}_status": "not_run" for d in directions}, **{f"{d}_tested_at": None for d in directions},
             **{f"{d}_test_message": message for d in directions}, **{f"{d}_error_count": 0 for d in directions},
-            **{f"{d}_backoff_until": None for d in directions}, "updated_at": datetime.now().astimezone()})
+            **{f"{d}_backoff_until": None for d in directions}, **{f"{d}_refused_logins": 0 for d in directions},
+            **{f"{d}_stopped_at": None for d in directions}, "updated_at": datetime.now().astimezone()})
+
+
+async def reset_refused_logins(conn: asyncpg.Connection, *, directions: list[str], mailbox_id: UUID | None = None,
+                               profile_id: UUID | None = None) -> None:
+    """Start counting refused sign-ins afresh for ``directions`` of one mailbox, or of every mailbox
+    on a profile: what the server refused was other credentials, or another server."""
+    for direction in directions:
+        _check_direction(direction)
+    if not directions:
+        return
+    assignments = ", ".join(f"{d}_refused_logins = 0" for d in directions)
+    changed = " OR ".join(f"{d}_refused_logins <> 0" for d in directions)
+    await conn.execute(
+        f"""UPDATE mailbox SET {assignments}
+            WHERE ($1::uuid IS NULL OR id = $1) AND ($2::uuid IS NULL OR profile_id = $2) AND ({changed})""",
+        mailbox_id, profile_id,
+    )
 
 
 # --- folder-level tracking rules ----------------------------------------------------------------------
@@ -267,16 +285,36 @@ async def insert_alert(conn: asyncpg.Connection, mailbox_id: UUID, severity: str
 
 
 async def record_direction_failure(conn: asyncpg.Connection, mailbox_id: UUID, direction: str,
-                                   base_seconds: float, cap_seconds: float) -> asyncpg.Record:
-    """Count a failure and push the back-off out exponentially: base * 2^(errors-1), capped."""
+                                   base_seconds: float, cap_seconds: float, *, refused_login: bool = False) -> asyncpg.Record:
+    """Count a failure and push the back-off out exponentially: base * 2^(errors-1), capped.  A
+    ``refused_login`` (the server refused the credentials) is counted apart too.  Returns the counts,
+    the back-off's end, the direction's Test & Enable status, and the profile's
+    ``stop_after_refused_logins`` (None: never stop)."""
     _check_direction(direction)
     return await conn.fetchrow(
-        f"""UPDATE mailbox SET {direction}_error_count = {direction}_error_count + 1,
+        f"""UPDATE mailbox m SET {direction}_error_count = {direction}_error_count + 1,
+                   {direction}_refused_logins = {direction}_refused_logins + CASE WHEN $4 THEN 1 ELSE 0 END,
                    {direction}_backoff_until = now() + make_interval(secs => least($3::float8,
                         $2::float8 * power(2, least({direction}_error_count, 30)))),
                    updated_at = now()
-            WHERE id = $1 RETURNING {direction}_error_count AS error_count, {direction}_backoff_until AS backoff_until""",
-        mailbox_id, base_seconds, cap_seconds,
+            WHERE id = $1
+            RETURNING {direction}_error_count AS error_count, {direction}_backoff_until AS backoff_until,
+                      {direction}_refused_logins AS refused_logins, {direction}_status AS status,
+                      (SELECT stop_after_refused_logins FROM email_server_profile p WHERE p.id = m.profile_id)
+                          AS stop_after_refused_logins""",
+        mailbox_id, base_seconds, cap_seconds, refused_login,
+    )
+
+
+async def stop_direction(conn: asyncpg.Connection, mailbox_id: UUID, direction: str, message: str) -> None:
+    """Take the direction out of processing until Test & Enable succeeds again: its result becomes a
+    failure that says why (``mailboxes_to_process`` wants 'success')."""
+    _check_direction(direction)
+    await conn.execute(
+        f"""UPDATE mailbox SET {direction}_status = 'failure', {direction}_test_message = $2,
+                   {direction}_stopped_at = now(), updated_at = now()
+            WHERE id = $1""",
+        mailbox_id, message,
     )
 
 
@@ -284,7 +322,8 @@ async def record_direction_success(conn: asyncpg.Connection, mailbox_id: UUID, d
     """Clear errors and back-off; True when the mailbox was failing before (it has recovered)."""
     _check_direction(direction)
     row = await conn.fetchrow(
-        f"""UPDATE mailbox m SET {direction}_error_count = 0, {direction}_backoff_until = NULL, updated_at = now()
+        f"""UPDATE mailbox m SET {direction}_error_count = 0, {direction}_backoff_until = NULL,
+                   {direction}_refused_logins = 0, updated_at = now()
             FROM (SELECT {direction}_error_count AS before FROM mailbox WHERE id = $1 FOR UPDATE) old
             WHERE m.id = $1 AND m.{direction}_error_count > 0 RETURNING old.before""",
         mailbox_id,
@@ -301,6 +340,7 @@ def _check_direction(direction: str) -> None:
 # direction only when: it is active, it has a profile, its address is approved, its owner (if any)
 # is active and uses server-side sync for that direction (or forward mailbox, for a forward
 # mailbox's incoming mail), Test & Enable succeeded for that direction, and it is not backing off.
+# (A direction stopped after refused sign-ins has a failed result: ``stop_direction``.)
 _OWNER_METHOD = {
     "incoming": "coalesce(u.incoming_method, q.incoming_method)",
     "outgoing": "coalesce(u.outgoing_method, q.outgoing_method)",

@@ -21,7 +21,7 @@ import asyncpg
 from pydantic import SecretStr, ValidationError
 
 from shared.crypto import CredentialCipher
-from shared.errors import Conflict, InvalidInput, NotFound
+from shared.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound
 from shared.events.envelope import Envelope
 from shared.events.fields import breaks_header, is_email_address, is_sendable_address
 from shared.events.payloads import EmailOutboundV1, MailboxEventV1, RegistryChangeV1
@@ -36,6 +36,8 @@ DEFAULT_ORGANIZATION = "default"
 # Back-off after a mailbox-level failure: 30 s, 60 s, 120 s ... capped at one hour.
 BACKOFF_BASE_SECONDS = 30.0
 BACKOFF_CAP_SECONDS = 3600.0
+# A profile's `stop_after_refused_logins`: at most this many refused sign-ins in a row (the schema's CHECK).
+MAX_REFUSED_LOGINS = 100
 # Profile columns stored encrypted: never echoed in a change event.
 _PROFILE_SECRETS = ("profile_secret", "oauth_client_secret")
 _TOKEN_PREFIX = re.compile(r"(?=.*[^0-9])[^\s\x00-\x1f\x7f]{1,20}")
@@ -44,7 +46,7 @@ _TOKEN_PREFIX = re.compile(r"(?=.*[^0-9])[^\s\x00-\x1f\x7f]{1,20}")
 _PROFILE_CLEARABLE = frozenset({
     "incoming_host", "incoming_port", "outgoing_host", "outgoing_port", "service_url", "profile_username",
     "profile_secret", "oauth_token_url", "oauth_client_id", "oauth_client_secret", "oauth_scope", "tls_ca_file",
-    "process_email_received_after"})
+    "process_email_received_after", "stop_after_refused_logins"})
 _PROFILE_ALIASES = {"received_after": "process_email_received_after", "profile_user": "profile_username"}
 
 
@@ -72,6 +74,9 @@ class ProfileInput:
     min_polling_interval_seconds: int = 60
     process_email_received_after: datetime | None = None
     move_failed_to_undeliverable: bool = False
+    # Stop a mailbox's direction after this many refused sign-ins in a row, until Test & Enable
+    # succeeds again (an account-lockout policy counts every retry).  None or 0: never stop.
+    stop_after_refused_logins: int | None = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,12 @@ class Registry:
             fields = {k: v for k, v in fields.items() if k in changes and (k in _PROFILE_SECRETS or row[k] != v)}
             if not fields:
                 return _profile(row)
-            row = await repo.update_profile(conn, row["id"], fields)
+            before, row = row, await repo.update_profile(conn, row["id"], fields)
+            # The sign-ins refused so far were refused to other credentials or by another server: the
+            # count starts afresh (a direction already stopped stays so until Test & Enable).
+            new_secret = any(k in fields for k in _PROFILE_SECRETS)
+            await repo.reset_refused_logins(conn, profile_id=row["id"], directions=[
+                d for d in repo.DIRECTIONS if new_secret or _server_of(before, d) != _server_of(row, d)])
             await self._changed(conn, org.id, "profile", row["id"], "updated",
                                 {k: "changed" if k in _PROFILE_SECRETS and v is not None else v for k, v in fields.items()})
             return _profile(row)
@@ -275,7 +285,11 @@ class Registry:
                 raise InvalidInput(f"{option} {host!r:.80} is not a host name or IP address: {problem}", reason="bad_host")
         if spec.tls_ca_file is not None and (problem := check_ca_file(spec.tls_ca_file)) is not None:
             raise InvalidInput(f"--tls-ca-file {spec.tls_ca_file} cannot be used: {problem}")
+        stop_after = spec.stop_after_refused_logins
+        if stop_after is not None and not 0 <= stop_after <= MAX_REFUSED_LOGINS:
+            raise InvalidInput(_REFUSED_LOGINS_RANGE, reason="bad_limit")
         fields = {k: v for k, v in spec.__dict__.items() if k not in ("profile_secret", "oauth_client_secret")}
+        fields["stop_after_refused_logins"] = stop_after or None   # 0 and none both mean never stop
         if spec.tls_ca_file is not None:
             # Stored absolute: services read it from their own working directory, not the caller's.
             fields["tls_ca_file"] = os.path.abspath(os.path.expanduser(spec.tls_ca_file))
@@ -509,7 +523,11 @@ class Registry:
             raise InvalidInput("the password or token is empty")
         async with self._tx() as conn:
             row = await self._mailbox_row(conn, org, ref)
-            row = await repo.update_mailbox(conn, row["id"], {"username": username or row["email"], "secret": self._cipher.encrypt(secret)})
+            # New credentials: the refusals counted were of the old ones.  A direction stopped for
+            # them stays stopped until Test & Enable succeeds with these.
+            row = await repo.update_mailbox(conn, row["id"], {
+                "username": username or row["email"], "secret": self._cipher.encrypt(secret),
+                **{f"{d}_refused_logins": 0 for d in repo.DIRECTIONS}})
             await self._mailbox_event(conn, org.id, row["id"], "updated", message="credentials changed")
             return await self._mailbox_model(conn, row)
 
@@ -521,9 +539,11 @@ class Registry:
                 f"{direction}_status": "success" if ok else "failure",
                 f"{direction}_tested_at": datetime.now().astimezone(),
                 f"{direction}_test_message": message,
+                f"{direction}_stopped_at": None,   # this result is the direction's word now
             }
             if ok:
-                fields.update({f"{direction}_error_count": 0, f"{direction}_backoff_until": None})
+                fields.update({f"{direction}_error_count": 0, f"{direction}_backoff_until": None,
+                               f"{direction}_refused_logins": 0})
             await repo.update_mailbox(conn, mailbox_id, fields)
             await self._mailbox_event(conn, row["organization_id"], mailbox_id, "tested", direction=direction,
                                       severity="information" if ok else "error",
@@ -532,10 +552,23 @@ class Registry:
                 await self._alert(conn, row["organization_id"], mailbox_id, "error", direction, "test_failed", message)
 
     async def record_failure(self, mailbox_id: UUID, direction: str, reason: str, message: str) -> datetime:
-        """A mailbox-level failure: count it, back off exponentially, raise an alert. Returns back-off end."""
+        """A mailbox-level failure: count it, back off exponentially, raise an alert. Returns back-off end.
+
+        A refused sign-in (``authentication_failed``) on a profile with ``stop_after_refused_logins``
+        that makes that many in a row stops the direction instead: its Test & Enable result becomes a
+        failure saying why and what to do, with an error alert (``stopped_refused_logins``), so no
+        service signs in again until Test & Enable succeeds.  Other failures never count toward it."""
+        refused = reason == AuthenticationFailed.reason
         async with self._tx() as conn:
             row = await repo.mailbox_by_id(conn, mailbox_id)
-            state = await repo.record_direction_failure(conn, mailbox_id, direction, BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS)
+            state = await repo.record_direction_failure(conn, mailbox_id, direction, BACKOFF_BASE_SECONDS,
+                                                        BACKOFF_CAP_SECONDS, refused_login=refused)
+            limit = state["stop_after_refused_logins"]
+            # Only a direction being processed is stopped: one that a test failed or that was stopped
+            # already (a send another replica began before the stop) is left as it is.
+            if refused and limit and state["refused_logins"] >= limit and state["status"] == "success":
+                await self._stop_direction(conn, row, direction, state["refused_logins"], message)
+                return state["backoff_until"]
             severity = "warning" if state["error_count"] < 3 else "error"
             text = f"{message} (failure {state['error_count']}; retrying after {state['backoff_until']:%H:%M:%S} UTC)"
             await self._alert(conn, row["organization_id"], mailbox_id, severity, direction, reason, text)
@@ -545,6 +578,18 @@ class Registry:
                                       severity=severity, code=reason,
                                       message=f"retrying after {state['backoff_until']:%Y-%m-%d %H:%M:%S} UTC")
             return state["backoff_until"]
+
+    async def _stop_direction(self, conn: asyncpg.Connection, row: asyncpg.Record, direction: str, refused: int,
+                              message: str) -> None:
+        profile = await repo.profile_by_id(conn, row["profile_id"]) if row["profile_id"] else None
+        text = (f"{direction} stopped after {refused} refused sign-ins in a row, so that retrying does not lock the "
+                f"account ({message.rstrip('.')}): {_credentials_fix(row, profile)}, then run `conduit mailbox "
+                f"test-enable {row['email']} --direction {direction}`")
+        await repo.stop_direction(conn, row["id"], direction, text)
+        # As a failed Test & Enable reads on mailbox.events (the health aggregate: failing), then its alert.
+        await self._mailbox_event(conn, row["organization_id"], row["id"], "tested", direction=direction,
+                                  severity="error", code="stopped_refused_logins", message=text)
+        await self._alert(conn, row["organization_id"], row["id"], "error", direction, "stopped_refused_logins", text)
 
     async def raise_alert(self, mailbox_id: UUID, severity: str, direction: str | None, code: str, message: str) -> None:
         """An alert, unless the mailbox's latest alert already says exactly this (no repeats at every poll)."""
@@ -740,6 +785,22 @@ def _require_address(email: str, *, sends: bool = False) -> None:
                            "from it (internationalised addresses, RFC 6531, are not sent yet)", reason="bad_address")
 
 
+_REFUSED_LOGINS_RANGE = (f"--stop-after-refused-logins must be between 1 and {MAX_REFUSED_LOGINS} refused sign-ins, "
+                         "or 0 to never stop")
+
+
+def _credentials_fix(mailbox: asyncpg.Record, profile: asyncpg.Record | None) -> str:
+    """What to correct for a refused sign-in, in the CLI's words: the account that signs in is the
+    mailbox's own, or with impersonation or OAuth the profile's."""
+    auth = profile["auth_method"] if profile is not None else "mailbox_credentials"
+    if auth == "profile_impersonation":
+        return f"correct the profile's password (`conduit profile set {profile['name']} --new-profile-secret`)"
+    if auth == "oauth2":
+        return (f"correct the profile's OAuth client (`conduit profile set {profile['name']} --new-client-secret`) "
+                "or the account's consent")
+    return f"correct the credentials (`conduit mailbox set-credentials {mailbox['email']}`)"
+
+
 def _constraint_message(exc: asyncpg.PostgresError) -> str:
     constraint = getattr(exc, "constraint_name", None) or ""
     known = {
@@ -752,6 +813,7 @@ def _constraint_message(exc: asyncpg.PostgresError) -> str:
         "email_server_profile_outgoing_port_check": "--outgoing-port must be between 1 and 65535",
         "email_server_profile_max_concurrent_connections_check": "--max-connections must be between 1 and 1000",
         "email_server_profile_min_polling_interval_seconds_check": "--polling-interval must be between 1 and 86400 seconds",
+        "email_server_profile_stop_after_refused_logins_check": _REFUSED_LOGINS_RANGE,
         "organization_tracking_token_digits_check": "--token-digits must be between 4 and 12",
         "organization_name_check": "a name must have 1 to 200 characters",
         "email_server_profile_name_check": "a name must have 1 to 200 characters",
@@ -770,6 +832,7 @@ def _direction(row: asyncpg.Record, d: str) -> models.DirectionState:
     return models.DirectionState(
         status=row[f"{d}_status"], tested_at=row[f"{d}_tested_at"], test_message=row[f"{d}_test_message"],
         error_count=row[f"{d}_error_count"], backoff_until=row[f"{d}_backoff_until"],
+        refused_logins=row[f"{d}_refused_logins"], stopped_at=row[f"{d}_stopped_at"],
     )
 
 
