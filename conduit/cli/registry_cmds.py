@@ -64,7 +64,8 @@ def org_show(org: str = org_option(), json_: bool = JSON) -> None:
             emit_json(o) if json_ else fields([
                 ("name", o.name), ("id", o.id), ("correlation order", ", ".join(o.correlation_order)),
                 ("tracking token", f"{o.tracking_token_prefix}{'0' * o.tracking_token_digits}" if o.tracking_token_enabled else "off"),
-                ("smart matching", "on" if o.smart_matching else "off"),
+                ("smart matching", f"on (at least {o.smart_matching_min_recipients} shared participant(s))"
+                                   if o.smart_matching else "off"),
             ])
     run(go)
 
@@ -77,6 +78,9 @@ def org_set_correlation(
     token_prefix: Optional[str] = typer.Option(None),
     token_digits: Optional[int] = typer.Option(None),
     smart_matching: Optional[bool] = typer.Option(None, "--smart-matching/--no-smart-matching"),
+    smart_matching_min_recipients: Optional[int] = typer.Option(
+        None, help="Participants a message must share with a tracked email of the same subject (1-50; the "
+                   "receiving mailbox's own address does not count)"),
 ) -> None:
     """Change how replies are correlated to tracked email."""
     async def go() -> None:
@@ -84,7 +88,8 @@ def org_set_correlation(
             o = await ctx.registry.configure_correlation(
                 ctx.org, correlation_order=[p.strip() for p in order.split(",") if p.strip()] if order is not None else None,
                 tracking_token_enabled=tracking_token, tracking_token_prefix=token_prefix,
-                tracking_token_digits=token_digits, smart_matching=smart_matching)
+                tracking_token_digits=token_digits, smart_matching=smart_matching,
+                smart_matching_min_recipients=smart_matching_min_recipients)
             typer.echo(f"correlation order: {', '.join(o.correlation_order)}")
     run(go)
 

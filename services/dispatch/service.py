@@ -938,12 +938,16 @@ class DispatchService(ServiceBase):
                 activity = by_message.get(row["message_id"])
                 if activity is not None and outcome.activity_id == activity.id:
                     activities_created += 1
+                    # sent_at: the server accepted it since the last turn, moments before now (the
+                    # stored email_activity.sent_at is this transaction's start, a moment earlier still).
                     events.append(ledger.activity_event(row["organization_id"], ActivityCreatedV1(
                         activity_id=activity.id, message_id=activity.message_id, direction="outgoing", status="sent",
                         subject=activity.subject, from_address=activity.from_address, to_addresses=activity.to,
-                        cc_addresses=activity.cc, mailbox_ids=[activity.mailbox_id],
+                        cc_addresses=activity.cc, bcc_addresses=list(result.request.bcc) if result.request else [],
+                        mailbox_ids=[activity.mailbox_id],
                         regarding=RegardingRef(kind=activity.regarding_kind, id=activity.regarding_id)
-                        if activity.regarding_id else None), row["correlation_id"]))
+                        if activity.regarding_id else None,
+                        tracking_token=activity.tracking_token, sent_at=now), row["correlation_id"]))
             elif outcome.status == "failed":
                 self.counts["failed"] += 1
                 tally[("failed", outcome.transport or "none")] += 1

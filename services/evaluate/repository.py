@@ -24,7 +24,8 @@ async def mailbox_rows(conn: asyncpg.Connection, mailbox_ids: Sequence[UUID]) ->
                   coalesce(m.owner_user_id, m.owner_queue_id) AS owner_id,
                   coalesce(u.active, q.active, true) AS owner_active,
                   coalesce(u.incoming_method, q.incoming_method) AS owner_incoming_method,
-                  o.correlation_order, o.tracking_token_enabled, o.tracking_token_prefix, o.tracking_token_digits, o.smart_matching
+                  o.correlation_order, o.tracking_token_enabled, o.tracking_token_prefix, o.tracking_token_digits, o.smart_matching,
+                  o.smart_matching_min_recipients
            FROM mailbox m
            JOIN organization o ON o.id = m.organization_id
            LEFT JOIN email_server_profile p ON p.id = m.profile_id
@@ -184,6 +185,7 @@ class ActivityRow:
     raw_sha256: str
     preview: str
     regarding_at: datetime | None = None   # a folder rule's filing: when its event was published
+    correlated_activity_id: UUID | None = None   # the activity it was correlated to (the email it answers)
 
 
 @dataclass
@@ -203,22 +205,30 @@ class DecisionRow:
 
 async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow]) -> tuple[dict[tuple[UUID, str], UUID], set[UUID]]:
     """Insert new activities (one per Message-ID per organization); return the id of every
-    (organization, message id) of the batch, new or already there, and the ids inserted now."""
+    (organization, message id) of the batch, new or already there, and the ids inserted now.
+
+    A row correlated to another row of ``rows`` (a reply in the batch of the email it answers) names
+    that row's id, which is the activity's only if this insert made it: another replica may have
+    recorded that email first, under its own id.  Such a reference is written once the ids are known
+    (a second statement, in batches that have one), and the row's ``correlated_activity_id`` is set
+    to the id written."""
     if not rows:
         return {}, set()
+    batch = {r.id: r for r in rows}
+    answering = {r.id: batch[c] for r in rows if (c := r.correlated_activity_id) is not None and c in batch}
     # Arrays of arrays must be rectangular in PostgreSQL, so each address list travels as one
     # unit-separator-joined string (addresses never contain \x1f).
     inserted = await conn.fetch(
         """INSERT INTO email_activity (id, organization_id, message_id, direction, status, subject, normalized_subject,
                from_address, to_addresses, cc_addresses, parties, regarding_kind, regarding_id, tracking_token,
-               thread_root, correlated_by, raw_sha256, preview, regarding_at)
+               thread_root, correlated_by, raw_sha256, preview, regarding_at, correlated_activity_id)
            SELECT t.id, t.org, t.mid, t.dir, CASE WHEN t.dir = 'outgoing' THEN 'sent' ELSE 'received' END, t.subj, t.nsubj,
                   t.frm, string_to_array(t.tos, E'\\x1f'), string_to_array(t.ccs, E'\\x1f'),
-                  t.parties::jsonb, t.rk, t.rid, t.tok, t.root, t.corr, t.sha, t.preview, t.rat
+                  t.parties::jsonb, t.rk, t.rid, t.tok, t.root, t.corr, t.sha, t.preview, t.rat, t.cid
            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
                        $9::text[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
-                       $18::timestamptz[])
-                AS t(id, org, mid, dir, subj, nsubj, frm, tos, ccs, parties, rk, rid, tok, root, corr, sha, preview, rat)
+                       $18::timestamptz[], $19::uuid[])
+                AS t(id, org, mid, dir, subj, nsubj, frm, tos, ccs, parties, rk, rid, tok, root, corr, sha, preview, rat, cid)
            ON CONFLICT (organization_id, message_id) DO NOTHING
            RETURNING id, organization_id, message_id""",
         [r.id for r in rows], [r.organization_id for r in rows], [r.message_id for r in rows], [r.direction for r in rows],
@@ -227,6 +237,7 @@ async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow
         [r.regarding_kind for r in rows], [r.regarding_id for r in rows], [r.tracking_token for r in rows],
         [r.thread_root for r in rows], [r.correlated_by for r in rows], [r.raw_sha256 for r in rows], [r.preview for r in rows],
         [r.regarding_at for r in rows],
+        [None if r.id in answering else r.correlated_activity_id for r in rows],
     )
     ids = {(r["organization_id"], r["message_id"]): r["id"] for r in inserted}
     missing = [r for r in rows if (r.organization_id, r.message_id) not in ids]
@@ -237,7 +248,18 @@ async def insert_activities(conn: asyncpg.Connection, rows: Sequence[ActivityRow
             [r.organization_id for r in missing], [r.message_id for r in missing],
         ):
             ids[(r["organization_id"], r["message_id"])] = r["id"]
-    return ids, {r["id"] for r in inserted}
+    created = {r["id"] for r in inserted}
+    replies = [batch[i] for i in answering if i in created]
+    if replies:
+        for r in replies:
+            answered = answering[r.id]
+            r.correlated_activity_id = ids.get((answered.organization_id, answered.message_id))
+        await conn.execute(
+            """UPDATE email_activity a SET correlated_activity_id = t.cid
+               FROM unnest($1::uuid[], $2::uuid[]) AS t(id, cid) WHERE a.id = t.id""",
+            [r.id for r in replies], [r.correlated_activity_id for r in replies],
+        )
+    return ids, created
 
 
 async def link_mailboxes(conn: asyncpg.Connection, links: Sequence[tuple[UUID, UUID]]) -> None:

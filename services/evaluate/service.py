@@ -325,6 +325,7 @@ class EvaluateService(ServiceBase):
             order=tuple(org_row["correlation_order"]), tracking_token_enabled=org_row["tracking_token_enabled"],
             tracking_token_prefix=org_row["tracking_token_prefix"], tracking_token_digits=org_row["tracking_token_digits"],
             smart_matching=org_row["smart_matching"],
+            smart_matching_min_shared_recipients=org_row["smart_matching_min_recipients"],
         )
         batch = []
         for item in items:
@@ -360,6 +361,7 @@ class EvaluateService(ServiceBase):
         it is committed.  ``released_keys``: the held messages this batch evaluates again
         (``evaluate_again``)."""
         activities: dict[tuple[UUID, str], repo.ActivityRow] = {}
+        made_from: dict[UUID, _Item] = {}   # each new activity's message: its event's Bcc and times
         for item in items:
             d = item.decision
             if d is None or not d.creates_activity or (item.organization_id, item.message_id) in activities:
@@ -367,7 +369,7 @@ class EvaluateService(ServiceBase):
             p = item.parsed
             assert p is not None and item.settings is not None
             regarding_kind, regarding_id = d.regarding or (None, None)
-            activities[(item.organization_id, item.message_id)] = repo.ActivityRow(
+            new = activities[(item.organization_id, item.message_id)] = repo.ActivityRow(
                 id=UUID(d.activity_id), organization_id=item.organization_id, message_id=item.message_id,
                 direction=d.direction, subject=p.subject, normalized_subject=normalize_subject(p.subject, item.settings),
                 from_address=p.from_.email if p.from_ else None, to_addresses=[a.email for a in p.to],
@@ -376,7 +378,9 @@ class EvaluateService(ServiceBase):
                 thread_root=p.thread_root, correlated_by=d.correlation.method if d.correlation else None,
                 raw_sha256=item.raw_sha256, preview=p.preview,
                 regarding_at=item.delivery.event.occurred_at if d.rule == "folder_tracking" else None,
+                correlated_activity_id=UUID(d.correlation.ref.activity_id) if d.correlation else None,
             )
+            made_from[new.id] = item
         ids, created = await repo.insert_activities(conn, list(activities.values()))
         links, decisions, decision_activities = [], [], []
         holding: list[held.HeldMessage] = []
@@ -436,6 +440,13 @@ class EvaluateService(ServiceBase):
         for row in activities.values():
             if row.id not in created:
                 continue
+            item = made_from[row.id]
+            p = item.parsed
+            assert p is not None
+            # The times as the rules saw them (EvaluationContext.received_at): the server's, else the
+            # Date header; of mail the mailbox sent, the Date header is when it was sent (a copy's
+            # server time is when the client filed it, or when a migration copied it in).
+            server_time = item.delivery.event.data.received_at
             event = ActivityCreatedEvent(
                 type=ACTIVITY_CREATED.name, schema_version=1, producer="evaluate", organization_id=row.organization_id,
                 data=ActivityCreatedV1(
@@ -445,6 +456,10 @@ class EvaluateService(ServiceBase):
                     mailbox_ids=mailboxes_of[row.id],
                     regarding=RegardingRef(kind=row.regarding_kind, id=row.regarding_id) if row.regarding_kind and row.regarding_id else None,
                     correlated_by=row.correlated_by, raw_sha256=row.raw_sha256,
+                    correlated_activity_id=row.correlated_activity_id, bcc_addresses=[a.email for a in p.bcc],
+                    tracking_token=row.tracking_token,
+                    received_at=(server_time or p.date) if row.direction == "incoming" else None,
+                    sent_at=(p.date or server_time) if row.direction == "outgoing" else None,
                 ),
             )
             # Serialised here by pydantic (fast): one outbox row for the batch's events.

@@ -79,6 +79,22 @@ class ActivityCreatedV1(BaseModel):
     regarding: RegardingRef | None = None
     correlated_by: str | None = None
     raw_sha256: str | None = None
+    # Added within version 1 (optional, so events published before them still validate): what the
+    # reference's email entity holds too (CorrelatedActivityId, bcc, TrackingToken, its times).
+    correlated_activity_id: UUID | None = Field(
+        None, description="The activity this one was correlated to (the email it answers), by the method "
+                          "`correlated_by` names; null when it was not correlated.")
+    bcc_addresses: list[str] = Field(
+        [], description="The Bcc recipients: of an email dispatch sent, the request's; of mail evaluate "
+                        "tracked, the Bcc header (which a copy in a Sent folder keeps).")
+    tracking_token: str | None = Field(
+        None, description="The tracking token: the one dispatch put in the subject of an email it sent; of mail "
+                          "evaluate tracked, a token found in its subject (evaluate assigns none).")
+    received_at: AwareDatetime | None = Field(
+        None, description="Incoming: when the mail server received it (IMAP INTERNALDATE), else its Date header.")
+    sent_at: AwareDatetime | None = Field(
+        None, description="Outgoing: when the server accepted it from dispatch; of mail found in a Sent folder, "
+                          "its Date header, else when the server received the copy.")
 
 
 class ActivityUpdatedV1(BaseModel):

@@ -101,6 +101,7 @@ class Organization(BaseModel):
     tracking_token_prefix: str
     tracking_token_digits: int
     smart_matching: bool
+    smart_matching_min_recipients: int = 1
 
 
 class Profile(BaseModel):

@@ -177,7 +177,8 @@ class Registry:
             return models.Organization(**dict(row))
 
     async def configure_correlation(self, org: models.Organization, **fields: Any) -> models.Organization:
-        allowed = {"correlation_order", "tracking_token_enabled", "tracking_token_prefix", "tracking_token_digits", "smart_matching"}
+        allowed = {"correlation_order", "tracking_token_enabled", "tracking_token_prefix", "tracking_token_digits", "smart_matching",
+                   "smart_matching_min_recipients"}
         fields = {k: v for k, v in fields.items() if v is not None}
         unknown = set(fields) - allowed
         if unknown:
@@ -815,6 +816,7 @@ def _constraint_message(exc: asyncpg.PostgresError) -> str:
         "email_server_profile_min_polling_interval_seconds_check": "--polling-interval must be between 1 and 86400 seconds",
         "email_server_profile_stop_after_refused_logins_check": _REFUSED_LOGINS_RANGE,
         "organization_tracking_token_digits_check": "--token-digits must be between 4 and 12",
+        "organization_smart_matching_min_recipients_check": "--smart-matching-min-recipients must be between 1 and 50",
         "organization_name_check": "a name must have 1 to 200 characters",
         "email_server_profile_name_check": "a name must have 1 to 200 characters",
     }

@@ -314,6 +314,25 @@ async def test_smart_matching_does_not_tie_two_customers_through_the_mailbox_the
     assert (await activities(pool, org))["RE: Invoice"]["correlated_by"] is None
 
 
+async def test_smart_matching_asks_for_as_many_shared_participants_as_the_organization_says(
+        settings, registry: Registry, org, dovecot, pool) -> None:
+    await registry.add_profile(org, imap_profile(dovecot))
+    org = await registry.configure_correlation(org, smart_matching=True, smart_matching_min_recipients=2)
+    tracker = await ready_mailbox(registry, org, dovecot, tracking="all")
+    box = await ready_mailbox(registry, org, dovecot, tracking="responses")
+    for subject in ("Pricing for Q3", "Pricing for Q4"):
+        dovecot.deliver(tracker.email, message(subject, sender="boss@customer.example", to=tracker.email))
+    await pipeline(settings)
+    # Boss and the tracker's owner shared with the first; only boss with the second.
+    dovecot.deliver(box.email, message("RE: Pricing for Q3", sender="boss@customer.example",
+                                       to=f"{box.email}, {tracker.email}", message_id="<mr-1@customer.example>"))
+    dovecot.deliver(box.email, message("RE: Pricing for Q4", sender="boss@customer.example", to=box.email,
+                                       message_id="<mr-2@customer.example>"))
+    await pipeline(settings)
+    assert (await activities(pool, org))["RE: Pricing for Q3"]["correlated_by"] == "smart_matching"
+    assert await why(registry, org, "mr-2@customer.example") == [(box.email, False, "no_correlation_match")]
+
+
 async def test_queue_convert_setting_and_its_tracking_option(settings, registry: Registry, org, dovecot, pool) -> None:
     """A queue converts with the same choices as a user's tracking options, and not at all when
     'convert incoming email to activities' is off."""

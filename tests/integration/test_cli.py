@@ -110,6 +110,7 @@ def test_registry_round_trip_and_secrets_never_printed(cli) -> None:
     (("org", "set-correlation", "--order", ""), "correlation order must list"),
     (("org", "set-correlation", "--token-prefix", "CRM 1"), "tracking token prefix"),
     (("org", "set-correlation", "--token-prefix", "1234"), "tracking token prefix"),
+    (("org", "set-correlation", "--smart-matching-min-recipients", "0"), "between 1 and 50"),
 ])
 def test_bad_input_is_one_line_and_non_zero(cli, args, message) -> None:
     result = cli(*args, extra_env={"CONDUIT_LOG_LEVEL": "WARNING"})
