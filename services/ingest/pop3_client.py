@@ -4,7 +4,8 @@ AUTH RFC 5034 with XOAUTH2).
 No maintained asyncio POP3 library exists, and the protocol is small.  Multi-line replies are read by
 searching the buffer for the CRLF.CRLF terminator and un-stuffing leading dots in one pass, so a
 retrieved message costs a few byte operations.  ``retr_many`` pipelines RETR commands when the
-server advertises PIPELINING (RFC 2449), which removes one round trip per message.
+server advertises PIPELINING (RFC 2449), which removes one round trip per message; so does
+``dele_many`` for DELE.
 
 Errors map onto ``shared.errors``; no message ever carries the password or token.
 """
@@ -15,13 +16,14 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
-from services.ingest.wire import MailConnection, TlsMode, open_session
+from services.ingest.wire import MAX_MESSAGE_BYTES, MailConnection, ResponseTooLarge, TlsMode, open_session
 from services.ingest.sasl import plain_initial_response, xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConnectionFailed, PermanentError, TlsFailed, TransientError
 
 # RETR commands sent ahead of the replies being read, when the server allows pipelining.
 _PIPELINE_DEPTH = 32
 _UIDL_LINE = re.compile(rb"(\d{1,9}) +([\x21-\x7e]{1,200}) *")
+_LIST_LINE = re.compile(rb"(\d{1,9}) +(\d{1,18})(?: .*)?")
 # RFC 2449 response codes that mean "try again later" rather than "wrong credentials".
 _TRANSIENT_CODES = (b"[IN-USE]", b"[LOGIN-DELAY]", b"[SYS/TEMP]")
 
@@ -45,6 +47,14 @@ class RetrRefused(Pop3CommandFailed):
     def temporary(self) -> bool:
         """The server says it cannot serve anything for now (RFC 3206), not this message."""
         return any(code in self.message.upper() for code in ("[SYS/TEMP]", "[IN-USE]"))
+
+
+class MessageTooLarge(RetrRefused):
+    """Message ``number`` ran past ``MAX_MESSAGE_BYTES`` while it was read, although LIST gave it as
+    smaller (a server whose sizes are off): counted like a refusal, but the session cannot go on,
+    the rest of the reply still being on its way."""
+
+    reason = "message_too_large"
 
 
 def unstuff(data: bytes) -> bytes:
@@ -166,6 +176,17 @@ class Pop3Client:
             ids[int(match[1])] = match[2].decode("ascii")
         return ids
 
+    async def sizes(self) -> dict[int, int]:
+        """Message number -> size in octets for every message (LIST without an argument)."""
+        await self._command(b"LIST")
+        body = await self._read_multiline()
+        sizes: dict[int, int] = {}
+        for line in body.split(b"\r\n"):
+            match = _LIST_LINE.fullmatch(line) if line else None
+            if match is not None:    # RFC 1939 5: "number size"; a line that is not says nothing
+                sizes[int(match[1])] = int(match[2])
+        return sizes
+
     async def retr(self, number: int) -> bytes:
         """The message ``number`` exactly as stored: byte-stuffing removed, CRLF line ends kept."""
         await self._command(b"RETR %d" % number)
@@ -188,7 +209,11 @@ class Pop3Client:
                 # The replies of the RETRs already sent still arrive: read them before failing.
                 await self._discard_replies(waiting)
                 raise RetrRefused(f"The POP3 server {self._host} refused RETR {number}: {_text(status[4:])}.", number)
-            yield number, unstuff(await self._read_multiline())
+            try:
+                body = await self._read_multiline()
+            except ResponseTooLarge as exc:
+                raise MessageTooLarge(exc.message, number) from None
+            yield number, unstuff(body)
 
     async def _discard_replies(self, waiting: deque[int]) -> None:
         while waiting:
@@ -199,6 +224,23 @@ class Pop3Client:
     async def dele(self, number: int) -> None:
         """Mark message ``number`` deleted; the server removes it at QUIT."""
         await self._command(b"DELE %d" % number)
+
+    async def dele_many(self, numbers: Sequence[int]) -> None:
+        """DELE each of ``numbers``; pipelined when PIPELINING is offered.  Every reply is read
+        before an ``-ERR`` is raised, so the session stays usable (and QUIT commits nothing more
+        than was marked)."""
+        depth = _PIPELINE_DEPTH if "PIPELINING" in self.capabilities else 1
+        refused: bytes | None = None
+        for start in range(0, len(numbers), depth):
+            chunk = numbers[start:start + depth]
+            self._conn.write(b"".join(b"DELE %d\r\n" % n for n in chunk))
+            await self._conn.drain()
+            for _ in chunk:
+                line = await self._conn.read_line()
+                if not line.startswith(b"+OK") and refused is None:
+                    refused = line[5:] if line.startswith(b"-ERR ") else line
+        if refused is not None:
+            raise Pop3CommandFailed(f"The POP3 server {self._host} refused DELE: {_text(refused)}.")
 
     async def noop(self) -> None:
         await self._command(b"NOOP")
@@ -243,7 +285,7 @@ class Pop3Client:
         if await conn.next_bytes_are(b".\r\n"):
             await conn.read_exact(3)
             return b""
-        data, end = await conn.read_until(b"\r\n.\r\n")
+        data, end = await conn.read_until(b"\r\n.\r\n", limit=MAX_MESSAGE_BYTES)
         return data[:end + 2]
 
 

@@ -1,18 +1,29 @@
 """Synchronise one POP3 mailbox: UIDL bookkeeping says what is new; queues that delete after
 processing remove (DELE, committed by QUIT) what became a durable activity.
 
-A message the server refuses to hand over (-ERR to RETR) does not stop the messages after it: they
-are retrieved, and the refused one is asked for again at the next syncs (its UIDL is not recorded as
-seen) and skipped, with a warning naming its UIDL, once refused ``state.REFUSALS_BEFORE_SKIP`` times."""
+A message the server refuses to hand over (-ERR to RETR), or one LIST gives as larger than Conduit
+reads (``wire.MAX_MESSAGE_BYTES``), does not stop the messages after it: they are retrieved, and the
+refused one is asked for again at the next syncs (its UIDL is not recorded as seen) and skipped,
+with a warning naming its UIDL, once refused ``state.REFUSALS_BEFORE_SKIP`` times.
+
+A UIDL should name one message for ever (RFC 1939 section 7), but a server can list it twice
+(Dovecot with ``pop3_reuse_xuidl``, which takes a message's X-UIDL header, and its default
+``pop3_uidl_duplicates = allow``).  Then each message still gets an id of its own for this
+bookkeeping (``listing_ids``), so every one is ingested, and none of them is ever deleted: a DELE
+by that UIDL could name another message than the one processed."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from uuid import UUID
 
 import asyncpg
 
 from services.ingest import leases, state
-from services.ingest.pop3_client import Pop3Client, RetrRefused
+from services.ingest.pop3_client import MessageTooLarge, Pop3Client, RetrRefused
 from services.ingest.publishing import BATCH_BYTES, Mailbox, Pulled, ingest_key, publish_pulled, same_message
+from services.ingest.wire import MAX_MESSAGE_BYTES
+from shared.errors import ConduitError
 from shared.kafka import Publisher
 
 log = logging.getLogger(__name__)
@@ -20,7 +31,39 @@ log = logging.getLogger(__name__)
 BATCH = 200
 
 
+def listing_ids(listing: dict[int, str], sizes: dict[int, int]) -> tuple[dict[int, str], set[str]]:
+    """(message number -> the id Conduit keeps track of it by, the UIDLs listed more than once).
+
+    A UIDL listed once is its own id.  Of a UIDL listed more than once, the first message (listing
+    order) keeps it, and each further one is told apart by its LIST size: ``"<uidl> #<size>"``
+    (``".2"``, ``".3"`` ... added for further ones of the same size).  A UIDL holds no space (RFC
+    1939: 0x21-0x7E), so such an id is never a real UIDL.  The size rather than the position
+    keeps an id with its message when another one of the group leaves and a new one comes between
+    two sessions; a message that moves to the first place was ingested already under its own id."""
+    counts = Counter(listing.values())
+    repeated = {uidl for uidl, count in counts.items() if count > 1}
+    if not repeated:
+        return listing, repeated
+    ids: dict[int, str] = {}
+    taken: set[str] = set()
+    for number, uidl in sorted(listing.items()):
+        if uidl not in repeated or uidl not in taken:
+            ids[number] = uidl
+        else:
+            base = f"{uidl} #{sizes.get(number, '?')}"
+            candidate, n = base, 1
+            while candidate in taken:
+                n += 1
+                candidate = f"{base}.{n}"
+            ids[number] = candidate
+        taken.add(ids[number])
+    return ids, repeated
+
+
 class Pop3Sync:
+    # Mailboxes whose repeated UIDLs were logged by this process (once each: they stay on the server).
+    _repeats_logged: set[UUID] = set()
+
     def __init__(self, pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, *, delete_after_processing: bool = False) -> None:
         self._pool = pool
         self._publisher = publisher
@@ -34,34 +77,65 @@ class Pop3Sync:
         listing = await client.uidl()
         async with self._pool.acquire() as conn:
             seen = await state.pop3_seen(conn, self._mailbox.id)
-        new = [(n, u) for n, u in sorted(listing.items()) if u not in seen]
+        # LIST only when it is needed: for the sizes of messages to retrieve, or to tell apart the
+        # messages of a repeated UIDL.  A poll that finds nothing new costs no LIST.
+        repeated_uidls = len(set(listing.values())) < len(listing)
+        sizes = await client.sizes() if repeated_uidls or any(u not in seen for u in listing.values()) else {}
+        ids, repeated = listing_ids(listing, sizes)
+        if repeated:
+            self._log_repeats(repeated)
+        new = [(n, i) for n, i in sorted(ids.items()) if i not in seen]
+        refused: dict[str, str] = {}   # id -> the server's refusal, or why Conduit refuses it
+        for number, message_id in new:
+            if sizes.get(number, 0) > MAX_MESSAGE_BYTES:
+                refused[message_id] = (f"{sizes[number]} octets, more than the {MAX_MESSAGE_BYTES // 2**20} MiB "
+                                       "Conduit reads as one message")
         published = 0
-        uidl_of = dict(new)
+        id_of = dict(new)
         batch: list[Pulled] = []
         batch_bytes = 0
-        numbers = [n for n, _ in new]
-        refused: dict[str, str] = {}   # UIDL -> the server's refusal
-        while numbers:
-            try:
-                async for number, raw in client.retr_many(numbers):
-                    batch.append(Pulled(raw, None, None, uidl_of[number]))
-                    batch_bytes += len(raw)
-                    if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
-                        published += await self._flush(batch)
-                        batch, batch_bytes = [], 0
-                numbers = []
-            except RetrRefused as exc:
-                if exc.temporary:
-                    raise
-                refused[uidl_of[exc.number]] = exc.message
-                numbers = numbers[numbers.index(exc.number) + 1:]
+        numbers = [n for n, i in new if i not in refused]
+        try:
+            while numbers:
+                try:
+                    async for number, raw in client.retr_many(numbers):
+                        batch.append(Pulled(raw, None, None, id_of[number]))
+                        batch_bytes += len(raw)
+                        if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
+                            published += await self._flush(batch)
+                            batch, batch_bytes = [], 0
+                    numbers = []
+                except RetrRefused as exc:
+                    if exc.temporary:
+                        raise
+                    refused[id_of[exc.number]] = exc.message
+                    if isinstance(exc, MessageTooLarge):
+                        # The rest of that reply is still coming: the session cannot go on.  The
+                        # refusal is counted, so the message is skipped after as many sessions.
+                        await self._count_refusals(refused)
+                        raise
+                    numbers = numbers[numbers.index(exc.number) + 1:]
+        except ConduitError as exc:
+            # A failed session keeps what it retrieved before the failure (a session that lost its
+            # lease records nothing more).
+            if not isinstance(exc, leases.LeaseLost):
+                await self._flush(batch)
+            raise
         published += await self._flush(batch)
         await self._count_refusals(refused)
         if self._delete:
-            await self._remove_processed(client, listing)
+            await self._remove_processed(client, ids, repeated)
         async with self._pool.acquire() as conn:
-            await state.forget_pop3_uidls(conn, self._mailbox.id, list(listing.values()))
+            await state.forget_pop3_uidls(conn, self._mailbox.id, list(ids.values()), sorted(repeated))
         return published
+
+    def _log_repeats(self, repeated: set[str]) -> None:
+        if self._mailbox.id in self._repeats_logged:
+            return
+        self._repeats_logged.add(self._mailbox.id)
+        shown = ", ".join(sorted(repeated)[:5]) + (" ..." if len(repeated) > 5 else "")
+        log.warning("mailbox %s: the POP3 server lists %d UIDL(s) for more than one message (%s): each message is "
+                    "ingested, and none of them is ever deleted from the server", self._mailbox.id, len(repeated), shown)
 
     async def _flush(self, batch: list[Pulled]) -> int:
         if not batch:
@@ -70,8 +144,9 @@ class Pop3Sync:
         async with self._pool.acquire() as conn, conn.transaction():
             await leases.hold(conn, self._mailbox.id, self._mailbox.lease_holder)
             await state.record_ingested(conn, self._mailbox.id, ingested)
-            if self._delete and len(ingested) < len(batch):
-                # Further copies of a message (delivered twice) go with it once it is processed.
+            if len(ingested) < len(batch):
+                # Further copies of a message (delivered twice) go with it once it is processed:
+                # recorded whether or not the mailbox deletes now, as it may later.
                 new = {i.uidl for i in ingested}
                 await state.record_copies(conn, self._mailbox.id, await same_message(conn, self._mailbox.id, [
                     (state.IngestedMessage(ingest_key(self._mailbox, p.raw)[0], "", uidl=p.uidl), p.raw)
@@ -90,13 +165,16 @@ class Pop3Sync:
             log.warning("mailbox %s: %s", self._mailbox.id, text)
             self.warnings.append((code, text))
 
-    async def _remove_processed(self, client: Pop3Client, listing: dict[int, str]) -> None:
+    async def _remove_processed(self, client: Pop3Client, ids: dict[int, str], repeated: set[str]) -> None:
+        """DELE what became an activity.  Only by a UIDL listed once: the message ingested under it
+        (``state.deletable`` has only rows whose id was in every listing since they were ingested,
+        ``state.forget_pop3_uidls``).  A repeated UIDL, or an id made up for one, is never a target."""
         async with self._pool.acquire() as conn:
             done = await state.deletable(conn, self._mailbox.id, lease_holder=self._mailbox.lease_holder)
-        number_of = {u: n for n, u in listing.items()}
+        number_of = {i: n for n, i in ids.items() if i not in repeated and " " not in i}
         doomed = [item for item in done if item.uidl in number_of]
-        for item in doomed:
-            await client.dele(number_of[item.uidl])
+        numbers = sorted({number_of[item.uidl] for item in doomed})   # one DELE per message, never two
+        await client.dele_many(numbers)
         self._awaiting_quit = doomed
 
     async def confirm_removed(self) -> None:

@@ -15,6 +15,8 @@ import asyncpg
 
 from services.ingest import leases
 from services.ingest.leases import LeaseLost
+from shared.mime import generated_message_id
+from shared.rawstore import load_raw
 
 # Syncs in which the server refused to hand over a message before it is skipped (and an IMAP
 # folder's saved state may move past it).  A refusal can be brief; Gmail's "Some messages could not
@@ -249,38 +251,85 @@ async def mark_pop3_seen(conn: asyncpg.Connection, mailbox_id: UUID, uidls: Sequ
     )
 
 
-async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present: Sequence[str]) -> None:
-    """Drop bookkeeping for messages no longer on the server, so the table does not grow forever."""
-    await conn.execute("DELETE FROM pop3_seen WHERE mailbox_id = $1 AND NOT (uidl = ANY($2::text[]))", mailbox_id, list(present))
-    await conn.execute("DELETE FROM ingested_copy WHERE mailbox_id = $1 AND uidl IS NOT NULL AND NOT (uidl = ANY($2::text[]))",
-                       mailbox_id, list(present))
+async def forget_pop3_uidls(conn: asyncpg.Connection, mailbox_id: UUID, present: Sequence[str],
+                            repeated: Sequence[str] = ()) -> None:
+    """At the end of a POP3 session, ``present`` being the ids of its listing: drop the bookkeeping
+    of messages no longer on the server, so the tables do not grow for ever, and mark the messages
+    ingested from there as removed (another client deleted them, or the server did at a QUIT whose
+    answer was lost).  So a row stands for the listing entry it was ingested from only while that
+    entry is listed at every session, and a UIDL the server later gives to another message (RFC 1939
+    forbids it; ``pop3_reuse_xuidl`` does it) never makes a queue delete that message for this row.
+    The rows and copies under a UIDL the listing has more than once (``repeated``) lose their place
+    for good: which message the UIDL names is not known, now or after the others leave."""
+    async with conn.transaction():
+        await conn.execute("DELETE FROM pop3_seen WHERE mailbox_id = $1 AND NOT (uidl = ANY($2::text[]))",
+                           mailbox_id, list(present))
+        await conn.execute("DELETE FROM ingested_copy WHERE mailbox_id = $1 AND uidl IS NOT NULL "
+                           "AND (NOT (uidl = ANY($2::text[])) OR uidl = ANY($3::text[]))",
+                           mailbox_id, list(present), list(repeated))
+        await conn.execute("UPDATE ingested_message SET removed_from_server = true WHERE mailbox_id = $1 "
+                           "AND uidl IS NOT NULL AND NOT removed_from_server AND NOT (uidl = ANY($2::text[]))",
+                           mailbox_id, list(present))
+        if repeated:
+            await conn.execute("UPDATE ingested_message SET uidl = NULL WHERE mailbox_id = $1 AND uidl = ANY($2::text[])",
+                               mailbox_id, list(repeated))
 
 
 async def deletable(conn: asyncpg.Connection, mailbox_id: UUID, *,
                     lease_holder: str | None = None) -> list[IngestedMessage]:
     """Messages still on the server whose activity is durable, and the further copies of them
     (``record_copies``): evaluate records a decision and its activity in one transaction, and only a
-    decision with an activity (tracked, or already tracked from another mailbox) counts.  Mail that
-    did not become an activity (queue conversion off, no correlation match, unknown sender, inactive
-    mailbox, ...) stays on the server.  With ``lease_holder``: first, in the same transaction, that
-    this replica still holds the mailbox's lease (else ``LeaseLost``): a session whose lease was taken
-    over removes nothing more."""
+    decision with an activity (tracked, or already tracked from another mailbox) counts, and only
+    when the message is the activity's (``_activity_messages``).  Mail that did not become an
+    activity (queue conversion off, no correlation match, unknown sender, inactive mailbox, another
+    message reusing the Message-ID of one tracked elsewhere, ...) stays on the server.  With
+    ``lease_holder``: first, in the same transaction, that this replica still holds the mailbox's
+    lease (else ``LeaseLost``): a session whose lease was taken over removes nothing more."""
     async with conn.transaction():
         await leases.hold(conn, mailbox_id, lease_holder)
         rows = await conn.fetch(
-            """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity
+            """SELECT im.message_key, im.raw_sha256, im.folder, im.uid, im.uidl, im.uidvalidity, a.raw_sha256 AS activity_raw
                FROM ingested_message im
                JOIN email_decision d ON d.mailbox_id = im.mailbox_id AND d.message_id = im.message_key
-               WHERE im.mailbox_id = $1 AND NOT im.removed_from_server AND d.activity_id IS NOT NULL
+               JOIN email_activity a ON a.id = d.activity_id
+               WHERE im.mailbox_id = $1 AND NOT im.removed_from_server
                UNION ALL
-               SELECT c.message_key, im.raw_sha256, c.folder, c.uid, c.uidl, c.uidvalidity
+               SELECT c.message_key, im.raw_sha256, c.folder, c.uid, c.uidl, c.uidvalidity, a.raw_sha256
                FROM ingested_copy c
                JOIN ingested_message im ON im.mailbox_id = c.mailbox_id AND im.message_key = c.message_key
                JOIN email_decision d ON d.mailbox_id = c.mailbox_id AND d.message_id = c.message_key
-               WHERE c.mailbox_id = $1 AND d.activity_id IS NOT NULL""",
+               JOIN email_activity a ON a.id = d.activity_id
+               WHERE c.mailbox_id = $1""",
             mailbox_id,
         )
-    return [IngestedMessage(**dict(r)) for r in rows]
+        others = await _activity_messages(conn, {(r["raw_sha256"], r["activity_raw"]) for r in rows
+                                                 if r["activity_raw"] not in (None, r["raw_sha256"])})
+    return [IngestedMessage(*tuple(r)[:6]) for r in rows if r["activity_raw"] in (None, r["raw_sha256"])
+            or (r["raw_sha256"], r["activity_raw"]) in others]
+
+
+# Pairs of raw messages compared at once by ``_activity_messages``: bounds the bytes held.
+_COMPARED_AT_ONCE = 64
+
+
+async def _activity_messages(conn: asyncpg.Connection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Of (raw of an ingested message, raw its activity was made from) pairs with different bytes,
+    those that are one message: the same From, To, Cc, Date, Subject and body
+    (``generated_message_id``), as two mailboxes' copies of one delivery are (they differ in trace
+    fields: Received, Delivered-To, Return-Path ...).  Another message that merely reuses the
+    Message-ID of one tracked elsewhere (a scanner's fixed one, a forged one) is not, and is not
+    deleted.  Usually there are none (a message is its activity's own bytes), so the raws are read
+    only for these.  An activity without raw bytes (sent by Conduit, whose Message-IDs are its own
+    and unique) is trusted by its Message-ID."""
+    same: set[tuple[str, str]] = set()
+    ordered = sorted(pairs)
+    for start in range(0, len(ordered), _COMPARED_AT_ONCE):
+        chunk = ordered[start:start + _COMPARED_AT_ONCE]
+        raws = await load_raw(conn, [h for pair in chunk for h in pair])
+        identity = {h: generated_message_id(raw) for h, raw in raws.items()}
+        same.update(pair for pair in chunk
+                    if pair[0] in identity and identity.get(pair[0]) == identity.get(pair[1]))
+    return same
 
 
 async def record_copies(conn: asyncpg.Connection, mailbox_id: UUID, copies: Sequence[IngestedMessage]) -> None:

@@ -21,8 +21,13 @@ _MAX_LINE = 64 * 1024 * 1024
 # delivers (Exchange Online's limit is 150 MB, Gmail's 50 MB).  Without a bound a broken or hostile
 # server announcing a huge literal, or a RETR that never ends, would grow the buffer until the
 # replica (every mailbox it works) is killed for its memory; with it, that one mailbox fails its
-# sync with this reason and backs off.
+# sync with this reason and backs off.  A POP3 reply longer than this is refused as such
+# (``read_until``'s ``limit``); the buffer's own bound, for any response, is this plus ``_MAX_LINE``.
 MAX_MESSAGE_BYTES = 200 * 1024 * 1024
+
+
+class ResponseTooLarge(ConnectionFailed):
+    """A reply ran past the limit its reader set (``read_until``): the stream is left mid-reply."""
 
 
 async def open_session(host: str, port: int, *, tls: TlsMode, ssl_context: ssl.SSLContext | None,
@@ -141,8 +146,8 @@ class MailConnection:
         if not data:
             raise ConnectionFailed(f"The {self._peer} closed the connection.")
         if len(self._buf) + len(data) > MAX_MESSAGE_BYTES + _MAX_LINE:
-            raise ConnectionFailed(f"The {self._peer} sent more than {MAX_MESSAGE_BYTES // 2**20} MiB without ending "
-                                   "a response: a message larger than Conduit reads, or a broken server.")
+            raise ConnectionFailed(f"The {self._peer} sent more than {(MAX_MESSAGE_BYTES + _MAX_LINE) // 2**20} MiB "
+                                   "without ending a response: a message larger than Conduit reads, or a broken server.")
         self._buf += data
 
     async def read_line(self, timeout: float | None = None) -> bytes:
@@ -174,9 +179,11 @@ class MailConnection:
         with memoryview(self._buf) as view:
             return bytes(view[start:start + size])
 
-    async def read_until(self, marker: bytes, start_offset: int = 0) -> tuple[bytes, int]:
+    async def read_until(self, marker: bytes, start_offset: int = 0, *,
+                         limit: int | None = None) -> tuple[bytes, int]:
         """Return (everything up to and including ``marker``, the index where the marker starts in it),
-        searching from ``start_offset`` bytes into the unread data.  Used for POP3 multi-line replies."""
+        searching from ``start_offset`` bytes into the unread data.  Used for POP3 multi-line replies.
+        ``limit``: ``ResponseTooLarge`` once more than that many bytes came without the marker."""
         search_from = self._pos + start_offset
         while True:
             end = self._buf.find(marker, search_from)
@@ -186,6 +193,9 @@ class MailConnection:
                 with memoryview(self._buf) as view:
                     return bytes(view[start:self._pos]), end - start
             offset = max(len(self._buf) - len(marker) + 1 - self._pos, start_offset)
+            if limit is not None and len(self._buf) - self._pos > limit + len(marker):
+                raise ResponseTooLarge(f"The {self._peer} sent more than {limit // 2**20} MiB without ending a "
+                                       "reply: a message larger than Conduit reads, or a broken server.")
             await self._fill()
             search_from = self._pos + offset
 
