@@ -15,11 +15,17 @@ from tests.support.cli import conduit_cli
 pytestmark = pytest.mark.peers
 
 
-async def test_the_option_is_set_shown_and_turned_off(settings: Settings, org) -> None:
+def _ok(settings: Settings, org):
+    """``conduit ... --org ORG`` as a user runs it, which must succeed: its output."""
     async def ok(*args: str) -> str:
         code, out, err = await conduit_cli(settings, *args, "--org", org.name)
         assert code == 0, err
         return out
+    return ok
+
+
+async def test_the_option_is_set_shown_and_turned_off(settings: Settings, org) -> None:
+    ok = _ok(settings, org)
 
     await ok("profile", "add", "corp", "--type", "imap", "--incoming-host", "127.0.0.1", "--incoming-port", "10143",
              "--incoming-tls", "none", "--stop-after-refused-logins", "3")
@@ -60,10 +66,7 @@ async def test_an_out_of_range_limit_is_one_line(settings: Settings, registry: R
 async def test_a_stopped_direction_is_shown_as_stopped(settings: Settings, registry: Registry, org, monkeypatch) -> None:
     email = f"ann-{uuid.uuid4().hex[:6]}@example.com"
 
-    async def ok(*args: str) -> str:
-        code, out, err = await conduit_cli(settings, *args, "--org", org.name)
-        assert code == 0, err
-        return out
+    ok = _ok(settings, org)
 
     await ok("profile", "add", "corp", "--type", "imap", "--incoming-host", "127.0.0.1", "--incoming-port", "10143",
              "--incoming-tls", "none", "--stop-after-refused-logins", "2")

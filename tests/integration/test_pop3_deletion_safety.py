@@ -5,7 +5,6 @@ Repeated and reused UIDLs come from a Dovecot that takes a message's X-UIDL head
 (``pop3_reuse_xuidl``) and allows the same UIDL twice (``pop3_uidl_duplicates = allow``, its default)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
@@ -20,6 +19,7 @@ from services.ingest.service import IngestService
 from services.ingest.wire import MAX_MESSAGE_BYTES, MailConnection
 from shared.lifecycle import run_service
 from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
+from tests.support.relay import CLOSE, line_relay
 
 pytestmark = pytest.mark.peers
 
@@ -185,46 +185,29 @@ async def test_a_uidl_reused_after_its_message_left_does_not_delete_the_new_mess
 
 
 class QuitAnswerLost:
-    """A TCP proxy to Dovecot's POP3 that, while ``armed``, passes QUIT on and drops its answer: the
+    """A relay to Dovecot's POP3 that, while ``armed``, passes QUIT on and drops its answer: the
     server commits the deletions, the client never hears so."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
+    def __init__(self) -> None:
         self.armed = False
+        self.quitting = False
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+    async def start(self, host: str, port: int) -> None:
+        self.server, self.port = await line_relay(host, port, self.on_line, self.on_session, self.on_answer)
 
-    async def handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection(*self.target)
-        quitting = False
+    def on_session(self) -> None:
+        self.quitting = False
 
-        async def up() -> None:
-            nonlocal quitting
-            while line := await cr.readline():
-                quitting = quitting or (self.armed and line.upper().startswith(b"QUIT"))
-                sw.write(line)
-                await sw.drain()
+    def on_line(self, line: bytes) -> None:
+        self.quitting = self.quitting or (self.armed and line.upper().startswith(b"QUIT"))
 
-        upward = asyncio.ensure_future(up())
-        try:
-            while line := await sr.readline():
-                if quitting:
-                    break           # the answer to QUIT: dropped, and the connection closed
-                cw.write(line)
-                await cw.drain()
-        except ConnectionError:
-            pass
-        finally:
-            upward.cancel()
-            cw.close()
-            sw.close()
+    def on_answer(self, line: bytes) -> bytes:
+        return CLOSE if self.quitting else line   # the answer to QUIT: dropped, and the connection closed
 
 
 async def test_messages_deleted_at_a_quit_whose_answer_was_lost_are_marked_removed(settings, registry, org, dovecot, pool):
-    proxy = QuitAnswerLost(dovecot.host, dovecot.pop3_port)
-    await proxy.start()
+    proxy = QuitAnswerLost()
+    await proxy.start(dovecot.host, dovecot.pop3_port)
     try:
         await registry.add_profile(org, imap_profile(dovecot, "quit-lost", server_type="pop3", incoming_port=proxy.port))
         queue = await ready_mailbox(registry, org, dovecot, owner="queue", profile="quit-lost",
@@ -265,53 +248,32 @@ async def test_an_oversize_message_is_skipped_and_does_not_hold_up_the_others(se
 
 
 class ListLiar:
-    """A TCP proxy to Dovecot's POP3 that gives every message's LIST size as 100 octets."""
+    """A relay to Dovecot's POP3 that gives every message's LIST size as 100 octets."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
+    def __init__(self) -> None:
+        self.listing = False
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+    async def start(self, host: str, port: int) -> None:
+        self.server, self.port = await line_relay(host, port, self.on_line, self.on_session, self.on_answer)
 
-    async def handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection(*self.target)
-        listing = False
+    def on_session(self) -> None:
+        self.listing = False
 
-        async def up() -> None:
-            nonlocal listing
-            while line := await cr.readline():
-                if line.upper().startswith(b"LIST"):
-                    listing = True
-                sw.write(line)
-                await sw.drain()
-            sw.close()
+    def on_line(self, line: bytes) -> None:
+        self.listing = self.listing or line.upper().startswith(b"LIST")
 
-        async def down() -> None:
-            nonlocal listing
-            while line := await sr.readline():
-                if listing and line == b".\r\n":
-                    listing = False
-                elif listing and re.fullmatch(rb"\d+ \d+\r\n", line):
-                    line = line.split()[0] + b" 100\r\n"
-                cw.write(line)
-                await cw.drain()
-
-        upward = asyncio.ensure_future(up())
-        try:
-            await down()
-        except ConnectionError:
-            pass
-        finally:
-            upward.cancel()
-            cw.close()
-            sw.close()
+    def on_answer(self, line: bytes) -> bytes:
+        if self.listing and line == b".\r\n":
+            self.listing = False
+        elif self.listing and re.fullmatch(rb"\d+ \d+\r\n", line):
+            line = line.split()[0] + b" 100\r\n"
+        return line
 
 
 async def test_a_message_larger_than_listed_fails_the_session_after_the_batch_before_it_is_kept(
         settings, registry, org, dovecot, pool):
-    liar = ListLiar(dovecot.host, dovecot.pop3_port)
-    await liar.start()
+    liar = ListLiar()
+    await liar.start(dovecot.host, dovecot.pop3_port)
     try:
         await registry.add_profile(org, imap_profile(dovecot, "liar-pop3", server_type="pop3", incoming_port=liar.port))
         box = await ready_mailbox(registry, org, dovecot, profile="liar-pop3")
