@@ -86,10 +86,11 @@ def check_headers(headers: dict[str, str]) -> None:
                 raise Refused(f"{name} must be message ids in angle brackets", reason="bad_header")
 
 
-def _check_verbatim(name: str, value: str) -> None:
-    """A header written verbatim must be printable ASCII (a message id, a URL: RFC 5322, RFC 2369)."""
+def _check_verbatim(name: str, value: str) -> list[str]:
+    """A header written verbatim must be printable ASCII (a message id, a URL: RFC 5322, RFC 2369)
+    and fit RFC 5322's lines once folded: its lines."""
     if _PRINTABLE_ASCII.match(value):
-        return
+        return _verbatim_lines(name, value)
     if _ASCII_CONTROL.search(value) or breaks_header(value):
         raise Refused(f"header {name!r} holds a control character", reason="header_injection")
     raise Refused(f"{name} must be ASCII (message ids, URLs)", reason="bad_header")
@@ -256,8 +257,10 @@ def _compose_plain(request: EmailOutboundV1, sender_email: str, sender_name: str
             return None  # would need folding or encoding: let the email package do it
         lines.append(line)
     lines += [f'Content-Type: text/{subtype}; charset="utf-8"', "Content-Transfer-Encoding: 7bit", "MIME-Version: 1.0"]
-    text = "\r\n".join(body.splitlines()) + "\r\n"
-    return ("\r\n".join(lines) + "\r\n\r\n" + text).encode("ascii")
+    # bytes.splitlines breaks at CR and LF only (str.splitlines also at FF, VT and \x1c-\x1e, which
+    # a text body may hold): the email package's path splits the same way.
+    text = b"\r\n".join(body.encode("ascii").splitlines()) + b"\r\n"
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + text
 
 
 def _compose_mime(request: EmailOutboundV1, *, sender_email: str, sender_name: str | None, subject: str,
@@ -358,20 +361,25 @@ class _VerbatimHeader:
         return self.value
 
     def fold(self, *, policy: EmailPolicy) -> str:
-        _check_verbatim(self.name, self.value)
-        # Each word with the whitespace before it; a fold goes before that whitespace, so unfolding
-        # (taking the CRLFs out) gives the value back.
-        first, *words = re.findall(r"[ \t]*[^ \t]+", self.value.strip(" \t")) or [""]
-        lines = [f"{self.name}: {first}"]
-        for word in words:
-            if len(lines[-1]) + len(word) > 78:
-                lines.append(word)
-            else:
-                lines[-1] += word
-        if any(len(line) > 998 for line in lines):
-            raise InvalidInput(f"header {self.name!r} has a word too long for a 998-character line",
-                               reason="header_too_long")
-        return policy.linesep.join(lines) + policy.linesep
+        return policy.linesep.join(_check_verbatim(self.name, self.value)) + policy.linesep
+
+
+def _verbatim_lines(name: str, value: str) -> list[str]:
+    """``name: value`` folded at the value's own whitespace into lines of 78 where it can, refused
+    when a line would pass 998 (RFC 5322 2.1.1: the name counts, so a 994-character id cannot be
+    written after "References: ")."""
+    # Each word with the whitespace before it; a fold goes before that whitespace, so unfolding
+    # (taking the CRLFs out) gives the value back.
+    first, *words = re.findall(r"[ \t]*[^ \t]+", value.strip(" \t")) or [""]
+    lines = [f"{name}: {first}"]
+    for word in words:
+        if len(lines[-1]) + len(word) > 78:
+            lines.append(word)
+        else:
+            lines[-1] += word
+    if any(len(line) > 998 for line in lines):
+        raise Refused(f"header {name!r} has a word too long for a 998-character line", reason="header_too_long")
+    return lines
 
 
 def _check_header_blocks(msg: EmailMessage, raw: bytes) -> None:
@@ -407,7 +415,7 @@ def _field_names(raw: bytes, start: int) -> list[str]:
 
 def _cte(text: str) -> str:
     # 7-bit text with short lines goes as is; anything else quoted-printable (readable, safe).
-    if text.isascii() and all(len(line) <= 998 for line in text.splitlines()):
+    if text.isascii() and all(len(line) <= 998 for line in text.encode("ascii").splitlines()):
         return "7bit"
     return "quoted-printable"
 

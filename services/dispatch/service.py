@@ -75,7 +75,7 @@ from . import ledger
 from .compose import check_attachments, check_headers, check_size, compose, message_id_for
 from .exchange_transport import GRAPH_MAX_REQUEST_BYTES
 from .settings import DispatchSettings
-from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure
+from .smtp_client import SmtpOutcomeUnknown, SmtpPermanentFailure, SmtpTemporaryFailure, recipient_deferred
 from .starts import PLACES_PER_CONNECTION, StartGate
 from .transports import Accepted, Transports, transport_name
 
@@ -123,6 +123,10 @@ def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
     """A failure of the mailbox or its server, not of this message: back off the mailbox."""
     if isinstance(exc, (AuthenticationFailed, TlsFailed)):
         return True
+    if transport not in ("ews", "graph") and getattr(exc, "opening_session", False):
+        # Refused or lost before any message was offered (a 554 or 421 greeting, EHLO and HELO
+        # refused, a 454 to AUTH): the server's answer to the mailbox, whatever is being sent.
+        return True
     if not isinstance(exc, (ConnectionFailed, ProtocolTimeout)):
         return False
     if transport in ("ews", "graph"):
@@ -131,7 +135,7 @@ def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
         # Nor is a call that waited in vain for one of the transport's own connections (transport_busy).
         return not getattr(exc, "after_write", False) and getattr(exc, "reason", None) not in ("transport_closed",
                                                                                                 "transport_busy")
-    return getattr(exc, "opening_session", False)
+    return False
 
 
 _TAGS = re.compile(r"<[^>]*>")
@@ -851,9 +855,10 @@ class DispatchService(ServiceBase):
                     listed = ", ".join(f"{a} ({c} {t})" for a, (c, t) in list(refused.items())[:10])
                     outcome.reason = "partially_sent"
                     outcome.detail = f"accepted, but the server refused {len(refused)} recipient(s): {listed}"
-                    # RFC 5321 4.2.5: a 4xx to RCPT asks to try that recipient later.  The same bytes go
-                    # to those recipients only, so nobody who has the message gets it twice.
-                    deferred = [address for address, (code, _) in refused.items() if 400 <= code < 500]
+                    # RFC 5321 4.2.5: a 4xx to RCPT asks to try that recipient later (so does a server's
+                    # recipient limit: ``recipient_deferred``).  The same bytes go to those recipients
+                    # only, so nobody who has the message gets it twice.
+                    deferred = [address for address, (code, text) in refused.items() if recipient_deferred(code, text)]
                     if deferred:
                         self._retry(outcome, row, now, "recipients_deferred", outcome.detail)
                         outcome.deferred_recipients = deferred

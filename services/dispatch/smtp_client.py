@@ -240,6 +240,18 @@ def _enhanced_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def recipient_deferred(code: int, text: str) -> bool:
+    """Whether a refusal of one recipient asks to try that recipient again later: a 4xx (RFC 5321
+    4.2.5), or a 552 that is RFC 821's "too many recipients" (4.5.3.1.10: treat it as the 452 it
+    should be), i.e. one whose enhanced code, if any, is X.5.3.  A 552 "mailbox full" (5.2.2) is not."""
+    if 400 <= code < 500:
+        return True
+    if code != 552:
+        return False
+    enhanced = _enhanced_code(text)
+    return enhanced is None or enhanced.endswith(".5.3")
+
+
 def reply_failure(reply: SmtpReply, **extra) -> SmtpTemporaryFailure | SmtpPermanentFailure:
     """The failure class a non-success reply calls for: 4xx temporary, anything else permanent."""
     cls = SmtpTemporaryFailure if 400 <= reply.code < 500 else SmtpPermanentFailure
@@ -277,6 +289,12 @@ def encode_content(message: bytes) -> bytes:
     if data.startswith(b"."):
         data = b"." + data
     return data + b".\r\n"
+
+
+def _message_size(content: bytes) -> int:
+    """The SIZE of DATA's payload (RFC 1870 4): its octets with CRLFs, without the stuffed dots
+    or the final ".CRLF"."""
+    return len(content) - 3 - content.count(b"\r\n..") - content.startswith(b"..")
 
 
 def _check_address(address: str, role: str) -> None:
@@ -374,6 +392,11 @@ class _ReplyReader(asyncio.Protocol):
         drain = self._drain_waiter
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of the server's not yet handed out: whole replies, or part of one."""
+        return bool(self.replies or self._lines or self._buffer)
 
     # parsing
 
@@ -503,6 +526,13 @@ class SmtpConnection:
                 await self._starttls()
             if credentials is not None:
                 await self._authenticate(credentials)
+            reader = self._require_reader()
+            if reader.pending:
+                # A reply nobody asked for (a doubled greeting, an extra line after EHLO's): every
+                # later reply would be read one command late.
+                raise ConnectionFailed("the SMTP server sent a reply nobody asked for while the session opened")
+            if not self.usable:
+                raise ConnectionFailed(reader.close_reason)
         except BaseException:
             self.abort()
             raise
@@ -549,8 +579,14 @@ class SmtpConnection:
         reply = await self.command("STARTTLS")
         if reply.code != 220:
             raise TlsFailed(f"STARTTLS refused: {reply.code} {reply.text}")
-        loop = asyncio.get_running_loop()
         reader = self._require_reader()
+        if reader.pending:
+            # RFC 3207 4.2 (CVE-2011-0411): anything after the 220 came in clear, before TLS, and
+            # whoever sits on the path could have written it; kept, it would be read as the server's
+            # replies inside TLS (a forged acceptance of a message the server refused).
+            raise TlsFailed("the server sent more after its reply to STARTTLS, in clear, before TLS began: "
+                            "refused, as an attacker on the path could have written it", reason="starttls_injection")
+        loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(
                 reader.transport,
@@ -665,7 +701,7 @@ class SmtpConnection:
         """Check and encode a message for this session; raises ``InvalidInput`` or
         ``SmtpPermanentFailure`` (too large, SMTPUTF8 needed) before anything is written."""
         content = encode_content(message)
-        envelope = self._envelope_commands(sender, recipients, message, len(content))
+        envelope = self._envelope_commands(sender, recipients, message, _message_size(content))
         return PreparedMessage(tuple(recipients), envelope, content)
 
     async def begin(self, prepared: PreparedMessage, *, may_be_stale: bool = False) -> OpenTransaction:
@@ -743,7 +779,7 @@ class SmtpConnection:
                 f"the server answered {reply.code} before the end of the message was written, "
                 "then closed; it may have accepted something"
             ), _not_sent(following, ConnectionFailed(reader.close_reason))
-        if reply.code == 250:
+        if 200 <= reply.code < 300:
             outcome: SmtpAccepted | Exception = SmtpAccepted(reply.code, reply.text, transaction.refused)
         else:
             if reply.code == 421:
@@ -923,7 +959,7 @@ class SmtpConnection:
             self._write(b"".join(commands))
             return await reader.read(len(commands), self.timeout)
         except ConnectionFailed as exc:
-            raise self._envelope_lost(exc, reader.replies[0] if reader.replies else None) from None
+            raise self._envelope_lost(exc, list(reader.replies)) from None
 
     async def _lockstep(self, commands: list[bytes]) -> list[SmtpReply]:
         """Without PIPELINING: one command, one reply; stop as soon as DATA would be pointless."""
@@ -934,27 +970,34 @@ class SmtpConnection:
                 self._write(command)
                 replies.append(await self._read_one())
             except ConnectionFailed as exc:
-                raise self._envelope_lost(exc, replies[0] if replies else None) from None
-            if replies[0].code != 250:
-                return replies
+                raise self._envelope_lost(exc, replies) from None
+            if replies[0].code != 250 or replies[-1].code == 421:
+                return replies  # refused, or the server is closing (RFC 5321 3.8): nothing more to say
         if all(r.code not in (250, 251) for r in replies[1:]):
             return replies
         self._write(data)
         replies.append(await self._read_one())
         return replies
 
-    def _envelope_lost(self, exc: ConnectionFailed, first: SmtpReply | None) -> ConnectionFailed:
-        """The failure for a session lost during the envelope (no content was sent yet)."""
+    def _envelope_lost(self, exc: ConnectionFailed, replies: list[SmtpReply]) -> Exception:
+        """The failure for a session lost during the envelope (no content was sent yet): the
+        server's 421 when it said why it closed, else the loss."""
         self._broken = True
-        if self._may_be_stale and (first is None or first.code == 421):
+        if self._may_be_stale and (not replies or replies[0].code == 421):
             return StaleConnection(str(exc))
-        return exc
+        closing = next((r for r in replies if r.code == 421), None)
+        return reply_failure(closing) if closing is not None else exc
 
     def _check_envelope(
         self, recipients: Sequence[str], replies: list[SmtpReply]
     ) -> tuple[dict[str, tuple[int, str]], Exception | None]:
         """The refused recipients, and the failure to raise if the envelope was refused."""
         mail = replies[0]
+        closing = next((r for r in replies if r.code == 421), None)
+        if closing is not None:
+            # The server is closing the session (RFC 5321 3.8): whatever came before it, this
+            # transaction goes no further here; tried again later, to every recipient.
+            return {}, reply_failure(closing)
         rcpt_replies = replies[1 : 1 + len(recipients)]
         data = replies[1 + len(recipients)] if len(replies) > 1 + len(recipients) else None
         refused = {
@@ -1000,13 +1043,12 @@ def _parse_ehlo(reply: SmtpReply) -> dict[str, str]:
 
 
 def _all_refused(refused: dict[str, tuple[int, str]]) -> Exception:
-    codes = [code for code, _ in refused.values()]
     first_code, first_text = next(iter(refused.values()))
-    if all(400 <= code < 500 for code in codes):
+    if all(recipient_deferred(code, text) for code, text in refused.values()):
         return SmtpTemporaryFailure(
             first_code, first_text, refused_recipients=refused, reason="all_recipients_refused"
         )
-    permanent = next((v for v in refused.values() if v[0] >= 500), (first_code, first_text))
+    permanent = next((v for v in refused.values() if not recipient_deferred(*v)), (first_code, first_text))
     return SmtpPermanentFailure(
         permanent[0], permanent[1], refused_recipients=refused, reason="all_recipients_refused"
     )

@@ -236,7 +236,11 @@ class SmtpPool:
                 return
         held: list[_Job] = []
         try:
-            await self._send_queued(conn, reused, held)
+            taken = await self._send_queued(conn, reused, held)
+            if not taken and not reused and (job := self._next_job()) is not None:
+                # A session that ended as soon as it was open (the server closed after AUTH): the
+                # message learns of it, or the next worker would open one more at once, for ever.
+                job.settle(ConnectionFailed(f"the SMTP session to {self.server.host} ended as soon as it was open"))
         except BaseException as exc:
             # Whatever this session held may have gone out: never resent blindly.
             for job in held:
@@ -246,16 +250,19 @@ class SmtpPool:
         finally:
             self._give_back(conn)
 
-    async def _send_queued(self, conn: SmtpConnection, reused: bool, held: list[_Job]) -> None:
-        """Send queued messages on ``conn``; ``held`` is what the session holds at any moment."""
+    async def _send_queued(self, conn: SmtpConnection, reused: bool, held: list[_Job]) -> int:
+        """Send queued messages on ``conn``; ``held`` is what the session holds at any moment.
+        Returns how many messages it took from the queue."""
         opened: OpenTransaction | None = None
+        taken = 0
         while opened is not None or conn.usable:
             if opened is None:
                 if self._over_limit():
-                    return
+                    return taken
                 job = self._next_job()
                 if job is None:
-                    return
+                    return taken
+                taken += 1
                 held[:] = [job]
                 opened = await self._begin(conn, job, may_be_stale=reused)
                 reused = False
@@ -265,6 +272,8 @@ class SmtpPool:
             if conn.pipelining and conn.messages_sent + 1 < self.max_messages_per_connection and not self._over_limit():
                 following = self._next_job()
             prepared = self._prepare(conn, following) if following is not None else None
+            if following is not None:
+                taken += 1
             if prepared is not None:
                 held.append(following)
                 self.coalesced += 1
@@ -280,6 +289,7 @@ class SmtpPool:
                 self._move(held.pop(), after)
             else:
                 held.pop().settle(after)
+        return taken
 
     def _over_limit(self) -> bool:
         """More sessions open than the limit allows (it was lowered): this one should end."""

@@ -1,4 +1,10 @@
-"""An SMTP server that notes what the client sent before each reply, to tell pipelining from lock-step.
+"""Loopback SMTP servers written for tests, in the test's own loop (plain asyncio streams).
+
+``ScriptedSmtpServer`` runs the session a test writes: every byte it sends is the test's, which is
+how a test sends what no real server would (an injected reply, a doubled greeting, a 421 between
+two RCPTs); ``well_behaved`` is the usual session, with hooks for the replies a test changes.
+
+An SMTP server that notes what the client sent before each reply, to tell pipelining from lock-step.
 
 ``HoldingSmtpServer`` (plain asyncio streams on a loopback port, in the test's own loop) advertises
 PIPELINING or not, and accepts every message.  It answers MAIL FROM only after it has read every
@@ -10,6 +16,8 @@ was answered (``Transaction.before_mail_reply``), and every command in the order
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 END_OF_DATA = b"\r\n.\r\n"
@@ -95,3 +103,78 @@ class HoldingSmtpServer:
             pass
         finally:
             writer.close()
+
+
+Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "ScriptedSmtpServer"], Awaitable[None]]
+
+
+class ScriptedSmtpServer:
+    """Runs ``session`` for each connection; notes every line the client sent and every content."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.connections = 0
+        self.lines: list[bytes] = []      # every line the client sent, in order
+        self.contents: list[bytes] = []   # each content received, up to its final dot
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ScriptedSmtpServer:
+        self._server = await asyncio.start_server(self._run, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.session(reader, writer, self)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def line(self, reader: asyncio.StreamReader) -> bytes:
+        data = await reader.readline()
+        self.lines.append(data)
+        return data
+
+    async def content(self, reader: asyncio.StreamReader) -> bytes:
+        data = await reader.readuntil(END_OF_DATA)
+        self.contents.append(data)
+        return data
+
+
+def well_behaved(*, ehlo: bytes = b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                 greeting: bytes = b"220 scripted.test ESMTP\r\n", rcpt: Callable[[int], bytes] | None = None,
+                 data_reply: bytes = b"250 2.0.0 queued\r\n") -> Session:
+    """The usual session; ``rcpt(n)`` answers the n-th RCPT of a transaction (1-based)."""
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: ScriptedSmtpServer) -> None:
+        writer.write(greeting)
+        n = 0
+        while line := await server.line(reader):
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                writer.write(ehlo if verb == b"EHLO" else b"250 scripted.test\r\n")
+            elif verb == b"MAIL":
+                n = 0
+                writer.write(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                n += 1
+                writer.write(rcpt(n) if rcpt else b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                await server.content(reader)
+                writer.write(data_reply)
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+    return session
