@@ -82,6 +82,13 @@ async def resolve_senders(conn: asyncpg.Connection, wanted: Sequence[tuple[UUID,
     return [r["mailbox_id"] for r in rows]
 
 
+# Refusals an administrator mends in passing (a mailbox deactivated for a moment, approval or Test &
+# Enable pending, its owner inactive): a request accepted before waits for them, until its deadline,
+# as the reference's Pending Send does.  No mailbox, or one that only receives, will not send at all.
+PASSING_REFUSALS = frozenset({"mailbox_inactive", "no_profile", "email_not_approved", "owner_inactive",
+                              "outgoing_not_enabled"})
+
+
 def refusal(state: asyncpg.Record | None) -> tuple[str, str] | None:
     """Why a mailbox may not send, in the order an administrator would fix it; None if it may."""
     if state is None:

@@ -117,6 +117,7 @@ class _Result:
     accepted: Accepted | None = None
     error: BaseException | None = None
     postpone_until: datetime | None = None
+    postpone_reason: tuple[str, str] = ("mailbox_backoff", "the mailbox is backing off after failures")
 
 
 def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
@@ -136,6 +137,11 @@ def _mailbox_level(exc: BaseException, transport: str | None) -> bool:
         return not getattr(exc, "after_write", False) and getattr(exc, "reason", None) not in ("transport_closed",
                                                                                                 "transport_busy")
     return False
+
+
+def _waiting(refusal: tuple[str, str]) -> tuple[str, str]:
+    """The reason and detail of a request waiting for its mailbox to be mended."""
+    return refusal[0], f"waiting: {refusal[1]}; sent once the mailbox may send again, until the request's deadline"
 
 
 _TAGS = re.compile(r"<[^>]*>")
@@ -684,7 +690,16 @@ class DispatchService(ServiceBase):
             else:
                 state = states.get(mailbox_id) if mailbox_id else None
                 refusal = ledger.refusal(state)
-                if refusal is not None:
+                if refusal is not None and refusal[0] in ledger.PASSING_REFUSALS:
+                    at = now + timedelta(seconds=self.options.unavailable_recheck_seconds)
+                    reason, detail = _waiting(refusal)
+                    postponed.append((row["id"], min(at, row["deadline"]) if row["deadline"] else at, reason, detail))
+                    if row["reason"] != reason:   # said once, not at every look
+                        events.append(ledger.status_event(row["organization_id"], EmailStatusV1(
+                            idempotency_key=row["idempotency_key"], status="pending_send", request_id=row["id"],
+                            mailbox_id=mailbox_id, reason=reason, detail=detail, message_id=row["message_id"],
+                            attempt=row["attempts"]), row["correlation_id"]))
+                elif refusal is not None:
                     failed.append(ledger.Outcome(row["id"], "failed", reason=refusal[0], detail=refusal[1]))
                 elif state is not None and state["backed_off"]:
                     postponed.append((row["id"], state["outgoing_backoff_until"], "mailbox_backoff",
@@ -743,24 +758,32 @@ class DispatchService(ServiceBase):
                 result.work, result.transport = work, transport_name(work)
             if work is None:
                 raise InvalidInput("the mailbox may no longer send", reason="mailbox_unavailable")
-            attachments: dict[str, bytes] = {}
-            refs = {a.content_sha256 for a in result.request.attachments if a.content_sha256}
-            if refs:
-                async with self.pool.acquire() as conn:
-                    attachments = await load_raw(conn, refs)
-            composed = compose(result.request, sender_email=work.email, sender_name=work["name"], subject=row["subject"],
-                               message_id=row["message_id"], attachments=attachments, date=row["created_at"],
-                               max_bytes=self.options.max_message_bytes, bcc_header=result.transport != "smtp")
-            if result.transport in ("ews", "graph") and row["attempts"] > 1 and await self._sent_earlier(row, work):
-                result.accepted = Accepted(reply="found in the mailbox's Sent Items before sending again: "
-                                                 "an earlier attempt went out")
-                return result
             assert self._starts is not None
             # Its start committed first: if this worker dies, a row that never reached the transport is
             # sent again by another, and only one that may have left fails as outcome_unknown.
             places = PLACES_PER_CONNECTION * int(work.profile["max_concurrent_connections"] or 1)
             place = await self._starts.enter(work.id, places)
             try:
+                # Asked again once it has a place: a mailbox deactivated (or moved, or no longer approved)
+                # while its requests waited for places sends nothing more than the few already cleared.
+                work = (await self._mailbox_works({work.id})).get(work.id)
+                if work is None:
+                    await self._not_sendable(result)
+                    return result
+                result.work, result.transport = work, transport_name(work)
+                attachments: dict[str, bytes] = {}
+                refs = {a.content_sha256 for a in result.request.attachments if a.content_sha256}
+                if refs:
+                    async with self.pool.acquire() as conn:
+                        attachments = await load_raw(conn, refs)
+                composed = compose(result.request, sender_email=work.email, sender_name=work["name"],
+                                   subject=row["subject"], message_id=row["message_id"], attachments=attachments,
+                                   date=row["created_at"], max_bytes=self.options.max_message_bytes,
+                                   bcc_header=result.transport != "smtp")
+                if result.transport in ("ews", "graph") and row["attempts"] > 1 and await self._sent_earlier(row, work):
+                    result.accepted = Accepted(reply="found in the mailbox's Sent Items before sending again: "
+                                                     "an earlier attempt went out")
+                    return result
                 if not await self._starts.clear(row["id"]):
                     raise TransientError("another worker took the request back (this one had lost its lock)",
                                          reason="not_ours")
@@ -798,6 +821,9 @@ class DispatchService(ServiceBase):
         refusal = ledger.refusal(state)
         if refusal is None and state is not None and state["backed_off"]:
             result.postpone_until = state["outgoing_backoff_until"]
+        elif refusal is not None and refusal[0] in ledger.PASSING_REFUSALS:
+            result.postpone_until = utcnow() + timedelta(seconds=self.options.unavailable_recheck_seconds)
+            result.postpone_reason = _waiting(refusal)
         else:
             reason, detail = refusal or ("mailbox_unavailable", "the mailbox may no longer send")
             result.error = InvalidInput(detail, reason=reason)
@@ -863,8 +889,7 @@ class DispatchService(ServiceBase):
                         self._retry(outcome, row, now, "recipients_deferred", outcome.detail)
                         outcome.deferred_recipients = deferred
             elif result.postpone_until is not None:
-                self._retry(outcome, row, now, "mailbox_backoff", "the mailbox is backing off after failures",
-                            at=result.postpone_until)
+                self._retry(outcome, row, now, *result.postpone_reason, at=result.postpone_until)
             elif isinstance(exc, SmtpOutcomeUnknown):
                 outcome.reason, outcome.detail = "outcome_unknown", (
                     f"{_message(exc)}; not resent, so that it cannot arrive twice (Message-ID <{row['message_id']}>)")

@@ -34,6 +34,9 @@ class DispatchSettings(BaseSettings):
     # How long the send loop reuses what the registry said about a sending mailbox (its profile,
     # whether it may send) before reading it again.
     mailbox_refresh_seconds: float = Field(2.0, ge=0)
+    # A pending request whose mailbox may not send for now (inactive, not approved, not enabled, its
+    # owner inactive) waits until its deadline, its mailbox looked at again this often.
+    unavailable_recheck_seconds: float = Field(30.0, gt=0)
     # How often the retry loop looks for due requests and for orphans of dead workers.
     poll_seconds: float = Field(1.0, gt=0)
     # The wait for each SMTP reply, for connecting and the TLS handshake, and for progress while the

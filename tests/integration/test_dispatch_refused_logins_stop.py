@@ -2,9 +2,10 @@
 (aiosmtpd) that refuses the mailbox's password stops signing in after that many refusals in a row.
 
 The outgoing direction's Test & Enable result becomes a failure saying why, with an error alert; the
-request that met the refusals ends as a request of a mailbox whose outgoing email is not enabled does
-(`failed`, `outgoing_not_enabled`), new requests are refused so, and the server sees no further
-connection.  Corrected credentials and Test & Enable make the mailbox send again.  The connections
+request that met the refusals waits as a request of a mailbox whose outgoing email is not enabled
+does (`pending_send`, `outgoing_not_enabled`, until its deadline), new requests are refused so, and
+the server sees no further connection.  Corrected credentials and Test & Enable make the mailbox
+send again, the waiting request first.  The connections
 are counted at a relay in front of the server: every one of them signs in.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ async def test_refused_sign_ins_stop_the_outgoing_direction_until_test_and_enabl
             await registry.set_credentials(org, sender.email, email, SecretStr("wrong"))
             await registry.update_profile(org, sender.profile, stop_after_refused_logins=2)
             first = outbound(org, mailbox_id=sender.mailbox_id)
-            async with dispatch_running(settings, retry_base_seconds=0.05, poll_seconds=0.05), \
+            async with dispatch_running(settings, retry_base_seconds=0.05, poll_seconds=0.05,
+                                        unavailable_recheck_seconds=0.5), \
                     StatusReader(settings) as reader:
                 await publish(publisher, first)
                 stopped = await eventually(lambda: _stopped(registry, org, sender.email), timeout=30,
@@ -58,9 +60,12 @@ async def test_refused_sign_ins_stop_the_outgoing_direction_until_test_and_enabl
                 assert f"conduit mailbox test-enable {sender.email} --direction outgoing" in alert.message
                 assert "wrong" not in alert.message   # the password is never in it
 
-                # The request that met the refusals ends as one of a mailbox not enabled for outgoing email.
-                final = await _final(reader, first.data.idempotency_key)
-                assert (final.status, final.reason) == ("failed", "outgoing_not_enabled")
+                # The request that met the refusals waits as one of a mailbox not enabled for outgoing email.
+                async def waiting():
+                    await reader.poll()
+                    return [s for s in reader.by_key.get(first.data.idempotency_key, [])
+                            if (s.status, s.reason) == ("pending_send", "outgoing_not_enabled")]
+                await eventually(waiting, timeout=30, what="the first request waiting for the mailbox")
                 assert relay.sessions == 2
                 await asyncio.sleep(QUIET_WINDOW)   # the observation window itself: nothing may happen in it
                 assert relay.sessions == 2
@@ -72,7 +77,7 @@ async def test_refused_sign_ins_stop_the_outgoing_direction_until_test_and_enabl
                 assert (final.status, final.reason) == ("rejected", "outgoing_not_enabled")
                 assert relay.sessions == 2
 
-                # Corrected credentials and Test & Enable: the mailbox sends again.
+                # Corrected credentials and Test & Enable: the mailbox sends again, the waiting request too.
                 await registry.set_credentials(org, sender.email, email, SecretStr("right"))
                 assert (await registry.mailbox(org, sender.email)).outgoing.stopped
                 results = await run_test_enable(registry, org, sender.email, ["outgoing"])
@@ -80,7 +85,8 @@ async def test_refused_sign_ins_stop_the_outgoing_direction_until_test_and_enabl
                 third = outbound(org, mailbox_id=sender.mailbox_id)
                 await publish(publisher, third)
                 assert (await _final(reader, third.data.idempotency_key)).status == "sent"
-        assert len(server.messages()) == 1
+                assert (await _final(reader, first.data.idempotency_key)).status == "sent"
+        assert len(server.messages()) == 2
     mailbox = await registry.mailbox(org, sender.email)
     assert mailbox.outgoing.status == "success" and not mailbox.outgoing.stopped
     assert (mailbox.outgoing.error_count, mailbox.outgoing.refused_logins) == (0, 0)

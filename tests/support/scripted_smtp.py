@@ -150,8 +150,9 @@ class ScriptedSmtpServer:
 
 def well_behaved(*, ehlo: bytes = b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
                  greeting: bytes = b"220 scripted.test ESMTP\r\n", rcpt: Callable[[int], bytes] | None = None,
-                 data_reply: bytes = b"250 2.0.0 queued\r\n") -> Session:
-    """The usual session; ``rcpt(n)`` answers the n-th RCPT of a transaction (1-based)."""
+                 data_reply: bytes = b"250 2.0.0 queued\r\n", data_delay: float = 0.0) -> Session:
+    """The usual session; ``rcpt(n)`` answers the n-th RCPT of a transaction (1-based); each final
+    dot is answered ``data_delay`` seconds after it arrived (the content noted then)."""
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: ScriptedSmtpServer) -> None:
         writer.write(greeting)
         n = 0
@@ -168,7 +169,10 @@ def well_behaved(*, ehlo: bytes = b"250-scripted.test\r\n250-PIPELINING\r\n250 8
             elif verb == b"DATA":
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
-                await server.content(reader)
+                content = await reader.readuntil(END_OF_DATA)
+                if data_delay:
+                    await asyncio.sleep(data_delay)   # a slow server, not a wait for the test's sake
+                server.contents.append(content)
                 writer.write(data_reply)
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
