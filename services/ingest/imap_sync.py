@@ -39,6 +39,12 @@ batch's raw bytes are stored and the one after is read from the server.  Each ba
 stored -> events acknowledged -> state saved, and a batch is published only after the previous
 batch's state is saved, so the saved state never runs ahead of acknowledged events and events keep
 the folder's order.
+
+A runner that is to stop (its mailbox deactivated or edited, its lease lost, ingest stopping) sets
+``stopping``: the sync then reads no further than the messages the server has sent so far.  Those
+are stored, published and saved as one more batch, the batches in flight finish as usual, and the
+next session goes on from the saved state; the folders not reached yet and a rule's onboarding not
+finished wait for it too.
 """
 from __future__ import annotations
 
@@ -83,13 +89,14 @@ UNDELIVERABLE_FOLDER = "Undeliverable"
 class ImapFolderSync:
     def __init__(self, pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, *,
                  received_after: datetime | None = None, delete_after_processing: bool = False,
-                 undeliverable: str | None = None) -> None:
+                 undeliverable: str | None = None, stopping: asyncio.Event | None = None) -> None:
         self._pool = pool
         self._publisher = publisher
         self._mailbox = mailbox
         self._received_after = received_after
         self._delete = delete_after_processing
         self._undeliverable = undeliverable   # the folder for messages given up on; None: they stay
+        self._stopping = stopping   # set: the runner is to stop, the sync ends after the batch in flight
         self.missing_folders: set[str] = set()
         # (code, text) of warnings for the mailbox's alerts; the runner raises and clears them.
         self.warnings: list[tuple[str, str]] = []
@@ -98,6 +105,9 @@ class ImapFolderSync:
     def deletes_processed(self) -> bool:
         """A queue mailbox that deletes mail from the server once its activity is durable."""
         return self._delete
+
+    def _stopped(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
 
     async def sync(self, client: ImapClient, folders: Sequence[str]) -> int:
         """Sync each folder once; return the number of new messages published."""
@@ -110,6 +120,8 @@ class ImapFolderSync:
             await self.move_undeliverable(client, folders)
         published = 0
         for folder in folders:
+            if self._stopped():
+                break
             try:
                 published += await self.sync_folder(client, folder)
             except FolderUnavailable as exc:
@@ -167,6 +179,8 @@ class ImapFolderSync:
                 self.warnings.append(("folder_sync_failed", text))
                 log.warning("mailbox %s: %s", self._mailbox.id, text)
                 onboarding = earlier_numbering = None
+            if self._stopped():
+                return 0   # stopping: the rest of the onboarding, and the folder's new mail, wait for the next session
         if saved is not None and not renumbered and status.uidnext - 1 <= last_uid:
             # Nothing arrived since: no SEARCH, no FETCH (the common case when polling).  With
             # QRESYNC a new HIGHESTMODSEQ means flags changed or mail vanished: recorded, still no I/O.
@@ -198,6 +212,7 @@ class ImapFolderSync:
         # and the saved state must not pass a message that was neither ingested nor skipped.
         served: set[int] = set()
         unserved = 0   # index in ``uids`` of the first UID not yet fetched
+        cut_short = False   # the runner is stopping: the rest of the folder waits for the next session
 
         async def flush(*, last: bool = False) -> None:
             if len(flushes) >= IN_FLIGHT:
@@ -227,7 +242,14 @@ class ImapFolderSync:
                         if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
                             await flush()
                             batch, batch_bytes = [], 0
-            await flush(last=True)
+                    if self._stopped():
+                        # What was read is a batch like the others (saved up to ``settled``); the
+                        # answers to the commands in flight are read and dropped as the fetch closes.
+                        log.info("mailbox %s folder %s: stopping; the rest of the folder is read at the next session",
+                                 self._mailbox.id, folder)
+                        cut_short = True
+                        break
+            await flush(last=not cut_short)
             return sum([await task for task in flushes])
         except asyncio.CancelledError:
             # Stopping: batches not yet done stop where they are (a batch's state is saved only
@@ -361,6 +383,8 @@ class ImapFolderSync:
                 log.info("mailbox %s folder %s: the folder's tracking rule files %d message(s) read from it before",
                          self._mailbox.id, folder, announced)
                 return announced
+            if self._stopped():
+                return announced   # its progress is recorded: the next session goes on from there
 
     async def remove_processed(self, client: ImapClient) -> int:
         """Queues that delete after processing: expunge what became a durable activity.

@@ -10,9 +10,16 @@ A UIDL should name one message for ever (RFC 1939 section 7), but a server can l
 (Dovecot with ``pop3_reuse_xuidl``, which takes a message's X-UIDL header, and its default
 ``pop3_uidl_duplicates = allow``).  Then each message still gets an id of its own for this
 bookkeeping (``listing_ids``), so every one is ingested, and none of them is ever deleted: a DELE
-by that UIDL could name another message than the one processed."""
+by that UIDL could name another message than the one processed.
+
+A runner that is to stop sets ``stopping``: the session then retrieves no further than the batch in
+flight, which is stored, published and recorded as seen, and it deletes nothing (what QUIT would
+commit waits for the next session, which retrieves the rest).  The bookkeeping of the listing
+(``state.forget_pop3_uidls``) is done all the same: it stands for the whole listing, not for what
+was retrieved, and a deletion later relies on it."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from uuid import UUID
@@ -64,11 +71,13 @@ class Pop3Sync:
     # Mailboxes whose repeated UIDLs were logged by this process (once each: they stay on the server).
     _repeats_logged: set[UUID] = set()
 
-    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, *, delete_after_processing: bool = False) -> None:
+    def __init__(self, pool: asyncpg.Pool, publisher: Publisher, mailbox: Mailbox, *, delete_after_processing: bool = False,
+                 stopping: asyncio.Event | None = None) -> None:
         self._pool = pool
         self._publisher = publisher
         self._mailbox = mailbox
         self._delete = delete_after_processing
+        self._stopping = stopping   # set: the runner is to stop, the session ends after the batch in flight
         self._awaiting_quit: list[state.IngestedMessage] = []
         # (code, text) of warnings for the mailbox's alerts; the runner raises and clears them.
         self.warnings: list[tuple[str, str]] = []
@@ -96,15 +105,18 @@ class Pop3Sync:
         batch_bytes = 0
         numbers = [n for n, i in new if i not in refused]
         try:
-            while numbers:
+            while numbers and not self._stopped():
+                # A batch's worth of RETRs at a time: a stopping session ends between them (the
+                # replies to RETRs already sent must be read before QUIT).
+                asked = numbers[:BATCH]
                 try:
-                    async for number, raw in client.retr_many(numbers):
+                    async for number, raw in client.retr_many(asked):
                         batch.append(Pulled(raw, None, None, id_of[number]))
                         batch_bytes += len(raw)
                         if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
                             published += await self._flush(batch)
                             batch, batch_bytes = [], 0
-                    numbers = []
+                    numbers = numbers[len(asked):]
                 except RetrRefused as exc:
                     if exc.temporary:
                         raise
@@ -122,12 +134,20 @@ class Pop3Sync:
                 await self._flush(batch)
             raise
         published += await self._flush(batch)
-        await self._count_refusals(refused)
-        if self._delete:
-            await self._remove_processed(client, ids, repeated)
+        if numbers:
+            # Stopping: refusals are counted only by a session that asked for every new message
+            # (``state.count_refusals`` forgets those not repeated), and deletions wait for it too.
+            log.info("mailbox %s: stopping; %d message(s) are retrieved at the next session", self._mailbox.id, len(numbers))
+        else:
+            await self._count_refusals(refused)
+            if self._delete:
+                await self._remove_processed(client, ids, repeated)
         async with self._pool.acquire() as conn:
             await state.forget_pop3_uidls(conn, self._mailbox.id, list(ids.values()), sorted(repeated))
         return published
+
+    def _stopped(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
 
     def _log_repeats(self, repeated: set[str]) -> None:
         if self._mailbox.id in self._repeats_logged:

@@ -237,7 +237,7 @@ class MailboxRunner:
             if self.protocol == "imap":
                 await self._imap_session(stopping, keep_open)
             elif self.protocol == "pop3":
-                await self._pop3_session()
+                await self._pop3_session(stopping)
             else:
                 raise InvalidInput(f"incoming email over {self.protocol} is handled by exchange_sync, not ingest",
                                    reason="unsupported_profile")
@@ -326,7 +326,8 @@ class MailboxRunner:
                               received_after=profile.get("process_email_received_after") and
                               datetime.fromisoformat(profile["process_email_received_after"]),
                               delete_after_processing=bool(self._work["delete_after_processing"]),
-                              undeliverable=UNDELIVERABLE_FOLDER if profile.get("move_failed_to_undeliverable") else None)
+                              undeliverable=UNDELIVERABLE_FOLDER if profile.get("move_failed_to_undeliverable") else None,
+                              stopping=stopping)
         folders = list(self._work["tracked_folders"]) or ["INBOX"]
         # INBOX last, so that the folder IDLE watches is the one selected when we start idling.
         folders.sort(key=lambda f: f.upper() == "INBOX")
@@ -339,7 +340,8 @@ class MailboxRunner:
             try:
                 await sign_in(client, self._work, self._ctx.tokens)
                 await sync.sync(client, folders)
-                await self._report_missing(sync.missing_folders)
+                if stopping is None or not stopping.is_set():   # a sync cut short did not look at every folder
+                    await self._report_missing(sync.missing_folders)
                 await self._report(sync.warnings)
                 self.last_sync = datetime.now().astimezone()
                 if keep_open and stopping is not None and "IDLE" in client.capabilities and "INBOX" in (f.upper() for f in folders):
@@ -442,10 +444,10 @@ class MailboxRunner:
                 self.last_sync = datetime.now().astimezone()
                 quiet_at = loop.time() + follow.seconds
 
-    async def _pop3_session(self) -> None:
+    async def _pop3_session(self, stopping: asyncio.Event | None) -> None:
         profile = self._profile
         sync = Pop3Sync(self._ctx.pool, self._ctx.publisher, self._mailbox,  # type: ignore[arg-type]
-                        delete_after_processing=bool(self._work["delete_after_processing"]))
+                        delete_after_processing=bool(self._work["delete_after_processing"]), stopping=stopping)
         await self._bind_server()
         async with self._slot():
             client = await Pop3Client.connect(profile["incoming_host"], profile["incoming_port"],
