@@ -22,6 +22,7 @@ from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
 from shared.errors import ConduitError, NotFound
 from shared.registry import models
+from shared.registry.repository import DIRECTIONS
 from shared.registry.service import ProfileInput
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def profile_set(
                 before = await ctx.registry.profile(ctx.org, ref)
             except NotFound:
                 before = None   # the edit below says what is wrong, its input first
+            waiting = _waiting(await ctx.registry.mailboxes(ctx.org), before.id if before else None)
             p = await ctx.registry.update_profile(ctx.org, ref, clear=clear, **changes)
             if json_:
                 emit_json(p)
@@ -205,8 +207,37 @@ def profile_set(
                 changed += [k for k in ("profile_secret", "oauth_client_secret") if changes[k] is not None]
                 typer.echo(f"profile {p.name} changed: {', '.join(changed)}" if changed
                            else f"profile {p.name}: already so, nothing changed")
+            # Notes go to standard error with --json, whose standard output is the JSON alone.
+            cleared = _backoffs_cleared(waiting, await ctx.registry.mailboxes(ctx.org)) if waiting else {}
+            if cleared:
+                directions = sorted({d for ds in cleared.values() for d in ds}, key=DIRECTIONS.index)
+                typer.echo(f"profile {p.name}: back-off cleared for {len(cleared)} mailbox"
+                           f"{'es' if len(cleared) != 1 else ''} ({', '.join(directions)}): their next sessions "
+                           "use the new settings", err=json_)
+            if before is not None and p.process_email_received_after != before.process_email_received_after:
+                after = p.process_email_received_after
+                typer.echo(f"profile {p.name}: "
+                           + (f"email received after {after:%Y-%m-%d %H:%M %Z}".rstrip() if after else "no received-after date")
+                           + " applies to mail received from now on; mail skipped before is not fetched again",
+                           err=json_)
             _warn_cleartext(p)
     run(go)
+
+
+def _waiting(mailboxes: list[models.Mailbox], profile_id: Any) -> dict[Any, list[str]]:
+    """The directions of each mailbox (on ``profile_id``, or any) that back off now, not stopped."""
+    now = datetime.now(timezone.utc)
+    waiting = {m.id: [d for d in DIRECTIONS if _backing_off(getattr(m, d), now) and not getattr(m, d).stopped]
+               for m in mailboxes if profile_id is None or m.profile_id == profile_id}
+    return {m: ds for m, ds in waiting.items() if ds}
+
+
+def _backoffs_cleared(waiting: dict[Any, list[str]], mailboxes: list[models.Mailbox]) -> dict[Any, list[str]]:
+    """Of the back-offs ``waiting`` saw, those an edit ended (the registry clears them when the server
+    or the credentials of a direction change)."""
+    cleared = {m.id: [d for d in waiting[m.id] if getattr(m, d).backoff_until is None]
+               for m in mailboxes if m.id in waiting}
+    return {m: ds for m, ds in cleared.items() if ds}
 
 
 @profile_app.command("list")
@@ -436,8 +467,15 @@ def mailbox_set_credentials(
 
     async def go() -> None:
         async with command_context(load_settings(), org) as ctx:
+            try:
+                waiting = _waiting([await ctx.registry.mailbox(ctx.org, ref)], None)
+            except NotFound:
+                waiting = {}   # the command below says so
             m = await ctx.registry.set_credentials(ctx.org, ref, username, secret)
             typer.echo(f"credentials stored for {m.email} (encrypted)")
+            cleared = _backoffs_cleared(waiting, [m]).get(m.id)
+            if cleared:
+                typer.echo(f"{m.email}: back-off cleared ({', '.join(cleared)}): the next sessions use the new credentials")
             stopped = [d for d in ("incoming", "outgoing", "act") if getattr(m, d).stopped]
             if stopped:
                 typer.echo(f"{m.email}: {', '.join(stopped)} stopped after refused sign-ins: not processed until "

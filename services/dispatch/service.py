@@ -344,7 +344,7 @@ class DispatchService(ServiceBase):
             accepted.append((delivery, request, state, postpone))
 
         now = time.monotonic()
-        self._works.update({m: (w, now) for m, w in eligible.items()})
+        self._remember(eligible, now)
         due = await self._accept(accepted, invalid, repeated, orgs)
         self.counts["rejected"] += len(invalid)
         if due:
@@ -730,13 +730,19 @@ class DispatchService(ServiceBase):
             # Entries are replaced, never removed before the answer: a send starting meanwhile still
             # finds the mailbox (as the registry said a moment ago).
             found = {w.id: w for w in await self.registry.mailboxes_to_process("outgoing", mailbox_ids=list(missing))}
-            for m in missing:
-                if m in found:
-                    self._works[m] = (found[m], now)
-                    fresh[m] = found[m]
-                else:
-                    self._works.pop(m, None)
+            self._remember(found, now)
+            fresh.update(found)
+            for m in missing - set(found):
+                self._works.pop(m, None)
         return fresh
+
+    def _remember(self, works: dict[UUID, MailboxWork], now: float) -> None:
+        """What the registry says of sending mailboxes now.  It lists none that backs off, so a back-off
+        this worker set ends here too: its server or credentials were edited since (the registry ended
+        it), and the mailbox's requests go out now, not at the end of the back-off."""
+        for m, work in works.items():
+            self._works[m] = (work, now)
+            self._backoff.pop(m, None)
 
     async def _send_one(self, row: asyncpg.Record, work: MailboxWork | None, request: EmailOutboundV1 | None) -> _Result:
         assert self.transports is not None and self.pool is not None

@@ -219,21 +219,48 @@ async def reset_tests(conn: asyncpg.Connection, mailbox_id: UUID, directions: li
             **{f"{d}_stopped_at": None for d in directions}, "updated_at": datetime.now().astimezone()})
 
 
-async def reset_refused_logins(conn: asyncpg.Connection, *, directions: list[str], mailbox_id: UUID | None = None,
-                               profile_id: UUID | None = None) -> None:
-    """Start counting refused sign-ins afresh for ``directions`` of one mailbox, or of every mailbox
-    on a profile: what the server refused was other credentials, or another server."""
+async def retry_with_new_settings(conn: asyncpg.Connection, *, directions: list[str], mailbox_id: UUID | None = None,
+                                  profile_id: UUID | None = None) -> list[asyncpg.Record]:
+    """The server or the credentials of ``directions`` changed, for one mailbox or for every mailbox
+    on a profile: what the old ones earned no longer holds the mailboxes back.  Their refused sign-ins
+    are counted afresh and a back-off ends now, so the next registry refresh tries the new settings;
+    requests to send that waited for that back-off (``outbound_email`` rows postponed to its end, or
+    sooner) come due with it.  The error count stays (the first success then records the recovery),
+    and a direction stopped after refused sign-ins stays stopped until Test & Enable.
+
+    Returns, for each mailbox changed: ``id``, ``organization_id`` and ``backed_off``, the directions
+    whose back-off was running (and not stopped) until now."""
     for direction in directions:
         _check_direction(direction)
     if not directions:
-        return
-    assignments = ", ".join(f"{d}_refused_logins = 0" for d in directions)
-    changed = " OR ".join(f"{d}_refused_logins <> 0" for d in directions)
-    await conn.execute(
-        f"""UPDATE mailbox SET {assignments}
-            WHERE ($1::uuid IS NULL OR id = $1) AND ($2::uuid IS NULL OR profile_id = $2) AND ({changed})""",
+        return []
+    assignments = ", ".join(f"{d}_refused_logins = 0, {d}_backoff_until = NULL" for d in directions)
+    changed = " OR ".join(f"{d}_refused_logins <> 0 OR {d}_backoff_until IS NOT NULL" for d in directions)
+    old = ", ".join(f"{d}_backoff_until, {d}_stopped_at" for d in directions)
+    waited = ", ".join(f"CASE WHEN old.{d}_backoff_until > now() AND old.{d}_stopped_at IS NULL THEN '{d}' END"
+                       for d in directions)
+    until = "old.outgoing_backoff_until" if "outgoing" in directions else "NULL::timestamptz"
+    rows = await conn.fetch(
+        f"""UPDATE mailbox m SET {assignments}, updated_at = now()
+            FROM (SELECT id, {old} FROM mailbox
+                  WHERE ($1::uuid IS NULL OR id = $1) AND ($2::uuid IS NULL OR profile_id = $2) AND ({changed})
+                  ORDER BY id FOR UPDATE) old
+            WHERE m.id = old.id
+            RETURNING m.id, m.organization_id, array_remove(ARRAY[{waited}]::text[], NULL) AS backed_off,
+                      {until} AS outgoing_backoff_until""",
         mailbox_id, profile_id,
     )
+    waiting = [(r["id"], r["outgoing_backoff_until"]) for r in rows if "outgoing" in r["backed_off"]]
+    if waiting:
+        # Dispatch postpones a backed-off mailbox's requests to the back-off's end: they are due now.
+        await conn.execute(
+            """UPDATE outbound_email o SET next_attempt_at = now(), updated_at = now()
+               FROM unnest($1::uuid[], $2::timestamptz[]) AS w(mailbox_id, until)
+               WHERE o.mailbox_id = w.mailbox_id AND o.status = 'pending_send'
+                 AND o.next_attempt_at > now() AND o.next_attempt_at <= w.until""",
+            [w[0] for w in waiting], [w[1] for w in waiting],
+        )
+    return rows
 
 
 # --- folder-level tracking rules ----------------------------------------------------------------------
@@ -339,7 +366,8 @@ def _check_direction(direction: str) -> None:
 # The one query every service uses to decide what to touch.  A mailbox is processed for a
 # direction only when: it is active, it has a profile, its address is approved, its owner (if any)
 # is active and uses server-side sync for that direction (or forward mailbox, for a forward
-# mailbox's incoming mail), Test & Enable succeeded for that direction, and it is not backing off.
+# mailbox's incoming mail), Test & Enable succeeded for that direction, and it is not backing off
+# (an edit of its server or credentials ends a back-off: ``retry_with_new_settings``).
 # (A direction stopped after refused sign-ins has a failed result: ``stop_direction``.)
 _OWNER_METHOD = {
     "incoming": "coalesce(u.incoming_method, q.incoming_method)",

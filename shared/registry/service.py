@@ -221,7 +221,9 @@ class Registry:
         The result is checked as a whole, as a new profile would be; secrets are replaced only when
         given.  Running services take the change at their next look at the registry: dispatch within
         ``mailbox_refresh_seconds`` (its connection pools resized), ingest within ``refresh_seconds``
-        (the profile's mailboxes start new sessions)."""
+        (the profile's mailboxes start new sessions).  Where the server or sign-in of a direction changed,
+        its mailboxes' back-offs end and their refused sign-ins are counted afresh
+        (``_retry_with_new_settings``)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         cleared = {_PROFILE_ALIASES.get(name, name) for name in (c.strip().replace("-", "_") for c in clear)}
         unknown = set(changes) - set(ProfileInput.__dataclass_fields__)
@@ -254,11 +256,8 @@ class Registry:
             if not fields:
                 return _profile(row)
             before, row = row, await repo.update_profile(conn, row["id"], fields)
-            # The sign-ins refused so far were refused to other credentials or by another server: the
-            # count starts afresh (a direction already stopped stays so until Test & Enable).
-            new_secret = any(k in fields for k in _PROFILE_SECRETS)
-            await repo.reset_refused_logins(conn, profile_id=row["id"], directions=[
-                d for d in repo.DIRECTIONS if new_secret or _server_of(before, d) != _server_of(row, d)])
+            await self._retry_with_new_settings(conn, org.id, _sign_in_changed(before, row, fields), profile_id=row["id"],
+                                                why=f"profile {row['name']} changed")
             await self._changed(conn, org.id, "profile", row["id"], "updated",
                                 {k: "changed" if k in _PROFILE_SECRETS and v is not None else v for k, v in fields.items()})
             return _profile(row)
@@ -524,13 +523,31 @@ class Registry:
             raise InvalidInput("the password or token is empty")
         async with self._tx() as conn:
             row = await self._mailbox_row(conn, org, ref)
-            # New credentials: the refusals counted were of the old ones.  A direction stopped for
-            # them stays stopped until Test & Enable succeeds with these.
-            row = await repo.update_mailbox(conn, row["id"], {
-                "username": username or row["email"], "secret": self._cipher.encrypt(secret),
-                **{f"{d}_refused_logins": 0 for d in repo.DIRECTIONS}})
+            await repo.update_mailbox(conn, row["id"], {"username": username or row["email"],
+                                                        "secret": self._cipher.encrypt(secret)})
             await self._mailbox_event(conn, org.id, row["id"], "updated", message="credentials changed")
-            return await self._mailbox_model(conn, row)
+            # Every direction signs in with them (with impersonation, as this mailbox's user).
+            await self._retry_with_new_settings(conn, org.id, list(repo.DIRECTIONS), mailbox_id=row["id"],
+                                                why="credentials changed")
+            return await self._mailbox_model(conn, await repo.mailbox_by_id(conn, row["id"]))
+
+    async def _retry_with_new_settings(self, conn: asyncpg.Connection, org_id: UUID, directions: list[str], *,
+                                       why: str, mailbox_id: UUID | None = None, profile_id: UUID | None = None) -> None:
+        """The one place an edit of the server or the credentials of ``directions`` (one mailbox's, or
+        every mailbox's on a profile) takes effect on scheduling: the refused sign-ins counted so far
+        were refused to other credentials or by another server, so the count starts afresh; and a
+        back-off earned with the old settings ends now, so the next registry refresh (ingest's 5 s,
+        dispatch's 2 s) starts sessions with the new ones instead of waiting up to an hour.  A direction
+        stopped after refused sign-ins stays stopped until Test & Enable.  The error count stays: the
+        first session that works records the recovery, as after any back-off.  Each direction whose
+        back-off ended is announced on ``mailbox.events`` (an ``updated`` event with code
+        ``backoff_cleared``): the ``backoff`` event before it said when it would retry."""
+        for changed in await repo.retry_with_new_settings(conn, directions=directions, mailbox_id=mailbox_id,
+                                                          profile_id=profile_id):
+            for direction in changed["backed_off"]:
+                await self._mailbox_event(conn, org_id, changed["id"], "updated", direction=direction,
+                                          code="backoff_cleared",
+                                          message=f"{why}: back-off cleared, retrying now with the new settings")
 
     async def record_test(self, mailbox_id: UUID, direction: str, ok: bool, message: str) -> None:
         """Test & Enable's result for one direction; success enables the direction."""
@@ -774,6 +791,16 @@ def _server_of(profile: asyncpg.Record | None, direction: str) -> tuple[Any, ...
         protocol = "smtp" if profile["server_type"] in ("imap", "pop3", "smtp") else profile["server_type"]
         return (protocol, host, port, profile["outgoing_tls"], *sign_in)
     return (profile["server_type"], *sign_in)
+
+
+def _sign_in_changed(before: asyncpg.Record, after: asyncpg.Record, written: dict[str, Any]) -> list[str]:
+    """The directions whose next session, after a profile edit, reaches another server or signs in
+    otherwise: its server or sign-in (``_server_of``), a new secret, OAuth scope, or (outgoing) the
+    use of the incoming settings."""
+    sign_in = any(k in written for k in _PROFILE_SECRETS) or before["oauth_scope"] != after["oauth_scope"]
+    same = before["use_same_settings_for_outgoing"] != after["use_same_settings_for_outgoing"]
+    return [d for d in repo.DIRECTIONS
+            if sign_in or _server_of(before, d) != _server_of(after, d) or (d == "outgoing" and same)]
 
 
 def _require_address(email: str, *, sends: bool = False) -> None:
