@@ -82,6 +82,12 @@ _UNPREPARED = object()
 # a handler raises is a bug met by its input (see the module's docstring).
 _RETRIABLE = (ConduitError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError)
 _ATTEMPTS_BEFORE_ISOLATING = 3
+# A commit the broker has not confirmed in this long is given up on (``EventConsumer._commit``); a
+# healthy one takes milliseconds.
+COMMIT_TIMEOUT = 5.0
+# How often a consumer checks that its position is still within each partition's log
+# (``EventConsumer._check_positions``): a broker that lost its log starts its offsets again at 0.
+POSITION_CHECK_SECONDS = 5.0
 
 
 class DeadLetterLimitExceeded(RuntimeError):
@@ -163,6 +169,7 @@ class EventConsumer:
         self.processed = 0
         self.dead_lettered = 0
         self._burst = False
+        self._next_position_check = 0.0
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -199,6 +206,7 @@ class EventConsumer:
             await self._run_overlapped(stopping)
             return
         while not stopping.is_set():
+            await self._check_positions()
             batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
             if not batches:
                 if burst and await self._caught_up():
@@ -219,6 +227,7 @@ class EventConsumer:
         finishing: asyncio.Future[None] | None = None
         try:
             while not stopping.is_set():
+                await self._check_positions()
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
                 if not batches:
                     if finishing is not None and finishing.done():
@@ -255,6 +264,36 @@ class EventConsumer:
             for tp, records in more.items():
                 batches.setdefault(tp, []).extend(records)
                 count += len(records)
+
+    async def _check_positions(self) -> None:
+        """Every ``POSITION_CHECK_SECONDS``: a partition whose log ends before this consumer's position
+        is read again from its start.  A broker that lost the log (an in-memory broker started again,
+        a topic deleted and made again) numbers new events from 0 and answers a fetch past its end with
+        nothing, where Kafka answers OFFSET_OUT_OF_RANGE and ``auto_offset_reset`` applies: without
+        this the consumer would wait past the end for ever, skipping every event written below its
+        old position.  Reading from the start repeats nothing of the old log, which is gone."""
+        now = time.monotonic()
+        if now < self._next_position_check:
+            return
+        self._next_position_check = now + POSITION_CHECK_SECONDS
+        assignment = list(self.consumer.assignment())
+        if not assignment:
+            return
+        try:
+            ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), POSITION_CHECK_SECONDS)
+            behind = []
+            for tp in assignment:
+                position = await asyncio.wait_for(self.consumer.position(tp), POSITION_CHECK_SECONDS)
+                if tp in ends and position > ends[tp]:
+                    behind.append(tp)
+                    log.warning("%s: position %d is past the end of the partition's log (%d): the broker lost "
+                                "the log (started again without its data, or the topic was made again); read "
+                                "again from its start", tp, position, ends[tp])
+        except (KafkaError, TimeoutError, IllegalStateError) as exc:
+            log.debug("positions not checked (%s): checked again later", exc)
+            return
+        if behind:
+            await self.consumer.seek_to_beginning(*behind)
 
     async def _caught_up(self) -> bool:
         assignment = self.consumer.assignment()
@@ -317,29 +356,43 @@ class EventConsumer:
                         continue
                 if self._burst and attempt > 3:
                     raise  # a one-shot run reports the failure instead of retrying for ever
-                delay = min(self._max_backoff, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning("batch on %s failed (attempt %d), retrying in %.1fs: %s", where, attempt, delay, exc)
-                try:
-                    await asyncio.wait_for(stopping.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
+                await self._pause(attempt, stopping, f"batch on {where} failed", exc)
         for rejection in rejections:
-            await self._dead_letter(rejection)
-        await self._commit({tp: records[-1].offset + 1 for tp, records in batches.items()}, where)
+            self._dead_letters.admit(self._topic.name, rejection.error)
+        if not await self._dead_letter_all(rejections, stopping, where):
+            return
+        await self._commit({tp: records[-1].offset + 1 for tp, records in batches.items()}, where, stopping)
         count = sum(len(records) for records in batches.values())
         self.processed += count
         EVENTS_CONSUMED.labels(self._service, self._topic.name).inc(count)
 
-    async def _commit(self, offsets: dict[TopicPartition, int], where: str) -> None:
+    async def _commit(self, offsets: dict[TopicPartition, int], where: str, stopping: asyncio.Event) -> None:
         """Commit a handled batch's offsets, of the partitions this consumer still owns.  The group
         may have rebalanced while the batch was handled (another replica joined or left): the
         partitions it lost go to their new owner uncommitted, which handles those events again
-        (every consumer is idempotent); that is no reason to stop."""
+        (every consumer is idempotent); that is no reason to stop.
+
+        Bounded, and given up on a stop: aiokafka retries a commit the coordinator answers with a
+        retriable error for ever (a broker that came back without the topic answers so), silently,
+        and the consumer would handle nothing more and never stop.  A commit given up on leaves the
+        batch to be handled again, as a rebalance does."""
         owned = self.consumer.assignment()
         kept = {tp: offset for tp, offset in offsets.items() if tp in owned}
         try:
             if kept:
-                await self.consumer.commit(kept)
+                committing = asyncio.ensure_future(self.consumer.commit(kept))
+                stop = asyncio.ensure_future(stopping.wait())
+                try:
+                    await asyncio.wait((committing, stop), timeout=COMMIT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                if not committing.done():
+                    committing.cancel()
+                    log.warning("offsets of a batch on %s not committed: %s; the batch is handled again after a "
+                                "restart or rebalance", where,
+                                "stopping" if stopping.is_set() else f"the broker did not confirm in {COMMIT_TIMEOUT:g} s")
+                    return
+                committing.result()
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
             log.info("offsets of a batch on %s not committed (%s: %s): the group rebalanced, and the "
                      "partitions' new owner handles the batch again", where, type(exc).__name__, exc)
@@ -367,8 +420,38 @@ class EventConsumer:
                     reason="internal_error")))
         return rejected
 
+    async def _pause(self, attempt: int, stopping: asyncio.Event, what: str, exc: BaseException) -> None:
+        """Capped exponential back-off with jitter before another attempt, cut short by a stop."""
+        delay = min(self._max_backoff, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+        log.warning("%s (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
+        try:
+            await asyncio.wait_for(stopping.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _dead_letter_all(self, rejections: list[Rejection], stopping: asyncio.Event, where: str) -> bool:
+        """Dead-letter a handled batch's rejections, waiting out a broker that is away as a handler's
+        failure is waited out (the producer gives up on a message after its request timeout, and an
+        error here would end the consumer).  False when stopping first: the batch stays uncommitted,
+        handled again at the next start (a rejection dead-lettered twice is the worst of it)."""
+        for rejection in rejections:
+            attempt = 0
+            while True:
+                try:
+                    await self._dead_letter(rejection)
+                    break
+                except KafkaError as exc:
+                    if stopping.is_set():
+                        log.warning("stopping with a batch on %s left uncommitted: its dead letters could not "
+                                    "be published (%s)", where, exc)
+                        return False
+                    attempt += 1
+                    if self._burst and attempt > 3:
+                        raise
+                    await self._pause(attempt, stopping, f"dead-lettering an event of {where} failed", exc)
+        return True
+
     async def _dead_letter(self, rejection: Rejection) -> None:
-        self._dead_letters.admit(self._topic.name, rejection.error)
         record = rejection.delivery.record
         headers = self._dead_letters.headers(record.topic, record.partition, record.offset, rejection.error,
                                              record.headers)
