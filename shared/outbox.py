@@ -162,8 +162,10 @@ class OutboxRelay:
                     waiter.cancel()
             await self.relay_once()  # publish what the last work in flight wrote
         finally:
-            if not listener.is_closed():
-                with contextlib.suppress(*_INFRASTRUCTURE_FAILURES):
+            # A connection the database dropped raises even when asked whether it is closed: the
+            # release and close below must still run (the failure itself is on its way up).
+            with contextlib.suppress(*_INFRASTRUCTURE_FAILURES):
+                if not listener.is_closed():
                     await listener.remove_listener(CHANNEL, self._on_notify)
             await self._pool.release(listener)   # the pool resets or replaces it
             await self.close()

@@ -577,6 +577,8 @@ class SmtpConnection:
         if "STARTTLS" not in self.extensions:
             raise TlsFailed(f"{self.server.host} does not offer STARTTLS", reason="starttls_unavailable")
         reply = await self.command("STARTTLS")
+        if 400 <= reply.code < 500:   # 454 "TLS not available due to temporary reason" (RFC 3207 4)
+            raise SmtpTemporaryFailure(reply.code, reply.text, reason="starttls_temporary")
         if reply.code != 220:
             raise TlsFailed(f"STARTTLS refused: {reply.code} {reply.text}")
         reader = self._require_reader()

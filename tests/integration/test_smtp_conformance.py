@@ -29,6 +29,7 @@ from services.dispatch.compose import _compose_mime, _compose_plain, check_heade
 from services.dispatch.smtp_client import (
     SmtpConnection, SmtpPermanentFailure, SmtpServer, SmtpTemporaryFailure,
 )
+from services.dispatch.service import _mailbox_level
 from services.dispatch.smtp_transport import SmtpPool
 from shared.errors import ConnectionFailed, InvalidInput, TlsFailed
 from shared.events.payloads import EmailOutboundV1
@@ -274,3 +275,26 @@ def test_a_verbatim_header_that_cannot_be_written_is_refused_on_arrival() -> Non
     with pytest.raises(InvalidInput) as refused:
         check_headers({"References": longest.replace("<", "<a", 1)})
     assert refused.value.reason == "header_too_long"
+
+
+async def test_starttls_refused_for_now_is_temporary_and_nothing_is_sent_in_clear() -> None:
+    ehlo = b"250-scripted.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+    async def session(reader, writer, server: ScriptedSmtpServer) -> None:
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        while line := await server.line(reader):
+            writer.write(ehlo if line[:4].upper() == b"EHLO"
+                         else b"454 4.7.0 TLS not available due to temporary reason\r\n" if line[:8].upper() == b"STARTTLS"
+                         else b"250 ok\r\n")
+            await writer.drain()
+    async with ScriptedSmtpServer(session) as server:
+        pool = SmtpPool(SmtpServer("127.0.0.1", server.port, "starttls"), None, max_connections=1,
+                        helo_name="client.test", timeout=5)
+        try:
+            with pytest.raises(SmtpTemporaryFailure) as refused:
+                await pool.send("a@example.com", ["b@example.net"], MESSAGE)
+        finally:
+            await pool.close()
+    assert (refused.value.code, refused.value.reason) == (454, "starttls_temporary")
+    assert _mailbox_level(refused.value, "smtp")   # the mailbox backs off and tries again, never in clear
+    assert not any(line.startswith(b"MAIL") for line in server.lines)
