@@ -23,7 +23,7 @@ from conduit.context import command_context
 from shared.errors import ConduitError, NotFound
 from shared.registry import models
 from shared.registry.repository import DIRECTIONS
-from shared.registry.service import ProfileInput
+from shared.registry.service import OwnerEdit, ProfileInput
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +345,115 @@ def queue_list(org: str = org_option(), json_: bool = JSON) -> None:
             qs = await ctx.registry.queues(ctx.org)
             if json_:
                 return emit_json(qs)
-            table([(q.name, q.email, q.incoming_method, q.outgoing_method, q.mailbox_id) for q in qs],
-                  ["name", "email", "incoming", "outgoing", "mailbox"])
+            table([(q.name, q.email, q.incoming_method, q.outgoing_method, "yes" if q.active else "no", q.mailbox_id)
+                   for q in qs], ["name", "email", "incoming", "outgoing", "active", "mailbox"])
     run(go)
+
+
+@user_app.command("set")
+def user_set(
+    ref: str = typer.Argument(..., help="The user's address or id."),
+    email: Optional[str] = typer.Option(None, "--email", help="A new address, its mailbox's too: the mailbox must "
+                                                               "then be approved and tested again."),
+    incoming: Optional[models.IncomingMethod] = typer.Option(None, help="How the user's incoming email is delivered."),
+    outgoing: Optional[models.OutgoingMethod] = typer.Option(None, help="How the user's outgoing email is sent."),
+    act: Optional[models.ActMethod] = typer.Option(None, help="Appointments, contacts and tasks."),
+    org: str = org_option(), json_: bool = JSON,
+) -> None:
+    """Change a user's address or delivery methods; the others stay."""
+    _owner_edit("user", ref, org, json_, email=email, incoming_method=incoming, outgoing_method=outgoing,
+                act_method=act)
+
+
+@user_app.command("activate")
+def user_activate(ref: str = typer.Argument(..., help="The user's address or id."), org: str = org_option()) -> None:
+    """Activate a user: its mailbox is processed again (when approved and tested)."""
+    _owner_edit("user", ref, org, False, active=True)
+
+
+@user_app.command("deactivate")
+def user_deactivate(ref: str = typer.Argument(..., help="The user's address or id."), org: str = org_option()) -> None:
+    """Deactivate a user: its mailbox is not processed while the user is inactive."""
+    _owner_edit("user", ref, org, False, active=False)
+
+
+@queue_app.command("set")
+def queue_set(
+    ref: str = typer.Argument(..., help="The queue's address, name or id."),
+    email: Optional[str] = typer.Option(None, "--email", help="A new address, its mailbox's too: the mailbox must "
+                                                               "then be approved and tested again."),
+    incoming: Optional[models.IncomingMethod] = typer.Option(None, help="How the queue's incoming email is delivered."),
+    outgoing: Optional[models.OutgoingMethod] = typer.Option(None, help="How the queue's outgoing email is sent."),
+    org: str = org_option(), json_: bool = JSON,
+) -> None:
+    """Change a queue's address or delivery methods; the others stay."""
+    _owner_edit("queue", ref, org, json_, email=email, incoming_method=incoming, outgoing_method=outgoing)
+
+
+@queue_app.command("activate")
+def queue_activate(ref: str = typer.Argument(..., help="The queue's address, name or id."), org: str = org_option()) -> None:
+    """Activate a queue: its mailbox is processed again (when approved and tested)."""
+    _owner_edit("queue", ref, org, False, active=True)
+
+
+@queue_app.command("deactivate")
+def queue_deactivate(ref: str = typer.Argument(..., help="The queue's address, name or id."), org: str = org_option()) -> None:
+    """Deactivate a queue: its mailbox is not processed while the queue is inactive."""
+    _owner_edit("queue", ref, org, False, active=False)
+
+
+def _owner_edit(kind: str, ref: str, org: str, json_: bool, **changes: Any) -> None:
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            update = ctx.registry.update_user if kind == "user" else ctx.registry.update_queue
+            edit = await update(ctx.org, ref, **changes)
+            if json_:
+                return emit_json({kind: edit.owner.model_dump(mode="json"),
+                                  "changed": {k: list(v) for k, v in edit.changed.items()},
+                                  "mailbox": edit.mailbox.model_dump(mode="json") if edit.mailbox else None,
+                                  "mailbox_created": edit.mailbox_created, "approval_withdrawn": edit.approval_withdrawn,
+                                  "tests_reset": list(edit.tests_reset), "processed": list(edit.processed),
+                                  "waits_for": list(edit.waits_for)})
+            typer.echo(_owner_line(kind, edit, set(changes) == {"active"}))
+    run(go)
+
+
+def _owner_line(kind: str, edit: OwnerEdit, activation: bool) -> str:
+    """What an edit of a user or a queue did, and where its mailbox stands, in one line."""
+    before = edit.changed["email"][0] if "email" in edit.changed else edit.owner.email
+    who = f"{kind} {before}"
+    if activation:
+        if not edit.changed:
+            return f"{who}: {'active' if edit.owner.active else 'inactive'} already; nothing changed"
+        if not edit.owner.active:
+            return f"{who}: deactivated; " + (f"its mailbox {edit.mailbox.email} is not processed while the {kind} is "
+                                               "inactive" if edit.mailbox else "it has no mailbox")
+        head = f"{who}: activated"
+    elif not edit.changed:
+        return f"{who}: already so, nothing changed"
+    else:
+        head = f"{who} changed: " + ", ".join(
+            f"address now {new}" if k == "email" else f"{k.removesuffix('_method')} {old} -> {new}"
+            for k, (old, new) in edit.changed.items())
+    notes = [head]
+    m = edit.mailbox
+    if m is None:
+        return f"{head}; it has no mailbox"
+    if edit.mailbox_created:
+        notes.append(f"its mailbox {m.email} was created" + (f" on the profile {m.profile_name}" if m.profile_name
+                                                            else ", without a profile: the organization has none"))
+    if edit.address_moved:
+        notes.append("its mailbox's address too"
+                     + (": approval withdrawn" if edit.approval_withdrawn else "")
+                     + (f"{',' if edit.approval_withdrawn else ':'} Test & Enable reset ({', '.join(edit.tests_reset)})"
+                        if edit.tests_reset else ""))
+    if edit.processed:
+        notes.append(f"its mailbox is processed ({', '.join(edit.processed)})")
+    elif edit.waits_for:
+        notes.append("its mailbox is not processed: " + ", and ".join(edit.waits_for))
+    else:
+        notes.append("its mailbox is not processed")
+    return "; ".join(notes)
 
 
 # --- mailboxes ----------------------------------------------------------------------------------------
@@ -496,6 +602,20 @@ def _mailbox_flag(ref: str, org: str, done: str, **change: object) -> None:
 def mailbox_approve(ref: str, org: str = org_option()) -> None:
     """Approve the mailbox's email address (required before it is processed)."""
     _mailbox_flag(ref, org, "email address approved", email_approved=True)
+
+
+@mailbox_app.command("reject")
+def mailbox_reject(ref: str, org: str = org_option()) -> None:
+    """Withdraw the approval of the mailbox's email address (Dynamics 365's Reject Email): it is not
+    processed until approved again."""
+    async def go() -> None:
+        async with command_context(load_settings(), org) as ctx:
+            before = await ctx.registry.mailbox(ctx.org, ref)
+            m = await ctx.registry.update_mailbox(ctx.org, ref, email_approved=False)
+            typer.echo(f"{m.email}: email address approval withdrawn; it is not processed until "
+                       f"`conduit mailbox approve {m.email}`" if before.email_approved
+                       else f"{m.email}: email address not approved already; nothing changed")
+    run(go)
 
 
 @mailbox_app.command("activate")

@@ -130,6 +130,49 @@ async def queues(conn: asyncpg.Connection, org_id: UUID) -> list[asyncpg.Record]
     )
 
 
+# A user's or a queue's table, and the mailbox column that names it as owner.
+_OWNER_TABLES = {"user": ("crm_user", "owner_user_id"), "queue": ("queue", "owner_queue_id")}
+
+
+async def lock_owner(conn: asyncpg.Connection, kind: str, org_id: UUID, ref: str) -> asyncpg.Record | None:
+    """A user (by id or address) or a queue (by id, address or name), its row locked until the
+    transaction ends: an edit checks what it will change.  An address match comes first."""
+    table, _ = _OWNER_TABLES[kind]
+    by_name = " OR name = $2" if kind == "queue" else ""
+    return await conn.fetchrow(
+        f"""SELECT * FROM {table} WHERE organization_id = $1 AND (id::text = lower($2) OR lower(email) = lower($2){by_name})
+            ORDER BY lower(email) = lower($2) DESC LIMIT 1 FOR UPDATE""",
+        org_id, ref,
+    )
+
+
+async def owner_by_id(conn: asyncpg.Connection, kind: str, owner_id: UUID) -> asyncpg.Record | None:
+    """A user or a queue with its mailbox's id (None: it has none), as ``users`` and ``queues`` list them."""
+    table, column = _OWNER_TABLES[kind]
+    return await conn.fetchrow(
+        f"SELECT o.*, m.id AS mailbox_id FROM {table} o LEFT JOIN mailbox m ON m.{column} = o.id WHERE o.id = $1",
+        owner_id,
+    )
+
+
+async def owner_with_address(conn: asyncpg.Connection, kind: str, org_id: UUID, email: str) -> asyncpg.Record | None:
+    table, _ = _OWNER_TABLES[kind]
+    return await conn.fetchrow(
+        f"SELECT * FROM {table} WHERE organization_id = $1 AND lower(email) = lower($2) LIMIT 1", org_id, email,
+    )
+
+
+async def update_owner(conn: asyncpg.Connection, kind: str, owner_id: UUID, fields: dict[str, Any]) -> asyncpg.Record:
+    return await _update(conn, _OWNER_TABLES[kind][0], owner_id, fields)
+
+
+async def lock_owners_mailbox(conn: asyncpg.Connection, kind: str, owner_id: UUID) -> asyncpg.Record | None:
+    """The mailbox of a user or a queue (None: it has none), its row locked until the transaction ends."""
+    _, column = _OWNER_TABLES[kind]
+    mailbox_id = await conn.fetchval(f"SELECT id FROM mailbox WHERE {column} = $1 FOR UPDATE", owner_id)
+    return None if mailbox_id is None else await mailbox_by_id(conn, mailbox_id)
+
+
 async def insert_record(conn: asyncpg.Connection, org_id: UUID, kind: str, name: str, email: str,
                         email_enabled: bool) -> asyncpg.Record:
     return await conn.fetchrow(
@@ -189,6 +232,11 @@ async def mailbox_by_ref(conn: asyncpg.Connection, org_id: UUID, ref: str) -> as
               LIMIT 1""",
         org_id, ref,
     )
+
+
+async def mailbox_with_address(conn: asyncpg.Connection, org_id: UUID, email: str) -> asyncpg.Record | None:
+    """The organization's mailbox whose own address is ``email`` (any case)."""
+    return await conn.fetchrow(_MAILBOX_SELECT + " WHERE m.organization_id = $1 AND lower(m.email) = lower($2)", org_id, email)
 
 
 async def lock_mailbox(conn: asyncpg.Connection, mailbox_id: UUID) -> asyncpg.Record:

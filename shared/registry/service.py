@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, AsyncIterator
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, get_args
 from uuid import UUID
 
 import asyncpg
@@ -125,6 +125,22 @@ def decode_bytea(value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     return bytes.fromhex(value[2:]) if value.startswith("\\x") else value.encode()
+
+
+@dataclass(frozen=True)
+class OwnerEdit:
+    """What an edit of a user or a queue did (``Registry.update_user``, ``update_queue``), as the
+    CLI says it: each changed field as (before, after), and what became of its mailbox."""
+
+    owner: models.User | models.Queue
+    changed: dict[str, tuple[Any, Any]]
+    mailbox: models.Mailbox | None
+    mailbox_created: bool = False
+    address_moved: bool = False          # its address changed (not only its case): so did its mailbox's
+    approval_withdrawn: bool = False     # the mailbox's address was approved until this edit
+    tests_reset: tuple[str, ...] = ()    # directions whose Test & Enable result was forgotten
+    processed: tuple[str, ...] = ()      # directions its mailbox is processed for now (mailboxes_to_process)
+    waits_for: tuple[str, ...] = ()      # why its mailbox is not processed, each with what to do
 
 
 class Registry:
@@ -339,7 +355,7 @@ class Registry:
             mailbox_id = None
             # A forward-mailbox user gets a mailbox too: it is never polled, but holds the tracking
             # options for the mail the forward mailbox receives on the user's behalf.
-            if "server_side_sync" in (incoming, outgoing, act) or incoming == "forward_mailbox":
+            if _wants_mailbox(incoming, outgoing, act):
                 mailbox_id = await self._auto_mailbox(conn, org, name=full_name, email=email, owner_user_id=row["id"])
             return models.User(**dict(row), mailbox_id=mailbox_id)
 
@@ -354,7 +370,7 @@ class Registry:
             row = await repo.insert_queue(conn, org.id, name, email, incoming, outgoing)
             await self._changed(conn, org.id, "queue", row["id"], "created", {"email": email, "name": name})
             mailbox_id = None
-            if "server_side_sync" in (incoming, outgoing) or incoming == "forward_mailbox":
+            if _wants_mailbox(incoming, outgoing):
                 mailbox_id = await self._auto_mailbox(conn, org, name=name, email=email, owner_queue_id=row["id"])
             return models.Queue(**dict(row), mailbox_id=mailbox_id)
 
@@ -376,6 +392,131 @@ class Registry:
     async def queues(self, org: models.Organization) -> list[models.Queue]:
         async with self._pool.acquire() as conn:
             return [models.Queue(**dict(r)) for r in await repo.queues(conn, org.id)]
+
+    async def update_user(self, org: models.Organization, ref: str, *, email: str | None = None,
+                          incoming_method: str | None = None, outgoing_method: str | None = None,
+                          act_method: str | None = None, active: bool | None = None) -> OwnerEdit:
+        """Change a user's address, delivery methods or active flag (None: unchanged); see ``_update_owner``."""
+        return await self._update_owner(org, "user", ref, email=email, incoming_method=incoming_method,
+                                        outgoing_method=outgoing_method, act_method=act_method, active=active)
+
+    async def update_queue(self, org: models.Organization, ref: str, *, email: str | None = None,
+                           incoming_method: str | None = None, outgoing_method: str | None = None,
+                           active: bool | None = None) -> OwnerEdit:
+        """Change a queue's address, delivery methods or active flag (None: unchanged); see ``_update_owner``."""
+        return await self._update_owner(org, "queue", ref, email=email, incoming_method=incoming_method,
+                                        outgoing_method=outgoing_method, active=active)
+
+    async def _update_owner(self, org: models.Organization, kind: str, ref: str, **fields: Any) -> OwnerEdit:
+        """The reference's rules for an edit of a user or a queue, in one transaction:
+
+        - A new address is its mailbox's too.  The mailbox then reaches another account: its approval
+          is withdrawn and its Test & Enable results are forgotten (as when it moves to a profile with
+          another server), so it is not processed until both are done again for the new address.  A
+          sign-in name that was the old address (what ``set_credentials`` stores when given none)
+          follows it; the password stays.  A change of case only is the same address: the new spelling
+          is written, approval and tests stay.
+        - A delivery method that now uses server-side sync (or a forward mailbox) gives an owner
+          without a mailbox one on the default profile, as ``add_user`` does.
+        - An inactive owner's mailbox is not processed (``mailboxes_to_process``); nothing else changes.
+
+        Only what differs is written; the owner's change goes on ``registry.changes``, the mailbox's
+        on ``mailbox.events``."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if not fields:
+            raise InvalidInput(f"nothing to change (see `conduit {kind} set --help`)")
+        for name, values in _OWNER_METHODS.items():
+            if name in fields and fields[name] not in get_args(values):
+                direction = name.removesuffix("_method")
+                raise InvalidInput(f"{fields[name]!r} is no {direction} delivery method: choose from "
+                                   f"{', '.join(get_args(values))}", reason="bad_method")
+        if "email" in fields:
+            _require_address(fields["email"], sends=True)
+        async with self._tx() as conn:
+            row = await repo.lock_owner(conn, kind, org.id, ref)
+            if row is None:
+                what = "address or id" if kind == "user" else "address, name or id"
+                raise NotFound(f"no {kind} {ref!r} (give its {what}; see `conduit {kind} list`)")
+            new_email = fields.get("email")
+            moved = new_email is not None and new_email.lower() != row["email"].lower()
+            if moved:
+                await self._require_free_address(conn, org, kind, new_email)
+            changes = {k: v for k, v in fields.items() if row[k] != v}
+            changed = {k: (row[k], v) for k, v in changes.items()}
+            mailbox = await repo.lock_owners_mailbox(conn, kind, row["id"])
+            if not changes:
+                return await self._owner_edit(conn, kind, row["id"], {}, mailbox and mailbox["id"])
+            owner = await repo.update_owner(conn, kind, row["id"], changes)
+            await self._changed(conn, org.id, kind, row["id"], "updated", changes)
+            edit: dict[str, Any] = {}
+            if mailbox is None and _wants_mailbox(owner["incoming_method"], owner["outgoing_method"],
+                                                  owner.get("act_method", "none")):
+                name = owner["full_name"] if kind == "user" else owner["name"]
+                mailbox_id = await self._auto_mailbox(conn, org, name=name, email=owner["email"],
+                                                      **{f"owner_{kind}_id": owner["id"]})
+                return await self._owner_edit(conn, kind, row["id"], changed, mailbox_id, mailbox_created=True)
+            if mailbox is None:
+                return await self._owner_edit(conn, kind, row["id"], changed, None)
+            if "email" in changes:
+                edit = await self._readdress_mailbox(conn, org, mailbox, owner["email"], moved=moved)
+            said = {k: v for k, v in changes.items() if k != "email"}
+            if said:
+                await self._mailbox_event(conn, org.id, mailbox["id"], "updated", code="owner_changed",
+                                          message=f"its {kind} {owner['email']} changed: "
+                                                  + ", ".join(f"{k} {v}" for k, v in said.items()))
+            return await self._owner_edit(conn, kind, row["id"], changed, mailbox["id"], **edit)
+
+    async def _require_free_address(self, conn: asyncpg.Connection, org: models.Organization, kind: str,
+                                    email: str) -> None:
+        """A user's or a queue's new address is no other's of its kind, nor any mailbox's (it becomes its
+        mailbox's address; the schema's unique indexes back this up for concurrent edits)."""
+        other = await repo.owner_with_address(conn, kind, org.id, email)
+        if other is not None:
+            raise Conflict(f"a {kind} with the address {email} already exists", reason="address_taken")
+        box = await repo.mailbox_with_address(conn, org.id, email)
+        if box is not None:
+            whose = f"{box['owner_kind']} {box['owner_id']}'s mailbox" if box["owner_kind"] else "a forward mailbox"
+            raise Conflict(f"{email} is already the address of {whose} ({box['id']})", reason="address_taken")
+
+    async def _readdress_mailbox(self, conn: asyncpg.Connection, org: models.Organization, mailbox: asyncpg.Record,
+                                 email: str, *, moved: bool) -> dict[str, Any]:
+        """The owner's new address made its mailbox's; with ``moved`` (not only a change of case), its
+        approval withdrawn and its Test & Enable results reset."""
+        fields: dict[str, Any] = {"email": email}
+        if mailbox["username"] is not None and mailbox["username"].lower() == mailbox["email"].lower():
+            fields["username"] = email
+        if moved:
+            fields["email_approved"] = False
+        await repo.update_mailbox(conn, mailbox["id"], fields)
+        if not moved:
+            await self._mailbox_event(conn, org.id, mailbox["id"], "updated", message="email (spelling)")
+            return {}
+        retest = [d for d in repo.DIRECTIONS if mailbox[f"{d}_status"] != "not_run"]
+        await repo.reset_tests(conn, mailbox["id"], retest, f"not tested with the address {email} the mailbox "
+                               "moved to: run Test & Enable again")
+        await self._mailbox_event(conn, org.id, mailbox["id"], "updated", code="address_changed",
+                                  message=f"address changed from {mailbox['email']} to {email}: not processed until "
+                                          "approved again" + (" and tested" if retest else ""))
+        if retest:
+            await self._mailbox_event(conn, org.id, mailbox["id"], "updated", code="tests_reset",
+                                      message=f"address changed to {email}: Test & Enable needed again for "
+                                              f"{', '.join(retest)}")
+        await self._changed(conn, org.id, "mailbox", mailbox["id"], "updated", {"email": email, "email_approved": False})
+        return {"address_moved": True, "approval_withdrawn": mailbox["email_approved"], "tests_reset": tuple(retest)}
+
+    async def _owner_edit(self, conn: asyncpg.Connection, kind: str, owner_id: UUID,
+                          changed: dict[str, tuple[Any, Any]], mailbox_id: UUID | None, **edit: Any) -> OwnerEdit:
+        """The edit's answer, read after its writes (in its transaction): the owner, what changed, its
+        mailbox, and whether (and if not, why not) that mailbox is processed now."""
+        row = await repo.owner_by_id(conn, kind, owner_id)
+        owner = models.User(**dict(row)) if kind == "user" else models.Queue(**dict(row))
+        if mailbox_id is None:
+            return OwnerEdit(owner=owner, changed=changed, mailbox=None, **edit)
+        mailbox = await repo.mailbox_by_id(conn, mailbox_id)
+        processed = tuple([d for d in repo.DIRECTIONS
+                           if await repo.mailboxes_to_process(conn, d, mailbox_ids=[mailbox["id"]])])
+        return OwnerEdit(owner=owner, changed=changed, mailbox=await self._mailbox_model(conn, mailbox),
+                         processed=processed, waits_for=() if processed else _waits_for(kind, row, mailbox), **edit)
 
     # --- mailboxes -------------------------------------------------------------------------------
 
@@ -758,6 +899,47 @@ def _require_name(name: str, who: str) -> None:
                            "as such or in an encoded word", reason="bad_name")
 
 
+# A user's and a queue's delivery methods, and the values each takes (a queue has no act method).
+_OWNER_METHODS = {"incoming_method": models.IncomingMethod, "outgoing_method": models.OutgoingMethod,
+                  "act_method": models.ActMethod}
+
+
+def _wants_mailbox(incoming: str, outgoing: str, act: str = "none") -> bool:
+    """The reference's rule: a user or queue on server-side sync has a mailbox; one whose mail comes
+    by a forward mailbox too (never polled, it holds the tracking options for that mail)."""
+    return "server_side_sync" in (incoming, outgoing, act) or incoming == "forward_mailbox"
+
+
+def _waits_for(kind: str, owner: asyncpg.Record, mailbox: asyncpg.Record) -> tuple[str, ...]:
+    """Why ``mailboxes_to_process`` leaves a user's or queue's mailbox out, each reason with what to
+    do, in the CLI's words (empty when it names none: it is processed, or backing off)."""
+    email = mailbox["email"]
+    methods = {"incoming": owner["incoming_method"], "outgoing": owner["outgoing_method"],
+               "act": owner.get("act_method", "none")}
+    synced = [d for d, method in methods.items() if method == "server_side_sync"]
+    reasons = []
+    if not owner["active"]:
+        reasons.append(f"the {kind} is inactive (`conduit {kind} activate {owner['email']}`)")
+    if not synced:
+        reasons.append(f"the {kind} uses server-side sync for no direction (`conduit {kind} set {owner['email']} "
+                       "--incoming server_side_sync`)")
+    if not mailbox["active"]:
+        reasons.append(f"the mailbox is inactive (`conduit mailbox activate {email}`)")
+    if mailbox["profile_id"] is None:
+        reasons.append("the mailbox has no email server profile (`conduit mailbox configure --profile`)")
+    if not mailbox["email_approved"]:
+        reasons.append(f"its address is not approved (`conduit mailbox approve {email}`)")
+    untested = [d for d in synced if mailbox[f"{d}_status"] != "success"]
+    if untested:
+        reasons.append(f"Test & Enable has not succeeded for {', '.join(untested)} "
+                       f"(`conduit mailbox test-enable {email}`)")
+    now = datetime.now(timezone.utc)
+    if synced and not untested and all(mailbox[f"{d}_backoff_until"] and mailbox[f"{d}_backoff_until"] > now
+                                       for d in synced):
+        reasons.append("it is backing off after failures (`conduit mailbox show` says until when)")
+    return tuple(reasons)
+
+
 def _tracked_folders(folders: Iterable[str]) -> list[str]:
     """The folders to track, as given: blanks dropped, each name once (the Inbox in any case is one
     folder), first mention first; refused when none is left or a name cannot be a folder's."""
@@ -835,6 +1017,8 @@ def _constraint_message(exc: asyncpg.PostgresError) -> str:
         "mailbox_owner_user_id_key": "this user already has a mailbox (a user has at most one)",
         "mailbox_owner_queue_id_key": "this queue already has a mailbox (a queue has at most one)",
         "mailbox_email": "a mailbox with this address already exists",
+        "crm_user_email": "a user with this address already exists",
+        "queue_email": "a queue with this address already exists",
         "email_server_profile_one_default": "the organization already has a default profile",
         # Ranges the schema holds, in the words of the options that set them.
         "email_server_profile_incoming_port_check": "--incoming-port must be between 1 and 65535",
