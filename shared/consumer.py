@@ -85,9 +85,6 @@ _ATTEMPTS_BEFORE_ISOLATING = 3
 # A commit the broker has not confirmed in this long is given up on (``EventConsumer._commit``); a
 # healthy one takes milliseconds.
 COMMIT_TIMEOUT = 5.0
-# How often a consumer checks that its position is still within each partition's log
-# (``EventConsumer._check_positions``): a broker that lost its log starts its offsets again at 0.
-POSITION_CHECK_SECONDS = 5.0
 
 
 class DeadLetterLimitExceeded(RuntimeError):
@@ -169,7 +166,6 @@ class EventConsumer:
         self.processed = 0
         self.dead_lettered = 0
         self._burst = False
-        self._next_position_check = 0.0
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -206,7 +202,6 @@ class EventConsumer:
             await self._run_overlapped(stopping)
             return
         while not stopping.is_set():
-            await self._check_positions()
             batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
             if not batches:
                 if burst and await self._caught_up():
@@ -227,7 +222,6 @@ class EventConsumer:
         finishing: asyncio.Future[None] | None = None
         try:
             while not stopping.is_set():
-                await self._check_positions()
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=self._max_batch)
                 if not batches:
                     if finishing is not None and finishing.done():
@@ -264,36 +258,6 @@ class EventConsumer:
             for tp, records in more.items():
                 batches.setdefault(tp, []).extend(records)
                 count += len(records)
-
-    async def _check_positions(self) -> None:
-        """Every ``POSITION_CHECK_SECONDS``: a partition whose log ends before this consumer's position
-        is read again from its start.  A broker that lost the log (an in-memory broker started again,
-        a topic deleted and made again) numbers new events from 0 and answers a fetch past its end with
-        nothing, where Kafka answers OFFSET_OUT_OF_RANGE and ``auto_offset_reset`` applies: without
-        this the consumer would wait past the end for ever, skipping every event written below its
-        old position.  Reading from the start repeats nothing of the old log, which is gone."""
-        now = time.monotonic()
-        if now < self._next_position_check:
-            return
-        self._next_position_check = now + POSITION_CHECK_SECONDS
-        assignment = list(self.consumer.assignment())
-        if not assignment:
-            return
-        try:
-            ends = await asyncio.wait_for(self.consumer.end_offsets(assignment), POSITION_CHECK_SECONDS)
-            behind = []
-            for tp in assignment:
-                position = await asyncio.wait_for(self.consumer.position(tp), POSITION_CHECK_SECONDS)
-                if tp in ends and position > ends[tp]:
-                    behind.append(tp)
-                    log.warning("%s: position %d is past the end of the partition's log (%d): the broker lost "
-                                "the log (started again without its data, or the topic was made again); read "
-                                "again from its start", tp, position, ends[tp])
-        except (KafkaError, TimeoutError, IllegalStateError) as exc:
-            log.debug("positions not checked (%s): checked again later", exc)
-            return
-        if behind:
-            await self.consumer.seek_to_beginning(*behind)
 
     async def _caught_up(self) -> bool:
         assignment = self.consumer.assignment()
@@ -361,36 +325,31 @@ class EventConsumer:
             self._dead_letters.admit(self._topic.name, rejection.error)
         if not await self._dead_letter_all(rejections, stopping, where):
             return
-        await self._commit({tp: records[-1].offset + 1 for tp, records in batches.items()}, where, stopping)
+        await self._commit({tp: records[-1].offset + 1 for tp, records in batches.items()}, where)
         count = sum(len(records) for records in batches.values())
         self.processed += count
         EVENTS_CONSUMED.labels(self._service, self._topic.name).inc(count)
 
-    async def _commit(self, offsets: dict[TopicPartition, int], where: str, stopping: asyncio.Event) -> None:
+    async def _commit(self, offsets: dict[TopicPartition, int], where: str) -> None:
         """Commit a handled batch's offsets, of the partitions this consumer still owns.  The group
         may have rebalanced while the batch was handled (another replica joined or left): the
         partitions it lost go to their new owner uncommitted, which handles those events again
         (every consumer is idempotent); that is no reason to stop.
 
-        Bounded, and given up on a stop: aiokafka retries a commit the coordinator answers with a
-        retriable error for ever (a broker that came back without the topic answers so), silently,
-        and the consumer would handle nothing more and never stop.  A commit given up on leaves the
-        batch to be handled again, as a rebalance does."""
+        Bounded: aiokafka retries a commit the coordinator answers with a retriable error for ever (a
+        broker that came back without the topic answers so), silently, and the consumer would handle
+        nothing more and never stop.  A commit given up on leaves the batch to be handled again, as a
+        rebalance does."""
         owned = self.consumer.assignment()
         kept = {tp: offset for tp, offset in offsets.items() if tp in owned}
         try:
             if kept:
                 committing = asyncio.ensure_future(self.consumer.commit(kept))
-                stop = asyncio.ensure_future(stopping.wait())
-                try:
-                    await asyncio.wait((committing, stop), timeout=COMMIT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
+                await asyncio.wait((committing,), timeout=COMMIT_TIMEOUT)
                 if not committing.done():
                     committing.cancel()
-                    log.warning("offsets of a batch on %s not committed: %s; the batch is handled again after a "
-                                "restart or rebalance", where,
-                                "stopping" if stopping.is_set() else f"the broker did not confirm in {COMMIT_TIMEOUT:g} s")
+                    log.warning("offsets of a batch on %s not committed: the broker did not confirm in %g s; the "
+                                "batch is handled again after a restart or rebalance", where, COMMIT_TIMEOUT)
                     return
                 committing.result()
         except (CommitFailedError, IllegalStateError, RebalanceInProgressError) as exc:
