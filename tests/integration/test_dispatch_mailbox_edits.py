@@ -80,7 +80,8 @@ async def test_a_request_still_waiting_for_its_mailbox_at_its_deadline_fails_say
             await conn.execute("UPDATE mailbox SET outgoing_backoff_until = now() + interval '1 hour' WHERE id = $1",
                                sender.mailbox_id)
         async with dispatch_running(settings, **OPTIONS):
-            event = outbound(org, mailbox_id=sender.mailbox_id, deadline=datetime.now(timezone.utc) + timedelta(seconds=6))
+            # Long enough for the request to be looked at (and found waiting) before it, on a loaded machine.
+            event = outbound(org, mailbox_id=sender.mailbox_id, deadline=datetime.now(timezone.utc) + timedelta(seconds=20))
             key = event.data.idempotency_key
             await publish(publisher, event)
             await eventually(lambda: _rows(pool, org.id), what="the request accepted")
@@ -88,7 +89,10 @@ async def test_a_request_still_waiting_for_its_mailbox_at_its_deadline_fails_say
             async with pool.acquire() as conn:   # the back-off ends; the mailbox is still inactive
                 await conn.execute("UPDATE mailbox SET outgoing_backoff_until = NULL WHERE id = $1", sender.mailbox_id)
                 await conn.execute("UPDATE outbound_email SET next_attempt_at = now() WHERE idempotency_key = $1", key)
-            final = (await finals(settings, [key], timeout=30)).final(key)
+            async def waiting() -> bool:
+                return any(r["reason"] == "mailbox_inactive" for r in await _rows(pool, org.id))
+            await eventually(waiting, timeout=15, what="the request waiting for its mailbox")
+            final = (await finals(settings, [key], timeout=45)).final(key)
     assert (final.status, final.reason) == ("failed", "deadline_exceeded"), final
     assert "mailbox_inactive" in final.detail and "is inactive" in final.detail
     assert not server.contents
