@@ -90,7 +90,6 @@ async def test_a_database_outage_is_no_failure_of_the_mailboxes(
     boxes = [await ready_mailbox(registry, org, dovecot),
              await ready_mailbox(registry, org, dovecot, profile="dovecot-pop3")]
     refused = {"service": "ingest", "error": "ConnectionRefusedError"}
-    alerted = _count("conduit_mailbox_failures_total", direction="incoming", reason="connection_failed")
 
     async with _CuttingProxy.for_url(database_url(settings)) as proxy:
         proxied = settings.model_copy(update={"database_url": SecretStr(proxy.url)})
@@ -124,7 +123,6 @@ async def test_a_database_outage_is_no_failure_of_the_mailboxes(
         state = await registry.mailbox(org, box.email)
         assert not state.alerts, f"{box.email}: {state.alerts}"
         assert state.incoming.error_count == 0 and state.incoming.backoff_until is None, state.incoming
-    assert _count("conduit_mailbox_failures_total", direction="incoming", reason="connection_failed") == alerted
     # The outage was met (the POP3 mailbox's sessions, every second), as the database's.
     assert _count("conduit_infrastructure_failures_total", **refused) > met
     said = [r.getMessage() for r in caplog.records if r.name == "services.ingest.runner"
