@@ -28,8 +28,8 @@ from conduit.peers.dovecot import Dovecot
 from shared.db.pool import database_url
 from shared.registry.service import Registry
 from shared.settings import Settings
-from tests.support.inbound import ROOT, ServiceProcess, ingest_running, service_env
-from tests.support.mailboxes import ReadyMailbox, imap_profile, message, pop3_profile, ready_mailbox
+from tests.support.inbound import ROOT, ServiceProcess, ingest_running, mailbox_ingested, service_env
+from tests.support.mailboxes import imap_profile, message, pop3_profile, ready_mailbox
 from tests.support.pgproxy import PgProxy
 from tests.support.waiting import eventually
 
@@ -75,13 +75,6 @@ def _count(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def _ingested(registry: Registry, org, box: ReadyMailbox, count: int) -> None:
-    async def check():
-        sync = (await registry.mailbox(org, box.email, sync=True)).sync
-        return sync is not None and sync.ingested >= count
-    await eventually(check, timeout=30, what=f"{count} message(s) ingested from {box.email}")
-
-
 async def test_a_database_outage_is_no_failure_of_the_mailboxes(
         settings: Settings, registry: Registry, org, dovecot: Dovecot, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="services.ingest")
@@ -98,7 +91,7 @@ async def test_a_database_outage_is_no_failure_of_the_mailboxes(
             for box in boxes:
                 await dovecot.append(box.email, box.password, message("before", to=box.email))
             for box in boxes:
-                await _ingested(registry, org, box, 1)
+                await mailbox_ingested(registry, org, box.email, 1)
             met = _count("conduit_infrastructure_failures_total", **refused)
 
             await proxy.refuse()
@@ -108,11 +101,11 @@ async def test_a_database_outage_is_no_failure_of_the_mailboxes(
             await proxy.accept()
 
             for box in boxes:
-                await _ingested(registry, org, box, 2)
+                await mailbox_ingested(registry, org, box.email, 2)
             for box in boxes:
                 await dovecot.append(box.email, box.password, message("after", to=box.email))
             for box in boxes:
-                await _ingested(registry, org, box, 3)
+                await mailbox_ingested(registry, org, box.email, 3)
 
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
@@ -142,7 +135,7 @@ async def test_conduit_run_ingest_says_so_in_lines_without_tracebacks(
         try:
             await eventually(ingest.ready, timeout=60, what="ingest ready")
             await dovecot.append(box.email, box.password, message("before", to=box.email))
-            await _ingested(registry, org, box, 1)
+            await mailbox_ingested(registry, org, box.email, 1)
 
             await proxy.refuse()
             await dovecot.append(box.email, box.password, message("during", to=box.email))
@@ -153,7 +146,7 @@ async def test_conduit_run_ingest_says_so_in_lines_without_tracebacks(
             await asyncio.sleep(OUTAGE_SECONDS)   # the outage's length, not a wait for anything
             await proxy.accept()
 
-            await _ingested(registry, org, box, 2)
+            await mailbox_ingested(registry, org, box.email, 2)
         finally:
             status = await ingest.stop()
     log = ingest.log.read_text(errors="replace")

@@ -25,7 +25,7 @@ from services.ingest.service import IngestService
 from shared.oauth import TokenProvider
 from shared.registry.service import Registry
 from shared.settings import Settings
-from tests.support.inbound import ingest_running
+from tests.support.inbound import ingest_running, mailbox_ingested
 from tests.support.mailboxes import imap_profile, message, ready_mailbox
 from tests.support.relay import CLOSE, line_relay
 from tests.support.waiting import eventually
@@ -83,13 +83,6 @@ async def _idle(runner: MailboxRunner) -> bool:
     return runner.idling
 
 
-async def _ingested(registry: Registry, org, box, count: int) -> None:
-    async def check():
-        sync = (await registry.mailbox(org, box.email, sync=True)).sync
-        return sync is not None and sync.ingested >= count
-    await eventually(check, timeout=20, what=f"{count} message(s) ingested from the mailbox")
-
-
 async def test_a_server_ending_an_idling_session_is_not_a_failure(
         settings: Settings, registry: Registry, org, dovecot: Dovecot, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="services.ingest.runner")
@@ -112,7 +105,7 @@ async def test_a_server_ending_an_idling_session_is_not_a_failure(
         assert ingest.runners.get(box.id) is running and not running.task.done(), "the same runner signed in again"
 
         await dovecot.append(box.email, box.password, message("after the BYE", to=box.email))
-        await _ingested(registry, org, box, 1)
+        await mailbox_ingested(registry, org, box.email, 1, timeout=20)
         state = await registry.mailbox(org, box.email)
         assert not state.alerts and state.incoming.error_count == 0 and state.incoming.backoff_until is None
 
@@ -173,7 +166,7 @@ async def test_a_server_away_past_the_grace_is_a_failure_and_the_mailbox_recover
         assert state.incoming.error_count == 0 and state.incoming.backoff_until is None
         assert state.alerts[0].code == "recovered"
         await own_dovecot.append(box.email, box.password, message("after the restart", to=box.email))
-        await _ingested(registry, org, box, 1)
+        await mailbox_ingested(registry, org, box.email, 1, timeout=20)
 
 
 async def test_stopping_while_waiting_to_sign_in_again_is_prompt(

@@ -18,6 +18,7 @@ from conduit.peers.ports import free_port
 from services.ingest.service import IngestService, IngestSettings
 from shared.lifecycle import run_service
 from shared.settings import Settings
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,3 +134,11 @@ async def activity_count(pool: asyncpg.Pool, org_ids: Sequence[UUID]) -> int:
     async with pool.acquire() as conn:
         return await conn.fetchval("SELECT count(*) FROM email_activity WHERE organization_id = ANY($1::uuid[])",
                                    list(org_ids))
+
+
+async def mailbox_ingested(registry, org, email: str, count: int, *, timeout: float = 30) -> None:
+    """Wait until ingest has recorded at least ``count`` messages of the mailbox ``email``."""
+    async def check() -> bool:
+        sync = (await registry.mailbox(org, email, sync=True)).sync
+        return sync is not None and sync.ingested >= count
+    await eventually(check, timeout=timeout, what=f"{count} message(s) ingested from {email}")
