@@ -187,6 +187,11 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         raise fail(_database_error(exc) if raised_by_database(exc) else _os_error(exc)) from None
     except KafkaError as exc:
         raise fail(f"the Kafka broker failed: {exc}") from None
+    except (asyncpg.OperatorInterventionError, asyncpg.TooManyConnectionsError) as exc:
+        # 57P01-57P03 (starting up, shutting down) and 53300: the database, not the command, said no.
+        where = _database_address()
+        raise fail(f"the database{' at ' + where if where else ''} is not taking connections now "
+                   f"({exc}); try again shortly") from None
     except asyncpg.PostgresError as exc:
         # Input the command's own checks let through: still one line, with PostgreSQL's reason.
         raise fail(f"the database refused the command: {exc}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -278,6 +279,21 @@ async def test_an_os_error_says_what_failed_not_always_cannot_reach(env, state, 
         code, _, err = await conduit({**env, "KAFKA_BOOTSTRAP_SERVERS": base_settings.kafka_bootstrap_servers,
                                       "CONDUIT_HEALTH_PORT": str(port)}, "run", "dispatch")
     assert_one_line_error(code, err, "already in use", str(port))
+
+
+async def test_a_database_turning_connections_away_is_said_as_such(env, db_url) -> None:
+    # PostgreSQL's own "not now" (53300 here; 57P03 while it starts) is no refusal of the command.
+    role = f"full_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(db_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'never-shown-8' CONNECTION LIMIT 0")
+        url = re.sub(r"//[^@/]*@", f"//{role}:never-shown-8@", db_url, count=1)
+        code, _, err = await conduit({**env, "DATABASE_URL": url}, "org", "show")
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
+    assert_one_line_error(code, err, "is not taking connections now", "too many connections", "try again")
+    assert "refused the command" not in err and "never-shown-8" not in err
 
 
 async def test_up_with_a_bad_service_setting_is_one_line_before_anything_starts(env) -> None:
