@@ -141,6 +141,29 @@ class FollowUp:
     poll_seconds: float = 0.1
 
 
+class OutageLog:
+    """Says Conduit's own outage (its database or broker away) in one WARNING per ``every`` seconds
+    for the whole replica: each runner meets it at each of its sessions, and at 1,000 mailboxes a line
+    per mailbox per interval would bury everything else in the log.  The rest go to DEBUG."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self._said_at: float | None = None
+        self._quiet = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._said_at is not None and now - self._said_at < self.every:
+            self._quiet += 1
+            log.debug(message, *args)
+            return
+        if self._quiet:
+            message += "; %d more such failures of this replica's mailboxes since the last such line"
+            args = (*args, self._quiet)
+        self._said_at, self._quiet = now, 0
+        log.warning(message, *args)
+
+
 @dataclass
 class RunnerContext:
     pool: object
@@ -162,6 +185,7 @@ class RunnerContext:
     # Mailbox -> the tracked folders its alerts said are missing: said once, not at every session
     # (a reconnect or a profile edit starts new sessions, and other alerts come in between).
     missing_reported: dict[object, frozenset[str]] = field(default_factory=dict)
+    outage_log: OutageLog = field(default_factory=OutageLog)
 
 
 class MailboxRunner:
@@ -302,8 +326,8 @@ class MailboxRunner:
         # A reconnection under way ends with it: the next session waits the interval too.
         self._grace_ends = None
         what = "the database cannot be reached" if isinstance(exc, OSError) else "ingest could not store or publish"
-        log.warning("mailbox %s: %s (%s: %s); trying again in %.0f s",
-                    self._work.id, what, type(exc).__name__, exc, self.interval)
+        self._ctx.outage_log.warn("mailbox %s: %s (%s: %s); trying again in %.0f s",
+                                  self._work.id, what, type(exc).__name__, exc, self.interval)
 
     def _still_in_grace(self, exc: ConduitError) -> bool:
         """Whether a session that failed to connect is tried again without a failure recorded: the

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.ingest.leases import Leases
-from services.ingest.runner import FollowUp, MailboxRunner, RunnerContext, ServerSlots
+from services.ingest.runner import FollowUp, MailboxRunner, OutageLog, RunnerContext, ServerSlots
 from shared.errors import raised_by_database
 from shared.metrics import MAILBOXES_LEASED
 from shared.oauth import TokenProvider
@@ -92,6 +92,7 @@ class IngestService(ServiceBase):
         self._slots = ServerSlots()
         self._tokens = TokenProvider()
         self._missing_reported: dict[UUID, frozenset[str]] = {}
+        self._outage_log = OutageLog()
 
     def _context(self) -> RunnerContext:
         assert self.pool is not None and self.registry is not None
@@ -99,7 +100,7 @@ class IngestService(ServiceBase):
                              FollowUp(self.options.follow_up_seconds, self.options.follow_up_poll_seconds),
                              self.options.command_timeout_seconds, self.options.idle_check_seconds,
                              reconnect_grace=self.options.reconnect_grace_seconds, lease_holder=self.holder,
-                             missing_reported=self._missing_reported)
+                             missing_reported=self._missing_reported, outage_log=self._outage_log)
 
     async def _claimed(self, leases: Leases, *, fair_share: bool = True) -> tuple[dict[UUID, MailboxWork], set[UUID]]:
         """(mailboxes to work, mailboxes leased beyond our share: to stop, then release)."""
