@@ -44,7 +44,7 @@ async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         raise NotFound(f"no Conduit state in {settings.state_dir.resolve()}: set CONDUIT_STATE_DIR to the folder "
                        "`conduit up` uses (by default .conduit in the folder it was started from), or DATABASE_URL; "
                        "`conduit up` or `conduit db migrate` creates a new one here")
-    pool = await create_pool(settings, max_size=4)
+    pool = await create_pool(settings, max_size=4, name="conduit-cli")
     try:
         await prepare_database(settings, pool)
         yield pool

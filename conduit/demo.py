@@ -64,7 +64,7 @@ async def _demo(settings: Settings, say: Callable[[str], None]) -> None:
         work.chmod(0o755)
         dovecot = Dovecot(work / "dovecot")
         smtp = CaptureSmtpServer(work / "smtp", users=passwords)
-        pool = await create_pool(settings, max_size=4)
+        pool = await create_pool(settings, max_size=4, name="conduit-demo")
         await dovecot.start()
         smtp.start()
         say(f"dovecot    IMAP on {dovecot.host}:{dovecot.imap_port}; SMTP capture on {smtp.host}:{smtp.port}")

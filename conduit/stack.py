@@ -98,7 +98,7 @@ class Stack:
             self.bootstrap_servers = self.settings.kafka_bootstrap_servers or ""
             self.say(f"kafka      {self.bootstrap_servers}")
         self.settings = self.settings.model_copy(update={"kafka_bootstrap_servers": self.bootstrap_servers})
-        pool = await create_pool(self.settings, max_size=2)
+        pool = await create_pool(self.settings, max_size=2, name="conduit-up")
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)

@@ -37,7 +37,7 @@ class ServiceBase:
         self.relay: OutboxRelay | None = None
 
     async def start(self) -> None:
-        self.pool = await create_pool(self.settings, max_size=self.pool_size)
+        self.pool = await create_pool(self.settings, max_size=self.pool_size, name=f"conduit-{self.name}")
         async with self.pool.acquire() as conn:
             unknown = await check_schema(conn)
         if unknown:

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     health_host: str = Field("0.0.0.0", min_length=1, validation_alias=_env("CONDUIT_HEALTH_HOST"))
     log_level: str = Field("INFO", validation_alias=_env("CONDUIT_LOG_LEVEL"))
     log_format: Literal["text", "json"] = Field("text", validation_alias=_env("CONDUIT_LOG_FORMAT"))
+    # The longest one statement may take: a database that stops answering (a hung server, a host
+    # gone without closing the connection) fails the statement instead of holding the service for
+    # ever.  Migrations are not bound by it.
+    database_command_timeout_seconds: float = Field(
+        60.0, gt=0, validation_alias=_env("CONDUIT_DATABASE_COMMAND_TIMEOUT_SECONDS"))
     # Dead-letter limit: a bad deploy must not drain a whole topic into its DLQ.
     dlq_limit_per_minute: int = Field(1000, ge=1, validation_alias=_env("CONDUIT_DLQ_LIMIT_PER_MINUTE"))
     # `conduit up` at shutdown: how long each service may take to finish its work in flight before it

@@ -99,7 +99,7 @@ def db_migrate() -> None:
     from shared.db.pool import create_pool
 
     async def go() -> None:
-        pool = await create_pool(load_settings(), max_size=1)
+        pool = await create_pool(load_settings(), max_size=1, name="conduit-cli")
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn)

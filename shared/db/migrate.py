@@ -14,6 +14,9 @@ import asyncpg
 from shared.errors import PermanentError
 
 _LOCK_ID = 0x436F6E64  # "Cond"
+# Waiting for another migrator, or an index built on a large table, may take longer than the pool's
+# bound on a statement (``CONDUIT_DATABASE_COMMAND_TIMEOUT_SECONDS``): a migration is never cut short.
+_NO_BOUND = 7 * 24 * 3600.0
 
 
 class SchemaMismatch(PermanentError):
@@ -31,7 +34,7 @@ def available_migrations() -> list[tuple[str, str]]:
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply what is missing; return the versions applied now."""
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID, timeout=_NO_BOUND)
     try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migration (
@@ -49,7 +52,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                                          "one back as it was")
                 continue
             async with conn.transaction():
-                await conn.execute(sql)
+                await conn.execute(sql, timeout=_NO_BOUND)
                 await conn.execute("INSERT INTO schema_migration (version, checksum) VALUES ($1, $2)", version, checksum)
             applied.append(version)
         return applied

@@ -135,11 +135,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool with jsonb decoded to Python objects."""
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10,
+                      name: str = "conduit") -> asyncpg.Pool:
+    """A pool with jsonb decoded to Python objects, its sessions named ``name`` (what
+    ``pg_stat_activity.application_name`` shows an operator), each statement given at most
+    ``database_command_timeout_seconds`` unless it asks for more (migrations do)."""
     try:
         return await asyncpg.create_pool(
-            database_url(settings), min_size=min_size, max_size=max_size, init=_init_connection
+            database_url(settings), min_size=min_size, max_size=max_size, init=_init_connection,
+            command_timeout=settings.database_command_timeout_seconds,
+            server_settings={"application_name": name},
         )
     except (ValueError, OverflowError):   # OverflowError: a port over 65535
         # Not asyncpg's words: a password holding '/', '?' or '#' is cut there, and its rest is then
