@@ -7,6 +7,11 @@ retrieved message costs a few byte operations.  ``retr_many`` pipelines RETR com
 server advertises PIPELINING (RFC 2449), which removes one round trip per message; so does
 ``dele_many`` for DELE.
 
+Every status line must begin with ``+OK`` or ``-ERR`` (RFC 1939 section 3); any other line means
+client and server no longer agree on which reply is which (a server that did not byte-stuff a line
+"." inside a message ends it early, and the rest of it stands where the next status line should):
+``OutOfStep`` ends the session, never QUIT, so nothing read past that point is recorded or deleted.
+
 Errors map onto ``shared.errors``; no message ever carries the password or token.
 """
 from __future__ import annotations
@@ -26,6 +31,9 @@ _UIDL_LINE = re.compile(rb"(\d{1,9}) +([\x21-\x7e]{1,200}) *")
 _LIST_LINE = re.compile(rb"(\d{1,9}) +(\d{1,18})(?: .*)?")
 # RFC 2449 response codes that mean "try again later" rather than "wrong credentials".
 _TRANSIENT_CODES = (b"[IN-USE]", b"[LOGIN-DELAY]", b"[SYS/TEMP]")
+# RFC 5034 section 4 (after RFC 2449's limit): an AUTH command with its initial response may not
+# exceed 255 octets, CRLF included; a longer one (an XOAUTH2 token) goes after a "+" challenge.
+_MAX_COMMAND_OCTETS = 255
 
 
 class Pop3CommandFailed(PermanentError):
@@ -47,6 +55,19 @@ class RetrRefused(Pop3CommandFailed):
     def temporary(self) -> bool:
         """The server says it cannot serve anything for now (RFC 3206), not this message."""
         return any(code in self.message.upper() for code in ("[SYS/TEMP]", "[IN-USE]"))
+
+
+class OutOfStep(ConnectionFailed):
+    """A status line began with neither "+OK" nor "-ERR": the session cannot go on, since every
+    reply after it could be taken for another's.  ``suspect`` is the message read just before, when
+    there is one: most likely it ended early (a line "." the server did not byte-stuff), so it was
+    not handed out.  The text never quotes the line, which may be part of a message."""
+
+    reason = "protocol_error"
+
+    def __init__(self, message: str, suspect: int | None = None) -> None:
+        super().__init__(message)
+        self.suspect = suspect
 
 
 class MessageTooLarge(RetrRefused):
@@ -71,6 +92,9 @@ class Pop3Client:
         self._conn = conn
         self._host = host
         self.capabilities: frozenset[str] = frozenset()
+        # What the last UIDL left out: its message number (or the line's start) for each line that
+        # gave no usable unique id.
+        self.untracked_uidl_lines: list[str] = []
 
     @classmethod
     async def connect(cls, host: str, port: int, *, tls: TlsMode, ssl_context: ssl.SSLContext | None = None,
@@ -99,10 +123,8 @@ class Pop3Client:
         return client
 
     async def _capa(self) -> None:
-        self._conn.write(b"CAPA\r\n")
-        await self._conn.drain()
-        status = await self._conn.read_line()
-        if not status.startswith(b"+OK"):
+        ok, _ = await self._exchange(b"CAPA")
+        if not ok:
             self.capabilities = frozenset()      # CAPA is optional (RFC 2449)
             return
         body = await self._read_multiline()
@@ -129,26 +151,45 @@ class Pop3Client:
                                  f"{service_user} for {user}")
 
     async def authenticate_xoauth2(self, user: str, access_token: str) -> None:
-        """AUTH XOAUTH2 with the initial response on the command line (RFC 5034 allows it)."""
+        """AUTH XOAUTH2, with the initial response on the command line when it fits (RFC 5034)."""
         await self._authenticate(b"XOAUTH2", xoauth2_initial_response(user, access_token), user)
 
     async def _authenticate(self, mechanism: bytes, initial: bytes, user: str) -> None:
-        self._conn.write(b"AUTH " + mechanism + b" " + initial + b"\r\n")
+        command = b"AUTH " + mechanism + b" " + initial
+        if len(command) + 2 > _MAX_COMMAND_OCTETS:
+            # RFC 5034 section 4: no initial response on the line; the server's empty challenge asks for it.
+            self._conn.write(b"AUTH " + mechanism + b"\r\n")
+            await self._conn.drain()
+            line = await self._read_status("AUTH", challenge=True)
+            if not _is_challenge(line):
+                self._check_login(user, line)
+                return
+            command = initial
+        self._conn.write(command + b"\r\n")
         await self._conn.drain()
-        line = await self._conn.read_line()
-        if line.startswith(b"+ ") or line == b"+":
+        line = await self._read_status("AUTH", challenge=True)
+        if _is_challenge(line):
             # A challenge here carries the error details; an empty reply lets the server say -ERR.
             self._conn.write(b"\r\n")
             await self._conn.drain()
-            line = await self._conn.read_line()
+            line = await self._read_status("AUTH")
+        self._check_login(user, line)
+
+    def _check_login(self, user: str, line: bytes) -> None:
         if not line.startswith(b"+OK"):
-            self._raise_login_error(user, line[4:] if line.startswith(b"-ERR") else line)
+            self._raise_login_error(user, line[4:])
 
     def _raise_login_error(self, user: str, text: bytes) -> None:
         reason = _text(text)
-        if text.lstrip().upper().startswith(_TRANSIENT_CODES):
+        code = text.lstrip().upper()
+        if code.startswith(_TRANSIENT_CODES):
             raise TransientError(f"The POP3 server {self._host} cannot log in {user} right now: {reason.rstrip('.')}.",
                                  reason="server_unavailable")
+        if code.startswith(b"[SYS/PERM]"):
+            # RFC 3206 section 4: a system error that will not pass by itself (a mailbox the server
+            # cannot open), not the credentials ([AUTH], or no code): no sign-in refused is counted.
+            raise PermanentError(f"The POP3 server {self._host} cannot serve {user}: {reason.rstrip('.')}.",
+                                 reason="server_refused")
         raise AuthenticationFailed(f"The POP3 server {self._host} rejected the credentials of {user}: {reason.rstrip('.')}.")
 
     # ---- the maildrop ------------------------------------------------------------------------------
@@ -160,20 +201,30 @@ class Pop3Client:
         return int(count), int(size)
 
     async def uidl(self) -> dict[int, str]:
-        """Message number -> unique id for every message (UIDL)."""
+        """Message number -> unique id for every message (UIDL) that has one Conduit can keep track of.
+
+        RFC 1939 section 7: a message number, one space, 1-70 characters 0x21-0x7E (up to 200 are
+        taken, the most an event carries).  A line that is not is left out, its message untracked,
+        and named in ``untracked_uidl_lines`` (its message number, or the line's start); only a
+        listing with no usable line at all fails (``protocol_error``).
+        """
         await self._command(b"UIDL")
         body = await self._read_multiline()
         ids: dict[int, str] = {}
+        self.untracked_uidl_lines = []
         for line in body.split(b"\r\n"):
             if not line:
                 continue
             match = _UIDL_LINE.fullmatch(line)
             if match is None:
-                # RFC 1939 7: a message number, one space, 1-70 characters 0x21-0x7E (we take up to
-                # 200, the most an event carries).  Anything else cannot be kept track of.
-                raise Pop3CommandFailed(f"The POP3 server {self._host} answered UIDL with a line that is not "
-                                        f"'number unique-id': {_text(line[:100])}.", reason="protocol_error")
+                number = re.match(rb"\d{1,9}(?= )", line)
+                self.untracked_uidl_lines.append(f"message {int(number[0])}" if number else repr(_text(line[:40])))
+                continue
             ids[int(match[1])] = match[2].decode("ascii")
+        if self.untracked_uidl_lines and not ids:
+            raise Pop3CommandFailed(f"The POP3 server {self._host} answered UIDL with no line that is "
+                                    f"'number unique-id' of 1-200 printable characters "
+                                    f"({', '.join(self.untracked_uidl_lines[:5])}).", reason="protocol_error")
         return ids
 
     async def sizes(self) -> dict[int, int]:
@@ -193,10 +244,16 @@ class Pop3Client:
         return unstuff(await self._read_multiline())
 
     async def retr_many(self, numbers: Sequence[int]) -> AsyncIterator[tuple[int, bytes]]:
-        """(number, message) for each of ``numbers``, in order; pipelined when PIPELINING is offered."""
+        """(number, message) for each of ``numbers``, in order; pipelined when PIPELINING is offered.
+
+        A message is handed out once the status line after it proved in step (the next RETR's
+        "+OK" or "-ERR"), or when it is the last asked for: one that ended early is named by
+        ``OutOfStep.suspect`` instead.  (The last one's end is checked only by the next command.)
+        """
         depth = _PIPELINE_DEPTH if "PIPELINING" in self.capabilities else 1
         waiting: deque[int] = deque()
         queue = deque(numbers)
+        held: tuple[int, bytes] | None = None
         while queue or waiting:
             while queue and len(waiting) < depth:
                 number = queue.popleft()
@@ -204,7 +261,10 @@ class Pop3Client:
                 waiting.append(number)
             await self._conn.drain()
             number = waiting.popleft()
-            status = await self._conn.read_line()
+            status = await self._read_status(f"RETR {number}", suspect=held[0] if held else None)
+            if held is not None:
+                yield held
+                held = None
             if not status.startswith(b"+OK"):
                 # The replies of the RETRs already sent still arrive: read them before failing.
                 await self._discard_replies(waiting)
@@ -213,12 +273,14 @@ class Pop3Client:
                 body = await self._read_multiline()
             except ResponseTooLarge as exc:
                 raise MessageTooLarge(exc.message, number) from None
-            yield number, unstuff(body)
+            held = number, unstuff(body)
+        if held is not None:
+            yield held
 
     async def _discard_replies(self, waiting: deque[int]) -> None:
         while waiting:
-            waiting.popleft()
-            if (await self._conn.read_line()).startswith(b"+OK"):
+            number = waiting.popleft()
+            if (await self._read_status(f"RETR {number}")).startswith(b"+OK"):
                 await self._read_multiline()
 
     async def dele(self, number: int) -> None:
@@ -235,10 +297,10 @@ class Pop3Client:
             chunk = numbers[start:start + depth]
             self._conn.write(b"".join(b"DELE %d\r\n" % n for n in chunk))
             await self._conn.drain()
-            for _ in chunk:
-                line = await self._conn.read_line()
+            for number in chunk:
+                line = await self._read_status(f"DELE {number}")
                 if not line.startswith(b"+OK") and refused is None:
-                    refused = line[5:] if line.startswith(b"-ERR ") else line
+                    refused = line[4:]
         if refused is not None:
             raise Pop3CommandFailed(f"The POP3 server {self._host} refused DELE: {_text(refused)}.")
 
@@ -262,10 +324,18 @@ class Pop3Client:
         """Send one command; (whether it answered +OK, the rest of the status line)."""
         self._conn.write(command + b"\r\n")
         await self._conn.drain()
+        line = await self._read_status(command.split(b" ", 1)[0].decode("ascii", "replace"))
+        return line.startswith(b"+OK"), line[4:]
+
+    async def _read_status(self, what: str, *, suspect: int | None = None, challenge: bool = False) -> bytes:
+        """The status line answering ``what``: "+OK" or "-ERR" (with ``challenge``, a SASL "+"
+        continuation too); anything else is ``OutOfStep``."""
         line = await self._conn.read_line()
-        if line.startswith(b"+OK"):
-            return True, line[4:]
-        return False, line[5:] if line.startswith(b"-ERR ") else line
+        if line.startswith((b"+OK", b"-ERR")) or (challenge and _is_challenge(line)):
+            return line
+        after = f" (message {suspect}, read just before, probably ended early)" if suspect is not None else ""
+        raise OutOfStep(f"The POP3 server {self._host} answered {what} with a line that is neither +OK nor -ERR: "
+                        f"client and server are out of step{after}; the session ends.", suspect)
 
     async def _command(self, command: bytes) -> bytes:
         """Send one command and return the status text; ``Pop3CommandFailed`` on -ERR."""
@@ -287,6 +357,11 @@ class Pop3Client:
             return b""
         data, end = await conn.read_until(b"\r\n.\r\n", limit=MAX_MESSAGE_BYTES)
         return data[:end + 2]
+
+
+def _is_challenge(line: bytes) -> bool:
+    """A SASL continuation (RFC 5034 section 4): "+" and a space, or a bare "+", not "+OK"."""
+    return line.startswith(b"+ ") or line == b"+"
 
 
 def _text(raw: bytes) -> str:

@@ -4,7 +4,14 @@ processing remove (DELE, committed by QUIT) what became a durable activity.
 A message the server refuses to hand over (-ERR to RETR), or one LIST gives as larger than Conduit
 reads (``wire.MAX_MESSAGE_BYTES``), does not stop the messages after it: they are retrieved, and the
 refused one is asked for again at the next syncs (its UIDL is not recorded as seen) and skipped,
-with a warning naming its UIDL, once refused ``state.REFUSALS_BEFORE_SKIP`` times.
+with a warning naming its UIDL, once refused ``state.REFUSALS_BEFORE_SKIP`` times.  A session in
+which the server refused every message it was asked for (more than one) and served none counts no
+refusal: that is the server failing (a storage outage answered by a bare "-ERR"), not each message,
+and the session fails, to be tried again.  A message that seems to have ended early (the reply after
+it out of step, ``pop3_client.OutOfStep``) is not stored, and counts as refused; the session ends.
+
+A message whose UIDL line breaks RFC 1939 (``Pop3Client.uidl``) is not kept track of, so never
+ingested nor deleted: a warning names it at every session, and the others are synced.
 
 A UIDL should name one message for ever (RFC 1939 section 7), but a server can list it twice
 (Dovecot with ``pop3_reuse_xuidl``, which takes a message's X-UIDL header, and its default
@@ -27,10 +34,10 @@ from uuid import UUID
 import asyncpg
 
 from services.ingest import leases, state
-from services.ingest.pop3_client import MessageTooLarge, Pop3Client, RetrRefused
+from services.ingest.pop3_client import MessageTooLarge, OutOfStep, Pop3Client, RetrRefused
 from services.ingest.publishing import BATCH_BYTES, Mailbox, Pulled, ingest_key, publish_pulled, same_message
 from services.ingest.wire import MAX_MESSAGE_BYTES
-from shared.errors import ConduitError
+from shared.errors import ConduitError, TransientError
 from shared.kafka import Publisher
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,8 @@ class Pop3Sync:
 
     async def sync(self, client: Pop3Client) -> int:
         listing = await client.uidl()
+        if client.untracked_uidl_lines:
+            self._warn_untracked(client.untracked_uidl_lines)
         async with self._pool.acquire() as conn:
             seen = await state.pop3_seen(conn, self._mailbox.id)
         # LIST only when it is needed: for the sizes of messages to retrieve, or to tell apart the
@@ -99,7 +108,8 @@ class Pop3Sync:
             if sizes.get(number, 0) > MAX_MESSAGE_BYTES:
                 refused[message_id] = (f"{sizes[number]} octets, more than the {MAX_MESSAGE_BYTES // 2**20} MiB "
                                        "Conduit reads as one message")
-        published = 0
+        too_large = set(refused)
+        published = retrieved = 0
         id_of = dict(new)
         batch: list[Pulled] = []
         batch_bytes = 0
@@ -111,6 +121,7 @@ class Pop3Sync:
                 asked = numbers[:BATCH]
                 try:
                     async for number, raw in client.retr_many(asked):
+                        retrieved += 1
                         batch.append(Pulled(raw, None, None, id_of[number]))
                         batch_bytes += len(raw)
                         if len(batch) >= BATCH or batch_bytes >= BATCH_BYTES:
@@ -127,6 +138,13 @@ class Pop3Sync:
                         await self._count_refusals(refused)
                         raise
                     numbers = numbers[numbers.index(exc.number) + 1:]
+                except OutOfStep as exc:
+                    if exc.suspect is not None:
+                        # Counted, like a message larger than listed: a server that never stuffs
+                        # it is skipped past after as many sessions, not stuck on it for ever.
+                        refused[id_of[exc.suspect]] = exc.message
+                        await self._count_refusals(refused)
+                    raise
         except ConduitError as exc:
             # A failed session keeps what it retrieved before the failure (a session that lost its
             # lease records nothing more).
@@ -139,6 +157,13 @@ class Pop3Sync:
             # (``state.count_refusals`` forgets those not repeated), and deletions wait for it too.
             log.info("mailbox %s: stopping; %d message(s) are retrieved at the next session", self._mailbox.id, len(numbers))
         else:
+            asked_refused = [i for i in refused if i not in too_large]
+            if not retrieved and len(asked_refused) > 1:
+                raise TransientError(
+                    f"All {len(asked_refused)} messages asked for were refused and none was served "
+                    f"({refused[asked_refused[0]].rstrip('.')}): taken for a failure of the server rather than of "
+                    "each message, so no refusal is counted and the next session asks again.",
+                    reason="server_unavailable")
             await self._count_refusals(refused)
             if self._delete:
                 await self._remove_processed(client, ids, repeated)
@@ -148,6 +173,14 @@ class Pop3Sync:
 
     def _stopped(self) -> bool:
         return self._stopping is not None and self._stopping.is_set()
+
+    def _warn_untracked(self, untracked: list[str]) -> None:
+        shown = ", ".join(untracked[:5]) + (" ..." if len(untracked) > 5 else "")
+        text = (f"the POP3 server's UIDL gives {len(untracked)} message(s) no unique id Conduit can keep track of "
+                f"(RFC 1939: 1-70 printable characters, no space; Conduit takes up to 200): {shown}; they are "
+                "not ingested while it does")
+        log.warning("mailbox %s: %s", self._mailbox.id, text)
+        self.warnings.append(("uidl_unusable", text))
 
     def _log_repeats(self, repeated: set[str]) -> None:
         if self._mailbox.id in self._repeats_logged:
