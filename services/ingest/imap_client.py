@@ -59,17 +59,19 @@ class FolderUnavailable(ImapCommandFailed):
 
 
 class FetchRefused(ImapCommandFailed):
-    """The server answered NO or BAD to a UID FETCH; ``uids`` are the UIDs that command asked for,
-    ``unserved`` those of them it did not serve.
+    """The server answered NO or BAD (``status``) to a UID FETCH; ``uids`` are the UIDs that command
+    asked for, ``unserved`` those of them it did not serve.
 
     Servers do this for single messages they cannot serve (Gmail: "Some messages could not be
     FETCHed (Failure)", for the same message every time), often after serving the others."""
 
     reason = "fetch_refused"
 
-    def __init__(self, message: str, uids: Sequence[int], served: Collection[int] = ()) -> None:
+    def __init__(self, message: str, uids: Sequence[int], served: Collection[int] = (), *,
+                 status: str = "NO") -> None:
         super().__init__(message)
         self.uids = list(uids)
+        self.status = status
         # What the command asked for and the server did not serve before refusing, in UID order.
         self.unserved = [u for u in self.uids if u not in served]
 
@@ -78,6 +80,12 @@ class FetchRefused(ImapCommandFailed):
         """The server says it cannot serve anything for now (RFC 5530 codes), not this message."""
         text = self.message.upper()
         return any(code in text for code in ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]"))
+
+    @property
+    def of_the_messages(self) -> bool:
+        """A refusal that may be the messages' own: a NO the server does not mark temporary.  A BAD
+        says the command (or the session) was at fault, not the messages (RFC 3501 7.1.3)."""
+        return self.status == "NO" and not self.temporary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +238,11 @@ _RESP_CODE = re.compile(rb"^\[([^\]]*)\]")
 # let through: some servers send [UIDNEXT 0] (then found from the last message) or [UIDVALIDITY 0].
 MAX_UID = 2**32 - 1
 _RANGES = {"UIDVALIDITY": MAX_UID, "UIDNEXT": MAX_UID + 1, "HIGHESTMODSEQ": 2**63 - 1}
+# Response codes of a refused login that are the server's trouble, not the credentials' (RFC 5530).
+_LOGIN_NOT_NOW = ("[UNAVAILABLE]", "[SERVERBUG]", "[INUSE]", "[LIMIT]")
+# A fetch_servable that has had this many UIDs refused one by one and none served takes the server to
+# refuse everything (a storage failure, say): narrowing further would cost two commands a message.
+SERVER_WIDE_REFUSALS = 5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,6 +333,7 @@ class ImapClient:
         self._tracking_asked = False   # enable_quick_resync ran (whatever the server answered)
         self._changed = False      # an untagged change arrived since the last select/uids_since/idle
         self._logging_out = False  # BYE is expected only after LOGOUT
+        self._alerted = False      # an [ALERT] of the server's was logged this session
         self.idling = False        # True while the server has us in IDLE (for tests and health checks)
         # Parsed INTERNALDATE and FLAGS values by their bytes: mail delivered together shares a date
         # to the second, and most messages share a few flag sets.  Bounded by clearing.
@@ -420,8 +434,11 @@ class ImapClient:
             self._note_capabilities(reply.text)
             return
         text = _text(reply.text)
-        # RFC 5530: UNAVAILABLE is a passing server problem, worth a retry; the rest are final.
-        if text.upper().startswith("[UNAVAILABLE]"):
+        # RFC 5530: these codes say the server cannot log anyone in for now (it is unavailable, broken,
+        # the account busy elsewhere or at its connection limit), nothing of the credentials: worth
+        # a retry, and no "wrong password" alert (nor an XOAUTH2 token forgotten).  No code, and
+        # AUTHENTICATIONFAILED, AUTHORIZATIONFAILED, EXPIRED and the rest, are final.
+        if text.upper().startswith(_LOGIN_NOT_NOW):
             raise ConnectionFailed(f"The IMAP server {self._host} could not log in {user} for now: {text.rstrip('.')}.")
         raise AuthenticationFailed(f"The IMAP server {self._host} rejected the credentials of {user}: {text.rstrip('.')}.")
 
@@ -575,10 +592,15 @@ class ImapClient:
                            changed=tuple(sorted(set(changed))) if quick else ())
 
     async def _highest_uid_plus_one(self, exists: int) -> int:
-        """UIDNEXT for the rare server that does not send it: a lower bound from the last message."""
+        """UIDNEXT for the rare server that does not send it: a lower bound from the last message.
+        The server's answer for that message is no change of the folder: it must not wake the IDLE
+        that follows (a sync that finds nothing, then IDLE woken again, for ever)."""
         if not exists:
             return 1
+        changed_before = self._changed
         reply = await self._simple(b"FETCH * (UID)", what="FETCH")
+        kinds = {_response_kind(text) for text, _ in reply.untagged}
+        self._changed = changed_before or bool(kinds & (_CHANGE_KINDS - {b"FETCH"}))
         uids = [_fetch_items(text, lits).get("UID") for text, lits in reply.untagged if b"FETCH" in text]
         return max((int(u) for u in uids if isinstance(u, str) and u.isdigit() and int(u) <= MAX_UID), default=0) + 1
 
@@ -598,6 +620,16 @@ class ImapClient:
         # SEARCH MODSEQ n matches mod-sequences >= n (RFC 7162 3.1.5): "after modseq" is n + 1.
         reply = await self._simple(b"UID SEARCH MODSEQ %d" % (modseq + 1), what="UID SEARCH")
         return sorted(_search_results(reply))
+
+    async def uids_present(self, uids: Sequence[int]) -> set[int]:
+        """Of ``uids`` (of the selected folder), those the folder holds now: one ``UID SEARCH UID``
+        (a UID that no longer exists simply does not match)."""
+        ordered = sorted(set(uids))
+        if not ordered:
+            return set()
+        reply = await self._simple(b"UID SEARCH UID " + sequence_set(ordered), what="UID SEARCH")
+        asked = set(ordered)
+        return {uid for uid in _search_results(reply) if uid in asked}
 
     async def still_there(self, uids: Sequence[int]) -> dict[int, datetime | None]:
         """Of ``uids`` (of the selected folder), those the folder holds now and that are not flagged
@@ -629,11 +661,7 @@ class ImapClient:
                 other_change = True    # an unsolicited flag update of another client's
                 continue
             _forget_expunged(text, found)
-            if len(words) > 2 and words[1].isdigit():
-                kind = words[2].upper()               # "* 5 EXPUNGE"
-            else:
-                kind = words[1].upper() if len(words) > 1 else b""
-            other_change = other_change or kind in _CHANGE_KINDS
+            other_change = other_change or _response_kind(text) in _CHANGE_KINDS
         self._changed = changed_before or other_change
         return {uid: date for uid, (_, date) in found.items() if uid not in deleted}
 
@@ -666,26 +694,41 @@ class ImapClient:
         A UID FETCH answered OK refuses too when its FETCH response for a UID it asked for carries
         no content (``BODY[] NIL``, or no body item): that UID goes into ``refused`` as well, unless
         an EXPUNGE or VANISHED before the command's end says the message is gone.  A UID the answer
-        does not name at all is gone too (expunged), and is not refused."""
-        pending = sorted(set(uids))
-        while pending:
+        does not name at all is not in ``refused``: whether the server still has it is the caller's
+        to ask (``uids_present``).
+
+        Only a NO the server does not mark temporary is narrowed down (``FetchRefused.of_the_messages``);
+        any other refusal ends the fetch with ``FetchRefused``.  The server refusing
+        ``SERVER_WIDE_REFUSALS`` UIDs one by one before it has served any ends it with
+        ``ImapCommandFailed``: that is no fault of the messages, and narrowing on would cost two
+        commands a message."""
+        # Work in UID order: each entry is (UIDs, chunk), a narrowing going before the rest.
+        work: deque[tuple[list[int], int]] = deque([(sorted(set(uids)), chunk)])
+        served_any = False
+        refused_alone = 0   # UIDs refused one by one (while none was served)
+        while work:
+            pending, size = work.popleft()
             try:
-                async with aclosing(self._fetch(pending, chunk, self._whole_items(), refused)) as fetched:
+                async with aclosing(self._fetch(pending, size, self._whole_items(), refused)) as fetched:
                     async for messages in fetched:
+                        served_any = served_any or bool(messages)
                         yield messages
-                return
             except FetchRefused as exc:
-                if exc.temporary:
+                if not exc.of_the_messages:
                     raise
+                rest = [u for u in pending if u > exc.uids[-1]]
+                if rest:
+                    work.appendleft((rest, size))
                 if len(exc.uids) == 1 and exc.unserved:
                     refused[exc.uids[0]] = exc.message
+                    refused_alone += 1
+                    if not served_any and refused_alone >= SERVER_WIDE_REFUSALS:
+                        raise ImapCommandFailed(f"The IMAP server {self._host} refused each of the first "
+                                                f"{refused_alone} messages asked for and served none (the last "
+                                                f"refusal: {exc.message.rstrip('.')}).") from None
                 elif exc.unserved:
                     # Each narrower command asks for at most half: single UIDs are reached.
-                    narrower = (len(exc.unserved) + 1) // 2
-                    async with aclosing(self.fetch_servable(exc.unserved, refused, chunk=narrower)) as narrowed:
-                        async for messages in narrowed:
-                            yield messages
-                pending = [u for u in pending if u > exc.uids[-1]]
+                    work.appendleft((exc.unserved, (len(exc.unserved) + 1) // 2))
 
     async def _fetch(self, uids: Sequence[int], chunk: int, items: bytes,
                      without_content: dict[int, str] | None = None) -> AsyncIterator[list[FetchedMessage]]:
@@ -729,9 +772,9 @@ class ImapClient:
                         served.update([m.uid for m in messages])
                         if messages:
                             yield messages
-                except ImapCommandFailed as exc:
+                except FetchRefused as exc:
                     in_flight.popleft()   # its tagged answer is read: nothing of it is left to drain
-                    raise FetchRefused(exc.message, asked[0], served) from None
+                    raise FetchRefused(exc.message, asked[0], served, status=exc.status) from None
                 in_flight.popleft()
                 done = asked.popleft()
                 if missing and without_content is not None:
@@ -771,6 +814,7 @@ class ImapClient:
         brought at once (~35 of 7 KB), and one async-generator step per message less counts."""
         conn = self._conn
         read_response = self._read_response
+        uidless_logged = False
         while True:
             messages, incomplete = self._take_usual_fetches()
             if messages:
@@ -787,6 +831,14 @@ class ImapClient:
                     continue
                 if answer is not None:
                     missing[answer.uid] = (answer.number, answer.what)
+                elif literals and text[2:].split(b" ", 2)[1:2] in ([b"FETCH"], [b"fetch"]):
+                    # A message's content without its UID (RFC 3501 6.4.8 says a UID FETCH answer
+                    # carries it): nothing to store it by.  Left out, its UID is one the answer does
+                    # not name, which the caller asks the server about.
+                    if not uidless_logged:
+                        uidless_logged = True
+                        log.warning("the IMAP server %s answered UID FETCH with a message without its UID: "
+                                    "left out", self._host)
                 elif missing:
                     _forget_expunged(text, missing)
             if text[:1] == b"*" or text[:1] == b"+":
@@ -796,8 +848,8 @@ class ImapClient:
             if status is None:
                 continue
             if status != "OK":
-                raise ImapCommandFailed(
-                    f"The IMAP server {self._host} refused UID FETCH: {_text(text[len(tag) + 4:])}.")
+                raise FetchRefused(f"The IMAP server {self._host} refused UID FETCH: {_text(text[len(tag) + 4:])}.",
+                                   (), status=status)
             return
 
     def _take_usual_fetches(self) -> tuple[list[FetchedMessage], bool]:
@@ -934,7 +986,9 @@ class ImapClient:
     async def idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a change in the selected folder (IDLE, or NOOP polling when the
         server lacks IDLE).  True as soon as EXISTS/RECENT/FETCH/EXPUNGE (VANISHED once QRESYNC is
-        enabled: RFC 7162 3.2.10) arrives, False on timeout.
+        enabled: RFC 7162 3.2.10) arrives, False on timeout, or when the server ends the IDLE itself
+        (its tagged reply: the caller looks at the folder, then idles again; re-issued here, IDLE
+        would run hot against a server that ends it at once).
         Leaves IDLE with DONE every time, and re-issues it before 29 minutes (RFC 2177)."""
         if self._changed:       # reported while another command ran: do not wait for the next one
             self._changed = False
@@ -945,13 +999,15 @@ class ImapClient:
             return await self.noop()
         while True:
             period_end = min(deadline, loop.time() + IDLE_RESTART_SECONDS)
-            if await self._idle_once(period_end):
+            woke, ended_by_server = await self._idle_once(period_end)
+            if woke:
                 self._changed = False
                 return True
-            if loop.time() >= deadline:
+            if ended_by_server or loop.time() >= deadline:
                 return False
 
-    async def _idle_once(self, period_end: float) -> bool:
+    async def _idle_once(self, period_end: float) -> tuple[bool, bool]:
+        """One IDLE until ``period_end``: (whether a change came, whether the server ended it)."""
         loop = asyncio.get_running_loop()
         await self._acquire()
         try:
@@ -979,6 +1035,17 @@ class ImapClient:
                     if self._conn.buffered():
                         raise
                     break
+                if text[:1] not in (b"*", b"+"):
+                    status = self._tagged_status(text, tag)
+                    if status is None:
+                        continue
+                    # The server ended the IDLE itself (its own time limit): no DONE, which it would
+                    # take for a command.  The caller looks at the folder and idles again.
+                    self.idling = False
+                    if status != "OK":
+                        raise ImapCommandFailed(f"The IMAP server {self._host} ended IDLE with {status}: "
+                                                f"{_text(text[len(tag) + len(status) + 2:])}.")
+                    return woke or self._changed, True
                 self._note_untagged(text, literals, None)
                 woke = self._changed
             self.idling = False
@@ -988,7 +1055,7 @@ class ImapClient:
             if reply.status != "OK":
                 raise ImapCommandFailed(
                     f"The IMAP server {self._host} ended IDLE with {reply.status}: {_text(reply.text)}.")
-            return woke or self._changed
+            return woke or self._changed, False
         except BaseException:
             self.idling = False
             self._broken = self._broken or "an IDLE was interrupted"
@@ -1143,6 +1210,12 @@ class ImapClient:
                 raise ConnectionFailed(f"The IMAP server {self._host} ended the session: {_text(text[6:])}.")
         elif kind == b"CAPABILITY" and len(words) > 2:
             self.capabilities = frozenset(text[13:].decode("ascii", "replace").upper().split())
+        elif kind in (b"OK", b"NO", b"BAD") and words[2:3] and words[2][:7].upper() == b"[ALERT]":
+            # RFC 3501 7.1: an alert must be presented to the user; logged once a session (a server
+            # may repeat it with every command).  The server's words, never ours.
+            if not self._alerted:
+                self._alerted = True
+                log.warning("the IMAP server %s alerts: %s", self._host, _text(text.split(b" ", 2)[2]))
 
     async def _read_response(self, first_timeout: float | None = None) -> tuple[bytes, list[bytes]]:
         """Read one response: its text with ``{n}`` markers, and the literals' bytes."""
@@ -1167,6 +1240,14 @@ async def _one_by_one(lists: AsyncIterator[list[FetchedMessage]]) -> AsyncIterat
         async for messages in lists:
             for message in messages:
                 yield message
+
+
+def _response_kind(text: bytes) -> bytes:
+    """What an untagged response is, upper-case: ``b"EXPUNGE"`` for "* 5 EXPUNGE", ``b"OK"`` for "* OK ..."."""
+    words = text.split(b" ", 3)
+    if len(words) > 2 and words[1].isdigit():
+        return words[2].upper()
+    return words[1].upper() if len(words) > 1 else b""
 
 
 def _text(raw: bytes) -> str:

@@ -28,10 +28,15 @@ does, for single messages) is narrowed down to the UIDs it refuses (``ImapClient
 what it did serve, before and after them, is ingested, while the saved state stays below the lowest
 refused UID.  A UID FETCH answered OK whose response for a UID carries no content (``BODY[] NIL``, or
 no body item) refuses that UID just the same: it is no message (stored and published as an empty one
-it would be a junk activity), and the state must not pass it.  A UID absent from the answer, or
-reported expunged during it, is gone and refuses nothing.  Each refusal is counted
-(``refused_message``) and named in a warning; once refused in ``state.REFUSALS_BEFORE_SKIP`` syncs a
-UID is skipped, named again, and the state moves past it.  Where the profile moves failed email to
+it would be a junk activity), and the state must not pass it.  A UID reported expunged during the
+answer is gone and refuses nothing; one the answer does not name at all (or names only in a response
+without its UID) is gone if a ``UID SEARCH`` then no longer finds it, and refused if the server still
+has it (``_check_not_served``).  Each refusal is counted (``refused_message``) and named in a
+warning; once refused in ``state.REFUSALS_BEFORE_SKIP`` syncs a UID is skipped, named again, and the
+state moves past it.  A refusal that is no message's fault skips nothing: the folder's sync fails
+instead (a ``folder_sync_failed`` warning) and is tried again at the next sync.  That is a refusal
+the server marks temporary or answers with BAD, and a sync in which the server served nothing and
+refused more than one message (Dovecot's ``NO [SERVERBUG]`` on a storage failure).  Where the profile moves failed email to
 an Undeliverable folder, a skipped message is then moved there (``move_undeliverable``).
 
 Batches are pipelined: while one batch's events are published and its state saved, the next
@@ -249,6 +254,9 @@ class ImapFolderSync:
                                  self._mailbox.id, folder)
                         cut_short = True
                         break
+            if not cut_short:
+                await self._check_not_served(client, uids[unserved:], served, refused,
+                                             nothing_served=not unserved and not served)
             await flush(last=not cut_short)
             return sum([await task for task in flushes])
         except asyncio.CancelledError:
@@ -261,6 +269,27 @@ class ImapFolderSync:
             # After a failure reading from the server, batches already read still finish: they need
             # no IMAP.  (After a failed batch, the later ones fail at once without publishing.)
             await asyncio.gather(*flushes, return_exceptions=True)   # every outcome retrieved
+
+    async def _check_not_served(self, client: ImapClient, rest: list[int], served: set[int],
+                                refused: dict[int, str], *, nothing_served: bool) -> None:
+        """At the end of a folder's fetch (``rest``: the UIDs asked for from the first one not served
+        on, ``served``: those of them served): a UID the answers did not name, neither served nor
+        refused, is gone unless the server still has it (one ``UID SEARCH``); a message it has but
+        left out of its answer (a FETCH response without the UID, say) is refused, so the state
+        stays below it.  Then, when nothing at all was served (``nothing_served``) and more than one
+        UID was refused, the server refused everything (Dovecot's ``NO [SERVERBUG]`` for a storage
+        failure): a fault of the server's, not of the messages, so no refusal is counted and the
+        folder's sync fails (``ImapCommandFailed``, a ``folder_sync_failed`` warning), tried again at
+        the next sync."""
+        unnamed = [uid for uid in rest if uid not in served and uid not in refused]
+        if unnamed:
+            for uid in sorted(await client.uids_present(unnamed)):
+                refused[uid] = "The IMAP server left the message out of its answer to UID FETCH, yet still has it."
+        if nothing_served and len(refused) > 1:
+            count, reason = len(refused), refused[min(refused)]
+            refused.clear()
+            raise ImapCommandFailed(f"The IMAP server refused {count} messages and served none, a fault of "
+                                    f"the server's, not of those messages (it said: {reason.rstrip('.')}).")
 
     async def _flush(self, folder: str, status: FolderState, highest: int, modseq: int | None,
                      batch: list[Pulled], claimed: set[str], previous: asyncio.Task[int] | None,
