@@ -2,7 +2,9 @@
 
 Each check uses the same client the services use, so a success here means the service will get
 in.  The result (success or failure with a one-line reason) is stored per direction; success
-enables the direction and clears errors and back-off.
+enables the direction and clears errors and back-off.  Unless asked for given directions, only those
+the mailbox is used for are tested: its owner's that use server-side sync (a forward mailbox's
+incoming); a direction its owner sends or receives otherwise is left alone, neither tested nor failed.
 """
 from __future__ import annotations
 
@@ -11,15 +13,24 @@ from uuid import UUID
 
 from shared.errors import ConduitError, InvalidInput
 from shared.oauth import TokenProvider
-from shared.registry import models
+from shared.registry import models, repository as repo
 from shared.registry.service import MailboxWork, Registry
 from shared.tls import client_context
 
 CHECK_TIMEOUT = 20.0
 
 
-async def test_enable(registry: Registry, org: models.Organization, ref: str, directions: list[str]) -> dict[str, tuple[bool, str]]:
+TESTED = ("incoming", "outgoing")
+
+
+async def test_enable(registry: Registry, org: models.Organization, ref: str,
+                      directions: list[str] | None = None) -> dict[str, tuple[bool, str]]:
+    """Test the ``directions`` of the mailbox ``ref`` (None: those it is used for, ``unused_directions``)
+    and record each result."""
     mailbox = await registry.mailbox(org, ref)
+    if directions is None:
+        unused = await unused_directions(registry, mailbox)
+        directions = [d for d in TESTED if d not in unused]
     if "act" in directions:
         # Refused before anything is tested: recorded as a failed test, it would leave the mailbox
         # `failing` on mailbox.health, and no later test could clear it.
@@ -31,6 +42,19 @@ async def test_enable(registry: Registry, org: models.Organization, ref: str, di
         await registry.record_test(mailbox.id, direction, ok, message)
         results[direction] = (ok, message)
     return results
+
+
+async def unused_directions(registry: Registry, mailbox: models.Mailbox) -> dict[str, str]:
+    """The directions Test & Enable tests that no service works for this mailbox, each with why: its
+    owner's delivery method for it is not server-side sync (a forward mailbox only receives)."""
+    if mailbox.owner_kind is None:
+        return {"outgoing": "a forward mailbox only receives"}
+    async with registry.pool.acquire() as conn:
+        owner = await repo.owner_by_id(conn, mailbox.owner_kind, mailbox.owner_id)
+    if owner is None:
+        return {}
+    return {d: f"the {mailbox.owner_kind}'s {d} is {owner[f'{d}_method']}" for d in TESTED
+            if owner[f"{d}_method"] != "server_side_sync"}
 
 
 async def _check(registry: Registry, mailbox: models.Mailbox, direction: str) -> tuple[bool, str]:

@@ -138,6 +138,11 @@ def main() -> None:
         message = " ".join(exc.format_message().split())
         where = getattr(exc, "ctx", None)
         hint = f" (`{where.command_path} --help` says more)" if where is not None else ""
+        if getattr(exc, "option_name", None) == "--email" and where is not None \
+                and where.command_path.split()[-2:] in (["user", "add"], ["queue", "add"]):
+            # `set` takes --email; `add` takes the address as its argument (click would offer --help).
+            message = f"no such option: --email: the address is the argument, `{where.command_path} ADDRESS --name NAME`"
+            hint = ""
         raise SystemExit(fail(message + hint, code=exc.exit_code).exit_code) from None
     except typer.Abort:   # Ctrl-D at a prompt
         raise SystemExit(fail("aborted", code=1).exit_code) from None

@@ -40,6 +40,8 @@ folder_rule_app = typer.Typer(help="Folder-level tracking rules: a folder's emai
 mailbox_app.add_typer(folder_rule_app, name="folder-rule")
 
 JSON = typer.Option(False, "--json", help="Print JSON.")
+SAME_OUTGOING_HELP = ("Use the incoming settings for outgoing too: the incoming credentials, and the incoming host "
+                      "when no --outgoing-host is given.")
 STOP_HELP = ("Stop a mailbox's direction after this many refused sign-ins in a row (1-100), until Test & Enable "
              "succeeds again; 0: never stop, back off and retry (the default).")
 
@@ -106,7 +108,7 @@ def profile_add(
     outgoing_host: Optional[str] = typer.Option(None), outgoing_port: Optional[int] = typer.Option(None),
     outgoing_tls: models.TlsMode = typer.Option("starttls"),
     same_outgoing: bool = typer.Option(True, "--same-outgoing-settings/--separate-outgoing-settings",
-                                       help="Use the incoming credentials for outgoing too."),
+                                       help=SAME_OUTGOING_HELP),
     service_url: Optional[str] = typer.Option(None, help="EWS URL, or the Graph base URL."),
     auth: models.AuthMethod = typer.Option("mailbox_credentials", help="mailbox_credentials, profile_impersonation or oauth2"),
     profile_user: Optional[str] = typer.Option(None, help="Profile user for impersonation."),
@@ -155,21 +157,29 @@ def _warn_cleartext(p: models.Profile) -> None:
 def profile_set(
     ref: str = typer.Argument(..., help="Profile name or id."),
     name: Optional[str] = typer.Option(None, help="A new name."),
-    incoming_host: Optional[str] = typer.Option(None), incoming_port: Optional[int] = typer.Option(None),
-    incoming_tls: Optional[models.TlsMode] = typer.Option(None),
-    outgoing_host: Optional[str] = typer.Option(None), outgoing_port: Optional[int] = typer.Option(None),
-    outgoing_tls: Optional[models.TlsMode] = typer.Option(None),
-    same_outgoing: Optional[bool] = typer.Option(None, "--same-outgoing-settings/--separate-outgoing-settings"),
-    service_url: Optional[str] = typer.Option(None), auth: Optional[models.AuthMethod] = typer.Option(None),
-    profile_user: Optional[str] = typer.Option(None),
+    incoming_host: Optional[str] = typer.Option(None, help="The IMAP or POP3 server (the outgoing host follows "
+                                                            "when it was the same and settings are shared)."),
+    incoming_port: Optional[int] = typer.Option(None, help="The IMAP or POP3 port."),
+    incoming_tls: Optional[models.TlsMode] = typer.Option(None, help="TLS to the incoming server: implicit, starttls or none."),
+    outgoing_host: Optional[str] = typer.Option(None, help="The SMTP server."),
+    outgoing_port: Optional[int] = typer.Option(None, help="The SMTP port (default: 465 implicit, 587 starttls, 25 none)."),
+    outgoing_tls: Optional[models.TlsMode] = typer.Option(None, help="TLS to the SMTP server: implicit, starttls or none."),
+    same_outgoing: Optional[bool] = typer.Option(None, "--same-outgoing-settings/--separate-outgoing-settings",
+                                                 help=SAME_OUTGOING_HELP),
+    service_url: Optional[str] = typer.Option(None, help="Exchange only: the EWS URL, or the Graph base URL."),
+    auth: Optional[models.AuthMethod] = typer.Option(None, help="mailbox_credentials, profile_impersonation or oauth2"),
+    profile_user: Optional[str] = typer.Option(None, help="Impersonation only: the profile's user."),
     profile_secret: bool = typer.Option(False, "--new-profile-secret",
                                         help="Replace the impersonation password (from CONDUIT_PROFILE_SECRET or a prompt)."),
-    oauth_token_url: Optional[str] = typer.Option(None), oauth_client_id: Optional[str] = typer.Option(None),
-    oauth_scope: Optional[str] = typer.Option(None),
+    oauth_token_url: Optional[str] = typer.Option(None, help="OAuth 2.0 only: the token endpoint (https)."),
+    oauth_client_id: Optional[str] = typer.Option(None, help="OAuth 2.0 only: the client (application) id."),
+    oauth_scope: Optional[str] = typer.Option(None, help="OAuth 2.0 only: the scope asked for."),
     client_secret: bool = typer.Option(False, "--new-client-secret",
                                        help="Replace the OAuth client secret (from CONDUIT_OAUTH_CLIENT_SECRET or a prompt)."),
-    tls_ca_file: Optional[str] = typer.Option(None), max_connections: Optional[int] = typer.Option(None),
-    polling_interval: Optional[int] = typer.Option(None), received_after: Optional[datetime] = typer.Option(None),
+    tls_ca_file: Optional[str] = typer.Option(None, help="Extra CA certificate file to trust (verification stays on)."),
+    max_connections: Optional[int] = typer.Option(None, help="Maximum concurrent connections per server."),
+    polling_interval: Optional[int] = typer.Option(None, help="Minimum polling interval, seconds."),
+    received_after: Optional[datetime] = typer.Option(None, help="Process only email received after this date."),
     move_failed: Optional[bool] = typer.Option(None, "--move-failed/--no-move-failed", help="IMAP: move messages given up on to an Undeliverable folder."),
     stop_after_refused_logins: Optional[int] = typer.Option(None, help=STOP_HELP),
     clear: list[str] = typer.Option([], "--clear", help="Reset a setting to none, e.g. tls-ca-file, received-after, "
@@ -292,7 +302,8 @@ def profile_set_default(ref: str, org: str = org_option()) -> None:
 
 @user_app.command("add")
 def user_add(
-    email: str, name: str = typer.Option(..., "--name", help="Full name."),
+    email: str = typer.Argument(..., metavar="ADDRESS", help="The user's email address."),
+    name: str = typer.Option(..., "--name", help="Full name."),
     incoming: models.IncomingMethod = typer.Option("server_side_sync"),
     outgoing: models.OutgoingMethod = typer.Option("server_side_sync"),
     act: models.ActMethod = typer.Option("none", help="Appointments, contacts and tasks."),
@@ -304,6 +315,7 @@ def user_add(
             u = await ctx.registry.add_user(ctx.org, name, email, incoming=incoming, outgoing=outgoing, act=act)
             emit_json(u) if json_ else typer.echo(
                 f"user {u.email} added ({u.id})" + (f"; mailbox {u.mailbox_id}" if u.mailbox_id else ""))
+            await _warn_shared_address(ctx, u.email, "user", u.id)
     run(go)
 
 
@@ -323,7 +335,8 @@ def user_list(org: str = org_option(), json_: bool = JSON) -> None:
 
 @queue_app.command("add")
 def queue_add(
-    email: str, name: str = typer.Option(..., "--name"),
+    email: str = typer.Argument(..., metavar="ADDRESS", help="The queue's email address."),
+    name: str = typer.Option(..., "--name", help="The queue's name."),
     incoming: models.IncomingMethod = typer.Option("server_side_sync"),
     outgoing: models.OutgoingMethod = typer.Option("server_side_sync"),
     org: str = org_option(), json_: bool = JSON,
@@ -334,6 +347,7 @@ def queue_add(
             q = await ctx.registry.add_queue(ctx.org, name, email, incoming=incoming, outgoing=outgoing)
             emit_json(q) if json_ else typer.echo(
                 f"queue {q.name} added ({q.id})" + (f"; mailbox {q.mailbox_id}" if q.mailbox_id else ""))
+            await _warn_shared_address(ctx, q.email, "queue", q.id)
     run(go)
 
 
@@ -407,6 +421,8 @@ def _owner_edit(kind: str, ref: str, org: str, json_: bool, **changes: Any) -> N
         async with command_context(load_settings(), org) as ctx:
             update = ctx.registry.update_user if kind == "user" else ctx.registry.update_queue
             edit = await update(ctx.org, ref, **changes)
+            if "email" in edit.changed:   # standard error: with --json, standard output is the JSON alone
+                await _warn_shared_address(ctx, edit.owner.email, kind, edit.owner.id)
             if json_:
                 return emit_json({kind: edit.owner.model_dump(mode="json"),
                                   "changed": {k: list(v) for k, v in edit.changed.items()},
@@ -416,6 +432,25 @@ def _owner_edit(kind: str, ref: str, org: str, json_: bool, **changes: Any) -> N
                                   "waits_for": list(edit.waits_for)})
             typer.echo(_owner_line(kind, edit, set(changes) == {"active"}))
     run(go)
+
+
+async def _warn_shared_address(ctx: Any, email: str, kind: str, own_id: Any) -> None:
+    """One line on standard error when ``email``, just given to the ``kind`` ``own_id``, is another
+    user's, queue's, contact's, account's or lead's too: mail from it is resolved to one of them only
+    (the first of users, contacts, accounts, leads, queues: docs/inbound.md, "Parties"), so a user
+    with a customer's address takes that customer's mail."""
+    parties = await ctx.registry.parties_with_address(ctx.org, email)
+    others = [p for p in parties if p[1] != own_id]
+    if not others:
+        return
+
+    def named(party: tuple[str, Any, str]) -> str:
+        return f"this {kind}" if party[1] == own_id else f"the {party[0]} {party[2]}"
+    typer.echo(f"warning: {email} is also the address of " + ", ".join(f"{k} {n} ({i})" for k, i, n in others)
+               + f"; mail from it is resolved to {named(parties[0])}, not to "
+               + " or ".join(named(p) for p in parties[1:])
+               + " (the first of users, contacts, accounts, leads, queues, the oldest first: docs/inbound.md), "
+                 "mail to it to all of them", err=True)
 
 
 def _owner_line(kind: str, edit: OwnerEdit, activation: bool) -> str:
@@ -518,8 +553,8 @@ def mailbox_show(ref: str = typer.Argument(..., help="Mailbox id, address, or it
                     continue
                 pairs.append((d, f"{s.status}; errors {s.error_count}"
                               + (f"; refused sign-ins in a row {s.refused_logins}" if s.refused_logins else "")
-                              + (f"; backing off until {s.backoff_until:%Y-%m-%d %H:%M:%S} (`conduit mailbox "
-                                 f"test-enable` tries now)" if _backing_off(s, now) else "")
+                              + (f"; backing off until {s.backoff_until.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} "
+                                 "UTC (`conduit mailbox test-enable` tries now)" if _backing_off(s, now) else "")
                               + (f"; {s.test_message}" if s.test_message else "")))
             if m.sync is not None:
                 pairs += _sync_lines(m.sync)
@@ -637,7 +672,10 @@ def mailbox_configure(
     tracking: Optional[models.Tracking] = typer.Option(None, help="all, responses, known_records or email_enabled_records"),
     folders: Optional[str] = typer.Option(None, help="Comma-separated folders to track (default INBOX)."),
     convert: Optional[bool] = typer.Option(None, "--convert/--no-convert", help="Queues: convert incoming email to activities."),
-    delete_after: Optional[bool] = typer.Option(None, "--delete-after-processing/--keep-on-server", help="Queues only."),
+    delete_after: Optional[bool] = typer.Option(
+        None, "--delete-after-processing/--keep-on-server",
+        help="Delete from the server each message once it is an activity (and copies of it found earlier); queue "
+             "mailboxes only. See docs/inbound.md."),
     org: str = org_option(),
 ) -> None:
     """Change a mailbox's profile, tracking option, tracked folders and queue options.  Moved to a
@@ -649,7 +687,14 @@ def mailbox_configure(
                 ctx.org, ref, profile=profile, tracking=tracking,
                 tracked_folders=folders.split(",") if folders is not None else None,
                 convert_to_activities=convert, delete_after_processing=delete_after)
-            typer.echo(f"{m.email}: " + ("already so, nothing changed" if m == before else "updated")
+            done = "already so, nothing changed" if m == before else "updated"
+            if m.delete_after_processing != before.delete_after_processing:
+                # What the switch does, rather than "updated": it reaches mail ingested before it too.
+                done = ("messages that became activities are now deleted from the server, including ones found "
+                        "before (and their copies)" if m.delete_after_processing
+                        else "messages that became activities are now kept on the server (those deleted already "
+                             "are gone)")
+            typer.echo(f"{m.email}: {done}"
                        + (f"; tracked folders: {', '.join(m.tracked_folders)}" if folders is not None else ""))
             for rule in m.folder_rules:
                 if rule.folder not in m.tracked_folders:
@@ -716,11 +761,14 @@ def folder_rule_remove(ref: str = typer.Argument(..., help="Mailbox id, address,
 @mailbox_app.command("test-enable")
 def mailbox_test_enable(
     ref: str,
-    direction: list[str] = typer.Option(["incoming", "outgoing"], "--direction", help="incoming, outgoing, act (repeatable)."),
+    direction: list[str] = typer.Option(
+        [], "--direction", help="incoming, outgoing, act (repeatable). Default: the directions the mailbox is used "
+                                "for (its owner's that use server-side sync)."),
     org: str = org_option(),
 ) -> None:
-    """Test & Enable: connect with the mailbox's settings, record each direction's result, enable on success."""
-    from conduit.test_enable import test_enable
+    """Test & Enable: connect with the mailbox's settings, record each direction's result, enable on success.
+    A direction its owner does not use server-side sync for is not tested unless asked for."""
+    from conduit.test_enable import TESTED, test_enable, unused_directions
 
     bad = set(direction) - {"incoming", "outgoing", "act"}
     if bad:
@@ -732,9 +780,17 @@ def mailbox_test_enable(
         if alerts.getEffectiveLevel() > logging.DEBUG:
             alerts.setLevel(logging.ERROR)
         async with command_context(load_settings(), org) as ctx:
-            results = await test_enable(ctx.registry, ctx.org, ref, direction)
-            for d, (ok, message) in results.items():
-                typer.echo(f"{d:<9} {'success' if ok else 'failure'}: {message}")
+            mailbox = await ctx.registry.mailbox(ctx.org, ref)
+            unused = await unused_directions(ctx.registry, mailbox)
+            results = await test_enable(ctx.registry, ctx.org, str(mailbox.id), direction or None)
+            for d in dict.fromkeys(direction or TESTED):
+                if d not in results:
+                    typer.echo(f"{d:<9} not used ({unused[d]})")
+                    continue
+                ok, message = results[d]
+                # Asked for by name, a direction no service works for may fail for that very reason.
+                why = f" (not used: {unused[d]})" if d in unused else ""
+                typer.echo(f"{d:<9} {'success' if ok else 'failure'}: {message}{why}")
             return 0 if all(ok for ok, _ in results.values()) else 1
     code = run(go)
     if code:
@@ -752,12 +808,7 @@ def record_add(kind: models.RecordKind, email: str, name: str = typer.Option(...
         async with command_context(load_settings(), org) as ctx:
             r = await ctx.registry.add_record(ctx.org, kind, name, email, email_enabled=email_enabled)
             emit_json(r) if json_ else typer.echo(f"{r.kind} {r.email} added ({r.id})")
-            others = [o for o in await ctx.registry.records(ctx.org) if o.email.lower() == email.lower() and o.id != r.id]
-            if others:
-                typer.echo(f"warning: {email} is also the address of "
-                           + ", ".join(f"{o.kind} {o.name} ({o.id})" for o in others)
-                           + "; mail from it is resolved to the first of users, contacts, accounts, leads, "
-                             "queues (the oldest first), mail to it to all of them", err=True)
+            await _warn_shared_address(ctx, r.email, r.kind, r.id)
     run(go)
 
 
@@ -805,6 +856,9 @@ def activity_show(ref: str = typer.Argument(..., help="Activity id or Message-ID
 def message_why(message_id: str, org: str = org_option(), json_: bool = JSON) -> None:
     """Why was this email (not) tracked?  One answer per mailbox it reached, and, for an email
     Conduit sent, the request it sent it for and its outgoing activity."""
+    if not message_id.strip():
+        raise fail("the Message-ID is empty: give the one from the email's Message-ID header")
+
     async def go() -> int:
         async with command_context(load_settings(), org) as ctx:
             decisions = await ctx.registry.decisions(ctx.org, message_id)

@@ -13,7 +13,7 @@ import mimetypes
 import time
 import unicodedata
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -101,6 +101,9 @@ def send(
         payload = EmailOutboundV1.model_validate(data)
     except ValidationError as exc:
         raise fail(_in_options_words(exc)) from None
+    if payload.deadline is not None and payload.deadline <= datetime.now(timezone.utc):
+        # Published, it could only fail (deadline_exceeded): refused here, as dispatch's other refusals are.
+        raise fail(f"--deadline {payload.deadline.isoformat()} has passed: give a time to come, or leave --deadline out")
 
     async def go() -> int:
         nonlocal payload

@@ -193,6 +193,24 @@ async def records_with_address(conn: asyncpg.Connection, org_id: UUID, email: st
     )
 
 
+async def parties_with_address(conn: asyncpg.Connection, org_id: UUID, email: str) -> list[asyncpg.Record]:
+    """The users, contacts, accounts, leads and queues with this address (any case), in the order
+    evaluate resolves a sender shared by several (services/evaluate/repository.py ``load_lookups``:
+    its first wins): users, contacts, accounts, leads, then queues, the oldest first within a kind."""
+    return await conn.fetch(
+        """SELECT kind, id, name FROM (
+             SELECT 'user' AS kind, id, full_name AS name, 0 AS rank, created_at FROM crm_user
+               WHERE organization_id = $1 AND lower(email) = lower($2)
+             UNION ALL
+             SELECT 'queue', id, name, 4, created_at FROM queue WHERE organization_id = $1 AND lower(email) = lower($2)
+             UNION ALL
+             SELECT kind, id, name, CASE kind WHEN 'contact' THEN 1 WHEN 'account' THEN 2 ELSE 3 END, created_at
+               FROM crm_record WHERE organization_id = $1 AND lower(email) = lower($2)) p
+           ORDER BY rank, created_at, id""",
+        org_id, email,
+    )
+
+
 async def records_by_ref(conn: asyncpg.Connection, org_id: UUID, kind: str, ref: str) -> list[asyncpg.Record]:
     """Records of ``kind`` in the organization whose id or address is ``ref``."""
     return await conn.fetch(

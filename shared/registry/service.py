@@ -266,7 +266,11 @@ class Registry:
             current = {k: row[k] for k in ProfileInput.__dataclass_fields__ if k not in _PROFILE_SECRETS}
             # A secret kept stands for itself in the check: only its presence matters there.
             kept = {k: SecretStr("kept") for k in _PROFILE_SECRETS if row[k] is not None}
-            fields = self._profile_fields(ProfileInput(**{**current, **kept, **changes}))
+            spec = ProfileInput(**{**current, **kept, **changes})
+            unused = _unused_settings(spec, [k for k, v in changes.items() if v is not None])
+            if unused:
+                raise InvalidInput(_unused_message(spec, unused), reason="unused_setting")
+            fields = self._profile_fields(spec)
             # Only what differs is written and announced (a new secret always does: it is encrypted anew).
             fields = {k: v for k, v in fields.items() if k in changes and (k in _PROFILE_SECRETS or row[k] != v)}
             if not fields:
@@ -516,7 +520,8 @@ class Registry:
         processed = tuple([d for d in repo.DIRECTIONS
                            if await repo.mailboxes_to_process(conn, d, mailbox_ids=[mailbox["id"]])])
         return OwnerEdit(owner=owner, changed=changed, mailbox=await self._mailbox_model(conn, mailbox),
-                         processed=processed, waits_for=() if processed else _waits_for(kind, row, mailbox), **edit)
+                         processed=processed, waits_for=() if processed else _waits_for(kind, row, mailbox, changed),
+                         **edit)
 
     # --- mailboxes -------------------------------------------------------------------------------
 
@@ -660,10 +665,10 @@ class Registry:
             return folder_rules.folder_rule(rule)
 
     async def set_credentials(self, org: models.Organization, ref: str, username: str | None, secret: SecretStr) -> models.Mailbox:
-        if not secret.get_secret_value():
-            raise InvalidInput("the password or token is empty")
         async with self._tx() as conn:
-            row = await self._mailbox_row(conn, org, ref)
+            row = await self._mailbox_row(conn, org, ref)   # first: "no mailbox" says more than "empty"
+            if not secret.get_secret_value():
+                raise InvalidInput("the password or token is empty")
             await repo.update_mailbox(conn, row["id"], {"username": username or row["email"],
                                                         "secret": self._cipher.encrypt(secret)})
             await self._mailbox_event(conn, org.id, row["id"], "updated", message="credentials changed")
@@ -797,6 +802,12 @@ class Registry:
             await self._changed(conn, org.id, kind, row["id"], "created", {"email": email, "name": name})
             return models.Record(**dict(row))
 
+    async def parties_with_address(self, org: models.Organization, email: str) -> list[tuple[str, UUID, str]]:
+        """(kind, id, name) of every user, contact, account, lead and queue with this address, the one
+        mail from it is resolved to first (docs/inbound.md, "Parties")."""
+        async with self._pool.acquire() as conn:
+            return [(r["kind"], r["id"], r["name"]) for r in await repo.parties_with_address(conn, org.id, email)]
+
     async def records(self, org: models.Organization, kind: str | None = None) -> list[models.Record]:
         async with self._pool.acquire() as conn:
             return [models.Record(**dict(r)) for r in await repo.records(conn, org.id, kind)]
@@ -910,32 +921,41 @@ def _wants_mailbox(incoming: str, outgoing: str, act: str = "none") -> bool:
     return "server_side_sync" in (incoming, outgoing, act) or incoming == "forward_mailbox"
 
 
-def _waits_for(kind: str, owner: asyncpg.Record, mailbox: asyncpg.Record) -> tuple[str, ...]:
+def _waits_for(kind: str, owner: asyncpg.Record, mailbox: asyncpg.Record,
+               changed: dict[str, tuple[Any, Any]] | None = None) -> tuple[str, ...]:
     """Why ``mailboxes_to_process`` leaves a user's or queue's mailbox out, each reason with what to
-    do, in the CLI's words (empty when it names none: it is processed, or backing off)."""
+    do, in the CLI's words (empty when it names none: it is processed, or backing off).  ``changed``:
+    the edit's changes, so that the way back names the direction it just took off server-side sync."""
     email = mailbox["email"]
     methods = {"incoming": owner["incoming_method"], "outgoing": owner["outgoing_method"],
                "act": owner.get("act_method", "none")}
     synced = [d for d, method in methods.items() if method == "server_side_sync"]
+    # Appointments, contacts and tasks have no Test & Enable yet (`--direction act` is refused): not
+    # something to wait for, and said as it is.
+    tested = [d for d in synced if d != "act"]
     reasons = []
     if not owner["active"]:
         reasons.append(f"the {kind} is inactive (`conduit {kind} activate {owner['email']}`)")
     if not synced:
+        off = [d for d in methods if (changed or {}).get(f"{d}_method", (None,))[0] == "server_side_sync"]
+        ways = [f"--{d} server_side_sync" for d in (off or ["incoming", "outgoing"])]
         reasons.append(f"the {kind} uses server-side sync for no direction (`conduit {kind} set {owner['email']} "
-                       "--incoming server_side_sync`)")
+                       + "` or `".join(ways) + "`)")
     if not mailbox["active"]:
         reasons.append(f"the mailbox is inactive (`conduit mailbox activate {email}`)")
     if mailbox["profile_id"] is None:
         reasons.append("the mailbox has no email server profile (`conduit mailbox configure --profile`)")
     if not mailbox["email_approved"]:
         reasons.append(f"its address is not approved (`conduit mailbox approve {email}`)")
-    untested = [d for d in synced if mailbox[f"{d}_status"] != "success"]
+    untested = [d for d in tested if mailbox[f"{d}_status"] != "success"]
     if untested:
         reasons.append(f"Test & Enable has not succeeded for {', '.join(untested)} "
                        f"(`conduit mailbox test-enable {email}`)")
+    if "act" in synced:
+        reasons.append("act (appointments, contacts and tasks) is not synchronized yet and has no Test & Enable")
     now = datetime.now(timezone.utc)
-    if synced and not untested and all(mailbox[f"{d}_backoff_until"] and mailbox[f"{d}_backoff_until"] > now
-                                       for d in synced):
+    if tested and not untested and all(mailbox[f"{d}_backoff_until"] and mailbox[f"{d}_backoff_until"] > now
+                                       for d in tested):
         reasons.append("it is backing off after failures (`conduit mailbox show` says until when)")
     return tuple(reasons)
 
@@ -956,33 +976,85 @@ def _tracked_folders(folders: Iterable[str]) -> list[str]:
     return list(kept.values())
 
 
+# How each authentication method signs in: the profile settings it reads, and the secret among them.
+_SIGN_IN_SETTINGS = {"mailbox_credentials": (), "profile_impersonation": ("profile_username", "profile_secret"),
+                     "oauth2": ("oauth_token_url", "oauth_client_id", "oauth_scope", "oauth_client_secret")}
+_EXCHANGE = ("exchange_server", "exchange_online")
+# The profile settings that only some server types or authentication methods use, by their options' names.
+_OPTIONAL_SETTINGS = {"service_url": "--service-url", "profile_username": "--profile-user",
+                      "profile_secret": "--new-profile-secret", "oauth_token_url": "--oauth-token-url",
+                      "oauth_client_id": "--oauth-client-id", "oauth_scope": "--oauth-scope",
+                      "oauth_client_secret": "--new-client-secret"}
+
+
+def _sign_in_method(profile: Any, direction: str) -> str:
+    """How ``direction`` of a profile's mailboxes signs in: Microsoft Graph (Exchange Online's
+    outgoing) always with the profile's OAuth client, every other server as the profile says."""
+    if direction == "outgoing" and profile["server_type"] == "exchange_online":
+        return "oauth2"
+    return profile["auth_method"]
+
+
+def _unused_settings(spec: ProfileInput, given: Iterable[str]) -> list[str]:
+    """Of the settings ``given``, those no direction of a profile like ``spec`` uses: an EWS or Graph
+    URL on a profile that is not Exchange, the profile password without impersonation, OAuth
+    settings without OAuth (Graph always uses them)."""
+    methods = {spec.auth_method} | ({"oauth2"} if spec.server_type == "exchange_online" else set())
+    used = {s for m in methods for s in _SIGN_IN_SETTINGS[m]} | ({"service_url"} if spec.server_type in _EXCHANGE else set())
+    return [k for k in _OPTIONAL_SETTINGS if k in given and k not in used]
+
+
+def _unused_message(spec: ProfileInput, unused: list[str]) -> str:
+    why = []
+    if "service_url" in unused:
+        why.append(f"a service URL only for Exchange (exchange_server, exchange_online), and it is {spec.server_type}")
+    if {"profile_username", "profile_secret"} & set(unused):
+        why.append(f"a profile user and password only with --auth profile_impersonation, and it signs in with "
+                   f"{spec.auth_method}")
+    if {"oauth_token_url", "oauth_client_id", "oauth_scope", "oauth_client_secret"} & set(unused):
+        why.append(f"OAuth settings only with --auth oauth2 (or on exchange_online), and it signs in with "
+                   f"{spec.auth_method}")
+    return (f"{', '.join(_OPTIONAL_SETTINGS[k] for k in unused)}: not used by the profile {spec.name} "
+            f"({'; '.join(why)}); nothing changed")
+
+
 def _server_of(profile: asyncpg.Record | None, direction: str) -> tuple[Any, ...] | None:
     """What Test & Enable checked for ``direction``: the server reached and how the mailbox signs in
-    there.  Two profiles that agree on it need no new test when a mailbox moves between them."""
+    there, made only of the settings that direction's server type and authentication method use (an
+    EWS URL on an IMAP profile, OAuth settings beside a password, are no part of it).  Two profiles
+    that agree on it need no new test when a mailbox moves between them; an edit that leaves it as it
+    was leaves the direction's back-off running."""
     if profile is None:
         return None
-    sign_in = (profile["auth_method"], profile["profile_username"], profile["oauth_token_url"],
-               profile["oauth_client_id"], profile["tls_ca_file"], profile["service_url"])
+    kind = profile["server_type"]
     if direction == "incoming":
-        host = (profile["incoming_host"] or "").lower()
-        return (profile["server_type"], host, profile["incoming_port"], profile["incoming_tls"], *sign_in)
-    if direction == "outgoing":
+        if kind not in ("imap", "pop3"):
+            return (kind,)   # no incoming email over this server type yet: nothing is reached
+        server: tuple[Any, ...] = (kind, (profile["incoming_host"] or "").lower(), profile["incoming_port"],
+                                   profile["incoming_tls"])
+        tls = profile["incoming_tls"] != "none"
+    elif direction == "outgoing" and kind in _EXCHANGE:
+        server, tls = ("ews" if kind == "exchange_server" else "graph", profile["service_url"]), True
+    elif direction == "outgoing":
+        # IMAP, POP3 and SMTP profiles all send by SMTP (the incoming host when no outgoing one is named).
         host = (profile["outgoing_host"] or profile["incoming_host"] or "").lower()
         port = profile["outgoing_port"] or models.DEFAULT_SUBMISSION_PORT[profile["outgoing_tls"]]
-        # IMAP, POP3 and SMTP profiles all send by SMTP: only Exchange sends otherwise.
-        protocol = "smtp" if profile["server_type"] in ("imap", "pop3", "smtp") else profile["server_type"]
-        return (protocol, host, port, profile["outgoing_tls"], *sign_in)
-    return (profile["server_type"], *sign_in)
+        server, tls = ("smtp", host, port, profile["outgoing_tls"]), profile["outgoing_tls"] != "none"
+    else:
+        server, tls = (kind, profile["service_url"] if kind in _EXCHANGE else None), True
+    method = _sign_in_method(profile, direction)
+    sign_in = (method, *(profile[k] for k in _SIGN_IN_SETTINGS[method] if k not in _PROFILE_SECRETS))
+    # The CA file is read for TLS, and for an OAuth token endpoint.
+    ca_file = profile["tls_ca_file"] if tls or method == "oauth2" else None
+    return (*server, *sign_in, ca_file)
 
 
 def _sign_in_changed(before: asyncpg.Record, after: asyncpg.Record, written: dict[str, Any]) -> list[str]:
     """The directions whose next session, after a profile edit, reaches another server or signs in
-    otherwise: its server or sign-in (``_server_of``), a new secret, OAuth scope, or (outgoing) the
-    use of the incoming settings."""
-    sign_in = any(k in written for k in _PROFILE_SECRETS) or before["oauth_scope"] != after["oauth_scope"]
-    same = before["use_same_settings_for_outgoing"] != after["use_same_settings_for_outgoing"]
-    return [d for d in repo.DIRECTIONS
-            if sign_in or _server_of(before, d) != _server_of(after, d) or (d == "outgoing" and same)]
+    otherwise: its server or sign-in (``_server_of``), or a new secret that its sign-in uses."""
+    def new_secret(d: str) -> bool:
+        return any(k in written for k in _SIGN_IN_SETTINGS[_sign_in_method(after, d)] if k in _PROFILE_SECRETS)
+    return [d for d in repo.DIRECTIONS if new_secret(d) or _server_of(before, d) != _server_of(after, d)]
 
 
 def _require_address(email: str, *, sends: bool = False) -> None:

@@ -129,7 +129,7 @@ async def test_a_users_delivery_methods_decide_the_directions_its_mailbox_is_pro
     assert await _processed(registry, org, "ann@example.com") == ["outgoing"]
     assert await _ok(settings, org, "user", "set", "ann@example.com", "--outgoing", "none") == (
         "user ann@example.com changed: outgoing server_side_sync -> none; its mailbox is not processed: the user "
-        "uses server-side sync for no direction (`conduit user set ann@example.com --incoming server_side_sync`)")
+        "uses server-side sync for no direction (`conduit user set ann@example.com --outgoing server_side_sync`)")
     assert await _processed(registry, org, "ann@example.com") == []
     line = await _ok(settings, org, "user", "set", "ann@example.com", "--incoming", "server_side_sync",
                      "--outgoing", "server_side_sync", "--json")

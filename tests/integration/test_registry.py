@@ -137,13 +137,13 @@ async def test_a_profile_is_edited_as_a_whole_and_its_secret_replaced_only_when_
         {"name": "edited", "max_concurrent_connections": 2}, {"profile_secret": "changed"}]
     assert all("second-secret" not in c and "first-secret" not in c for c in changes)
 
-    moved = await registry.update_profile(org, "edited", incoming_host="imap2.example.com", oauth_scope="mail")
+    moved = await registry.update_profile(org, "edited", incoming_host="imap2.example.com", stop_after_refused_logins=3)
     assert (moved.incoming_host, moved.outgoing_host) == ("imap2.example.com", "imap2.example.com")   # same settings
-    assert (await registry.update_profile(org, "edited", clear=["oauth-scope"])).oauth_scope is None
+    assert (await registry.update_profile(org, "edited", clear=["stop-after-refused-logins"])).stop_after_refused_logins is None
     # An edit that changes nothing (cleared again, the same value again) is neither written nor announced.
     async with pool.acquire() as conn:
         announced = await conn.fetchval("SELECT count(*) FROM event_outbox WHERE topic = 'registry.changes'")
-        await registry.update_profile(org, "edited", clear=["oauth-scope"])
+        await registry.update_profile(org, "edited", clear=["stop-after-refused-logins"])
         await registry.update_profile(org, "edited", max_concurrent_connections=2)
         assert await conn.fetchval("SELECT count(*) FROM event_outbox WHERE topic = 'registry.changes'") == announced
 
