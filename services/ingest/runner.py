@@ -141,6 +141,15 @@ class FollowUp:
     poll_seconds: float = 0.1
 
 
+async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` unless stopped first; whether stopped."""
+    try:
+        await asyncio.wait_for(stopping.wait(), timeout=max(seconds, 0))
+        return True
+    except TimeoutError:
+        return False
+
+
 class OutageLog:
     """Says Conduit's own outage (its database or broker away) in one WARNING per ``every`` seconds
     for the whole replica: each runner meets it at each of its sessions, and at 1,000 mailboxes a line
@@ -239,10 +248,7 @@ class MailboxRunner:
         while not stopping.is_set():
             if not await self.sync_once(stopping, keep_open=self._idle_allowed):
                 return
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=self._pause())
-            except asyncio.TimeoutError:
-                pass
+            await _stopped_within(stopping, self._pause())
 
     def _pause(self) -> float:
         """How long to wait before the next session: the polling interval, or while reconnecting the
@@ -436,6 +442,7 @@ class MailboxRunner:
             # out.  (RFC 2177 asks for a new IDLE at least every 29 minutes anyway.)
             period = min(periodic_due - loop.time(), self._ctx.idle_check)
             if period > 0:
+                began = loop.time()
                 idle = asyncio.ensure_future(client.idle(period))
                 stop = asyncio.ensure_future(stopping.wait())
                 await asyncio.wait([idle, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -447,7 +454,11 @@ class MailboxRunner:
                     except (asyncio.CancelledError, ConduitError):
                         pass
                     return
-                idle.result()  # re-raise a failure of the session
+                if not idle.result() and loop.time() - began < period / 2:   # re-raises a failure
+                    # The server ended the IDLE itself, early, with nothing new (some end each one at
+                    # once): the Inbox is looked at on the polling interval then, never in a loop.
+                    if await _stopped_within(stopping, min(self.interval, periodic_due - loop.time())):
+                        return
             if loop.time() >= periodic_due:
                 found = await sync.sync(client, others + [inbox])
                 periodic_due = loop.time() + self.interval
@@ -469,11 +480,8 @@ class MailboxRunner:
         loop = asyncio.get_running_loop()
         quiet_at = loop.time() + follow.seconds
         while loop.time() < min(quiet_at, until):
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=follow.poll_seconds)
+            if await _stopped_within(stopping, follow.poll_seconds):
                 return
-            except TimeoutError:
-                pass
             FOLLOW_UP_POLLS.inc()
             if await client.noop() and await sync.sync_folder(client, inbox):
                 self.last_sync = datetime.now().astimezone()
