@@ -344,13 +344,26 @@ def _folds_into_ascii(text: str) -> bool:
     return any(not c.isascii() and c.lower().isascii() for c in text)
 
 
-@lru_cache(maxsize=65536)
+# The address caches hold at most a few MiB: entries are bounded in count *and* in length (a cache of
+# 64 KiB Cc values, distinct in each of a stranger's messages, filled evaluate past its memory limit).
+_ADDRESS_CACHE_SIZE = 16384
+_VALUE_CACHE_SIZE = 4096
+CACHED_VALUE_LENGTH = 512
+
+
 def normalize_email_address(address: str) -> str | None:
     """``local@domain`` lower-cased with an IDNA (A-label) domain, or None if implausible.
 
     The registry must store addresses normalised with this function so lookups match.
-    (Cached: the same few thousand addresses recur across every batch.)
     """
+    if len(address) > 400:   # 320 octets and blanks around them at most: longer is no address
+        return None
+    return _normalize_email_address(address)
+
+
+@lru_cache(maxsize=_ADDRESS_CACHE_SIZE)
+def _normalize_email_address(address: str) -> str | None:
+    # Cached: the same few thousand addresses recur across every batch.
     address = address.strip()
     if not address or len(address) > 320:
         return None
@@ -385,9 +398,15 @@ def normalize_email_address(address: str) -> str | None:
 _QUOTED_PAIR = re.compile(r"\\(.)")
 
 
-@lru_cache(maxsize=8192)
 def _parse_address_value(value: str) -> tuple[tuple[Address, ...], bool]:
-    """(valid addresses, any invalid one seen).  Cached: To: the mailbox recurs in every message."""
+    """(valid addresses, any invalid one seen).  A short value is cached (To: the mailbox recurs in
+    every message); a long list is read each time it comes."""
+    if len(value) > CACHED_VALUE_LENGTH:
+        return _read_address_value(value)
+    return _cached_address_value(value)
+
+
+def _read_address_value(value: str) -> tuple[tuple[Address, ...], bool]:
     try:
         pairs = address_pairs(value)
     except Exception:  # noqa: BLE001 - stdlib parser bugs on hostile input mean "invalid"
@@ -410,6 +429,9 @@ def _parse_address_value(value: str) -> tuple[tuple[Address, ...], bool]:
         name = decode_header_value(name) if "=?" in name else _safe_text(name)
         found.append(Address(name=name.strip(), email=email))
     return tuple(found), invalid
+
+
+_cached_address_value = lru_cache(maxsize=_VALUE_CACHE_SIZE)(_read_address_value)
 
 
 def _addresses(values: list[str] | None, header: str, defects: list[str]) -> tuple[Address, ...]:
