@@ -54,7 +54,7 @@ import re
 import ssl
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +109,8 @@ SENT_ITEMS_FIRST_PAUSE = 0.5
 # bounded by the transport's timeout; the whole call, its wait for a worker thread included, by this
 # many timeouts.
 EWS_REQUESTS_PER_CALL = 5
+# How many mailboxes an EWS transport keeps an exchangelib Account for (folder ids, version): the last used.
+ACCOUNTS_KEPT = 256
 
 
 class ExchangeTransientError(TransientError):
@@ -189,7 +191,9 @@ class EwsTransport:
         self._executor = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="ews-transport")
         self._lock = threading.Lock()
         self._protocol: Any = None  # built on first use, in a worker thread (exchangelib setup is blocking)
-        self._accounts: dict[tuple[str, bool], Any] = {}
+        # The mailboxes sent for most recently (``ACCOUNTS_KEPT``): on an impersonation or OAuth
+        # profile one transport sends for every mailbox, and it must not keep each one ever seen.
+        self._accounts: OrderedDict[tuple[str, bool], Any] = OrderedDict()
         self._closed = False
 
     async def send(self, mailbox_address: str, message: bytes, *, impersonate: bool = False) -> str:
@@ -297,6 +301,7 @@ class EwsTransport:
         with self._lock:
             account = self._accounts.get(key)
             if account is not None:
+                self._accounts.move_to_end(key)
                 return account
             protocol = self._ensure_protocol()
             if self._oauth:
@@ -310,6 +315,8 @@ class EwsTransport:
                     CachingProtocol._protocol_cache.pop(CachingProtocol._cache_key(protocol.config), None)
                 account.protocol = protocol
             self._accounts[key] = account
+            if len(self._accounts) > ACCOUNTS_KEPT:
+                self._accounts.popitem(last=False)   # built again, cheaply, if it sends again
             return account
 
     def _ensure_protocol(self) -> Any:

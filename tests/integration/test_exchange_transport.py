@@ -276,6 +276,22 @@ async def test_ews_errors_are_mapped(sim: ExchangeSimulator, ews: EwsTransport) 
     assert not sim.sent
 
 
+async def test_ews_keeps_accounts_only_for_the_mailboxes_sent_for_lately(sim: ExchangeSimulator, monkeypatch) -> None:
+    """One impersonating transport sends for every mailbox of its profile: it keeps an exchangelib
+    Account for the few it sent for last, not for each one it ever saw (thousands, for good)."""
+    monkeypatch.setattr("services.dispatch.exchange_transport.ACCOUNTS_KEPT", 2)
+    for name in ("carol", "dave"):
+        sim.add_mailbox(f"{name}@contoso.test", password=PASSWORD)
+    t = EwsTransport(service_url=sim.ews_url, credentials=("svc-crm", PASSWORD))
+    try:
+        for n, who in enumerate(("alice", "bob", "carol", "dave", "alice")):
+            await t.send(f"{who}@contoso.test", mime(20 + n, sender=f"{who}@contoso.test"), impersonate=True)
+        assert [address for address, _ in t._accounts] == ["dave@contoso.test", "alice@contoso.test"]
+    finally:
+        await t.close()
+    assert [s.mailbox for s in sim.sent] == [f"{w}@contoso.test" for w in ("alice", "bob", "carol", "dave", "alice")]
+
+
 async def test_ews_impersonation_denied_is_permanent(sim: ExchangeSimulator) -> None:
     sim.add_service_account("svc-plain", PASSWORD)
     t = EwsTransport(service_url=sim.ews_url, credentials=("svc-plain", PASSWORD))
