@@ -417,8 +417,12 @@ class MailboxRunner:
         for folder in sorted(missing - reported):
             await self._ctx.registry.raise_alert(self._work.id, "warning", "incoming", "folder_missing",
                                                  f"the tracked folder {folder!r} does not exist on the server; it is skipped")
-        # Only once said (an alert that failed to be raised is raised at the next session).
-        self._ctx.missing_reported[self._work.id] = frozenset(missing)
+        # Only once said (an alert that failed to be raised is raised at the next session).  Kept
+        # only while something is missing: the replica's mailboxes come and go.
+        if missing:
+            self._ctx.missing_reported[self._work.id] = frozenset(missing)
+        else:
+            self._ctx.missing_reported.pop(self._work.id, None)
 
     async def _report(self, warnings: list[tuple[str, str]]) -> None:
         """Raise (and clear) the warnings a sync collected: messages refused or skipped, a folder
