@@ -181,9 +181,10 @@ class Stack:
         async with aiohttp.ClientSession() as http:
             while pending and time.monotonic() < deadline:
                 for name in list(pending):
-                    if self.children[name].returncode is not None:
-                        raise StackFailed(f"service {name} exited during start-up (code {self.children[name].returncode}); "
-                                          "its own error is above")
+                    code = self.children[name].returncode
+                    if code is not None:
+                        raise StackFailed(f"service {name} was {killed_by(code)} during start-up" if code < 0 else
+                                          f"service {name} exited during start-up (code {code}); its own error is above")
                     try:
                         async with http.get(f"http://127.0.0.1:{self.health_ports[name]}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
                             if r.status == 200:
@@ -227,8 +228,9 @@ class Stack:
                 quick = time.monotonic() - started_at[name] < 60
                 delay = min(60.0, delays.get(name, 0.5) * 2) if quick else 1.0
                 delays[name] = delay
-                self.say(f"{name:<10} exited on its own (code {code}; its own error is above): starting it again in "
-                         f"{delay:g} s")
+                # A signal (an OOM kill, `kill -9`) leaves no error of the service's own to point at.
+                how = f"(code {code}): {killed_by(code)};" if code < 0 else f"(code {code}; its own error is above):"
+                self.say(f"{name:<10} exited on its own {how} starting it again in {delay:g} s")
                 try:
                     await asyncio.wait_for(stopping.wait(), delay)
                     return None
@@ -279,6 +281,15 @@ class Stack:
 
 
 BROKER = "the embedded Kafka broker"
+
+
+def killed_by(code: int) -> str:
+    """A child's negative exit code (asyncio's for a signal) in words: "killed by signal 9 (SIGKILL)"."""
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {-code}{name}"
 
 
 async def run_up(settings: Settings, say: Callable[[str], None] = say_now) -> None:

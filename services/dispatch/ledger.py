@@ -87,6 +87,16 @@ async def resolve_senders(conn: asyncpg.Connection, wanted: Sequence[tuple[UUID,
 # as the reference's Pending Send does.  No mailbox, or one that only receives, will not send at all.
 PASSING_REFUSALS = frozenset({"mailbox_inactive", "no_profile", "email_not_approved", "owner_inactive",
                               "outgoing_not_enabled"})
+# The reasons of a pending request that waits for its mailbox (those, or its back-off) rather than
+# after a failed attempt.  ``shared.registry.models.WAITING_FOR_MAILBOX`` (what `conduit outbound show`
+# says) is the same set.
+WAITING_FOR_MAILBOX = PASSING_REFUSALS | {"mailbox_backoff"}
+
+
+def waiting_cause(detail: str | None) -> str:
+    """What a waiting request waits for, from its detail ("waiting: the mailbox ... is inactive; sent
+    once ..." gives "the mailbox ... is inactive")."""
+    return (detail or "").removeprefix("waiting: ").split("; ")[0]
 
 
 def refusal(state: asyncpg.Record | None) -> tuple[str, str] | None:
@@ -162,6 +172,10 @@ class NewRequest:
     event_id: UUID
     correlation_id: str | None
     requested_at: datetime
+    # Why a request accepted to wait (``next_attempt_at`` later than now) waits: on its row from the
+    # start, so `conduit outbound show` says it as the status event does.
+    reason: str | None = None
+    detail: str | None = None
 
 
 async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], claim: set[UUID] = frozenset(),
@@ -179,20 +193,20 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
     return await conn.fetch(
         f"""INSERT INTO outbound_email AS o (id, organization_id, idempotency_key, mailbox_id, status, message_id,
                   subject, tracking_token, next_attempt_at, deadline, request, event_id, correlation_id, requested_at,
-                  worker_id, attempts, claim_id)
+                  worker_id, attempts, claim_id, reason, detail)
            SELECT u.id, u.org, u.key, u.mailbox, CASE WHEN u.claimed THEN 'sending' ELSE 'pending_send' END, u.mid,
                   u.subject, u.token, CASE WHEN u.claimed THEN NULL ELSE coalesce(u.next_at, now()) END,
                   u.deadline, u.request::jsonb, u.event_id, u.corr, u.requested_at,
                   CASE WHEN u.claimed THEN $15::bigint END, CASE WHEN u.claimed THEN 1 ELSE 0 END,
-                  CASE WHEN u.claimed THEN $16::uuid END
+                  CASE WHEN u.claimed THEN $16::uuid END, u.reason, u.detail
            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[],
                        $8::timestamptz[], $9::timestamptz[], $10::text[], $11::uuid[], $12::text[], $13::timestamptz[],
-                       $14::bool[])
+                       $14::bool[], $17::text[], $18::text[])
                 AS u(id, org, key, mailbox, mid, subject, token, next_at, deadline, request, event_id, corr, requested_at,
-                     claimed)
+                     claimed, reason, detail)
            ON CONFLICT (organization_id, idempotency_key) DO UPDATE SET
-                id = EXCLUDED.id, mailbox_id = EXCLUDED.mailbox_id, status = EXCLUDED.status, reason = NULL,
-                detail = NULL, message_id = EXCLUDED.message_id, subject = EXCLUDED.subject,
+                id = EXCLUDED.id, mailbox_id = EXCLUDED.mailbox_id, status = EXCLUDED.status, reason = EXCLUDED.reason,
+                detail = EXCLUDED.detail, message_id = EXCLUDED.message_id, subject = EXCLUDED.subject,
                 tracking_token = EXCLUDED.tracking_token, next_attempt_at = EXCLUDED.next_attempt_at,
                 deadline = EXCLUDED.deadline, request = EXCLUDED.request, event_id = EXCLUDED.event_id,
                 correlation_id = EXCLUDED.correlation_id, requested_at = EXCLUDED.requested_at,
@@ -206,6 +220,7 @@ async def insert_requests(conn: asyncpg.Connection, rows: Sequence[NewRequest], 
         [r.tracking_token for r in rows], [r.next_attempt_at for r in rows], [r.deadline for r in rows],
         [r.request for r in rows], [r.event_id for r in rows], [r.correlation_id for r in rows],
         [r.requested_at for r in rows], [r.id in claim for r in rows], worker_id, claim_id,
+        [r.reason for r in rows], [r.detail for r in rows],
     )
 
 

@@ -435,6 +435,8 @@ class DispatchService(ServiceBase):
                     tracking_token=token, next_attempt_at=postpone, deadline=request.deadline or default_deadline,
                     request=ledger.stored_request(request), event_id=delivery.event.event_id,
                     correlation_id=delivery.event.correlation_id, requested_at=delivery.event.occurred_at,
+                    reason="mailbox_backoff" if postpone else None,
+                    detail="the mailbox is backing off after failures; sending when it ends" if postpone else None,
                 ))
             # A request whose deadline passed before it arrived (dispatch was down, say) is not claimed:
             # the send loop fails it as deadline_exceeded, as it does any request that waited too long.
@@ -445,9 +447,7 @@ class DispatchService(ServiceBase):
                 if row.id in inserted:
                     events.append(ledger.status_event(row.organization_id, EmailStatusV1(
                         idempotency_key=row.idempotency_key, status="pending_send", request_id=row.id,
-                        mailbox_id=row.mailbox_id, message_id=row.message_id,
-                        reason="mailbox_backoff" if row.next_attempt_at else None,
-                        detail="the mailbox is backing off after failures; sending when it ends" if row.next_attempt_at else None,
+                        mailbox_id=row.mailbox_id, message_id=row.message_id, reason=row.reason, detail=row.detail,
                     ), row.correlation_id))
             claimed = [r for r in written if r["status"] == "sending"]
             events += [self._sending_event(r) for r in claimed]
@@ -678,8 +678,11 @@ class DispatchService(ServiceBase):
             mailbox_id = row["mailbox_id"]
             backoff = self._backoff.get(mailbox_id)
             if row["deadline"] is not None and row["deadline"] < now:
-                last = f"; last error ({row['reason']}): {row['detail']}" if row["reason"] else \
-                    f" (after {row['attempts']} attempt(s))"
+                last = f" (after {row['attempts']} attempt(s))"
+                if row["reason"] in ledger.WAITING_FOR_MAILBOX:   # no error: the mailbox might not send
+                    last += f"; it waited for its mailbox ({row['reason']}): {ledger.waiting_cause(row['detail'])}"
+                elif row["reason"]:
+                    last = f"; last error ({row['reason']}): {row['detail']}"
                 failed.append(ledger.Outcome(row["id"], "failed", reason="deadline_exceeded", detail=(
                     f"the deadline passed before it could be sent{last}"),
                     smtp_code=row["smtp_code"], smtp_reply=row["smtp_reply"]))

@@ -309,6 +309,21 @@ class Decision(BaseModel):
     decided_at: datetime
 
 
+# A pending request with one of these reasons waits for its mailbox, not after a failed attempt (the
+# same set as dispatch's ``services.dispatch.ledger.WAITING_FOR_MAILBOX``): the command that mends each.
+WAITING_FOR_MAILBOX = {
+    "mailbox_backoff": "`conduit mailbox show {email}` says why it backs off; new credentials (`conduit mailbox "
+                       "set-credentials`) or server settings (`conduit profile set`) end the back-off at once",
+    "mailbox_inactive": "`conduit mailbox activate {email}`",
+    "no_profile": "`conduit mailbox configure {email} --profile NAME`",
+    "email_not_approved": "`conduit mailbox approve {email}`",
+    "owner_inactive": "`conduit user activate {email}` (`conduit queue activate` for a queue's mailbox)",
+    "outgoing_not_enabled": "`conduit mailbox test-enable {email} --direction outgoing`",
+}
+# outgoing_not_enabled because the owner's outgoing method is not server-side synchronization.
+_OWNER_METHOD_MEND = "`conduit user set {email} --outgoing server_side_sync` (`conduit queue set` for a queue's mailbox)"
+
+
 class OutboundRequest(BaseModel):
     """One request to send, as the send ledger holds it (dispatch writes it; this only reads)."""
 
@@ -350,9 +365,7 @@ class OutboundRequest(BaseModel):
             return (f"Being sent by dispatch worker {self.worker_id} (attempt {self.attempts}); if that worker dies, "
                     "it becomes failed with outcome_unknown, never sent twice.")
         if self.status == "pending_send":
-            when = f" at {self.next_attempt_at:%Y-%m-%d %H:%M:%S %Z}" if self.next_attempt_at else ""
-            last = f"; the last attempt failed ({self.reason}): {self.detail}" if self.reason else ""
-            return f"Waiting to be sent{when}, after {self.attempts} attempt(s){last}."
+            return self._waiting()
         if self.status == "rejected":
             return f"Rejected before any attempt ({self.reason}): {self.detail}"
         if self.reason == "outcome_unknown":
@@ -363,3 +376,24 @@ class OutboundRequest(BaseModel):
         said = f" The server said: {self.smtp_code} {self.smtp_reply}" \
             if self.smtp_code and (self.smtp_reply or "") not in detail else ""
         return f"Failed ({self.reason}): {detail}.{said}"
+
+    def _waiting(self) -> str:
+        """A pending request: when it is tried next, and why it waits (its mailbox, or a failed attempt)."""
+        when = f" at {self.next_attempt_at:%Y-%m-%d %H:%M:%S %Z}" if self.next_attempt_at else ""
+        done = f"after {self.attempts} attempt(s)"
+        if self.reason in WAITING_FOR_MAILBOX:
+            cause = (self.detail or "").removeprefix("waiting: ").split("; ")[0]
+            mend = _OWNER_METHOD_MEND if self.reason == "outgoing_not_enabled" and "server-side synchronization" in cause \
+                else WAITING_FOR_MAILBOX[self.reason]
+            mend = mend.format(email=self.mailbox_email or "MAILBOX")
+            if self.reason == "mailbox_backoff":
+                return f"Waiting to be sent{when}, {done}; waiting for its mailbox ({self.reason}): {cause}. {mend}."
+            return (f"Waiting to be sent, {done}; waiting for its mailbox ({self.reason}): {cause}; sent once it may "
+                    f"send again, until the deadline (looked at again{when}). Mended by {mend}.")
+        if self.reason == "worker_stopped":
+            return f"Waiting to be sent{when}, {done}: {self.detail}."
+        if self.reason == "recipients_deferred":
+            return (f"Waiting to be sent{when} to the recipients the server deferred, {done} ({self.reason}): "
+                    f"{self.detail}.")
+        last = f"; the last attempt failed ({self.reason}): {self.detail}" if self.reason else ""
+        return f"Waiting to be sent{when}, {done}{last}."
