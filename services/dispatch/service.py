@@ -1031,8 +1031,11 @@ class DispatchService(ServiceBase):
     # -- retries and orphans
 
     async def _orphan_loop(self, stopping: asyncio.Event) -> None:
-        """Every few poll intervals (and at start), resolve the rows of dead workers."""
+        """Every few poll intervals (and at start), resolve the rows of dead workers, and close the
+        connections of mailboxes that no longer send."""
         while not stopping.is_set():
+            if self.transports is not None:
+                self.transports.sweep_idle()
             try:
                 await self.recover_orphans()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ConduitError) as exc:

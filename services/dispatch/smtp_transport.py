@@ -415,11 +415,10 @@ class SmtpTransport:
         self._pools[key] = pool
         return pool
 
-    async def close_idle(self) -> None:
-        """Close pools unused for ``idle_pool_timeout``; for a periodic task of the service."""
-        self._close_idle_pools(now=True)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+    def sweep_idle(self) -> None:
+        """Close pools unused for ``idle_pool_timeout`` (their sessions end in the background): for
+        the service's periodic task, since a replica that sends nothing more never calls ``pool``."""
+        self._close_idle_pools()
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}

@@ -220,6 +220,12 @@ class Transports:
         held = self._exchange[key] = _Held(settings, build())
         return held
 
+    def sweep_idle(self) -> None:
+        """Close the SMTP pools and Exchange transports left unused (a send looks too, but a replica
+        whose mailboxes went quiet would keep their sessions and threads for good)."""
+        self.smtp.sweep_idle()
+        self._close_idle()
+
     def _close_idle(self) -> None:
         now = time.monotonic()
         if now - self._swept_at < IDLE_TRANSPORT_SECONDS / 10:   # not a walk over them all at every send

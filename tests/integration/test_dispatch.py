@@ -769,3 +769,34 @@ async def test_a_deferred_recipient_refused_for_good_leaves_the_request_sent_to_
     assert (final.status, final.reason) == ("sent", "partially_sent") and "first@customer.example" in final.detail, final
     assert final.activity_id is not None
     assert [list(m.rcpt_tos) for m in capture.messages()] == [["second@customer.example"]]
+
+
+async def test_a_mailbox_that_went_quiet_has_its_sessions_closed_without_another_send(
+        settings: Settings, registry: Registry, org, publisher: Publisher) -> None:
+    """Idle pools were closed only when something was sent: a replica whose mailboxes went quiet kept
+    every session (a socket each, up to the profile's limit per mailbox) for good."""
+    from services.dispatch.service import DispatchService
+    from services.dispatch.settings import DispatchSettings
+    from shared.lifecycle import run_service
+    from tests.support.scripted_smtp import ScriptedSmtpServer, well_behaved
+
+    async with ScriptedSmtpServer(well_behaved()) as server:
+        sender = await sending_mailbox(registry, org, host="127.0.0.1", port=server.port)
+        service = DispatchService(settings, DispatchSettings(poll_seconds=0.1), group_id=f"d-{uuid.uuid4().hex[:8]}")
+        stopping = asyncio.Event()
+        running = asyncio.create_task(run_service(service, stopping=stopping))
+        try:
+            request = outbound(org, mailbox_id=sender.mailbox_id, subject="the last one for a while")
+            await publish(publisher, request)
+            await finals(settings, [request.data.idempotency_key], timeout=30)
+            assert b"QUIT\r\n" not in server.lines
+            assert service.transports is not None
+            service.transports.smtp.idle_pool_timeout = 0.5   # instead of 5 minutes
+
+            async def quit_said() -> bool:
+                return b"QUIT\r\n" in server.lines
+            await eventually(quit_said, timeout=15, what="the idle session closed with QUIT")
+            assert len(server.contents) == 1
+        finally:
+            stopping.set()
+            await running
