@@ -12,6 +12,7 @@ from services.ingest import wire
 from services.ingest.imap_client import ImapClient
 from services.ingest.pop3_client import Pop3Client
 from shared.errors import ConnectionFailed
+from tests.support.loopback import loopback_server
 
 CHUNK = b"A" * 64 * 1024 + b"\r\n"
 
@@ -20,15 +21,6 @@ CHUNK = b"A" * 64 * 1024 + b"\r\n"
 def small_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", 1024 * 1024)
     monkeypatch.setattr(wire, "_MAX_LINE", 64 * 1024)
-
-
-@contextlib.asynccontextmanager
-async def server(handler):
-    listening = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield listening.sockets[0].getsockname()[1]
-    finally:
-        listening.close()
 
 
 async def stream_for_ever(writer: asyncio.StreamWriter) -> None:
@@ -53,7 +45,7 @@ async def test_a_pop3_message_that_never_ends_is_refused_at_the_bound() -> None:
                 writer.write(b"+OK\r\n")
             await writer.drain()
 
-    async with server(pop3) as port:
+    async with loopback_server(pop3) as port:
         client = await Pop3Client.connect("127.0.0.1", port, tls="none", timeout=10)
         with pytest.raises(ConnectionFailed, match="more than 1 MiB without ending a response"):
             await asyncio.wait_for(client.retr(1), 30)
@@ -68,7 +60,7 @@ async def test_an_imap_literal_over_the_bound_is_refused(announced: int) -> None
         writer.write(b"* CAPABILITY IMAP4rev1 {%d}\r\n" % announced)
         await stream_for_ever(writer)
 
-    async with server(imap) as port:
+    async with loopback_server(imap) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", timeout=10)
         with pytest.raises(ConnectionFailed, match="more than the 1 MiB Conduit reads as one message"):
             await asyncio.wait_for(client.login("u", "p"), 30)

@@ -33,6 +33,7 @@ from services.ingest.imap_client import (
 from services.ingest.wire import MailConnection
 from services.ingest.sasl import xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConnectionFailed, InvalidInput, ProtocolTimeout, TlsFailed
+from tests.support.loopback import loopback_server
 
 PASSWORD = "secret-pw-1"
 
@@ -368,15 +369,6 @@ async def test_connection_refused_is_connection_failed():
 # -- scripted servers ----------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def scripted_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]):
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-
-
 Send = Callable[[bytes], Awaitable[None]]
 
 
@@ -406,7 +398,7 @@ async def test_silent_server_is_protocol_timeout():
         await hold.wait()
         writer.close()
 
-    async with scripted_server(silent) as port:
+    async with loopback_server(silent) as port:
         with pytest.raises(ProtocolTimeout):
             await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=0.3)
         hold.set()
@@ -418,7 +410,7 @@ async def test_bye_greeting_is_connection_failed():
         await writer.drain()
         writer.close()
 
-    async with scripted_server(bye) as port:
+    async with loopback_server(bye) as port:
         with pytest.raises(ConnectionFailed, match="Too many connections"):
             await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
 
@@ -446,7 +438,7 @@ async def test_responses_split_into_tiny_reads_with_untagged_between():
         await answer_commands(reader, writer, b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n", answer,
                               send=lambda data: dribble(writer, data))
 
-    async with scripted_server(server) as port:
+    async with loopback_server(server) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
         await client.login("u", "p")
         messages = [m async for m in client.fetch([10, 11])]
@@ -480,7 +472,7 @@ async def _qresync_server(reader, writer, *, enabled: bytes, seen: list[bytes]) 
 
 async def test_qresync_answers_count_only_after_closed():
     seen: list[bytes] = []
-    async with scripted_server(lambda r, w: _qresync_server(r, w, enabled=b"* ENABLED QRESYNC\r\n", seen=seen)) as port:
+    async with loopback_server(lambda r, w: _qresync_server(r, w, enabled=b"* ENABLED QRESYNC\r\n", seen=seen)) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
         await client.login("u", "p")
         assert await client.enable_quick_resync() == "QRESYNC"
@@ -496,7 +488,7 @@ async def test_qresync_answers_count_only_after_closed():
 @pytest.mark.parametrize("answer", [b"", b"NO"], ids=["ok-without-enabled", "refused"])
 async def test_an_enable_that_enables_nothing_leaves_qresync_off(answer: bytes):
     seen: list[bytes] = []
-    async with scripted_server(lambda r, w: _qresync_server(r, w, enabled=answer, seen=seen)) as port:
+    async with loopback_server(lambda r, w: _qresync_server(r, w, enabled=answer, seen=seen)) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
         await client.login("u", "p")
         assert await client.enable_quick_resync() is None     # no "* ENABLED ...": the plain path
@@ -644,7 +636,7 @@ async def _fetch_server(reader, writer, *, chunks: list[bytes]) -> None:
 async def test_fetch_reads_usual_and_unusual_answers_like_the_general_parser(case):
     fast_count, chunks = FAST_PATH_CASES[case]
     expected = await general_parse(b"".join(chunks))
-    async with scripted_server(lambda r, w: _fetch_server(r, w, chunks=chunks)) as port:
+    async with loopback_server(lambda r, w: _fetch_server(r, w, chunks=chunks)) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
         await client.login("u", "p")
         fast: list[FetchedMessage] = []
@@ -701,7 +693,7 @@ async def test_fetch_servable_refuses_uids_answered_without_content_but_not_uids
     """A UID FETCH answered OK whose response for a UID carries no content refuses that UID (it was
     an empty message, stored and published); a UID absent from the answer, or expunged during it,
     is gone, not refused."""
-    async with scripted_server(lambda r, w: _fetch_server(r, w, chunks=WITHOUT_CONTENT + [GONE[gone]])) as port:
+    async with loopback_server(lambda r, w: _fetch_server(r, w, chunks=WITHOUT_CONTENT + [GONE[gone]])) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", ssl_context=None, timeout=5)
         await client.login("u", "p")
         refused: dict[int, str] = {}

@@ -8,10 +8,8 @@ loop that runs hot, no wait for a reply already read."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -19,6 +17,7 @@ from services.ingest.imap_client import SERVER_WIDE_REFUSALS, FetchRefused, Imap
 from services.ingest.imap_sync import ImapFolderSync
 from shared.errors import AuthenticationFailed, ConduitError, ConnectionFailed
 from tests.integration.test_hostile_imap_sync import msg, new_mailbox, published_uids, saved
+from tests.support.loopback import loopback_server
 
 SERVERBUG = b"NO [SERVERBUG] Internal error occurred. Refer to server log for more information. [2024-05-01 10:00:00]"
 
@@ -26,15 +25,6 @@ SERVERBUG = b"NO [SERVERBUG] Internal error occurred. Refer to server log for mo
 @pytest.fixture(autouse=True)
 def quiet_kafka(caplog):
     caplog.set_level(logging.CRITICAL, logger="aiokafka")
-
-
-@contextlib.asynccontextmanager
-async def serve(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]):
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
 
 
 def imap_handler(answer, *, log: list | None = None):
@@ -151,7 +141,7 @@ async def test_idle_after_a_select_without_uidnext_waits(uidnext):
         return tag + b" OK\r\n"
 
     seen: list[bytes] = []
-    async with serve(imap_handler(answer, log=seen)) as port:
+    async with loopback_server(imap_handler(answer, log=seen)) as port:
         client = await logged_in(port)
         for _ in range(2):
             assert (await client.select("INBOX")).uidnext == 4
@@ -170,7 +160,7 @@ async def test_idle_ended_by_the_server_with_its_tagged_reply():
         return tag + b" OK\r\n"
 
     seen: list[bytes] = []
-    async with serve(imap_handler(answer, log=seen)) as port:
+    async with loopback_server(imap_handler(answer, log=seen)) as port:
         client = await logged_in(port, timeout=2)
         started = time.monotonic()
         assert await client.idle(5) is False
@@ -186,7 +176,7 @@ async def test_idle_ended_by_the_server_with_no_is_a_refusal_not_a_timeout():
             return b"+ idling\r\n" + tag + b" NO [LIMIT] Too many idling sessions\r\n"
         return tag + b" OK\r\n"
 
-    async with serve(imap_handler(answer)) as port:
+    async with loopback_server(imap_handler(answer)) as port:
         client = await logged_in(port, timeout=2)
         with pytest.raises(ImapCommandFailed, match="Too many idling sessions"):
             await client.idle(5)
@@ -206,7 +196,7 @@ async def _login_answered(code: bytes) -> ConduitError:
         await reader.read()
         writer.close()
 
-    async with serve(handle) as port:
+    async with loopback_server(handle) as port:
         client = await ImapClient.connect("127.0.0.1", port, tls="none", timeout=3)
         try:
             with pytest.raises(ConduitError) as caught:
@@ -240,7 +230,7 @@ async def test_an_alert_is_logged_once_a_session(caplog):
         return b"* OK [ALERT] Your mailbox is almost full\r\n" + tag + b" OK\r\n"
 
     caplog.set_level(logging.WARNING, logger="services.ingest.imap_client")
-    async with serve(imap_handler(answer)) as port:
+    async with loopback_server(imap_handler(answer)) as port:
         client = await logged_in(port)
         await client.noop()
         await client.noop()
@@ -256,7 +246,7 @@ async def test_a_fetch_refused_with_bad_is_not_narrowed_down_to_single_messages(
     """BAD is the command's (or the session's) fault, not the messages': one command, then FetchRefused."""
     server = FolderServer({u: msg(u) for u in range(1, 11)},
                           fetch=lambda tag, asked, default: tag + b" BAD Error in IMAP command UID FETCH\r\n")
-    async with serve(imap_handler(server.answer)) as port:
+    async with loopback_server(imap_handler(server.answer)) as port:
         client = await logged_in(port)
         await client.select("INBOX")
         refused: dict[int, str] = {}
@@ -273,7 +263,7 @@ async def test_a_server_refusing_every_message_is_not_asked_for_each_one():
     the fetch ends as the server's failure."""
     server = FolderServer({u: msg(u) for u in range(1, 201)},
                           fetch=lambda tag, asked, default: tag + b" " + SERVERBUG + b"\r\n")
-    async with serve(imap_handler(server.answer)) as port:
+    async with loopback_server(imap_handler(server.answer)) as port:
         client = await logged_in(port)
         await client.select("INBOX")
         with pytest.raises(ImapCommandFailed, match="served none") as caught:
@@ -292,7 +282,7 @@ async def test_a_server_wide_temporary_fetch_failure_skips_nothing(settings, reg
     broken = {"on": True}
     server = FolderServer({u: msg(u) for u in (1, 2, 3, 4)},
                           fetch=lambda tag, asked, default: tag + b" " + SERVERBUG + b"\r\n" if broken["on"] else default)
-    async with serve(imap_handler(server.answer)) as port:
+    async with loopback_server(imap_handler(server.answer)) as port:
         for _ in range(3):
             sync = await one_sync(port, pool, publisher, mailbox)
             assert [code for code, _ in sync.warnings] == ["folder_sync_failed"], sync.warnings
@@ -317,7 +307,7 @@ async def test_a_message_the_server_cannot_serve_among_others_is_still_refused(
         return _without_uid(default, tag, 2) + tag + b" NO Some messages could not be FETCHed (Failure)\r\n"
 
     server = FolderServer({u: msg(u) for u in (1, 2, 3)}, fetch=fetch)
-    async with serve(imap_handler(server.answer)) as port:
+    async with loopback_server(imap_handler(server.answer)) as port:
         sync = await one_sync(port, pool, publisher, mailbox)
     assert [code for code, _ in sync.warnings] == ["messages_refused"] and "UID 2 " in sync.warnings[0][1]
     assert (await saved(pool, mailbox)).last_uid == 1
@@ -354,7 +344,7 @@ async def test_a_fetch_response_without_uid_does_not_move_the_state_past_that_me
         return default.replace(b"(UID 2 FLAGS", b"(FLAGS") if sloppy["on"] else default
 
     server = FolderServer({u: msg(u) for u in (1, 2, 3)}, fetch=fetch)
-    async with serve(imap_handler(server.answer)) as port:
+    async with loopback_server(imap_handler(server.answer)) as port:
         sync = await one_sync(port, pool, publisher, mailbox)
         assert (await saved(pool, mailbox)).last_uid == 1
         assert [code for code, _ in sync.warnings] == ["messages_refused"] and "UID 2 " in sync.warnings[0][1]
@@ -379,7 +369,7 @@ async def test_a_uid_an_ok_answer_leaves_out_is_passed_only_when_the_server_no_l
         return _without_uid(default, tag, 2) + tag + b" OK done\r\n"
 
     server.fetch = fetch
-    async with serve(imap_handler(server.answer)) as port:
+    async with loopback_server(imap_handler(server.answer)) as port:
         sync = await one_sync(port, pool, publisher, mailbox)
     assert any(c.upper() == b"UID SEARCH UID 2" for c in server.commands), server.commands
     if still_there:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import ssl
 import uuid
@@ -28,6 +27,7 @@ from services.ingest.sasl import xoauth2_initial_response
 from shared.errors import AuthenticationFailed, ConduitError, PermanentError, TransientError
 from shared.events.topics import EMAIL_RECEIVED
 from tests.support.topics import read_topic
+from tests.support.loopback import loopback_server
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +49,6 @@ async def new_mailbox(registry, org) -> Mailbox:
     await registry.add_user(org, "U", email)
     m = await registry.mailbox(org, email)
     return Mailbox(m.id, org.id, False, None)
-
-
-@contextlib.asynccontextmanager
-async def serve(handler):
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
 
 
 class Pop3Server:
@@ -144,7 +135,7 @@ async def test_a_retr_that_ends_early_does_not_file_one_message_under_anothers_u
     m = [msg(i) for i in range(1, 5)]
     server = Pop3Server([(b"a", m[0] + b".\r\ntail of message 1\r\n"), (b"b", m[1]), (b"c", m[2]), (b"d", m[3])],
                         capa=capa)
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         _, failure = await session(port, pool, publisher, mailbox)
         assert isinstance(failure, OutOfStep) and failure.suspect == 1, failure
         assert b"QUIT" not in server.commands
@@ -163,7 +154,7 @@ async def test_a_status_line_neither_ok_nor_err_ends_the_session(command: str) -
     (a DELE "refused" so would leave the replies after it to be read as the next commands')."""
     server = Pop3Server([(b"a", msg(1)), (b"b", msg(2))], capa=b"USER\r\nUIDL\r\nPIPELINING\r\n",
                         answer=lambda verb, arg: b"tail of some message\r\n" if verb in (b"STAT", b"NOOP", b"DELE") else None)
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         client = await connect(port)
         try:
             await client.login("u", "p")
@@ -190,7 +181,7 @@ async def test_a_server_wide_retr_failure_without_a_code_does_not_skip_every_mes
     server = Pop3Server([(b"a", msg(1)), (b"b", msg(2))],
                         answer=lambda verb, arg: b"-ERR Unable to read message from storage\r\n"
                         if verb == b"RETR" and broken["on"] else None)
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         for _ in range(3):
             sync, failure = await session(port, pool, publisher, mailbox)
             assert isinstance(failure, TransientError) and "storage" in failure.message, failure
@@ -209,7 +200,7 @@ async def test_one_message_refused_among_served_ones_is_still_skipped_after_thre
     mailbox = await new_mailbox(registry, org)
     server = Pop3Server([(b"a", msg(1)), (b"b", msg(2)), (b"c", msg(3))],
                         answer=lambda verb, arg: b"-ERR Message could not be read\r\n" if verb == b"RETR" and arg == b"2" else None)
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         codes = []
         for _ in range(3):
             sync, failure = await session(port, pool, publisher, mailbox)
@@ -235,7 +226,7 @@ async def test_a_refused_sign_in_is_told_by_its_response_code(reply: bytes, kind
     [AUTH] the credentials.  Before, [SYS/PERM] was reported as wrong credentials (and counted
     toward a profile's stop after refused sign-ins)."""
     server = Pop3Server([], answer=lambda verb, arg: reply + b"\r\n" if verb == b"PASS" else None)
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         client = await connect(port)
         try:
             with pytest.raises(ConduitError) as caught:
@@ -288,7 +279,7 @@ async def test_an_xoauth2_response_too_long_for_the_auth_line_follows_an_empty_c
     token = base64.urlsafe_b64encode(b"t" * token_length).decode()
     expected = xoauth2_initial_response("user@example.com", token)
     server = SaslServer(expected)
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         client = await connect(port)
         try:
             await client.authenticate_xoauth2("user@example.com", token)
@@ -310,7 +301,7 @@ async def test_one_uidl_outside_rfc_1939_leaves_out_its_message_only(settings, r
     message is left out, with a warning naming it, and the others are synced."""
     mailbox = await new_mailbox(registry, org)
     server = Pop3Server([(b"a", msg(1)), (bad, msg(2)), (b"c", msg(3))])
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         client = await connect(port)
         try:
             await client.login("u", "p")
@@ -328,7 +319,7 @@ async def test_one_uidl_outside_rfc_1939_leaves_out_its_message_only(settings, r
 async def test_a_uidl_listing_with_no_usable_line_is_a_protocol_error() -> None:
     """No line usable at all: the server's UIDL is broken, not a message of it (alert and back-off)."""
     server = Pop3Server([(b"x" * 201, msg(1)), (b"y" * 300, msg(2))])
-    async with serve(server.handle) as port:
+    async with loopback_server(server.handle) as port:
         client = await connect(port)
         try:
             await client.login("u", "p")
@@ -369,7 +360,7 @@ async def test_what_comes_after_stls_ok_before_the_handshake_is_never_read_insid
         await reader.read()
         writer.close()
 
-    async with serve(handle) as port:
+    async with loopback_server(handle) as port:
         client = await Pop3Client.connect("127.0.0.1", port, tls="starttls", ssl_context=client_ctx, timeout=3)
         capabilities = client.capabilities
         await client.close()
