@@ -193,7 +193,7 @@ class EmailStatusV1(BaseModel):
     status: OutboundStatus
     request_id: UUID | None = None
     mailbox_id: UUID | None = None
-    reason: str | None = Field(None, description="Machine-readable reason code when failed or rejected.")
+    reason: str | None = Field(None, description="Machine-readable reason code: why it failed or was rejected, or, while pending_send, what it waits for (docs/topics/email.status.md).")
     detail: str | None = Field(None, description="One human sentence.")
     smtp_code: int | None = None
     smtp_reply: str | None = None
