@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from conduit.cli.output import emit_json, escaped, fail, fields
 from conduit.cli.runner import load_settings, org_option, run
 from conduit.context import command_context
+from shared.registry.models import WAITING_FOR_MAILBOX
 
 FINAL = ("sent", "failed", "rejected")
 # Inline attachments make the event itself large, and a broker refuses records over its limit
@@ -251,8 +252,10 @@ async def publish_request(ctx: Any, payload: Any, *, producer: str, wait: bool, 
 def progress(status: Any) -> str:
     """A status on the way, in words: what happened to the last attempt."""
     words = status.status.replace("_", " ")
-    if status.reason and not status.attempt:
-        words += f" ({status.reason}): {status.detail or ''}"   # held back before any attempt (a back-off)
+    if status.reason and (not status.attempt or status.reason in WAITING_FOR_MAILBOX):
+        # Held back before any attempt, or waiting for its mailbox (inactive, backing off, ...): no
+        # attempt failed for it.
+        words += f" ({status.reason}): {status.detail or ''}"
     elif status.reason:
         reply = f": SMTP {status.smtp_code} {status.smtp_reply}" if status.smtp_code else ""
         words += f", after attempt {status.attempt} failed ({status.reason}){reply or ': ' + (status.detail or '')}"
