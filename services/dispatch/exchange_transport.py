@@ -102,7 +102,7 @@ GRAPH_TIMEOUTS_PER_CALL = 5
 TOKEN_RENEW_MARGIN = 120.0
 # A sendMail answered with an error after which it may have gone out is looked for in Sent Items this
 # long (pauses doubling from the first) before it is sent again: Graph files its copy seconds after it
-# accepted a message.  Dispatch's CONDUIT_DISPATCH_SENT_ITEMS_WINDOW_SECONDS has the same default.
+# accepted a message.  Dispatch passes its CONDUIT_DISPATCH_SENT_ITEMS_WINDOW_SECONDS (the same default).
 SENT_ITEMS_WINDOW = 10.0
 SENT_ITEMS_FIRST_PAUSE = 0.5
 # An EWS call makes up to four HTTP requests (the version probe, GetFolder, CreateItem, FindItem), each

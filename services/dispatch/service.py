@@ -200,7 +200,8 @@ class DispatchService(ServiceBase):
         self.worker_id = await ledger.register_worker(self._lock_conn)
         self._lock_conn.add_termination_listener(self._lock_lost)
         self.transports = Transports(timeout=self.options.smtp_timeout_seconds,
-                                     data_timeout=self.options.smtp_data_timeout_seconds, helo_name=self.options.helo_name)
+                                     data_timeout=self.options.smtp_data_timeout_seconds, helo_name=self.options.helo_name,
+                                     sent_items_window=self.options.sent_items_window_seconds)
         self._starts = StartGate(self.pool, self.worker_id)
         # One handler call per fetch across partitions: a batch has a fixed cost (sender look-up,
         # ledger transaction) worth sharing, and Tansu brings a few records per partition per fetch.

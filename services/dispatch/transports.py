@@ -50,12 +50,15 @@ class Transports:
     """Every transport of a dispatch worker, created on first use (no I/O in the constructor)."""
 
     def __init__(self, *, timeout: float = 30.0, data_timeout: float | None = None,
-                 helo_name: str | None = None) -> None:
+                 helo_name: str | None = None, sent_items_window: float | None = None) -> None:
         # ``data_timeout``: the wait for an SMTP server's verdict on a message (``SmtpConnection``);
         # None: ``timeout``.
         self.smtp = SmtpTransport(helo_name=helo_name, timeout=timeout, data_timeout=data_timeout)
         self._timeout = timeout
         self._data_timeout = data_timeout
+        # How long a Graph send answered 5xx is looked for in Sent Items before it counts as not sent
+        # (``CONDUIT_DISPATCH_SENT_ITEMS_WINDOW_SECONDS``; None: the transport's default).
+        self._sent_items_window = sent_items_window
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self._exchange: dict[tuple[Any, ...], _Held] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -204,7 +207,8 @@ class Transports:
             lambda: GraphTransport(graph_url=profile["service_url"], token_url=profile["oauth_token_url"],
                                    client_id=profile["oauth_client_id"], client_secret=secret,
                                    verify_tls=profile.get("tls_ca_file") or True,
-                                   max_connections=profile["max_concurrent_connections"], timeout=self._timeout, **kwargs))
+                                   max_connections=profile["max_concurrent_connections"], timeout=self._timeout,
+                                   sent_items_window=self._sent_items_window, **kwargs))
 
     def _exchange_for(self, key: tuple[Any, ...], settings: tuple[Any, ...], build: Callable[[], Any]) -> _Held:
         """The transport for a profile (and login), built again when the profile's settings changed

@@ -29,7 +29,6 @@ import trustme
 from exchangelib.protocol import CachingProtocol
 from pydantic import SecretStr
 
-from services.dispatch import exchange_transport
 from services.dispatch.service import DispatchService
 from services.dispatch.settings import DispatchSettings
 from services.dispatch.transports import Transports
@@ -321,16 +320,15 @@ async def test_a_graph_send_answered_504_after_exchange_sent_it_is_found_in_sent
 
 
 async def test_a_graph_send_answered_504_before_exchange_sent_it_is_retried_and_sent_once(
-        exchange: ExchangeDispatch, monkeypatch: pytest.MonkeyPatch) -> None:
+        exchange: ExchangeDispatch) -> None:
     """The gateway answers sendMail 504 and Exchange Online never got the message: not in Sent Items
     for the whole window (1 s here), so it is retried, and sent once."""
-    monkeypatch.setattr(exchange_transport, "SENT_ITEMS_WINDOW", 1.0)
     sim = exchange.sim
     sender, recipient = await _sender_and_recipient(exchange, "graph")
     sim.inject("graph", Fault(504, "GatewayTimeout", "The upstream server did not answer in time.",
                               operation="sendMail"))
     event = exchange.request(sender, to=[recipient])
-    reader = await exchange.dispatch(event, burst_horizon_seconds=5)
+    reader = await exchange.dispatch(event, burst_horizon_seconds=5, sent_items_window_seconds=1.0)
 
     key = event.data.idempotency_key
     assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"]
@@ -343,18 +341,17 @@ async def test_a_graph_send_answered_504_before_exchange_sent_it_is_retried_and_
 
 
 async def test_a_504_whose_copy_is_filed_after_the_window_is_found_before_the_retry_sends_again(
-        exchange: ExchangeDispatch, monkeypatch: pytest.MonkeyPatch) -> None:
+        exchange: ExchangeDispatch) -> None:
     """Exchange Online sends the message and files its copy 2 s later; the gateway answers 504 at once.
     The look-ups of the 1 s window miss the copy, so the send is retried; the retry looks in Sent Items
     before it sends, finds the copy, and the message is not sent a second time."""
-    monkeypatch.setattr(exchange_transport, "SENT_ITEMS_WINDOW", 1.0)
     sim = exchange.sim
     sender, recipient = await _sender_and_recipient(exchange, "graph")
     sim.fail_after_serving("graph", 504, operation="sendMail")
     sim.file_sent_late("graph", 2.0)
     event = exchange.request(sender, to=[recipient])
     # The retry comes 1.5-3 s after the window: after the copy is filed.
-    reader = await exchange.dispatch(event, retry_base_seconds=3, burst_horizon_seconds=8)
+    reader = await exchange.dispatch(event, retry_base_seconds=3, burst_horizon_seconds=8, sent_items_window_seconds=1.0)
 
     key = event.data.idempotency_key
     assert reader.statuses(key) == ["pending_send", "sending", "pending_send", "sending", "sent"], reader.by_key[key]
