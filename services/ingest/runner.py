@@ -151,25 +151,27 @@ async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
 
 
 class OutageLog:
-    """Says Conduit's own outage (its database or broker away) in one WARNING per ``every`` seconds
-    for the whole replica: each runner meets it at each of its sessions, and at 1,000 mailboxes a line
-    per mailbox per interval would bury everything else in the log.  The rest go to DEBUG."""
+    """Says Conduit's own outage (its database or broker away) in one WARNING per kind of failure per
+    ``every`` seconds for the whole replica: each runner meets it at each of its sessions, and at
+    1,000 mailboxes a line per mailbox per interval would bury everything else in the log.  The rest
+    go to DEBUG, and the next such line counts them."""
 
     def __init__(self, every: float = 30.0) -> None:
         self.every = every
-        self._said_at: float | None = None
-        self._quiet = 0
+        self._said_at: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
 
-    def warn(self, message: str, *args: object) -> None:
+    def warn(self, kind: str, message: str, *args: object) -> None:
         now = asyncio.get_running_loop().time()
-        if self._said_at is not None and now - self._said_at < self.every:
-            self._quiet += 1
+        said_at = self._said_at.get(kind)
+        if said_at is not None and now - said_at < self.every:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
             log.debug(message, *args)
             return
-        if self._quiet:
+        if quiet := self._quiet.pop(kind, 0):
             message += "; %d more such failures of this replica's mailboxes since the last such line"
-            args = (*args, self._quiet)
-        self._said_at, self._quiet = now, 0
+            args = (*args, quiet)
+        self._said_at[kind] = now
         log.warning(message, *args)
 
 
@@ -332,7 +334,7 @@ class MailboxRunner:
         # A reconnection under way ends with it: the next session waits the interval too.
         self._grace_ends = None
         what = "the database cannot be reached" if isinstance(exc, OSError) else "ingest could not store or publish"
-        self._ctx.outage_log.warn("mailbox %s: %s (%s: %s); trying again in %.0f s",
+        self._ctx.outage_log.warn(what, "mailbox %s: %s (%s: %s); trying again in %.0f s",
                                   self._work.id, what, type(exc).__name__, exc, self.interval)
 
     def _still_in_grace(self, exc: ConduitError) -> bool:
