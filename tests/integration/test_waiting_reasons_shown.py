@@ -232,16 +232,17 @@ async def test_a_request_that_waited_for_a_backoff_past_its_deadline_fails_sayin
         sender = await sending_mailbox(registry, org, host="127.0.0.1", port=capture.port)
         async with dispatch_running(settings, **OPTIONS):
             async with pool.acquire() as conn:
-                await conn.execute("UPDATE mailbox SET outgoing_backoff_until = now() + interval '6 seconds' "
+                await conn.execute("UPDATE mailbox SET outgoing_backoff_until = now() + interval '20 seconds' "
                                    "WHERE id = $1", sender.mailbox_id)
-            event = outbound(org, mailbox_id=sender.mailbox_id, deadline=datetime.now(timezone.utc) + timedelta(seconds=3))
+            # Time enough to be found waiting first, on a loaded machine too (3 s was not, in a CI check).
+            event = outbound(org, mailbox_id=sender.mailbox_id, deadline=datetime.now(timezone.utc) + timedelta(seconds=12))
             key = event.data.idempotency_key
             await publish(publisher, event)
             async def accepted() -> bool:
                 return await _row(pool, org.id, key) is not None
             await eventually(accepted, what="the request in the send ledger")
             assert (await _row(pool, org.id, key))["reason"] == "mailbox_backoff"   # accepted behind the back-off
-            final = (await finals(settings, [key], timeout=30)).final(key)
+            final = (await finals(settings, [key], timeout=45)).final(key)
         assert not capture.messages()
     assert (final.status, final.reason) == ("failed", "deadline_exceeded"), final
     assert final.detail == ("the deadline passed before it could be sent (after 0 attempt(s)); it waited for its "
