@@ -102,7 +102,7 @@ async def _demo(settings: Settings, say: Callable[[str], None]) -> None:
         for d in await registry.decisions(org, message_key(stranger)):
             say(f"\nwhy was 'Special offer!!!' not tracked? {d.mailbox_email}: [{d.reason}] {d.explanation}")
         say("\nsending an email through dispatch ...")
-        from shared.events.envelope import Envelope, encode_event
+        from shared.events.envelope import Envelope
         from shared.events.payloads import EmailOutboundV1
         from shared.kafka import Publisher
 
