@@ -424,9 +424,9 @@ class SmtpTransport:
         pools, self._pools = list(self._pools.values()), {}
         await asyncio.gather(*(p.close() for p in pools), *self._closing, return_exceptions=True)
 
-    def _close_idle_pools(self, *, now: bool = False) -> None:
+    def _close_idle_pools(self) -> None:
         at = time.monotonic()
-        if not now and at - self._swept_at < 1.0:
+        if at - self._swept_at < 1.0:
             return  # called per message: looking once a second is plenty for a minutes-long timeout
         self._swept_at = at
         deadline = at - self.idle_pool_timeout
