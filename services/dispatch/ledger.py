@@ -93,12 +93,6 @@ PASSING_REFUSALS = frozenset({"mailbox_inactive", "no_profile", "email_not_appro
 WAITING_FOR_MAILBOX = PASSING_REFUSALS | {"mailbox_backoff"}
 
 
-def waiting_cause(detail: str | None) -> str:
-    """What a waiting request waits for, from its detail ("waiting: the mailbox ... is inactive; sent
-    once ..." gives "the mailbox ... is inactive")."""
-    return (detail or "").removeprefix("waiting: ").split("; ")[0]
-
-
 def refusal(state: asyncpg.Record | None) -> tuple[str, str] | None:
     """Why a mailbox may not send, in the order an administrator would fix it; None if it may."""
     if state is None:

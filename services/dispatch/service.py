@@ -66,6 +66,7 @@ from shared.metrics import (
 )
 from shared.mime import MAX_ID_LENGTH
 from shared.rawstore import load_raw
+from shared.registry.models import waiting_cause
 from shared.registry.service import MailboxWork
 from shared.runtime import ServiceBase
 from shared.settings import Settings
@@ -681,7 +682,7 @@ class DispatchService(ServiceBase):
             if row["deadline"] is not None and row["deadline"] < now:
                 last = f" (after {row['attempts']} attempt(s))"
                 if row["reason"] in ledger.WAITING_FOR_MAILBOX:   # no error: the mailbox might not send
-                    last += f"; it waited for its mailbox ({row['reason']}): {ledger.waiting_cause(row['detail'])}"
+                    last += f"; it waited for its mailbox ({row['reason']}): {waiting_cause(row['detail'])}"
                 elif row["reason"]:
                     last = f"; last error ({row['reason']}): {row['detail']}"
                 failed.append(ledger.Outcome(row["id"], "failed", reason="deadline_exceeded", detail=(

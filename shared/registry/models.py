@@ -320,6 +320,12 @@ WAITING_FOR_MAILBOX = {
     "owner_inactive": "`conduit user activate {email}` (`conduit queue activate` for a queue's mailbox)",
     "outgoing_not_enabled": "`conduit mailbox test-enable {email} --direction outgoing`",
 }
+def waiting_cause(detail: str | None) -> str:
+    """What a waiting request waits for, from its detail ("waiting: the mailbox ... is inactive; sent
+    once ..." gives "the mailbox ... is inactive")."""
+    return (detail or "").removeprefix("waiting: ").split("; ")[0]
+
+
 # outgoing_not_enabled because the owner's outgoing method is not server-side synchronization.
 _OWNER_METHOD_MEND = "`conduit user set {email} --outgoing server_side_sync` (`conduit queue set` for a queue's mailbox)"
 
@@ -382,7 +388,7 @@ class OutboundRequest(BaseModel):
         when = f" at {self.next_attempt_at:%Y-%m-%d %H:%M:%S %Z}" if self.next_attempt_at else ""
         done = f"after {self.attempts} attempt(s)"
         if self.reason in WAITING_FOR_MAILBOX:
-            cause = (self.detail or "").removeprefix("waiting: ").split("; ")[0]
+            cause = waiting_cause(self.detail)
             mend = _OWNER_METHOD_MEND if self.reason == "outgoing_not_enabled" and "server-side synchronization" in cause \
                 else WAITING_FOR_MAILBOX[self.reason]
             mend = mend.format(email=self.mailbox_email or "MAILBOX")
